@@ -1,0 +1,58 @@
+"""The RAM budget: what the agent process really uses, measured with psutil, and who may load.
+
+The budget caps the agent's own resident memory (RSS). A load is admitted only if
+the current RSS plus the model's cost (the bundle's host-measured figure, plus the
+runtime's import cost when that runtime is not loaded yet) stays inside the budget,
+and the system keeps `reserve_mb` available. A refusal says by how much it misses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import BudgetError
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Admission:
+    cost_mb: float
+    rss_mb: float
+    budget_mb: float
+    available_mb: float
+
+
+class Budget:
+    def __init__(self, budget_mb: float, reserve_mb: float = 64):
+        self.budget_mb = float(budget_mb)
+        self.reserve_mb = float(reserve_mb)
+        self._proc = psutil.Process()
+
+    def rss_mb(self) -> float:
+        return self._proc.memory_info().rss / MB
+
+    @staticmethod
+    def available_mb() -> float:
+        return psutil.virtual_memory().available / MB
+
+    def admit(self, name: str, cost_mb: float) -> Admission:
+        """Raise BudgetError unless a load costing `cost_mb` fits both the budget and the system."""
+        rss, avail = self.rss_mb(), self.available_mb()
+        room = self.budget_mb - rss
+        if cost_mb > room:
+            raise BudgetError(
+                f"model {name!r} needs {cost_mb:.1f} MB, the budget leaves {max(room, 0):.1f} MB "
+                f"(agent RSS {rss:.1f} MB of {self.budget_mb:.0f} MB): short by {cost_mb - room:.1f} MB",
+                "raise memory.budget_mb (--budget-mb) or unload another model",
+            )
+        system_room = avail - self.reserve_mb
+        if cost_mb > system_room:
+            raise BudgetError(
+                f"model {name!r} needs {cost_mb:.1f} MB but the system has {avail:.1f} MB available "
+                f"and keeps {self.reserve_mb:.0f} MB in reserve: short by {cost_mb - system_room:.1f} MB",
+                "free memory on the board or lower memory.reserve_mb",
+            )
+        return Admission(cost_mb, rss, self.budget_mb, avail)

@@ -1,0 +1,335 @@
+"""`edgeward`: one command for the workstation and the board.
+
+    edgeward keys gen signing            make an ed25519 key pair for signing bundles
+    edgeward convert model.onnx ...      FP32 -> INT8, measured, packed into a signed bundle (host)
+    edgeward inspect model.ewb           print a bundle's manifest, verify hashes and signature
+    edgeward agent --broker ... ...      run the board daemon
+    edgeward fleet ls|deploy|watch       see and update devices over MQTT
+    edgeward infer --device ID ...       run one inference on a device over MQTT
+
+`convert` lives in the `converters` package with the heavy host libraries; this
+module hands it the command line by name, so nothing on the board imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import EdgewardError
+
+DEFAULT_BROKER = "mqtt://localhost:1883"
+
+
+def _add_broker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument("--broker", default=os.environ.get("EDGEWARD_BROKER", DEFAULT_BROKER),
+                   help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGEWARD_BROKER; default %(default)s)")
+    g.add_argument("--username", default=os.environ.get("EDGEWARD_USERNAME"), help="broker user name")
+    g.add_argument("--password-file", help="file holding the broker password")
+    g.add_argument("--ca-file", help="CA certificate to verify the broker's TLS certificate")
+
+
+def _mqtt_config(args):
+    from .config import MqttConfig, TlsConfig
+    from .schema import SchemaError, validate
+
+    cfg = MqttConfig(url=args.broker, username=args.username, password_file=args.password_file,
+                     tls=TlsConfig(ca_file=args.ca_file))
+    try:
+        validate(cfg, "broker")
+    except SchemaError as exc:
+        raise EdgewardError(str(exc)) from exc
+    if not cfg.url.startswith(("mqtt://", "mqtts://")):
+        raise EdgewardError(f"--broker {cfg.url!r} is not a broker URL", "use mqtt://HOST:PORT")
+    return cfg
+
+
+# ------------------------------------------------------------------ keys / inspect
+
+def cmd_keys(args) -> int:
+    from .signing import generate_keypair
+
+    private, public, kid = generate_keypair(args.name)
+    print(f"private key: {private}  (keep it on the workstation; sign with `edgeward convert --key {private}`)")
+    print(f"public key:  {public}  (copy it to each board: `edgeward agent --trust-key {public.name}`)")
+    print(f"key id:      {kid}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .bundle import open_bundle
+    from .schema import to_dict
+    from .signing import load_public_key
+    from .tables import format_table
+
+    keys = [load_public_key(k) for k in args.pubkey]
+    opened = open_bundle(args.bundle, keys, allow_unsigned=not keys, verify_signature=bool(keys))
+    m = opened.manifest
+    if args.json:
+        print(json.dumps({"manifest": to_dict(m), "signed": opened.signature is not None,
+                          "signature_verified_by": opened.signer}, indent=2))
+        return 0
+    if keys:
+        sig = f"verified (key {opened.signer})"
+    elif opened.signature is not None:
+        sig = f"present (key {opened.signature.get('key_id')}), not checked: pass --pubkey FILE to verify"
+    else:
+        sig = "none (unsigned: boards refuse it unless trust.allow_unsigned is set)"
+    print(f"{m.name} v{m.version}  [{m.format}, {m.precision}, runtime {m.runtime}]")
+    print(f"  created {m.created or '?'} by {m.producer or '?'}")
+    print(f"  files: all {len(m.files)} match their sha256 and size; signature: {sig}")
+    print(f"  memory: load {m.memory.load_mb:.1f} MB + runtime {m.memory.runtime_mb:.1f} MB (measured on {m.memory.measured_on or '?'})")
+    print()
+    rows = [["input", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.inputs]
+    rows += [["output", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.outputs]
+    print(format_table(["", "name", "dtype", "shape"], rows))
+    if m.quality:
+        print()
+        print(format_table(["quality", "value"], [[k, v] for k, v in m.quality.items()]))
+    return 0
+
+
+# ------------------------------------------------------------------ agent
+
+def cmd_agent(args) -> int:
+    from .config import load_config
+    from .logs import setup_logging
+
+    overrides = {"mqtt.url": args.broker, "device.id": args.device_id, "store.path": args.store,
+                 "memory.budget_mb": args.budget_mb, "trust.keys": args.trust_key or None,
+                 "telemetry.interval_s": args.telemetry_interval, "log_level": args.log_level}
+    if args.allow_unsigned:
+        overrides["trust.allow_unsigned"] = True
+    cfg = load_config(args.config, overrides)
+    setup_logging(cfg.log_level)
+    from .daemon import Agent
+
+    agent = Agent(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
+    agent.start(install=args.install)
+    try:
+        agent.run()
+    finally:
+        agent.stop()
+    return 0
+
+
+# ------------------------------------------------------------------ fleet / infer
+
+def _fmt_age(ts: float) -> str:
+    age = max(0.0, time.time() - ts)
+    return f"{age:.0f}s ago" if age < 120 else f"{age / 60:.0f}m ago" if age < 7200 else f"{age / 3600:.0f}h ago"
+
+
+def cmd_fleet_ls(args) -> int:
+    from .fleet import Fleet
+    from .schema import to_dict
+    from .tables import format_table
+
+    with Fleet(_mqtt_config(args)) as fleet:
+        states = fleet.devices()
+    if args.json:
+        print(json.dumps([to_dict(s) for s in states], indent=2))
+        return 0
+    if not states:
+        print(f"no devices have reported to {args.broker}")
+        return 0
+    rows = [[s.device, "online" if s.online else "OFFLINE",
+             ", ".join(f"{m.name} v{m.version}" for m in s.models) or "-",
+             f"{s.budget_mb} MB" if s.online else "", s.hardware.model or s.hardware.machine,
+             _fmt_age(s.ts)] for s in states]
+    print(format_table(["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "SINCE"], rows))
+    return 0
+
+
+def cmd_fleet_deploy(args) -> int:
+    from .fleet import Fleet
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            print(f"\r  {stage}: {done}/{total} chunks", end="\n" if done == total else "", file=sys.stderr)
+
+    with Fleet(_mqtt_config(args)) as fleet:
+        print(f"deploying {args.bundle} to {args.device} ...", file=sys.stderr)
+        reply = fleet.deploy(args.bundle, args.device, chunk_size=args.chunk_kb * 1024,
+                             timeout=args.timeout, progress=progress)
+    d = reply.data
+    was = f" (was v{d['previous_version']})" if d.get("previous_version") else ""
+    st = d.get("self_test", {})
+    print(f"{args.device}: {d['name']} v{d['version']} is serving{was}; self-test passed "
+          f"(max abs err {st.get('max_abs_err')}, top-1 agreement {st.get('top1_agreement')}), "
+          f"cost {d.get('cost_mb')} MB")
+    return 0
+
+
+def cmd_fleet_watch(args) -> int:
+    from .fleet import Fleet
+
+    stop = threading.Event()
+    if args.seconds:
+        threading.Timer(args.seconds, stop.set).start()
+    seen = 0
+    kinds = tuple(args.kind) if args.kind else ("state", "telemetry", "events")
+    with Fleet(_mqtt_config(args)) as fleet:
+        try:
+            for device, kind, msg in fleet.watch(stop, kinds=kinds, device=args.device or "+"):
+                print(_watch_line(device, kind, msg), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop.set()
+    return 0
+
+
+def _watch_line(device: str, kind: str, msg: dict) -> str:
+    t = time.strftime("%H:%M:%S", time.localtime(msg.get("ts", time.time())))
+    if kind == "telemetry":
+        models = "; ".join(f"{n} v{s.get('version')}: {s.get('requests')} req, {s.get('errors')} err, "
+                           f"p50 {s.get('p50_ms')} ms" for n, s in msg.get("models", {}).items())
+        return (f"{t} {device:<16} telemetry  rss {msg.get('rss_mb')} MB / {msg.get('budget_mb')} MB, "
+                f"cpu {msg.get('cpu_percent')}%  {models}")
+    if kind == "state":
+        models = ", ".join(f"{m['name']} v{m['version']}" for m in msg.get("models", []))
+        return f"{t} {device:<16} state      {'online' if msg.get('online') else 'OFFLINE'}  {models}"
+    return f"{t} {device:<16} {msg.get('level', 'info'):<10} {msg.get('kind')}: {msg.get('message')}"
+
+
+def cmd_infer(args) -> int:
+    import numpy as np
+
+    from .fleet import Fleet
+
+    path = Path(args.input)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgewardError(f"cannot read {path} as .npy/.npz: {exc}", "save inputs with numpy.save") from exc
+    tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else {args.input_name: loaded}
+    with Fleet(_mqtt_config(args)) as fleet:
+        t0 = time.perf_counter()
+        result = fleet.infer(args.device, args.model, tensors, timeout=args.timeout)
+        rtt = (time.perf_counter() - t0) * 1000
+    outputs = result["outputs"]
+    if args.output:
+        np.savez(args.output, **outputs)
+    if args.json:
+        print(json.dumps({"model": result["model"], "version": result["version"], "round_trip_ms": round(rtt, 2),
+                          "outputs": {k: v.tolist() for k, v in outputs.items()}}))
+        return 0
+    print(f"{args.device}/{result['model']} v{result['version']} answered in {rtt:.1f} ms")
+    for name, arr in outputs.items():
+        line = f"  {name}: {arr.dtype} {list(arr.shape)}"
+        if arr.ndim == 2 and arr.shape[1] > 1:
+            line += f"  top-1 per row: {arr.argmax(1).tolist()}"
+        print(line)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeward", description="Quantize models, ship them to boards, keep them running.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `edgeward COMMAND --help` for each command's options.")
+    p.add_argument("--version", action="version", version=f"edgeward {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("convert", help="FP32 model -> INT8, measured against the original, packed into a signed bundle",
+                   add_help=False)
+
+    k = sub.add_parser("keys", help="make an ed25519 key pair for signing bundles")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("gen", help="write NAME.key (private, 0600) and NAME.pub")
+    kg.add_argument("name", help="path prefix, e.g. keys/signing")
+    kg.set_defaults(func=cmd_keys)
+
+    i = sub.add_parser("inspect", help="show a bundle's manifest; verify its hashes and signature")
+    i.add_argument("bundle")
+    i.add_argument("--pubkey", action="append", default=[], metavar="FILE",
+                   help="trusted public key to verify the signature with (repeatable)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    a = sub.add_parser("agent", help="run the board daemon (a config file is optional)",
+                       description="Run the agent. Flags override the config file; without one, defaults apply.")
+    a.add_argument("--config", help="agent.yaml (see docs/ARCHITECTURE.md for every key)")
+    a.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (mqtt.url)")
+    a.add_argument("--device-id", help="this device's id in topics (device.id; default: the host name)")
+    a.add_argument("--store", help="model store folder (store.path)")
+    a.add_argument("--budget-mb", type=int, help="RAM budget for the agent process in MB (memory.budget_mb)")
+    a.add_argument("--trust-key", action="append", metavar="FILE", help="trusted public key (trust.keys, repeatable)")
+    a.add_argument("--allow-unsigned", action="store_true", help="accept unsigned bundles (development only)")
+    a.add_argument("--install", action="append", default=[], metavar="BUNDLE",
+                   help="verify and install this bundle before starting (skipped if that version is installed)")
+    a.add_argument("--telemetry-interval", type=float, help="seconds between telemetry messages")
+    a.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    a.set_defaults(func=cmd_agent)
+
+    f = sub.add_parser("fleet", help="list, watch and update devices over MQTT")
+    fsub = f.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    ls = fsub.add_parser("ls", help="table of devices, their state and models")
+    ls.add_argument("--json", action="store_true")
+    _add_broker_args(ls)
+    ls.set_defaults(func=cmd_fleet_ls)
+    d = fsub.add_parser("deploy", help="send a bundle to a device; waits until it serves or is refused")
+    d.add_argument("bundle")
+    d.add_argument("--device", required=True)
+    d.add_argument("--chunk-kb", type=int, default=256, help="chunk size in kB (default %(default)s)")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device (default %(default)s)")
+    _add_broker_args(d)
+    d.set_defaults(func=cmd_fleet_deploy)
+    w = fsub.add_parser("watch", help="live state, telemetry and events")
+    w.add_argument("--device", help="only this device")
+    w.add_argument("--kind", action="append", choices=["state", "telemetry", "events"], help="only these (repeatable)")
+    w.add_argument("--count", type=int, help="stop after this many messages")
+    w.add_argument("--seconds", type=float, help="stop after this many seconds")
+    _add_broker_args(w)
+    w.set_defaults(func=cmd_fleet_watch)
+
+    n = sub.add_parser("infer", help="run one inference on a device over MQTT")
+    n.add_argument("--device", required=True)
+    n.add_argument("--model", required=True)
+    n.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs)")
+    n.add_argument("--input-name", default="input", help="name for a .npy input (models with one input accept any)")
+    n.add_argument("--output", help="save the outputs to this .npz")
+    n.add_argument("--json", action="store_true")
+    n.add_argument("--timeout", type=float, default=10.0)
+    _add_broker_args(n)
+    n.set_defaults(func=cmd_infer)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "convert":
+            try:
+                converters_cli = importlib.import_module("converters.cli")
+            except ImportError as exc:
+                raise EdgewardError(f"conversion needs the host extras ({exc.name} is missing)",
+                                    "pip install 'edgeward[host]' on the workstation") from exc
+            return converters_cli.main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except EdgewardError as exc:
+        print(f"edgeward: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The agent's configuration: typed, loaded from YAML in one place, validated at start-up.
+
+Every key has a default that works for a quick start, so a config file is optional:
+``edgeward agent --broker mqtt://localhost:1883 --store ./store`` is enough.
+A bad value stops the agent before it does anything, naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+from .schema import SchemaError, from_dict, rule
+
+DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+@dataclass
+class DeviceConfig:
+    id: str = field(default="", metadata=rule(pattern=f"|{DEVICE_ID_PATTERN}",
+                                              doc="defaults to the host name"))
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TlsConfig:
+    ca_file: Optional[str] = None     # None: the system's CA store
+    cert_file: Optional[str] = None   # client certificate, for brokers that require one
+    key_file: Optional[str] = None
+
+
+@dataclass
+class MqttConfig:
+    url: str = "mqtt://localhost:1883"  # mqtts:// turns TLS on
+    username: Optional[str] = None
+    password_file: Optional[str] = None  # never the password itself in the YAML
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    keepalive_s: int = field(default=30, metadata=rule(min=5, max=3600))
+    reconnect_min_s: int = field(default=1, metadata=rule(min=1, max=60))
+    reconnect_max_s: int = field(default=60, metadata=rule(min=1, max=3600))
+    max_payload_kb: int = field(default=1024, metadata=rule(min=1, max=262144))
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "localhost"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+
+@dataclass
+class StoreConfig:
+    path: str = "/var/lib/edgeward"
+    keep_versions: int = field(default=3, metadata=rule(min=1, max=100))
+    max_bundle_mb: int = field(default=512, metadata=rule(min=1, max=65536))
+
+
+@dataclass
+class MemoryConfig:
+    budget_mb: int = field(default=256, metadata=rule(min=16, max=1 << 20))
+    # The system must keep at least this much available after a load, whatever the budget says.
+    reserve_mb: int = field(default=64, metadata=rule(min=0, max=1 << 20))
+
+
+@dataclass
+class TrustConfig:
+    keys: list[str] = field(default_factory=list)  # paths of trusted ed25519 public keys (PEM)
+    allow_unsigned: bool = False
+
+
+@dataclass
+class TelemetryConfig:
+    interval_s: float = field(default=10.0, metadata=rule(min=0.2, max=86400))
+
+
+@dataclass
+class InferenceConfig:
+    threads: int = field(default=1, metadata=rule(min=1, max=64))
+    workers: int = field(default=2, metadata=rule(min=1, max=64))
+
+
+@dataclass
+class AgentConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    log_level: str = field(default="info", metadata=rule(choices=("debug", "info", "warning", "error")))
+
+    @property
+    def device_id(self) -> str:
+        return self.device.id
+
+
+def _check_semantics(cfg: AgentConfig) -> None:
+    """Rules that span keys or touch the file system."""
+    parsed = urlparse(cfg.mqtt.url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} is not a broker URL",
+                          "use mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS")
+    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+        raise ConfigError("mqtt.reconnect_max_s: must be >= mqtt.reconnect_min_s")
+    for key, value in (("mqtt.password_file", cfg.mqtt.password_file),
+                       ("mqtt.tls.ca_file", cfg.mqtt.tls.ca_file),
+                       ("mqtt.tls.cert_file", cfg.mqtt.tls.cert_file),
+                       ("mqtt.tls.key_file", cfg.mqtt.tls.key_file)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file {value!r} does not exist")
+    for i, key in enumerate(cfg.trust.keys):
+        if not Path(key).is_file():
+            raise ConfigError(f"trust.keys[{i}]: file {key!r} does not exist",
+                              "make one with `edgeward keys gen` and copy the .pub file to the board")
+    if not cfg.trust.keys and not cfg.trust.allow_unsigned:
+        raise ConfigError("trust.keys: no trusted public key configured, so every bundle would be refused",
+                          "pass --trust-key FILE (or set trust.allow_unsigned: true for development only)")
+    if cfg.memory.budget_mb <= 0:
+        raise ConfigError("memory.budget_mb: must be positive")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AgentConfig:
+    """Read YAML (optional), apply CLI overrides given as dotted keys, validate everything."""
+    raw: dict = {}
+    if path is not None:
+        import yaml
+
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        try:
+            raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: cannot override, {part} is not a section in {path}")
+        node[leaf] = value
+    try:
+        cfg = from_dict(AgentConfig, raw)
+    except SchemaError as exc:
+        raise ConfigError(str(exc), f"fix it in {path}" if path else None) from exc
+    if not cfg.device.id:
+        cfg.device.id = socket.gethostname().split(".")[0] or "edgeward"
+    _check_semantics(cfg)
+    return cfg
+
+
+def example_yaml() -> str:
+    """An example configuration with every key at its default, generated from the defaults so it never goes stale."""
+    from .schema import to_dict
+
+    import yaml
+
+    return yaml.safe_dump(to_dict(AgentConfig()), sort_keys=False)
+
+
+__all__ = ["AgentConfig", "load_config", "example_yaml", "DEVICE_ID_PATTERN"]

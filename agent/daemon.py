@@ -1,0 +1,371 @@
+"""The agent: one long-running process that owns the store, the budget, the models and the MQTT session.
+
+Threads and why:
+- paho's network thread receives messages; handlers there only parse and hand off,
+  so a slow model or a large deploy never stalls keepalives;
+- an inference pool runs requests (runtimes release the GIL), with a bound on
+  pending requests so a flood gets "busy" answers instead of growing memory;
+- one update thread takes chunks and installs bundles in order;
+- the main thread publishes telemetry and, under systemd, will feed the watchdog.
+
+Local work never depends on the broker: models load and `Agent.infer` serves
+before the first connection succeeds, and while the broker is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from . import __version__, protocol, runtimes, wire
+from .budget import MB, Budget
+from .config import AgentConfig
+from .engine import Engine
+from .errors import EdgewardError, ProtocolError, VersionError
+from .link import ReplyTarget, make_client, publish_reply, reply_target
+from .protocol import Event, Hardware, Reply, State, Telemetry
+from .schema import to_dict
+from .signing import load_public_key
+from .store import Store
+from .transfer import Transfer
+from .updater import Trust, Updater
+
+log = logging.getLogger("edgeward.agent")
+
+PENDING_PER_WORKER = 16
+
+
+def _board_model() -> str:
+    """The board's own name where the firmware gives one ("Raspberry Pi 4 Model B Rev 1.4")."""
+    for p in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            return Path(p).read_text().strip("\x00\n ")
+        except OSError:
+            continue
+    return ""
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.device = cfg.device.id
+        self.max_payload = cfg.mqtt.max_payload_kb * 1024
+        self.budget = Budget(cfg.memory.budget_mb, cfg.memory.reserve_mb)
+        self.engine = Engine(self.budget, threads=cfg.inference.threads)
+        self.store = Store(cfg.store.path, cfg.store.keep_versions)
+        trust = Trust([load_public_key(k) for k in cfg.trust.keys], cfg.trust.allow_unsigned)
+        self.updater = Updater(self.store, self.engine, trust, cfg.store.max_bundle_mb * MB, self.emit)
+        self.started = time.time()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._infer_pool = ThreadPoolExecutor(cfg.inference.workers, thread_name_prefix="infer")
+        self._update_pool = ThreadPoolExecutor(1, thread_name_prefix="update")
+        self._pending = threading.BoundedSemaphore(cfg.inference.workers * PENDING_PER_WORKER)
+        self._transfers: dict[str, Transfer] = {}
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # prime: the first reading is always 0
+        self._client = None
+        for stale in self.store.incoming.glob("*.part"):
+            stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self, install: list[str] | tuple = ()) -> None:
+        """Load the store's models, install any given bundles, then connect in the background.
+
+        A bundle in `install` whose version is already installed is skipped, so a unit or
+        script can pass the same --install on every start; any other problem is raised.
+        """
+        self.updater.load_current()
+        for path in install:
+            try:
+                self.updater.install(path)
+            except VersionError as exc:
+                log.info("not installing %s: %s", path, exc.message)
+        will = (protocol.state_topic(self.device), protocol.encode(State(device=self.device, online=False)))
+        client = make_client(f"edgeward-agent-{self.device}", self.cfg.mqtt, will=will)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
+        client.loop_start()
+        self._client = client
+        log.info("agent %s started: %d model(s) serving, budget %d MB, broker %s",
+                 self.device, len(self.engine.models()), self.cfg.memory.budget_mb, self.cfg.mqtt.url)
+
+    def run(self) -> None:
+        """The main loop: telemetry at its interval until stop() is called."""
+        interval = self.cfg.telemetry.interval_s
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() >= next_at:
+                self.publish_telemetry()
+                next_at = time.monotonic() + interval
+            self._stop.wait(min(1.0, max(0.05, next_at - time.monotonic())))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Finish in-flight work, publish the offline state, disconnect, release the models."""
+        self._stop.set()
+        self._infer_pool.shutdown(wait=True)
+        self._update_pool.shutdown(wait=True, cancel_futures=True)
+        client = self._client
+        if client is not None:
+            if self.connected.is_set():
+                info = client.publish(protocol.state_topic(self.device),
+                                      protocol.encode(self.state(online=False)), qos=1, retain=True)
+                try:
+                    info.wait_for_publish(timeout=3)
+                except (RuntimeError, ValueError):
+                    pass
+            client.disconnect()
+            client.loop_stop()
+        self.engine.close()
+        log.info("agent %s stopped", self.device)
+
+    # ------------------------------------------------------------ local API
+
+    def infer(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """In-process inference; works with or without a broker."""
+        return self.engine.infer(model, feeds)[1]
+
+    # ------------------------------------------------------------ what the agent tells the world
+
+    def state(self, online: bool = True) -> State:
+        vm = psutil.virtual_memory()
+        return State(
+            device=self.device, online=online, agent_version=__version__, groups=list(self.cfg.device.groups),
+            hardware=Hardware(machine=platform.machine(), model=_board_model(), cpu_count=os.cpu_count() or 0,
+                              ram_mb=int(vm.total / MB), os=platform.platform(terse=True),
+                              python=platform.python_version()),
+            runtimes=runtimes.available(), budget_mb=self.cfg.memory.budget_mb,
+            models=[m.info() for m in self.engine.models()],
+        )
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(
+            device=self.device, uptime_s=round(time.time() - self.started, 1),
+            rss_mb=round(self.budget.rss_mb(), 1), cpu_percent=self._proc.cpu_percent(None),
+            available_mb=round(self.budget.available_mb(), 1), budget_mb=self.cfg.memory.budget_mb,
+            models={m.name: m.stats.snapshot(m.version) for m in self.engine.models()},
+        )
+
+    def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        if self._client is not None and self.connected.is_set():
+            self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_state(self) -> None:
+        self._publish(protocol.state_topic(self.device), protocol.encode(self.state()), qos=1, retain=True)
+
+    def publish_telemetry(self) -> None:
+        self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()))
+
+    def emit(self, kind: str, message: str, level: str = "info", model: str | None = None,
+             version: int | None = None, data: dict | None = None) -> None:
+        """An event: logged on the board and published (QoS 1) for the fleet."""
+        log.log(logging.getLevelName(level.upper()), "%s: %s", kind, message)
+        event = Event(device=self.device, kind=kind, message=message, level=level, model=model,
+                      version=version, data=data or {})
+        self._publish(protocol.events_topic(self.device), protocol.encode(event), qos=1)
+
+    # ------------------------------------------------------------ MQTT callbacks (paho's thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        self.connected.set()
+        client.subscribe([(t, 1) for t in protocol.device_subscriptions(self.device)])
+        self.publish_state()
+        log.info("connected to %s", self.cfg.mqtt.url)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set() and not self._stop.is_set():
+            log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
+        self.connected.clear()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """Route a message; nothing received may raise out of here (paho would stop its loop)."""
+        try:
+            self._route(msg)
+        except Exception:  # a bug must not take the session down
+            log.exception("unexpected error handling a message on %s", msg.topic)
+
+    def _route(self, msg) -> None:
+        try:
+            topic = protocol.parse_topic(msg.topic)
+        except ProtocolError as exc:
+            log.warning("ignoring message: %s", exc)
+            return
+        if msg.retain:
+            # A retained command would re-run on every reconnect: never act on one.
+            log.warning("ignoring retained message on %s (commands must not be retained)", msg.topic)
+            return
+        if topic.kind == "infer":
+            self._submit_infer(topic.arg, msg)
+        elif topic.kind == "cmd":
+            self._handle_command(topic.arg, msg)
+        elif topic.kind == "upload":
+            self._update_pool.submit(self._guard, self._handle_chunk, topic.arg, msg.payload)
+
+    def _reply(self, target: ReplyTarget | None, reply: Reply) -> None:
+        if target is None:
+            return
+        if target.legacy:
+            reply.corr = target.corr_text
+        publish_reply(self._client, target, protocol.encode(reply))
+
+    @staticmethod
+    def _guard(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+
+    # ------------------------------------------------------------ commands
+
+    def _handle_command(self, verb: str, msg) -> None:
+        target = reply_target(msg)
+        cls = protocol.COMMANDS.get(verb)
+        if cls is None:
+            self._reply(target, Reply(status="error", code="unknown_command",
+                                      error=f"unknown command {verb!r}; known: {', '.join(protocol.COMMANDS)}"))
+            return
+        try:
+            request = protocol.decode(cls, msg.payload, self.max_payload, what=f"{verb} request")
+        except ProtocolError as exc:
+            self._reply(target, protocol.error_reply(exc))
+            return
+        target = target or reply_target(msg, {"reply_to": request.reply_to, "corr": request.corr})
+        if verb == "ping":
+            self._reply(target, Reply(status="ok", data=to_dict(self.state())))
+        elif verb == "deploy":
+            self._update_pool.submit(self._guard, self._start_deploy, request, target)
+
+    def _start_deploy(self, request: protocol.DeployRequest, target: ReplyTarget | None) -> None:
+        ref = request.bundle
+        limit = self.cfg.store.max_bundle_mb * MB
+        problem = None
+        if ref.size > limit:
+            problem = (f"bundle is {ref.size / MB:.1f} MB, over this device's {self.cfg.store.max_bundle_mb} MB cap",
+                       "raise store.max_bundle_mb on the device")
+        elif request.chunk_size + 4096 > self.max_payload:
+            problem = (f"chunk size {request.chunk_size} does not fit this device's {self.max_payload}-byte message limit",
+                       f"deploy with chunks of at most {(self.max_payload - 4096) // 1024} kB")
+        else:
+            free = shutil.disk_usage(self.store.root).free
+            if free < 2 * ref.size:
+                problem = (f"the store has {free / MB:.1f} MB free, the bundle needs {2 * ref.size / MB:.1f} MB "
+                           "(download plus unpacked copy)", "free disk space on the device")
+        if problem:
+            self.emit("deploy_refused", problem[0], level="error", data={"sha256": ref.sha256})
+            self._reply(target, Reply(status="error", code="refused", error=f"{problem[0]}: {problem[1]}"))
+            return
+        transfer = self._transfers.get(ref.sha256)
+        if transfer is None or transfer.size != ref.size or transfer.chunk_size != request.chunk_size:
+            transfer = Transfer(ref.sha256, ref.size, request.chunk_size,
+                                self.store.incoming / f"{ref.sha256}.part")
+            transfer.open()
+            self._transfers[ref.sha256] = transfer
+        transfer.reply_to, transfer.correlation = (target.topic, target.correlation) if target else (None, None)
+        self.emit("deploy_receiving", f"receiving bundle {ref.sha256[:12]}… ({ref.size} bytes)",
+                  data={"sha256": ref.sha256, "missing": len(transfer.missing())})
+        self._reply(target, Reply(status="progress", data={"state": "receiving", "n_chunks": transfer.n_chunks,
+                                                           "missing": transfer.missing()}))
+        if transfer.complete:
+            self._finish_deploy(transfer, target)
+
+    def _handle_chunk(self, sha256: str, payload: bytes) -> None:
+        transfer = self._transfers.get(sha256)
+        if transfer is None:
+            log.warning("chunk for %s… arrived without a deploy request; dropped", sha256[:12])
+            return
+        target = ReplyTarget(transfer.reply_to, transfer.correlation) if transfer.reply_to else None
+        try:
+            header, body = wire.unpack(payload, self.max_payload)
+            chunk = protocol.from_fields(protocol.ChunkHeader, header, "chunk header")
+            transfer.add(chunk.index, chunk.offset, bytes(body))
+        except ProtocolError as exc:
+            self.emit("deploy_bad_chunk", str(exc), level="warning", data={"sha256": sha256})
+            return
+        if transfer.complete:
+            self._finish_deploy(transfer, target)
+
+    def _finish_deploy(self, transfer: Transfer, target: ReplyTarget | None) -> None:
+        self._transfers.pop(transfer.sha256, None)
+        try:
+            path = transfer.finish()
+            self.emit("deploy_received", f"bundle {transfer.sha256[:12]}… received and its sha256 verified",
+                      data={"sha256": transfer.sha256})
+            result = self.updater.install(path)
+        except EdgewardError as exc:
+            self.emit("deploy_failed", str(exc), level="error", data={"sha256": transfer.sha256, "code": exc.code})
+            self._reply(target, protocol.error_reply(exc))
+            return
+        except Exception as exc:
+            log.exception("deploy failed unexpectedly")
+            self.emit("deploy_failed", f"internal error: {exc!r}", level="error", data={"sha256": transfer.sha256})
+            self._reply(target, protocol.error_reply(exc))
+            return
+        finally:
+            transfer.discard()
+        self.publish_state()
+        self._reply(target, Reply(status="ok", data=result))
+
+    # ------------------------------------------------------------ inference over MQTT
+
+    def _submit_infer(self, model: str, msg) -> None:
+        target = reply_target(msg)
+        if not self._pending.acquire(blocking=False):
+            self._infer_reply(target, {"status": "error", "code": "busy",
+                                       "error": "agent is busy: too many pending requests; retry later"})
+            return
+        try:
+            self._infer_pool.submit(self._run_infer, model, msg, target)
+        except RuntimeError:  # pool shut down: the agent is stopping
+            self._pending.release()
+
+    def _run_infer(self, model_name: str, msg, target: ReplyTarget | None) -> None:
+        try:
+            header = {}
+            try:
+                header, tensors = wire.unpack_tensors(msg.payload, self.max_payload)
+                protocol.from_fields(protocol.InferHeader, header, "inference request")
+                target = target or reply_target(msg, header)
+                model, outputs = self.engine.infer(model_name, tensors)
+                payload = wire.pack_tensors(outputs, v=protocol.VERSION, status="ok", model=model.name,
+                                            version=model.version)
+            except EdgewardError as exc:
+                payload = None
+                self._infer_reply(target or reply_target(msg, header),
+                                  {"status": "error", "code": exc.code, "error": str(exc)})
+            except Exception as exc:
+                log.exception("inference on %s failed unexpectedly", model_name)
+                payload = None
+                self._infer_reply(target, {"status": "error", "code": "internal", "error": repr(exc)})
+            if payload is not None and target is not None:
+                if target.legacy:
+                    payload = wire.pack_tensors(outputs, v=protocol.VERSION, status="ok", model=model.name,
+                                                version=model.version, corr=target.corr_text)
+                publish_reply(self._client, target, payload)
+        finally:
+            self._pending.release()
+
+    def _infer_reply(self, target: ReplyTarget | None, header: dict) -> None:
+        if target is None:
+            return
+        header = {"v": protocol.VERSION, **header}
+        if target.legacy:
+            header["corr"] = target.corr_text
+        publish_reply(self._client, target, wire.pack(header))

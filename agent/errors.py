@@ -1,0 +1,100 @@
+"""The one exception hierarchy of edgeward.
+
+Every error a user can meet says what went wrong *and* how to fix it, in one line,
+so the CLI can print it as is and the agent can send it back over MQTT unchanged.
+"""
+
+from __future__ import annotations
+
+
+class EdgewardError(Exception):
+    """Base of all edgeward errors. `code` is a stable, machine-readable name."""
+
+    code = "error"
+
+    def __init__(self, message: str, fix: str | None = None):
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{message}: {fix}" if fix else message)
+
+
+class ConfigError(EdgewardError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+    code = "bad_config"
+
+
+class ProtocolError(EdgewardError):
+    """A message received over the network is malformed, oversized or of an unknown version."""
+
+    code = "bad_message"
+
+
+class BundleError(EdgewardError):
+    """A bundle cannot be read or does not describe a usable model."""
+
+    code = "bad_bundle"
+
+
+class IntegrityError(BundleError):
+    """A file's bytes do not match the hash or size the manifest declares."""
+
+    code = "integrity"
+
+
+class SignatureError(BundleError):
+    """The bundle is unsigned, or signed by a key this device does not trust."""
+
+    code = "signature"
+
+
+class UnsafeArchiveError(BundleError):
+    """The archive tries to write outside its folder, holds links, or is too large."""
+
+    code = "unsafe_archive"
+
+
+class VersionError(BundleError):
+    """The bundle's version is not newer than the one installed (anti-rollback)."""
+
+    code = "version"
+
+
+class BudgetError(EdgewardError):
+    """Loading the model would cross the RAM budget."""
+
+    code = "over_budget"
+
+
+class ModelNotFound(EdgewardError):
+    code = "unknown_model"
+
+
+class InferenceError(EdgewardError):
+    """A request cannot be run: wrong shape, dtype, size, or the runtime failed."""
+
+    code = "bad_request"
+
+
+class SelfTestError(EdgewardError):
+    """The model does not reproduce its reference outputs on this device."""
+
+    code = "self_test_failed"
+
+
+class RuntimeMissing(EdgewardError):
+    """The runtime a model needs is not installed on this device."""
+
+    code = "runtime_missing"
+
+
+class ConversionError(EdgewardError):
+    """The converter cannot turn this input into a working quantized model."""
+
+    code = "conversion"
+
+
+class FleetError(EdgewardError):
+    """A fleet command could not be completed (no answer, device offline, refusal)."""
+
+    code = "fleet"

@@ -1,0 +1,228 @@
+"""The fleet controller: the workstation's end of the agent protocol.
+
+It lists devices from their retained state messages, sends commands and inference
+requests as MQTT v5 requests (response topic + correlation data) and streams
+bundles to devices in chunks. It uses the same topic helpers, schemas and frames
+as the agent (protocol.py, wire.py), so the two ends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import protocol, wire
+from .bundle import open_bundle, sha256_file
+from .config import MqttConfig
+from .errors import FleetError, ProtocolError
+from .link import make_client, new_client_id, request_properties
+from .protocol import Reply, State
+from .schema import to_dict
+
+
+class Fleet:
+    """A connected fleet client. Use as a context manager."""
+
+    def __init__(self, mqtt: MqttConfig, connect_timeout: float = 10.0):
+        self.cfg = mqtt
+        self.client_id = new_client_id("fleet")
+        self.reply_topic = protocol.reply_topic(self.client_id)
+        self._pending: dict[bytes, queue.Queue] = {}
+        self._listeners: list[Callable] = []
+        self._connected = threading.Event()
+        self._acks: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        client = make_client(self.client_id, mqtt)
+        client.on_connect = lambda c, u, f, rc, p: (self._connected.set() if not rc.is_failure else None)
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        try:
+            client.connect(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s)
+        except OSError as exc:
+            raise FleetError(f"cannot reach the broker at {mqtt.url}: {exc.strerror or exc}",
+                             "check --broker (or EDGEWARD_BROKER) and that the broker is running") from exc
+        client.loop_start()
+        self._client = client
+        if not self._connected.wait(connect_timeout):
+            self.close()
+            raise FleetError(f"the broker at {mqtt.url} did not accept the connection",
+                             "check the credentials and TLS settings")
+        self.subscribe(self.reply_topic)
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            ev = self._acks.pop(mid, None)
+        if ev is not None:
+            ev.set()
+
+    def subscribe(self, topic: str, timeout: float = 5.0) -> None:
+        """Subscribe and wait for the broker's acknowledgement, so no answer can be missed."""
+        ev = threading.Event()
+        with self._lock:
+            _, mid = self._client.subscribe(topic, qos=1)
+            self._acks[mid] = ev
+        if not ev.wait(timeout):
+            raise FleetError(f"the broker did not acknowledge the subscription to {topic}")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == self.reply_topic:
+            corr = getattr(msg.properties, "CorrelationData", None)
+            q = self._pending.get(corr)
+            if q is not None:
+                q.put(msg.payload)
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(msg)
+            except Exception:  # a display bug must not kill the network thread
+                pass
+
+    def _request(self, topic: str, payload: bytes) -> tuple[bytes, queue.Queue]:
+        corr = uuid.uuid4().bytes
+        q: queue.Queue = queue.Queue()
+        self._pending[corr] = q
+        self._client.publish(topic, payload, qos=1, properties=request_properties(self.reply_topic, corr))
+        return corr, q
+
+    @staticmethod
+    def _wait(q: queue.Queue, timeout: float, what: str) -> bytes:
+        try:
+            return q.get(timeout=timeout)
+        except queue.Empty:
+            raise FleetError(f"no answer to {what} within {timeout:.0f} s",
+                             "is the device online? check `edgeward fleet ls`") from None
+
+    def command(self, device: str, verb: str, request, timeout: float = 10.0) -> Reply:
+        corr, q = self._request(protocol.cmd_topic(device, verb), protocol.encode(request))
+        try:
+            return protocol.decode(Reply, self._wait(q, timeout, f"{verb} on {device}"))
+        finally:
+            self._pending.pop(corr, None)
+
+    # ------------------------------------------------------------ what users call
+
+    def devices(self, quiet_s: float = 0.5, max_wait_s: float = 3.0) -> list[State]:
+        """Retained state of every device the broker knows; collects until no new one arrives for quiet_s."""
+        found: dict[str, State] = {}
+        last = [time.monotonic()]
+        pattern = f"{protocol.PREFIX}/+/state"
+
+        def on_state(msg) -> None:
+            try:
+                if protocol.parse_topic(msg.topic).kind != "state" or not msg.payload:
+                    return
+                state = protocol.decode(State, msg.payload)
+            except ProtocolError:
+                return
+            found[state.device] = state
+            last[0] = time.monotonic()
+
+        self._listeners.append(on_state)
+        try:
+            self.subscribe(pattern)
+            start = time.monotonic()
+            while time.monotonic() - last[0] < quiet_s and time.monotonic() - start < max_wait_s:
+                time.sleep(0.05)
+        finally:
+            self._listeners.remove(on_state)
+            self._client.unsubscribe(pattern)
+        return sorted(found.values(), key=lambda s: s.device)
+
+    def ping(self, device: str, timeout: float = 5.0) -> Reply:
+        return self.command(device, "ping", protocol.PingRequest(), timeout)
+
+    def infer(self, device: str, model: str, tensors: dict[str, np.ndarray], timeout: float = 10.0) -> dict:
+        corr, q = self._request(protocol.infer_topic(device, model), wire.pack_tensors(tensors, v=protocol.VERSION))
+        try:
+            header, outputs = wire.unpack_tensors(self._wait(q, timeout, f"inference on {device}/{model}"))
+        finally:
+            self._pending.pop(corr, None)
+        if header.get("status") != "ok":
+            raise FleetError(f"{device} refused the request: {header.get('error', 'no reason given')}")
+        return {"model": header.get("model"), "version": header.get("version"), "outputs": outputs}
+
+    def deploy(self, bundle_path: str | os.PathLike, device: str, chunk_size: int = 256 * 1024,
+               timeout: float = 120.0, progress: Callable[[str, int, int], None] | None = None) -> Reply:
+        """Send a bundle to one device and wait until it is serving (or refused). Raises FleetError on refusal."""
+        path = Path(bundle_path)
+        opened = open_bundle(path, verify_signature=False)  # the board judges the signature; we catch corrupt files
+        ref = protocol.BundleRef(sha256=sha256_file(path), size=path.stat().st_size)
+        request = protocol.DeployRequest(bundle=ref, chunk_size=chunk_size)
+        corr, q = self._request(protocol.cmd_topic(device, "deploy"), protocol.encode(request))
+        deadline = time.monotonic() + timeout
+        try:
+            first = protocol.decode(Reply, self._wait(q, 10.0, f"deploy on {device}"))
+            if first.status == "error":
+                raise FleetError(f"{device} refused {opened.manifest.name} v{opened.manifest.version}: {first.error}")
+            missing = list(first.data.get("missing", []))
+            topic = protocol.upload_topic(device, ref.sha256)
+            with open(path, "rb") as f:
+                for n, index in enumerate(missing, 1):
+                    f.seek(index * chunk_size)
+                    data = f.read(chunk_size)
+                    header = protocol.ChunkHeader(index=index, offset=index * chunk_size)
+                    info = self._client.publish(topic, wire.pack(to_dict(header), data), qos=1)
+                    if n % 16 == 0 or n == len(missing):
+                        info.wait_for_publish(timeout=max(1.0, deadline - time.monotonic()))
+                    if progress:
+                        progress("upload", n, len(missing))
+            while True:
+                reply = protocol.decode(Reply, self._wait(q, max(1.0, deadline - time.monotonic()),
+                                                          f"deploy on {device}"))
+                if reply.final:
+                    break
+            if reply.status == "error":
+                raise FleetError(f"{device} did not take {opened.manifest.name} v{opened.manifest.version}: "
+                                 f"{reply.error}")
+            return reply
+        finally:
+            self._pending.pop(corr, None)
+
+    def watch(self, stop: threading.Event, kinds: tuple[str, ...] = ("state", "telemetry", "events"),
+              device: str = "+") -> Iterator[tuple[str, str, dict]]:
+        """Yield (device, kind, message) as they arrive until `stop` is set."""
+        q: queue.Queue = queue.Queue()
+
+        def on_msg(msg) -> None:
+            try:
+                t = protocol.parse_topic(msg.topic)
+                if t.kind in kinds and msg.payload:
+                    q.put((t.device, t.kind, json.loads(msg.payload)))
+            except (ProtocolError, ValueError):
+                return
+
+        self._listeners.append(on_msg)
+        topics = [f"{protocol.PREFIX}/{device}/{k}" for k in kinds]
+        try:
+            for t in topics:
+                self.subscribe(t)
+            while not stop.is_set():
+                try:
+                    yield q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+        finally:
+            self._listeners.remove(on_msg)
+            for t in topics:
+                self._client.unsubscribe(t)
+

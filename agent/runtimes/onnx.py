@@ -1,0 +1,42 @@
+"""ONNX models through onnxruntime (CPU; thread count from the agent's config)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BundleError
+from .base import Runtime
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, path: str, threads: int = 1):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._outputs, feeds)
+        return dict(zip(self._outputs, results))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def load(path: str, threads: int = 1) -> Runtime:
+    return OnnxRuntime(path, threads)

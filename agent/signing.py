@@ -1,0 +1,100 @@
+"""Ed25519 keys and signatures over bundle manifests.
+
+The workstation holds the private key; each board trusts a list of public keys.
+Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public), readable by openssl.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import EdgewardError, SignatureError
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """A short stable name for a public key: the first 16 hex digits of sha256(raw key)."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keypair(private_path: str | os.PathLike) -> tuple[Path, Path, str]:
+    """Write NAME.key (mode 0600) and NAME.pub; refuses to overwrite an existing key."""
+    private_path = Path(private_path)
+    if private_path.suffix != ".key":
+        private_path = private_path.with_name(private_path.name + ".key")
+    public_path = private_path.with_suffix(".pub")
+    for p in (private_path, public_path):
+        if p.exists():
+            raise EdgewardError(f"{p} already exists", "choose another name or remove the old key first")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return private_path, public_path, key_id(key.public_key())
+
+
+def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(f"cannot read signing key {path}: {exc}",
+                             "pass a .key file made by `edgeward keys gen`") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path} is not an Ed25519 private key", "make one with `edgeward keys gen`")
+    return key
+
+
+def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(f"cannot read public key {path}: {exc}",
+                             "pass the .pub file made by `edgeward keys gen`") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def sign(key: Ed25519PrivateKey, data: bytes) -> dict:
+    return {"alg": "ed25519", "key_id": key_id(key.public_key()),
+            "sig": base64.b64encode(key.sign(data)).decode()}
+
+
+def verify(signature: dict | None, data: bytes, trusted: list[Ed25519PublicKey], allow_unsigned: bool) -> str | None:
+    """Return the key id that signed `data`, or None for an allowed unsigned bundle."""
+    if signature is None:
+        if allow_unsigned:
+            return None
+        raise SignatureError("bundle is unsigned and this device only accepts signed bundles",
+                             "sign it with `edgeward convert --key` (or set trust.allow_unsigned for development)")
+    if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
+        raise SignatureError("bundle signature is not an ed25519 signature")
+    try:
+        sig = base64.b64decode(str(signature.get("sig", "")), validate=True)
+    except ValueError as exc:
+        raise SignatureError("bundle signature is not valid base64") from exc
+    for public in trusted:
+        try:
+            public.verify(sig, data)
+            return key_id(public)
+        except InvalidSignature:
+            continue
+    kid = signature.get("key_id", "?")
+    if not trusted:
+        raise SignatureError(f"bundle is signed by key {kid} but this device trusts no key",
+                             "add the signer's .pub file to trust.keys")
+    raise SignatureError(f"bundle signature (key {kid}) does not verify against the {len(trusted)} trusted key(s)",
+                         "the bundle was altered or signed by another key: re-sign it or trust that key")

@@ -1,0 +1,88 @@
+"""`edgeward convert`: the command line of the converter (reached through agent.cli by name)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from agent.errors import EdgewardError
+from agent.tables import format_table
+
+EPILOG = """\
+data files (.npz): one array per model input, named like the input (a single-input model
+takes any one array), first axis = samples; optional `labels` (integer class ids).
+
+example:
+  edgeward keys gen keys/signing
+  edgeward convert model.onnx --calibration calib.npz --eval eval.npz \\
+      --name digits --version 2 --key keys/signing.key -o digits-v2.ewb
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeward convert", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Quantize an FP32 ONNX model to INT8 (static QDQ, per-channel weights), measure it "
+                    "against the original, and pack a signed bundle for the agent.")
+    p.add_argument("model", help="FP32 model (.onnx)")
+    p.add_argument("--calibration", required=True, metavar="NPZ", help="representative inputs (>= 16; a few hundred is better)")
+    p.add_argument("--eval", metavar="NPZ", help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
+    p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
+    p.add_argument("--name", help="model name on the device (default: the file name)")
+    p.add_argument("--version", type=int, default=1, help="model version; each deploy must be newer (default %(default)s)")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="activation calibration method (default %(default)s)")
+    p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="runtime threads for latency measurement (default %(default)s)")
+    p.add_argument("--description", default="", help="free text stored in the manifest")
+    p.add_argument("--json", action="store_true", help="print the report as JSON only")
+    return p
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\r  {stage}: {done}/{total}   ", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    elif done >= total:
+        print(f"  {stage}: done", file=sys.stderr, flush=True)
+
+
+def render_report(r: dict) -> str:
+    q, lat = r["quality"], r["latency_ms"]
+    rows = [["model file", f"{r['fp32_bytes'] / 1024:.1f} kB", f"{r['int8_bytes'] / 1024:.1f} kB",
+             f"{r['int8_vs_fp32']:.2f}x"],
+            ["latency p50 (batch 1, this CPU)", f"{lat['fp32']['p50']:.3f} ms", f"{lat['int8']['p50']:.3f} ms",
+             f"{lat['int8']['p50'] / lat['fp32']['p50']:.2f}x"]]
+    if "accuracy_fp32" in q:
+        rows.append(["top-1 accuracy", f"{q['accuracy_fp32']:.2%}", f"{q['accuracy_int8']:.2%}",
+                     f"{-q['accuracy_drop_pp']:+.2f} pp"])
+    table = format_table(["", "FP32", "INT8", "INT8 vs FP32"], rows, align="lrrr")
+    lines = [f"{r['name']} v{r['version']} -> {r['bundle']} ({r['bundle_bytes'] / 1024:.1f} kB, "
+             f"{'signed' if r['signed'] else 'UNSIGNED: boards refuse it unless allow_unsigned'})", "", table, ""]
+    if "top1_agreement" in q:
+        lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {q['samples']} samples ({q['evaluated_on']})")
+    lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
+                 f"(output range {q['output_range']:.4g})")
+    lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB")
+    ops = r["graph"]["ops"]
+    lines.append(f"graph: {ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} "
+                 f"DequantizeLinear, {r['graph']['int8_initializers']} int8 weight tensors")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .convert import ConvertOptions, convert_onnx
+
+    opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
+                          exclude_nodes=args.exclude_node, threads=args.threads, description=args.description)
+    try:
+        report = convert_onnx(args.model, args.calibration, args.output, key_path=args.key, evaluation=args.eval,
+                              options=opts, progress=None if args.json else _progress)
+    except EdgewardError as exc:
+        print(f"edgeward convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+    return 0

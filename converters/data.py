@@ -1,0 +1,79 @@
+"""Calibration and evaluation data: .npz files checked against the model before any work starts.
+
+An .npz holds one array per model input (named like the input; a single-input
+model takes any one array), plus optionally `labels` (class ids) for accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from agent.bundle import TensorSpec
+from agent.errors import ConversionError
+
+LABEL_KEYS = ("labels", "y")
+MIN_CALIBRATION_SAMPLES = 16
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, np.ndarray]
+    labels: Optional[np.ndarray]
+    source: str
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, idx) -> dict[str, np.ndarray]:
+        return {k: v[idx] for k, v in self.inputs.items()}
+
+
+def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_samples: int = 1) -> Dataset:
+    path = Path(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{what} data {path}: no such file") from exc
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{what} data {path} is not a .npz/.npy file ({exc})",
+                              "save it with numpy.savez(path, input=array, labels=ids)") from exc
+    arrays = dict(npz) if isinstance(npz, np.lib.npyio.NpzFile) else {"input": npz}
+    labels = next((arrays.pop(k) for k in LABEL_KEYS if k in arrays), None)
+    names = [s.name for s in specs]
+    if len(specs) == 1 and len(arrays) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise ConversionError(f"{what} data {path.name} lacks input(s) {missing}; it has {sorted(arrays)}",
+                              f"save one array per model input, named {names}")
+    inputs = {}
+    counts = set()
+    for spec in specs:
+        arr = arrays[spec.name]
+        if arr.dtype.name != spec.dtype:
+            raise ConversionError(f"{what} data {spec.name!r} is {arr.dtype.name}, the model takes {spec.dtype}",
+                                  f"convert it with array.astype(np.{spec.dtype})")
+        want = spec.shape
+        if arr.ndim != len(want) or any(w not in (-1, a) for w, a in zip(want[1:], arr.shape[1:])):
+            shown = "x".join("N" if d == -1 else str(d) for d in want)
+            raise ConversionError(f"{what} data {spec.name!r} has shape {list(arr.shape)}, the model takes {shown} "
+                                  "(first axis: samples)", "reshape the data to the model's input shape")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ConversionError(f"{what} data {spec.name!r} holds NaN or infinity")
+        counts.add(arr.shape[0])
+        inputs[spec.name] = np.ascontiguousarray(arr)
+    if len(counts) != 1:
+        raise ConversionError(f"{what} data inputs have different sample counts {sorted(counts)}")
+    n = counts.pop()
+    if n < min_samples:
+        raise ConversionError(f"{what} data has {n} samples, at least {min_samples} are needed",
+                              "give a few hundred representative samples for a reliable calibration")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n or labels.dtype.kind not in "iu":
+            raise ConversionError(f"{what} data labels must be {n} integer class ids, got {labels.dtype} x {len(labels)}")
+    return Dataset(inputs, labels, str(path))

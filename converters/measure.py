@@ -1,0 +1,125 @@
+"""Measuring what quantization cost: quality against the FP32 model, latency, and memory.
+
+Memory is measured in a fresh Python process (numpy imported first, as the agent
+has it) so the figure is what a board's agent will see when it loads the model:
+`runtime_mb` for importing the runtime, `load_mb` for the session plus a first run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import ConversionError
+
+
+def session(path: str | Path, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ConversionError(f"onnxruntime cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
+
+
+def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+    """Run the whole dataset through a session in batches (one sample at a time for fixed-batch models)."""
+    n = len(next(iter(inputs.values())))
+    stop = n
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed > 0:  # a fixed batch axis: only whole batches can run
+        batch, stop = fixed, n - n % fixed
+    names = [o.name for o in sess.get_outputs()]
+    parts: dict[str, list] = {k: [] for k in names}
+    for i in range(0, stop, batch):
+        outs = sess.run(names, {k: v[i:i + batch] for k, v in inputs.items()})
+        for k, o in zip(names, outs):
+            parts[k].append(o)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+            labels: np.ndarray | None = None) -> dict:
+    """Agreement of top-1 with the FP32 model, max/mean abs error, and accuracy when labels are given."""
+    out: dict = {}
+    first = next(iter(reference))
+    ref, cand = reference[first].astype(np.float64), candidate[first].astype(np.float64)
+    err = np.abs(ref - cand)
+    out["max_abs_err"] = round(float(err.max()), 5)
+    out["mean_abs_err"] = round(float(err.mean()), 5)
+    out["output_range"] = round(float(ref.max() - ref.min()), 5)
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        out["top1_agreement"] = round(float((ref.argmax(1) == cand.argmax(1)).mean()), 5)
+        if labels is not None:
+            n = len(ref)
+            out["accuracy_fp32"] = round(float((ref.argmax(1) == labels[:n]).mean()), 5)
+            out["accuracy_int8"] = round(float((cand.argmax(1) == labels[:n]).mean()), 5)
+            out["accuracy_drop_pp"] = round(100 * (out["accuracy_fp32"] - out["accuracy_int8"]), 3)
+    out["samples"] = int(len(ref))
+    return out
+
+
+def latency_ms(sess, sample: dict[str, np.ndarray], runs: int = 200, warmup: int = 20) -> dict:
+    """Single-request latency on this CPU: p50 and p95 over `runs` calls after a warm-up."""
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(warmup):
+        sess.run(names, sample)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        sess.run(names, sample)
+        times[i] = (time.perf_counter() - t0) * 1000
+    return {"p50": round(float(np.percentile(times, 50)), 4), "p95": round(float(np.percentile(times, 95)), 4)}
+
+
+_MEMORY_PROBE = r"""
+import json, sys
+import numpy as np
+import psutil
+proc = psutil.Process()
+base = proc.memory_info().rss
+import onnxruntime as ort
+imported = proc.memory_info().rss
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = int(sys.argv[3])
+opts.inter_op_num_threads = 1
+sess = ort.InferenceSession(sys.argv[1], sess_options=opts, providers=["CPUExecutionProvider"])
+with np.load(sys.argv[2]) as sample:
+    feeds = {k: sample[k] for k in sample.files}
+for _ in range(3):
+    sess.run(None, feeds)
+loaded = proc.memory_info().rss
+print(json.dumps({"runtime_mb": (imported - base) / 2**20, "load_mb": (loaded - imported) / 2**20}))
+"""
+
+
+def memory_cost(model_path: str | Path, sample: dict[str, np.ndarray], threads: int = 1, repeats: int = 3) -> dict:
+    """RSS cost of importing onnxruntime and of loading + running this model, in a fresh process.
+
+    The largest of `repeats` measurements is kept: the budget must not be surprised.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgeward-mem-") as tmp:
+        sample_path = Path(tmp) / "sample.npz"
+        np.savez(sample_path, **sample)
+        results = []
+        for _ in range(repeats):
+            proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(sample_path), str(threads)],
+                                  capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.returncode != 0:
+                raise ConversionError(f"measuring the model's memory failed: {proc.stderr.strip().splitlines()[-1:]}")
+            results.append(json.loads(proc.stdout))
+    return {"load_mb": round(max(r["load_mb"] for r in results), 2),
+            "runtime_mb": round(max(r["runtime_mb"] for r in results), 2),
+            "measured_on": f"{platform.machine()} {platform.system()}, python {platform.python_version()}"}

@@ -1,0 +1,133 @@
+"""FP32 ONNX -> INT8 ONNX with onnxruntime.quantization: static QDQ, per-channel weights.
+
+QDQ keeps the graph readable (QuantizeLinear/DequantizeLinear pairs around float
+ops), which onnxruntime fuses into integer kernels at load time, and it is the
+format other toolchains (TensorRT on Jetson, onnx2tf) understand.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from agent.bundle import TensorSpec
+from agent.errors import ConversionError
+
+log = logging.getLogger("edgeward.convert")
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
+
+
+def load_onnx(path: str | Path):
+    """Read and check an ONNX file; anything that is not a valid model is a one-line ConversionError."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{path}: no such file") from exc
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConversionError(f"{path} is not a valid ONNX model ({first})",
+                              "export the model with torch.onnx.export / tf2onnx and check it with onnx.checker") from exc
+    if not model.graph.node:
+        raise ConversionError(f"{path} has an empty graph")
+    return model
+
+
+def describe(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of a model's graph; symbolic or unknown dims become -1."""
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(vi) -> TensorSpec:
+        tt = vi.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tt.elem_type)
+        if dtype is None:
+            raise ConversionError(f"tensor {vi.name!r} has element type {tt.elem_type}, which edgeward cannot serve")
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        return TensorSpec(name=vi.name, dtype=dtype, shape=shape, batch_axis=0 if shape and shape[0] == -1 else None)
+
+    inputs = [spec(i) for i in model.graph.input if i.name not in initializers]
+    outputs = [spec(o) for o in model.graph.output]
+    return inputs, outputs
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over in-memory arrays, with progress."""
+
+    def __init__(self, data: dict[str, np.ndarray], batch: int, progress: Callable[[int, int], None] | None):
+        self.data, self.batch, self.progress = data, batch, progress
+        self.n = len(next(iter(data.values())))
+        self._it = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, self.n, self.batch):
+            if self.progress:
+                self.progress(min(i + self.batch, self.n), self.n)
+            yield {k: v[i:i + self.batch] for k, v in self.data.items()}
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = self._batches()
+
+
+def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: dict[str, np.ndarray],
+                    per_channel: bool = True, method: str = "minmax", batch: int = 1,
+                    exclude_nodes: list[str] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Static INT8 QDQ quantization (int8 weights and activations) calibrated on `calibration`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise ConversionError(f"calibration method {method!r} is unknown", f"use one of {', '.join(CALIBRATION_METHODS)}")
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                        "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="edgeward-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        except Exception as exc:  # an optimisation only: quantize the original, and say so
+            log.warning("quantization pre-processing skipped (%s); quantizing the model as given",
+                        str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+            prepared = Path(fp32_path)
+        try:
+            ort_quantize_static(
+                str(prepared), str(out_path), _Reader(calibration, batch, progress),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [],
+                extra_options={"CalibTensorRangeSymmetric": False},
+            )
+        except ConversionError:
+            raise
+        except Exception as exc:
+            Path(out_path).unlink(missing_ok=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ConversionError(f"onnxruntime could not quantize the model: {first}",
+                                  "exclude the failing node with --exclude-node NAME, or report the operator") from exc
+    return Path(out_path)
+
+
+def int8_summary(path: str | Path) -> dict:
+    """What quantization did to the graph: QDQ node counts and how many weights are stored as int8."""
+    import onnx
+
+    model = onnx.load(str(path))
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    int8_inits = sum(1 for i in model.graph.initializer if i.data_type in (2, 3))  # uint8, int8
+    float_weights = sum(1 for i in model.graph.initializer if i.data_type == 1 and len(i.dims) >= 2)
+    return {"ops": ops, "int8_initializers": int8_inits, "float_weight_tensors": float_weights}

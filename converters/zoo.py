@@ -1,0 +1,158 @@
+"""Small real models built in code, for the demo, the tests and the benchmarks.
+
+Nothing is downloaded: the data is scikit-learn's bundled 8x8 digits, and the
+CNN is trained here with plain numpy (a few seconds on one core), then written
+as an ordinary FP32 ONNX file, exactly what a user's exporter would hand us.
+
+Architecture: Conv3x3(1->C, pad 1) -> ReLU -> MaxPool2 -> Flatten -> Gemm(C*16->H) -> ReLU -> Gemm(H->10)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def digits_dataset(test_fraction: float = 0.3, seed: int = 0):
+    """(x_train, y_train, x_test, y_test); x is float32 NCHW in [0, 1], y is int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(len(x) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _im2col(x: np.ndarray) -> np.ndarray:
+    """(B,1,8,8) -> (B*64, 9): each row the 3x3 neighbourhood (zero-padded) of one pixel."""
+    b = x.shape[0]
+    p = np.pad(x[:, 0], ((0, 0), (1, 1), (1, 1)))
+    cols = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(1, 2))  # (B,8,8,3,3)
+    return cols.reshape(b * 64, 9)
+
+
+def _forward(params: dict, x: np.ndarray):
+    b = x.shape[0]
+    c = params["conv_w"].shape[0]
+    cols = _im2col(x)
+    conv = cols @ params["conv_w"].reshape(c, 9).T + params["conv_b"]          # (B*64, C)
+    conv = conv.reshape(b, 8, 8, c).transpose(0, 3, 1, 2)                       # (B,C,8,8)
+    act = np.maximum(conv, 0)
+    r = act.reshape(b, c, 4, 2, 4, 2)
+    pooled = r.max(axis=(3, 5))                                                 # (B,C,4,4)
+    flat = pooled.reshape(b, -1)
+    hid_pre = flat @ params["fc1_w"] + params["fc1_b"]
+    hid = np.maximum(hid_pre, 0)
+    logits = hid @ params["fc2_w"] + params["fc2_b"]
+    return logits, (cols, conv, r, pooled, flat, hid_pre, hid)
+
+
+def predict(params: dict, x: np.ndarray) -> np.ndarray:
+    return _forward(params, x)[0]
+
+
+def train_digits_cnn(epochs: int = 12, seed: int = 0, channels: int = 8, hidden: int = 32,
+                     lr: float = 0.01, batch: int = 32):
+    """Train with Adam on the digits training split; return (params, test accuracy)."""
+    x_tr, y_tr, x_te, y_te = digits_dataset()
+    rng = np.random.default_rng(seed)
+    c, h = channels, hidden
+    params = {
+        "conv_w": (rng.standard_normal((c, 1, 3, 3)) * np.sqrt(2 / 9)).astype(np.float32),
+        "conv_b": np.zeros(c, np.float32),
+        "fc1_w": (rng.standard_normal((c * 16, h)) * np.sqrt(2 / (c * 16))).astype(np.float32),
+        "fc1_b": np.zeros(h, np.float32),
+        "fc2_w": (rng.standard_normal((h, 10)) * np.sqrt(1 / h)).astype(np.float32),
+        "fc2_b": np.zeros(10, np.float32),
+    }
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    step = 0
+    for _ in range(epochs):
+        order = rng.permutation(len(x_tr))
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            xb, yb = x_tr[idx], y_tr[idx]
+            n = len(idx)
+            logits, (cols, conv, r, pooled, flat, hid_pre, hid) = _forward(params, xb)
+            prob = np.exp(logits - logits.max(1, keepdims=True))
+            prob /= prob.sum(1, keepdims=True)
+            d_logits = prob
+            d_logits[np.arange(n), yb] -= 1
+            d_logits /= n
+            grads = {"fc2_w": hid.T @ d_logits, "fc2_b": d_logits.sum(0)}
+            d_hid = (d_logits @ params["fc2_w"].T) * (hid_pre > 0)
+            grads["fc1_w"], grads["fc1_b"] = flat.T @ d_hid, d_hid.sum(0)
+            d_pooled = (d_hid @ params["fc1_w"].T).reshape(pooled.shape)
+            mask = r == pooled[:, :, :, None, :, None]
+            mask = mask / mask.sum(axis=(3, 5), keepdims=True)
+            d_act = (mask * d_pooled[:, :, :, None, :, None]).reshape(conv.shape)
+            d_conv = (d_act * (conv > 0)).transpose(0, 2, 3, 1).reshape(-1, c)  # (B*64, C)
+            grads["conv_w"] = (d_conv.T @ cols).reshape(c, 1, 3, 3)
+            grads["conv_b"] = d_conv.sum(0)
+            step += 1
+            for k in params:
+                g = grads[k].astype(np.float32)
+                m[k] = 0.9 * m[k] + 0.1 * g
+                v[k] = 0.999 * v[k] + 0.001 * g * g
+                m_hat = m[k] / (1 - 0.9 ** step)
+                v_hat = v[k] / (1 - 0.999 ** step)
+                params[k] -= (lr * m_hat / (np.sqrt(v_hat) + 1e-8)).astype(np.float32)
+    accuracy = float((predict(params, x_te).argmax(1) == y_te).mean())
+    return params, accuracy
+
+
+def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17) -> Path:
+    """Write the trained CNN as an FP32 ONNX model with a dynamic batch axis."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in
+             ("conv_w", "conv_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")]
+    nodes = [
+        helper.make_node("Conv", [INPUT_NAME, "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["conv"], ["conv_relu"]),
+        helper.make_node("MaxPool", ["conv_relu"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc1_w", "fc1_b"], ["fc1"]),
+        helper.make_node("Relu", ["fc1"], ["fc1_relu"]),
+        helper.make_node("Gemm", ["fc1_relu", "fc2_w", "fc2_b"], [OUTPUT_NAME]),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_cnn",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeward.zoo")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_digits_cnn(path: str | Path, epochs: int = 12, seed: int = 0, **kw) -> float:
+    """Train and write the digits CNN; return its FP32 test accuracy."""
+    params, accuracy = train_digits_cnn(epochs=epochs, seed=seed, **kw)
+    cnn_to_onnx(params, path)
+    return accuracy
+
+
+def write_digits_npz(folder: str | Path, n_calibration: int = 200) -> tuple[Path, Path]:
+    """calib.npz (training images) and eval.npz (held-out images with labels), as `convert` takes them."""
+    x_tr, _, x_te, y_te = digits_dataset()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = folder / "calib.npz", folder / "eval.npz"
+    np.savez(calib, **{INPUT_NAME: x_tr[:n_calibration]})
+    np.savez(evaluation, **{INPUT_NAME: x_te, "labels": y_te})
+    return calib, evaluation
