@@ -1,0 +1,112 @@
+"""Shared fixtures: a real Mosquitto per test, real models trained once per session, signed bundles.
+
+Nothing here is downloaded: the digits CNN is trained by converters.zoo from
+scikit-learn's bundled data, and converted by the real converter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle import REFERENCE, open_bundle, parse_manifest, write_bundle
+from agent.devbroker import LocalBroker
+from agent.signing import generate_keypair, load_private_key
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto on a free 127.0.0.1 port with its own config; never the system broker."""
+    b = LocalBroker(workdir=tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@dataclass
+class Assets:
+    root: Path
+    fp32_v1: Path
+    fp32_v2: Path
+    calib: Path
+    eval: Path
+    key: Path
+    pub: Path
+    other_key: Path
+    other_pub: Path
+    v1: Path          # signed bundle, digits v1
+    v2: Path          # signed bundle, digits v2 (a better-trained model)
+    unsigned_v2: Path
+    accuracy_v1: float
+    accuracy_v2: float
+
+    def eval_inputs(self, n: int = 8) -> np.ndarray:
+        with np.load(self.eval) as d:
+            return d["input"][:n]
+
+    def eval_labels(self, n: int = 8) -> np.ndarray:
+        with np.load(self.eval) as d:
+            return d["labels"][:n]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Assets:
+    from converters import zoo
+    from converters.convert import ConvertOptions, convert_onnx
+
+    root = tmp_path_factory.mktemp("assets")
+    acc1 = zoo.build_digits_cnn(root / "digits_v1.onnx", epochs=4, seed=0)
+    acc2 = zoo.build_digits_cnn(root / "digits_v2.onnx", epochs=12, seed=1)
+    calib, evaluation = zoo.write_digits_npz(root)
+    key, pub, _ = generate_keypair(root / "signing")
+    other_key, other_pub, _ = generate_keypair(root / "intruder")
+    v1, v2, unsigned = root / "digits-v1.ewb", root / "digits-v2.ewb", root / "digits-v2-unsigned.ewb"
+    convert_onnx(root / "digits_v1.onnx", calib, v1, key, evaluation, ConvertOptions(name="digits", version=1))
+    convert_onnx(root / "digits_v2.onnx", calib, v2, key, evaluation, ConvertOptions(name="digits", version=2))
+    convert_onnx(root / "digits_v2.onnx", calib, unsigned, None, evaluation, ConvertOptions(name="digits", version=2))
+    return Assets(root, root / "digits_v1.onnx", root / "digits_v2.onnx", calib, evaluation, key, pub,
+                  other_key, other_pub, v1, v2, unsigned, acc1, acc2)
+
+
+def repack(src: Path, out: Path, key: Path | None, manifest_edit=None, reference_edit=None) -> Path:
+    """Rebuild a bundle with an edited manifest and/or reference data, signed with `key`.
+
+    This is how the tests make bundles that are well-formed and properly signed but
+    must still be refused for what they say (over budget, failing self-test, old version).
+    """
+    opened = open_bundle(src, verify_signature=False)
+    manifest = parse_manifest(opened.manifest_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with tarfile.open(src) as tar:
+            for name in manifest.files:
+                (tmp / name).write_bytes(tar.extractfile(name).read())
+        if manifest_edit:
+            manifest_edit(manifest)
+        if reference_edit:
+            with np.load(tmp / REFERENCE) as ref:
+                arrays = {k: ref[k] for k in ref.files}
+            reference_edit(arrays)
+            np.savez(tmp / REFERENCE, **arrays)
+        files = {name: tmp / name for name in manifest.files}
+        write_bundle(out, manifest, files, load_private_key(key) if key else None)
+    return out
+
+
+def flip_byte_in_member(src: Path, out: Path, member: str) -> Path:
+    """Copy a bundle and corrupt one byte inside `member`, leaving the tar structure valid."""
+    shutil.copy(src, out)
+    with tarfile.open(out) as tar:
+        info = tar.getmember(member)
+        offset = info.offset_data + info.size // 2
+    with open(out, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return out

@@ -1,0 +1,259 @@
+"""The agent against a real Mosquitto: presence, inference, deploys good and bad, hostile input, offline start."""
+
+import json
+
+import numpy as np
+import pytest
+
+from agent import protocol, wire
+from agent.config import MqttConfig
+from agent.devbroker import LocalBroker, free_port
+from agent.errors import BundleError, FleetError
+from agent.fleet import Fleet
+
+from conftest import flip_byte_in_member, repack
+from mqttkit import RawClient, RunningAgent, wait_for
+
+pytestmark = pytest.mark.integration
+DEVICE = "pi-test"
+
+
+def agent_overrides(url, assets, store, **extra):
+    return {"mqtt.url": url, "device.id": DEVICE, "store.path": str(store), "trust.keys": [str(assets.pub)],
+            "memory.budget_mb": 2048, "memory.reserve_mb": 0, "telemetry.interval_s": 0.5,
+            "mqtt.reconnect_max_s": 2, **extra}
+
+
+@pytest.fixture
+def running(broker, assets, tmp_path):
+    ra = RunningAgent(agent_overrides(broker.url, assets, tmp_path / "store"), install=[assets.v1])
+    wait_for(ra.agent.connected.is_set, what="agent connected")
+    yield ra
+    ra.stop()
+
+
+@pytest.fixture
+def fleet(broker):
+    with Fleet(MqttConfig(url=broker.url)) as f:
+        yield f
+
+
+@pytest.fixture
+def raw(broker):
+    c = RawClient(broker.port)
+    yield c
+    c.close()
+
+
+def test_birth_message_lists_the_device_and_its_model(running, fleet):
+    states = fleet.devices()
+    assert [s.device for s in states] == [DEVICE]
+    s = states[0]
+    assert s.online and s.budget_mb == 2048 and "onnxruntime" in s.runtimes
+    assert [(m.name, m.version, m.health) for m in s.models] == [("digits", 1, "serving")]
+    assert s.hardware.cpu_count >= 1 and s.hardware.python
+
+
+def test_inference_over_mqtt_matches_the_local_engine(running, fleet, assets):
+    x = assets.eval_inputs(16)
+    result = fleet.infer(DEVICE, "digits", {"input": x})
+    local = running.agent.infer("digits", {"input": x})
+    assert result["version"] == 1
+    np.testing.assert_array_equal(result["outputs"]["logits"], local["logits"])
+    assert (result["outputs"]["logits"].argmax(1) == assets.eval_labels(16)).mean() >= 0.8
+
+
+def test_telemetry_reports_memory_and_per_model_requests(running, fleet, raw, assets):
+    fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})
+    raw.subscribe(protocol.telemetry_topic(DEVICE))
+    msgs = raw.collect(lambda t: t.endswith("/telemetry"), 1.5)
+    assert msgs, "no telemetry within 1.5 s at a 0.5 s interval"
+    t = protocol.decode(protocol.Telemetry, msgs[-1].payload)
+    assert t.device == DEVICE and 10 < t.rss_mb < 2048 and t.budget_mb == 2048
+    assert t.models["digits"].requests >= 1 and t.models["digits"].version == 1
+
+
+def test_deploy_switches_to_the_new_version_and_reports_each_step(running, fleet, raw, assets):
+    raw.subscribe(protocol.events_topic(DEVICE))
+    reply = fleet.deploy(assets.v2, DEVICE, chunk_size=4096)
+    assert reply.status == "ok"
+    assert reply.data["version"] == 2 and reply.data["previous_version"] == 1
+    assert reply.data["self_test"]["top1_agreement"] == 1.0
+    assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(2)})["version"] == 2
+    assert [(m.name, m.version) for m in fleet.devices()[0].models] == [("digits", 2)]
+    kinds = [json.loads(m.payload)["kind"] for m in raw.collect(lambda t: t.endswith("/events"), 0.5)]
+    steps = ["deploy_receiving", "deploy_received", "deploy_verified", "deploy_staged",
+             "deploy_self_test_passed", "model_switched"]
+    assert [k for k in kinds if k in steps] == steps
+    assert running.agent.store.current("digits")[0] == 2
+
+
+def _over_budget(m):
+    m.memory.load_mb = 100_000.0
+
+
+def _break_reference(arrays):
+    arrays["expected.logits"] = -arrays["expected.logits"]
+
+
+def _bump_to_v3(m):
+    m.version = 3
+
+
+@pytest.mark.parametrize("variant, fragment", [
+    ("unsigned", "unsigned"),
+    ("intruder", "does not verify"),
+    ("tampered", "sha256 does not match"),
+    ("over_budget", "short by"),
+    ("self_test", "failed its self-test"),
+    ("same_version", "not newer"),
+    ("not_a_bundle", "not an edgeward bundle"),
+])
+def test_a_bad_deploy_is_refused_and_the_old_model_keeps_serving(running, fleet, assets, tmp_path, variant, fragment):
+    if variant == "unsigned":
+        bundle = assets.unsigned_v2
+    elif variant == "intruder":
+        bundle = repack(assets.v2, tmp_path / "b.ewb", assets.other_key)
+    elif variant == "tampered":
+        bundle = flip_byte_in_member(assets.v2, tmp_path / "b.ewb", "model.onnx")
+    elif variant == "over_budget":
+        bundle = repack(assets.v2, tmp_path / "b.ewb", assets.key, manifest_edit=_over_budget)
+    elif variant == "self_test":
+        bundle = repack(assets.v2, tmp_path / "b.ewb", assets.key, manifest_edit=_bump_to_v3,
+                        reference_edit=_break_reference)
+    elif variant == "same_version":
+        bundle = assets.v1
+    else:
+        bundle = tmp_path / "b.ewb"
+        bundle.write_bytes(b"definitely not a tar archive " * 100)
+    if variant in ("tampered", "not_a_bundle"):
+        # the fleet CLI refuses to send these (it checks hashes first); a hostile client sends them anyway
+        with pytest.raises(BundleError):
+            fleet.deploy(bundle, DEVICE, chunk_size=4096)
+        reply = _raw_deploy(fleet, bundle)
+        assert reply.status == "error" and fragment in reply.error
+    else:
+        with pytest.raises(FleetError) as err:
+            fleet.deploy(bundle, DEVICE, chunk_size=4096)
+        assert fragment in str(err.value)
+    # the old model still serves, the store holds nothing of the refused bundle
+    assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})["version"] == 1
+    store = running.agent.store
+    assert store.versions("digits") == [1] and store.current("digits")[0] == 1
+    assert list(store.incoming.iterdir()) == []
+    assert [p.name for p in (store.models_dir / "digits").iterdir() if p.name.startswith(".")] == []
+
+
+def _raw_deploy(fleet, path):
+    """Deploy bypassing the fleet's local checks, as a hostile or buggy client would."""
+    from agent.bundle import sha256_file
+
+    data = path.read_bytes()
+    req = protocol.DeployRequest(bundle=protocol.BundleRef(sha256=sha256_file(path), size=len(data)), chunk_size=4096)
+    corr, q = fleet._request(protocol.cmd_topic(DEVICE, "deploy"), protocol.encode(req))
+    first = protocol.decode(protocol.Reply, q.get(timeout=10))
+    assert first.status == "progress"
+    for i in first.data["missing"]:
+        fleet._client.publish(protocol.upload_topic(DEVICE, req.bundle.sha256),
+                              wire.pack({"v": 1, "index": i, "offset": i * 4096}, data[i * 4096:(i + 1) * 4096]), qos=1)
+    return protocol.decode(protocol.Reply, q.get(timeout=20))
+
+
+def test_bytes_that_do_not_hash_to_the_announced_sha_are_refused(running, fleet, raw, assets):
+    data = assets.v2.read_bytes()
+    req = protocol.DeployRequest(bundle=protocol.BundleRef(sha256="ab" * 32, size=len(data)), chunk_size=65536)
+    first = protocol.decode(protocol.Reply, raw.request(protocol.cmd_topic(DEVICE, "deploy"), protocol.encode(req)).payload)
+    assert first.status == "progress" and first.data["missing"] == list(range(first.data["n_chunks"]))
+    raw.subscribe(protocol.events_topic(DEVICE))
+    for i in first.data["missing"]:
+        raw.publish(protocol.upload_topic(DEVICE, "ab" * 32),
+                    wire.pack({"v": 1, "index": i, "offset": i * 65536}, data[i * 65536:(i + 1) * 65536]))
+    events = wait_for(lambda: [json.loads(m.payload) for m in raw.collect(lambda t: t.endswith("/events"), 0.2)
+                               if json.loads(m.payload)["kind"] == "deploy_failed"], what="deploy_failed event")
+    assert "hashes to" in events[0]["message"]
+    assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})["version"] == 1
+    assert list(running.agent.store.incoming.iterdir()) == []
+
+
+@pytest.mark.parametrize("topic_suffix, payload, code, fragment", [
+    ("cmd/deploy", b"\x00\x01garbage", "bad_message", "not valid JSON"),
+    ("cmd/deploy", b'{"bundle": {"sha256": "zz", "size": 1}}', "bad_message", "bundle.sha256"),
+    ("cmd/deploy", b'{"v": 9, "bundle": {}}', "bad_message", "protocol version 9"),
+    ("cmd/ping", b"[]", "bad_message", "expected a JSON object"),
+    ("cmd/format-disk", b"{}", "unknown_command", "unknown command"),
+    ("infer/digits", b"not a frame", "bad_message", "EWF1"),
+    ("infer/digits", wire.pack_tensors({"input": np.zeros((1, 1, 8, 8), np.float64)}, v=1), "bad_request", "dtype float64"),
+    ("infer/digits", wire.pack_tensors({"input": np.zeros((1, 1, 4, 4), np.float32)}, v=1), "bad_request", "shape"),
+    ("infer/cats", wire.pack_tensors({"input": np.zeros((1, 1, 8, 8), np.float32)}, v=1), "unknown_model", "no model named"),
+    ("infer/digits", wire.pack_tensors({"input": np.zeros((40, 1, 8, 8), np.float32)}, v=1, pad="x" * 70000), "bad_message", "over the"),
+    ("cmd/ping", b"{" + b" " * 70000 + b"}", "bad_message", "over the"),
+])
+def test_malformed_and_oversized_messages_get_an_error_reply_and_harm_nothing(
+        broker, assets, tmp_path, raw, topic_suffix, payload, code, fragment):
+    ra = RunningAgent(agent_overrides(broker.url, assets, tmp_path / "store", **{"mqtt.max_payload_kb": 64}),
+                      install=[assets.v1])
+    try:
+        wait_for(ra.agent.connected.is_set)
+        msg = raw.request(f"edgeward/v1/{DEVICE}/{topic_suffix}", payload)
+        assert msg is not None, "no error reply"
+        body = wire.unpack(msg.payload)[0] if msg.payload.startswith(wire.MAGIC) else json.loads(msg.payload)
+        assert body["status"] == "error" and body["code"] == code and fragment in body["error"], body
+        # still alive, still serving
+        ok = raw.request(protocol.cmd_topic(DEVICE, "ping"), protocol.encode(protocol.PingRequest()))
+        assert json.loads(ok.payload)["status"] == "ok"
+        out = ra.agent.infer("digits", {"input": assets.eval_inputs(1)})
+        assert out["logits"].shape == (1, 10)
+    finally:
+        ra.stop()
+
+
+def test_retained_commands_and_stray_chunks_are_ignored(running, raw, assets):
+    sha = "cd" * 32
+    raw.publish(protocol.cmd_topic(DEVICE, "deploy"),
+                protocol.encode(protocol.DeployRequest(bundle=protocol.BundleRef(sha256=sha, size=10))), retain=True)
+    raw.publish(protocol.upload_topic(DEVICE, sha), wire.pack({"v": 1, "index": 0, "offset": 0}, b"x" * 10))
+    raw.publish(f"edgeward/v1/{DEVICE}/upload/not-a-sha", b"\xff" * 50)
+    # reconnect-equivalent: a retained command is delivered on every subscribe; the agent must not act on it
+    running.agent._client.subscribe(protocol.cmd_topic(DEVICE, "deploy"), qos=1)
+    ok = raw.request(protocol.cmd_topic(DEVICE, "ping"), protocol.encode(protocol.PingRequest()))
+    assert json.loads(ok.payload)["status"] == "ok"
+    assert running.agent._transfers == {}
+    assert list(running.agent.store.incoming.iterdir()) == []
+    raw.publish(protocol.cmd_topic(DEVICE, "deploy"), b"", retain=True)  # clear the retained message
+
+
+def test_mqtt_311_clients_can_use_reply_to_in_the_body(running, raw, assets):
+    raw.subscribe("legacy/replies")
+    raw.publish(protocol.cmd_topic(DEVICE, "ping"), json.dumps({"v": 1, "reply_to": "legacy/replies",
+                                                                 "corr": "abc-1"}).encode())
+    msgs = wait_for(lambda: raw.collect(lambda t: t == "legacy/replies", 0.2), what="legacy reply")
+    body = json.loads(msgs[0].payload)
+    assert body["status"] == "ok" and body["corr"] == "abc-1" and body["data"]["device"] == DEVICE
+
+
+def test_agent_without_a_broker_serves_locally_then_connects_when_one_appears(assets, tmp_path):
+    port = free_port()
+    ra = RunningAgent(agent_overrides(f"mqtt://127.0.0.1:{port}", assets, tmp_path / "store"), install=[assets.v1])
+    try:
+        # no broker: the agent is up, not connected, and serves local work
+        assert not ra.agent.connected.wait(1.5)
+        assert ra.thread.is_alive()
+        out = ra.agent.infer("digits", {"input": assets.eval_inputs(4)})
+        assert out["logits"].argmax(1).tolist() == ra.agent.infer("digits", {"input": assets.eval_inputs(4)})["logits"].argmax(1).tolist()
+        with LocalBroker(port=port, workdir=tmp_path / "late-broker"):
+            wait_for(ra.agent.connected.is_set, timeout=15, what="connection after the broker came up")
+            with Fleet(MqttConfig(url=f"mqtt://127.0.0.1:{port}")) as fleet:
+                states = wait_for(lambda: [s for s in fleet.devices() if s.online], timeout=5, what="birth")
+                assert states[0].models[0].version == 1
+                assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})["version"] == 1
+    finally:
+        ra.stop()
+
+
+def test_clean_stop_publishes_the_offline_state(broker, assets, tmp_path, fleet):
+    ra = RunningAgent(agent_overrides(broker.url, assets, tmp_path / "store"), install=[assets.v1])
+    wait_for(ra.agent.connected.is_set)
+    assert fleet.devices()[0].online
+    ra.stop()
+    states = fleet.devices()
+    assert [(s.device, s.online) for s in states] == [(DEVICE, False)]

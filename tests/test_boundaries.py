@@ -1,0 +1,68 @@
+"""The board installs `edgeward[device]` only: agent/ must never import converters/ or host libraries."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parents[1] / "agent"
+HOST_ONLY = {"converters", "onnx", "sklearn", "scipy", "sympy", "torch", "tensorflow", "tf2onnx", "onnx2tf",
+             "litert_torch", "ai_edge_quantizer", "keras"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_no_agent_module_imports_a_host_library():
+    offenders = {}
+    for path in sorted(AGENT.rglob("*.py")):
+        bad = {m for m in _imports(path) if m.split(".")[0] in HOST_ONLY or m.startswith("onnxruntime.quantization")}
+        if bad:
+            offenders[str(path.relative_to(AGENT.parent))] = sorted(bad)
+    assert offenders == {}
+
+
+PROBE = r"""
+import importlib, json, pkgutil, sys
+import numpy as np
+import agent
+for m in pkgutil.walk_packages(agent.__path__, "agent."):
+    importlib.import_module(m.name)
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.engine import Engine
+from agent.signing import load_public_key
+from agent.store import Store
+store = Store(sys.argv[3])
+folder = store.install(open_bundle(sys.argv[1], [load_public_key(sys.argv[2])]))
+engine = Engine(Budget(2048))
+model = engine.load(folder)
+model.self_test()
+out = model.run({"input": np.zeros((1, 1, 8, 8), np.float32)})
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_a_running_agent_loads_no_host_library(assets, tmp_path):
+    r = subprocess.run([sys.executable, "-c", PROBE, str(assets.v1), str(assets.pub), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded = set(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert "onnxruntime" in loaded          # it did really load and run a model
+    assert loaded & HOST_ONLY == set()
+
+
+def test_idle_agent_does_not_import_a_runtime():
+    code = "import sys, agent.daemon, agent.cli, agent.fleet; print('onnxruntime' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

@@ -1,0 +1,111 @@
+"""The converter: real INT8 QDQ output, measured against FP32, and clean failures on bad input."""
+
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.bundle import open_bundle
+from agent.signing import load_public_key
+from converters.onnx_int8 import int8_summary
+
+
+@pytest.fixture(scope="module")
+def extracted_v2(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("v2")
+    with tarfile.open(assets.v2) as tar:
+        for name in ("model.onnx", "reference.npz"):
+            (out / name).write_bytes(tar.extractfile(name).read())
+    return out
+
+
+def test_output_is_int8_qdq_with_no_float_weights_left(extracted_v2):
+    s = int8_summary(extracted_v2 / "model.onnx")
+    assert s["ops"].get("QuantizeLinear", 0) >= 3 and s["ops"].get("DequantizeLinear", 0) >= 6
+    assert s["int8_initializers"] >= 3            # conv + two gemm weight tensors at least
+    assert s["float_weight_tensors"] == 0         # every weight matrix became int8
+
+
+def test_int8_model_stays_close_to_fp32(assets, extracted_v2):
+    x, y = (lambda d: (d["input"], d["labels"]))(np.load(assets.eval))
+    fp32 = ort.InferenceSession(str(assets.fp32_v2), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    int8 = ort.InferenceSession(str(extracted_v2 / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    agreement = (fp32.argmax(1) == int8.argmax(1)).mean()
+    drop_pp = 100 * ((fp32.argmax(1) == y).mean() - (int8.argmax(1) == y).mean())
+    assert agreement >= 0.97, agreement
+    assert drop_pp <= 1.0, drop_pp
+    assert np.abs(fp32 - int8).mean() <= 0.02 * (fp32.max() - fp32.min())
+
+
+def test_manifest_carries_the_measured_report(assets):
+    m = open_bundle(assets.v2, [load_public_key(assets.pub)]).manifest
+    q = m.quality
+    for key in ("accuracy_fp32", "accuracy_int8", "top1_agreement", "max_abs_err", "latency_p50_ms_fp32",
+                "latency_p50_ms_int8", "fp32_bytes", "int8_bytes"):
+        assert key in q, key
+    assert q["int8_bytes"] < q["fp32_bytes"]
+    assert q["accuracy_fp32"] == pytest.approx(assets.accuracy_v2, abs=1e-4)  # measured on the same held-out split
+    assert m.selftest.atol > 0 and m.selftest.min_top1_agreement == 1.0
+
+
+def _convert(*args):
+    return subprocess.run([sys.executable, "-m", "agent.cli", "convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_a_readable_report(assets, tmp_path):
+    out = tmp_path / "digits.ewb"
+    r = _convert(assets.fp32_v1, "--calibration", assets.calib, "--eval", assets.eval, "-o", out,
+                 "--key", assets.key, "--name", "digits", "--version", "7", "--per-tensor")
+    assert r.returncode == 0, r.stderr
+    assert "digits v7" in r.stdout and "signed" in r.stdout and "top-1 accuracy" in r.stdout
+    assert "latency p50" in r.stdout and "INT8 vs FP32" in r.stdout
+    assert open_bundle(out, [load_public_key(assets.pub)]).manifest.quality["calibration"].startswith("minmax, per-tensor")
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("not_a_model", "is not a valid ONNX model"),
+    ("missing_model", "no such file"),
+    ("wrong_shape", "has shape [40, 8, 8], the model takes Nx1x8x8"),
+    ("wrong_dtype", "is float64, the model takes float32"),
+    ("too_few", "has 5 samples, at least 16"),
+    ("nan", "NaN"),
+    ("bad_key", "cannot read signing key"),
+])
+def test_bad_input_gives_one_line_and_leaves_no_file(assets, tmp_path, case, fragment):
+    model, key = assets.fp32_v1, None
+    x = np.load(assets.calib)["input"]
+    calib = assets.calib
+    if case == "not_a_model":
+        model = tmp_path / "model.onnx"
+        model.write_bytes(b"this is a text file, not a protobuf" * 20)
+    elif case == "missing_model":
+        model = tmp_path / "nope.onnx"
+    elif case == "wrong_shape":
+        calib = _npz(tmp_path / "c.npz", input=x[:40, 0])
+    elif case == "wrong_dtype":
+        calib = _npz(tmp_path / "c.npz", input=x.astype(np.float64))
+    elif case == "too_few":
+        calib = _npz(tmp_path / "c.npz", input=x[:5])
+    elif case == "nan":
+        bad = x.copy()
+        bad[3, 0, 2, 2] = np.nan
+        calib = _npz(tmp_path / "c.npz", input=bad)
+    elif case == "bad_key":
+        key = tmp_path / "missing.key"
+    out = tmp_path / "out.ewb"
+    r = _convert(model, "--calibration", calib, "-o", out, *(["--key", key] if key else []))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeward convert: error:"), r.stderr
+    assert fragment in lines[0]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -1,0 +1,124 @@
+"""The store, the budget and the engine on a real onnxruntime model."""
+
+import os
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.engine import Engine
+from agent.errors import BudgetError, InferenceError, ModelNotFound, SelfTestError, VersionError
+from agent.signing import load_public_key
+from agent.store import Store
+
+from conftest import repack
+
+
+def _install(store, bundle, pub):
+    return store.install(open_bundle(bundle, [load_public_key(pub)]))
+
+
+def test_store_switches_current_atomically_and_refuses_rollback(assets, tmp_path):
+    store = Store(tmp_path, keep_versions=1)
+    _install(store, assets.v1, assets.pub)
+    store.set_current("digits", 1)
+    assert store.current("digits")[0] == 1 and store.names() == ["digits"]
+    _install(store, assets.v2, assets.pub)
+    assert store.current("digits")[0] == 1  # installed is not current until switched
+    store.set_current("digits", 2)
+    assert store.current("digits")[0] == 2
+    assert os.readlink(tmp_path / "models" / "digits" / "current") == "v2"
+    assert store.prune("digits") == [1]
+    with pytest.raises(VersionError, match="not newer"):
+        _install(store, assets.v1, assets.pub)
+
+
+def test_store_clears_leftovers_of_an_interrupted_install(assets, tmp_path):
+    store = Store(tmp_path)
+    _install(store, assets.v1, assets.pub)
+    store.set_current("digits", 1)
+    (tmp_path / "models" / "digits" / ".v2.half").mkdir()
+    (tmp_path / "models" / "digits" / ".current.123").symlink_to("v1")
+    store = Store(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "models" / "digits").iterdir()) == ["current", "v1"]
+    assert store.current("digits")[0] == 1
+
+
+@pytest.fixture
+def engine_with_v1(assets, tmp_path):
+    store = Store(tmp_path)
+    folder = _install(store, assets.v1, assets.pub)
+    engine = Engine(Budget(budget_mb=2048, reserve_mb=0))
+    model = engine.load(folder)
+    engine.activate(model)
+    yield engine, model
+    engine.close()
+
+
+def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, assets):
+    engine, model = engine_with_v1
+    x, y = assets.eval_inputs(64), assets.eval_labels(64)
+    _, out = engine.infer("digits", {"input": x})
+    assert out["logits"].shape == (64, 10)
+    assert (out["logits"].argmax(1) == y).mean() >= 0.85
+    snap = model.stats.snapshot(model.version)
+    assert snap.requests == 1 and snap.errors == 0 and snap.p50_ms > 0
+
+
+def test_self_test_passes_on_the_reference_data(engine_with_v1):
+    _, model = engine_with_v1
+    result = model.self_test()
+    assert result["top1_agreement"] == 1.0 and result["max_abs_err"] <= result["atol"]
+
+
+@pytest.mark.parametrize("feeds, fragment", [
+    ({"input": np.zeros((1, 1, 8, 8), np.float64)}, "dtype float64"),
+    ({"input": np.zeros((1, 8, 8), np.float32)}, "shape [1, 8, 8]"),
+    ({"input": np.zeros((1, 1, 9, 8), np.float32)}, "shape [1, 1, 9, 8]"),
+    ({"input": np.full((1, 1, 8, 8), np.nan, np.float32)}, "NaN"),
+    ({"a": np.zeros((1, 1, 8, 8), np.float32), "b": np.zeros(1, np.float32)}, "takes inputs"),
+])
+def test_bad_requests_fail_alone_and_are_counted(engine_with_v1, feeds, fragment):
+    engine, model = engine_with_v1
+    with pytest.raises(InferenceError) as err:
+        engine.infer("digits", feeds)
+    assert fragment in str(err.value)
+    assert model.stats.snapshot(1).errors == 1
+    _, out = engine.infer("digits", {"input": np.zeros((2, 1, 8, 8), np.float32)})  # still serving
+    assert out["logits"].shape == (2, 10)
+
+
+def test_unknown_model_names_the_ones_serving(engine_with_v1):
+    engine, _ = engine_with_v1
+    with pytest.raises(ModelNotFound, match="serving: digits"):
+        engine.infer("cats", {})
+
+
+def test_budget_refusal_says_by_how_much(assets, tmp_path):
+    store = Store(tmp_path)
+    folder = _install(store, assets.v1, assets.pub)
+    budget = Budget(budget_mb=1, reserve_mb=0)  # below any Python process
+    engine = Engine(budget)
+    with pytest.raises(BudgetError) as err:
+        engine.load(folder)
+    msg = str(err.value)
+    assert "needs" in msg and "short by" in msg and "raise memory.budget_mb" in msg
+    assert engine.models() == []
+
+
+def test_budget_counts_runtime_import_only_until_it_is_loaded(assets):
+    engine = Engine(Budget(4096))
+    m = open_bundle(assets.v1, [load_public_key(assets.pub)]).manifest
+    import onnxruntime  # noqa: F401  (as after a first model load)
+    assert engine.declared_cost(m) == pytest.approx(m.memory.load_mb)
+
+
+def test_self_test_catches_a_model_that_does_not_match_its_reference(assets, tmp_path):
+    def corrupt(arrays):
+        arrays["expected.logits"] = arrays["expected.logits"][::-1].copy()
+    bad = repack(assets.v1, tmp_path / "bad.ewb", assets.key, reference_edit=corrupt)
+    store = Store(tmp_path / "store")
+    model = Engine(Budget(2048)).load(_install(store, bad, assets.pub))
+    with pytest.raises(SelfTestError, match="failed its self-test"):
+        model.self_test()
