@@ -43,7 +43,11 @@ stamp=.venv/.edgeward-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing edgeward[device,host,dev] into .venv (first run takes a minute)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[device,host,dev]"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -e ".[device,host,dev]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    say "installing failed; the whole log is in $log"; exit 1
+  fi
   echo "$want" > "$stamp"
 fi
