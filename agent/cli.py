@@ -109,6 +109,13 @@ def cmd_agent(args) -> int:
                  "telemetry.interval_s": args.telemetry_interval, "log_level": args.log_level}
     if args.allow_unsigned:
         overrides["trust.allow_unsigned"] = True
+    if args.action == "status":
+        from .status import read_status, render_status
+
+        cfg = load_config(args.config, overrides, check_files=False)
+        status = read_status(cfg.store.path)
+        print(render_status(status, cfg.store.path))
+        return 0 if status and status.get("running") else 3
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level)
     from .daemon import Agent
@@ -263,8 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    a = sub.add_parser("agent", help="run the board daemon (a config file is optional)",
-                       description="Run the agent. Flags override the config file; without one, defaults apply.")
+    a = sub.add_parser("agent", help="run the board daemon, or show its local status",
+                       description="Run the agent (default), or `edgeward agent status` to show what the agent "
+                                   "on this board is doing. Flags override the config file; without one, defaults apply.")
+    a.add_argument("action", nargs="?", choices=["run", "status"], default="run",
+                   help="run the daemon (default) or print its local status (exit 3 when not running)")
     a.add_argument("--config", help="agent.yaml (see docs/ARCHITECTURE.md for every key)")
     a.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (mqtt.url)")
     a.add_argument("--device-id", help="this device's id in topics (device.id; default: the host name)")

@@ -131,8 +131,13 @@ def _check_semantics(cfg: AgentConfig) -> None:
         raise ConfigError("memory.budget_mb: must be positive")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> AgentConfig:
-    """Read YAML (optional), apply CLI overrides given as dotted keys, validate everything."""
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None,
+                check_files: bool = True) -> AgentConfig:
+    """Read YAML (optional), apply CLI overrides given as dotted keys, validate everything.
+
+    `check_files=False` skips the checks that only matter for running the daemon (key files
+    exist, a trusted key is configured), for read-only commands such as `agent status`.
+    """
     raw: dict = {}
     if path is not None:
         import yaml
@@ -163,7 +168,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         raise ConfigError(str(exc), f"fix it in {path}" if path else None) from exc
     if not cfg.device.id:
         cfg.device.id = socket.gethostname().split(".")[0] or "edgeward"
-    _check_semantics(cfg)
+    if check_files:
+        _check_semantics(cfg)
     return cfg
 
 

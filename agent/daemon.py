@@ -6,7 +6,8 @@ Threads and why:
 - an inference pool runs requests (runtimes release the GIL), with a bound on
   pending requests so a flood gets "busy" answers instead of growing memory;
 - one update thread takes chunks and installs bundles in order;
-- the main thread publishes telemetry and, under systemd, will feed the watchdog.
+- the main thread publishes telemetry and feeds systemd's watchdog, so a wedged
+  loop stops the pings and systemd restarts the service.
 
 Local work never depends on the broker: models load and `Agent.infer` serves
 before the first connection succeeds, and while the broker is away.
@@ -35,6 +36,8 @@ from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
 from .signing import load_public_key
+from .status import write_status
+from .systemd import Notifier
 from .store import Store
 from .transfer import Transfer
 from .updater import Trust, Updater
@@ -74,6 +77,9 @@ class Agent:
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # prime: the first reading is always 0
         self._client = None
+        self._subscribe_mid = -1
+        self.notifier = Notifier()
+        self.last_update: dict | None = None
         for stale in self.store.incoming.glob("*.part"):
             stale.unlink(missing_ok=True)
 
@@ -95,32 +101,52 @@ class Agent:
         client = make_client(f"edgeward-agent-{self.device}", self.cfg.mqtt, will=will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
         client.loop_start()
         self._client = client
+        self.write_status()
+        self.notifier.ready(self.summary())
         log.info("agent %s started: %d model(s) serving, budget %d MB, broker %s",
                  self.device, len(self.engine.models()), self.cfg.memory.budget_mb, self.cfg.mqtt.url)
 
     def run(self) -> None:
-        """The main loop: telemetry at its interval until stop() is called."""
+        """The main loop: telemetry and status at their interval, the watchdog fed, until stop()."""
         interval = self.cfg.telemetry.interval_s
         next_at = time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() >= next_at:
-                self.publish_telemetry()
+                self.tick()
                 next_at = time.monotonic() + interval
-            self._stop.wait(min(1.0, max(0.05, next_at - time.monotonic())))
+            self.notifier.feed_watchdog()
+            wait = next_at - time.monotonic()
+            if self.notifier.watchdog_interval_s:
+                wait = min(wait, self.notifier.watchdog_interval_s / 2)
+            self._stop.wait(min(1.0, max(0.05, wait)))
+
+    def tick(self) -> None:
+        """Periodic work: telemetry to the broker, the local status file, systemd's STATUS line."""
+        self.publish_telemetry()
+        self.write_status()
+        self.notifier.status(self.summary())
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def stop(self) -> None:
-        """Finish in-flight work, publish the offline state, disconnect, release the models."""
+        """Drain gracefully: take no new work, finish what is in flight, publish the offline state.
+
+        Requests already accepted complete and get their answers; an install in progress
+        finishes (queued chunks and deploys are dropped: the fleet can resume them).
+        """
         self._stop.set()
+        self.notifier.stopping("draining: finishing in-flight requests")
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.unsubscribe(protocol.device_subscriptions(self.device))
         self._infer_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True, cancel_futures=True)
-        client = self._client
         if client is not None:
             if self.connected.is_set():
                 info = client.publish(protocol.state_topic(self.device),
@@ -131,6 +157,7 @@ class Agent:
                     pass
             client.disconnect()
             client.loop_stop()
+        self.write_status(running=False)
         self.engine.close()
         log.info("agent %s stopped", self.device)
 
@@ -171,6 +198,30 @@ class Agent:
     def publish_telemetry(self) -> None:
         self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()))
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: what serves, the broker link, memory."""
+        models = ", ".join(f"{m.name} v{m.version}" for m in self.engine.models()) or "no model"
+        link = "broker connected" if self.connected.is_set() else "broker not connected"
+        return f"serving {models}; {link}; RSS {self.budget.rss_mb():.0f}/{self.cfg.memory.budget_mb} MB"
+
+    def write_status(self, running: bool = True) -> None:
+        """The local status file read by `edgeward agent status`."""
+        stats = {m.name: m.stats.snapshot(m.version) for m in self.engine.models()}
+        status = {
+            "device": self.device, "pid": os.getpid(), "running": running, "ts": time.time(),
+            "started": self.started, "agent_version": __version__,
+            "broker": {"url": self.cfg.mqtt.url, "connected": self.connected.is_set()},
+            "memory": {"rss_mb": round(self.budget.rss_mb(), 1), "budget_mb": self.cfg.memory.budget_mb,
+                       "available_mb": round(self.budget.available_mb(), 1)},
+            "models": [{**to_dict(m.info()), "requests": stats[m.name].requests, "errors": stats[m.name].errors,
+                        "p50_ms": stats[m.name].p50_ms} for m in self.engine.models()],
+            "last_update": self.last_update,
+        }
+        try:
+            write_status(self.store.root, status)
+        except OSError as exc:
+            log.warning("cannot write the status file: %s", exc)
+
     def emit(self, kind: str, message: str, level: str = "info", model: str | None = None,
              version: int | None = None, data: dict | None = None) -> None:
         """An event: logged on the board and published (QoS 1) for the fleet."""
@@ -185,8 +236,17 @@ class Agent:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
+        _, self._subscribe_mid = client.subscribe([(t, 1) for t in protocol.device_subscriptions(self.device)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """Only once the broker has acknowledged our subscriptions do we announce ourselves:
+        a fleet that sees the birth message can send commands and they will arrive."""
+        if mid != self._subscribe_mid:
+            return
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker refused our subscriptions (%s): check the ACL for device %s", ", ".join(failed), self.device)
         self.connected.set()
-        client.subscribe([(t, 1) for t in protocol.device_subscriptions(self.device)])
         self.publish_state()
         log.info("connected to %s", self.cfg.mqtt.url)
 
@@ -309,18 +369,23 @@ class Agent:
             self.emit("deploy_received", f"bundle {transfer.sha256[:12]}… received and its sha256 verified",
                       data={"sha256": transfer.sha256})
             result = self.updater.install(path)
-        except EdgewardError as exc:
-            self.emit("deploy_failed", str(exc), level="error", data={"sha256": transfer.sha256, "code": exc.code})
-            self._reply(target, protocol.error_reply(exc))
-            return
         except Exception as exc:
-            log.exception("deploy failed unexpectedly")
-            self.emit("deploy_failed", f"internal error: {exc!r}", level="error", data={"sha256": transfer.sha256})
+            if not isinstance(exc, EdgewardError):
+                log.exception("deploy failed unexpectedly")
+            self.emit("deploy_failed", str(exc) if isinstance(exc, EdgewardError) else f"internal error: {exc!r}",
+                      level="error", data={"sha256": transfer.sha256, "code": getattr(exc, "code", "internal")})
+            self.last_update = {"ts": time.time(), "ok": False, "error": str(exc), "sha256": transfer.sha256,
+                                "model": None, "version": None}
+            self.write_status()
             self._reply(target, protocol.error_reply(exc))
             return
         finally:
             transfer.discard()
+        self.last_update = {"ts": time.time(), "ok": True, "model": result["name"], "version": result["version"],
+                            "sha256": transfer.sha256, "error": None}
         self.publish_state()
+        self.write_status()
+        self.notifier.status(self.summary())
         self._reply(target, Reply(status="ok", data=result))
 
     # ------------------------------------------------------------ inference over MQTT
