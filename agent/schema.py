@@ -70,6 +70,8 @@ def _check_rules(value: Any, meta: dict, path: str) -> None:
 
 
 def _coerce(tp: Any, value: Any, path: str, meta: dict) -> Any:
+    if tp is Any:  # free-form JSON: anything, null included
+        return value
     optional, inner = _is_optional(tp)
     if value is None:
         if optional:
@@ -77,8 +79,6 @@ def _coerce(tp: Any, value: Any, path: str, meta: dict) -> Any:
         raise SchemaError(f"{path}: expected {_describe(inner)}, got null")
     tp = inner
     origin = get_origin(tp)
-    if tp is Any:
-        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is Literal:

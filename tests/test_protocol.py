@@ -88,6 +88,12 @@ def test_hostile_frames_are_protocol_errors_not_crashes(frame, fragment):
     assert fragment in str(err.value)
 
 
+def test_free_form_data_may_hold_nulls():
+    """A first deploy has no previous version: {"previous_version": null} must decode."""
+    reply = protocol.Reply(status="ok", data={"name": "digits", "version": 1, "previous_version": None})
+    assert protocol.decode(protocol.Reply, protocol.encode(reply)).data["previous_version"] is None
+
+
 def test_reply_carries_the_errors_code_and_text():
     reply = protocol.error_reply(ProtocolError("bad thing", "do the other thing"))
     data = json.loads(protocol.encode(reply))
