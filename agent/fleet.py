@@ -140,7 +140,8 @@ class Fleet:
         self._listeners.append(on_state)
         try:
             self.subscribe(pattern)
-            start = time.monotonic()
+            # retained states follow the SUBACK: the quiet period starts now, not before subscribing
+            start = last[0] = time.monotonic()
             while time.monotonic() - last[0] < quiet_s and time.monotonic() - start < max_wait_s:
                 time.sleep(0.05)
         finally:

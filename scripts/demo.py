@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.devbroker import LocalBroker  # noqa: E402
+from agent.polling import wait_until  # noqa: E402
 from converters import zoo  # noqa: E402
 
 EDGEWARD = str(Path(sys.executable).parent / "edgeward")
@@ -46,16 +47,6 @@ def edgeward(*args: str, check: bool = True, quiet: bool = False) -> subprocess.
         print(r.stderr.rstrip(), file=sys.stderr)
         raise SystemExit(f"demo: `edgeward {shown}` failed with exit code {r.returncode}")
     return r
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise SystemExit(f"demo: timed out waiting for {what}")
 
 
 def fleet_state(broker: str) -> list[dict]:
@@ -99,7 +90,8 @@ def main() -> int:
         print("$ " + " ".join(shlex.quote(a if a != EDGEWARD else "edgeward") for a in agent_cmd) + " &")
         agent_log = open(work / "agent.log", "w")
         agent = subprocess.Popen(agent_cmd, stdout=agent_log, stderr=subprocess.STDOUT)
-        wait_until(lambda: any(d["online"] and d["models"] for d in fleet_state(broker.url)), 30, "the agent's birth message")
+        wait_until(lambda: any(d["online"] and d["models"] for d in fleet_state(broker.url)), 30,
+                   "the agent's birth message", interval=0.3)
         edgeward("fleet", "ls", "--broker", broker.url)
 
         step(5, total, "Ask the board for an inference over MQTT (binary tensors, MQTT v5 request/response)")
@@ -163,4 +155,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TimeoutError as exc:
+        sys.exit(f"demo: {exc}")

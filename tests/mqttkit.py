@@ -17,16 +17,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.link import request_properties
+from agent.polling import wait_until
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return wait_until(predicate, timeout, what, interval)
 
 
 class RunningAgent:

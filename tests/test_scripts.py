@@ -1,0 +1,40 @@
+"""The shell scripts users run: they parse, teach with --help, and say clearly what they need."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("scripts/board/*.sh"), ROOT / ".ci" / "run"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_script_parses(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _as_nobody(*cmd):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop to an unprivileged user")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+
+
+@pytest.mark.parametrize("script", ["board-image.sh", "arm64-smoke.sh", "install-board.sh"])
+def test_root_only_scripts_say_so_and_change_nothing(script, tmp_path):
+    r = _as_nobody("bash", str(ROOT / "scripts" / script))
+    assert r.returncode != 0
+    assert "run as root" in r.stderr, r.stderr
+    assert r.stderr.count("\n") <= 2  # one clear line, not a traceback
+
+
+def test_install_board_help_teaches_every_flag():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "install-board.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--device-id", "--broker", "--trust-key", "--budget-mb", "--root", "--uninstall", "--purge",
+                 "--reconfigure", "--no-start", "--source"):
+        assert flag in r.stdout, flag
