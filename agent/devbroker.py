@@ -46,10 +46,13 @@ class LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         log = self.workdir / "mosquitto.log"
+        # log to stderr, captured in a file we own: run as root, mosquitto drops to its own user
+        # and could not open a log file in our folder
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"log_dest file {log}\n{self.extra_conf}\n")
-        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                        f"log_dest stderr\n{self.extra_conf}\n")
+        with open(log, "ab") as log_file:
+            self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                         stderr=log_file, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

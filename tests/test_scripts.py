@@ -24,7 +24,7 @@ def _as_nobody(*cmd):
                           capture_output=True, text=True, timeout=60, cwd="/")
 
 
-@pytest.mark.parametrize("script", ["board-image.sh", "arm64-smoke.sh", "install-board.sh"])
+@pytest.mark.parametrize("script", ["board-image.sh", "board-test.sh", "arm64-smoke.sh", "install-board.sh"])
 def test_root_only_scripts_say_so_and_change_nothing(script, tmp_path):
     r = _as_nobody("bash", str(ROOT / "scripts" / script))
     assert r.returncode != 0
