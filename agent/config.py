@@ -82,6 +82,8 @@ class TrustConfig:
 @dataclass
 class TelemetryConfig:
     interval_s: float = field(default=10.0, metadata=rule(min=0.2, max=86400))
+    # telemetry and events kept on disk while the broker is unreachable; oldest telemetry dropped first
+    spool_mb: int = field(default=16, metadata=rule(min=1, max=4096))
 
 
 @dataclass

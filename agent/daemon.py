@@ -10,7 +10,9 @@ Threads and why:
   loop stops the pings and systemd restarts the service.
 
 Local work never depends on the broker: models load and `Agent.infer` serves
-before the first connection succeeds, and while the broker is away.
+before the first connection succeeds, and while the broker is away. Telemetry and
+events produced meanwhile wait in the on-disk spool and are delivered, in order,
+after the next connection (a drain thread; a graceful stop flushes it too).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
 from .signing import load_public_key
+from .spool import Spool
 from .status import write_status
 from .systemd import Notifier
 from .store import Store
@@ -78,6 +81,10 @@ class Agent:
         self._proc.cpu_percent(None)  # prime: the first reading is always 0
         self._client = None
         self._subscribe_mid = -1
+        self.spool = Spool(self.store.root / "spool.sqlite", cfg.telemetry.spool_mb * MB)
+        self._spool_reported_drops = 0
+        self._drain_wanted = threading.Event()
+        self._drainer = threading.Thread(target=self._drain_loop, name="spool-drain", daemon=True)
         self.notifier = Notifier()
         self.last_update: dict | None = None
         for stale in self.store.incoming.glob("*.part"):
@@ -106,6 +113,7 @@ class Agent:
         client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
         client.loop_start()
         self._client = client
+        self._drainer.start()
         self.write_status()
         self.notifier.ready(self.summary())
         log.info("agent %s started: %d model(s) serving, budget %d MB, broker %s",
@@ -147,8 +155,11 @@ class Agent:
             client.unsubscribe(protocol.device_subscriptions(self.device))
         self._infer_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True, cancel_futures=True)
+        if self._drainer.is_alive():
+            self._drainer.join(5)
         if client is not None:
             if self.connected.is_set():
+                self._drain_spool()
                 info = client.publish(protocol.state_topic(self.device),
                                       protocol.encode(self.state(online=False)), qos=1, retain=True)
                 try:
@@ -158,6 +169,7 @@ class Agent:
             client.disconnect()
             client.loop_stop()
         self.write_status(running=False)
+        self.spool.close()
         self.engine.close()
         log.info("agent %s stopped", self.device)
 
@@ -181,22 +193,74 @@ class Agent:
         )
 
     def telemetry(self) -> Telemetry:
+        spool = self.spool.stats()
         return Telemetry(
             device=self.device, uptime_s=round(time.time() - self.started, 1),
             rss_mb=round(self.budget.rss_mb(), 1), cpu_percent=self._proc.cpu_percent(None),
             available_mb=round(self.budget.available_mb(), 1), budget_mb=self.cfg.memory.budget_mb,
             models={m.name: m.stats.snapshot(m.version) for m in self.engine.models()},
+            spool_queued=spool.queued, spool_dropped=spool.dropped_telemetry + spool.dropped_events,
         )
 
-    def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        if self._client is not None and self.connected.is_set():
-            self._client.publish(topic, payload, qos=qos, retain=retain)
+    def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+                 spool_kind: str | None = None) -> None:
+        """Publish now if we can. Telemetry and events (`spool_kind`) that cannot go now, or would
+        overtake older spooled ones, go to the spool instead of being lost."""
+        client = self._client
+        if spool_kind is not None and (not self.connected.is_set() or len(self.spool)):
+            self.spool.append(spool_kind, topic, payload)
+            self._drain_wanted.set()
+            return
+        if client is None or not self.connected.is_set():
+            return
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if spool_kind is not None and info.rc != 0:  # the link dropped under us
+            self.spool.append(spool_kind, topic, payload)
+
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_wanted.wait(1.0)
+            self._drain_wanted.clear()
+            if self.connected.is_set() and not self._stop.is_set():
+                try:
+                    self._drain_spool()
+                except Exception:
+                    log.exception("delivering the spool failed; it will be retried")
+
+    def _drain_spool(self, batch: int = 64, timeout: float = 10.0) -> None:
+        """Deliver spooled messages oldest first, QoS 1; forget each only once the broker acknowledged it."""
+        client = self._client
+        while client is not None and self.connected.is_set():
+            rows = self.spool.peek(batch)
+            if not rows:
+                break
+            sent = [(row_id, client.publish(topic, payload, qos=1)) for row_id, topic, payload, _ in rows]
+            acked = []
+            for row_id, info in sent:
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    break
+                if not info.is_published():
+                    break
+                acked.append(row_id)
+            self.spool.remove(acked)
+            if len(acked) < len(rows):
+                return
+        stats = self.spool.stats()
+        dropped = stats.dropped_telemetry + stats.dropped_events
+        if dropped > self._spool_reported_drops:
+            self._spool_reported_drops = dropped
+            self.emit("spool_dropped", f"the spool was full while offline: {stats.dropped_telemetry} telemetry and "
+                      f"{stats.dropped_events} event messages were dropped in all (raise telemetry.spool_mb to keep more)",
+                      level="warning", data={"dropped_telemetry": stats.dropped_telemetry,
+                                             "dropped_events": stats.dropped_events})
 
     def publish_state(self) -> None:
         self._publish(protocol.state_topic(self.device), protocol.encode(self.state()), qos=1, retain=True)
 
     def publish_telemetry(self) -> None:
-        self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()))
+        self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()), spool_kind="telemetry")
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: what serves, the broker link, memory."""
@@ -228,7 +292,7 @@ class Agent:
         log.log(logging.getLevelName(level.upper()), "%s: %s", kind, message)
         event = Event(device=self.device, kind=kind, message=message, level=level, model=model,
                       version=version, data=data or {})
-        self._publish(protocol.events_topic(self.device), protocol.encode(event), qos=1)
+        self._publish(protocol.events_topic(self.device), protocol.encode(event), qos=1, spool_kind="event")
 
     # ------------------------------------------------------------ MQTT callbacks (paho's thread)
 
@@ -248,6 +312,7 @@ class Agent:
             log.error("broker refused our subscriptions (%s): check the ACL for device %s", ", ".join(failed), self.device)
         self.connected.set()
         self.publish_state()
+        self._drain_wanted.set()
         log.info("connected to %s", self.cfg.mqtt.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

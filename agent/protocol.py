@@ -148,6 +148,8 @@ class Telemetry:
     available_mb: float = 0.0
     budget_mb: int = 0
     models: dict[str, ModelStats] = field(default_factory=dict)
+    spool_queued: int = 0            # messages waiting on disk for the broker
+    spool_dropped: int = 0           # dropped since the spool was created, because it was full
 
 
 @dataclass

@@ -24,9 +24,23 @@ def _as_nobody(*cmd):
                           capture_output=True, text=True, timeout=60, cwd="/")
 
 
+@pytest.fixture
+def readable_scripts():
+    """A copy of scripts/ that an unprivileged user can read, wherever this checkout lives."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="edgeward-scripts-"))
+    os.chmod(top, 0o755)
+    shutil.copytree(ROOT / "scripts", top / "scripts")
+    for p in [top / "scripts", *top.joinpath("scripts").rglob("*")]:
+        os.chmod(p, 0o755)
+    yield top / "scripts"
+    shutil.rmtree(top)
+
+
 @pytest.mark.parametrize("script", ["board-image.sh", "board-test.sh", "arm64-smoke.sh", "install-board.sh"])
-def test_root_only_scripts_say_so_and_change_nothing(script, tmp_path):
-    r = _as_nobody("bash", str(ROOT / "scripts" / script))
+def test_root_only_scripts_say_so_and_change_nothing(script, readable_scripts):
+    r = _as_nobody("bash", str(readable_scripts / script))
     assert r.returncode != 0
     assert "run as root" in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2  # one clear line, not a traceback
