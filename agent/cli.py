@@ -35,7 +35,9 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
                    help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGEWARD_BROKER; default %(default)s)")
     g.add_argument("--username", default=os.environ.get("EDGEWARD_USERNAME"), help="broker user name")
     g.add_argument("--password-file", help="file holding the broker password")
-    g.add_argument("--ca-file", help="CA certificate to verify the broker's TLS certificate")
+    g.add_argument("--ca-file", help="CA certificate to verify the broker's TLS certificate (mqtts://)")
+    g.add_argument("--cert-file", help="client certificate, for brokers that require one")
+    g.add_argument("--key-file", help="the client certificate's private key")
 
 
 def _mqtt_config(args):
@@ -43,7 +45,7 @@ def _mqtt_config(args):
     from .schema import SchemaError, validate
 
     cfg = MqttConfig(url=args.broker, username=args.username, password_file=args.password_file,
-                     tls=TlsConfig(ca_file=args.ca_file))
+                     tls=TlsConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file))
     try:
         validate(cfg, "broker")
     except SchemaError as exc:
@@ -179,6 +181,17 @@ def cmd_fleet_deploy(args) -> int:
     return 0
 
 
+def cmd_fleet_rollback(args) -> int:
+    from .fleet import Fleet
+
+    with Fleet(_mqtt_config(args)) as fleet:
+        d = fleet.rollback(args.device, args.model, args.version, timeout=args.timeout).data
+    st = d.get("self_test", {})
+    print(f"{args.device}: {d['name']} v{d['version']} is serving again (was v{d['previous_version']}); "
+          f"self-test passed (top-1 agreement {st.get('top1_agreement')})")
+    return 0
+
+
 def cmd_fleet_watch(args) -> int:
     from .fleet import Fleet
 
@@ -301,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device (default %(default)s)")
     _add_broker_args(d)
     d.set_defaults(func=cmd_fleet_deploy)
+    rb = fsub.add_parser("rollback", help="serve an older installed version again (the previous one by default)")
+    rb.add_argument("--device", required=True)
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--version", type=int, help="which older installed version (default: the one before)")
+    rb.add_argument("--timeout", type=float, default=120.0)
+    _add_broker_args(rb)
+    rb.set_defaults(func=cmd_fleet_rollback)
     w = fsub.add_parser("watch", help="live state, telemetry and events")
     w.add_argument("--device", help="only this device")
     w.add_argument("--kind", action="append", choices=["state", "telemetry", "events"], help="only these (repeatable)")

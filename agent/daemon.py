@@ -377,6 +377,8 @@ class Agent:
             self._reply(target, Reply(status="ok", data=to_dict(self.state())))
         elif verb == "deploy":
             self._update_pool.submit(self._guard, self._start_deploy, request, target)
+        elif verb == "rollback":
+            self._update_pool.submit(self._guard, self._rollback, request, target)
 
     def _start_deploy(self, request: protocol.DeployRequest, target: ReplyTarget | None) -> None:
         ref = request.bundle
@@ -410,6 +412,22 @@ class Agent:
                                                            "missing": transfer.missing()}))
         if transfer.complete:
             self._finish_deploy(transfer, target)
+
+    def _rollback(self, request: protocol.RollbackRequest, target: ReplyTarget | None) -> None:
+        try:
+            result = self.updater.rollback(request.model, request.version)
+        except Exception as exc:
+            if not isinstance(exc, EdgewardError):
+                log.exception("rollback failed unexpectedly")
+            self.emit("rollback_failed", str(exc), level="error", model=request.model,
+                      data={"code": getattr(exc, "code", "internal")})
+            self._reply(target, protocol.error_reply(exc))
+            return
+        self.last_update = {"ts": time.time(), "ok": True, "model": result["name"], "version": result["version"],
+                            "sha256": None, "error": None}
+        self.publish_state()
+        self.write_status()
+        self._reply(target, Reply(status="ok", data=result))
 
     def _handle_chunk(self, sha256: str, payload: bytes) -> None:
         transfer = self._transfers.get(sha256)

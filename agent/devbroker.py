@@ -32,10 +32,15 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    def __init__(self, port: int | None = None, workdir: str | os.PathLike | None = None, extra_conf: str = ""):
+    def __init__(self, port: int | None = None, workdir: str | os.PathLike | None = None, extra_conf: str = "",
+                 listener_conf: str = "", anonymous: bool = True):
+        """`listener_conf` goes right after the listener line (TLS files, require_certificate);
+        `extra_conf` at the end (password_file, acl_file); `anonymous=False` requires a login."""
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeward-broker-"))
         self.extra_conf = extra_conf
+        self.listener_conf = listener_conf
+        self.anonymous = anonymous
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -48,7 +53,8 @@ class LocalBroker:
         log = self.workdir / "mosquitto.log"
         # log to stderr, captured in a file we own: run as root, mosquitto drops to its own user
         # and could not open a log file in our folder
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        conf.write_text(f"listener {self.port} 127.0.0.1\n{self.listener_conf}\n"
+                        f"allow_anonymous {'true' if self.anonymous else 'false'}\npersistence false\n"
                         f"log_dest stderr\n{self.extra_conf}\n")
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,

@@ -149,6 +149,13 @@ class Fleet:
             self._client.unsubscribe(pattern)
         return sorted(found.values(), key=lambda s: s.device)
 
+    def rollback(self, device: str, model: str, version: int | None = None, timeout: float = 120.0) -> Reply:
+        """Make a device serve an older installed version again; raises FleetError on refusal."""
+        reply = self.command(device, "rollback", protocol.RollbackRequest(model=model, version=version), timeout)
+        if reply.status == "error":
+            raise FleetError(f"{device} did not roll {model} back: {reply.error}")
+        return reply
+
     def ping(self, device: str, timeout: float = 5.0) -> Reply:
         return self.command(device, "ping", protocol.PingRequest(), timeout)
 

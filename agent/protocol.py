@@ -33,7 +33,6 @@ VERSION = 1
 PREFIX = f"edgeward/v{VERSION}"
 SHA256_PATTERN = r"[0-9a-f]{64}"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-VERBS = ("deploy", "ping")
 
 
 # ---------------------------------------------------------------- topics
@@ -188,7 +187,18 @@ class PingRequest:
     corr: Optional[str] = None
 
 
-COMMANDS: dict[str, type] = {"deploy": DeployRequest, "ping": PingRequest}
+@dataclass
+class RollbackRequest:
+    """Go back to an installed older version (the previous one unless `version` names one).
+    The one way past anti-rollback, and only to versions still kept in the device's store."""
+    model: str = field(metadata=rule(pattern=NAME_PATTERN))
+    version: Optional[int] = field(default=None, metadata=rule(min=1))
+    v: int = VERSION
+    reply_to: Optional[str] = None
+    corr: Optional[str] = None
+
+
+COMMANDS: dict[str, type] = {"deploy": DeployRequest, "ping": PingRequest, "rollback": RollbackRequest}
 
 
 @dataclass

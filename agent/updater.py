@@ -14,7 +14,7 @@ from typing import Callable
 
 from .bundle import open_bundle
 from .engine import Engine, LoadedModel
-from .errors import EdgewardError
+from .errors import EdgewardError, ModelNotFound, VersionError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,32 @@ class Updater:
                   model=model.name, version=model.version,
                   data={"previous_version": old.version if old else None, "pruned_versions": removed})
         return old.version if old else None
+
+    def rollback(self, name: str, version: int | None = None) -> dict:
+        """Serve an older installed version again: shadow-load, self-test, switch (anti-rollback is bypassed
+        on purpose: this is the explicit way back). The newer version stays in the store."""
+        cur = self.store.current(name)
+        if cur is None:
+            raise ModelNotFound(f"no model named {name!r} is installed")
+        older = [v for v in self.store.versions(name) if v < cur[0]]
+        if version is None:
+            if not older:
+                raise VersionError(f"{name} v{cur[0]} has no older version in the store to go back to",
+                                   "deploy the version you want (the store keeps store.keep_versions versions)")
+            version = older[-1]
+        elif version not in older:
+            raise VersionError(f"{name} v{version} is not an older installed version (installed: "
+                               f"{', '.join(map(str, self.store.versions(name)))}; serving v{cur[0]})")
+        self.emit("rollback_started", f"{name}: going back from v{cur[0]} to v{version}", model=name, version=version)
+        model = self.engine.load(self.store.version_dir(name, version))
+        try:
+            selftest = model.self_test()
+        except BaseException:
+            model.close()
+            raise
+        previous = self.activate(model)
+        return {"name": name, "version": version, "previous_version": previous,
+                "cost_mb": round(model.cost_mb, 1), "self_test": selftest}
 
     def load_current(self) -> list[LoadedModel]:
         """At start: load and self-test what the store says is current; report what fails, go on."""

@@ -88,6 +88,24 @@ def test_deploy_switches_to_the_new_version_and_reports_each_step(running, fleet
     assert running.agent.store.current("digits")[0] == 2
 
 
+def test_rollback_returns_to_the_previous_version_and_deploy_moves_forward_again(running, fleet, assets):
+    fleet.deploy(assets.v2, DEVICE, chunk_size=8192)
+    reply = fleet.rollback(DEVICE, "digits")
+    assert (reply.data["version"], reply.data["previous_version"]) == (1, 2)
+    assert reply.data["self_test"]["top1_agreement"] == 1.0
+    assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})["version"] == 1
+    assert [(m.name, m.version) for m in fleet.devices()[0].models] == [("digits", 1)]
+    assert running.agent.store.current("digits")[0] == 1 and running.agent.store.versions("digits") == [1, 2]
+    with pytest.raises(FleetError, match="no older version"):
+        fleet.rollback(DEVICE, "digits")
+    with pytest.raises(FleetError, match="no model named 'cats'"):
+        fleet.rollback(DEVICE, "cats")
+    fleet.deploy(assets.v2, DEVICE, chunk_size=8192)  # v2 again: newer than the serving v1
+    assert fleet.infer(DEVICE, "digits", {"input": assets.eval_inputs(1)})["version"] == 2
+    with pytest.raises(FleetError, match="not an older installed version"):
+        fleet.rollback(DEVICE, "digits", version=7)
+
+
 def _over_budget(m):
     m.memory.load_mb = 100_000.0
 
