@@ -1,7 +1,7 @@
 """Binary frames: a small JSON header followed by raw bytes (tensors or file chunks).
 
 Tensors never travel as JSON lists: a 224x224x3 float image is 600 kB raw and
-several MB as JSON text. A frame is::
+several MB as JSON text. A frame is:
 
     b"EWF1" | uint32 big-endian header length | header (UTF-8 JSON) | body
 
