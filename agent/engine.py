@@ -2,8 +2,10 @@
 
 A model is loaded into a *shadow* LoadedModel first (admitted by the budget, its
 real RSS cost measured), self-tested on the bundle's reference I/O, and only then
-swapped in under the name callers use. Requests in flight on the old model finish
-on it; the old one is closed after the swap.
+swapped in under the name callers use. No request fails because of a swap: each
+request holds its model while it runs, closing a replaced model waits for the
+requests still on it, and a request that picked up a model just as it was retired
+simply takes the new one.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class LoadedModel:
         self.cost_mb = cost_mb
         self.stats = Stats()
         self._specs = {s.name: s for s in manifest.inputs}
+        self._inflight = 0
+        self._retired = False
+        self._cv = threading.Condition()
 
     @property
     def name(self) -> str:
@@ -141,7 +146,27 @@ class LoadedModel:
                 "the model does not behave on this device as it did on the host; check the runtime version")
         return result
 
-    def close(self) -> None:
+    def acquire(self) -> bool:
+        """Hold the model for one request; False once it is retired (the caller takes the new one)."""
+        with self._cv:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._cv.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Retire the model: no new requests, wait for those running on it, then free the runtime."""
+        with self._cv:
+            self._retired = True
+            if not self._cv.wait_for(lambda: self._inflight == 0, timeout):
+                log.warning("%s v%s: %d request(s) still running after %.0f s; closing anyway",
+                            self.name, self.version, self._inflight, timeout)
         self.runtime.close()
 
 
@@ -191,8 +216,14 @@ class Engine:
         return model
 
     def infer(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        model = self.get(name)
-        return model, model.run(feeds)
+        for _ in range(3):  # a swap can retire the model between get() and acquire(): take the new one
+            model = self.get(name)
+            if model.acquire():
+                try:
+                    return model, model.run(feeds)
+                finally:
+                    model.release()
+        raise InferenceError(f"model {name!r} is being replaced; retry")
 
     def models(self) -> list[LoadedModel]:
         with self._lock:

@@ -66,6 +66,51 @@ def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, asset
     assert snap.requests == 1 and snap.errors == 0 and snap.p50_ms > 0
 
 
+def test_no_request_fails_while_models_are_swapped_under_load(assets, tmp_path, monkeypatch):
+    """Four threads infer without pause while the model is replaced 30 times: not one error.
+    Each runtime call takes 2 ms (real models take longer), so swaps land mid-request."""
+    import threading
+    import time as _time
+
+    from agent.runtimes import onnx as onnx_backend
+
+    real_run = onnx_backend.OnnxRuntime.run
+
+    def slow_run(self, feeds):
+        _time.sleep(0.002)
+        return real_run(self, feeds)
+
+    monkeypatch.setattr(onnx_backend.OnnxRuntime, "run", slow_run)
+    store = Store(tmp_path)
+    folders = [_install(store, b, assets.pub) for b in (assets.v1, assets.v2)]
+    engine = Engine(Budget(4096, reserve_mb=0))
+    engine.activate(engine.load(folders[0]))
+    x = assets.eval_inputs(4)
+    stop, errors, served = threading.Event(), [], {1: 0, 2: 0}
+
+    def client():
+        while not stop.is_set():
+            try:
+                model, out = engine.infer("digits", {"input": x})
+                assert out["logits"].shape == (4, 10)
+                served[model.version] += 1
+            except Exception as exc:  # any failure is what this test exists to catch
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(30):
+        old = engine.activate(engine.load(folders[(i + 1) % 2]))
+        old.close()
+    stop.set()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert errors == []
+    assert served[1] > 0 and served[2] > 0
+
+
 def test_self_test_passes_on_the_reference_data(engine_with_v1):
     _, model = engine_with_v1
     result = model.self_test()
