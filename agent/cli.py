@@ -219,8 +219,9 @@ def _watch_line(device: str, kind: str, msg: dict) -> str:
     if kind == "telemetry":
         models = "; ".join(f"{n} v{s.get('version')}: {s.get('requests')} req, {s.get('errors')} err, "
                            f"p50 {s.get('p50_ms')} ms" for n, s in msg.get("models", {}).items())
+        temp = f", {msg['temperature_c']} °C" if msg.get("temperature_c") is not None else ""
         return (f"{t} {device:<16} telemetry  rss {msg.get('rss_mb')} MB / {msg.get('budget_mb')} MB, "
-                f"cpu {msg.get('cpu_percent')}%  {models}")
+                f"cpu {msg.get('cpu_percent')}%, load {msg.get('load_1m')}{temp}  {models}")
     if kind == "state":
         models = ", ".join(f"{m['name']} v{m['version']}" for m in msg.get("models", []))
         return f"{t} {device:<16} state      {'online' if msg.get('online') else 'OFFLINE'}  {models}"

@@ -60,6 +60,16 @@ def _board_model() -> str:
     return ""
 
 
+def _temperature_c() -> float | None:
+    """The hottest temperature sensor (SoC on a Pi, several zones on a Jetson), or None without sensors."""
+    try:
+        sensors = psutil.sensors_temperatures()
+    except (AttributeError, OSError):
+        return None
+    readings = [t.current for entries in sensors.values() for t in entries if t.current is not None]
+    return round(max(readings), 1) if readings else None
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
@@ -76,6 +86,8 @@ class Agent:
         self._infer_pool = ThreadPoolExecutor(cfg.inference.workers, thread_name_prefix="infer")
         self._update_pool = ThreadPoolExecutor(1, thread_name_prefix="update")
         self._pending = threading.BoundedSemaphore(cfg.inference.workers * PENDING_PER_WORKER)
+        self._pending_count = 0  # for telemetry; the semaphore is what bounds
+        self._pending_lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # prime: the first reading is always 0
@@ -198,7 +210,10 @@ class Agent:
             device=self.device, uptime_s=round(time.time() - self.started, 1),
             rss_mb=round(self.budget.rss_mb(), 1), cpu_percent=self._proc.cpu_percent(None),
             available_mb=round(self.budget.available_mb(), 1), budget_mb=self.cfg.memory.budget_mb,
-            models={m.name: m.stats.snapshot(m.version) for m in self.engine.models()},
+            load_1m=round(os.getloadavg()[0], 2), temperature_c=_temperature_c(),
+            disk_free_mb=round(shutil.disk_usage(self.store.root).free / MB, 1),
+            pending_requests=self._pending_count,
+            models={m.name: m.snapshot() for m in self.engine.models()},
             spool_queued=spool.queued, spool_dropped=spool.dropped_telemetry + spool.dropped_events,
         )
 
@@ -270,7 +285,7 @@ class Agent:
 
     def write_status(self, running: bool = True) -> None:
         """The local status file read by `edgeward agent status`."""
-        stats = {m.name: m.stats.snapshot(m.version) for m in self.engine.models()}
+        stats = {m.name: m.snapshot() for m in self.engine.models()}
         status = {
             "device": self.device, "pid": os.getpid(), "running": running, "ts": time.time(),
             "started": self.started, "agent_version": __version__,
@@ -479,10 +494,16 @@ class Agent:
             self._infer_reply(target, {"status": "error", "code": "busy",
                                        "error": "agent is busy: too many pending requests; retry later"})
             return
+        self._count_pending(+1)
         try:
             self._infer_pool.submit(self._run_infer, model, msg, target)
         except RuntimeError:  # pool shut down: the agent is stopping
+            self._count_pending(-1)
             self._pending.release()
+
+    def _count_pending(self, delta: int) -> None:
+        with self._pending_lock:
+            self._pending_count += delta
 
     def _run_infer(self, model_name: str, msg, target: ReplyTarget | None) -> None:
         try:
@@ -508,6 +529,7 @@ class Agent:
                                                 version=model.version, corr=target.corr_text)
                 publish_reply(self._client, target, payload)
         finally:
+            self._count_pending(-1)
             self._pending.release()
 
     def _infer_reply(self, target: ReplyTarget | None, header: dict) -> None:

@@ -37,21 +37,27 @@ class Stats:
         self.requests = 0
         self.errors = 0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._rows = 0
+        self._runs = 0
 
-    def record(self, latency_ms: float | None, ok: bool) -> None:
+    def record(self, latency_ms: float | None, ok: bool, rows: int = 0) -> None:
         with self._lock:
             self.requests += 1
             if ok:
                 self._latencies.append(latency_ms)
+                self._rows += rows
+                self._runs += 1
             else:
                 self.errors += 1
 
-    def snapshot(self, version: int) -> ModelStats:
+    def snapshot(self, version: int, inflight: int = 0) -> ModelStats:
         with self._lock:
-            lat = np.array(self._latencies) if self._latencies else None
-            p50 = round(float(np.percentile(lat, 50)), 3) if lat is not None else None
-            p95 = round(float(np.percentile(lat, 95)), 3) if lat is not None else None
-            return ModelStats(version=version, requests=self.requests, errors=self.errors, p50_ms=p50, p95_ms=p95)
+            p50 = p95 = p99 = None
+            if self._latencies:
+                p50, p95, p99 = (round(float(v), 3) for v in np.percentile(np.array(self._latencies), [50, 95, 99]))
+            return ModelStats(version=version, requests=self.requests, errors=self.errors, p50_ms=p50, p95_ms=p95,
+                              p99_ms=p99, mean_batch=round(self._rows / self._runs, 2) if self._runs else None,
+                              inflight=inflight)
 
 
 def _check_input(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
@@ -109,8 +115,12 @@ class LoadedModel:
         except InferenceError:
             self.stats.record(None, ok=False)
             raise
-        self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
+        first = next(iter(checked.values()))
+        self.stats.record((time.perf_counter() - t0) * 1000, ok=True, rows=first.shape[0] if first.ndim else 1)
         return out
+
+    def snapshot(self) -> ModelStats:
+        return self.stats.snapshot(self.version, inflight=self._inflight)
 
     def self_test(self) -> dict:
         """Re-run the reference inputs; the outputs must match those shipped in the bundle."""

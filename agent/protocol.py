@@ -165,6 +165,9 @@ class ModelStats:
     errors: int = 0
     p50_ms: Optional[float] = None
     p95_ms: Optional[float] = None
+    p99_ms: Optional[float] = None
+    mean_batch: Optional[float] = None   # rows per run call (grows with dynamic batching)
+    inflight: int = 0                    # requests running on this model right now
 
 
 @dataclass
@@ -177,6 +180,10 @@ class Telemetry:
     cpu_percent: float = 0.0
     available_mb: float = 0.0
     budget_mb: int = 0
+    load_1m: float = 0.0
+    temperature_c: Optional[float] = None  # the hottest sensor, where the board exposes one
+    disk_free_mb: float = 0.0              # on the model store's file system
+    pending_requests: int = 0              # accepted inference requests not yet answered
     models: dict[str, ModelStats] = field(default_factory=dict)
     spool_queued: int = 0            # messages waiting on disk for the broker
     spool_dropped: int = 0           # dropped since the spool was created, because it was full

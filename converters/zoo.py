@@ -15,6 +15,7 @@ import numpy as np
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+MLP_INPUT = "features"
 
 
 def digits_dataset(test_fraction: float = 0.3, seed: int = 0):
@@ -155,4 +156,48 @@ def write_digits_npz(folder: str | Path, n_calibration: int = 200) -> tuple[Path
     calib, evaluation = folder / "calib.npz", folder / "eval.npz"
     np.savez(calib, **{INPUT_NAME: x_tr[:n_calibration]})
     np.savez(evaluation, **{INPUT_NAME: x_te, "labels": y_te})
+    return calib, evaluation
+
+
+def build_wide_mlp(path: str | Path, hidden: int = 2240, seed: int = 0) -> Path:
+    """An FP32 MLP on the flattened digits (64 -> hidden -> hidden -> hidden -> 10), He-initialised.
+
+    Untrained on purpose: it exists to make bundles of a realistic size (hidden=2240 gives
+    ~10 MB of INT8 weights) for the deploy benchmark, where only size and behaviour matter.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [64, hidden, hidden, hidden, 10]
+    nodes, inits, prev = [], [], MLP_INPUT
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        w = (rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        out = OUTPUT_NAME if i == len(dims) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out if out == OUTPUT_NAME else f"{out}_pre"]))
+        if out != OUTPUT_NAME:
+            nodes.append(helper.make_node("Relu", [f"{out}_pre"], [out]))
+        prev = out
+    graph = helper.make_graph(nodes, "wide_mlp",
+                              [helper.make_tensor_value_info(MLP_INPUT, TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeward.zoo")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_flat_digits_npz(folder: str | Path, n_calibration: int = 200) -> tuple[Path, Path]:
+    """calib.npz / eval.npz for models that take the digits as flat 64-vectors."""
+    x_tr, _, x_te, y_te = digits_dataset()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = folder / "flat-calib.npz", folder / "flat-eval.npz"
+    np.savez(calib, **{MLP_INPUT: x_tr[:n_calibration].reshape(-1, 64)})
+    np.savez(evaluation, **{MLP_INPUT: x_te.reshape(-1, 64), "labels": y_te})
     return calib, evaluation

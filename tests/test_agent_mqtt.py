@@ -70,7 +70,10 @@ def test_telemetry_reports_memory_and_per_model_requests(running, fleet, raw, as
     assert msgs, "no telemetry within 1.5 s at a 0.5 s interval"
     t = protocol.decode(protocol.Telemetry, msgs[-1].payload)
     assert t.device == DEVICE and 10 < t.rss_mb < 2048 and t.budget_mb == 2048
-    assert t.models["digits"].requests >= 1 and t.models["digits"].version == 1
+    assert t.load_1m >= 0 and t.disk_free_mb > 0 and t.pending_requests == 0
+    m = t.models["digits"]
+    assert m.requests >= 1 and m.version == 1 and m.inflight == 0
+    assert m.p50_ms <= m.p95_ms <= m.p99_ms and m.mean_batch == 1.0
 
 
 def test_deploy_switches_to_the_new_version_and_reports_each_step(running, fleet, raw, assets):

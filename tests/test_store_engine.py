@@ -62,8 +62,9 @@ def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, asset
     _, out = engine.infer("digits", {"input": x})
     assert out["logits"].shape == (64, 10)
     assert (out["logits"].argmax(1) == y).mean() >= 0.85
-    snap = model.stats.snapshot(model.version)
-    assert snap.requests == 1 and snap.errors == 0 and snap.p50_ms > 0
+    snap = model.snapshot()
+    assert snap.requests == 1 and snap.errors == 0 and snap.p50_ms > 0 and snap.p99_ms >= snap.p50_ms
+    assert snap.mean_batch == 64.0 and snap.inflight == 0
 
 
 def test_no_request_fails_while_models_are_swapped_under_load(assets, tmp_path, monkeypatch):
