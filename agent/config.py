@@ -87,6 +87,13 @@ class TelemetryConfig:
 
 
 @dataclass
+class HomeAssistantConfig:
+    """Opt-in MQTT discovery: the board, its sensors and its models' versions appear in Home Assistant."""
+    enabled: bool = False
+    prefix: str = field(default="homeassistant", metadata=rule(pattern=r"[A-Za-z0-9_/-]{1,64}"))
+
+
+@dataclass
 class InferenceConfig:
     threads: int = field(default=1, metadata=rule(min=1, max=64))
     workers: int = field(default=2, metadata=rule(min=1, max=64))
@@ -101,6 +108,7 @@ class AgentConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     log_level: str = field(default="info", metadata=rule(choices=("debug", "info", "warning", "error")))
 
     @property

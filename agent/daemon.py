@@ -93,6 +93,7 @@ class Agent:
         self._proc.cpu_percent(None)  # prime: the first reading is always 0
         self._client = None
         self._subscribe_mid = -1
+        self._discovery_topics: set[str] = set()
         self.spool = Spool(self.store.root / "spool.sqlite", cfg.telemetry.spool_mb * MB)
         self._spool_reported_drops = 0
         self._drain_wanted = threading.Event()
@@ -272,7 +273,21 @@ class Agent:
                                              "dropped_events": stats.dropped_events})
 
     def publish_state(self) -> None:
-        self._publish(protocol.state_topic(self.device), protocol.encode(self.state()), qos=1, retain=True)
+        state = self.state()
+        self._publish(protocol.state_topic(self.device), protocol.encode(state), qos=1, retain=True)
+        if self.cfg.homeassistant.enabled:
+            self._publish_discovery(state)
+
+    def _publish_discovery(self, state: State) -> None:
+        """Home Assistant discovery configs (retained); a model no longer served gets its entities removed."""
+        from .homeassistant import discovery_messages
+
+        messages = discovery_messages(state, self.cfg.homeassistant.prefix)
+        for topic in self._discovery_topics - set(messages):
+            self._publish(topic, b"", qos=1, retain=True)
+        for topic, payload in messages.items():
+            self._publish(topic, payload, qos=1, retain=True)
+        self._discovery_topics = set(messages)
 
     def publish_telemetry(self) -> None:
         self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()), spool_kind="telemetry")

@@ -42,6 +42,7 @@ class RunningAgent:
 
 class RawClient:
     def __init__(self, url_port: int):
+        self.port = url_port
         self.reply_topic = f"test/replies/{uuid.uuid4().hex[:8]}"
         self.messages: queue.Queue = queue.Queue()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}",
