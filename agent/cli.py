@@ -161,24 +161,100 @@ def cmd_fleet_ls(args) -> int:
     return 0
 
 
+def _is_rollout(args) -> bool:
+    return bool(args.group or args.all or len(args.device or []) > 1 or args.canary or args.soak)
+
+
 def cmd_fleet_deploy(args) -> int:
     from .fleet import Fleet
+
+    if not (args.device or args.group or args.all):
+        raise EdgewardError("say where to deploy", "use --device ID (repeatable), --group NAME or --all")
+    if _is_rollout(args):
+        return _rollout_new(args)
+    device = args.device[0]
 
     def progress(stage: str, done: int, total: int) -> None:
         if sys.stderr.isatty() or done == total:
             print(f"\r  {stage}: {done}/{total} chunks", end="\n" if done == total else "", file=sys.stderr)
 
     with Fleet(_mqtt_config(args)) as fleet:
-        print(f"deploying {args.bundle} to {args.device} ...", file=sys.stderr)
-        reply = fleet.deploy(args.bundle, args.device, chunk_size=args.chunk_kb * 1024,
+        print(f"deploying {args.bundle} to {device} ...", file=sys.stderr)
+        reply = fleet.deploy(args.bundle, device, chunk_size=args.chunk_kb * 1024,
                              timeout=args.timeout, progress=progress)
     d = reply.data
     was = f" (was v{d['previous_version']})" if d.get("previous_version") else ""
     st = d.get("self_test", {})
-    print(f"{args.device}: {d['name']} v{d['version']} is serving{was}; self-test passed "
+    print(f"{device}: {d['name']} v{d['version']} is serving{was}; self-test passed "
           f"(max abs err {st.get('max_abs_err')}, top-1 agreement {st.get('top1_agreement')}), "
           f"cost {d.get('cost_mb')} MB")
     return 0
+
+
+def _state_dir(args) -> Path:
+    from .rollout import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+def _print_rollout(s) -> None:
+    from .tables import format_table
+
+    print(f"rollout {s.id}: {s.model} v{s.version} — {s.state.upper()}"
+          + (f" at wave {s.wave + 1}/{len(s.waves)}" if s.state != "done" else f", {len(s.waves)} wave(s)"))
+    if s.reason:
+        print(f"  reason: {s.reason}")
+    rows = [[i + 1, d, s.devices[d].status, s.devices[d].detail[:90]] for i, w in enumerate(s.waves) for d in w]
+    print(format_table(["WAVE", "DEVICE", "STATUS", "DETAIL"], rows, align="rlll"))
+
+
+def _run_rollout(r) -> int:
+    state = r.run()
+    _print_rollout(state)
+    print(f"\n(state kept in {r.path}; `edgeward fleet rollout status {state.id}`)", file=sys.stderr)
+    return 0 if state.state == "done" else 1
+
+
+def _rollout_new(args) -> int:
+    from .fleet import Fleet
+    from .rollout import Gates, Rollout
+
+    with Fleet(_mqtt_config(args)) as fleet:
+        online = [s for s in fleet.devices() if s.online]
+        if args.all:
+            targets = [s.device for s in online]
+        elif args.group:
+            targets = [s.device for s in online if args.group in s.groups]
+        else:
+            targets = list(args.device)
+            offline = sorted(set(targets) - {s.device for s in online})
+            if offline:
+                raise EdgewardError(f"not online: {', '.join(offline)}", "check `edgeward fleet ls`")
+        gates = Gates(soak_s=args.soak or 0.0, max_error_rate=args.max_error_rate, max_p95_ms=args.max_p95_ms)
+        r = Rollout.create(fleet, args.bundle, targets, args.canary, args.waves, gates, _state_dir(args),
+                           progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"rollout {r.s.id}: {r.s.model} v{r.s.version} to {len(r.s.devices)} device(s) in "
+              f"{len(r.s.waves)} wave(s) {[len(w) for w in r.s.waves]}", file=sys.stderr)
+        return _run_rollout(r)
+
+
+def cmd_fleet_rollout(args) -> int:
+    from .fleet import Fleet
+    from .rollout import Rollout, list_rollouts
+    from .tables import format_table
+
+    if args.rollout_command == "ls":
+        rows = [[s.id, f"{s.model} v{s.version}", s.state, f"{min(s.wave + 1, len(s.waves))}/{len(s.waves)}",
+                 len(s.devices), time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))]
+                for s in list_rollouts(_state_dir(args))]
+        print(format_table(["ID", "MODEL", "STATE", "WAVE", "DEVICES", "UPDATED"], rows) if rows else "no rollouts")
+        return 0
+    with Fleet(_mqtt_config(args)) as fleet:
+        r = Rollout.load(fleet, args.id, _state_dir(args), progress=lambda m: print(m, file=sys.stderr, flush=True))
+        if args.rollout_command == "status":
+            _print_rollout(r.s)
+            return 0 if r.s.state == "done" else 1
+        return _run_rollout(r)
 
 
 def cmd_fleet_rollback(args) -> int:
@@ -308,13 +384,37 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     _add_broker_args(ls)
     ls.set_defaults(func=cmd_fleet_ls)
-    d = fsub.add_parser("deploy", help="send a bundle to a device; waits until it serves or is refused")
+    d = fsub.add_parser("deploy", help="send a bundle to devices: one directly, or many as a staged rollout",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="One --device without gates: a direct deploy that waits until the device serves it.\n"
+                               "Otherwise a staged rollout: a canary wave, then the rest in --waves waves; each wave\n"
+                               "must deploy and self-test, then keep its error rate (and p95) in bounds for --soak\n"
+                               "seconds, or the rollout halts and that wave is rolled back. The state is saved:\n"
+                               "`edgeward fleet rollout resume ID` continues an interrupted rollout.\n\n"
+                               "  edgeward fleet deploy m.ewb --group kitchen --canary 10% --waves 3 --soak 120")
     d.add_argument("bundle")
-    d.add_argument("--device", required=True)
+    d.add_argument("--device", action="append", help="a target device (repeatable)")
+    d.add_argument("--group", help="every online device in this group (device.groups; use groups as tags)")
+    d.add_argument("--all", action="store_true", help="every online device")
+    d.add_argument("--canary", help="first wave: N devices or P%% of them")
+    d.add_argument("--waves", type=int, default=1, help="waves after the canary (default %(default)s)")
+    d.add_argument("--soak", type=float, help="seconds each wave must stay healthy (use > 2 telemetry intervals)")
+    d.add_argument("--max-error-rate", type=float, default=0.05, help="health gate (default %(default)s)")
+    d.add_argument("--max-p95-ms", type=float, help="health gate on p95 latency of the new version")
+    d.add_argument("--state-dir", help="where rollout state is kept (default ~/.local/state/edgeward/rollouts)")
     d.add_argument("--chunk-kb", type=int, default=256, help="chunk size in kB (default %(default)s)")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device (default %(default)s)")
     _add_broker_args(d)
     d.set_defaults(func=cmd_fleet_deploy)
+    ro = fsub.add_parser("rollout", help="list staged rollouts, show one, or resume an interrupted one")
+    rosub = ro.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    for name, text in (("ls", "list rollouts"), ("status", "show one rollout"), ("resume", "continue a rollout")):
+        rp = rosub.add_parser(name, help=text)
+        if name != "ls":
+            rp.add_argument("id")
+        rp.add_argument("--state-dir", help="where rollout state is kept")
+        _add_broker_args(rp)
+        rp.set_defaults(func=cmd_fleet_rollout)
     rb = fsub.add_parser("rollback", help="serve an older installed version again (the previous one by default)")
     rb.add_argument("--device", required=True)
     rb.add_argument("--model", required=True)
