@@ -33,7 +33,7 @@ def free_port() -> int:
 
 class LocalBroker:
     def __init__(self, port: int | None = None, workdir: str | os.PathLike | None = None, extra_conf: str = "",
-                 listener_conf: str = "", anonymous: bool = True):
+                 listener_conf: str = "", anonymous: bool = True, tcp_nodelay: bool = True):
         """`listener_conf` goes right after the listener line (TLS files, require_certificate);
         `extra_conf` at the end (password_file, acl_file); `anonymous=False` requires a login."""
         self.port = port or free_port()
@@ -41,6 +41,7 @@ class LocalBroker:
         self.extra_conf = extra_conf
         self.listener_conf = listener_conf
         self.anonymous = anonymous
+        self.tcp_nodelay = tcp_nodelay
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -55,6 +56,7 @@ class LocalBroker:
         # and could not open a log file in our folder
         conf.write_text(f"listener {self.port} 127.0.0.1\n{self.listener_conf}\n"
                         f"allow_anonymous {'true' if self.anonymous else 'false'}\npersistence false\n"
+                        f"set_tcp_nodelay {'true' if self.tcp_nodelay else 'false'}\n"  # false: ~40 ms per round trip
                         f"log_dest stderr\n{self.extra_conf}\n")
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,

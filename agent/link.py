@@ -8,6 +8,7 @@ instead; the answer then carries ``corr`` in its body.
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ MAX_TOPIC_LEN = 512
 def make_client(client_id: str, cfg: MqttConfig, will: tuple[str, bytes] | None = None) -> paho.Client:
     """A paho v2 client speaking MQTT v5, with TLS/credentials from config and automatic reconnects."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.on_socket_open = _no_delay
     if cfg.username:
         password = None
         if cfg.password_file:
@@ -42,6 +44,15 @@ def make_client(client_id: str, cfg: MqttConfig, will: tuple[str, bytes] | None 
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
     return client
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Send small MQTT packets at once. paho leaves Nagle's algorithm on, and with delayed ACKs every
+    request/response round trip then waits ~40 ms per direction (measured: 88 ms on loopback)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (websockets, unix): nothing to do
+        pass
 
 
 def new_client_id(role: str) -> str:

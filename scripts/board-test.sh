@@ -32,7 +32,8 @@ trap cleanup EXIT
 
 # a private broker on the host's loopback; the guest reaches it at 10.0.2.2
 PORT=$(.venv/bin/python -c 'from agent.devbroker import free_port; print(free_port())')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n' "$PORT" > "$WORK/mosquitto.conf"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n' \
+  "$PORT" > "$WORK/mosquitto.conf"
 "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" & BROKER_PID=$!
 
 # a run copy of the image with this run's broker address and the test helper
