@@ -123,10 +123,11 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
-        client.loop_start()
+        # set before the network thread starts: it may connect and publish the birth message at once
         self._client = client
         self._drainer.start()
+        client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
+        client.loop_start()
         self.write_status()
         self.notifier.ready(self.summary())
         log.info("agent %s started: %d model(s) serving, budget %d MB, broker %s",

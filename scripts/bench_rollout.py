@@ -103,12 +103,16 @@ def main() -> int:
                                                str(work), str(work / "digits-v1.ewb"), "--pub", str(pub)],
                                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         with Fleet(MqttConfig(url=broker.url)) as fleet:
+            seen = [-1]
+
             def all_online() -> bool:
                 up = {s.device for s in fleet.devices(quiet_s=1.0, max_wait_s=10) if s.online and s.models}
-                n = len(up)
-                missing = sorted({f"sim-{i:03d}" for i in range(args.agents)} - up)[:5]
-                print(f"  {n}/{args.agents} agents online; missing {missing}", file=sys.stderr, flush=True)
-                return n >= args.agents
+                if len(up) != seen[0]:
+                    seen[0] = len(up)
+                    missing = sorted({f"sim-{i:03d}" for i in range(args.agents)} - up)[:5]
+                    print(f"  {len(up)}/{args.agents} agents online" + (f"; not yet {missing}" if missing else ""),
+                          file=sys.stderr, flush=True)
+                return len(up) >= args.agents
             wait_until(all_online, 300, f"{args.agents} agents online", 1.0)
             started_s = time.perf_counter() - t0
             targets = [s.device for s in fleet.devices(quiet_s=1.0, max_wait_s=10) if "bench" in s.groups]
@@ -138,10 +142,7 @@ def main() -> int:
                 p.kill()
         if broker:
             broker.stop()
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print("kept", work, file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

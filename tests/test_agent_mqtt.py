@@ -54,6 +54,33 @@ def test_birth_message_lists_the_device_and_its_model(running, fleet):
     assert s.hardware.cpu_count >= 1 and s.hardware.python
 
 
+def test_birth_is_published_even_when_the_network_thread_wins_the_race(broker, assets, tmp_path, fleet,
+                                                                          monkeypatch):
+    """The connection can complete (and the birth go out) before start() returns: under load it did, and
+    the birth was dropped, leaving a board connected but invisible. Here the network thread always wins."""
+    import time as _time
+
+    import paho.mqtt.client as paho
+
+    real_loop_start = paho.Client.loop_start
+
+    def loop_start_then_wait(self):
+        rc = real_loop_start(self)
+        deadline = _time.monotonic() + 10
+        while not self.is_connected() and _time.monotonic() < deadline:
+            _time.sleep(0.01)
+        _time.sleep(0.3)  # the SUBACK is in and the birth was attempted
+        return rc
+
+    monkeypatch.setattr(paho.Client, "loop_start", loop_start_then_wait)
+    ra = RunningAgent(agent_overrides(broker.url, assets, tmp_path / "store"), install=[assets.v1])
+    try:
+        states = fleet.devices()
+        assert [(s.device, s.online) for s in states] == [(DEVICE, True)]
+    finally:
+        ra.stop()
+
+
 def test_both_ends_disable_nagle_on_their_broker_sockets(running, fleet):
     """With Nagle's algorithm on, each request/response waits on delayed ACKs (88 ms instead of 1 ms)."""
     import socket
