@@ -112,7 +112,6 @@ def train_digits_cnn(epochs: int = 12, seed: int = 0, channels: int = 8, hidden:
 
 def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17) -> Path:
     """Write the trained CNN as an FP32 ONNX model with a dynamic batch axis."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in
@@ -132,6 +131,14 @@ def cnn_to_onnx(params: dict, path: str | Path, opset: int = 17) -> Path:
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
         initializer=inits,
     )
+    return _save(graph, path, opset)
+
+
+def _save(graph, path: str | Path, opset: int = 17) -> Path:
+    """Wrap a graph in a checked FP32 ONNX model file, as an exporter would write it."""
+    import onnx
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeward.zoo")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -148,14 +155,21 @@ def build_digits_cnn(path: str | Path, epochs: int = 12, seed: int = 0, **kw) ->
     return accuracy
 
 
-def write_digits_npz(folder: str | Path, n_calibration: int = 200) -> tuple[Path, Path]:
-    """calib.npz (training images) and eval.npz (held-out images with labels), as `convert` takes them."""
+def write_digits_npz(folder: str | Path, n_calibration: int = 200, flat: bool = False) -> tuple[Path, Path]:
+    """calib.npz (training images) and eval.npz (held-out images with labels), as `convert` takes them.
+
+    `flat=True` writes flat-calib.npz / flat-eval.npz for models that take 64-vectors (the wide MLP).
+    """
     x_tr, _, x_te, y_te = digits_dataset()
+    if flat:
+        name, prefix, x_tr, x_te = MLP_INPUT, "flat-", x_tr.reshape(-1, 64), x_te.reshape(-1, 64)
+    else:
+        name, prefix = INPUT_NAME, ""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    calib, evaluation = folder / "calib.npz", folder / "eval.npz"
-    np.savez(calib, **{INPUT_NAME: x_tr[:n_calibration]})
-    np.savez(evaluation, **{INPUT_NAME: x_te, "labels": y_te})
+    calib, evaluation = folder / f"{prefix}calib.npz", folder / f"{prefix}eval.npz"
+    np.savez(calib, **{name: x_tr[:n_calibration]})
+    np.savez(evaluation, **{name: x_te, "labels": y_te})
     return calib, evaluation
 
 
@@ -165,7 +179,6 @@ def build_wide_mlp(path: str | Path, hidden: int = 2240, seed: int = 0) -> Path:
     Untrained on purpose: it exists to make bundles of a realistic size (hidden=2240 gives
     ~10 MB of INT8 weights) for the deploy benchmark, where only size and behaviour matter.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -183,21 +196,5 @@ def build_wide_mlp(path: str | Path, hidden: int = 2240, seed: int = 0) -> Path:
                               [helper.make_tensor_value_info(MLP_INPUT, TensorProto.FLOAT, ["batch", 64])],
                               [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeward.zoo")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
-
-def write_flat_digits_npz(folder: str | Path, n_calibration: int = 200) -> tuple[Path, Path]:
-    """calib.npz / eval.npz for models that take the digits as flat 64-vectors."""
-    x_tr, _, x_te, y_te = digits_dataset()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    calib, evaluation = folder / "flat-calib.npz", folder / "flat-eval.npz"
-    np.savez(calib, **{MLP_INPUT: x_tr[:n_calibration].reshape(-1, 64)})
-    np.savez(evaluation, **{MLP_INPUT: x_te.reshape(-1, 64), "labels": y_te})
-    return calib, evaluation

@@ -12,7 +12,6 @@ Mosquitto on 127.0.0.1. Prints one row per deploy and the targets side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def main() -> int:
         print("preparing: two wide MLPs, converted to signed INT8 bundles ...", file=sys.stderr, flush=True)
         key_path, pub_path, _ = generate_keypair(work / "signing")
         key = load_private_key(key_path)
-        calib, evaluation = zoo.write_flat_digits_npz(work)
+        calib, evaluation = zoo.write_digits_npz(work, flat=True)
         base = []
         for seed in (0, 1):
             fp32 = zoo.build_wide_mlp(work / f"wide{seed}.onnx", hidden=args.hidden, seed=seed)
