@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import __version__, protocol, runtimes, wire
 from .budget import MB, Budget
@@ -331,7 +332,10 @@ class Agent:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
-        _, self._subscribe_mid = client.subscribe([(t, 1) for t in protocol.device_subscriptions(self.device)])
+        # retainAsPublished: a retained command published while we are subscribed would otherwise reach
+        # us with retain=0 (MQTT clears the flag for existing subscribers) and be acted upon
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        _, self._subscribe_mid = client.subscribe([(t, options) for t in protocol.device_subscriptions(self.device)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         """Only once the broker has acknowledged our subscriptions do we announce ourselves:

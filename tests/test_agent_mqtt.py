@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol, wire
 from agent.config import MqttConfig
@@ -263,19 +264,36 @@ def test_malformed_and_oversized_messages_get_an_error_reply_and_harm_nothing(
         ra.stop()
 
 
-def test_retained_commands_and_stray_chunks_are_ignored(running, raw, assets):
-    sha = "cd" * 32
-    raw.publish(protocol.cmd_topic(DEVICE, "deploy"),
-                protocol.encode(protocol.DeployRequest(bundle=protocol.BundleRef(sha256=sha, size=10))), retain=True)
-    raw.publish(protocol.upload_topic(DEVICE, sha), wire.pack({"v": 1, "index": 0, "offset": 0}, b"x" * 10))
-    raw.publish(f"edgeward/v1/{DEVICE}/upload/not-a-sha", b"\xff" * 50)
-    # reconnect-equivalent: a retained command is delivered on every subscribe; the agent must not act on it
-    running.agent._client.subscribe(protocol.cmd_topic(DEVICE, "deploy"), qos=1)
-    ok = raw.request(protocol.cmd_topic(DEVICE, "ping"), protocol.encode(protocol.PingRequest()))
-    assert json.loads(ok.payload)["status"] == "ok"
+def _settled(agent):
+    """Every message handed to the agent so far has been handled (its ping answered, its queue drained)."""
+    agent._update_pool.submit(lambda: None).result(timeout=10)
+
+
+def test_retained_commands_are_ignored_live_and_on_resubscribe(running, raw, assets):
+    deploy = protocol.encode(protocol.DeployRequest(bundle=protocol.BundleRef(sha256="cd" * 32, size=10)))
+    # published retained while the agent is subscribed: without retainAsPublished it arrives with retain=0
+    raw.publish(protocol.cmd_topic(DEVICE, "deploy"), deploy, retain=True)
+    assert json.loads(raw.request(protocol.cmd_topic(DEVICE, "ping"),
+                                  protocol.encode(protocol.PingRequest())).payload)["status"] == "ok"
+    _settled(running.agent)
+    assert running.agent._transfers == {}
+    # a reconnect re-delivers retained messages on subscribe: still not acted upon
+    running.agent._client.subscribe(protocol.cmd_topic(DEVICE, "deploy"),
+                                    options=SubscribeOptions(qos=1, retainAsPublished=True))
+    raw.request(protocol.cmd_topic(DEVICE, "ping"), protocol.encode(protocol.PingRequest()))
+    _settled(running.agent)
     assert running.agent._transfers == {}
     assert list(running.agent.store.incoming.iterdir()) == []
     raw.publish(protocol.cmd_topic(DEVICE, "deploy"), b"", retain=True)  # clear the retained message
+
+
+def test_stray_chunks_are_dropped(running, raw):
+    raw.publish(protocol.upload_topic(DEVICE, "ef" * 32), wire.pack({"v": 1, "index": 0, "offset": 0}, b"x" * 10))
+    raw.publish(f"edgeward/v1/{DEVICE}/upload/not-a-sha", b"\xff" * 50)
+    raw.request(protocol.cmd_topic(DEVICE, "ping"), protocol.encode(protocol.PingRequest()))
+    _settled(running.agent)
+    assert running.agent._transfers == {}
+    assert list(running.agent.store.incoming.iterdir()) == []
 
 
 def test_mqtt_311_clients_can_use_reply_to_in_the_body(running, raw, assets):
