@@ -458,11 +458,19 @@ class Agent:
                       data={"code": getattr(exc, "code", "internal")})
             self._reply(target, protocol.error_reply(exc))
             return
-        self.last_update = {"ts": time.time(), "ok": True, "model": result["name"], "version": result["version"],
-                            "sha256": None, "error": None}
-        self.publish_state()
-        self.write_status()
+        self._record_update(result=result)
         self._reply(target, Reply(status="ok", data=result))
+
+    def _record_update(self, result: dict | None = None, error: BaseException | None = None,
+                       sha256: str | None = None) -> None:
+        """Remember the last deploy or rollback for `agent status`; after a switch, tell the fleet and systemd."""
+        self.last_update = {"ts": time.time(), "ok": error is None, "error": str(error) if error else None,
+                            "sha256": sha256, "model": result["name"] if result else None,
+                            "version": result["version"] if result else None}
+        if error is None:
+            self.publish_state()
+            self.notifier.status(self.summary())
+        self.write_status()
 
     def _handle_chunk(self, sha256: str, payload: bytes) -> None:
         transfer = self._transfers.get(sha256)
@@ -492,18 +500,12 @@ class Agent:
                 log.exception("deploy failed unexpectedly")
             self.emit("deploy_failed", str(exc) if isinstance(exc, EdgewardError) else f"internal error: {exc!r}",
                       level="error", data={"sha256": transfer.sha256, "code": getattr(exc, "code", "internal")})
-            self.last_update = {"ts": time.time(), "ok": False, "error": str(exc), "sha256": transfer.sha256,
-                                "model": None, "version": None}
-            self.write_status()
+            self._record_update(error=exc, sha256=transfer.sha256)
             self._reply(target, protocol.error_reply(exc))
             return
         finally:
             transfer.discard()
-        self.last_update = {"ts": time.time(), "ok": True, "model": result["name"], "version": result["version"],
-                            "sha256": transfer.sha256, "error": None}
-        self.publish_state()
-        self.write_status()
-        self.notifier.status(self.summary())
+        self._record_update(result=result, sha256=transfer.sha256)
         self._reply(target, Reply(status="ok", data=result))
 
     # ------------------------------------------------------------ inference over MQTT
@@ -533,8 +535,9 @@ class Agent:
                 protocol.from_fields(protocol.InferHeader, header, "inference request")
                 target = target or reply_target(msg, header)
                 model, outputs = self.engine.infer(model_name, tensors)
+                extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
                 payload = wire.pack_tensors(outputs, v=protocol.VERSION, status="ok", model=model.name,
-                                            version=model.version)
+                                            version=model.version, **extra)
             except EdgewardError as exc:
                 payload = None
                 self._infer_reply(target or reply_target(msg, header),
@@ -544,9 +547,6 @@ class Agent:
                 payload = None
                 self._infer_reply(target, {"status": "error", "code": "internal", "error": repr(exc)})
             if payload is not None and target is not None:
-                if target.legacy:
-                    payload = wire.pack_tensors(outputs, v=protocol.VERSION, status="ok", model=model.name,
-                                                version=model.version, corr=target.corr_text)
                 publish_reply(self._client, target, payload)
         finally:
             self._count_pending(-1)

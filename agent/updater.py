@@ -46,20 +46,27 @@ class Updater:
         folder = self.store.install(opened)
         self.emit("deploy_staged", f"{m.name} v{m.version} unpacked to the store", model=m.name, version=m.version)
         try:
-            model = self.engine.load(folder)
+            model, selftest = self._load_tested(folder)
         except BaseException:
-            self.store.remove_version(m.name, m.version)
-            raise
-        try:
-            selftest = model.self_test()
-        except BaseException:
-            model.close()
             self.store.remove_version(m.name, m.version)
             raise
         self.emit("deploy_self_test_passed", f"{m.name} v{m.version} reproduced its reference outputs",
                   model=m.name, version=m.version, data=selftest)
+        return self._serve(model, selftest)
+
+    def _load_tested(self, folder: Path) -> tuple[LoadedModel, dict]:
+        """Shadow-load a model under the budget and self-test it; nothing stays loaded if either fails."""
+        model = self.engine.load(folder)
+        try:
+            return model, model.self_test()
+        except BaseException:
+            model.close()
+            raise
+
+    def _serve(self, model: LoadedModel, selftest: dict) -> dict:
+        """Switch to a tested model; what the deploy or rollback reply reports."""
         previous = self.activate(model)
-        return {"name": m.name, "version": m.version, "previous_version": previous,
+        return {"name": model.name, "version": model.version, "previous_version": previous,
                 "cost_mb": round(model.cost_mb, 1), "self_test": selftest}
 
     def activate(self, model: LoadedModel) -> int | None:
@@ -91,15 +98,7 @@ class Updater:
             raise VersionError(f"{name} v{version} is not an older installed version (installed: "
                                f"{', '.join(map(str, self.store.versions(name)))}; serving v{cur[0]})")
         self.emit("rollback_started", f"{name}: going back from v{cur[0]} to v{version}", model=name, version=version)
-        model = self.engine.load(self.store.version_dir(name, version))
-        try:
-            selftest = model.self_test()
-        except BaseException:
-            model.close()
-            raise
-        previous = self.activate(model)
-        return {"name": name, "version": version, "previous_version": previous,
-                "cost_mb": round(model.cost_mb, 1), "self_test": selftest}
+        return self._serve(*self._load_tested(self.store.version_dir(name, version)))
 
     def load_current(self) -> list[LoadedModel]:
         """At start: load and self-test what the store says is current; report what fails, go on."""
@@ -110,12 +109,7 @@ class Updater:
                 continue
             version, folder = cur
             try:
-                model = self.engine.load(folder)
-                try:
-                    model.self_test()
-                except BaseException:
-                    model.close()
-                    raise
+                model, _ = self._load_tested(folder)
             except EdgewardError as exc:
                 kind = "load_refused" if exc.code == "over_budget" else "load_failed"
                 self.emit(kind, str(exc), level="error", model=name, version=version, data={"code": exc.code})

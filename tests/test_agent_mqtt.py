@@ -305,6 +305,16 @@ def test_mqtt_311_clients_can_use_reply_to_in_the_body(running, raw, assets):
     assert body["status"] == "ok" and body["corr"] == "abc-1" and body["data"]["device"] == DEVICE
 
 
+def test_mqtt_311_clients_can_infer_with_reply_to_in_the_frame_header(running, raw, assets):
+    raw.subscribe("legacy/infer-replies")
+    frame = wire.pack_tensors({"input": assets.eval_inputs(2)}, v=1, reply_to="legacy/infer-replies", corr="req-7")
+    raw.publish(protocol.infer_topic(DEVICE, "digits"), frame)
+    msgs = wait_for(lambda: raw.collect(lambda t: t == "legacy/infer-replies", 0.2), what="legacy inference reply")
+    header, outputs = wire.unpack_tensors(msgs[0].payload)
+    assert header["status"] == "ok" and header["corr"] == "req-7"
+    np.testing.assert_array_equal(outputs["logits"], running.agent.infer("digits", {"input": assets.eval_inputs(2)})["logits"])
+
+
 def test_agent_without_a_broker_serves_locally_then_connects_when_one_appears(assets, tmp_path):
     port = free_port()
     ra = RunningAgent(agent_overrides(f"mqtt://127.0.0.1:{port}", assets, tmp_path / "store"), install=[assets.v1])
