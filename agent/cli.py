@@ -181,7 +181,7 @@ def cmd_fleet_deploy(args) -> int:
     with Fleet(_mqtt_config(args)) as fleet:
         print(f"deploying {args.bundle} to {device} ...", file=sys.stderr)
         reply = fleet.deploy(args.bundle, device, chunk_size=args.chunk_kb * 1024,
-                             timeout=args.timeout, progress=progress)
+                             timeout=args.timeout, progress=progress, url=args.url)
     d = reply.data
     was = f" (was v{d['previous_version']})" if d.get("previous_version") else ""
     st = d.get("self_test", {})
@@ -232,7 +232,7 @@ def _rollout_new(args) -> int:
                 raise EdgewardError(f"not online: {', '.join(offline)}", "check `edgeward fleet ls`")
         gates = Gates(soak_s=args.soak or 0.0, max_error_rate=args.max_error_rate, max_p95_ms=args.max_p95_ms)
         r = Rollout.create(fleet, args.bundle, targets, args.canary, args.waves, gates, _state_dir(args),
-                           progress=lambda m: print(m, file=sys.stderr, flush=True))
+                           progress=lambda m: print(m, file=sys.stderr, flush=True), url=args.url)
         print(f"rollout {r.s.id}: {r.s.model} v{r.s.version} to {len(r.s.devices)} device(s) in "
               f"{len(r.s.waves)} wave(s) {[len(w) for w in r.s.waves]}", file=sys.stderr)
         return _run_rollout(r)
@@ -270,16 +270,31 @@ def cmd_fleet_rollback(args) -> int:
 
 def cmd_fleet_watch(args) -> int:
     from .fleet import Fleet
+    from .watchboard import WatchBoard
 
     stop = threading.Event()
     if args.seconds:
         threading.Timer(args.seconds, stop.set).start()
     seen = 0
     kinds = tuple(args.kind) if args.kind else ("state", "telemetry", "events")
+    live = sys.stdout.isatty() and not args.lines
+    as_table = args.table or live
+    board, drawn = WatchBoard(), 0.0
+
+    def draw() -> None:
+        print(("\x1b[H\x1b[2J" if live else "") + time.strftime("%H:%M:%S  ") + f"{args.broker}\n"
+              + board.render(), flush=True)
+
     with Fleet(_mqtt_config(args)) as fleet:
         try:
             for device, kind, msg in fleet.watch(stop, kinds=kinds, device=args.device or "+"):
-                print(_watch_line(device, kind, msg), flush=True)
+                if as_table:
+                    board.update(device, kind, msg)
+                    if live and time.monotonic() - drawn > 0.5:
+                        draw()
+                        drawn = time.monotonic()
+                else:
+                    print(_watch_line(device, kind, msg), flush=True)
                 seen += 1
                 if args.count and seen >= args.count:
                     break
@@ -287,6 +302,8 @@ def cmd_fleet_watch(args) -> int:
             pass
         finally:
             stop.set()
+    if as_table:
+        draw()
     return 0
 
 
@@ -394,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "  edgeward fleet deploy m.ewb --group kitchen --canary 10% --waves 3 --soak 120")
     d.add_argument("bundle")
     d.add_argument("--device", action="append", help="a target device (repeatable)")
-    d.add_argument("--group", help="every online device in this group (device.groups; use groups as tags)")
+    d.add_argument("--group", "--tag", dest="group",
+                   help="every online device with this group/tag (the device's device.groups list)")
     d.add_argument("--all", action="store_true", help="every online device")
     d.add_argument("--canary", help="first wave: N devices or P%% of them")
     d.add_argument("--waves", type=int, default=1, help="waves after the canary (default %(default)s)")
@@ -403,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-p95-ms", type=float, help="health gate on p95 latency of the new version")
     d.add_argument("--state-dir", help="where rollout state is kept (default ~/.local/state/edgeward/rollouts)")
     d.add_argument("--chunk-kb", type=int, default=256, help="chunk size in kB (default %(default)s)")
+    d.add_argument("--url", help="devices download the bundle from this http(s) URL (resumable) instead of "
+                                 "receiving it as MQTT chunks; BUNDLE is still read here for its hash and manifest")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device (default %(default)s)")
     _add_broker_args(d)
     d.set_defaults(func=cmd_fleet_deploy)
@@ -422,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--timeout", type=float, default=120.0)
     _add_broker_args(rb)
     rb.set_defaults(func=cmd_fleet_rollback)
-    w = fsub.add_parser("watch", help="live state, telemetry and events")
+    w = fsub.add_parser("watch", help="a live table of devices and models (or a line per message)",
+                        description="On a terminal: a table of every device and model, redrawn as state, telemetry "
+                                    "and events arrive. Piped, or with --lines: one line per message.")
+    w.add_argument("--lines", action="store_true", help="one line per message instead of the live table")
+    w.add_argument("--table", action="store_true", help="print the table (once, at the end) even when piped")
     w.add_argument("--device", help="only this device")
     w.add_argument("--kind", action="append", choices=["state", "telemetry", "events"], help="only these (repeatable)")
     w.add_argument("--count", type=int, help="stop after this many messages")

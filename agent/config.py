@@ -64,6 +64,7 @@ class StoreConfig:
     path: str = "/var/lib/edgeward"
     keep_versions: int = field(default=3, metadata=rule(min=1, max=100))
     max_bundle_mb: int = field(default=512, metadata=rule(min=1, max=65536))
+    download_ca_file: Optional[str] = None  # CA bundle for https bundle URLs; default: the system's
 
 
 @dataclass
@@ -127,7 +128,8 @@ def _check_semantics(cfg: AgentConfig) -> None:
     for key, value in (("mqtt.password_file", cfg.mqtt.password_file),
                        ("mqtt.tls.ca_file", cfg.mqtt.tls.ca_file),
                        ("mqtt.tls.cert_file", cfg.mqtt.tls.cert_file),
-                       ("mqtt.tls.key_file", cfg.mqtt.tls.key_file)):
+                       ("mqtt.tls.key_file", cfg.mqtt.tls.key_file),
+                       ("store.download_ca_file", cfg.store.download_ca_file)):
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file {value!r} does not exist")
     for i, key in enumerate(cfg.trust.keys):

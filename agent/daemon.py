@@ -34,7 +34,7 @@ from . import __version__, protocol, runtimes, wire
 from .budget import MB, Budget
 from .config import AgentConfig
 from .engine import Engine
-from .errors import EdgewardError, ProtocolError, VersionError
+from .errors import DeployRefused, EdgewardError, IntegrityError, ProtocolError, VersionError
 from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
@@ -43,7 +43,7 @@ from .spool import Spool
 from .status import write_status
 from .systemd import Notifier
 from .store import Store
-from .transfer import Transfer
+from .transfer import Transfer, resume_all
 from .updater import Trust, Updater
 
 log = logging.getLogger("edgeward.agent")
@@ -89,7 +89,7 @@ class Agent:
         self._pending = threading.BoundedSemaphore(cfg.inference.workers * PENDING_PER_WORKER)
         self._pending_count = 0  # for telemetry; the semaphore is what bounds
         self._pending_lock = threading.Lock()
-        self._transfers: dict[str, Transfer] = {}
+        self._transfers: dict[str, Transfer] = resume_all(self.store.incoming)  # resumable after a restart
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # prime: the first reading is always 0
         self._client = None
@@ -101,8 +101,6 @@ class Agent:
         self._drainer = threading.Thread(target=self._drain_loop, name="spool-drain", daemon=True)
         self.notifier = Notifier()
         self.last_update: dict | None = None
-        for stale in self.store.incoming.glob("*.part"):
-            stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ life cycle
 
@@ -170,6 +168,8 @@ class Agent:
             client.unsubscribe(protocol.device_subscriptions(self.device))
         self._infer_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True, cancel_futures=True)
+        for transfer in list(self._transfers.values()):
+            transfer.save()  # what arrived so far is kept for a deploy sent again after the restart
         if self._drainer.is_alive():
             self._drainer.join(5)
         if client is not None:
@@ -417,36 +417,77 @@ class Agent:
 
     def _start_deploy(self, request: protocol.DeployRequest, target: ReplyTarget | None) -> None:
         ref = request.bundle
-        limit = self.cfg.store.max_bundle_mb * MB
-        problem = None
-        if ref.size > limit:
-            problem = (f"bundle is {ref.size / MB:.1f} MB, over this device's {self.cfg.store.max_bundle_mb} MB cap",
-                       "raise store.max_bundle_mb on the device")
-        elif request.chunk_size + 4096 > self.max_payload:
-            problem = (f"chunk size {request.chunk_size} does not fit this device's {self.max_payload}-byte message limit",
-                       f"deploy with chunks of at most {(self.max_payload - 4096) // 1024} kB")
-        else:
-            free = shutil.disk_usage(self.store.root).free
-            if free < 2 * ref.size:
-                problem = (f"the store has {free / MB:.1f} MB free, the bundle needs {2 * ref.size / MB:.1f} MB "
-                           "(download plus unpacked copy)", "free disk space on the device")
-        if problem:
-            self.emit("deploy_refused", problem[0], level="error", data={"sha256": ref.sha256})
-            self._reply(target, Reply(status="error", code="refused", error=f"{problem[0]}: {problem[1]}"))
+        try:
+            self._check_deploy(request)
+        except EdgewardError as exc:
+            self.emit("deploy_refused", exc.message, level="error",
+                      data={"sha256": ref.sha256, "code": exc.code})
+            self._reply(target, protocol.error_reply(exc))
             return
         transfer = self._transfers.get(ref.sha256)
-        if transfer is None or transfer.size != ref.size or transfer.chunk_size != request.chunk_size:
-            transfer = Transfer(ref.sha256, ref.size, request.chunk_size,
-                                self.store.incoming / f"{ref.sha256}.part")
+        if transfer is not None and (transfer.size != ref.size or transfer.chunk_size != request.chunk_size):
+            transfer.discard()
+            transfer = None
+        if transfer is None:
+            transfer = Transfer(ref.sha256, ref.size, request.chunk_size, self.store.incoming / f"{ref.sha256}.part")
             transfer.open()
             self._transfers[ref.sha256] = transfer
         transfer.reply_to, transfer.correlation = (target.topic, target.correlation) if target else (None, None)
-        self.emit("deploy_receiving", f"receiving bundle {ref.sha256[:12]}… ({ref.size} bytes)",
-                  data={"sha256": ref.sha256, "missing": len(transfer.missing())})
-        self._reply(target, Reply(status="progress", data={"state": "receiving", "n_chunks": transfer.n_chunks,
-                                                           "missing": transfer.missing()}))
+        source = request.url or "mqtt"
+        self.emit("deploy_receiving", f"receiving bundle {ref.sha256[:12]}… ({ref.size} bytes) from {source}",
+                  data={"sha256": ref.sha256, "missing": len(transfer.missing()), "source": source})
+        self._reply(target, Reply(status="progress", data={
+            "state": "downloading" if request.url else "receiving", "n_chunks": transfer.n_chunks,
+            "missing": [] if request.url else transfer.missing()}))
+        if request.url and not transfer.complete:
+            try:
+                transfer.download(request.url, self._stop.is_set, cafile=self.cfg.store.download_ca_file,
+                                  progress=self._download_progress(transfer))
+            except EdgewardError as exc:
+                self.emit("deploy_failed", exc.message, level="error", data={"sha256": ref.sha256, "code": exc.code})
+                self._record_update(error=exc, sha256=ref.sha256)
+                self._reply(target, protocol.error_reply(exc))
+                if isinstance(exc, IntegrityError):
+                    self._transfers.pop(ref.sha256, None)
+                    transfer.discard()
+                return
         if transfer.complete:
             self._finish_deploy(transfer, target)
+
+    def _check_deploy(self, request: protocol.DeployRequest) -> None:
+        """Refuse before any byte moves what would be refused after: size, disk, version, budget."""
+        ref = request.bundle
+        if ref.size > self.cfg.store.max_bundle_mb * MB:
+            raise DeployRefused(f"bundle is {ref.size / MB:.1f} MB, over this device's "
+                                f"{self.cfg.store.max_bundle_mb} MB cap", "raise store.max_bundle_mb on the device")
+        if not request.url and request.chunk_size + 4096 > self.max_payload:
+            raise DeployRefused(f"chunk size {request.chunk_size} does not fit this device's {self.max_payload}-byte "
+                                "message limit", f"deploy with chunks of at most {(self.max_payload - 4096) // 1024} kB")
+        have = self._transfers.get(ref.sha256)
+        already = have.size if have is not None and have.size == ref.size else 0
+        free = shutil.disk_usage(self.store.root).free + already
+        if free < 2 * ref.size:
+            raise DeployRefused(f"the store has {free / MB:.1f} MB free, the bundle needs {2 * ref.size / MB:.1f} MB "
+                                "(download plus unpacked copy)", "free disk space on the device")
+        hint = request.model
+        if hint is not None:
+            cur = self.store.current(hint.name)
+            if cur is not None and hint.version <= cur[0]:
+                raise VersionError(f"{hint.name} version {hint.version} is not newer than the installed version "
+                                   f"{cur[0]}", "build the bundle with a higher --version, or use rollback")
+            self.engine.admit_declared(hint.name, hint.runtime, hint.load_mb, hint.runtime_mb)
+
+    def _download_progress(self, transfer: Transfer):
+        """An event at every tenth of a download, so the fleet sees it move."""
+        last = [-1]
+
+        def report(done: int, total: int) -> None:
+            tenth = done * 10 // total
+            if tenth != last[0]:
+                last[0] = tenth
+                self.emit("deploy_downloading", f"bundle {transfer.sha256[:12]}…: {done}/{total} chunks",
+                          data={"sha256": transfer.sha256, "done": done, "total": total})
+        return report
 
     def _rollback(self, request: protocol.RollbackRequest, target: ReplyTarget | None) -> None:
         try:
@@ -481,9 +522,14 @@ class Agent:
         try:
             header, body = wire.unpack(payload, self.max_payload)
             chunk = protocol.from_fields(protocol.ChunkHeader, header, "chunk header")
-            transfer.add(chunk.index, chunk.offset, bytes(body))
+            transfer.add(chunk.index, chunk.offset, bytes(body), chunk.sha256)
         except ProtocolError as exc:
             self.emit("deploy_bad_chunk", str(exc), level="warning", data={"sha256": sha256})
+            return
+        except IntegrityError as exc:  # damaged in transit: ask for it again, the sender is waiting for a reply
+            self.emit("deploy_bad_chunk", str(exc), level="warning", data={"sha256": sha256, "index": chunk.index})
+            self._reply(target, Reply(status="progress", data={"state": "receiving", "n_chunks": transfer.n_chunks,
+                                                               "missing": [chunk.index]}))
             return
         if transfer.complete:
             self._finish_deploy(transfer, target)

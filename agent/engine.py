@@ -189,16 +189,15 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def declared_cost(self, manifest: Manifest) -> float:
-        cost = manifest.memory.load_mb
-        if not runtimes.is_imported(manifest.runtime):
-            cost += manifest.memory.runtime_mb
-        return cost
+    def admit_declared(self, name: str, runtime: str, load_mb: float, runtime_mb: float) -> None:
+        """Raise BudgetError unless a model of this declared cost fits now (the runtime's import
+        cost counts only when that runtime is not loaded yet)."""
+        self.budget.admit(name, load_mb + (0.0 if runtimes.is_imported(runtime) else runtime_mb))
 
     def load(self, folder: Path) -> LoadedModel:
         """Admit and load a model from an installed folder, without making it serve yet."""
         manifest = read_installed_manifest(folder)
-        self.budget.admit(manifest.name, self.declared_cost(manifest))
+        self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb)
         before = self.budget.rss_mb()
         runtime = runtimes.open_model(manifest.runtime, str(folder / manifest.model_file), threads=self.threads)
         model = LoadedModel(manifest, folder, runtime, cost_mb=0.0)

@@ -98,3 +98,15 @@ class FleetError(EdgewardError):
     """A fleet command could not be completed (no answer, device offline, refusal)."""
 
     code = "fleet"
+
+
+class DownloadError(EdgewardError):
+    """A bundle's bytes could not be fetched (server unreachable, wrong URL, agent stopping)."""
+
+    code = "download"
+
+
+class DeployRefused(EdgewardError):
+    """A device refuses a deploy before downloading it: too large, no disk, or bad transfer settings."""
+
+    code = "refused"

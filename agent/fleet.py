@@ -8,6 +8,7 @@ as the agent (protocol.py, wire.py), so the two ends cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -170,41 +171,63 @@ class Fleet:
         return {"model": header.get("model"), "version": header.get("version"), "outputs": outputs}
 
     def deploy(self, bundle_path: str | os.PathLike, device: str, chunk_size: int = 256 * 1024,
-               timeout: float = 120.0, progress: Callable[[str, int, int], None] | None = None) -> Reply:
-        """Send a bundle to one device and wait until it is serving (or refused). Raises FleetError on refusal."""
+               timeout: float = 120.0, progress: Callable[[str, int, int], None] | None = None,
+               url: str | None = None, max_resends: int = 3) -> Reply:
+        """Send a bundle to one device and wait until it is serving (or refused). Raises FleetError on refusal.
+
+        The bytes go as MQTT chunks (only those the device says it is missing, so sending the
+        same deploy again resumes), or, with `url`, the device downloads them itself. Chunks the
+        device rejects as damaged are sent again, up to `max_resends` rounds.
+        """
         path = Path(bundle_path)
-        opened = open_bundle(path, verify_signature=False)  # the board judges the signature; we catch corrupt files
+        m = open_bundle(path, verify_signature=False).manifest  # the board judges the signature
         ref = protocol.BundleRef(sha256=sha256_file(path), size=path.stat().st_size)
-        request = protocol.DeployRequest(bundle=ref, chunk_size=chunk_size)
+        hint = protocol.ModelHint(name=m.name, version=m.version, runtime=m.runtime,
+                                  load_mb=m.memory.load_mb, runtime_mb=m.memory.runtime_mb)
+        request = protocol.DeployRequest(bundle=ref, chunk_size=chunk_size, url=url, model=hint)
+        what = f"{m.name} v{m.version}"
         corr, q = self._request(protocol.cmd_topic(device, "deploy"), protocol.encode(request))
         deadline = time.monotonic() + timeout
         try:
             first = protocol.decode(Reply, self._wait(q, 10.0, f"deploy on {device}"))
             if first.status == "error":
-                raise FleetError(f"{device} refused {opened.manifest.name} v{opened.manifest.version}: {first.error}")
+                raise FleetError(f"{device} refused {what}: {first.error}")
             missing = list(first.data.get("missing", []))
-            topic = protocol.upload_topic(device, ref.sha256)
-            with open(path, "rb") as f:
-                for n, index in enumerate(missing, 1):
-                    f.seek(index * chunk_size)
-                    data = f.read(chunk_size)
-                    header = protocol.ChunkHeader(index=index, offset=index * chunk_size)
-                    info = self._client.publish(topic, wire.pack(to_dict(header), data), qos=1)
-                    if n % 16 == 0 or n == len(missing):
-                        info.wait_for_publish(timeout=max(1.0, deadline - time.monotonic()))
-                    if progress:
-                        progress("upload", n, len(missing))
+            resends = 0
             while True:
+                if missing:
+                    self._send_chunks(path, device, ref.sha256, chunk_size, missing, deadline, progress)
                 reply = protocol.decode(Reply, self._wait(q, max(1.0, deadline - time.monotonic()),
                                                           f"deploy on {device}"))
                 if reply.final:
                     break
+                missing = list(reply.data.get("missing", []))
+                if missing:
+                    resends += 1
+                    if resends > max_resends:
+                        raise FleetError(f"{device} kept rejecting chunks of {what} ({len(missing)} still missing)",
+                                         "check the link to the device, then deploy again to resume")
             if reply.status == "error":
-                raise FleetError(f"{device} did not take {opened.manifest.name} v{opened.manifest.version}: "
-                                 f"{reply.error}")
+                raise FleetError(f"{device} did not take {what}: {reply.error}")
             return reply
         finally:
             self._pending.pop(corr, None)
+
+    def _send_chunks(self, path: Path, device: str, sha256: str, chunk_size: int, indexes: list[int],
+                     deadline: float, progress: Callable[[str, int, int], None] | None) -> None:
+        """Publish the given chunks, each with its own sha256; pause for the broker every 16 chunks."""
+        topic = protocol.upload_topic(device, sha256)
+        with open(path, "rb") as f:
+            for n, index in enumerate(indexes, 1):
+                f.seek(index * chunk_size)
+                data = f.read(chunk_size)
+                header = protocol.ChunkHeader(index=index, offset=index * chunk_size,
+                                              sha256=hashlib.sha256(data).hexdigest())
+                info = self._client.publish(topic, wire.pack(to_dict(header), data), qos=1)
+                if n % 16 == 0 or n == len(indexes):
+                    info.wait_for_publish(timeout=max(1.0, deadline - time.monotonic()))
+                if progress:
+                    progress("upload", n, len(indexes))
 
     def watch(self, stop: threading.Event, kinds: tuple[str, ...] = ("state", "telemetry", "events"),
               device: str = "+") -> Iterator[tuple[str, str, dict]]:

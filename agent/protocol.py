@@ -209,10 +209,27 @@ class BundleRef:
 
 
 @dataclass
+class ModelHint:
+    """What the sender read from the bundle's manifest, so a device can refuse before downloading.
+
+    Unverified by nature: the device checks the signed manifest again after the download;
+    a wrong hint can only make it refuse early."""
+    name: str = field(metadata=rule(pattern=NAME_PATTERN))
+    version: int = field(metadata=rule(min=1))
+    runtime: str = ""
+    load_mb: float = field(default=0.0, metadata=rule(min=0))
+    runtime_mb: float = field(default=0.0, metadata=rule(min=0))
+
+
+@dataclass
 class DeployRequest:
-    """Asks a device to take a bundle; the bytes follow as chunks on <device>/upload/<sha256>."""
+    """Asks a device to take a bundle. The bytes follow as chunks on <device>/upload/<sha256>,
+    or, when `url` is given, the device fetches them over http(s) (resuming with Range requests).
+    Sending the same request again resumes a transfer where it stopped, across agent restarts."""
     bundle: BundleRef
     chunk_size: int = field(default=256 * 1024, metadata=rule(min=1024, max=16 * 1024 * 1024))
+    url: Optional[str] = field(default=None, metadata=rule(pattern=r"https?://[^\s]{1,2040}"))
+    model: Optional[ModelHint] = None
     v: int = VERSION
     reply_to: Optional[str] = None
     corr: Optional[str] = None
@@ -256,9 +273,11 @@ class Reply:
 
 @dataclass
 class ChunkHeader:
-    """Frame header of one bundle chunk on <device>/upload/<sha256>."""
+    """Frame header of one bundle chunk on <device>/upload/<sha256>; `sha256` (of this chunk's
+    bytes) lets the device reject a damaged chunk at once and ask for it again."""
     index: int = field(metadata=rule(min=0))
     offset: int = field(metadata=rule(min=0))
+    sha256: Optional[str] = field(default=None, metadata=rule(pattern=SHA256_PATTERN))
     v: int = VERSION
 
 

@@ -80,6 +80,7 @@ class RolloutState:
     version: int
     waves: list[list[str]]
     gates: Gates = field(default_factory=Gates)
+    url: Optional[str] = None       # devices download the bundle from here instead of MQTT chunks
     state: str = "running"          # running, halted, done
     wave: int = 0                   # index of the wave in progress (== len(waves) when done)
     devices: dict[str, DeviceResult] = field(default_factory=dict)
@@ -101,14 +102,14 @@ class Rollout:
 
     @classmethod
     def create(cls, fleet, bundle: str | Path, devices: list[str], canary: str | None, waves: int, gates: Gates,
-               state_dir: Path, progress: Progress | None = None) -> "Rollout":
+               state_dir: Path, progress: Progress | None = None, url: str | None = None) -> "Rollout":
         bundle = Path(bundle).resolve()
         m = open_bundle(bundle, verify_signature=False).manifest
         plan = plan_waves(devices, canary, waves)
         if not plan:
             raise FleetError("no device to roll out to", "check the --device/--group selection with `edgeward fleet ls`")
         state = RolloutState(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4], bundle=str(bundle),
-                             sha256=sha256_file(bundle), model=m.name, version=m.version, waves=plan, gates=gates,
+                             sha256=sha256_file(bundle), model=m.name, version=m.version, waves=plan, gates=gates, url=url,
                              devices={d: DeviceResult() for w in plan for d in w})
         r = cls(fleet, state, state_dir, progress)
         r.save()
@@ -172,7 +173,7 @@ class Rollout:
                     res.status, res.detail = "skipped", f"already on v{self.s.version}"
                 return
             try:
-                reply = self.fleet.deploy(self.s.bundle, device, timeout=300)
+                reply = self.fleet.deploy(self.s.bundle, device, timeout=300, url=self.s.url)
                 res.status, res.detail = "deployed", f"self-test agreement {reply.data['self_test']['top1_agreement']}"
             except EdgewardError as exc:
                 res.status, res.detail = "failed", str(exc)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from agent import errors, protocol, wire  # noqa: E402
 
 MESSAGES = [protocol.State, protocol.Hardware, protocol.ModelInfo, protocol.Telemetry, protocol.ModelStats,
-            protocol.Event, protocol.DeployRequest, protocol.BundleRef, protocol.RollbackRequest,
+            protocol.Event, protocol.DeployRequest, protocol.BundleRef, protocol.ModelHint, protocol.RollbackRequest,
             protocol.PingRequest, protocol.Reply, protocol.ChunkHeader, protocol.InferHeader]
 
 
@@ -82,6 +82,15 @@ def render() -> str:
         "body or the frame header. The answer then carries `corr` in its body.",
         "- **Answers.** Every command gets a [Reply](#reply): `ok` or `error` (with a one-line `error` and a "
         "stable `code`). A deploy first gets `progress` replies.",
+        "- **Deploys.** `cmd/deploy` names the bundle by sha256 and size, and may carry a [ModelHint](#modelhint) "
+        "read from its manifest, so the board refuses an over-budget or not-newer bundle before any byte moves "
+        "(it checks the signed manifest again afterwards). The first `progress` reply lists the chunk indexes the "
+        "board still needs (`missing`). The sender publishes those as [ChunkHeader](#chunkheader) frames on "
+        "`upload/<sha256>`, each with the chunk's own sha256. A chunk that arrives damaged gets another `progress` "
+        "reply naming only it, and the sender sends it again. With all chunks in, the board hashes the file, "
+        "installs it and sends the final `ok` (what serves now) or `error`. With `url` the board downloads the "
+        "bytes itself over http(s) with Range requests, and `missing` is empty. **Resuming:** send the same "
+        "deploy again, after a disconnect or an agent restart; `missing` then lists only what has not arrived.",
         "- **Size limit.** Messages larger than the board's `mqtt.max_payload_kb` are refused before parsing.",
         "",
         "## Topics",
@@ -110,10 +119,10 @@ def render() -> str:
             seen.add(cls.code)
             out.append(f"| `{cls.code}` | {inspect.cleandoc(cls.__doc__ or cls.__name__).splitlines()[0]} |")
     for code, meaning in (("busy", "Too many requests are pending on the board; retry later."),
-                          ("refused", "A deploy the board cannot take: size, chunk size or free disk."),
                           ("unknown_command", "The verb is not one of the commands above."),
                           ("internal", "A bug on the board; the message says what, and the board keeps running.")):
-        out.append(f"| `{code}` | {meaning} |")
+        if code not in seen:
+            out.append(f"| `{code}` | {meaning} |")
     return "\n".join(out) + "\n"
 
 

@@ -153,11 +153,14 @@ def test_budget_refusal_says_by_how_much(assets, tmp_path):
     assert engine.models() == []
 
 
-def test_budget_counts_runtime_import_only_until_it_is_loaded(assets):
-    engine = Engine(Budget(4096))
-    m = open_bundle(assets.v1, [load_public_key(assets.pub)]).manifest
+def test_budget_counts_runtime_import_only_until_it_is_loaded():
     import onnxruntime  # noqa: F401  (as after a first model load)
-    assert engine.declared_cost(m) == pytest.approx(m.memory.load_mb)
+    budget = Budget(4096)
+    budget.budget_mb = budget.rss_mb() + 500  # room for the model, not for another runtime import
+    engine = Engine(budget)
+    engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=2000)  # imported: its cost is paid
+    with pytest.raises(BudgetError, match="short by"):
+        engine.admit_declared("m", "not-imported-runtime", load_mb=10, runtime_mb=2000)
 
 
 def test_self_test_catches_a_model_that_does_not_match_its_reference(assets, tmp_path):
