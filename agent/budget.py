@@ -1,9 +1,9 @@
 """The RAM budget: what the agent process really uses, measured with psutil, and who may load.
 
-The budget caps the agent's own resident memory (RSS). A load is admitted only if
-the current RSS plus the model's cost (the bundle's host-measured figure, plus the
-runtime's import cost when that runtime is not loaded yet) stays inside the budget,
-and the system keeps `reserve_mb` available. A refusal says by how much it misses.
+The budget caps the resident memory (RSS) of the agent and its model workers together.
+A load is admitted only if that total plus the model's cost (a worker's base, the
+runtime's import cost and the bundle's host-measured load cost) stays inside the
+budget, and the system keeps `reserve_mb` available. A refusal says by how much it misses.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ class Budget:
         self._proc = psutil.Process()
 
     def rss_mb(self) -> float:
-        return self._proc.memory_info().rss / MB
+        """The agent's RSS plus that of every model worker it started."""
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # it exited between listing and reading
+                pass
+        return total / MB
 
     @staticmethod
     def available_mb() -> float:
@@ -45,7 +52,7 @@ class Budget:
         if cost_mb > room:
             raise BudgetError(
                 f"model {name!r} needs {cost_mb:.1f} MB, the budget leaves {max(room, 0):.1f} MB "
-                f"(agent RSS {rss:.1f} MB of {self.budget_mb:.0f} MB): short by {cost_mb - room:.1f} MB",
+                f"(agent and workers use {rss:.1f} MB of {self.budget_mb:.0f} MB): short by {cost_mb - room:.1f} MB",
                 "raise memory.budget_mb (--budget-mb) or unload another model",
             )
         system_room = avail - self.reserve_mb

@@ -87,6 +87,8 @@ class Manifest:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.0
+    # recurrent state: input name -> the output that carries it to the next call (stateful streams)
+    state: dict[str, str] = field(default_factory=dict)
     description: str = ""
     created: str = ""
     producer: str = ""

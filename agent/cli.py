@@ -108,7 +108,8 @@ def cmd_agent(args) -> int:
 
     overrides = {"mqtt.url": args.broker, "device.id": args.device_id, "store.path": args.store,
                  "memory.budget_mb": args.budget_mb, "trust.keys": args.trust_key or None,
-                 "telemetry.interval_s": args.telemetry_interval, "log_level": args.log_level}
+                 "telemetry.interval_s": args.telemetry_interval, "log_level": args.log_level,
+                 "api.socket": args.socket}
     if args.allow_unsigned:
         overrides["trust.allow_unsigned"] = True
     if args.action == "status":
@@ -386,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (mqtt.url)")
     a.add_argument("--device-id", help="this device's id in topics (device.id; default: the host name)")
     a.add_argument("--store", help="model store folder (store.path)")
-    a.add_argument("--budget-mb", type=int, help="RAM budget for the agent process in MB (memory.budget_mb)")
+    a.add_argument("--budget-mb", type=int, help="RAM budget in MB for the agent and its model workers "
+                                                 "(memory.budget_mb)")
+    a.add_argument("--socket", help="the local API's Unix socket (api.socket; default STORE/agent.sock, \"off\" for none)")
     a.add_argument("--trust-key", action="append", metavar="FILE", help="trusted public key (trust.keys, repeatable)")
     a.add_argument("--allow-unsigned", action="store_true", help="accept unsigned bundles (development only)")
     a.add_argument("--install", action="append", default=[], metavar="BUNDLE",

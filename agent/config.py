@@ -96,8 +96,28 @@ class HomeAssistantConfig:
 
 @dataclass
 class InferenceConfig:
-    threads: int = field(default=1, metadata=rule(min=1, max=64))
-    workers: int = field(default=2, metadata=rule(min=1, max=64))
+    threads: int = field(default=1, metadata=rule(min=1, max=64))      # the runtime's threads per model
+    workers: int = field(default=2, metadata=rule(min=1, max=64))      # MQTT requests handled at once
+    timeout_s: float = field(default=30.0, metadata=rule(min=0.1, max=3600))  # a model run longer is stopped
+
+
+@dataclass
+class ApiConfig:
+    """The local Unix-socket API for apps on the board (binary tensors; client: agent.client.LocalClient)."""
+    socket: str = ""   # "" = <store.path>/agent.sock; the service uses /run/edgeward/agent.sock; "off" = none
+    socket_mode: int = field(default=0o660, metadata=rule(min=0, max=0o777))
+    max_pending: int = field(default=256, metadata=rule(min=1, max=100_000))  # beyond it callers get "busy"
+
+
+@dataclass
+class ServingConfig:
+    """How one model takes requests: at once (streaming), or gathered into micro-batches."""
+    mode: str = field(default="streaming", metadata=rule(choices=("streaming", "batched")))
+    max_batch: int = field(default=32, metadata=rule(min=1, max=4096))
+    max_delay_ms: float = field(default=2.0, metadata=rule(min=0, max=10_000))
+    preferred_batch: list[int] = field(default_factory=list)  # e.g. [8, 16, 32]: run these sizes when possible
+    max_queue: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # rows waiting; beyond: "busy"
+    max_streams: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # stateful streams kept
 
 
 @dataclass
@@ -110,11 +130,24 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)        # the default for every model
+    models: dict[str, ServingConfig] = field(default_factory=dict)       # per model name, overriding it
     log_level: str = field(default="info", metadata=rule(choices=("debug", "info", "warning", "error")))
 
     @property
     def device_id(self) -> str:
         return self.device.id
+
+    @property
+    def api_socket(self) -> str | None:
+        """Where the local API listens, or None when it is turned off."""
+        if self.api.socket == "off":
+            return None
+        return self.api.socket or str(Path(self.store.path) / "agent.sock")
+
+    def serving_for(self, model: str) -> ServingConfig:
+        return self.models.get(model, self.serving)
 
 
 def _check_semantics(cfg: AgentConfig) -> None:
@@ -139,6 +172,11 @@ def _check_semantics(cfg: AgentConfig) -> None:
     if not cfg.trust.keys and not cfg.trust.allow_unsigned:
         raise ConfigError("trust.keys: no trusted public key configured, so every bundle would be refused",
                           "pass --trust-key FILE (or set trust.allow_unsigned: true for development only)")
+    for name, serving in cfg.models.items():
+        if any(b < 1 or b > serving.max_batch for b in serving.preferred_batch):
+            raise ConfigError(f"models.{name}.preferred_batch: sizes must lie in 1..max_batch ({serving.max_batch})")
+    if any(b < 1 or b > cfg.serving.max_batch for b in cfg.serving.preferred_batch):
+        raise ConfigError(f"serving.preferred_batch: sizes must lie in 1..max_batch ({cfg.serving.max_batch})")
     if cfg.memory.budget_mb <= 0:
         raise ConfigError("memory.budget_mb: must be positive")
 

@@ -26,7 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import psutil
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -39,7 +38,9 @@ from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
 from .signing import load_public_key
+from .localapi import LocalApi
 from .spool import Spool
+from .tensors import from_frame, to_frame
 from .status import write_status
 from .systemd import Notifier
 from .store import Store
@@ -77,7 +78,10 @@ class Agent:
         self.device = cfg.device.id
         self.max_payload = cfg.mqtt.max_payload_kb * 1024
         self.budget = Budget(cfg.memory.budget_mb, cfg.memory.reserve_mb)
-        self.engine = Engine(self.budget, threads=cfg.inference.threads)
+        self.engine = Engine(self.budget, threads=cfg.inference.threads, emit=self.emit,
+                             timeout_s=cfg.inference.timeout_s, serving_for=cfg.serving_for)
+        self.api = LocalApi(cfg.api_socket, self.engine, cfg.api.socket_mode, cfg.api.max_pending) \
+            if cfg.api_socket else None
         self.store = Store(cfg.store.path, cfg.store.keep_versions)
         trust = Trust([load_public_key(k) for k in cfg.trust.keys], cfg.trust.allow_unsigned)
         self.updater = Updater(self.store, self.engine, trust, cfg.store.max_bundle_mb * MB, self.emit)
@@ -122,6 +126,13 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        if self.api is not None:
+            try:
+                self.api.start()
+            except OSError as exc:
+                log.error("local API unavailable: cannot create %s (%s); set api.socket to a writable path "
+                          "(or \"off\")", self.cfg.api_socket, exc.strerror or exc)
+                self.api = None
         # set before the network thread starts: it may connect and publish the birth message at once
         self._client = client
         self._drainer.start()
@@ -166,6 +177,8 @@ class Agent:
         client = self._client
         if client is not None and self.connected.is_set():
             client.unsubscribe(protocol.device_subscriptions(self.device))
+        if self.api is not None:
+            self.api.stop()
         self._infer_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True, cancel_futures=True)
         for transfer in list(self._transfers.values()):
@@ -190,9 +203,9 @@ class Agent:
 
     # ------------------------------------------------------------ local API
 
-    def infer(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """In-process inference; works with or without a broker."""
-        return self.engine.infer(model, feeds)[1]
+    def infer(self, model: str, feeds: dict) -> dict:
+        """In-process inference with numpy arrays; works with or without a broker."""
+        return self.engine.infer_arrays(model, feeds)[1]
 
     # ------------------------------------------------------------ what the agent tells the world
 
@@ -577,13 +590,15 @@ class Agent:
         try:
             header = {}
             try:
-                header, tensors = wire.unpack_tensors(msg.payload, self.max_payload)
+                header, body = wire.unpack(msg.payload, self.max_payload)
+                tensors = from_frame(header, body)
                 protocol.from_fields(protocol.InferHeader, header, "inference request")
                 target = target or reply_target(msg, header)
                 model, outputs = self.engine.infer(model_name, tensors)
                 extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
-                payload = wire.pack_tensors(outputs, v=protocol.VERSION, status="ok", model=model.name,
-                                            version=model.version, **extra)
+                specs, out = to_frame(outputs)
+                payload = wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name,
+                                     "version": model.version, **extra, "tensors": specs}, out)
             except EdgewardError as exc:
                 payload = None
                 self._infer_reply(target or reply_target(msg, header),

@@ -1,11 +1,15 @@
 """The inference engine: the models that are serving, how requests reach them, what they cost.
 
-A model is loaded into a *shadow* LoadedModel first (admitted by the budget, its
-real RSS cost measured), self-tested on the bundle's reference I/O, and only then
-swapped in under the name callers use. No request fails because of a swap: each
-request holds its model while it runs, closing a replaced model waits for the
-requests still on it, and a request that picked up a model just as it was retired
-simply takes the new one.
+Each model runs in its own worker process (agent/modelproc.py, agent/worker.py): the
+agent's process stays small and numpy-free, unloading a model gives all of its memory
+back, and a runtime crash costs that model's in-flight requests, never the agent (the
+next request starts a fresh worker).
+
+A model is loaded into a *shadow* LoadedModel first (admitted by the budget, its real
+RSS cost measured), self-tested on the bundle's reference I/O, and only then swapped
+in under the name callers use. No request fails because of a swap: each request holds
+its model while it runs, closing a replaced model waits for the requests still on it,
+and a request that picked up a model just as it was retired simply takes the new one.
 """
 
 from __future__ import annotations
@@ -15,18 +19,35 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-
-from . import runtimes
+from .batcher import Batcher
 from .budget import Budget
-from .bundle import REFERENCE, Manifest, TensorSpec, read_installed_manifest
-from .errors import InferenceError, ModelNotFound, SelfTestError
+from .bundle import REFERENCE, Manifest, read_installed_manifest
+from .config import ServingConfig
+from .errors import EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
+from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
+from .streams import Streams
+from .tensors import Tensor, check_inputs, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 2048
+WORKER_BASE_MB_GUESS = 30.0   # python + numpy in a worker, until the first worker has measured it
+RESTART_MIN_INTERVAL_S = 2.0  # a model whose worker keeps dying is not restarted in a tight loop
+
+# emit(kind, message, level="info", model=None, version=None, data=None)
+Emit = Callable[..., None]
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = (len(sorted_values) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 class Stats:
@@ -40,49 +61,56 @@ class Stats:
         self._rows = 0
         self._runs = 0
 
-    def record(self, latency_ms: float | None, ok: bool, rows: int = 0) -> None:
+    def record(self, latency_ms: float | None, ok: bool) -> None:
         with self._lock:
             self.requests += 1
             if ok:
                 self._latencies.append(latency_ms)
-                self._rows += rows
-                self._runs += 1
             else:
                 self.errors += 1
+
+    def record_run(self, rows: int) -> None:
+        """One execution of the model (a batch of `rows`, which may serve several requests)."""
+        with self._lock:
+            self._rows += rows
+            self._runs += 1
 
     def snapshot(self, version: int, inflight: int = 0) -> ModelStats:
         with self._lock:
             p50 = p95 = p99 = None
             if self._latencies:
-                p50, p95, p99 = (round(float(v), 3) for v in np.percentile(np.array(self._latencies), [50, 95, 99]))
+                ordered = sorted(self._latencies)
+                p50, p95, p99 = (round(_percentile(ordered, q), 3) for q in (50, 95, 99))
             return ModelStats(version=version, requests=self.requests, errors=self.errors, p50_ms=p50, p95_ms=p95,
                               p99_ms=p99, mean_batch=round(self._rows / self._runs, 2) if self._runs else None,
                               inflight=inflight)
 
 
-def _check_input(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.name != spec.dtype:
-        raise InferenceError(f"input {spec.name!r}: dtype {arr.dtype.name}, the model takes {spec.dtype}",
-                             f"send {spec.dtype} data")
-    if arr.ndim != len(spec.shape) or any(s not in (-1, a) for s, a in zip(spec.shape, arr.shape)):
-        want = "x".join("N" if s == -1 else str(s) for s in spec.shape)
-        raise InferenceError(f"input {spec.name!r}: shape {list(arr.shape)}, the model takes {want}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InferenceError(f"input {spec.name!r} holds NaN or infinity", "send finite values")
-    return arr
-
-
 class LoadedModel:
-    def __init__(self, manifest: Manifest, folder: Path, runtime: runtimes.Runtime, cost_mb: float):
+    def __init__(self, manifest: Manifest, folder: Path, start_worker: Callable[[], ModelProcess],
+                 emit: Emit | None = None, timeout_s: float = 30.0, serving: ServingConfig | None = None):
         self.manifest = manifest
+        self.serving = serving or ServingConfig()
         self.folder = folder
-        self.runtime = runtime
-        self.cost_mb = cost_mb
+        self._start_worker = start_worker
+        self.emit = emit or (lambda *a, **k: None)
+        self.timeout_s = timeout_s
+        self.proc = start_worker()
+        self.cost_mb = self.proc.rss_mb
         self.stats = Stats()
-        self._specs = {s.name: s for s in manifest.inputs}
         self._inflight = 0
         self._retired = False
         self._cv = threading.Condition()
+        self._restart_lock = threading.Lock()
+        self._last_restart = 0.0
+        self._request_specs = [s for s in manifest.inputs if s.name not in manifest.state]
+        first = manifest.inputs[0].shape if manifest.inputs else []
+        self.fixed_batch = first[0] if first and first[0] > 0 else None
+        self.streams = Streams(manifest, self._execute, self.serving.max_streams) if manifest.state else None
+        self._batcher = None
+        if self.serving.mode == "batched" and self.streams is None:
+            self._batcher = Batcher(self.name, self._execute, self.serving.max_batch, self.serving.max_delay_ms,
+                                    self.serving.preferred_batch, self.fixed_batch, self.serving.max_queue)
 
     @property
     def name(self) -> str:
@@ -96,65 +124,81 @@ class LoadedModel:
         return ModelInfo(name=self.name, version=self.version, format=self.manifest.format,
                          cost_mb=round(self.cost_mb, 1), sha256=self.manifest.files[self.manifest.model_file].sha256)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, run, record. Any failure is an InferenceError for this caller alone."""
+    # ---------------------------------------------------------------- running
+
+    def run(self, tensors: list[Tensor], stream: str | None = None) -> list[Tensor]:
+        """Validate, run in the worker (alone, in a micro-batch, or on a stream's state), record.
+        Any failure is an error for this caller alone."""
         t0 = time.perf_counter()
         try:
-            if len(self._specs) == 1 and len(feeds) == 1:
-                # A single-input model takes a single tensor under any name (e.g. from a bare .npy).
-                feeds = {next(iter(self._specs)): next(iter(feeds.values()))}
-            missing = set(self._specs) - set(feeds)
-            extra = set(feeds) - set(self._specs)
-            if missing or extra:
-                raise InferenceError(f"model {self.name!r} takes inputs {sorted(self._specs)}, got {sorted(feeds)}")
-            checked = {k: _check_input(self._specs[k], v) for k, v in feeds.items()}
-            try:
-                out = self.runtime.run(checked)
-            except Exception as exc:
-                raise InferenceError(f"model {self.name!r} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
-        except InferenceError:
+            if self.streams is not None:
+                feeds = check_inputs(self.name, self._request_specs, tensors)
+                out = self.streams.run(stream, feeds)
+            elif self._batcher is not None:
+                feeds = check_inputs(self.name, self._request_specs, tensors, max_rows=self.fixed_batch)
+                out = self._batcher.submit(feeds)
+            else:
+                feeds = check_inputs(self.name, self._request_specs, tensors)
+                out = self._execute(feeds)
+        except EdgewardError:
             self.stats.record(None, ok=False)
             raise
-        first = next(iter(checked.values()))
-        self.stats.record((time.perf_counter() - t0) * 1000, ok=True, rows=first.shape[0] if first.ndim else 1)
+        self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return out
+
+    def _execute(self, feeds: list[Tensor]) -> list[Tensor]:
+        proc = self._worker()
+        try:
+            _, out = proc.call({"op": "run"}, feeds, timeout=self.timeout_s, what="request")
+        except WorkerCrashed as exc:
+            self.emit("model_crashed", f"{self.name} v{self.version}: {exc.message}", level="error",
+                      model=self.name, version=self.version)
+            raise
+        self.stats.record_run(feeds[0].rows if feeds else 1)
+        return out
+
+    def _worker(self) -> ModelProcess:
+        """The live worker, or a fresh one if the last one died (not more often than every few seconds)."""
+        proc = self.proc
+        if proc.alive():
+            return proc
+        with self._restart_lock:
+            if self.proc.alive():
+                return self.proc
+            wait = RESTART_MIN_INTERVAL_S - (time.monotonic() - self._last_restart)
+            if wait > 0:
+                raise WorkerCrashed(f"model {self.name!r} is restarting after a crash", f"retry in {wait:.1f} s")
+            self._last_restart = time.monotonic()
+            self.proc.close()
+            self.proc = self._start_worker()
+            self.emit("model_restarted", f"{self.name} v{self.version}: a fresh worker serves it",
+                      model=self.name, version=self.version, data={"pid": self.proc.pid})
+            return self.proc
+
+    def infer_arrays(self, feeds: dict, stream: str | None = None) -> dict:
+        """numpy in, numpy out: for in-process callers and tests (the agent itself never needs numpy)."""
+        out = self.run([from_numpy(k, v) for k, v in feeds.items()], stream)
+        return {t.name: to_numpy(t) for t in out}
 
     def snapshot(self) -> ModelStats:
         return self.stats.snapshot(self.version, inflight=self._inflight)
 
+    @property
+    def mode(self) -> str:
+        return "stateful" if self.streams is not None else ("batched" if self._batcher is not None else "streaming")
+
     def self_test(self) -> dict:
-        """Re-run the reference inputs; the outputs must match those shipped in the bundle."""
-        try:
-            with np.load(self.folder / REFERENCE, allow_pickle=False) as ref:
-                data = {k: ref[k] for k in ref.files}
-        except (OSError, ValueError) as exc:
-            raise SelfTestError(f"{self.name} v{self.version}: reference data unreadable ({exc})") from exc
-        feeds = {s.name: data.get(f"input.{s.name}") for s in self.manifest.inputs}
-        if any(v is None for v in feeds.values()):
-            raise SelfTestError(f"{self.name} v{self.version}: reference data lacks an input")
-        try:
-            got = self.runtime.run(feeds)
-        except Exception as exc:
-            raise SelfTestError(f"{self.name} v{self.version} crashed on its reference inputs: {exc}") from exc
+        """Re-run the reference inputs in the worker; the outputs must match those shipped in the bundle."""
         st = self.manifest.selftest
-        worst, agreement = 0.0, 1.0
-        for spec in self.manifest.outputs:
-            want = data.get(f"expected.{spec.name}")
-            have = got.get(spec.name)
-            if want is None or have is None or have.shape != want.shape:
-                raise SelfTestError(f"{self.name} v{self.version}: output {spec.name!r} missing or of the wrong shape")
-            err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-            worst = max(worst, err)
-            if want.ndim >= 2 and want.shape[-1] > 1:
-                agreement = min(agreement, float(np.mean(have.argmax(-1) == want.argmax(-1))))
-        result = {"max_abs_err": round(worst, 6), "top1_agreement": round(agreement, 4),
-                  "atol": st.atol, "min_top1_agreement": st.min_top1_agreement, "samples": len(next(iter(feeds.values())))}
-        if not worst <= st.atol or agreement < st.min_top1_agreement:
-            raise SelfTestError(
-                f"{self.name} v{self.version} failed its self-test: max abs error {worst:.4g} (allowed {st.atol:.4g}), "
-                f"top-1 agreement {agreement:.3f} (needed {st.min_top1_agreement:.3f})",
-                "the model does not behave on this device as it did on the host; check the runtime version")
-        return result
+        reply, _ = self._worker().call({
+            "op": "selftest", "reference": str(self.folder / REFERENCE), "what": f"{self.name} v{self.version}",
+            "inputs": [s.name for s in self.manifest.inputs],
+            "outputs": [s.name for s in self.manifest.outputs if s.name not in self.manifest.state.values()],
+            "atol": st.atol, "min_top1_agreement": st.min_top1_agreement}, timeout=max(self.timeout_s, 60), what="self-test")
+        self.cost_mb = max(self.cost_mb, float(reply.get("rss_mb", 0.0)))
+        return reply["result"]
+
+    # ---------------------------------------------------------------- life
 
     def acquire(self) -> bool:
         """Hold the model for one request; False once it is retired (the caller takes the new one)."""
@@ -171,38 +215,56 @@ class LoadedModel:
                 self._cv.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Retire the model: no new requests, wait for those running on it, then free the runtime."""
+        """Retire the model: no new requests, wait for those running on it, then end its worker."""
         with self._cv:
             self._retired = True
             if not self._cv.wait_for(lambda: self._inflight == 0, timeout):
                 log.warning("%s v%s: %d request(s) still running after %.0f s; closing anyway",
                             self.name, self.version, self._inflight, timeout)
-        self.runtime.close()
+        if self._batcher is not None:
+            self._batcher.close()
+        self.proc.close()
 
 
 class Engine:
-    """The serving models by name, the budget that admits them, and the runtime threads."""
+    """The serving models by name, the budget that admits them, and how their workers start."""
 
-    def __init__(self, budget: Budget, threads: int = 1):
+    def __init__(self, budget: Budget, threads: int = 1, emit: Emit | None = None, timeout_s: float = 30.0,
+                 serving_for: Callable[[str], ServingConfig] | None = None):
         self.budget = budget
+        self.serving_for = serving_for or (lambda name: ServingConfig())
         self.threads = threads
+        self.emit = emit
+        self.timeout_s = timeout_s
+        self.worker_base_mb = WORKER_BASE_MB_GUESS
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
     def admit_declared(self, name: str, runtime: str, load_mb: float, runtime_mb: float) -> None:
-        """Raise BudgetError unless a model of this declared cost fits now (the runtime's import
-        cost counts only when that runtime is not loaded yet)."""
-        self.budget.admit(name, load_mb + (0.0 if runtimes.is_imported(runtime) else runtime_mb))
+        """Raise BudgetError unless a model of this declared cost fits now: a worker process
+        (python + numpy, as measured by the last worker), its runtime, and the model."""
+        self.budget.admit(name, self.worker_base_mb + runtime_mb + load_mb)
 
     def load(self, folder: Path) -> LoadedModel:
-        """Admit and load a model from an installed folder, without making it serve yet."""
+        """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
         manifest = read_installed_manifest(folder)
         self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb)
-        before = self.budget.rss_mb()
-        runtime = runtimes.open_model(manifest.runtime, str(folder / manifest.model_file), threads=self.threads)
-        model = LoadedModel(manifest, folder, runtime, cost_mb=0.0)
-        model.cost_mb = max(self.budget.rss_mb() - before, 0.0)
-        return model
+        path = str(folder / manifest.model_file)
+
+        def start_worker() -> ModelProcess:
+            proc = ModelProcess()
+            try:
+                self.worker_base_mb = proc.base_rss_mb or self.worker_base_mb
+                reply, _ = proc.call({"op": "load", "runtime": manifest.runtime, "path": path,
+                                      "threads": self.threads}, timeout=120, what="load")
+            except BaseException:
+                proc.close()
+                raise
+            proc.rss_mb = float(reply.get("rss_mb", 0.0))
+            return proc
+
+        return LoadedModel(manifest, folder, start_worker, emit=self.emit, timeout_s=self.timeout_s,
+                           serving=self.serving_for(manifest.name))
 
     def activate(self, model: LoadedModel) -> LoadedModel | None:
         """Make `model` serve under its name; return the model it replaced (still open)."""
@@ -224,12 +286,19 @@ class Engine:
                                 f"serving: {', '.join(sorted(self._models)) or 'none'}")
         return model
 
-    def infer(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+    def infer(self, name: str, tensors: list[Tensor], stream: str | None = None) -> tuple[LoadedModel, list[Tensor]]:
+        return self._on_model(name, lambda model: model.run(tensors, stream))
+
+    def infer_arrays(self, name: str, feeds: dict, stream: str | None = None) -> tuple[LoadedModel, dict]:
+        """numpy in, numpy out (for in-process callers and tests)."""
+        return self._on_model(name, lambda model: model.infer_arrays(feeds, stream))
+
+    def _on_model(self, name: str, work):
         for _ in range(3):  # a swap can retire the model between get() and acquire(): take the new one
             model = self.get(name)
             if model.acquire():
                 try:
-                    return model, model.run(feeds)
+                    return model, work(model)
                 finally:
                     model.release()
         raise InferenceError(f"model {name!r} is being replaced; retry")

@@ -110,3 +110,15 @@ class DeployRefused(EdgewardError):
     """A device refuses a deploy before downloading it: too large, no disk, or bad transfer settings."""
 
     code = "refused"
+
+
+class BusyError(EdgewardError):
+    """Too many requests are waiting: the agent pushes back instead of growing; retry later."""
+
+    code = "busy"
+
+
+class WorkerCrashed(InferenceError):
+    """The model's worker process died or hung (a runtime crash, or killed for memory); a fresh one is started."""
+
+    code = "model_crashed"

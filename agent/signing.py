@@ -11,17 +11,49 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from .errors import EdgewardError, SignatureError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-def key_id(public: Ed25519PublicKey) -> str:
-    """A short stable name for a public key: the first 16 hex digits of sha256(raw key)."""
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+# DER header of an Ed25519 SubjectPublicKeyInfo; the 32 raw key bytes follow it
+_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
+
+
+def _raw_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class PublicKey:
+    """A trusted Ed25519 public key, kept as its 32 raw bytes.
+
+    The board reads its keys at start but verifies only when a bundle arrives, so
+    `cryptography` (~7 MB of RSS) is imported then, not in the idle daemon."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.key_id = _raw_id(raw)
+
+    def verify(self, sig: bytes, data: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(sig, data)
+            return True
+        except InvalidSignature:
+            return False
+
+
+def key_id(public) -> str:
+    """A short stable name for a public key: the first 16 hex digits of sha256(raw key)."""
+    if isinstance(public, PublicKey):
+        return public.key_id
+    from cryptography.hazmat.primitives import serialization
+
+    return _raw_id(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 def generate_keypair(private_path: str | os.PathLike) -> tuple[Path, Path, str]:
@@ -33,6 +65,9 @@ def generate_keypair(private_path: str | os.PathLike) -> tuple[Path, Path, str]:
     for p in (private_path, public_path):
         if p.exists():
             raise EdgewardError(f"{p} already exists", "choose another name or remove the old key first")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -46,7 +81,10 @@ def generate_keypair(private_path: str | os.PathLike) -> tuple[Path, Path, str]:
     return private_path, public_path, key_id(key.public_key())
 
 
-def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
+def load_private_key(path: str | os.PathLike) -> "Ed25519PrivateKey":
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -57,23 +95,31 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
+def load_public_key(path: str | os.PathLike) -> PublicKey:
+    """Read a PEM public key made by `edgeward keys gen` (parsed here, without cryptography)."""
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        raise SignatureError(f"cannot read public key {path}: {exc}",
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SignatureError(f"cannot read public key {path}: {getattr(exc, 'strerror', None) or exc}",
                              "pass the .pub file made by `edgeward keys gen`") from exc
-    if not isinstance(key, Ed25519PublicKey):
+    begin, end = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+    try:
+        body = text[text.index(begin) + len(begin):text.index(end)]
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except ValueError:
+        raise SignatureError(f"cannot read public key {path}: not a PEM public key",
+                             "pass the .pub file made by `edgeward keys gen`") from None
+    if len(der) != len(_SPKI_ED25519) + 32 or not der.startswith(_SPKI_ED25519):
         raise SignatureError(f"{path} is not an Ed25519 public key")
-    return key
+    return PublicKey(der[len(_SPKI_ED25519):])
 
 
-def sign(key: Ed25519PrivateKey, data: bytes) -> dict:
+def sign(key: "Ed25519PrivateKey", data: bytes) -> dict:
     return {"alg": "ed25519", "key_id": key_id(key.public_key()),
             "sig": base64.b64encode(key.sign(data)).decode()}
 
 
-def verify(signature: dict | None, data: bytes, trusted: list[Ed25519PublicKey], allow_unsigned: bool) -> str | None:
+def verify(signature: dict | None, data: bytes, trusted: list[PublicKey], allow_unsigned: bool) -> str | None:
     """Return the key id that signed `data`, or None for an allowed unsigned bundle."""
     if signature is None:
         if allow_unsigned:
@@ -87,11 +133,8 @@ def verify(signature: dict | None, data: bytes, trusted: list[Ed25519PublicKey],
     except ValueError as exc:
         raise SignatureError("bundle signature is not valid base64") from exc
     for public in trusted:
-        try:
-            public.verify(sig, data)
-            return key_id(public)
-        except InvalidSignature:
-            continue
+        if public.verify(sig, data):
+            return public.key_id
     kid = signature.get("key_id", "?")
     if not trusted:
         raise SignatureError(f"bundle is signed by key {kid} but this device trusts no key",

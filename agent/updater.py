@@ -25,7 +25,7 @@ Emit = Callable[..., None]
 
 @dataclass
 class Trust:
-    keys: list        # Ed25519PublicKey objects
+    keys: list        # signing.PublicKey objects
     allow_unsigned: bool = False
 
 

@@ -198,3 +198,31 @@ def build_wide_mlp(path: str | Path, hidden: int = 2240, seed: int = 0) -> Path:
                               initializer=inits)
     return _save(graph, path)
 
+
+
+def build_stateful_rnn(path: str | Path, features: int = 8, hidden: int = 16, classes: int = 4, seed: int = 0) -> Path:
+    """A keyword-spotting-shaped recurrent model: frames [T, 1, F] and a hidden state h [1, 1, H]
+    in, per-frame scores [T, 1, C] and the next state h_out out (an ONNX RNN with tanh, then a
+    projection). Feeding h_out back as h continues the sequence exactly, however it is chunked."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.4, (1, hidden, features)).astype(np.float32)
+    r = rng.normal(0, 0.3, (1, hidden, hidden)).astype(np.float32)
+    b = rng.normal(0, 0.1, (1, 2 * hidden)).astype(np.float32)
+    proj = rng.normal(0, 0.5, (hidden, classes)).astype(np.float32)
+    nodes = [
+        helper.make_node("RNN", ["frames", "W", "R", "B", "", "h"], ["Y", "h_out"], hidden_size=hidden),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["Y3"]),              # [T, 1, H]
+        helper.make_node("MatMul", ["Y3", "proj"], ["scores"]),            # [T, 1, C]
+    ]
+    graph = helper.make_graph(
+        nodes, "stateful_rnn",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["T", 1, features]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, hidden])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["T", 1, classes]),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 1, hidden])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
+                     numpy_helper.from_array(b, "B"), numpy_helper.from_array(proj, "proj"),
+                     numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    return _save(graph, path)

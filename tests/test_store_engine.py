@@ -59,7 +59,7 @@ def engine_with_v1(assets, tmp_path):
 def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, assets):
     engine, model = engine_with_v1
     x, y = assets.eval_inputs(64), assets.eval_labels(64)
-    _, out = engine.infer("digits", {"input": x})
+    _, out = engine.infer_arrays("digits", {"input": x})
     assert out["logits"].shape == (64, 10)
     assert (out["logits"].argmax(1) == y).mean() >= 0.85
     snap = model.snapshot()
@@ -67,33 +67,23 @@ def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, asset
     assert snap.mean_batch == 64.0 and snap.inflight == 0
 
 
-def test_no_request_fails_while_models_are_swapped_under_load(assets, tmp_path, monkeypatch):
+def test_no_request_fails_while_models_are_swapped_under_load(assets, tmp_path):
     """Four threads infer without pause while the model is replaced 30 times: not one error.
-    Each runtime call takes 2 ms (real models take longer), so swaps land mid-request."""
+    Each request is a batch of 512 rows, so runs take long enough for swaps to land mid-request."""
     import threading
-    import time as _time
 
-    from agent.runtimes import onnx as onnx_backend
-
-    real_run = onnx_backend.OnnxRuntime.run
-
-    def slow_run(self, feeds):
-        _time.sleep(0.002)
-        return real_run(self, feeds)
-
-    monkeypatch.setattr(onnx_backend.OnnxRuntime, "run", slow_run)
     store = Store(tmp_path)
     folders = [_install(store, b, assets.pub) for b in (assets.v1, assets.v2)]
     engine = Engine(Budget(4096, reserve_mb=0))
     engine.activate(engine.load(folders[0]))
-    x = assets.eval_inputs(4)
+    x = np.repeat(assets.eval_inputs(4), 128, axis=0)
     stop, errors, served = threading.Event(), [], {1: 0, 2: 0}
 
     def client():
         while not stop.is_set():
             try:
-                model, out = engine.infer("digits", {"input": x})
-                assert out["logits"].shape == (4, 10)
+                model, out = engine.infer_arrays("digits", {"input": x})
+                assert out["logits"].shape == (512, 10)
                 served[model.version] += 1
             except Exception as exc:  # any failure is what this test exists to catch
                 errors.append(repr(exc))
@@ -128,17 +118,17 @@ def test_self_test_passes_on_the_reference_data(engine_with_v1):
 def test_bad_requests_fail_alone_and_are_counted(engine_with_v1, feeds, fragment):
     engine, model = engine_with_v1
     with pytest.raises(InferenceError) as err:
-        engine.infer("digits", feeds)
+        engine.infer_arrays("digits", feeds)
     assert fragment in str(err.value)
     assert model.stats.snapshot(1).errors == 1
-    _, out = engine.infer("digits", {"input": np.zeros((2, 1, 8, 8), np.float32)})  # still serving
+    _, out = engine.infer_arrays("digits", {"input": np.zeros((2, 1, 8, 8), np.float32)})  # still serving
     assert out["logits"].shape == (2, 10)
 
 
 def test_unknown_model_names_the_ones_serving(engine_with_v1):
     engine, _ = engine_with_v1
     with pytest.raises(ModelNotFound, match="serving: digits"):
-        engine.infer("cats", {})
+        engine.infer_arrays("cats", {})
 
 
 def test_budget_refusal_says_by_how_much(assets, tmp_path):
@@ -153,14 +143,15 @@ def test_budget_refusal_says_by_how_much(assets, tmp_path):
     assert engine.models() == []
 
 
-def test_budget_counts_runtime_import_only_until_it_is_loaded():
-    import onnxruntime  # noqa: F401  (as after a first model load)
+def test_admission_counts_a_whole_worker_the_runtime_and_the_model():
     budget = Budget(4096)
-    budget.budget_mb = budget.rss_mb() + 500  # room for the model, not for another runtime import
     engine = Engine(budget)
-    engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=2000)  # imported: its cost is paid
-    with pytest.raises(BudgetError, match="short by"):
-        engine.admit_declared("m", "not-imported-runtime", load_mb=10, runtime_mb=2000)
+    engine.worker_base_mb = 30.0
+    budget.budget_mb = budget.rss_mb() + 30 + 40 + 10 + 20  # room for it, with 20 MB to spare
+    engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=40)
+    budget.budget_mb -= 25  # now 5 MB short
+    with pytest.raises(BudgetError, match=r"needs 80.0 MB.*short by [4-6]\.\d MB"):
+        engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=40)
 
 
 def test_self_test_catches_a_model_that_does_not_match_its_reference(assets, tmp_path):

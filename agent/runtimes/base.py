@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover  (runtimes live in model workers; the agent never imports numpy)
+    import numpy as np
 
 
 class Runtime(ABC):
@@ -17,7 +20,7 @@ class Runtime(ABC):
     def output_names(self) -> list[str]: ...
 
     @abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: "dict[str, np.ndarray]") -> "dict[str, np.ndarray]":
         """Run one batch. Feeds are already validated against the manifest's input specs."""
 
     @abstractmethod

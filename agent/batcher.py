@@ -1,0 +1,134 @@
+"""Dynamic micro-batching for one model: many callers' requests, one run of the model.
+
+A request waits at most `max_delay_ms` after the oldest queued one for others to join;
+a batch closes early when it reaches `max_batch` rows. Requests are never split: a
+batch takes whole requests in arrival order. The joined batch is padded with zero
+rows up to the model's fixed batch size, or up to the next `preferred_batch` size
+(for runtimes that prefer a few known shapes), and the outputs are cut back into one
+answer per caller. The queue is bounded in rows: past `max_queue` a caller gets "busy"
+at once instead of the agent growing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import BusyError, EdgewardError, InferenceError
+from .tensors import Tensor, concat, pad_rows, split
+
+
+@dataclass
+class _Pending:
+    feeds: list[Tensor]
+    rows: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Tensor] | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    def __init__(self, name: str, run: Callable[[list[Tensor]], list[Tensor]], max_batch: int, max_delay_ms: float,
+                 preferred: list[int] | None = None, fixed_batch: int | None = None, max_queue: int = 1024):
+        self.name = name
+        self._run = run
+        self.max_batch = min(max_batch, fixed_batch) if fixed_batch else max_batch
+        self.max_delay = max_delay_ms / 1000
+        self.preferred = sorted(p for p in (preferred or []) if p <= self.max_batch)
+        self.fixed_batch = fixed_batch
+        self.max_queue = max_queue
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, feeds: list[Tensor]) -> list[Tensor]:
+        """Queue one request and wait for its share of a batch's outputs."""
+        rows = feeds[0].rows if feeds else 1
+        if rows > self.max_batch:
+            if self.fixed_batch:
+                raise InferenceError(f"model {self.name!r} runs batches of {self.fixed_batch}; "
+                                     f"this request has {rows} rows", f"send at most {self.fixed_batch} rows")
+            return self._run(feeds)  # already a batch of its own
+        item = _Pending(feeds, rows)
+        with self._cv:
+            if self._closed:
+                raise InferenceError(f"model {self.name!r} is being unloaded; retry")
+            if self._queued_rows + rows > self.max_queue:
+                raise BusyError(f"model {self.name!r} has {self._queued_rows} rows queued (limit {self.max_queue})",
+                                "retry later, or raise max_queue for this model")
+            self._queue.append(item)
+            self._queued_rows += rows
+            self._cv.notify()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _take(self) -> list[_Pending] | None:
+        """Block until a batch is due; return its requests (None once closed and drained)."""
+        with self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            deadline = time.monotonic() + self.max_delay
+            while self._queued_rows < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            batch, rows = [], 0
+            while self._queue and rows + self._queue[0].rows <= self.max_batch:
+                item = self._queue.popleft()
+                batch.append(item)
+                rows += item.rows
+            self._queued_rows -= rows
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                outputs = self._run_batch(batch)
+            except BaseException as exc:  # every caller in the batch gets the error
+                for item in batch:
+                    item.error = exc if isinstance(exc, EdgewardError) else InferenceError(f"batch failed: {exc!r}")
+                    item.done.set()
+                continue
+            for item, result in zip(batch, outputs):
+                item.result = result
+                item.done.set()
+
+    def _run_batch(self, batch: list[_Pending]) -> list[list[Tensor]]:
+        counts = [item.rows for item in batch]
+        rows = sum(counts)
+        target = self.fixed_batch or next((p for p in self.preferred if p >= rows), rows)
+        joined = [pad_rows(concat([item.feeds[i] for item in batch]), target)
+                  for i in range(len(batch[0].feeds))]
+        out = self._run(joined)
+        per_output = []
+        for t in out:
+            if t.rows != target:
+                raise InferenceError(f"model {self.name!r}: output {t.name!r} has {t.rows} rows for a batch of "
+                                     f"{target}; it cannot be batched", "serve it in streaming mode")
+            per_output.append(split(t, counts))
+        return [[parts[i] for parts in per_output] for i in range(len(batch))]
+
+    def close(self) -> None:
+        """Stop taking requests; those queued still run."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)

@@ -1,0 +1,181 @@
+"""The local API: apps on the board talk to the agent over a Unix socket, with binary tensors.
+
+Each message, both ways, is ``uint32 big-endian length | EWF1 frame`` (agent/wire.py):
+a JSON header and the raw tensor bytes, never JSON lists. Requests::
+
+    {"v": 1, "op": "infer", "model": "kws", "stream": "mic-0", "tensors": [...]}   + tensor bytes
+    {"v": 1, "op": "reset", "model": "kws", "stream": "mic-0"}
+    {"v": 1, "op": "models"}
+
+Answers carry ``status`` ("ok" or "error" with ``code`` and ``error``), and for inference
+``model``, ``version`` and the output tensors. A connection takes one request at a time;
+open several for concurrency (agent.client.LocalClient keeps one per thread). Past
+``api.max_pending`` requests in flight, callers get ``busy`` at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from . import protocol, wire
+from .errors import BusyError, EdgewardError, ProtocolError
+from .tensors import from_frame, to_frame
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> memoryview | None:
+    """One length-prefixed message, or None when the peer closed the connection between messages."""
+    head = _recv_exactly(sock, _LEN.size, eof_ok=True)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > limit:
+        raise ProtocolError(f"message of {n} bytes is over the {limit}-byte limit")
+    return _recv_exactly(sock, n)
+
+
+def _recv_exactly(sock: socket.socket, n: int, eof_ok: bool = False) -> memoryview | None:
+    buf = memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = sock.recv_into(buf[got:])
+        if not k:
+            if eof_ok and got == 0:
+                return None
+            raise ConnectionError("connection closed mid-message")
+        got += k
+    return buf
+
+
+def send_message(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(_LEN.pack(len(frame)) + frame if len(frame) < 65536 else _LEN.pack(len(frame)))
+    if len(frame) >= 65536:
+        sock.sendall(frame)
+
+
+class LocalApi:
+    def __init__(self, path: str, engine, mode: int = 0o660, max_pending: int = 256):
+        self.path = Path(path)
+        self.engine = engine
+        self.mode = mode
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Bind the socket (replacing a stale one) and accept connections in a background thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        sock.bind(str(tmp))
+        os.chmod(tmp, self.mode)
+        os.replace(tmp, self.path)  # the socket appears with its final permissions
+        sock.listen(128)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, name="local-api", daemon=True).start()
+        log.info("local API listening on %s", self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="local-api-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    msg = recv_message(conn)
+                except ProtocolError as exc:  # too large: answer, then drop the connection (its rest is unread)
+                    send_message(conn, wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code,
+                                                  "error": str(exc)}))
+                    return
+                if msg is None:
+                    return
+                send_message(conn, self.handle(msg))
+        except (ConnectionError, OSError):
+            return
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def handle(self, msg: bytes | memoryview) -> bytes:
+        """One request frame in, one answer frame out; every error becomes an answer."""
+        try:
+            header, body = wire.unpack(msg)
+            op = header.get("op")
+            if header.get("v", protocol.VERSION) != protocol.VERSION:
+                raise ProtocolError(f"protocol version {header.get('v')} is not supported (this agent speaks "
+                                    f"{protocol.VERSION})")
+            if op == "infer":
+                return self._infer(header, body)
+            if op == "models":
+                models = [{"name": m.name, "version": m.version, "mode": m.mode,
+                           "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.manifest.inputs
+                                      if s.name not in m.manifest.state],
+                           "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.manifest.outputs
+                                       if s.name not in m.manifest.state.values()]}
+                          for m in self.engine.models()]
+                return wire.pack({"v": protocol.VERSION, "status": "ok", "models": models})
+            if op == "reset":
+                model = self.engine.get(str(header.get("model")))
+                found = model.streams.reset(str(header.get("stream"))) if model.streams else False
+                return wire.pack({"v": protocol.VERSION, "status": "ok", "reset": found})
+            raise ProtocolError(f"unknown op {op!r}", "use infer, reset or models")
+        except EdgewardError as exc:
+            return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+        except Exception as exc:  # a bug must not take the connection's thread down silently
+            log.exception("local API request failed")
+            return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
+
+    def _infer(self, header: dict, body: memoryview) -> bytes:
+        name = header.get("model")
+        if not isinstance(name, str):
+            raise ProtocolError("infer needs a model name")
+        stream = header.get("stream")
+        if stream is not None and not isinstance(stream, str):
+            raise ProtocolError("stream must be a string")
+        tensors = from_frame(header, body)
+        if not self._slots.acquire(blocking=False):
+            raise BusyError("agent is busy: too many pending requests", "retry later")
+        try:
+            model, outputs = self.engine.infer(name, tensors, stream)
+        finally:
+            self._slots.release()
+        specs, out = to_frame(outputs)
+        return wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
+                          "tensors": specs}, out)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        with self._lock:
+            for conn in list(self._conns):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.path.unlink(missing_ok=True)
+
+
+__all__ = ["LocalApi", "recv_message", "send_message"]

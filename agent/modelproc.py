@@ -1,0 +1,126 @@
+"""The agent's handle on one model worker process (agent/worker.py).
+
+One request at a time goes down the pipe; a reply that does not come within the
+timeout, or a worker that dies, becomes an error for that request and marks the
+process dead, so the engine can start a fresh one. Closing the handle ends the
+process, which is what gives a model's memory back to the board.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+
+from . import ipc
+from .errors import BundleError, EdgewardError, InferenceError, RuntimeMissing, SelfTestError, WorkerCrashed
+from .tensors import Tensor, from_frame, to_frame
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "runtime_missing": RuntimeMissing,
+           "bad_bundle": BundleError}
+
+
+class ModelProcess:
+    def __init__(self, start_timeout: float = 60.0):
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")  # the runtime's own thread setting governs
+        # Start the very interpreter this agent runs on: /proc/self/exe needs no search permission on
+        # the directories of its path (a locked-down service user may not have it), and argv[0]
+        # keeps the venv's path so the worker finds the same packages.
+        exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
+        self._proc = subprocess.Popen([sys.executable, "-m", "agent.worker"], executable=exe, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        self.pid = self._proc.pid
+        self._out = self._proc.stdin.fileno()
+        self._in = self._proc.stdout.fileno()
+        self._reader = ipc.reader_for(self._in)
+        self._lock = threading.Lock()
+        self.dead = False
+        hello, _ = self._receive(start_timeout, "starting")
+        self.base_rss_mb = float(hello.get("rss_mb", 0.0))
+        self.rss_mb = self.base_rss_mb  # updated by the engine after the model loads
+
+    # ---------------------------------------------------------------- requests
+
+    def call(self, header: dict, tensors: list[Tensor] = (), timeout: float | None = None,
+             what: str = "request") -> tuple[dict, list[Tensor]]:
+        """Send one request; return the reply header and tensors, or raise the worker's error."""
+        specs, body = to_frame(tensors)
+        with self._lock:
+            if self.dead:
+                raise WorkerCrashed(f"the model's worker process is gone ({self.exit_reason()})")
+            try:
+                ipc.send(self._out, {**header, "tensors": specs}, body)
+            except ipc.PipeClosed:
+                self._died()
+                raise WorkerCrashed(f"the model's worker process died ({self.exit_reason()})") from None
+            reply, rbody = self._receive(timeout, what)
+        if reply.get("status") != "ok":
+            cls = _ERRORS.get(reply.get("code"), EdgewardError)
+            raise cls(reply.get("error", "worker error"), reply.get("fix"))
+        return reply, from_frame(reply, rbody)
+
+    def _receive(self, timeout: float | None, what: str) -> tuple[dict, memoryview]:
+        if timeout is not None:
+            ready, _, _ = select.select([self._in], [], [], timeout)
+            if not ready:
+                self.kill()
+                raise WorkerCrashed(f"the model did not answer the {what} within {timeout:.0f} s; its worker was "
+                                    "stopped", "check the model, or raise inference.timeout_s")
+        try:
+            return ipc.recv(self._reader)
+        except (ipc.PipeClosed, ValueError):
+            self._died()
+            raise WorkerCrashed(f"the model's worker process died during the {what} ({self.exit_reason()})",
+                                "the runtime crashed on this model or input; the agent starts a fresh worker") from None
+
+    # ---------------------------------------------------------------- life
+
+    def _died(self) -> None:
+        self.dead = True
+        try:
+            self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def exit_reason(self) -> str:
+        rc = self._proc.poll()
+        if rc is None:
+            return "still running"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exit status {rc}"
+
+    def alive(self) -> bool:
+        return not self.dead and self._proc.poll() is None
+
+    def kill(self) -> None:
+        self.dead = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the worker: close its pipe (it exits on EOF), kill it if it does not."""
+        self.dead = True
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("model worker %d did not exit; killing it", self.pid)
+            self._proc.kill()
+            self._proc.wait()

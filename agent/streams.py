@@ -1,0 +1,65 @@
+"""Stateful streams: per-stream recurrent state for models that carry it between calls.
+
+A model declares its state in the manifest (`state: {input: output}`), as voice activity
+detection and keyword spotting models do with an RNN's hidden state. Callers name a
+stream; the agent feeds the stream's last state (zeros at first) with each request and
+keeps the state the model returns. Streams are independent, calls on one stream run in
+order, and results do not depend on how a caller chunks its input. A call without a
+stream id runs from a zero state and keeps nothing. The least recently used streams
+are forgotten beyond `max_streams`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+from .bundle import Manifest
+from .tensors import Tensor, zeros
+
+
+class _Stream:
+    def __init__(self, state: list[Tensor]):
+        self.lock = threading.Lock()
+        self.state = state
+
+
+class Streams:
+    def __init__(self, manifest: Manifest, execute: Callable[[list[Tensor]], list[Tensor]], max_streams: int):
+        self._execute = execute
+        self._max = max_streams
+        self._state_of = dict(manifest.state)                    # input -> output
+        self._input_of = {o: i for i, o in manifest.state.items()}  # output -> input
+        self._initial = [zeros(s.name, s.dtype, s.shape) for s in manifest.inputs if s.name in self._state_of]
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, stream_id: str) -> _Stream:
+        with self._lock:
+            s = self._streams.get(stream_id)
+            if s is None:
+                s = self._streams[stream_id] = _Stream(list(self._initial))
+                while len(self._streams) > self._max:
+                    self._streams.popitem(last=False)
+            else:
+                self._streams.move_to_end(stream_id)
+            return s
+
+    def run(self, stream_id: str | None, feeds: list[Tensor]) -> list[Tensor]:
+        if stream_id is None:
+            out = self._execute(feeds + self._initial)
+            return [t for t in out if t.name not in self._input_of]
+        s = self._get(stream_id)
+        with s.lock:
+            out = self._execute(feeds + s.state)
+            s.state = [Tensor(self._input_of[t.name], t.dtype, t.shape, bytes(t.data))
+                       for t in out if t.name in self._input_of]
+        return [t for t in out if t.name not in self._input_of]
+
+    def reset(self, stream_id: str) -> bool:
+        with self._lock:
+            return self._streams.pop(stream_id, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._streams)

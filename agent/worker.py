@@ -1,0 +1,140 @@
+"""A model worker: one process per loaded model, started by the agent (`python -m agent.worker`).
+
+Why a process: onnxruntime does not give all memory back when a session is deleted,
+and a runtime that crashes takes its process with it. In a worker, unloading a model
+returns every byte to the system (the process exits) and a crash costs one model's
+requests, never the agent. The worker imports numpy and the model's runtime; the
+agent's main process imports neither.
+
+It answers requests from the agent over its stdin/stdout pipes (agent/ipc.py):
+``load``, ``run``, ``selftest``; it exits when the pipe closes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def rss_mb() -> float:
+    """This process's resident memory, from /proc (no psutil import needed here)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.runtime = None
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+
+    def load(self, h: dict, _body) -> tuple[dict, list]:
+        from . import runtimes
+
+        self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=int(h.get("threads", 1)))
+        self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
+        return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb()}, []
+
+    def run(self, h: dict, body) -> tuple[dict, list]:
+        import numpy as np
+
+        from .errors import InferenceError
+        from .tensors import from_frame, from_numpy
+
+        feeds = {}
+        for t in from_frame(h, body):
+            arr = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InferenceError(f"input {t.name!r} holds NaN or infinity", "send finite values")
+            feeds[t.name] = arr
+        try:
+            out = self.runtime.run(feeds)
+        except Exception as exc:  # the runtime's own exception types
+            msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise InferenceError(f"the runtime failed: {msg}") from exc
+        return {}, [from_numpy(name, np.asarray(arr)) for name, arr in out.items()]
+
+    def inspect(self, _h: dict, _body) -> tuple[dict, list]:
+        """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""
+        return {"rss_mb": rss_mb(), "modules": sorted({m.split(".")[0] for m in sys.modules}),
+                "runtime": getattr(self.runtime, "name", None)}, []
+
+    def selftest(self, h: dict, _body) -> tuple[dict, list]:
+        """Re-run the bundle's reference inputs; the outputs must match those shipped with it."""
+        import numpy as np
+
+        from .errors import SelfTestError
+
+        what = h["what"]
+        try:
+            with np.load(h["reference"], allow_pickle=False) as ref:
+                data = {k: ref[k] for k in ref.files}
+        except (OSError, ValueError) as exc:
+            raise SelfTestError(f"{what}: reference data unreadable ({exc})") from exc
+        feeds = {name: data.get(f"input.{name}") for name in h["inputs"]}
+        if any(v is None for v in feeds.values()):
+            raise SelfTestError(f"{what}: reference data lacks an input")
+        feeds.update({name: data[f"input.{name}"] for name in h.get("state_inputs", [])
+                      if f"input.{name}" in data})
+        try:
+            got = self.runtime.run(feeds)
+        except Exception as exc:
+            raise SelfTestError(f"{what} crashed on its reference inputs: {exc}") from exc
+        worst, agreement = 0.0, 1.0
+        for name in h["outputs"]:
+            want, have = data.get(f"expected.{name}"), got.get(name)
+            if want is None or have is None or have.shape != want.shape:
+                raise SelfTestError(f"{what}: output {name!r} missing or of the wrong shape")
+            err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+            worst = max(worst, err)
+            if want.ndim >= 2 and want.shape[-1] > 1:
+                agreement = min(agreement, float(np.mean(have.argmax(-1) == want.argmax(-1))))
+        result = {"max_abs_err": round(worst, 6), "top1_agreement": round(agreement, 4), "atol": h["atol"],
+                  "min_top1_agreement": h["min_top1_agreement"], "samples": len(next(iter(feeds.values())))}
+        if not worst <= h["atol"] or agreement < h["min_top1_agreement"]:
+            raise SelfTestError(
+                f"{what} failed its self-test: max abs error {worst:.4g} (allowed {h['atol']:.4g}), "
+                f"top-1 agreement {agreement:.3f} (needed {h['min_top1_agreement']:.3f})",
+                "the model does not behave on this device as it did on the host; check the runtime version")
+        return {"result": result, "rss_mb": rss_mb()}, []
+
+
+def main() -> int:
+    # the pipes to the agent get private descriptors; anything a library prints goes to stderr
+    fd_in, fd_out = os.dup(0), os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)
+    import numpy  # noqa: F401  (the base cost of every worker, reported before any runtime loads)
+
+    from . import ipc
+    from .errors import EdgewardError
+    from .tensors import to_frame
+
+    reader = ipc.reader_for(fd_in)
+    worker = Worker()
+    ipc.send(fd_out, {"status": "ready", "rss_mb": rss_mb(), "pid": os.getpid()})
+    while True:
+        try:
+            header, body = ipc.recv(reader)
+        except ipc.PipeClosed:
+            return 0
+        op = getattr(worker, header.get("op", ""), None)
+        try:
+            if op is None:
+                raise EdgewardError(f"unknown worker request {header.get('op')!r}")
+            reply, tensors = op(header, body)
+            specs, out = to_frame(tensors)
+            ipc.send(fd_out, {"status": "ok", **reply, "tensors": specs}, out)
+        except EdgewardError as exc:
+            ipc.send(fd_out, {"status": "error", "code": exc.code, "error": exc.message, "fix": exc.fix})
+        except Exception as exc:  # a bug here must reach the agent as an error, not a silent exit
+            ipc.send(fd_out, {"status": "error", "code": "internal", "error": f"worker: {exc!r}", "fix": None})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Models in worker processes: unloading gives the memory back, a crash or a hang costs one
+model's requests, never the agent or another model."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.engine import RESTART_MIN_INTERVAL_S, Engine
+from agent.errors import InferenceError
+from agent.errors import WorkerCrashed
+from agent.store import Store
+
+from test_store_engine import _install
+
+
+@pytest.fixture
+def folders(assets, tmp_path):
+    store = Store(tmp_path)
+    return [_install(store, b, assets.pub) for b in (assets.v1, assets.v2)]
+
+
+def test_unloading_a_model_returns_its_memory(folders, assets):
+    budget = Budget(4096, reserve_mb=0)
+    engine = Engine(budget)
+    # warm the agent's own code paths once, so the measurement sees only the model's memory
+    warm = engine.load(folders[0])
+    warm.close()
+    before = budget.rss_mb()
+    model = engine.load(folders[0])
+    engine.activate(model)
+    model.self_test()
+    engine.infer_arrays("digits", {"input": np.repeat(assets.eval_inputs(8), 64, axis=0)})
+    loaded = budget.rss_mb()
+    engine.unload("digits")
+    after = budget.rss_mb()
+    assert loaded - before > 20, f"the model's worker should cost memory ({before:.1f} -> {loaded:.1f} MB)"
+    assert after <= before * 1.10, f"RSS {before:.1f} MB before the load, {after:.1f} MB after the unload"
+
+
+def test_a_crashed_worker_fails_only_its_requests_and_is_restarted(folders, assets):
+    events = []
+    engine = Engine(Budget(4096, reserve_mb=0), emit=lambda kind, msg, **kw: events.append(kind))
+    x = assets.eval_inputs(2)
+    crashing = engine.load(folders[0])
+    engine.activate(crashing)
+    bystander = engine.load(folders[1])  # another model (v2 under another name) keeps serving
+    bystander.manifest.name = "other"
+    engine.activate(bystander)
+    want = engine.infer_arrays("digits", {"input": x})[1]["logits"]
+
+    def crash_during_a_request():
+        """Freeze the worker, let a request reach it, then kill it: a runtime crash mid-request."""
+        pid = crashing.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        failure = {}
+
+        def call():
+            try:
+                engine.infer_arrays("digits", {"input": x})
+            except InferenceError as exc:
+                failure["error"] = exc
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        t.join(10)
+        return failure.get("error")
+
+    err = crash_during_a_request()
+    assert isinstance(err, WorkerCrashed) and err.code == "model_crashed" and "SIGKILL" in str(err)
+    assert engine.infer_arrays("other", {"input": x})[1]["logits"].shape == (2, 10)  # unaffected
+    got = engine.infer_arrays("digits", {"input": x})[1]["logits"]  # a fresh worker serves it
+    np.testing.assert_array_equal(got, want)
+    assert events.count("model_restarted") == 1 and events.count("model_crashed") == 1
+    crashing = engine.get("digits")
+    # a worker that dies again at once is not restarted in a tight loop
+    crash_during_a_request()
+    with pytest.raises(WorkerCrashed, match="restarting after a crash"):
+        engine.infer_arrays("digits", {"input": x})
+    time.sleep(RESTART_MIN_INTERVAL_S)
+    np.testing.assert_array_equal(engine.infer_arrays("digits", {"input": x})[1]["logits"], want)
+    engine.close()
+
+
+def test_a_hung_model_times_out_for_its_caller_and_others_go_on(folders, assets):
+    engine = Engine(Budget(4096, reserve_mb=0), timeout_s=1.0)
+    model = engine.load(folders[0])
+    engine.activate(model)
+    other = engine.load(folders[1])
+    other.manifest.name = "other"
+    engine.activate(other)
+    os.kill(model.proc.pid, signal.SIGSTOP)  # the runtime never returns
+    results = {}
+
+    def call_hung():
+        try:
+            engine.infer_arrays("digits", {"input": assets.eval_inputs(1)})
+        except InferenceError as exc:
+            results["hung"] = exc
+
+    t = threading.Thread(target=call_hung)
+    started = time.monotonic()
+    t.start()
+    assert engine.infer_arrays("other", {"input": assets.eval_inputs(1)})[1]["logits"].shape == (1, 10)
+    t.join(10)
+    assert "did not answer" in str(results["hung"]) and time.monotonic() - started < 5
+    engine.close()

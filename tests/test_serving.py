@@ -1,0 +1,249 @@
+"""How models take requests: streaming, dynamic micro-batching (dynamic and fixed batch axes),
+stateful streams, and the local Unix-socket API with its Python client — on real models in
+real worker processes."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import Manifest, SelfTest, TensorSpec, open_bundle, write_bundle
+from agent.client import LocalClient
+from agent.config import ServingConfig
+from agent.engine import Engine
+from agent.errors import BusyError, InferenceError, ModelNotFound, ProtocolError
+from agent.signing import load_private_key, load_public_key
+from agent.store import Store
+
+from mqttkit import RunningAgent, wait_for
+
+
+def _bundle(tmp, key, name, onnx_path, inputs, outputs, reference, state=None):
+    ref = tmp / f"{name}-reference.npz"
+    np.savez(ref, **reference)
+    m = Manifest(name=name, version=1, format="onnx", model_file="model.onnx", runtime="onnxruntime",
+                 precision="fp32", inputs=inputs, outputs=outputs, state=state or {},
+                 selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
+    return write_bundle(tmp / f"{name}.ewb", m, {"model.onnx": onnx_path, "reference.npz": ref},
+                        load_private_key(key))
+
+
+@pytest.fixture(scope="module")
+def rnn_bundle(assets, tmp_path_factory):
+    import onnxruntime as ort
+
+    from converters.zoo import build_stateful_rnn
+
+    tmp = tmp_path_factory.mktemp("rnn")
+    path = build_stateful_rnn(tmp / "rnn.onnx")
+    frames = np.random.default_rng(1).random((6, 1, 8), dtype=np.float32)
+    h = np.zeros((1, 1, 16), np.float32)
+    scores, _ = ort.InferenceSession(str(path)).run(None, {"frames": frames, "h": h})
+    return _bundle(tmp, assets.key, "kws", path,
+                   [TensorSpec("frames", "float32", [-1, 1, 8]), TensorSpec("h", "float32", [1, 1, 16])],
+                   [TensorSpec("scores", "float32", [-1, 1, 4]), TensorSpec("h_out", "float32", [1, 1, 16])],
+                   {"input.frames": frames, "input.h": h, "expected.scores": scores}, state={"h": "h_out"})
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_bundle(assets, tmp_path_factory):
+    """The FP32 digits CNN re-exported with a batch axis fixed at 8, as some exporters write it."""
+    import onnx
+    import onnxruntime as ort
+
+    tmp = tmp_path_factory.mktemp("fixed")
+    model = onnx.load(str(assets.fp32_v1))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 8
+    path = tmp / "digits8.onnx"
+    onnx.save(model, str(path))
+    x = assets.eval_inputs(8)
+    (logits,) = ort.InferenceSession(str(path)).run(None, {model.graph.input[0].name: x})
+    name_in, name_out = model.graph.input[0].name, model.graph.output[0].name
+    return _bundle(tmp, assets.key, "digits8", path, [TensorSpec(name_in, "float32", [8, 1, 8, 8])],
+                   [TensorSpec(name_out, "float32", [8, 10])], {f"input.{name_in}": x, f"expected.{name_out}": logits})
+
+
+def _engine(tmp_path, assets, bundles, serving=None, **kw):
+    store = Store(tmp_path / "store")
+    engine = Engine(Budget(8192, reserve_mb=0), serving_for=lambda name: (serving or {}).get(name, ServingConfig()), **kw)
+    for b in bundles:
+        model = engine.load(store.install(open_bundle(b, [load_public_key(assets.pub)])))
+        model.self_test()
+        engine.activate(model)
+    return engine
+
+
+def _concurrently(n, fn):
+    results, errors = [None] * n, []
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+# ------------------------------------------------------------------ dynamic batching
+
+def test_batched_mode_joins_concurrent_requests_and_answers_each_caller_with_its_own_rows(tmp_path, assets):
+    x = assets.eval_inputs(32)
+    streaming = _engine(tmp_path / "s", assets, [assets.v1])
+    want = streaming.infer_arrays("digits", {"input": x})[1]["logits"]
+    streaming.close()
+    engine = _engine(tmp_path / "b", assets, [assets.v1],
+                     {"digits": ServingConfig(mode="batched", max_batch=32, max_delay_ms=20)})
+    results, errors = _concurrently(32, lambda i: engine.infer_arrays("digits", {"input": x[i:i + 1]})[1]["logits"])
+    assert errors == []
+    np.testing.assert_allclose(np.concatenate(results), want, rtol=0, atol=1e-5)  # each caller got its own row
+    stats = engine.get("digits").snapshot()
+    assert stats.requests == 32 and stats.mean_batch > 4, stats  # they really ran together
+    engine.close()
+
+
+def test_a_fixed_batch_model_is_padded_and_still_answers_single_rows(tmp_path, assets, fixed_batch_bundle):
+    x = assets.eval_inputs(8)
+    engine = _engine(tmp_path, assets, [fixed_batch_bundle],
+                     {"digits8": ServingConfig(mode="batched", max_batch=64, max_delay_ms=5)})
+    model = engine.get("digits8")
+    name = model.manifest.inputs[0].name
+    full = model.infer_arrays({name: x})
+    out_name = next(iter(full))
+    one = engine.infer_arrays("digits8", {name: x[3:4]})[1][out_name]  # 1 row, padded to 8 inside
+    assert one.shape == (1, 10)
+    np.testing.assert_allclose(one, full[out_name][3:4], atol=1e-5)
+    results, errors = _concurrently(6, lambda i: engine.infer_arrays("digits8", {name: x[i:i + 1]})[1][out_name])
+    assert errors == [] and np.allclose(np.concatenate(results), full[out_name][:6], atol=1e-5)
+    with pytest.raises(InferenceError, match="16 rows, this model takes 1 to 8 per request"):
+        engine.infer_arrays("digits8", {name: np.repeat(x, 2, axis=0)})
+    engine.close()
+
+
+def test_a_full_queue_answers_busy_at_once_instead_of_growing(tmp_path, assets):
+    engine = _engine(tmp_path, assets, [assets.v1],
+                     {"digits": ServingConfig(mode="batched", max_batch=2, max_delay_ms=1, max_queue=4)})
+    worker = engine.get("digits").proc.pid
+    os.kill(worker, signal.SIGSTOP)  # the model stalls: requests pile up
+    threading.Timer(1.5, os.kill, (worker, signal.SIGCONT)).start()
+    x = assets.eval_inputs(1)
+
+    def call(i):
+        if i >= 6:
+            time.sleep(0.5)  # by now 2 rows are in the stalled model and 4 wait in the queue
+        return engine.infer_arrays("digits", {"input": x})
+
+    results, errors = _concurrently(10, call)
+    busy = [e for e in errors if isinstance(e, BusyError)]
+    assert busy and all("rows queued" in str(e) for e in busy)
+    assert len(errors) == len(busy)  # everything else was answered once the model went on
+    assert engine.infer_arrays("digits", {"input": x})[1]["logits"].shape == (1, 10)
+    engine.close()
+
+
+# ------------------------------------------------------------------ stateful streams
+
+def test_stateful_streams_are_independent_and_do_not_depend_on_chunking(tmp_path, assets, rnn_bundle):
+    import onnxruntime as ort
+
+    engine = _engine(tmp_path, assets, [rnn_bundle])
+    frames = np.random.default_rng(7).random((30, 1, 8), dtype=np.float32)
+    other = np.random.default_rng(8).random((30, 1, 8), dtype=np.float32)
+    run = lambda stream, chunk: engine.infer_arrays("kws", {"frames": chunk}, stream=stream)[1]  # noqa: E731
+
+    whole = run("a", frames)
+    assert set(whole) == {"scores"}  # the state stays inside the agent
+    pieces = []
+    for lo, hi in ((0, 7), (7, 8), (8, 21), (21, 30)):   # another chunking, interleaved with a third stream
+        pieces.append(run("b", frames[lo:hi])["scores"])
+        run("c", other[lo:hi])
+    np.testing.assert_allclose(np.concatenate(pieces), whole["scores"], rtol=0, atol=1e-6)
+    one_by_one = np.concatenate([run("d", frames[i:i + 1])["scores"] for i in range(30)])
+    np.testing.assert_allclose(one_by_one, whole["scores"], rtol=0, atol=1e-6)
+    # the same as running the whole sequence in the bare runtime
+    session = ort.InferenceSession(str(next((tmp_path / "store" / "models" / "kws").glob("v1")) / "model.onnx"))
+    bare, _ = session.run(None, {"frames": frames, "h": np.zeros((1, 1, 16), np.float32)})
+    np.testing.assert_allclose(whole["scores"], bare, rtol=0, atol=1e-6)
+    # a stream continues where it stopped; a reset starts it over
+    assert not np.allclose(run("a", frames[:5])["scores"], whole["scores"][:5])
+    assert engine.get("kws").streams.reset("a")
+    np.testing.assert_allclose(run("a", frames[:5])["scores"], whole["scores"][:5], atol=1e-6)
+    engine.close()
+
+
+# ------------------------------------------------------------------ the local API and its client
+
+@pytest.fixture
+def agent_with_api(assets, tmp_path, rnn_bundle):
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-local", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "mqtt.max_payload_kb": 256, "api.max_pending": 64,
+                       "models": {"digits": {"mode": "batched", "max_batch": 16, "max_delay_ms": 2}}},
+                      install=[assets.v1, rnn_bundle])
+    wait_for(lambda: (store / "agent.sock").exists(), what="local API socket")
+    yield ra, str(store / "agent.sock")
+    ra.stop()
+
+
+def test_local_clients_get_the_same_answers_as_the_model(agent_with_api, assets):
+    ra, path = agent_with_api
+    x = assets.eval_inputs(16)
+    want = ra.agent.infer("digits", {"input": x})["logits"]
+    with LocalClient(path) as client:
+        assert {m["name"]: m["mode"] for m in client.models()} == {"digits": "batched", "kws": "stateful"}
+        np.testing.assert_allclose(client.infer("digits", {"input": x})["logits"], want, atol=1e-6)
+        np.testing.assert_allclose(client.infer("digits", x[:1])["logits"], want[:1], atol=1e-6)  # a bare array
+        results, errors = _concurrently(16, lambda i: client.infer("digits", x[i:i + 1])["logits"])
+        assert errors == [] and np.allclose(np.concatenate(results), want, atol=1e-6)
+        frames = np.random.default_rng(3).random((10, 1, 8), dtype=np.float32)
+        a = client.infer("kws", {"frames": frames}, stream="mic-0")["scores"]
+        b = np.concatenate([client.infer("kws", {"frames": frames[:4]}, stream="mic-1")["scores"],
+                            client.infer("kws", {"frames": frames[4:]}, stream="mic-1")["scores"]])
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert client.reset("kws", "mic-0") and not client.reset("kws", "never-used")
+
+
+def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets):
+    import socket as socketlib
+    import struct
+
+    ra, path = agent_with_api
+    x = assets.eval_inputs(2)
+    with LocalClient(path) as client:
+        with pytest.raises(ModelNotFound, match="no model named 'cats'"):
+            client.infer("cats", x)
+        with pytest.raises(InferenceError, match="shape"):
+            client.infer("digits", np.zeros((1, 8, 8), np.float32))
+        with pytest.raises(InferenceError, match="dtype float64"):
+            client.infer("digits", x.astype(np.float64))
+        with pytest.raises(InferenceError, match="NaN or infinity"):
+            client.infer("digits", np.full((1, 1, 8, 8), np.nan, np.float32))
+        # garbage, and a frame whose header lies about its tensors, from a raw socket
+        raw = socketlib.socket(socketlib.AF_UNIX)
+        raw.connect(path)
+        for junk in (b"not a frame at all", b"EWF1" + struct.pack(">I", 2) + b"{}"):
+            raw.sendall(struct.pack(">I", len(junk)) + junk)
+            n = struct.unpack(">I", raw.recv(4))[0]
+            assert b'"status":"error"' in raw.recv(n)
+        raw.sendall(struct.pack(">I", 1 << 30))  # announces a 1 GB message: refused, connection closed
+        n = struct.unpack(">I", raw.recv(4))[0]
+        assert b"over the" in raw.recv(n)
+        raw.close()
+        # the agent and its models are fine; concurrent good callers were never affected
+        np.testing.assert_allclose(client.infer("digits", x)["logits"], ra.agent.infer("digits", {"input": x})["logits"],
+                                   atol=1e-6)
+    with pytest.raises(ProtocolError):
+        LocalClient(path)._call(b"\x00")
