@@ -30,10 +30,12 @@ class ModelProcess:
     def __init__(self, start_timeout: float = 60.0):
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # the runtime's own thread setting governs
-        # Start the very interpreter this agent runs on: /proc/self/exe needs no search permission on
-        # the directories of its path (a locked-down service user may not have it), and argv[0]
-        # keeps the venv's path so the worker finds the same packages.
-        exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
+        # The same interpreter as the agent. A locked-down service user may lack search permission on
+        # the directories its path runs through; /proc/self/exe reaches the running binary without
+        # them, and argv[0] keeps the venv's path so the worker finds the same packages.
+        exe = sys.executable
+        if not os.access(exe, os.X_OK) and os.path.exists("/proc/self/exe"):
+            exe = "/proc/self/exe"
         self._proc = subprocess.Popen([sys.executable, "-m", "agent.worker"], executable=exe, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self._proc.pid
