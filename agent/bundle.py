@@ -95,7 +95,10 @@ class Manifest:
     schema: int = MANIFEST_SCHEMA
 
     def to_bytes(self) -> bytes:
-        return json.dumps(to_dict(self), indent=2, sort_keys=True).encode() + b"\n"
+        d = to_dict(self)
+        if not d["state"]:
+            del d["state"]  # stateless models stay readable by agents that predate stateful streams
+        return json.dumps(d, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def parse_manifest(raw: bytes) -> Manifest:

@@ -8,6 +8,7 @@ process, which is what gives a model's memory back to the board.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
@@ -21,6 +22,8 @@ from .errors import BundleError, EdgewardError, InferenceError, RuntimeMissing, 
 from .tensors import Tensor, from_frame, to_frame
 
 log = logging.getLogger(__name__)
+
+PIPE_BYTES = 1 << 20  # the Linux default limit for unprivileged pipe sizes (/proc/sys/fs/pipe-max-size)
 
 _ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "runtime_missing": RuntimeMissing,
            "bad_bundle": BundleError}
@@ -41,6 +44,11 @@ class ModelProcess:
         self.pid = self._proc.pid
         self._out = self._proc.stdin.fileno()
         self._in = self._proc.stdout.fileno()
+        for fd in (self._out, self._in):  # an image crosses in one write instead of 64 kB at a time
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except (OSError, AttributeError):
+                pass
         self._reader = ipc.reader_for(self._in)
         self._lock = threading.Lock()
         self.dead = False

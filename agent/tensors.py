@@ -129,7 +129,7 @@ def zeros(name: str, dtype: str, shape: list[int]) -> Tensor:
 def concat(parts: list[Tensor]) -> Tensor:
     first = parts[0]
     rows = sum(t.rows for t in parts)
-    return Tensor(first.name, first.dtype, (rows, *first.shape[1:]), b"".join(bytes(t.data) for t in parts))
+    return Tensor(first.name, first.dtype, (rows, *first.shape[1:]), b"".join(t.data for t in parts))
 
 
 def pad_rows(t: Tensor, rows: int) -> Tensor:

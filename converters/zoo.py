@@ -226,3 +226,62 @@ def build_stateful_rnn(path: str | Path, features: int = 8, hidden: int = 16, cl
                      numpy_helper.from_array(b, "B"), numpy_helper.from_array(proj, "proj"),
                      numpy_helper.from_array(np.array([1], np.int64), "axis1")])
     return _save(graph, path)
+
+
+def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, seed: int = 0) -> Path:
+    """An FP32 MobileNet-style CNN (depthwise-separable blocks, ReLU6) on [N, 3, size, size] images.
+
+    Untrained (He-initialised): it gives the benchmarks an edge-sized vision workload whose
+    cost per image is that of a real small classifier (about a millisecond on a desktop core).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    six = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    inits += [six, zero]
+
+    def conv(x, cin, cout, k, stride, group, name):
+        w = (rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array(np.zeros(cout, np.float32), f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        nodes.append(helper.make_node("Clip", [f"{name}_c", "zero", "six"], [name]))
+        return name
+
+    x = conv("image", 3, 16, 3, 2, 1, "stem")
+    cin = 16
+    for i, (stride, cout) in enumerate([(1, 32), (2, 64), (1, 64), (2, 128), (1, 128), (2, 256), (1, 256)]):
+        x = conv(x, cin, cin, 3, stride, cin, f"dw{i}")
+        x = conv(x, cin, cout, 1, 1, 1, f"pw{i}")
+        cin = cout
+    wf = (rng.standard_normal((cin, classes)) * np.sqrt(1 / cin)).astype(np.float32)
+    inits += [numpy_helper.from_array(wf, "fc_w"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]),
+              helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [OUTPUT_NAME])]
+    graph = helper.make_graph(nodes, "mobilenet_like",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
+                              initializer=inits)
+    return _save(graph, path)
+
+
+def write_image_npz(folder: str | Path, size: int = 96, n_calibration: int = 64, n_eval: int = 64,
+                    seed: int = 0) -> tuple[Path, Path]:
+    """Calibration and evaluation sets of smooth synthetic images (no download) for image models."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def images(n):
+        low = rng.random((n, 3, size // 8, size // 8)).astype(np.float32)
+        return np.repeat(np.repeat(low, 8, axis=2), 8, axis=3) + 0.05 * rng.standard_normal(
+            (n, 3, size, size)).astype(np.float32)
+
+    calib, evaluation = folder / "images-calib.npz", folder / "images-eval.npz"
+    np.savez(calib, image=images(n_calibration))
+    np.savez(evaluation, image=images(n_eval))
+    return calib, evaluation
