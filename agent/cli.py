@@ -325,6 +325,15 @@ def _watch_line(device: str, kind: str, msg: dict) -> str:
 def cmd_infer(args) -> int:
     import numpy as np
 
+    if not args.device:  # on the board: a batch job through the local agent
+        from .batchjob import run_job
+
+        if not args.output:
+            raise EdgewardError("say where the results go", "pass --output results.jsonl")
+        summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch)
+        print(f"{summary['samples']} samples through {summary['model']} v{summary['version']} in "
+              f"{summary['seconds']} s -> {args.output}")
+        return 0
     from .fleet import Fleet
 
     path = Path(args.input)
@@ -457,12 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker_args(w)
     w.set_defaults(func=cmd_fleet_watch)
 
-    n = sub.add_parser("infer", help="run one inference on a device over MQTT")
-    n.add_argument("--device", required=True)
+    n = sub.add_parser("infer", help="run a model: on a device over MQTT, or a batch job on this board",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="With --device: one request to that device over MQTT, outputs printed or saved.\n"
+                                   "Without: a batch job through the agent on this board (its local API): every\n"
+                                   ".npy/.npz under --input, --batch samples per request, one JSON line per sample.",
+                       epilog="  edgeward infer --device pi-01 --model digits --input x.npy\n"
+                              "  edgeward infer --model digits --input samples/ --batch 32 --output results.jsonl")
+    n.add_argument("--device", help="the device to ask over MQTT (leave out for a local batch job)")
     n.add_argument("--model", required=True)
-    n.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs)")
+    n.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs), or a folder of them")
     n.add_argument("--input-name", default="input", help="name for a .npy input (models with one input accept any)")
-    n.add_argument("--output", help="save the outputs to this .npz")
+    n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")
+    n.add_argument("--batch", type=int, default=32, help="samples per request in a batch job (default %(default)s)")
+    n.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),
+                   help="the agent's local API socket (default %(default)s)")
     n.add_argument("--json", action="store_true")
     n.add_argument("--timeout", type=float, default=10.0)
     _add_broker_args(n)

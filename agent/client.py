@@ -5,8 +5,11 @@
         out = c.infer("digits", {"input": x})     # dict of numpy arrays
         out = c.infer("kws", frame, stream="mic-0")   # stateful model: the agent keeps the state
 
-Thread-safe: each thread gets its own connection, so concurrent callers do not queue
-behind each other here (the agent batches them if the model is served batched).
+Thread-safe: each thread gets its own connections, so concurrent callers do not queue
+behind each other here (the agent batches them if the model is served batched). For a
+model served in streaming mode the client asks the agent once where the model's worker
+listens and then talks to it directly (agent/direct.py), falling back to the agent when
+that worker is replaced or restarted.
 """
 
 from __future__ import annotations
@@ -28,56 +31,84 @@ _ERRORS = {"busy": BusyError, "bad_request": InferenceError, "unknown_model": Mo
 
 
 class LocalClient:
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0):
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True):
         self.path = path
         self.timeout = timeout
+        self.direct = direct          # talk to streaming models' workers directly (one hop fewer)
+        self._routes: dict[str, str | None] = {}
         self._local = threading.local()
         self._all: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    def _conn(self) -> socket.socket:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, path: str | None = None) -> socket.socket:
+        """This thread's connection to `path` (the agent's socket by default), made on first use."""
+        path = path or self.path
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(path)
         if conn is None:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.settimeout(self.timeout)
             try:
-                conn.connect(self.path)
+                conn.connect(path)
             except OSError as exc:
                 conn.close()
-                raise EdgewardError(f"cannot reach the agent at {self.path}: {exc.strerror or exc}",
+                raise EdgewardError(f"cannot reach the agent at {path}: {exc.strerror or exc}",
                                     "is the agent running (systemctl status edgeward-agent)? "
                                     "is api.socket set to this path?") from exc
-            self._local.conn = conn
+            conns[path] = conn
             with self._lock:
                 self._all.append(conn)
         return conn
 
-    def _call(self, frame: bytes) -> tuple[dict, memoryview]:
-        conn = self._conn()
+    def _call(self, frame: bytes, path: str | None = None) -> tuple[dict, memoryview]:
+        conn = self._conn(path)
         try:
             send_message(conn, frame)
             reply = recv_message(conn)
         except (OSError, ConnectionError) as exc:
-            self._drop(conn)
+            self._drop(path)
             raise EdgewardError(f"the agent closed the connection: {exc}", "retry; check the agent's log") from exc
         if reply is None:
-            self._drop(conn)
+            self._drop(path)
             raise EdgewardError("the agent closed the connection", "retry; check the agent's log")
         header, body = wire.unpack(reply)
         if header.get("status") != "ok":
             raise _ERRORS.get(header.get("code"), EdgewardError)(header.get("error", "agent error"))
         return header, body
 
-    def _drop(self, conn: socket.socket) -> None:
-        self._local.conn = None
-        conn.close()
+    def _drop(self, path: str | None) -> None:
+        conn = getattr(self._local, "conns", {}).pop(path or self.path, None)
+        if conn is not None:
+            conn.close()
+
+    def _route(self, model: str) -> str | None:
+        """The model worker's own socket, if the agent offers one (streaming models), else None."""
+        if model not in self._routes:
+            try:
+                header, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "route", "model": model}))
+                self._routes[model] = header.get("socket")
+            except ProtocolError:  # an agent without routes: always go through it
+                self._routes[model] = None
+        return self._routes[model]
 
     def infer(self, model: str, feeds: dict | np.ndarray, stream: str | None = None) -> dict[str, np.ndarray]:
         """Run `model` on `feeds` (a dict of named arrays, or one array for a one-input model)."""
         if not isinstance(feeds, dict):
             feeds = {"input": feeds}
         extra = {"stream": stream} if stream is not None else {}
-        header, body = self._call(wire.pack_tensors(feeds, v=protocol.VERSION, op="infer", model=model, **extra))
+        frame = wire.pack_tensors(feeds, v=protocol.VERSION, op="infer", model=model, **extra)
+        direct = self._route(model) if stream is None and self.direct else None
+        if direct is not None:
+            try:
+                header, body = self._call(frame, direct)
+                return {t.name: to_numpy(t) for t in from_frame(header, body)}
+            except EdgewardError as exc:
+                if exc.code not in ("error", "model_crashed", "busy"):
+                    raise  # the model's own answer (bad input, ...): the same through the agent
+                self._routes.pop(model, None)  # replaced or restarted: ask the agent again
+        header, body = self._call(frame)
         return {t.name: to_numpy(t) for t in from_frame(header, body)}
 
     def reset(self, model: str, stream: str) -> bool:

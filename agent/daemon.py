@@ -114,6 +114,15 @@ class Agent:
         A bundle in `install` whose version is already installed is skipped, so a unit or
         script can pass the same --install on every start; any other problem is raised.
         """
+        if self.api is not None:  # first, so the models loaded next get their direct sockets
+            try:
+                self.api.start()
+                self.engine.direct_dir = f"{self.cfg.api_socket}.d"
+                self.engine.direct_mode = self.cfg.api.socket_mode
+            except OSError as exc:
+                log.error("local API unavailable: cannot create %s (%s); set api.socket to a writable path "
+                          "(or \"off\")", self.cfg.api_socket, exc.strerror or exc)
+                self.api = None
         self.updater.load_current()
         for path in install:
             try:
@@ -126,13 +135,6 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        if self.api is not None:
-            try:
-                self.api.start()
-            except OSError as exc:
-                log.error("local API unavailable: cannot create %s (%s); set api.socket to a writable path "
-                          "(or \"off\")", self.cfg.api_socket, exc.strerror or exc)
-                self.api = None
         # set before the network thread starts: it may connect and publish the birth message at once
         self._client = client
         self._drainer.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -75,13 +76,17 @@ class Stats:
             self._rows += rows
             self._runs += 1
 
-    def snapshot(self, version: int, inflight: int = 0) -> ModelStats:
+    def snapshot(self, version: int, inflight: int = 0, extra: dict | None = None) -> ModelStats:
+        """Counters and percentiles; `extra` adds what a worker counted itself (direct requests)."""
         with self._lock:
+            latencies = list(self._latencies) + list((extra or {}).get("latencies", []))
+            requests = self.requests + int((extra or {}).get("requests", 0))
+            errors = self.errors + int((extra or {}).get("errors", 0))
             p50 = p95 = p99 = None
-            if self._latencies:
-                ordered = sorted(self._latencies)
+            if latencies:
+                ordered = sorted(latencies)
                 p50, p95, p99 = (round(_percentile(ordered, q), 3) for q in (50, 95, 99))
-            return ModelStats(version=version, requests=self.requests, errors=self.errors, p50_ms=p50, p95_ms=p95,
+            return ModelStats(version=version, requests=requests, errors=errors, p50_ms=p50, p95_ms=p95,
                               p99_ms=p99, mean_batch=round(self._rows / self._runs, 2) if self._runs else None,
                               inflight=inflight)
 
@@ -181,7 +186,20 @@ class LoadedModel:
         return {t.name: to_numpy(t) for t in out}
 
     def snapshot(self) -> ModelStats:
-        return self.stats.snapshot(self.version, inflight=self._inflight)
+        """The model's counters: requests through the agent plus those its worker took directly."""
+        direct = None
+        if getattr(self.proc, "direct_path", None) and self.proc.alive():
+            try:
+                direct = self.proc.call({"op": "stats"}, timeout=2, what="stats")[0].get("direct")
+            except EdgewardError:
+                direct = None
+        return self.stats.snapshot(self.version, inflight=self._inflight, extra=direct)
+
+    @property
+    def direct_socket(self) -> str | None:
+        """The worker's own socket for local apps (streaming models), while the worker lives."""
+        path = getattr(self.proc, "direct_path", None)
+        return path if path and self.proc.alive() else None
 
     @property
     def mode(self) -> str:
@@ -233,6 +251,8 @@ class Engine:
                  serving_for: Callable[[str], ServingConfig] | None = None):
         self.budget = budget
         self.serving_for = serving_for or (lambda name: ServingConfig())
+        self.direct_dir: str | None = None  # set when the local API runs: streaming models get a direct socket
+        self.direct_mode = 0o660
         self.threads = threads
         self.emit = emit
         self.timeout_s = timeout_s
@@ -261,6 +281,16 @@ class Engine:
                 proc.close()
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
+            serving = self.serving_for(manifest.name)
+            if self.direct_dir and serving.mode == "streaming" and not manifest.state:
+                sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
+                specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
+                try:
+                    proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
+                               "version": manifest.version, "specs": specs}, timeout=30, what="direct socket")
+                    proc.direct_path = sock
+                except EdgewardError as exc:  # the agent's socket still serves the model
+                    log.warning("%s: no direct socket (%s)", manifest.name, exc)
             return proc
 
         return LoadedModel(manifest, folder, start_worker, emit=self.emit, timeout_s=self.timeout_s,

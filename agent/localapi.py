@@ -6,6 +6,11 @@ a JSON header and the raw tensor bytes, never JSON lists. Requests::
     {"v": 1, "op": "infer", "model": "kws", "stream": "mic-0", "tensors": [...]}   + tensor bytes
     {"v": 1, "op": "reset", "model": "kws", "stream": "mic-0"}
     {"v": 1, "op": "models"}
+    {"v": 1, "op": "route", "model": "kws"}     -> {"socket": path or null}
+
+``route`` names the model worker's own socket for a streaming model (agent/direct.py): the
+same infer requests sent there skip a hop. Clients fall back to this socket when it is null
+or gone (the model was replaced or its worker restarted).
 
 Answers carry ``status`` ("ok" or "error" with ``code`` and ``error``), and for inference
 ``model``, ``version`` and the output tensors. A connection takes one request at a time;
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -78,6 +84,10 @@ class LocalApi:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             self.path.unlink()
+        direct = Path(f"{self.path}.d")  # the model workers' own sockets (agent/direct.py)
+        shutil.rmtree(direct, ignore_errors=True)
+        direct.mkdir()
+        os.chmod(direct, 0o755)  # reachable; each socket's own mode decides who may connect
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
@@ -136,11 +146,15 @@ class LocalApi:
                                        if s.name not in m.manifest.state.values()]}
                           for m in self.engine.models()]
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "models": models})
+            if op == "route":  # where to send this model's requests: its worker directly, or here
+                model = self.engine.get(str(header.get("model")))
+                return wire.pack({"v": protocol.VERSION, "status": "ok", "socket": model.direct_socket,
+                                  "version": model.version})
             if op == "reset":
                 model = self.engine.get(str(header.get("model")))
                 found = model.streams.reset(str(header.get("stream"))) if model.streams else False
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "reset": found})
-            raise ProtocolError(f"unknown op {op!r}", "use infer, reset or models")
+            raise ProtocolError(f"unknown op {op!r}", "use infer, route, reset or models")
         except EdgewardError as exc:
             return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
         except Exception as exc:  # a bug must not take the connection's thread down silently
@@ -176,6 +190,7 @@ class LocalApi:
                 except OSError:
                     pass
         self.path.unlink(missing_ok=True)
+        shutil.rmtree(f"{self.path}.d", ignore_errors=True)  # the workers' direct sockets
 
 
 __all__ = ["LocalApi", "recv_message", "send_message"]

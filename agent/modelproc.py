@@ -55,6 +55,7 @@ class ModelProcess:
         hello, _ = self._receive(start_timeout, "starting")
         self.base_rss_mb = float(hello.get("rss_mb", 0.0))
         self.rss_mb = self.base_rss_mb  # updated by the engine after the model loads
+        self.direct_path: str | None = None  # the worker's own socket for local apps, if it has one
 
     # ---------------------------------------------------------------- requests
 
@@ -99,6 +100,7 @@ class ModelProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._remove_socket()
 
     def exit_reason(self) -> str:
         rc = self._proc.poll()
@@ -119,6 +121,14 @@ class ModelProcess:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        if self.direct_path:
+            try:
+                os.unlink(self.direct_path)
+            except OSError:
+                pass
 
     def close(self, timeout: float = 5.0) -> None:
         """End the worker: close its pipe (it exits on EOF), kill it if it does not."""
@@ -134,3 +144,4 @@ class ModelProcess:
             log.warning("model worker %d did not exit; killing it", self.pid)
             self._proc.kill()
             self._proc.wait()
+        self._remove_socket()

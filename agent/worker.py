@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 
 def rss_mb() -> float:
@@ -32,32 +33,60 @@ class Worker:
         self.runtime = None
         self.inputs: list[str] = []
         self.outputs: list[str] = []
+        self.direct = None
+        self._lock = None  # set for runtimes that must not run from two threads at once
+
 
     def load(self, h: dict, _body) -> tuple[dict, list]:
         from . import runtimes
 
         self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=int(h.get("threads", 1)))
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
+        if not getattr(self.runtime, "thread_safe", False):
+            self._lock = threading.Lock()
         return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb()}, []
 
     def run(self, h: dict, body) -> tuple[dict, list]:
+        from .tensors import from_frame
+
+        return {}, self.run_tensors(from_frame(h, body))
+
+    def run_tensors(self, tensors: list) -> list:
+        """Check the values (finite floats) and run the model; outputs as Tensors."""
         import numpy as np
 
         from .errors import InferenceError
-        from .tensors import from_frame, from_numpy
+        from .tensors import from_numpy
 
         feeds = {}
-        for t in from_frame(h, body):
+        for t in tensors:
             arr = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise InferenceError(f"input {t.name!r} holds NaN or infinity", "send finite values")
             feeds[t.name] = arr
         try:
-            out = self.runtime.run(feeds)
+            if self._lock is not None:
+                with self._lock:
+                    out = self.runtime.run(feeds)
+            else:
+                out = self.runtime.run(feeds)
         except Exception as exc:  # the runtime's own exception types
             msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise InferenceError(f"the runtime failed: {msg}") from exc
-        return {}, [from_numpy(name, np.asarray(arr)) for name, arr in out.items()]
+        return [from_numpy(name, np.asarray(arr)) for name, arr in out.items()]
+
+    def serve(self, h: dict, _body) -> tuple[dict, list]:
+        """Also take requests from local apps on a socket of this worker's own (agent/direct.py)."""
+        from .bundle import TensorSpec
+        from .direct import DirectServer
+
+        specs = [TensorSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
+        self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs,
+                                   self.run_tensors, int(h.get("max_conns", 64)))
+        return {"path": h["path"]}, []
+
+    def stats(self, _h: dict, _body) -> tuple[dict, list]:
+        return {"direct": self.direct.stats.export() if self.direct else None}, []
 
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""
@@ -122,6 +151,8 @@ def main() -> int:
         try:
             header, body = ipc.recv(reader)
         except ipc.PipeClosed:
+            if worker.direct is not None:
+                worker.direct.close()
             return 0
         op = getattr(worker, header.get("op", ""), None)
         try:

@@ -247,3 +247,67 @@ def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets)
                                    atol=1e-6)
     with pytest.raises(ProtocolError):
         LocalClient(path)._call(b"\x00")
+
+
+def test_streaming_models_are_served_by_their_worker_directly_with_the_same_checks(assets, tmp_path):
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-direct", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[assets.v1])
+    try:
+        wait_for(lambda: (store / "agent.sock").exists(), what="local API socket")
+        x = assets.eval_inputs(4)
+        want = ra.agent.infer("digits", {"input": x})["logits"]
+        model = ra.agent.engine.get("digits")
+        before = model.snapshot().requests
+        with LocalClient(str(store / "agent.sock")) as client:
+            for _ in range(5):
+                np.testing.assert_allclose(client.infer("digits", x)["logits"], want, atol=1e-6)
+            route = client._routes["digits"]
+            assert route == model.direct_socket and route.startswith(f"{store}/agent.sock.d/")
+            assert model.snapshot().requests == before + 5  # counted by the worker, reported by the agent
+            with pytest.raises(InferenceError, match="shape"):
+                client.infer("digits", np.zeros((1, 8, 8), np.float32))
+            with pytest.raises(InferenceError, match="NaN or infinity"):
+                client.infer("digits", np.full((1, 1, 8, 8), np.inf, np.float32))
+            # the worker dies: the client falls back to the agent, which starts a fresh worker
+            os.kill(model.proc.pid, signal.SIGKILL)
+            wait_for(lambda: not model.proc.alive() or model.proc._proc.poll() is not None, what="worker gone")
+            np.testing.assert_allclose(client.infer("digits", x)["logits"], want, atol=1e-6)
+            np.testing.assert_allclose(client.infer("digits", x)["logits"], want, atol=1e-6)
+            assert client._routes["digits"] not in (None, route)  # the new worker's socket
+            assert not os.path.exists(route)
+    finally:
+        ra.stop()
+    assert not (store / "agent.sock.d").exists()
+
+
+def test_an_offline_batch_job_writes_one_line_per_sample_and_nothing_on_failure(agent_with_api, assets, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    ra, path = agent_with_api
+    x = assets.eval_inputs(16)
+    data = tmp_path / "samples"
+    (data / "more").mkdir(parents=True)
+    np.save(data / "a.npy", x[:10])
+    np.save(data / "more" / "b.npy", x[10])           # one sample without its batch axis
+    np.savez(data / "more" / "c.npz", input=x[11:16])
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "agent.cli", "infer", "--model", "digits", "--input", str(data), "--batch", "4",
+           "--output", str(out), "--socket", path]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "16 samples through digits v1" in r.stdout and "16/16 samples" in r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    want = ra.agent.infer("digits", {"input": x})["logits"].argmax(1)
+    order = np.concatenate([np.arange(10), [10], np.arange(11, 16)])
+    assert [rec["top1"] for rec in lines] == want[order].tolist()
+    assert lines[10]["source"].endswith("b.npy") and lines[10]["index"] == 0 and len(lines[0]["outputs"]["logits"]) == 10
+    # a file the model cannot take: a one-line error, no results file, no temporary left behind
+    np.save(data / "z-bad.npy", np.zeros((2, 3), np.float32))
+    out2 = tmp_path / "results2.jsonl"
+    r = subprocess.run(cmd[:-3] + [str(out2), "--socket", path], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "shape" in r.stderr and len(r.stderr.strip().splitlines()[-1]) < 300
+    assert sorted(p.name for p in tmp_path.iterdir() if "results2" in p.name) == []

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover  (runtimes live in model workers; the agen
 
 class Runtime(ABC):
     name: str
+    thread_safe: bool = False  # may run() be called from two threads at once?
 
     @abstractmethod
     def input_names(self) -> list[str]: ...

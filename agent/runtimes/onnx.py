@@ -11,6 +11,7 @@ from .base import Runtime
 
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads at once
 
     def __init__(self, path: str, threads: int = 1):
         opts = ort.SessionOptions()

@@ -1,0 +1,124 @@
+"""Offline batch jobs: run a model on the board over files, through the running agent.
+
+`edgeward infer --model NAME --input DIR --batch 32 --output results.jsonl` reads every
+.npy / .npz file under DIR (or one file), cuts the samples into batches, sends them to the
+agent's local API and writes one JSON line per sample: where it came from, the outputs
+and, for classifiers, the top-1 class. Progress goes to stderr. The results file appears
+only when the job has finished (written beside it, then renamed): a failed job leaves
+nothing half-written.
+
+Files: a .npy holds one input's samples along the first axis (a single sample without
+that axis is accepted); a .npz holds one array per input name, with the same number of
+samples each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .client import LocalClient
+from .errors import EdgewardError
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".npy", ".npz") and p.is_file())
+        if not files:
+            raise EdgewardError(f"{path} holds no .npy or .npz files", "save inputs with numpy.save / numpy.savez")
+        return files
+    if not path.is_file():
+        raise EdgewardError(f"{path} does not exist")
+    return [path]
+
+
+def _samples(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """The arrays of one file, named by the model's inputs, each with a leading sample axis."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgewardError(f"cannot read {path}: {exc}", "save inputs with numpy.save / numpy.savez") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    else:
+        if len(inputs) != 1:
+            raise EdgewardError(f"{path}: a .npy holds one array, the model takes {len(inputs)} inputs",
+                                f"save a .npz with arrays named {', '.join(i['name'] for i in inputs)}")
+        arrays = {inputs[0]["name"]: loaded}
+    out = {}
+    for spec in inputs:
+        arr = arrays.get(spec["name"])
+        if arr is None and len(arrays) == 1 and len(inputs) == 1:
+            arr = next(iter(arrays.values()))
+        if arr is None:
+            raise EdgewardError(f"{path}: no array named {spec['name']!r}", f"arrays found: {', '.join(arrays)}")
+        if arr.ndim == len(spec["shape"]) - 1:
+            arr = arr[None]  # one sample without its batch axis
+        out[spec["name"]] = arr
+    counts = {len(a) for a in out.values()}
+    if len(counts) != 1:
+        raise EdgewardError(f"{path}: inputs hold different numbers of samples ({sorted(counts)})")
+    return out
+
+
+def _batches(files: list[Path], inputs: list[dict], batch: int) -> Iterator[tuple[list[tuple[str, int]], dict]]:
+    """(sources, feeds) batches of up to `batch` samples, never mixing files (their shapes may differ)."""
+    for path in files:
+        arrays = _samples(path, inputs)
+        n = len(next(iter(arrays.values())))
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            yield [(str(path), i) for i in range(lo, hi)], {k: v[lo:hi] for k, v in arrays.items()}
+
+
+def _count(files: list[Path], inputs: list[dict]) -> int:
+    total = 0
+    for path in files:
+        total += len(next(iter(_samples(path, inputs).values())))
+    return total
+
+
+def run_job(socket_path: str, model: str, input_path: str, output: str, batch: int = 32,
+            progress=sys.stderr) -> dict:
+    """Run the job; returns a summary (samples, seconds, version)."""
+    files = _files(Path(input_path))
+    out_path = Path(output)
+    with LocalClient(socket_path) as client:
+        info = next((m for m in client.models() if m["name"] == model), None)
+        if info is None:
+            raise EdgewardError(f"no model named {model!r} is serving on this board",
+                                "see `edgeward agent status` for what is loaded")
+        total = _count(files, info["inputs"])
+        done, t0 = 0, time.monotonic()
+        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                for sources, feeds in _batches(files, info["inputs"], batch):
+                    outputs = client.infer(model, feeds)
+                    for row, (source, index) in enumerate(sources):
+                        record = {"source": source, "index": index,
+                                  "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
+                        first = next(iter(outputs.values()))
+                        if first.ndim == 2 and first.shape[1] > 1:
+                            record["top1"] = int(first[row].argmax())
+                        f.write(json.dumps(record) + "\n")
+                    done += len(sources)
+                    if progress is not None:
+                        rate = done / max(time.monotonic() - t0, 1e-9)
+                        eta = (total - done) / rate if rate else 0
+                        progress.write(f"\r  {done}/{total} samples  {rate:.0f}/s  ETA {eta:.0f}s ")
+                        progress.flush()
+            os.replace(tmp, out_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if progress is not None:
+            progress.write("\n")
+    return {"samples": done, "seconds": round(time.monotonic() - t0, 2), "model": model, "version": info.get("version")}

@@ -1,0 +1,124 @@
+"""Direct connections from local apps to a model's worker: one hop instead of two.
+
+For a model served in streaming mode, the worker also listens on its own Unix socket
+(the agent hands its path to clients with the local API's ``route`` op). A request then
+goes app → worker → app, the same frames as the agent's socket, with the same checks
+(names, dtypes, shapes, finite values) and the same error answers. Batched and stateful
+models are not served here: their requests must meet in the agent.
+
+The worker counts these requests itself; the agent adds them to the model's telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from . import protocol, wire
+from .errors import BusyError, EdgewardError, ProtocolError
+from .localapi import recv_message, send_message
+from .tensors import Tensor, check_inputs, from_frame, to_frame
+
+log = logging.getLogger(__name__)
+
+
+class DirectStats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.latencies: deque[float] = deque(maxlen=2048)
+
+    def record(self, ms: float | None) -> None:
+        with self.lock:
+            self.requests += 1
+            if ms is None:
+                self.errors += 1
+            else:
+                self.latencies.append(ms)
+
+    def export(self) -> dict:
+        with self.lock:
+            return {"requests": self.requests, "errors": self.errors, "latencies": list(self.latencies)}
+
+
+class DirectServer:
+    def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
+                 run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64):
+        self.path, self.model, self.version, self.specs = Path(path), model, version, specs
+        self._run = run
+        self.stats = DirectStats()
+        self._slots = threading.BoundedSemaphore(max_conns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(self.path))
+        os.chmod(self.path, mode)
+        self._sock.listen(128)
+        threading.Thread(target=self._accept, name="direct-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                send_message(conn, self._error(BusyError("too many connections to this model", "retry later")))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="direct-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                try:
+                    msg = recv_message(conn)
+                except ProtocolError as exc:
+                    send_message(conn, self._error(exc))
+                    return
+                if msg is None:
+                    return
+                send_message(conn, self.handle(msg))
+        except (ConnectionError, OSError):
+            return
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _error(self, exc: EdgewardError) -> bytes:
+        return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+
+    def handle(self, msg) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            header, body = wire.unpack(msg)
+            if header.get("op") != "infer" or header.get("model") != self.model:
+                raise ProtocolError(f"this socket serves only inference on {self.model!r}",
+                                    "send other requests to the agent's socket")
+            if header.get("stream") is not None:
+                raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
+            feeds = check_inputs(self.model, self.specs, from_frame(header, body))
+            out = self._run(feeds)
+        except EdgewardError as exc:
+            self.stats.record(None)
+            return self._error(exc)
+        except Exception as exc:  # a bug must become an answer, not a dead connection
+            log.exception("direct request failed")
+            self.stats.record(None)
+            return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
+        specs, data = to_frame(out)
+        reply = wire.pack({"v": protocol.VERSION, "status": "ok", "model": self.model, "version": self.version,
+                           "tensors": specs}, data)
+        self.stats.record((time.perf_counter() - t0) * 1000)
+        return reply
+
+    def close(self) -> None:
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
