@@ -62,7 +62,7 @@ class LocalClient:
                 self._all.append(conn)
         return conn
 
-    def _call(self, frame: bytes, path: str | None = None) -> tuple[dict, memoryview]:
+    def _call(self, frame: bytes | list, path: str | None = None) -> tuple[dict, memoryview]:
         conn = self._conn(path)
         try:
             send_message(conn, frame)
@@ -98,7 +98,7 @@ class LocalClient:
         if not isinstance(feeds, dict):
             feeds = {"input": feeds}
         extra = {"stream": stream} if stream is not None else {}
-        frame = wire.pack_tensors(feeds, v=protocol.VERSION, op="infer", model=model, **extra)
+        frame = wire.frame_parts(feeds, v=protocol.VERSION, op="infer", model=model, **extra)
         direct = self._route(model) if stream is None and self.direct else None
         if direct is not None:
             try:

@@ -107,6 +107,9 @@ class ApiConfig:
     socket: str = ""   # "" = <store.path>/agent.sock; the service uses /run/edgeward/agent.sock; "off" = none
     socket_mode: int = field(default=0o660, metadata=rule(min=0, max=0o777))
     max_pending: int = field(default=256, metadata=rule(min=1, max=100_000))  # beyond it callers get "busy"
+    # after answering, poll this long for the caller's next request before sleeping (0: never);
+    # saves a wake-up per request for apps that call back to back, costs at most this much CPU per request
+    spin_us: int = field(default=200, metadata=rule(min=0, max=10_000))
 
 
 @dataclass
@@ -118,6 +121,16 @@ class ServingConfig:
     preferred_batch: list[int] = field(default_factory=list)  # e.g. [8, 16, 32]: run these sizes when possible
     max_queue: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # rows waiting; beyond: "busy"
     max_streams: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # stateful streams kept
+
+
+@dataclass
+class PipelineConfig:
+    """An MQTT pipeline: messages on input_topic run model; answers go to output_topic (agent/pipelines.py)."""
+    input_topic: str
+    model: str
+    output_topic: str
+    format: str = field(default="json", metadata=rule(choices=("json", "binary")))
+    qos: int = field(default=1, metadata=rule(min=0, max=2))
 
 
 @dataclass
@@ -133,6 +146,7 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)        # the default for every model
     models: dict[str, ServingConfig] = field(default_factory=dict)       # per model name, overriding it
+    pipelines: list[PipelineConfig] = field(default_factory=list)
     log_level: str = field(default="info", metadata=rule(choices=("debug", "info", "warning", "error")))
 
     @property
@@ -172,6 +186,14 @@ def _check_semantics(cfg: AgentConfig) -> None:
     if not cfg.trust.keys and not cfg.trust.allow_unsigned:
         raise ConfigError("trust.keys: no trusted public key configured, so every bundle would be refused",
                           "pass --trust-key FILE (or set trust.allow_unsigned: true for development only)")
+    from paho.mqtt.client import topic_matches_sub
+
+    for i, pipe in enumerate(cfg.pipelines):
+        if not pipe.input_topic or not pipe.output_topic or "#" in pipe.output_topic or "+" in pipe.output_topic:
+            raise ConfigError(f"pipelines[{i}]: needs an input_topic and a concrete output_topic (no wildcards)")
+        if any(topic_matches_sub(pipe.input_topic, p.output_topic) for p in cfg.pipelines):
+            raise ConfigError(f"pipelines[{i}]: input_topic {pipe.input_topic!r} would take a pipeline's own answers",
+                              "use different topics for inputs and outputs")
     for name, serving in cfg.models.items():
         if any(b < 1 or b > serving.max_batch for b in serving.preferred_batch):
             raise ConfigError(f"models.{name}.preferred_batch: sizes must lie in 1..max_batch ({serving.max_batch})")

@@ -17,6 +17,7 @@ after the next connection (a drain thread; a graceful stop flushes it too).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -39,6 +40,7 @@ from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
 from .signing import load_public_key
 from .localapi import LocalApi
+from .pipelines import Pipelines
 from .spool import Spool
 from .tensors import from_frame, to_frame
 from .status import write_status
@@ -80,8 +82,9 @@ class Agent:
         self.budget = Budget(cfg.memory.budget_mb, cfg.memory.reserve_mb)
         self.engine = Engine(self.budget, threads=cfg.inference.threads, emit=self.emit,
                              timeout_s=cfg.inference.timeout_s, serving_for=cfg.serving_for)
-        self.api = LocalApi(cfg.api_socket, self.engine, cfg.api.socket_mode, cfg.api.max_pending) \
-            if cfg.api_socket else None
+        self.pipelines = Pipelines(cfg.pipelines, self.engine, self._publish_pipeline, self.max_payload)
+        self.api = LocalApi(cfg.api_socket, self.engine, cfg.api.socket_mode, cfg.api.max_pending,
+                            cfg.api.spin_us) if cfg.api_socket else None
         self.store = Store(cfg.store.path, cfg.store.keep_versions)
         trust = Trust([load_public_key(k) for k in cfg.trust.keys], cfg.trust.allow_unsigned)
         self.updater = Updater(self.store, self.engine, trust, cfg.store.max_bundle_mb * MB, self.emit)
@@ -119,6 +122,7 @@ class Agent:
                 self.api.start()
                 self.engine.direct_dir = f"{self.cfg.api_socket}.d"
                 self.engine.direct_mode = self.cfg.api.socket_mode
+                self.engine.direct_spin_us = self.cfg.api.spin_us
             except OSError as exc:
                 log.error("local API unavailable: cannot create %s (%s); set api.socket to a writable path "
                           "(or \"off\")", self.cfg.api_socket, exc.strerror or exc)
@@ -350,7 +354,9 @@ class Agent:
         # retainAsPublished: a retained command published while we are subscribed would otherwise reach
         # us with retain=0 (MQTT clears the flag for existing subscribers) and be acted upon
         options = SubscribeOptions(qos=1, retainAsPublished=True)
-        _, self._subscribe_mid = client.subscribe([(t, options) for t in protocol.device_subscriptions(self.device)])
+        topics = [(t, options) for t in protocol.device_subscriptions(self.device)]
+        topics += [(t, SubscribeOptions(qos=q)) for t, q in self.pipelines.subscriptions()]
+        _, self._subscribe_mid = client.subscribe(topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         """Only once the broker has acknowledged our subscriptions do we announce ourselves:
@@ -378,6 +384,11 @@ class Agent:
             log.exception("unexpected error handling a message on %s", msg.topic)
 
     def _route(self, msg) -> None:
+        pipes = self.pipelines.match(msg.topic) if self.pipelines.configs else []
+        if pipes:
+            for pipe in pipes:
+                self._submit_pipeline(pipe, msg.payload)
+            return
         try:
             topic = protocol.parse_topic(msg.topic)
         except ProtocolError as exc:
@@ -583,6 +594,33 @@ class Agent:
         except RuntimeError:  # pool shut down: the agent is stopping
             self._count_pending(-1)
             self._pending.release()
+
+    def _submit_pipeline(self, pipe, payload: bytes) -> None:
+        """Like an inference request, but from a pipeline's input topic: bounded, never blocking paho."""
+        if not self._pending.acquire(blocking=False):
+            self._publish_pipeline(pipe.output_topic, json.dumps(
+                {"v": protocol.VERSION, "status": "error", "code": "busy",
+                 "error": "agent is busy: too many pending requests; message dropped"}).encode(), pipe.qos)
+            return
+        self._count_pending(+1)
+
+        def run() -> None:
+            try:
+                self.pipelines.handle(pipe, payload)
+            finally:
+                self._count_pending(-1)
+                self._pending.release()
+
+        try:
+            self._infer_pool.submit(run)
+        except RuntimeError:  # the agent is stopping
+            self._count_pending(-1)
+            self._pending.release()
+
+    def _publish_pipeline(self, topic: str, payload: bytes, qos: int) -> None:
+        client = self._client
+        if client is not None:
+            client.publish(topic, payload, qos=qos)
 
     def _count_pending(self, delta: int) -> None:
         with self._pending_lock:

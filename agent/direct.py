@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import recv_message, send_message
+from .localapi import linger, recv_message, send_message
 from .tensors import Tensor, check_inputs, from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class DirectStats:
 
 class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
-                 run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64):
+                 run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
+        self.spin_s = spin_us / 1e6
         self._run = run
         self.stats = DirectStats()
         self._slots = threading.BoundedSemaphore(max_conns)
@@ -76,16 +77,18 @@ class DirectServer:
             threading.Thread(target=self._serve, args=(conn,), name="direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        buffer = bytearray(1 << 20)  # reused for every request that fits: handle() keeps nothing of it
         try:
             while True:
                 try:
-                    msg = recv_message(conn)
+                    msg = recv_message(conn, buffer=buffer)
                 except ProtocolError as exc:
                     send_message(conn, self._error(exc))
                     return
                 if msg is None:
                     return
                 send_message(conn, self.handle(msg))
+                linger(conn, self.spin_s)
         except (ConnectionError, OSError):
             return
         finally:

@@ -253,6 +253,7 @@ class Engine:
         self.serving_for = serving_for or (lambda name: ServingConfig())
         self.direct_dir: str | None = None  # set when the local API runs: streaming models get a direct socket
         self.direct_mode = 0o660
+        self.direct_spin_us = 0
         self.threads = threads
         self.emit = emit
         self.timeout_s = timeout_s
@@ -287,7 +288,8 @@ class Engine:
                 specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
-                               "version": manifest.version, "specs": specs}, timeout=30, what="direct socket")
+                               "version": manifest.version, "specs": specs,
+                               "spin_us": self.direct_spin_us}, timeout=30, what="direct socket")
                     proc.direct_path = sock
                 except EdgewardError as exc:  # the agent's socket still serves the model
                     log.warning("%s: no direct socket (%s)", manifest.name, exc)

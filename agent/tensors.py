@@ -152,6 +152,59 @@ def split(t: Tensor, counts: list[int]) -> list[Tensor]:
     return out
 
 
+# ---------------------------------------------------------------- JSON lists, for MQTT pipelines
+
+_ARRAY_CODES = {"float32": "f", "float64": "d", "int8": "b", "uint8": "B", "int16": "h", "uint16": "H",
+                "int32": "i", "int64": "q", "bool": "B"}
+
+
+def from_json(name: str, value, dtype: str) -> Tensor:
+    """A tensor from a nested JSON list (rectangular), packed as `dtype` without numpy."""
+    import array
+
+    shape, level = [], value
+    while isinstance(level, list):
+        shape.append(len(level))
+        level = level[0] if level else None
+    flat: list = []
+
+    def walk(v, depth: int) -> None:
+        if depth == len(shape):
+            if isinstance(v, list) or isinstance(v, str) or v is None:
+                raise InferenceError(f"input {name!r}: not a rectangular list of numbers")
+            flat.append(v)
+            return
+        if not isinstance(v, list) or len(v) != shape[depth]:
+            raise InferenceError(f"input {name!r}: not a rectangular list of numbers")
+        for item in v:
+            walk(item, depth + 1)
+
+    walk(value, 0)
+    code = _ARRAY_CODES.get(dtype)
+    if code is None:
+        raise InferenceError(f"input {name!r}: {dtype} inputs cannot come as JSON", "send a binary frame")
+    try:
+        data = array.array(code, [float(x) if code in "fd" else int(x) for x in flat]).tobytes()
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise InferenceError(f"input {name!r}: values do not fit {dtype} ({exc})") from exc
+    return Tensor(name, dtype, tuple(shape), data)
+
+
+def to_json(t: Tensor):
+    """The nested list of a tensor's values (for JSON answers)."""
+    import array
+
+    code = _ARRAY_CODES.get(t.dtype)
+    if code is None:
+        raise InferenceError(f"output {t.name!r}: {t.dtype} cannot be sent as JSON", "use binary frames")
+    flat = array.array(code)
+    flat.frombytes(bytes(t.data))
+    values = flat.tolist()
+    for dim in reversed(t.shape[1:]):
+        values = [values[i:i + dim] for i in range(0, len(values), dim)]
+    return values if t.shape else values[0]
+
+
 # ---------------------------------------------------------------- numpy, for callers that have it
 
 def from_numpy(name: str, arr: "np.ndarray") -> Tensor:

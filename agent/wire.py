@@ -47,6 +47,24 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
     return header, memoryview(payload)[8 + head_len:]
 
 
+def frame_parts(tensors: dict, **header) -> list:
+    """pack_tensors without the copies: the frame as [head bytes, each array's buffer], for
+    scatter-gather sends (agent.localapi.send_message) of large tensors."""
+    import numpy as np
+
+    specs, buffers, offset = [], [], 0
+    for name, arr in tensors.items():
+        t = from_numpy(name, arr) if not (isinstance(arr, np.ndarray) and arr.flags.c_contiguous
+                                          and arr.dtype.byteorder != ">" and arr.dtype.name in ITEMSIZE) else None
+        buf = t.data if t is not None else memoryview(arr).cast("B")
+        specs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset,
+                      "nbytes": len(buf)})
+        buffers.append(buf)
+        offset += len(buf)
+    head = json.dumps({**header, "tensors": specs}, separators=(",", ":")).encode()
+    return [MAGIC + struct.pack(">I", len(head)) + head, *buffers]
+
+
 def pack_tensors(tensors: dict, **header) -> bytes:
     """Frame named numpy arrays (sent C-contiguous, little-endian) with any extra header fields."""
     specs, body = to_frame(from_numpy(name, arr) for name, arr in tensors.items())

@@ -82,7 +82,7 @@ class Worker:
 
         specs = [TensorSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
         self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs,
-                                   self.run_tensors, int(h.get("max_conns", 64)))
+                                   self.run_tensors, int(h.get("max_conns", 64)), int(h.get("spin_us", 0)))
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:

@@ -285,3 +285,61 @@ def write_image_npz(folder: str | Path, size: int = 96, n_calibration: int = 64,
     np.savez(calib, image=images(n_calibration))
     np.savez(evaluation, image=images(n_eval))
     return calib, evaluation
+
+
+def build_tflite_mlp(path: str | Path, features: int = 64, hidden: int = 32, classes: int = 10,
+                     seed: int = 0) -> tuple[Path, dict]:
+    """A float TFLite MLP (features -> hidden, ReLU -> classes) written straight as a flatbuffer
+    with LiteRT's own schema: a real .tflite for the runtimes' tests, without TensorFlow.
+    Returns the path and the weights, so a test can compute the expected outputs with numpy."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    rng = np.random.default_rng(seed)
+    weights = {"w1": rng.normal(0, 0.3, (hidden, features)).astype(np.float32),
+               "b1": rng.normal(0, 0.1, hidden).astype(np.float32),
+               "w2": rng.normal(0, 0.3, (classes, hidden)).astype(np.float32),
+               "b2": rng.normal(0, 0.1, classes).astype(np.float32)}
+
+    def buffer(arr=None):
+        b = s.BufferT()
+        b.data = list(arr.tobytes()) if arr is not None else None
+        return b
+
+    def tensor(name, shape, buf, signature=None):
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), s.TensorType.FLOAT32, buf
+        t.shapeSignature = signature
+        return t
+
+    buffers = [buffer(), buffer(weights["w1"]), buffer(weights["b1"]), buffer(weights["w2"]), buffer(weights["b2"])]
+    tensors = [tensor(MLP_INPUT, [1, features], 0, [-1, features]), tensor("w1", [hidden, features], 1),
+               tensor("b1", [hidden], 2), tensor("h", [1, hidden], 0, [-1, hidden]),
+               tensor("w2", [classes, hidden], 3), tensor("b2", [classes], 4),
+               tensor(OUTPUT_NAME, [1, classes], 0, [-1, classes])]
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+
+    def fc(inputs, output, relu):
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = 0, inputs, [output]
+        op.builtinOptionsType = s.BuiltinOptions.FullyConnectedOptions
+        op.builtinOptions = s.FullyConnectedOptionsT()
+        op.builtinOptions.fusedActivationFunction = (s.ActivationFunctionType.RELU if relu
+                                                     else s.ActivationFunctionType.NONE)
+        return op
+
+    graph = s.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs = tensors, [0], [6]
+    graph.operators = [fc([0, 1, 2], 3, True), fc([3, 4, 5], 6, False)]
+    graph.name = "main"
+    model = s.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], buffers
+    model.description = "edgeward.zoo tflite mlp"
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(builder.Output()))
+    return path, weights

@@ -13,21 +13,26 @@ import sys
 from ..errors import RuntimeMissing
 from .base import Runtime
 
-# manifest "runtime" -> (module implementing it, the Python module whose import costs memory)
+# manifest "runtime" -> (module implementing it, the Python packages that provide it, in order of preference)
 _BACKENDS = {
-    "onnxruntime": ("agent.runtimes.onnx", "onnxruntime"),
+    "onnxruntime": ("agent.runtimes.onnx", ("onnxruntime",)),
+    "tflite": ("agent.runtimes.tflite", ("ai_edge_litert", "tflite_runtime")),
 }
+
+
+def _installed(packages: tuple[str, ...]) -> str | None:
+    return next((p for p in packages if importlib.util.find_spec(p) is not None), None)
 
 
 def available() -> list[str]:
     """Runtimes installed on this device (found, not imported)."""
-    return [name for name, (_, dist) in _BACKENDS.items() if importlib.util.find_spec(dist) is not None]
+    return [name for name, (_, packages) in _BACKENDS.items() if _installed(packages)]
 
 
 def is_imported(runtime: str) -> bool:
-    """Whether the runtime's library is already in memory (so loading pays no import cost)."""
+    """Whether the runtime's library is already in this process's memory."""
     backend = _BACKENDS.get(runtime)
-    return backend is not None and backend[1] in sys.modules
+    return backend is not None and any(p in sys.modules for p in backend[1])
 
 
 def open_model(runtime: str, model_path: str, threads: int = 1) -> Runtime:
@@ -35,10 +40,11 @@ def open_model(runtime: str, model_path: str, threads: int = 1) -> Runtime:
     if backend is None:
         raise RuntimeMissing(f"runtime {runtime!r} is not supported by this agent",
                              f"supported: {', '.join(_BACKENDS)}")
-    module_name, dist = backend
-    if importlib.util.find_spec(dist) is None:
+    module_name, packages = backend
+    if _installed(packages) is None:
         raise RuntimeMissing(f"the model needs {runtime!r}, which is not installed on this device",
-                             "pip install 'edgeward[device]'")
+                             f"pip install {' or '.join(p.replace('_', '-') for p in packages)} "
+                             "(edgeward[device] brings ai-edge-litert and onnxruntime)")
     module = importlib.import_module(module_name)
     return module.load(model_path, threads=threads)
 

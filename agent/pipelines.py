@@ -1,0 +1,95 @@
+"""MQTT pipelines declared in the config: input topic → model → output topic.
+
+For sensors and services that already speak MQTT: a message on `input_topic` runs `model`
+(in its serving mode, so a batched model batches pipeline messages too), and the answer is
+published on `output_topic`. Payloads are JSON or binary frames:
+
+    json:   in  {"inputs": {"x": [[...]]}}  (or just the nested list, for one-input models)
+            out {"model": "kws", "version": 3, "ts": 1700000000.0, "outputs": {"scores": [[...]]}}
+    binary: in  an EWF1 frame of tensors (agent/wire.py); out the same, header as above
+
+A message the model cannot take gets an answer with "status": "error", "code" and
+"error" on the output topic, and nothing else happens. Inputs may carry "stream" for
+stateful models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+from paho.mqtt.client import topic_matches_sub
+
+from . import protocol, wire
+from .config import PipelineConfig
+from .errors import EdgewardError, InferenceError, ProtocolError
+from .tensors import from_frame, from_json, to_frame, to_json
+
+log = logging.getLogger(__name__)
+
+
+class Pipelines:
+    def __init__(self, configs: list[PipelineConfig], engine, publish: Callable[[str, bytes, int], None],
+                 max_payload: int):
+        self.configs = configs
+        self.engine = engine
+        self.publish = publish
+        self.max_payload = max_payload
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(c.input_topic, c.qos) for c in self.configs]
+
+    def match(self, topic: str) -> list[PipelineConfig]:
+        return [c for c in self.configs if topic_matches_sub(c.input_topic, topic)]
+
+    def handle(self, cfg: PipelineConfig, payload: bytes) -> None:
+        """Run one message through the model and publish the answer (or the error) on the output topic."""
+        try:
+            if len(payload) > self.max_payload:
+                raise ProtocolError(f"message of {len(payload)} bytes is over the {self.max_payload}-byte limit")
+            tensors, stream = self._decode(cfg, payload)
+            model, outputs = self.engine.infer(cfg.model, tensors, stream)
+            head = {"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
+                    "ts": time.time()}
+            if cfg.format == "binary":
+                specs, body = to_frame(outputs)
+                out = wire.pack({**head, "tensors": specs}, body)
+            else:
+                out = json.dumps({**head, "outputs": {t.name: to_json(t) for t in outputs}}).encode()
+        except EdgewardError as exc:
+            err = {"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc), "ts": time.time()}
+            out = wire.pack(err) if cfg.format == "binary" else json.dumps(err).encode()
+        except Exception as exc:  # a bug must not silence the pipeline
+            log.exception("pipeline %s -> %s failed", cfg.input_topic, cfg.model)
+            out = json.dumps({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)}).encode()
+        self.publish(cfg.output_topic, out, cfg.qos)
+
+    def _decode(self, cfg: PipelineConfig, payload: bytes):
+        if cfg.format == "binary":
+            header, body = wire.unpack(payload)
+            stream = header.get("stream")
+            return from_frame(header, body), stream if isinstance(stream, str) else None
+        try:
+            doc = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"not valid JSON: {exc}") from exc
+        model = self.engine.get(cfg.model)
+        specs = [s for s in model.manifest.inputs if s.name not in model.manifest.state]
+        stream = doc.get("stream") if isinstance(doc, dict) else None
+        inputs = doc.get("inputs") if isinstance(doc, dict) else {specs[0].name: doc} if len(specs) == 1 else None
+        if isinstance(inputs, list) and len(specs) == 1:
+            inputs = {specs[0].name: inputs}
+        if not isinstance(inputs, dict):
+            raise InferenceError(f"expected {{\"inputs\": {{name: list}}}} for {cfg.model!r} "
+                                 f"(inputs: {', '.join(s.name for s in specs)})")
+        by_name = {s.name: s for s in specs}
+        tensors = []
+        for name, value in inputs.items():
+            spec = by_name.get(name)
+            if spec is None:
+                raise InferenceError(f"model {cfg.model!r} has no input {name!r}",
+                                     f"its inputs: {', '.join(by_name)}")
+            tensors.append(from_json(name, value, spec.dtype))
+        return tensors, stream if isinstance(stream, str) else None

@@ -1,0 +1,85 @@
+"""MQTT pipelines declared in the config: a message on an input topic runs a model and the
+answer appears on the output topic, as JSON or binary frames, against a real Mosquitto."""
+
+import json
+
+import numpy as np
+import pytest
+
+from agent import wire
+from agent.config import load_config
+from agent.errors import ConfigError
+
+from mqttkit import RawClient, RunningAgent, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def piped(broker, assets, tmp_path):
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-pipe", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "models": {"digits": {"mode": "batched", "max_batch": 8, "max_delay_ms": 5}},
+                       "pipelines": [
+                           {"input_topic": "camera/+/digits", "model": "digits", "output_topic": "results/digits"},
+                           {"input_topic": "camera/raw", "model": "digits", "output_topic": "results/raw",
+                            "format": "binary"}]},
+                      install=[assets.v1])
+    wait_for(ra.agent.connected.is_set, what="agent connected")
+    raw = RawClient(broker.port)
+    raw.subscribe("results/#")
+    yield ra, raw
+    raw.close()
+    ra.stop()
+
+
+def _answers(raw, topic, n):
+    got = []
+    wait_for(lambda: got.extend(m for m in raw.collect(lambda t: t == topic, 0.2)) or len(got) >= n,
+             what=f"{n} answer(s) on {topic}")
+    return got
+
+
+def test_json_messages_run_the_model_and_answer_on_the_output_topic(piped, assets):
+    ra, raw = piped
+    x = assets.eval_inputs(6)
+    want = ra.agent.infer("digits", {"input": x})["logits"]
+    for i in range(6):  # one sample per message, from two cameras: the batched model joins them
+        raw.publish(f"camera/{i % 2}/digits", json.dumps({"inputs": {"input": x[i:i + 1].tolist()}}).encode())
+    answers = [json.loads(m.payload) for m in _answers(raw, "results/digits", 6)]
+    assert all(a["status"] == "ok" and a["model"] == "digits" and a["version"] == 1 for a in answers)
+    got = sorted(np.array(a["outputs"]["logits"])[0].argmax() for a in answers)
+    assert got == sorted(want.argmax(1).tolist())
+    raw.publish("camera/0/digits", json.dumps(x[:2].tolist()).encode())  # a bare list for a one-input model
+    bare = json.loads(_answers(raw, "results/digits", 1)[0].payload)
+    np.testing.assert_allclose(bare["outputs"]["logits"], want[:2], atol=1e-5)
+
+
+def test_binary_frames_in_and_out(piped, assets):
+    ra, raw = piped
+    x = assets.eval_inputs(3)
+    raw.publish("camera/raw", wire.pack_tensors({"input": x}, v=1))
+    header, outputs = wire.unpack_tensors(_answers(raw, "results/raw", 1)[0].payload)
+    assert header["status"] == "ok"
+    np.testing.assert_allclose(outputs["logits"], ra.agent.infer("digits", {"input": x})["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"inputs": {"image": [[1.0]]}}).encode(), "has no input 'image'"),
+    (json.dumps({"inputs": {"input": [[1.0, 2.0], [3.0]]}}).encode(), "not a rectangular list"),
+    (json.dumps({"inputs": {"input": [[[[1.0] * 4] * 8]]}}).encode(), "shape"),
+])
+def test_a_bad_message_gets_an_error_answer_and_the_pipeline_goes_on(piped, assets, payload, fragment):
+    ra, raw = piped
+    raw.publish("camera/0/digits", payload)
+    answer = json.loads(_answers(raw, "results/digits", 1)[0].payload)
+    assert answer["status"] == "error" and fragment in answer["error"], answer
+    raw.publish("camera/0/digits", json.dumps({"inputs": {"input": assets.eval_inputs(1).tolist()}}).encode())
+    assert json.loads(_answers(raw, "results/digits", 1)[0].payload)["status"] == "ok"
+
+
+def test_a_pipeline_that_would_eat_its_own_answers_is_refused_at_start(assets):
+    with pytest.raises(ConfigError, match="would take a pipeline's own answers"):
+        load_config(None, {"trust.keys": [str(assets.pub)], "pipelines": [
+            {"input_topic": "results/#", "model": "digits", "output_topic": "results/digits"}]})

@@ -1,0 +1,82 @@
+"""The TFLite backend on a real .tflite model (written with LiteRT's own schema, no TensorFlow):
+loaded in a worker, dynamic batch axis, self-test, and served like any other model.
+
+Runs with whichever TFLite package is installed: ai-edge-litert in the main environment,
+tflite-runtime 2.14 (numpy < 2) in the second one (scripts/test-tflite-runtime.sh)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import runtimes
+from agent.budget import Budget
+from agent.bundle import Manifest, SelfTest, TensorSpec, open_bundle, write_bundle
+from agent.engine import Engine
+from agent.errors import InferenceError
+from agent.signing import generate_keypair, load_private_key, load_public_key
+from agent.store import Store
+
+MLP_INPUT, OUTPUT_NAME = "features", "logits"  # as converters.zoo.build_tflite_mlp names them
+# the environment that tests tflite-runtime 2.14 has no LiteRT schema to write a model with:
+# scripts/test-tflite-runtime.sh writes it in the main environment and passes the folder here
+FIXTURE = os.environ.get("EDGEWARD_TFLITE_FIXTURE")
+EXPECT_PACKAGE = os.environ.get("EDGEWARD_EXPECT_TFLITE")  # e.g. tflite_runtime: that one must serve
+
+
+def _reference(w, x):
+    return np.maximum(x @ w["w1"].T + w["b1"], 0) @ w["w2"].T + w["b2"]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    key, pub, _ = generate_keypair(tmp_path_factory.mktemp("keys") / "signing")
+    return key, pub
+
+
+@pytest.fixture(scope="module")
+def tflite_bundle(keys, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tflite")
+    if FIXTURE:
+        path = Path(FIXTURE) / "mlp.tflite"
+        with np.load(Path(FIXTURE) / "weights.npz") as w:
+            weights = {k: w[k] for k in w.files}
+    else:
+        from converters.zoo import build_tflite_mlp
+
+        path, weights = build_tflite_mlp(tmp / "mlp.tflite")
+    x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
+    np.savez(tmp / "reference.npz", **{f"input.{MLP_INPUT}": x, f"expected.{OUTPUT_NAME}": _reference(weights, x)})
+    m = Manifest(name="mlp", version=1, format="tflite", model_file="model.tflite", runtime="tflite",
+                 precision="fp32", inputs=[TensorSpec(MLP_INPUT, "float32", [-1, 64])],
+                 outputs=[TensorSpec(OUTPUT_NAME, "float32", [-1, 10])], selftest=SelfTest(atol=1e-4))
+    bundle = write_bundle(tmp / "mlp.ewb", m, {"model.tflite": path, "reference.npz": tmp / "reference.npz"},
+                          load_private_key(keys[0]))
+    return bundle, weights
+
+
+def test_a_tflite_runtime_is_found():
+    assert "tflite" in runtimes.available()
+
+
+def test_a_tflite_model_serves_in_its_worker_with_any_batch_size(keys, tmp_path, tflite_bundle):
+    bundle, weights = tflite_bundle
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path).install(open_bundle(bundle, [load_public_key(keys[1])])))
+    assert model.self_test()["max_abs_err"] < 1e-4
+    engine.activate(model)
+    worker, _ = model.proc.call({"op": "inspect"})
+    assert worker["runtime"] == "tflite" and ({"ai_edge_litert", "tflite_runtime"} & set(worker["modules"]))
+    if EXPECT_PACKAGE:
+        assert EXPECT_PACKAGE in worker["modules"]
+    rng = np.random.default_rng(1)
+    for n in (1, 5, 32, 1):  # the interpreter is resized to each batch
+        x = rng.random((n, 64), dtype=np.float32)
+        out = engine.infer_arrays("mlp", {MLP_INPUT: x})[1][OUTPUT_NAME]
+        np.testing.assert_allclose(out, _reference(weights, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InferenceError, match="shape"):
+        engine.infer_arrays("mlp", {MLP_INPUT: np.zeros((1, 63), np.float32)})
+    with pytest.raises(InferenceError, match="NaN or infinity"):
+        engine.infer_arrays("mlp", {MLP_INPUT: np.full((1, 64), np.nan, np.float32)})
+    engine.close()
