@@ -72,6 +72,9 @@ class MemoryConfig:
     budget_mb: int = field(default=256, metadata=rule(min=16, max=1 << 20))
     # The system must keep at least this much available after a load, whatever the budget says.
     reserve_mb: int = field(default=64, metadata=rule(min=0, max=1 << 20))
+    # When a load does not fit, unload the least recently used model idle at least this long
+    # (it reloads on its next request). 0: never evict; a load that does not fit is refused.
+    evict_idle_s: float = field(default=0.0, metadata=rule(min=0, max=86400 * 365))
 
 
 @dataclass
@@ -99,6 +102,9 @@ class InferenceConfig:
     threads: int = field(default=1, metadata=rule(min=1, max=64))      # the runtime's threads per model
     workers: int = field(default=2, metadata=rule(min=1, max=64))      # MQTT requests handled at once
     timeout_s: float = field(default=30.0, metadata=rule(min=0.1, max=3600))  # a model run longer is stopped
+    # onnxruntime execution providers to use when this build has them, e.g. on a Jetson
+    # [TensorrtExecutionProvider, CUDAExecutionProvider]; the CPU is always the fallback
+    providers: list[str] = field(default_factory=list)
 
 
 @dataclass

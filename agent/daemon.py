@@ -81,7 +81,8 @@ class Agent:
         self.max_payload = cfg.mqtt.max_payload_kb * 1024
         self.budget = Budget(cfg.memory.budget_mb, cfg.memory.reserve_mb)
         self.engine = Engine(self.budget, threads=cfg.inference.threads, emit=self.emit,
-                             timeout_s=cfg.inference.timeout_s, serving_for=cfg.serving_for)
+                             timeout_s=cfg.inference.timeout_s, serving_for=cfg.serving_for,
+                             providers=cfg.inference.providers, evict_idle_s=cfg.memory.evict_idle_s)
         self.pipelines = Pipelines(cfg.pipelines, self.engine, self._publish_pipeline, self.max_payload)
         self.api = LocalApi(cfg.api_socket, self.engine, cfg.api.socket_mode, cfg.api.max_pending,
                             cfg.api.spin_us) if cfg.api_socket else None
@@ -223,8 +224,18 @@ class Agent:
                               ram_mb=int(vm.total / MB), os=platform.platform(terse=True),
                               python=platform.python_version()),
             runtimes=runtimes.available(), budget_mb=self.cfg.memory.budget_mb,
-            models=[m.info() for m in self.engine.models()],
+            models=[m.info() for m in self.engine.models()] + self._evicted_infos(),
         )
+
+    def _evicted_infos(self) -> list:
+        infos = []
+        for name, folder in sorted(self.engine.evicted().items()):
+            try:
+                version = self.store.current(name)[0]
+            except (TypeError, OSError):
+                continue
+            infos.append(protocol.ModelInfo(name=name, version=version, format="", health="evicted"))
+        return infos
 
     def telemetry(self) -> Telemetry:
         spool = self.spool.stats()

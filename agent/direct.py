@@ -1,10 +1,11 @@
 """Direct connections from local apps to a model's worker: one hop instead of two.
 
-For a model served in streaming mode, the worker also listens on its own Unix socket
-(the agent hands its path to clients with the local API's ``route`` op). A request then
-goes app → worker → app, the same frames as the agent's socket, with the same checks
-(names, dtypes, shapes, finite values) and the same error answers. Batched and stateful
-models are not served here: their requests must meet in the agent.
+For a stateless model, the worker also listens on its own Unix socket (the agent hands
+its path to clients with the local API's ``route`` op). A request then goes app → worker
+→ app, the same frames as the agent's socket, with the same checks (names, dtypes,
+shapes, finite values) and the same error answers. A batched model batches these
+requests in the worker (agent/batcher.py), next to the runtime. Stateful models are not
+served here: a stream's calls must meet in the agent.
 
 The worker counts these requests itself; the agent adds them to the model's telemetry.
 """
@@ -50,8 +51,10 @@ class DirectStats:
 
 class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
-                 run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0):
+                 run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
+                 max_rows: int | None = None):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
+        self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.spin_s = spin_us / 1e6
         self._run = run
         self.stats = DirectStats()
@@ -107,7 +110,7 @@ class DirectServer:
                                     "send other requests to the agent's socket")
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
-            feeds = check_inputs(self.model, self.specs, from_frame(header, body))
+            feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)
             out = self._run(feeds)
         except EdgewardError as exc:
             self.stats.record(None)

@@ -26,7 +26,7 @@ from .batcher import Batcher
 from .budget import Budget
 from .bundle import REFERENCE, Manifest, read_installed_manifest
 from .config import ServingConfig
-from .errors import EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
+from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
 from .streams import Streams
@@ -79,15 +79,17 @@ class Stats:
     def snapshot(self, version: int, inflight: int = 0, extra: dict | None = None) -> ModelStats:
         """Counters and percentiles; `extra` adds what a worker counted itself (direct requests)."""
         with self._lock:
-            latencies = list(self._latencies) + list((extra or {}).get("latencies", []))
-            requests = self.requests + int((extra or {}).get("requests", 0))
-            errors = self.errors + int((extra or {}).get("errors", 0))
+            extra = extra or {}
+            latencies = list(self._latencies) + list(extra.get("latencies", []))
+            requests = self.requests + int(extra.get("requests", 0))
+            errors = self.errors + int(extra.get("errors", 0))
+            rows, runs = self._rows + int(extra.get("rows", 0)), self._runs + int(extra.get("runs", 0))
             p50 = p95 = p99 = None
             if latencies:
                 ordered = sorted(latencies)
                 p50, p95, p99 = (round(_percentile(ordered, q), 3) for q in (50, 95, 99))
             return ModelStats(version=version, requests=requests, errors=errors, p50_ms=p50, p95_ms=p95,
-                              p99_ms=p99, mean_batch=round(self._rows / self._runs, 2) if self._runs else None,
+                              p99_ms=p99, mean_batch=round(rows / runs, 2) if runs else None,
                               inflight=inflight)
 
 
@@ -104,6 +106,7 @@ class LoadedModel:
         self.cost_mb = self.proc.rss_mb
         self.stats = Stats()
         self._inflight = 0
+        self.last_used = time.monotonic()
         self._retired = False
         self._cv = threading.Condition()
         self._restart_lock = threading.Lock()
@@ -135,6 +138,7 @@ class LoadedModel:
         """Validate, run in the worker (alone, in a micro-batch, or on a stream's state), record.
         Any failure is an error for this caller alone."""
         t0 = time.perf_counter()
+        self.last_used = time.monotonic()
         try:
             if self.streams is not None:
                 feeds = check_inputs(self.name, self._request_specs, tensors)
@@ -197,7 +201,7 @@ class LoadedModel:
 
     @property
     def direct_socket(self) -> str | None:
-        """The worker's own socket for local apps (streaming models), while the worker lives."""
+        """The worker's own socket for local apps (stateless models), while the worker lives."""
         path = getattr(self.proc, "direct_path", None)
         return path if path and self.proc.alive() else None
 
@@ -217,6 +221,10 @@ class LoadedModel:
         return reply["result"]
 
     # ---------------------------------------------------------------- life
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight == 0
 
     def acquire(self) -> bool:
         """Hold the model for one request; False once it is retired (the caller takes the new one)."""
@@ -248,8 +256,13 @@ class Engine:
     """The serving models by name, the budget that admits them, and how their workers start."""
 
     def __init__(self, budget: Budget, threads: int = 1, emit: Emit | None = None, timeout_s: float = 30.0,
-                 serving_for: Callable[[str], ServingConfig] | None = None):
+                 serving_for: Callable[[str], ServingConfig] | None = None, providers: list[str] | None = None,
+                 evict_idle_s: float = 0.0):
         self.budget = budget
+        self.evict_idle_s = evict_idle_s
+        self._evicted: dict[str, Path] = {}  # name -> folder: unloaded for room, reloaded on demand
+        self._reload_lock = threading.Lock()
+        self.providers = providers or []
         self.serving_for = serving_for or (lambda name: ServingConfig())
         self.direct_dir: str | None = None  # set when the local API runs: streaming models get a direct socket
         self.direct_mode = 0o660
@@ -261,15 +274,49 @@ class Engine:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def admit_declared(self, name: str, runtime: str, load_mb: float, runtime_mb: float) -> None:
+    def admit_declared(self, name: str, runtime: str, load_mb: float, runtime_mb: float, evict: bool = False) -> None:
         """Raise BudgetError unless a model of this declared cost fits now: a worker process
-        (python + numpy, as measured by the last worker), its runtime, and the model."""
-        self.budget.admit(name, self.worker_base_mb + runtime_mb + load_mb)
+        (python + numpy, as measured by the last worker), its runtime, and the model. With
+        `evict` (and memory.evict_idle_s set), idle models are unloaded, least recently used
+        first, until it fits."""
+        cost = self.worker_base_mb + runtime_mb + load_mb
+        while True:
+            try:
+                self.budget.admit(name, cost)
+                return
+            except BudgetError:
+                if not (evict and self._evict_one(name)):
+                    raise
+
+    def _evict_one(self, for_name: str) -> bool:
+        """Unload the least recently used model idle for evict_idle_s (not `for_name`); False if none."""
+        if self.evict_idle_s <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            candidates = [m for m in self._models.values()
+                          if m.name != for_name and m.idle and now - m.last_used >= self.evict_idle_s]
+            if not candidates:
+                return False
+            victim = min(candidates, key=lambda m: m.last_used)
+            self._models.pop(victim.name)
+            self._evicted[victim.name] = victim.folder
+        freed = victim.proc.rss_mb
+        victim.close()
+        if self.emit:
+            self.emit("model_evicted", f"{victim.name} v{victim.version} unloaded to make room for {for_name} "
+                      f"(~{freed:.0f} MB; idle {now - victim.last_used:.0f} s); it reloads on its next request",
+                      model=victim.name, version=victim.version, data={"freed_mb": round(freed, 1)})
+        return True
+
+    def evicted(self) -> dict[str, Path]:
+        return dict(self._evicted)
 
     def load(self, folder: Path) -> LoadedModel:
         """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
         manifest = read_installed_manifest(folder)
-        self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb)
+        self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb,
+                            evict=True)
         path = str(folder / manifest.model_file)
 
         def start_worker() -> ModelProcess:
@@ -277,18 +324,25 @@ class Engine:
             try:
                 self.worker_base_mb = proc.base_rss_mb or self.worker_base_mb
                 reply, _ = proc.call({"op": "load", "runtime": manifest.runtime, "path": path,
-                                      "threads": self.threads}, timeout=120, what="load")
+                                      "threads": self.threads, "providers": self.providers}, timeout=120, what="load")
             except BaseException:
                 proc.close()
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
+            proc.providers = reply.get("providers")
             serving = self.serving_for(manifest.name)
-            if self.direct_dir and serving.mode == "streaming" and not manifest.state:
+            if self.direct_dir and not manifest.state:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
                 specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
+                first = manifest.inputs[0].shape if manifest.inputs else []
+                batch = None
+                if serving.mode == "batched":  # local apps' requests are batched in the worker itself
+                    batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,
+                             "preferred": serving.preferred_batch, "max_queue": serving.max_queue,
+                             "fixed_batch": first[0] if first and first[0] > 0 else None}
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
-                               "version": manifest.version, "specs": specs,
+                               "version": manifest.version, "specs": specs, "batch": batch,
                                "spin_us": self.direct_spin_us}, timeout=30, what="direct socket")
                     proc.direct_path = sock
                 except EdgewardError as exc:  # the agent's socket still serves the model
@@ -303,6 +357,7 @@ class Engine:
         with self._lock:
             old = self._models.get(model.name)
             self._models[model.name] = model
+            self._evicted.pop(model.name, None)
         return old
 
     def unload(self, name: str) -> None:
@@ -313,10 +368,32 @@ class Engine:
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)
+        if model is None and name in self._evicted:
+            model = self._reload(name)
         if model is None:
             raise ModelNotFound(f"no model named {name!r} is serving",
                                 f"serving: {', '.join(sorted(self._models)) or 'none'}")
         return model
+
+    def _reload(self, name: str) -> LoadedModel | None:
+        """Bring an evicted model back for a request (evicting others if need be), self-tested."""
+        with self._reload_lock:
+            if name in self._models:
+                return self._models[name]
+            folder = self._evicted.get(name)
+            if folder is None:
+                return None
+            model = self.load(folder)
+            try:
+                model.self_test()
+            except BaseException:
+                model.close()
+                raise
+            self.activate(model)
+            if self.emit:
+                self.emit("model_reloaded", f"{name} v{model.version} reloaded for a request", model=name,
+                          version=model.version)
+            return model
 
     def infer(self, name: str, tensors: list[Tensor], stream: str | None = None) -> tuple[LoadedModel, list[Tensor]]:
         return self._on_model(name, lambda model: model.run(tensors, stream))

@@ -128,7 +128,7 @@ class ModelInfo:
     name: str
     version: int
     format: str
-    health: Literal["serving", "loading", "failed"] = "serving"
+    health: Literal["serving", "loading", "failed", "evicted"] = "serving"  # evicted: reloads on its next request
     cost_mb: float = 0.0
     sha256: str = ""
 

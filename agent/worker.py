@@ -34,17 +34,21 @@ class Worker:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.direct = None
+        self.batcher = None
+        self.rows = self.runs = 0   # model executions for direct requests (mean batch size)
         self._lock = None  # set for runtimes that must not run from two threads at once
 
 
     def load(self, h: dict, _body) -> tuple[dict, list]:
         from . import runtimes
 
-        self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=int(h.get("threads", 1)))
+        self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=int(h.get("threads", 1)),
+                                           providers=h.get("providers") or None)
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
         if not getattr(self.runtime, "thread_safe", False):
             self._lock = threading.Lock()
-        return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb()}, []
+        return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb(),
+                "providers": getattr(self.runtime, "providers", None)}, []
 
     def run(self, h: dict, body) -> tuple[dict, list]:
         from .tensors import from_frame
@@ -81,12 +85,28 @@ class Worker:
         from .direct import DirectServer
 
         specs = [TensorSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
-        self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs,
-                                   self.run_tensors, int(h.get("max_conns", 64)), int(h.get("spin_us", 0)))
+        def counted(feeds: list) -> list:  # executions for local apps' requests, for the mean batch size
+            out = self.run_tensors(feeds)
+            self.runs += 1
+            self.rows += feeds[0].rows if feeds else 1
+            return out
+
+        run, max_rows = counted, None
+        batch = h.get("batch")
+        if batch:  # gather local apps' requests into micro-batches here, next to the runtime
+            from .batcher import Batcher
+
+            self.batcher = Batcher(h["model"], counted, int(batch["max_batch"]), float(batch["max_delay_ms"]),
+                                   batch.get("preferred") or [], batch.get("fixed_batch"), int(batch["max_queue"]))
+            run, max_rows = self.batcher.submit, batch.get("fixed_batch")
+        self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs, run,
+                                   int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows)
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:
-        return {"direct": self.direct.stats.export() if self.direct else None}, []
+        if self.direct is None:
+            return {"direct": None}, []
+        return {"direct": {**self.direct.stats.export(), "rows": self.rows, "runs": self.runs}}, []
 
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""

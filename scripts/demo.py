@@ -61,7 +61,7 @@ def main() -> int:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    total = 9
+    total = 10
     t_start = time.monotonic()
 
     step(1, total, "Train two versions of a digits CNN (scikit-learn's bundled 8x8 digits, plain numpy)")
@@ -130,11 +130,30 @@ def main() -> int:
         if "digits v2" not in r.stdout:
             raise SystemExit("demo: v2 is not serving after the refused deploy")
 
-        step(8, total, "Telemetry and events, as the fleet sees them")
+        step(8, total, "Apps on the board: the local API (Unix socket, binary tensors) and an offline batch job")
+        from agent.client import LocalClient
+
+        sock = str(work / "store" / "agent.sock")
+        with LocalClient(sock) as client:
+            local = client.infer("digits", x)["logits"].argmax(1)
+        print(f"LocalClient({sock!r}).infer('digits', x) -> {local.tolist()}")
+        batch_dir = work / "batch"
+        batch_dir.mkdir()
+        with np.load(evaluation) as d:
+            for i in range(4):
+                np.save(batch_dir / f"part{i}.npy", d["input"][i * 50:(i + 1) * 50])
+        edgeward("infer", "--model", "digits", "--input", str(batch_dir), "--batch", "32", "--output",
+                 str(work / "results.jsonl"), "--socket", sock)
+        lines = (work / "results.jsonl").read_text().splitlines()
+        if len(lines) != 200:
+            raise SystemExit(f"demo: the batch job wrote {len(lines)} results for 200 samples")
+        print(f"first result: {lines[0][:100]}...")
+
+        step(9, total, "Telemetry and events, as the fleet sees them")
         edgeward("fleet", "watch", "--device", DEVICE, "--kind", "telemetry", "--count", "1", "--seconds", "10",
                  "--broker", broker.url)
 
-        step(9, total, "Stop the agent (SIGTERM): it finishes its work and publishes its offline state")
+        step(10, total, "Stop the agent (SIGTERM): it finishes its work and publishes its offline state")
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=20)
         agent = None

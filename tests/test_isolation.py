@@ -11,7 +11,7 @@ import pytest
 
 from agent.budget import Budget
 from agent.engine import RESTART_MIN_INTERVAL_S, Engine
-from agent.errors import InferenceError
+from agent.errors import BudgetError, InferenceError
 from agent.errors import WorkerCrashed
 from agent.store import Store
 
@@ -110,4 +110,65 @@ def test_a_hung_model_times_out_for_its_caller_and_others_go_on(folders, assets)
     assert engine.infer_arrays("other", {"input": assets.eval_inputs(1)})[1]["logits"].shape == (1, 10)
     t.join(10)
     assert "did not answer" in str(results["hung"]) and time.monotonic() - started < 5
+    engine.close()
+
+
+def test_execution_providers_this_build_lacks_fall_back_to_the_cpu(folders, assets):
+    """On a Jetson the config can ask for TensorRT/CUDA; where the onnxruntime build has neither,
+    the model still loads, on the CPU, and says so."""
+    import onnxruntime
+
+    engine = Engine(Budget(4096, reserve_mb=0), providers=["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                           "NoSuchExecutionProvider"])
+    model = engine.load(folders[0])
+    have = set(onnxruntime.get_available_providers())
+    want = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have] + ["CPUExecutionProvider"]
+    assert model.proc.providers == want
+    assert model.self_test()["top1_agreement"] == 1.0
+    model.close()
+
+
+def test_idle_models_are_evicted_least_recently_used_first_and_come_back_on_demand(assets, tmp_path):
+    from agent.bundle import open_bundle
+    from agent.signing import load_public_key
+
+    from conftest import repack
+
+    store = Store(tmp_path / "store")
+    folder = {}
+    for name in "abc":
+        bundle = repack(assets.v1, tmp_path / f"{name}.ewb", assets.key, manifest_edit=lambda m, n=name: setattr(m, "name", n))
+        folder[name] = store.install(open_bundle(bundle, [load_public_key(assets.pub)]))
+    events = []
+    budget = Budget(8192, reserve_mb=0)
+    engine = Engine(budget, evict_idle_s=0.05, emit=lambda kind, msg, **kw: events.append((kind, kw.get("model"))))
+    x = assets.eval_inputs(2)
+
+    def load_as(name):
+        model = engine.load(folder[name])
+        engine.activate(model)
+        return model
+
+    base = budget.rss_mb()
+    load_as("a")
+    per_model = budget.rss_mb() - base
+    budget.budget_mb = base + 2.5 * per_model  # room for two workers, not three
+    load_as("b")
+    time.sleep(0.1)
+    engine.infer_arrays("a", {"input": x})  # b is now the least recently used
+    time.sleep(0.1)
+    load_as("c")
+    assert ("model_evicted", "b") in events and sorted(m.name for m in engine.models()) == ["a", "c"]
+    assert list(engine.evicted()) == ["b"]
+    # b's next request brings it back (and evicts the least recently used of the others)
+    time.sleep(0.1)
+    engine.infer_arrays("c", {"input": x})
+    out = engine.infer_arrays("b", {"input": x})[1]["logits"]
+    assert out.shape == (2, 10) and ("model_reloaded", "b") in events and ("model_evicted", "a") in events
+    assert sorted(m.name for m in engine.models()) == ["b", "c"]
+    # with eviction off, a load that does not fit is refused and nothing is unloaded
+    engine.evict_idle_s = 0
+    with pytest.raises(BudgetError, match="short by"):
+        engine.load(folder["a"])
+    assert sorted(m.name for m in engine.models()) == ["b", "c"]
     engine.close()

@@ -208,6 +208,10 @@ def test_local_clients_get_the_same_answers_as_the_model(agent_with_api, assets)
         np.testing.assert_allclose(client.infer("digits", x[:1])["logits"], want[:1], atol=1e-6)  # a bare array
         results, errors = _concurrently(16, lambda i: client.infer("digits", x[i:i + 1])["logits"])
         assert errors == [] and np.allclose(np.concatenate(results), want, atol=1e-6)
+        # local apps reach a batched model's worker directly, and it batches them there
+        assert client._routes["digits"] == ra.agent.engine.get("digits").direct_socket is not None
+        stats = ra.agent.engine.get("digits").snapshot()
+        assert stats.requests >= 18 and stats.mean_batch > 1.5, stats
         frames = np.random.default_rng(3).random((10, 1, 8), dtype=np.float32)
         a = client.infer("kws", {"frames": frames}, stream="mic-0")["scores"]
         b = np.concatenate([client.infer("kws", {"frames": frames[:4]}, stream="mic-1")["scores"],

@@ -35,7 +35,7 @@ def is_imported(runtime: str) -> bool:
     return backend is not None and any(p in sys.modules for p in backend[1])
 
 
-def open_model(runtime: str, model_path: str, threads: int = 1) -> Runtime:
+def open_model(runtime: str, model_path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:
     backend = _BACKENDS.get(runtime)
     if backend is None:
         raise RuntimeMissing(f"runtime {runtime!r} is not supported by this agent",
@@ -46,7 +46,7 @@ def open_model(runtime: str, model_path: str, threads: int = 1) -> Runtime:
                              f"pip install {' or '.join(p.replace('_', '-') for p in packages)} "
                              "(edgeward[device] brings ai-edge-litert and onnxruntime)")
     module = importlib.import_module(module_name)
-    return module.load(model_path, threads=threads)
+    return module.load(model_path, threads=threads, providers=providers)
 
 
 __all__ = ["Runtime", "available", "is_imported", "open_model"]

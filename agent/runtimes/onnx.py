@@ -13,13 +13,18 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
     thread_safe = True  # InferenceSession.run may be called from several threads at once
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int = 1, providers: list[str] | None = None):
+        # execution providers the config asks for (e.g. TensorrtExecutionProvider, CUDAExecutionProvider on
+        # a Jetson), those this onnxruntime build has, in that order; the CPU always comes last as the fallback
+        have = set(ort.get_available_providers())
+        chosen = [p for p in (providers or []) if p in have and p != "CPUExecutionProvider"]
+        self.providers = chosen + ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self._inputs = [i.name for i in self._session.get_inputs()]
@@ -39,5 +44,5 @@ class OnnxRuntime(Runtime):
         self._session = None
 
 
-def load(path: str, threads: int = 1) -> Runtime:
-    return OnnxRuntime(path, threads)
+def load(path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:
+    return OnnxRuntime(path, threads, providers)

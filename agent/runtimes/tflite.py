@@ -69,5 +69,5 @@ class TfliteRuntime(Runtime):
         self._it = None
 
 
-def load(path: str, threads: int = 1) -> Runtime:
+def load(path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:  # noqa: ARG001
     return TfliteRuntime(path, threads)
