@@ -6,8 +6,8 @@
         out = c.infer("kws", frame, stream="mic-0")   # stateful model: the agent keeps the state
 
 Thread-safe: each thread gets its own connections, so concurrent callers do not queue
-behind each other here (the agent batches them if the model is served batched). For a
-model served in streaming mode the client asks the agent once where the model's worker
+behind each other here (a batched model batches them). For a stateless
+model the client asks the agent once where the model's worker
 listens and then talks to it directly (agent/direct.py), falling back to the agent when
 that worker is replaced or restarted.
 """

@@ -8,7 +8,7 @@ a JSON header and the raw tensor bytes, never JSON lists. Requests::
     {"v": 1, "op": "models"}
     {"v": 1, "op": "route", "model": "kws"}     -> {"socket": path or null}
 
-``route`` names the model worker's own socket for a streaming model (agent/direct.py): the
+``route`` names the model worker's own socket for a stateless model (agent/direct.py): the
 same infer requests sent there skip a hop. Clients fall back to this socket when it is null
 or gone (the model was replaced or its worker restarted).
 
