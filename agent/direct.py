@@ -23,7 +23,7 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import linger, recv_message, send_message
+from .localapi import error_frame, send_message, serve_connection
 from .tensors import Tensor, check_inputs, from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -74,32 +74,17 @@ class DirectServer:
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
-                send_message(conn, self._error(BusyError("too many connections to this model", "retry later")))
+                send_message(conn, error_frame(BusyError("too many connections to this model", "retry later")))
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        buffer = bytearray(1 << 20)  # reused for every request that fits: handle() keeps nothing of it
-        try:
-            while True:
-                try:
-                    msg = recv_message(conn, buffer=buffer)
-                except ProtocolError as exc:
-                    send_message(conn, self._error(exc))
-                    return
-                if msg is None:
-                    return
-                send_message(conn, self.handle(msg))
-                linger(conn, self.spin_s)
-        except (ConnectionError, OSError):
-            return
+        try:  # a buffer reused for every request that fits: handle() keeps nothing of it
+            serve_connection(conn, self.handle, self.spin_s, buffer=bytearray(1 << 20))
         finally:
             conn.close()
             self._slots.release()
-
-    def _error(self, exc: EdgewardError) -> bytes:
-        return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
 
     def handle(self, msg) -> bytes:
         t0 = time.perf_counter()
@@ -114,7 +99,7 @@ class DirectServer:
             out = self._run(feeds)
         except EdgewardError as exc:
             self.stats.record(None)
-            return self._error(exc)
+            return error_frame(exc)
         except Exception as exc:  # a bug must become an answer, not a dead connection
             log.exception("direct request failed")
             self.stats.record(None)

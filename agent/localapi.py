@@ -84,6 +84,31 @@ def linger(sock: socket.socket, seconds: float) -> None:
             continue
 
 
+def error_frame(exc: EdgewardError) -> bytes:
+    return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+
+
+def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
+                     stop: threading.Event | None = None) -> None:
+    """Answer one connection's requests in turn until it closes (or `stop` is set).
+
+    A message over the size limit is answered, then the connection is dropped: the rest of
+    it is unread. `buffer`, when given, is reused for each request (the handler keeps nothing)."""
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                msg = recv_message(conn, buffer=buffer)
+            except ProtocolError as exc:
+                send_message(conn, error_frame(exc))
+                return
+            if msg is None:
+                return
+            send_message(conn, handle(msg))
+            linger(conn, spin_s)
+    except (ConnectionError, OSError):
+        return
+
+
 def send_message(sock: socket.socket, frame: bytes | list) -> None:
     """Send one message: a frame, or its parts (wire.frame_parts) gathered without copying them."""
     parts = frame if isinstance(frame, list) else [frame]
@@ -142,19 +167,7 @@ class LocalApi:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            while not self._stop.is_set():
-                try:
-                    msg = recv_message(conn)
-                except ProtocolError as exc:  # too large: answer, then drop the connection (its rest is unread)
-                    send_message(conn, wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code,
-                                                  "error": str(exc)}))
-                    return
-                if msg is None:
-                    return
-                send_message(conn, self.handle(msg))
-                linger(conn, self.spin_s)
-        except (ConnectionError, OSError):
-            return
+            serve_connection(conn, self.handle, self.spin_s, stop=self._stop)
         finally:
             with self._lock:
                 self._conns.discard(conn)
@@ -188,7 +201,7 @@ class LocalApi:
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "reset": found})
             raise ProtocolError(f"unknown op {op!r}", "use infer, route, reset or models")
         except EdgewardError as exc:
-            return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+            return error_frame(exc)
         except Exception as exc:  # a bug must not take the connection's thread down silently
             log.exception("local API request failed")
             return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
