@@ -23,8 +23,10 @@ example:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeward convert", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Quantize an FP32 ONNX model to INT8 (static QDQ, per-channel weights), measure it "
-                    "against the original, and pack a signed bundle for the agent.")
+        description="Quantize an FP32 ONNX model to INT8 (static QDQ with per-channel weights, or dynamic), "
+                    "measure it against the original, and pack a signed bundle for the agent. A quantized model "
+                    "that is larger or slower than FP32 is refused unless --allow-worse; --max-drop searches "
+                    "for settings that keep the accuracy.")
     p.add_argument("model", help="FP32 model (.onnx)")
     p.add_argument("--calibration", required=True, metavar="NPZ", help="representative inputs (>= 16; a few hundred is better)")
     p.add_argument("--eval", metavar="NPZ", help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
@@ -36,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
+    p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
+                   help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "
+                        "run time (transformer/RNN-like models); fp32: ship the float model as it is")
+    p.add_argument("--max-drop", type=float, metavar="FRACTION",
+                   help="accuracy guard: search calibration settings and layers kept in float until top-1 accuracy "
+                        "(or agreement with FP32, without labels) drops by at most this, e.g. 0.01; fail otherwise")
+    p.add_argument("--allow-worse", action="store_true",
+                   help="ship INT8 even when it is larger or slower than FP32 here (refused by default)")
     p.add_argument("--threads", type=int, default=1, help="runtime threads for latency measurement (default %(default)s)")
     p.add_argument("--description", default="", help="free text stored in the manifest")
     p.add_argument("--json", action="store_true", help="print the report as JSON only")
@@ -58,7 +68,8 @@ def render_report(r: dict) -> str:
     if "accuracy_fp32" in q:
         rows.append(["top-1 accuracy", f"{q['accuracy_fp32']:.2%}", f"{q['accuracy_int8']:.2%}",
                      f"{-q['accuracy_drop_pp']:+.2f} pp"])
-    table = format_table(["", "FP32", "INT8", "INT8 vs FP32"], rows, align="lrrr")
+    label = {"int8": "INT8", "int8-dynamic": "INT8 dyn", "fp32": "shipped"}[r.get("precision", "int8")]
+    table = format_table(["", "FP32", label, f"{label} vs FP32"], rows, align="lrrr")
     lines = [f"{r['name']} v{r['version']} -> {r['bundle']} ({r['bundle_bytes'] / 1024:.1f} kB, "
              f"{'signed' if r['signed'] else 'UNSIGNED: boards refuse it unless allow_unsigned'})", "", table, ""]
     if "top1_agreement" in q:
@@ -66,6 +77,11 @@ def render_report(r: dict) -> str:
     lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
                  f"(output range {q['output_range']:.4g})")
     lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB")
+    if r.get("search"):
+        lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
+                     f"after {len(r['search']['attempts'])} attempt(s)")
+    if r.get("worse_than_fp32"):
+        lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
     ops = r["graph"]["ops"]
     lines.append(f"graph: {ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} "
                  f"DequantizeLinear, {r['graph']['int8_initializers']} int8 weight tensors")
@@ -77,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import ConvertOptions, convert_onnx
 
     opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
-                          exclude_nodes=args.exclude_node, threads=args.threads, description=args.description)
+                          exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
+                          precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse)
     try:
         report = convert_onnx(args.model, args.calibration, args.output, key_path=args.key, evaluation=args.eval,
                               options=opts, progress=None if args.json else _progress)

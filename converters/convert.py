@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,12 @@ from agent.signing import load_private_key
 
 from . import measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
-from .onnx_int8 import describe, int8_summary, load_onnx, quantize_static
+from . import guard
+from .onnx_int8 import describe, int8_summary, load_onnx, quantizable_layers, quantize_dynamic, quantize_static
 
 REFERENCE_SAMPLES = 8
+PRODUCERS = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
+             "fp32": "FP32, not quantized"}
 Progress = Callable[[str, int, int], None]
 
 
@@ -39,6 +43,32 @@ class ConvertOptions:
     exclude_nodes: list[str] = field(default_factory=list)
     threads: int = 1
     description: str = ""
+    precision: str = "int8"          # int8 (static QDQ), int8-dynamic, or fp32 (ship the float model)
+    max_drop: float | None = None    # accuracy guard: search until the quality loss is within this
+    allow_worse: bool = False        # ship INT8 even when it is larger or slower than FP32
+
+
+PRECISIONS = ("int8", "int8-dynamic", "fp32")
+
+
+def _named_copy(model_path: Path, out: Path) -> Path:
+    """The FP32 model with every node named (exporters often leave names empty), so layers can
+    be kept in float by name and reports can point at them."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    if all(n.name for n in model.graph.node):
+        return model_path
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(out))
+    return out
 
 
 def _model_name(name: str | None, path: Path) -> str:
@@ -64,7 +94,8 @@ def _reference_indices(outputs: np.ndarray, k: int) -> np.ndarray:
 def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str | Path,
                  key_path: str | Path | None = None, evaluation: str | Path | None = None,
                  options: ConvertOptions | None = None, progress: Progress | None = None) -> dict:
-    """Quantize an FP32 ONNX model to static INT8 QDQ, measure it against FP32, write a bundle."""
+    """Quantize an FP32 ONNX model (static QDQ or dynamic INT8, or keep FP32), measure it against
+    FP32, write a bundle. With max_drop, search for settings within that quality loss."""
     opts = options or ConvertOptions()
     say = progress or (lambda stage, done, total: None)
     model_path, out_path = Path(model_path), Path(out_path)
@@ -79,14 +110,42 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
     name = _model_name(opts.name, model_path)
 
+    if opts.precision not in PRECISIONS:
+        raise ConversionError(f"precision {opts.precision!r} is unknown", f"use one of {', '.join(PRECISIONS)}")
+    if opts.max_drop is not None and not 0 <= opts.max_drop < 1:
+        raise ConversionError(f"--max-drop {opts.max_drop}: give a fraction, e.g. 0.01 for one point")
+
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         int8_path = Path(tmp) / "model.onnx"
-        quantize_static(model_path, int8_path, calib.inputs, per_channel=opts.per_channel, method=opts.method,
-                        exclude_nodes=opts.exclude_nodes, progress=lambda d, t: say("calibrating", d, t))
-        q_inputs, q_outputs = describe(load_onnx(int8_path))
-        fp32, int8 = measure.session(model_path, opts.threads), measure.session(int8_path, opts.threads)
-        say("measuring quality", 0, 3)
+        source = _named_copy(model_path, Path(tmp) / "named.onnx")
+        fp32 = measure.session(model_path, opts.threads)
         ref_out = measure.run_all(fp32, evalset.inputs)
+
+        def quantize(s: guard.Settings) -> None:
+            if opts.precision == "fp32":
+                shutil.copyfile(model_path, int8_path)
+            elif opts.precision == "int8-dynamic":
+                quantize_dynamic(source, int8_path, exclude_nodes=s.exclude)
+            else:
+                quantize_static(source, int8_path, calib.inputs, per_channel=s.per_channel, method=s.method,
+                                exclude_nodes=s.exclude, progress=lambda d, t: say("calibrating", d, t))
+
+        def quality_of(s: guard.Settings) -> dict:
+            quantize(s)
+            return measure.compare(ref_out, measure.run_all(measure.session(int8_path, opts.threads), evalset.inputs),
+                                   evalset.labels)
+
+        settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,
+                                  list(opts.exclude_nodes))
+        attempts: list[guard.Attempt] = []
+        if opts.max_drop is not None and opts.precision != "fp32":
+            settings, _, attempts = guard.search(settings, quality_of, opts.max_drop,
+                                                 quantizable_layers(load_onnx(source)),
+                                                 calibrated=opts.precision == "int8", progress=say)
+        quantize(settings)
+        q_inputs, q_outputs = describe(load_onnx(int8_path))
+        int8 = measure.session(int8_path, opts.threads)
+        say("measuring quality", 0, 3)
         q_out = measure.run_all(int8, evalset.inputs)
         quality = measure.compare(ref_out, q_out, evalset.labels)
         quality["evaluated_on"] = "evaluation data" if evaluation else "calibration data (pass --eval for held-out data)"
@@ -109,19 +168,28 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
 
         sizes = {"fp32_bytes": model_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
         sizes["int8_vs_fp32"] = round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4)
+        worse = guard.worse_than_fp32(sizes, latency) if opts.precision != "fp32" else None
+        if worse and not opts.allow_worse:
+            raise ConversionError(f"the {opts.precision} model is {worse} than its FP32 source, so it is not shipped",
+                                  "ship the float model with --precision fp32, or pass --allow-worse to ship it anyway")
+        search = {"max_drop": opts.max_drop, "chosen": settings.label(),
+                  "attempts": [{"settings": a.settings.label(), "drop": a.drop, "note": a.note} for a in attempts]} \
+            if attempts else None
         manifest = Manifest(
             name=name, version=opts.version, format="onnx", model_file="model.onnx", runtime="onnxruntime",
-            precision="int8", inputs=q_inputs, outputs=q_outputs,
+            precision=opts.precision, inputs=q_inputs, outputs=q_outputs,
             memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
                               measured_on=memory["measured_on"]),
             selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
             quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
                      "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
-                     "calibration": f"{opts.method}, {'per-channel' if opts.per_channel else 'per-tensor'}, "
-                                    f"{len(calib)} samples"},
+                     "calibration": f"{settings.label()}, {len(calib)} samples"
+                                    if opts.precision == "int8" else opts.precision,
+                     **({"accuracy_search": search} if search else {}),
+                     **({"shipped_although": worse} if worse else {})},
             description=opts.description,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            producer=f"edgeward {__version__} (onnxruntime.quantization QDQ)",
+            producer=f"edgeward {__version__} ({PRODUCERS[opts.precision]})",
         )
         say("packing", 0, 1)
         write_bundle(out_path, manifest, {"model.onnx": int8_path, REFERENCE: ref_path}, key)
@@ -129,5 +197,6 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         graph = int8_summary(int8_path)
 
     return {"bundle": str(out_path), "name": name, "version": opts.version, "signed": key is not None,
+            "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
             "bundle_bytes": out_path.stat().st_size, **sizes, "quality": quality, "latency_ms": latency,
             "memory": memory, "graph": graph, "calibration_samples": len(calib), "evaluation_samples": len(evalset)}

@@ -120,6 +120,32 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
     return Path(out_path)
 
 
+def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes: list[str] | None = None) -> Path:
+    """Dynamic INT8: int8 weights, activations quantized at run time (no calibration). For
+    transformer- and RNN-like models, where activation ranges vary too much per input."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    try:
+        ort_quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=exclude_nodes or [])
+    except Exception as exc:
+        Path(out_path).unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConversionError(f"onnxruntime could not quantize the model dynamically: {first}",
+                              "exclude the failing node with --exclude-node NAME") from exc
+    return Path(out_path)
+
+
+def quantizable_layers(model) -> list[str]:
+    """Names of the layers whose weights quantization touches (Conv, MatMul, Gemm), the last
+    and the first first: they are the ones most often sensitive to it."""
+    names = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.name]
+    if len(names) > 2:
+        names = [names[-1], names[0]] + names[1:-1]
+    return names
+
+
 def int8_summary(path: str | Path) -> dict:
     """What quantization did to the graph: QDQ node counts and how many weights are stored as int8."""
     import onnx

@@ -1,0 +1,149 @@
+"""The converter's guards: the --max-drop search, refusing a quantized model that is worse than
+FP32, and the other precisions (dynamic INT8, FP32) served by a real agent engine."""
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.engine import Engine
+from agent.errors import ConversionError
+from agent.signing import load_public_key
+from agent.store import Store
+from converters import guard
+from converters.convert import ConvertOptions, convert_onnx
+
+
+# ------------------------------------------------------------------ the search (unit, with a fake quantizer)
+
+def _fake(drops: dict):
+    """A quantizer whose quality loss is looked up by the settings' label (default 0.2)."""
+    tried = []
+
+    def try_settings(s):
+        tried.append(s.label())
+        if drops.get(s.label()) == "fail":
+            raise ConversionError("unsupported operator")
+        drop = drops.get(s.label(), 0.2)
+        return {"accuracy_drop_pp": drop * 100}
+    return try_settings, tried
+
+
+def test_the_search_stops_at_the_first_settings_within_budget():
+    fn, tried = _fake({"minmax, per-channel": 0.05, "entropy, per-channel": 0.004})
+    s, quality, attempts = guard.search(guard.Settings(), fn, 0.005, ["fc", "conv1"])
+    assert s.label() == "entropy, per-channel" and tried == ["minmax, per-channel", "entropy, per-channel"]
+    assert [a.drop for a in attempts] == [0.05, 0.004] and quality["accuracy_drop_pp"] == pytest.approx(0.4)
+
+
+def test_the_search_then_keeps_the_most_helpful_layers_in_float_one_at_a_time():
+    fn, tried = _fake({"percentile, per-tensor": 0.03, "percentile, per-tensor, float: conv1": 0.02,
+                       "percentile, per-tensor, float: fc": 0.025, "percentile, per-tensor, float: conv1, fc": 0.001,
+                       "minmax, per-channel": "fail"})
+    s, _, attempts = guard.search(guard.Settings(), fn, 0.005, ["fc", "conv1", "conv2"])
+    assert s.exclude == ["conv1", "fc"]
+    assert tried[:6] == ["minmax, per-channel", "entropy, per-channel", "percentile, per-channel",
+                         "minmax, per-tensor", "entropy, per-tensor", "percentile, per-tensor"]
+    assert attempts[0].drop is None and "unsupported" in attempts[0].note
+
+
+def test_a_budget_that_cannot_be_met_fails_with_every_attempt_listed():
+    fn, tried = _fake({})
+    with pytest.raises(ConversionError) as err:
+        guard.search(guard.Settings(), fn, 0.01, ["fc"], max_float_layers=1)
+    text = str(err.value)
+    assert "no quantization stays within --max-drop 0.01" in text and "--precision fp32" in text
+    assert text.count("20.00 %") == len(tried) == 7  # six settings, then one layer kept in float
+
+
+def test_dynamic_quantization_searches_only_layers_kept_in_float():
+    fn, tried = _fake({"dynamic, float: fc": 0.0})
+    s, _, _ = guard.search(guard.Settings(method="dynamic"), fn, 0.0, ["fc"], calibrated=False)
+    assert tried == ["dynamic", "dynamic, float: fc"] and s.exclude == ["fc"]
+
+
+@pytest.mark.parametrize("fp32_b, int8_b, fp32_ms, int8_ms, problem", [
+    (1000, 400, 1.0, 0.5, None),
+    (1000, 1200, 1.0, 0.5, "larger"),
+    (1000, 400, 1.0, 1.3, "slower"),
+    (1000, 400, 0.020, 0.027, None),  # 35 % slower but 7 µs: timer noise on a tiny model, not a verdict
+    (1024, 1536, 1.0, 2.0, "larger (1.5 kB vs 1.0 kB) and slower"),
+])
+def test_worse_than_fp32(fp32_b, int8_b, fp32_ms, int8_ms, problem):
+    got = guard.worse_than_fp32({"fp32_bytes": fp32_b, "int8_bytes": int8_b},
+                                {"fp32": {"p50": fp32_ms}, "int8": {"p50": int8_ms}})
+    assert (got is None) if problem is None else (problem in got)
+
+
+# ------------------------------------------------------------------ real conversions
+
+def _tiny_gemm(tmp_path):
+    """A 4 -> 2 linear model: so few weights that Q/DQ bookkeeping outweighs them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.zoo import _save
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], initializer=[w])
+    path = _save(graph, tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32))
+    return path, tmp_path / "calib.npz"
+
+
+def test_a_quantized_model_larger_than_fp32_is_refused_unless_asked(tmp_path, assets):
+    model, calib = _tiny_gemm(tmp_path)
+    with pytest.raises(ConversionError, match=r"larger .* than its FP32 source.*--precision fp32"):
+        convert_onnx(model, calib, tmp_path / "t.ewb", assets.key)
+    assert not (tmp_path / "t.ewb").exists()
+    report = convert_onnx(model, calib, tmp_path / "t.ewb", assets.key, options=ConvertOptions(allow_worse=True))
+    assert "larger" in report["worse_than_fp32"]
+    assert "larger" in open_bundle(tmp_path / "t.ewb", verify_signature=False).manifest.quality["shipped_although"]
+
+
+def _serve(bundle, assets, tmp_path):
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(assets.pub)])))
+    result = model.self_test()
+    engine.activate(model)
+    return engine, result
+
+
+def test_fp32_precision_ships_the_float_model_bit_for_bit(tmp_path, assets):
+    import onnxruntime as ort
+
+    report = convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "f.ewb", assets.key, assets.eval,
+                          ConvertOptions(name="digits", precision="fp32"))
+    assert report["precision"] == "fp32" and report["int8_bytes"] == report["fp32_bytes"]
+    engine, selftest = _serve(tmp_path / "f.ewb", assets, tmp_path)
+    x = assets.eval_inputs(16)
+    want = ort.InferenceSession(str(assets.fp32_v1)).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(engine.infer_arrays("digits", {"input": x})[1]["logits"], want)
+    assert selftest["max_abs_err"] == 0.0
+    engine.close()
+
+
+def test_dynamic_int8_quantizes_the_weights_and_serves(tmp_path, assets):
+    from converters.zoo import build_wide_mlp, write_digits_npz
+
+    model = build_wide_mlp(tmp_path / "wide.onnx", hidden=256)
+    calib, evaluation = write_digits_npz(tmp_path, flat=True)
+    report = convert_onnx(model, calib, tmp_path / "d.ewb", assets.key, evaluation,
+                          ConvertOptions(name="wide", precision="int8-dynamic", max_drop=0.02))
+    ops = report["graph"]["ops"]
+    assert ops.get("MatMulInteger") == 4 and ops.get("DynamicQuantizeLinear") == 4 and "QuantizeLinear" not in ops
+    assert report["int8_vs_fp32"] < 0.3 and report["settings"] == "dynamic"
+    assert report["search"]["attempts"][-1]["drop"] <= 0.02
+    engine, selftest = _serve(tmp_path / "d.ewb", assets, tmp_path)
+    assert selftest["top1_agreement"] == 1.0
+    engine.close()
+
+
+def test_max_drop_on_the_digits_cnn_records_its_search_in_the_manifest(tmp_path, assets):
+    report = convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "g.ewb", assets.key, assets.eval,
+                          ConvertOptions(name="digits", per_channel=False, method="percentile", max_drop=0.005))
+    assert report["quality"]["accuracy_drop_pp"] <= 0.5
+    search = open_bundle(tmp_path / "g.ewb", verify_signature=False).manifest.quality["accuracy_search"]
+    assert search["max_drop"] == 0.005 and search["chosen"] == report["settings"]
+    assert search["attempts"][0]["settings"] == "percentile, per-tensor" and search["attempts"][-1]["drop"] <= 0.005
