@@ -32,11 +32,14 @@ class Budget:
         self._proc = psutil.Process()
 
     def rss_mb(self) -> float:
-        """The agent's RSS plus that of every model worker it started."""
+        """The agent's RSS plus that of every model worker it started (tracked by pid: psutil's
+        children() refuses to work under qemu-user, where /proc/self looks different)."""
+        from .modelproc import live_pids
+
         total = self._proc.memory_info().rss
-        for child in self._proc.children(recursive=True):
+        for pid in live_pids():
             try:
-                total += child.memory_info().rss
+                total += psutil.Process(pid).memory_info().rss
             except psutil.Error:  # it exited between listing and reading
                 pass
         return total / MB

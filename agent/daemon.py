@@ -156,7 +156,10 @@ class Agent:
         next_at = time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() >= next_at:
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # a failed reading must not stop the agent serving
+                    log.exception("periodic telemetry/status failed; trying again next interval")
                 next_at = time.monotonic() + interval
             self.notifier.feed_watchdog()
             wait = next_at - time.monotonic()

@@ -23,7 +23,15 @@ from .tensors import Tensor, from_frame, to_frame
 
 log = logging.getLogger(__name__)
 
-PIPE_BYTES = 1 << 20  # the Linux default limit for unprivileged pipe sizes (/proc/sys/fs/pipe-max-size)
+PIPE_BYTES = 1 << 20
+_live: set[int] = set()  # pids of the workers this process started and has not ended
+_live_lock = threading.Lock()
+
+
+def live_pids() -> list[int]:
+    """The model workers alive now (what the budget adds to the agent's own memory)."""
+    with _live_lock:
+        return list(_live)  # the Linux default limit for unprivileged pipe sizes (/proc/sys/fs/pipe-max-size)
 
 _ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "runtime_missing": RuntimeMissing,
            "bad_bundle": BundleError}
@@ -42,6 +50,8 @@ class ModelProcess:
         self._proc = subprocess.Popen([sys.executable, "-m", "agent.worker"], executable=exe, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self._proc.pid
+        with _live_lock:
+            _live.add(self.pid)
         self._out = self._proc.stdin.fileno()
         self._in = self._proc.stdout.fileno()
         for fd in (self._out, self._in):  # an image crosses in one write instead of 64 kB at a time
@@ -95,6 +105,7 @@ class ModelProcess:
 
     def _died(self) -> None:
         self.dead = True
+        self._forget()
         try:
             self._proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -118,10 +129,15 @@ class ModelProcess:
 
     def kill(self) -> None:
         self.dead = True
+        self._forget()
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
         self._remove_socket()
+
+    def _forget(self) -> None:
+        with _live_lock:
+            _live.discard(self.pid)
 
     def _remove_socket(self) -> None:
         if self.direct_path:
@@ -133,6 +149,7 @@ class ModelProcess:
     def close(self, timeout: float = 5.0) -> None:
         """End the worker: close its pipe (it exits on EOF), kill it if it does not."""
         self.dead = True
+        self._forget()
         for stream in (self._proc.stdin, self._proc.stdout):
             try:
                 stream.close()
