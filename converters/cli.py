@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from agent.errors import EdgewardError
 from agent.tables import format_table
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".pt2")
 
 EPILOG = """\
 data files (.npz): one array per model input, named like the input (a single-input model
@@ -27,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure it against the original, and pack a signed bundle for the agent. A quantized model "
                     "that is larger or slower than FP32 is refused unless --allow-worse; --max-drop searches "
                     "for settings that keep the accuracy.")
-    p.add_argument("model", help="FP32 model (.onnx)")
+    p.add_argument("model", help="FP32 model: .onnx, or PyTorch as TorchScript (.pt/.pth/.ts) or an exported "
+                                 "program (.pt2); PyTorch inputs are named like the calibration arrays")
     p.add_argument("--calibration", required=True, metavar="NPZ", help="representative inputs (>= 16; a few hundred is better)")
     p.add_argument("--eval", metavar="NPZ", help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
@@ -96,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                           exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse)
     try:
-        report = convert_onnx(args.model, args.calibration, args.output, key_path=args.key, evaluation=args.eval,
-                              options=opts, progress=None if args.json else _progress)
+        if args.model.endswith(TORCH_SUFFIXES):
+            from .from_torch import convert_torch, example_from_npz, load_torch_file
+
+            opts.name = opts.name or Path(args.model).stem
+            report = convert_torch(load_torch_file(args.model), example_from_npz(args.calibration), args.calibration,
+                                   args.output, key_path=args.key, evaluation=args.eval, options=opts,
+                                   progress=None if args.json else _progress)
+        else:
+            report = convert_onnx(args.model, args.calibration, args.output, key_path=args.key, evaluation=args.eval,
+                                  options=opts, progress=None if args.json else _progress)
     except EdgewardError as exc:
         print(f"edgeward convert: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,133 @@
+"""PyTorch in: an nn.Module (Python API), a TorchScript file or an exported program (CLI),
+exported to ONNX with a dynamic batch axis and then converted like any ONNX model.
+
+Needs `torch` (the `torch` extra: about 750 MB for the CPU build). Install the CPU build on
+purpose (`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`):
+a plain `torch` requirement pulls several GB of CUDA packages on x86_64.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ConversionError
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+EXPORTED_SUFFIXES = (".pt2",)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("PyTorch input needs torch, which is not installed",
+                              "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
+                              "(or edgeward[torch])") from None
+    return torch
+
+
+class _Frozen:
+    """An exported program's module behind a plain nn.Module: it refuses train()/eval(), which
+    the ONNX exporter calls; its weights are traced in as constants."""
+
+    def __new__(cls, inner):
+        torch = _torch()
+
+        class Frozen(torch.nn.Module):
+            def forward(self, *args):
+                return self.__dict__["_inner"](*args)
+
+        for param in inner.parameters():
+            param.requires_grad_(False)
+        wrapper = Frozen()
+        wrapper.__dict__["_inner"] = inner  # not a registered submodule: train() does not reach it
+        return wrapper
+
+
+def load_torch_file(path: str | Path):
+    """A TorchScript (.pt/.pth/.ts) or torch.export (.pt2) file as a callable module in eval mode."""
+    torch = _torch()
+    path = Path(path)
+    try:
+        if path.suffix in EXPORTED_SUFFIXES:
+            module = _Frozen(torch.export.load(str(path)).module())
+        else:
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises many kinds for files it cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConversionError(f"{path} is not a model torch can load ({first})",
+                              "save it with torch.jit.save(torch.jit.trace(model, x)) or torch.export.save") from exc
+    return _eval_mode(module)
+
+
+def _eval_mode(module):
+    """Inference mode where the module has one (an exported program's module is already fixed)."""
+    try:
+        module.eval()
+    except (AttributeError, NotImplementedError):
+        pass
+    return module
+
+
+def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path, opset: int = 17) -> Path:
+    """Export `module` called with the example inputs (numpy arrays, in call order) to ONNX,
+    with the first axis of every input and output dynamic."""
+    torch = _torch()
+    names = list(example)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in example.values())
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except Exception as exc:
+        raise ConversionError(f"the model does not run on the example inputs {[a.shape for a in args]}: {exc}",
+                              "check the calibration data's shapes against the model's forward()") from exc
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    outputs = ["logits"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    axes = {n: {0: "batch"} for n in names + outputs}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's problem
+            torch.onnx.export(module, args, str(out_path), dynamo=False, input_names=names, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConversionError(f"torch could not export the model to ONNX: {first}",
+                              "an operator without an ONNX export: replace it, or export to ONNX yourself") from exc
+    return Path(out_path)
+
+
+def example_from_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """One sample of each array in a calibration file, as the example inputs for the export."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k][:1] for k in data.files if k != "labels"}
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read calibration data {path}: {exc}") from exc
+    if not arrays:
+        raise ConversionError(f"calibration data {path} holds no input arrays")
+    return arrays
+
+
+def convert_torch(module: Any, example: dict[str, np.ndarray] | np.ndarray, calibration: str | Path,
+                  out_path: str | Path, key_path: str | Path | None = None, evaluation: str | Path | None = None,
+                  options=None, progress=None) -> dict:
+    """Convert a PyTorch nn.Module: `example` names the inputs (a dict of arrays) or is the one input
+    (named "input"); calibration and evaluation .npz files use the same names."""
+    from .convert import ConvertOptions, convert_onnx
+
+    opts = options or ConvertOptions()
+    if not isinstance(example, dict):
+        example = {"input": np.asarray(example)}
+    if opts.name is None:
+        opts.name = type(module).__name__
+    _eval_mode(module)
+    with tempfile.TemporaryDirectory(prefix="edgeward-torch-") as tmp:
+        onnx_path = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx")
+        report = convert_onnx(onnx_path, calibration, out_path, key_path, evaluation, opts, progress)
+    report["source"] = "pytorch"
+    return report

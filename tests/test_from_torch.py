@@ -1,0 +1,98 @@
+"""PyTorch in: an nn.Module through the Python API, TorchScript and exported-program files
+through the CLI, each converted end to end and served by a real agent engine."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
+
+from agent.budget import Budget  # noqa: E402
+from agent.bundle import open_bundle  # noqa: E402
+from agent.engine import Engine  # noqa: E402
+from agent.errors import ConversionError  # noqa: E402
+from agent.signing import load_public_key  # noqa: E402
+from agent.store import Store  # noqa: E402
+from converters.convert import ConvertOptions  # noqa: E402
+from converters.from_torch import convert_torch  # noqa: E402
+
+
+def _trained_digits_cnn(assets):
+    """A small CNN trained for a few epochs on the digits, in torch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10))
+    with np.load(assets.calib) as d:
+        x = torch.from_numpy(d["input"])
+    with np.load(assets.eval) as d:
+        y_all = d["labels"]
+    # train on the calibration inputs with labels from a reference model: the FP32 digits ONNX
+    import onnxruntime as ort
+
+    y = torch.from_numpy(ort.InferenceSession(str(assets.fp32_v1)).run(None, {"input": x.numpy()})[0].argmax(1))
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert len(y_all) > 0
+    return net.eval()
+
+
+def _serve(bundle, assets, tmp_path):
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(assets.pub)])))
+    selftest = model.self_test()
+    engine.activate(model)
+    return engine, model, selftest
+
+
+def test_an_nn_module_converts_end_to_end_and_serves(tmp_path, assets):
+    net = _trained_digits_cnn(assets)
+    x = assets.eval_inputs(1)
+    report = convert_torch(net, {"input": x}, assets.calib, tmp_path / "t.ewb", assets.key, assets.eval,
+                           ConvertOptions(name="torch-digits"))
+    assert report["source"] == "pytorch" and report["graph"]["ops"].get("QuantizeLinear", 0) > 0
+    assert report["graph"]["int8_initializers"] >= 2 and report["quality"]["accuracy_drop_pp"] <= 2.0
+    engine, model, selftest = _serve(tmp_path / "t.ewb", assets, tmp_path)
+    assert model.manifest.inputs[0].shape == [-1, 1, 8, 8]  # the batch axis stayed dynamic
+    batch = assets.eval_inputs(32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(batch)).numpy()
+    got = engine.infer_arrays("torch-digits", {"input": batch})[1]["logits"]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95  # INT8 against the torch FP32 model
+    assert np.abs(got - want).max() < 0.1 * (want.max() - want.min())
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "exported"])
+def test_torch_files_convert_through_the_cli(tmp_path, assets, kind):
+    net = _trained_digits_cnn(assets)
+    example = torch.from_numpy(assets.eval_inputs(1))
+    if kind == "torchscript":
+        path = tmp_path / "digits.pt"
+        torch.jit.trace(net, example).save(str(path))
+    else:
+        path = tmp_path / "digits.pt2"
+        torch.export.save(torch.export.export(net, (example,)), str(path))
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(path), "--calibration", str(assets.calib),
+                        "--eval", str(assets.eval), "--key", str(assets.key), "-o", str(tmp_path / "c.ewb"), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    engine, model, selftest = _serve(tmp_path / "c.ewb", assets, tmp_path)
+    assert model.name == "digits" and selftest["top1_agreement"] == 1.0
+    engine.close()
+
+
+def test_torch_input_errors_name_the_problem(tmp_path, assets):
+    bad = tmp_path / "nonsense.pt"
+    bad.write_bytes(b"not a torch file")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(bad), "--calibration", str(assets.calib),
+                        "-o", str(tmp_path / "x.ewb")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a model torch can load" in r.stderr and not (tmp_path / "x.ewb").exists()
+    net = torch.nn.Linear(5, 2)
+    with pytest.raises(ConversionError, match="does not run on the example inputs"):
+        convert_torch(net, {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "y.ewb")
+    assert not (tmp_path / "y.ewb").exists()
