@@ -7,6 +7,12 @@ so the CLI can print it as is and the agent can send it back over MQTT unchanged
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (or its type): enough for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 class EdgewardError(Exception):
     """Base of all edgeward errors. `code` is a stable, machine-readable name."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConversionError
+from agent.errors import ConversionError, first_line
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 EXPORTED_SUFFIXES = (".pt2",)
@@ -59,7 +59,7 @@ def load_torch_file(path: str | Path):
         else:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises many kinds for files it cannot read
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise ConversionError(f"{path} is not a model torch can load ({first})",
                               "save it with torch.jit.save(torch.jit.trace(model, x)) or torch.export.save") from exc
     return _eval_mode(module)
@@ -95,7 +95,7 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path, o
             torch.onnx.export(module, args, str(out_path), dynamo=False, input_names=names, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise ConversionError(f"torch could not export the model to ONNX: {first}",
                               "an operator without an ONNX export: replace it, or export to ONNX yourself") from exc
     return Path(out_path)

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from agent.bundle import TensorSpec
-from agent.errors import ConversionError
+from agent.errors import ConversionError, first_line
 
 log = logging.getLogger("edgeward.convert")
 
@@ -35,7 +35,7 @@ def load_onnx(path: str | Path):
     except FileNotFoundError as exc:
         raise ConversionError(f"{path}: no such file") from exc
     except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise ConversionError(f"{path} is not a valid ONNX model ({first})",
                               "export the model with torch.onnx.export / tf2onnx and check it with onnx.checker") from exc
     if not model.graph.node:
@@ -100,7 +100,7 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
         except Exception as exc:  # an optimisation only: quantize the original, and say so
             log.warning("quantization pre-processing skipped (%s); quantizing the model as given",
-                        str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+                        first_line(exc))
             prepared = Path(fp32_path)
         try:
             ort_quantize_static(
@@ -113,11 +113,15 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
         except ConversionError:
             raise
         except Exception as exc:
-            Path(out_path).unlink(missing_ok=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise ConversionError(f"onnxruntime could not quantize the model: {first}",
-                                  "exclude the failing node with --exclude-node NAME, or report the operator") from exc
+            raise _failed(out_path, exc, "", ", or report the operator") from exc
     return Path(out_path)
+
+
+def _failed(out_path: str | Path, exc: Exception, how: str, more_fix: str = "") -> ConversionError:
+    """onnxruntime's quantizer failed: remove what it may have written, say why in one line."""
+    Path(out_path).unlink(missing_ok=True)
+    return ConversionError(f"onnxruntime could not quantize the model{how}: {first_line(exc)}",
+                           f"exclude the failing node with --exclude-node NAME{more_fix}")
 
 
 def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes: list[str] | None = None) -> Path:
@@ -130,10 +134,7 @@ def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes:
         ort_quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
                              nodes_to_exclude=exclude_nodes or [])
     except Exception as exc:
-        Path(out_path).unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ConversionError(f"onnxruntime could not quantize the model dynamically: {first}",
-                              "exclude the failing node with --exclude-node NAME") from exc
+        raise _failed(out_path, exc, " dynamically") from exc
     return Path(out_path)
 
 
