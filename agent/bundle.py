@@ -126,8 +126,11 @@ def parse_manifest(raw: bytes) -> Manifest:
 # ---------------------------------------------------------------- writing
 
 def write_bundle(out_path: str | os.PathLike, manifest: Manifest, files: dict[str, str | os.PathLike],
-                 signing_key=None) -> Path:
-    """Hash `files` into the manifest, sign it, and write the bundle atomically (temp + rename)."""
+                 signing_key=None, compress: str | None = None) -> Path:
+    """Hash `files` into the manifest, sign it, and write the bundle atomically (temp + rename).
+    `compress="xz"` compresses the archive (worth it for pruned models: their zeros vanish)."""
+    if compress not in (None, "xz"):
+        raise BundleError(f"unknown bundle compression {compress!r}", "use xz or none")
     from . import signing
 
     out_path = Path(out_path)
@@ -144,7 +147,9 @@ def write_bundle(out_path: str | os.PathLike, manifest: Manifest, files: dict[st
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:xz" if compress else "w",
+                                                      format=tarfile.PAX_FORMAT,
+                                                      **({"preset": 6} if compress else {})) as tar:
             _add_bytes(tar, MANIFEST, manifest_bytes)
             if sig_bytes is not None:
                 _add_bytes(tar, SIGNATURE, sig_bytes)
@@ -189,10 +194,17 @@ class OpenedBundle:
     signer: Optional[str] = None  # key id that verified, None if unsigned (and allowed)
 
 
+MAX_MEMBERS = 16
+
+
 def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.TarInfo]:
-    """Every member must be a flat regular file with a safe name, once, under the size cap."""
+    """Every member must be a flat regular file with a safe name, once, under the size cap.
+
+    Checked as the archive is read, so a compressed bundle cannot make the board unpack more
+    than MAX_MEMBERS members or more than twice the cap in all before it is refused."""
     members: dict[str, tarfile.TarInfo] = {}
-    for info in tar.getmembers():
+    total = 0
+    for info in tar:
         name = info.name
         if not MEMBER_NAME.fullmatch(name):
             raise UnsafeArchiveError(f"bundle member {name!r} is not a plain file name (paths and '..' are refused)")
@@ -202,8 +214,18 @@ def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.T
             raise UnsafeArchiveError(f"bundle member {name!r} appears twice")
         if info.size > max_member_bytes:
             raise UnsafeArchiveError(f"bundle member {name!r} is {info.size} bytes, over the {max_member_bytes}-byte cap")
+        total += info.size
+        if len(members) >= MAX_MEMBERS or total > 2 * max_member_bytes:
+            raise UnsafeArchiveError(f"bundle unpacks to more than {MAX_MEMBERS} files or {2 * max_member_bytes} bytes")
         members[name] = info
     return members
+
+
+def _read_mode(path: Path) -> str:
+    """Plain tar, or tar compressed with xz (bundles of pruned models); nothing else is read."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    return "r:xz" if magic == b"\xfd7zXZ\x00" else "r:"
 
 
 def open_bundle(path: str | os.PathLike, trusted_keys: list | None = None, allow_unsigned: bool = False,
@@ -224,8 +246,8 @@ def open_bundle(path: str | os.PathLike, trusted_keys: list | None = None, allow
         raise UnsafeArchiveError(f"bundle is {size} bytes, over the {max_bytes}-byte cap",
                                  "raise store.max_bundle_mb if this model is expected to be that large")
     try:
-        tar = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as exc:
+        tar = tarfile.open(path, mode=_read_mode(path))
+    except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"{path} is not an edgeward bundle (not a tar archive: {exc})",
                           "make bundles with `edgeward convert`") from exc
     with tar:
@@ -279,7 +301,7 @@ def extract(bundle: OpenedBundle, dest: str | os.PathLike) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        with tarfile.open(bundle.path, mode="r:") as tar:
+        with tarfile.open(bundle.path, mode=_read_mode(bundle.path)) as tar:
             members = _members(tar, max(e.size for e in bundle.manifest.files.values()) + MAX_MANIFEST_BYTES)
             (staging / MANIFEST).write_bytes(bundle.manifest_bytes)
             if bundle.signature is not None:

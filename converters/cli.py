@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or agreement with FP32, without labels) drops by at most this, e.g. 0.01; fail otherwise")
     p.add_argument("--allow-worse", action="store_true",
                    help="ship INT8 even when it is larger or slower than FP32 here (refused by default)")
+    p.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="zero this share of the smallest weights before quantizing (e.g. 0.5); the bundle is then "
+                        "xz-compressed, where the zeros cost next to nothing")
+    p.add_argument("--prune-scope", choices=["global", "layer"], default="global",
+                   help="rank weights over all layers together (default) or within each layer")
+    p.add_argument("--compress", choices=["xz", "none"], help="bundle compression (default: xz when pruning)")
     p.add_argument("--threads", type=int, default=1, help="runtime threads for latency measurement (default %(default)s)")
     p.add_argument("--description", default="", help="free text stored in the manifest")
     p.add_argument("--json", action="store_true", help="print the report as JSON only")
@@ -84,6 +90,9 @@ def render_report(r: dict) -> str:
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")
+    if r.get("pruning"):
+        lines.append(f"pruning: {r['pruning']['sparsity']:.1%} of the weights are zero ({r['pruning']['scope']}); "
+                     f"bundle {r['bundle_bytes'] / 1024:.1f} kB = {r['bundle_vs_fp32']:.2f}x the FP32 file")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
     ops = r["graph"]["ops"]
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
                           exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
-                          precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse)
+                          precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
+                          prune=args.prune, prune_scope=args.prune_scope, compress=args.compress)
     try:
         if args.model.endswith(TORCH_SUFFIXES):
             from .from_torch import convert_torch, example_from_npz, load_torch_file

@@ -23,12 +23,13 @@ from agent.bundle import REFERENCE, Manifest, MemoryCost, SelfTest, write_bundle
 from agent.errors import ConversionError
 from agent.signing import load_private_key
 
-from . import measure
+from . import guard, measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
-from . import guard
 from .onnx_int8 import describe, int8_summary, load_onnx, quantizable_layers, quantize_dynamic, quantize_static
+from .prune import prune_unstructured
 
 REFERENCE_SAMPLES = 8
+REFERENCE_MAX_BYTES = 256 * 1024  # self-test data must not outweigh the model: fewer samples for big inputs
 PRODUCERS = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
              "fp32": "FP32, not quantized"}
 Progress = Callable[[str, int, int], None]
@@ -46,6 +47,9 @@ class ConvertOptions:
     precision: str = "int8"          # int8 (static QDQ), int8-dynamic, or fp32 (ship the float model)
     max_drop: float | None = None    # accuracy guard: search until the quality loss is within this
     allow_worse: bool = False        # ship INT8 even when it is larger or slower than FP32
+    prune: float | None = None       # unstructured magnitude pruning to this sparsity, before quantizing
+    prune_scope: str = "global"      # global (over all layers' weights) or layer (each layer alike)
+    compress: str | None = None      # "xz" compresses the bundle; the default is xz for pruned models
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -118,12 +122,18 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         int8_path = Path(tmp) / "model.onnx"
         source = _named_copy(model_path, Path(tmp) / "named.onnx")
+        pruning = None
+        if opts.prune:
+            say("pruning", 0, 1)
+            pruning = prune_unstructured(source, Path(tmp) / "pruned.onnx", opts.prune, opts.prune_scope)
+            source = Path(tmp) / "pruned.onnx"
+            say("pruning", 1, 1)
         fp32 = measure.session(model_path, opts.threads)
         ref_out = measure.run_all(fp32, evalset.inputs)
 
         def quantize(s: guard.Settings) -> None:
-            if opts.precision == "fp32":
-                shutil.copyfile(model_path, int8_path)
+            if opts.precision == "fp32":  # the user's file as it is, unless it was pruned
+                shutil.copyfile(source if pruning else model_path, int8_path)
             elif opts.precision == "int8-dynamic":
                 quantize_dynamic(source, int8_path, exclude_nodes=s.exclude)
             else:
@@ -157,7 +167,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         say("measuring memory", 3, 3)
 
         first_out = q_outputs[0].name
-        idx = _reference_indices(q_out[first_out], REFERENCE_SAMPLES)
+        row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
+        idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
         ref_arrays = {f"input.{k}": v[idx] for k, v in evalset.inputs.items()}
         ref_arrays.update({f"expected.{k}": v[idx] for k, v in q_out.items()})
         ref_arrays.update({f"fp32.{k}": v[idx] for k, v in ref_out.items()})
@@ -188,15 +199,19 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                      **({"accuracy_search": search} if search else {}),
                      **({"shipped_although": worse} if worse else {})},
             description=opts.description,
+            sparsity=pruning["sparsity"] if pruning else 0.0,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             producer=f"edgeward {__version__} ({PRODUCERS[opts.precision]})",
         )
         say("packing", 0, 1)
-        write_bundle(out_path, manifest, {"model.onnx": int8_path, REFERENCE: ref_path}, key)
+        compress = opts.compress if opts.compress is not None else ("xz" if pruning else None)
+        write_bundle(out_path, manifest, {"model.onnx": int8_path, REFERENCE: ref_path}, key,
+                     compress=compress if compress != "none" else None)
         say("packing", 1, 1)
         graph = int8_summary(int8_path)
 
     return {"bundle": str(out_path), "name": name, "version": opts.version, "signed": key is not None,
             "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
+            "pruning": pruning, "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
             "bundle_bytes": out_path.stat().st_size, **sizes, "quality": quality, "latency_ms": latency,
             "memory": memory, "graph": graph, "calibration_samples": len(calib), "evaluation_samples": len(evalset)}
