@@ -47,10 +47,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     def submit(self, feeds: list[Tensor]) -> list[Tensor]:
         """Queue one request and wait for its share of a batch's outputs."""
         rows = feeds[0].rows if feeds else 1

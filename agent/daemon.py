@@ -36,16 +36,16 @@ from .config import AgentConfig
 from .engine import Engine
 from .errors import DeployRefused, EdgewardError, IntegrityError, ProtocolError, VersionError
 from .link import ReplyTarget, make_client, publish_reply, reply_target
+from .localapi import LocalApi
+from .pipelines import Pipelines
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
 from .signing import load_public_key
-from .localapi import LocalApi
-from .pipelines import Pipelines
 from .spool import Spool
-from .tensors import from_frame, to_frame
 from .status import write_status
-from .systemd import Notifier
 from .store import Store
+from .systemd import Notifier
+from .tensors import from_frame, to_frame
 from .transfer import Transfer, resume_all
 from .updater import Trust, Updater
 
@@ -227,18 +227,8 @@ class Agent:
                               ram_mb=int(vm.total / MB), os=platform.platform(terse=True),
                               python=platform.python_version()),
             runtimes=runtimes.available(), budget_mb=self.cfg.memory.budget_mb,
-            models=[m.info() for m in self.engine.models()] + self._evicted_infos(),
+            models=[m.info() for m in self.engine.models()] + self.engine.evicted_infos(),
         )
-
-    def _evicted_infos(self) -> list:
-        infos = []
-        for name, folder in sorted(self.engine.evicted().items()):
-            try:
-                version = self.store.current(name)[0]
-            except (TypeError, OSError):
-                continue
-            infos.append(protocol.ModelInfo(name=name, version=version, format="", health="evicted"))
-        return infos
 
     def telemetry(self) -> Telemetry:
         spool = self.spool.stats()
@@ -484,9 +474,7 @@ class Agent:
                 transfer.download(request.url, self._stop.is_set, cafile=self.cfg.store.download_ca_file,
                                   progress=self._download_progress(transfer))
             except EdgewardError as exc:
-                self.emit("deploy_failed", exc.message, level="error", data={"sha256": ref.sha256, "code": exc.code})
-                self._record_update(error=exc, sha256=ref.sha256)
-                self._reply(target, protocol.error_reply(exc))
+                self._deploy_failed(exc, ref.sha256, target)
                 if isinstance(exc, IntegrityError):
                     self._transfers.pop(ref.sha256, None)
                     transfer.discard()
@@ -528,6 +516,15 @@ class Agent:
                 self.emit("deploy_downloading", f"bundle {transfer.sha256[:12]}…: {done}/{total} chunks",
                           data={"sha256": transfer.sha256, "done": done, "total": total})
         return report
+
+    def _deploy_failed(self, exc: Exception, sha256: str, target: ReplyTarget | None) -> None:
+        """A deploy that will not serve: an event, the local record and the error reply."""
+        if not isinstance(exc, EdgewardError):
+            log.exception("deploy failed unexpectedly")
+        self.emit("deploy_failed", str(exc) if isinstance(exc, EdgewardError) else f"internal error: {exc!r}",
+                  level="error", data={"sha256": sha256, "code": getattr(exc, "code", "internal")})
+        self._record_update(error=exc, sha256=sha256)
+        self._reply(target, protocol.error_reply(exc))
 
     def _rollback(self, request: protocol.RollbackRequest, target: ReplyTarget | None) -> None:
         try:
@@ -582,12 +579,7 @@ class Agent:
                       data={"sha256": transfer.sha256})
             result = self.updater.install(path)
         except Exception as exc:
-            if not isinstance(exc, EdgewardError):
-                log.exception("deploy failed unexpectedly")
-            self.emit("deploy_failed", str(exc) if isinstance(exc, EdgewardError) else f"internal error: {exc!r}",
-                      level="error", data={"sha256": transfer.sha256, "code": getattr(exc, "code", "internal")})
-            self._record_update(error=exc, sha256=transfer.sha256)
-            self._reply(target, protocol.error_reply(exc))
+            self._deploy_failed(exc, transfer.sha256, target)
             return
         finally:
             transfer.discard()
@@ -598,36 +590,34 @@ class Agent:
 
     def _submit_infer(self, model: str, msg) -> None:
         target = reply_target(msg)
-        if not self._pending.acquire(blocking=False):
-            self._infer_reply(target, {"status": "error", "code": "busy",
-                                       "error": "agent is busy: too many pending requests; retry later"})
-            return
-        self._count_pending(+1)
-        try:
-            self._infer_pool.submit(self._run_infer, model, msg, target)
-        except RuntimeError:  # pool shut down: the agent is stopping
-            self._count_pending(-1)
-            self._pending.release()
+        self._submit_bounded(lambda: self._run_infer(model, msg, target), lambda: self._infer_reply(
+            target, {"status": "error", "code": "busy", "error": "agent is busy: too many pending requests; retry later"}))
 
     def _submit_pipeline(self, pipe, payload: bytes) -> None:
-        """Like an inference request, but from a pipeline's input topic: bounded, never blocking paho."""
+        """Like an inference request, but from a pipeline's input topic."""
+        self._submit_bounded(lambda: self.pipelines.handle(pipe, payload), lambda: self._publish_pipeline(
+            pipe.output_topic, json.dumps({"v": protocol.VERSION, "status": "error", "code": "busy",
+                                           "error": "agent is busy: too many pending requests; message dropped"}
+                                          ).encode(), pipe.qos))
+
+    def _submit_bounded(self, work, busy) -> None:
+        """Run `work` in the inference pool if a pending slot is free, else call `busy` at once:
+        paho's thread never blocks and a flood never grows memory."""
         if not self._pending.acquire(blocking=False):
-            self._publish_pipeline(pipe.output_topic, json.dumps(
-                {"v": protocol.VERSION, "status": "error", "code": "busy",
-                 "error": "agent is busy: too many pending requests; message dropped"}).encode(), pipe.qos)
+            busy()
             return
         self._count_pending(+1)
 
         def run() -> None:
             try:
-                self.pipelines.handle(pipe, payload)
+                work()
             finally:
                 self._count_pending(-1)
                 self._pending.release()
 
         try:
             self._infer_pool.submit(run)
-        except RuntimeError:  # the agent is stopping
+        except RuntimeError:  # pool shut down: the agent is stopping
             self._count_pending(-1)
             self._pending.release()
 
@@ -641,31 +631,27 @@ class Agent:
             self._pending_count += delta
 
     def _run_infer(self, model_name: str, msg, target: ReplyTarget | None) -> None:
+        header = {}
         try:
-            header = {}
-            try:
-                header, body = wire.unpack(msg.payload, self.max_payload)
-                tensors = from_frame(header, body)
-                protocol.from_fields(protocol.InferHeader, header, "inference request")
-                target = target or reply_target(msg, header)
-                model, outputs = self.engine.infer(model_name, tensors)
-                extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
-                specs, out = to_frame(outputs)
-                payload = wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name,
-                                     "version": model.version, **extra, "tensors": specs}, out)
-            except EdgewardError as exc:
-                payload = None
-                self._infer_reply(target or reply_target(msg, header),
-                                  {"status": "error", "code": exc.code, "error": str(exc)})
-            except Exception as exc:
-                log.exception("inference on %s failed unexpectedly", model_name)
-                payload = None
-                self._infer_reply(target, {"status": "error", "code": "internal", "error": repr(exc)})
-            if payload is not None and target is not None:
-                publish_reply(self._client, target, payload)
-        finally:
-            self._count_pending(-1)
-            self._pending.release()
+            header, body = wire.unpack(msg.payload, self.max_payload)
+            tensors = from_frame(header, body)
+            protocol.from_fields(protocol.InferHeader, header, "inference request")
+            target = target or reply_target(msg, header)
+            model, outputs = self.engine.infer(model_name, tensors)
+            extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
+            specs, out = to_frame(outputs)
+            payload = wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name,
+                                 "version": model.version, **extra, "tensors": specs}, out)
+        except EdgewardError as exc:
+            payload = None
+            self._infer_reply(target or reply_target(msg, header),
+                              {"status": "error", "code": exc.code, "error": str(exc)})
+        except Exception as exc:
+            log.exception("inference on %s failed unexpectedly", model_name)
+            payload = None
+            self._infer_reply(target, {"status": "error", "code": "internal", "error": repr(exc)})
+        if payload is not None and target is not None:
+            publish_reply(self._client, target, payload)
 
     def _infer_reply(self, target: ReplyTarget | None, header: dict) -> None:
         if target is None:

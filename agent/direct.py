@@ -17,36 +17,16 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .localapi import error_frame, send_message, serve_connection
+from .stats import Stats
 from .tensors import Tensor, check_inputs, from_frame, to_frame
 
 log = logging.getLogger(__name__)
-
-
-class DirectStats:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self.latencies: deque[float] = deque(maxlen=2048)
-
-    def record(self, ms: float | None) -> None:
-        with self.lock:
-            self.requests += 1
-            if ms is None:
-                self.errors += 1
-            else:
-                self.latencies.append(ms)
-
-    def export(self) -> dict:
-        with self.lock:
-            return {"requests": self.requests, "errors": self.errors, "latencies": list(self.latencies)}
 
 
 class DirectServer:
@@ -57,7 +37,7 @@ class DirectServer:
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.spin_s = spin_us / 1e6
         self._run = run
-        self.stats = DirectStats()
+        self.stats = Stats()
         self._slots = threading.BoundedSemaphore(max_conns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
@@ -97,17 +77,15 @@ class DirectServer:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
             feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)
             out = self._run(feeds)
-        except EdgewardError as exc:
-            self.stats.record(None)
-            return error_frame(exc)
         except Exception as exc:  # a bug must become an answer, not a dead connection
-            log.exception("direct request failed")
-            self.stats.record(None)
-            return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
+            if not isinstance(exc, EdgewardError):
+                log.exception("direct request failed")
+            self.stats.record(None, ok=False)
+            return error_frame(exc)
         specs, data = to_frame(out)
         reply = wire.pack({"v": protocol.VERSION, "status": "ok", "model": self.model, "version": self.version,
                            "tensors": specs}, data)
-        self.stats.record((time.perf_counter() - t0) * 1000)
+        self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return reply
 
     def close(self) -> None:

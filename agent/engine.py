@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -29,12 +28,12 @@ from .config import ServingConfig
 from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
+from .stats import Stats
 from .streams import Streams
 from .tensors import Tensor, check_inputs, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 
-LATENCY_WINDOW = 2048
 WORKER_BASE_MB_GUESS = 30.0   # python + numpy in a worker, until the first worker has measured it
 RESTART_MIN_INTERVAL_S = 2.0  # a model whose worker keeps dying is not restarted in a tight loop
 
@@ -42,55 +41,10 @@ RESTART_MIN_INTERVAL_S = 2.0  # a model whose worker keeps dying is not restarte
 Emit = Callable[..., None]
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = (len(sorted_values) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
-
-
-class Stats:
-    """Request counters and a window of recent latencies, safe to update from many threads."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._rows = 0
-        self._runs = 0
-
-    def record(self, latency_ms: float | None, ok: bool) -> None:
-        with self._lock:
-            self.requests += 1
-            if ok:
-                self._latencies.append(latency_ms)
-            else:
-                self.errors += 1
-
-    def record_run(self, rows: int) -> None:
-        """One execution of the model (a batch of `rows`, which may serve several requests)."""
-        with self._lock:
-            self._rows += rows
-            self._runs += 1
-
-    def snapshot(self, version: int, inflight: int = 0, extra: dict | None = None) -> ModelStats:
-        """Counters and percentiles; `extra` adds what a worker counted itself (direct requests)."""
-        with self._lock:
-            extra = extra or {}
-            latencies = list(self._latencies) + list(extra.get("latencies", []))
-            requests = self.requests + int(extra.get("requests", 0))
-            errors = self.errors + int(extra.get("errors", 0))
-            rows, runs = self._rows + int(extra.get("rows", 0)), self._runs + int(extra.get("runs", 0))
-            p50 = p95 = p99 = None
-            if latencies:
-                ordered = sorted(latencies)
-                p50, p95, p99 = (round(_percentile(ordered, q), 3) for q in (50, 95, 99))
-            return ModelStats(version=version, requests=requests, errors=errors, p50_ms=p50, p95_ms=p95,
-                              p99_ms=p99, mean_batch=round(rows / runs, 2) if runs else None,
-                              inflight=inflight)
+def fixed_batch(manifest: Manifest) -> int | None:
+    """The batch size a model's first input is fixed at, or None when its batch axis is dynamic."""
+    first = manifest.inputs[0].shape if manifest.inputs else []
+    return first[0] if first and first[0] > 0 else None
 
 
 class LoadedModel:
@@ -111,9 +65,10 @@ class LoadedModel:
         self._cv = threading.Condition()
         self._restart_lock = threading.Lock()
         self._last_restart = 0.0
-        self._request_specs = [s for s in manifest.inputs if s.name not in manifest.state]
-        first = manifest.inputs[0].shape if manifest.inputs else []
-        self.fixed_batch = first[0] if first and first[0] > 0 else None
+        # what callers send and get back: the recurrent state stays inside the agent
+        self.request_inputs = [s for s in manifest.inputs if s.name not in manifest.state]
+        self.reply_outputs = [s for s in manifest.outputs if s.name not in manifest.state.values()]
+        self.fixed_batch = fixed_batch(manifest)
         self.streams = Streams(manifest, self._execute, self.serving.max_streams) if manifest.state else None
         self._batcher = None
         if self.serving.mode == "batched" and self.streams is None:
@@ -141,13 +96,13 @@ class LoadedModel:
         self.last_used = time.monotonic()
         try:
             if self.streams is not None:
-                feeds = check_inputs(self.name, self._request_specs, tensors)
+                feeds = check_inputs(self.name, self.request_inputs, tensors)
                 out = self.streams.run(stream, feeds)
             elif self._batcher is not None:
-                feeds = check_inputs(self.name, self._request_specs, tensors, max_rows=self.fixed_batch)
+                feeds = check_inputs(self.name, self.request_inputs, tensors, max_rows=self.fixed_batch)
                 out = self._batcher.submit(feeds)
             else:
-                feeds = check_inputs(self.name, self._request_specs, tensors)
+                feeds = check_inputs(self.name, self.request_inputs, tensors)
                 out = self._execute(feeds)
         except EdgewardError:
             self.stats.record(None, ok=False)
@@ -192,7 +147,7 @@ class LoadedModel:
     def snapshot(self) -> ModelStats:
         """The model's counters: requests through the agent plus those its worker took directly."""
         direct = None
-        if getattr(self.proc, "direct_path", None) and self.proc.alive():
+        if self.proc.direct_path and self.proc.alive():
             try:
                 direct = self.proc.call({"op": "stats"}, timeout=2, what="stats")[0].get("direct")
             except EdgewardError:
@@ -202,7 +157,7 @@ class LoadedModel:
     @property
     def direct_socket(self) -> str | None:
         """The worker's own socket for local apps (stateless models), while the worker lives."""
-        path = getattr(self.proc, "direct_path", None)
+        path = self.proc.direct_path
         return path if path and self.proc.alive() else None
 
     @property
@@ -215,7 +170,7 @@ class LoadedModel:
         reply, _ = self._worker().call({
             "op": "selftest", "reference": str(self.folder / REFERENCE), "what": f"{self.name} v{self.version}",
             "inputs": [s.name for s in self.manifest.inputs],
-            "outputs": [s.name for s in self.manifest.outputs if s.name not in self.manifest.state.values()],
+            "outputs": [s.name for s in self.reply_outputs],
             "atol": st.atol, "min_top1_agreement": st.min_top1_agreement}, timeout=max(self.timeout_s, 60), what="self-test")
         self.cost_mb = max(self.cost_mb, float(reply.get("rss_mb", 0.0)))
         return reply["result"]
@@ -260,7 +215,7 @@ class Engine:
                  evict_idle_s: float = 0.0):
         self.budget = budget
         self.evict_idle_s = evict_idle_s
-        self._evicted: dict[str, Path] = {}  # name -> folder: unloaded for room, reloaded on demand
+        self._evicted: dict[str, tuple[Path, ModelInfo]] = {}  # unloaded for room, reloaded on demand
         self._reload_lock = threading.Lock()
         self.providers = providers or []
         self.serving_for = serving_for or (lambda name: ServingConfig())
@@ -300,7 +255,9 @@ class Engine:
                 return False
             victim = min(candidates, key=lambda m: m.last_used)
             self._models.pop(victim.name)
-            self._evicted[victim.name] = victim.folder
+            info = victim.info()
+            info.health = "evicted"
+            self._evicted[victim.name] = (victim.folder, info)
         freed = victim.proc.rss_mb
         victim.close()
         if self.emit:
@@ -310,7 +267,12 @@ class Engine:
         return True
 
     def evicted(self) -> dict[str, Path]:
-        return dict(self._evicted)
+        """Models unloaded to make room, by name: the folders they reload from."""
+        return {name: folder for name, (folder, _) in self._evicted.items()}
+
+    def evicted_infos(self) -> list[ModelInfo]:
+        """What the state message says of them: health "evicted"."""
+        return [info for _, info in sorted(self._evicted.values(), key=lambda e: e[1].name)]
 
     def load(self, folder: Path) -> LoadedModel:
         """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
@@ -318,6 +280,7 @@ class Engine:
         self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb,
                             evict=True)
         path = str(folder / manifest.model_file)
+        serving = self.serving_for(manifest.name)
 
         def start_worker() -> ModelProcess:
             proc = ModelProcess()
@@ -330,16 +293,14 @@ class Engine:
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
             proc.providers = reply.get("providers")
-            serving = self.serving_for(manifest.name)
             if self.direct_dir and not manifest.state:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
                 specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
-                first = manifest.inputs[0].shape if manifest.inputs else []
                 batch = None
                 if serving.mode == "batched":  # local apps' requests are batched in the worker itself
                     batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,
                              "preferred": serving.preferred_batch, "max_queue": serving.max_queue,
-                             "fixed_batch": first[0] if first and first[0] > 0 else None}
+                             "fixed_batch": fixed_batch(manifest)}
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
                                "version": manifest.version, "specs": specs, "batch": batch,
@@ -350,7 +311,7 @@ class Engine:
             return proc
 
         return LoadedModel(manifest, folder, start_worker, emit=self.emit, timeout_s=self.timeout_s,
-                           serving=self.serving_for(manifest.name))
+                           serving=serving)
 
     def activate(self, model: LoadedModel) -> LoadedModel | None:
         """Make `model` serve under its name; return the model it replaced (still open)."""
@@ -380,10 +341,10 @@ class Engine:
         with self._reload_lock:
             if name in self._models:
                 return self._models[name]
-            folder = self._evicted.get(name)
-            if folder is None:
+            entry = self._evicted.get(name)
+            if entry is None:
                 return None
-            model = self.load(folder)
+            model = self.load(entry[0])
             try:
                 model.self_test()
             except BaseException:

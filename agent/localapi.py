@@ -84,8 +84,11 @@ def linger(sock: socket.socket, seconds: float) -> None:
             continue
 
 
-def error_frame(exc: EdgewardError) -> bytes:
-    return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+def error_frame(exc: Exception) -> bytes:
+    """The answer for a failed request: its code and one line; anything not ours is an internal error."""
+    if isinstance(exc, EdgewardError):
+        return wire.pack({"v": protocol.VERSION, "status": "error", "code": exc.code, "error": str(exc)})
+    return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
 
 
 def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
@@ -185,10 +188,8 @@ class LocalApi:
                 return self._infer(header, body)
             if op == "models":
                 models = [{"name": m.name, "version": m.version, "mode": m.mode,
-                           "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.manifest.inputs
-                                      if s.name not in m.manifest.state],
-                           "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.manifest.outputs
-                                       if s.name not in m.manifest.state.values()]}
+                           "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.request_inputs],
+                           "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.reply_outputs]}
                           for m in self.engine.models()]
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "models": models})
             if op == "route":  # where to send this model's requests: its worker directly, or here
@@ -200,11 +201,10 @@ class LocalApi:
                 found = model.streams.reset(str(header.get("stream"))) if model.streams else False
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "reset": found})
             raise ProtocolError(f"unknown op {op!r}", "use infer, route, reset or models")
-        except EdgewardError as exc:
-            return error_frame(exc)
         except Exception as exc:  # a bug must not take the connection's thread down silently
-            log.exception("local API request failed")
-            return wire.pack({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)})
+            if not isinstance(exc, EdgewardError):
+                log.exception("local API request failed")
+            return error_frame(exc)
 
     def _infer(self, header: dict, body: memoryview) -> bytes:
         name = header.get("model")

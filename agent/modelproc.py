@@ -66,6 +66,7 @@ class ModelProcess:
         self.base_rss_mb = float(hello.get("rss_mb", 0.0))
         self.rss_mb = self.base_rss_mb  # updated by the engine after the model loads
         self.direct_path: str | None = None  # the worker's own socket for local apps, if it has one
+        self.providers: list[str] | None = None  # the execution providers its runtime runs on (onnxruntime)
 
     # ---------------------------------------------------------------- requests
 

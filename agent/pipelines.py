@@ -75,8 +75,7 @@ class Pipelines:
             doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProtocolError(f"not valid JSON: {exc}") from exc
-        model = self.engine.get(cfg.model)
-        specs = [s for s in model.manifest.inputs if s.name not in model.manifest.state]
+        specs = self.engine.get(cfg.model).request_inputs
         stream = doc.get("stream") if isinstance(doc, dict) else None
         inputs = doc.get("inputs") if isinstance(doc, dict) else {specs[0].name: doc} if len(specs) == 1 else None
         if isinstance(inputs, list) and len(specs) == 1:

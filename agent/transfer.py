@@ -244,7 +244,8 @@ def resume_all(incoming: Path) -> dict[str, Transfer]:
         t = Transfer.resume(part)
         if t is not None:
             found[t.sha256] = t
+    parts = {p.name for p in incoming.glob("*.part")}  # what is left after the clean-up above
     for orphan in list(incoming.glob("*.json")) + list(incoming.glob("*.json.tmp")):
-        if not orphan.name.split(".")[0] + ".part" in {p.name for p in incoming.glob("*.part")}:
+        if orphan.name.split(".")[0] + ".part" not in parts:
             orphan.unlink(missing_ok=True)
     return found

@@ -16,7 +16,7 @@ import json
 import struct
 
 from .errors import ProtocolError
-from .tensors import ITEMSIZE, from_frame, from_numpy, to_frame, to_numpy
+from .tensors import ITEMSIZE, from_frame, from_numpy, to_numpy
 
 MAGIC = b"EWF1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -48,17 +48,20 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
 
 
 def frame_parts(tensors: dict, **header) -> list:
-    """pack_tensors without the copies: the frame as [head bytes, each array's buffer], for
-    scatter-gather sends (agent.localapi.send_message) of large tensors."""
+    """Frame named numpy arrays as [head bytes, each array's buffer]: C-contiguous little-endian
+    arrays are not copied, so a scatter-gather send (agent.localapi.send_message) moves large
+    tensors as they are."""
     import numpy as np
 
     specs, buffers, offset = [], [], 0
     for name, arr in tensors.items():
-        t = from_numpy(name, arr) if not (isinstance(arr, np.ndarray) and arr.flags.c_contiguous
-                                          and arr.dtype.byteorder != ">" and arr.dtype.name in ITEMSIZE) else None
-        buf = t.data if t is not None else memoryview(arr).cast("B")
-        specs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset,
-                      "nbytes": len(buf)})
+        if (isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.dtype.byteorder != ">"
+                and arr.dtype.name in ITEMSIZE):
+            buf, dtype, shape = memoryview(arr).cast("B"), arr.dtype.name, arr.shape
+        else:  # a contiguous little-endian copy, or a clear error
+            t = from_numpy(name, arr)
+            buf, dtype, shape = t.data, t.dtype, t.shape
+        specs.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": len(buf)})
         buffers.append(buf)
         offset += len(buf)
     head = json.dumps({**header, "tensors": specs}, separators=(",", ":")).encode()
@@ -67,8 +70,7 @@ def frame_parts(tensors: dict, **header) -> list:
 
 def pack_tensors(tensors: dict, **header) -> bytes:
     """Frame named numpy arrays (sent C-contiguous, little-endian) with any extra header fields."""
-    specs, body = to_frame(from_numpy(name, arr) for name, arr in tensors.items())
-    return pack({**header, "tensors": specs}, body)
+    return b"".join(frame_parts(tensors, **header))
 
 
 def unpack_tensors(payload: bytes, max_bytes: int | None = None) -> tuple[dict, dict]:

@@ -12,6 +12,7 @@ It answers requests from the agent over its stdin/stdout pipes (agent/ipc.py):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -35,7 +36,6 @@ class Worker:
         self.outputs: list[str] = []
         self.direct = None
         self.batcher = None
-        self.rows = self.runs = 0   # model executions for direct requests (mean batch size)
         self._lock = None  # set for runtimes that must not run from two threads at once
 
 
@@ -69,10 +69,7 @@ class Worker:
                 raise InferenceError(f"input {t.name!r} holds NaN or infinity", "send finite values")
             feeds[t.name] = arr
         try:
-            if self._lock is not None:
-                with self._lock:
-                    out = self.runtime.run(feeds)
-            else:
+            with self._lock or contextlib.nullcontext():
                 out = self.runtime.run(feeds)
         except Exception as exc:  # the runtime's own exception types
             msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
@@ -85,10 +82,10 @@ class Worker:
         from .direct import DirectServer
 
         specs = [TensorSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
+
         def counted(feeds: list) -> list:  # executions for local apps' requests, for the mean batch size
             out = self.run_tensors(feeds)
-            self.runs += 1
-            self.rows += feeds[0].rows if feeds else 1
+            self.direct.stats.record_run(feeds[0].rows if feeds else 1)
             return out
 
         run, max_rows = counted, None
@@ -106,7 +103,7 @@ class Worker:
     def stats(self, _h: dict, _body) -> tuple[dict, list]:
         if self.direct is None:
             return {"direct": None}, []
-        return {"direct": {**self.direct.stats.export(), "rows": self.rows, "runs": self.runs}}, []
+        return {"direct": self.direct.stats.export()}, []
 
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""
@@ -128,8 +125,6 @@ class Worker:
         feeds = {name: data.get(f"input.{name}") for name in h["inputs"]}
         if any(v is None for v in feeds.values()):
             raise SelfTestError(f"{what}: reference data lacks an input")
-        feeds.update({name: data[f"input.{name}"] for name in h.get("state_inputs", [])
-                      if f"input.{name}" in data})
         try:
             got = self.runtime.run(feeds)
         except Exception as exc:

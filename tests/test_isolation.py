@@ -160,6 +160,7 @@ def test_idle_models_are_evicted_least_recently_used_first_and_come_back_on_dema
     load_as("c")
     assert ("model_evicted", "b") in events and sorted(m.name for m in engine.models()) == ["a", "c"]
     assert list(engine.evicted()) == ["b"]
+    assert [(i.name, i.version, i.health) for i in engine.evicted_infos()] == [("b", 1, "evicted")]
     # b's next request brings it back (and evicts the least recently used of the others)
     time.sleep(0.1)
     engine.infer_arrays("c", {"input": x})
