@@ -152,7 +152,9 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             settings, _, attempts = guard.search(settings, quality_of, opts.max_drop,
                                                  quantizable_layers(load_onnx(source)),
                                                  calibrated=opts.precision == "int8", progress=say)
-        quantize(settings)
+            # the search returns on the attempt that succeeded: int8_path already holds that model
+        else:
+            quantize(settings)
         q_inputs, q_outputs = describe(load_onnx(int8_path))
         int8 = measure.session(int8_path, opts.threads)
         say("measuring quality", 0, 3)

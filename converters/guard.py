@@ -68,7 +68,7 @@ def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: 
     """
     say = progress or (lambda *a: None)
     attempts: list[Attempt] = []
-    results: dict[str, tuple[Settings, dict]] = {}
+    results: dict[str, dict] = {}  # settings label -> quality
 
     def attempt(s: Settings) -> float | None:
         if len(attempts) >= max_attempts:
@@ -81,7 +81,7 @@ def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: 
             return None
         drop = quality_drop(quality)
         attempts.append(Attempt(s, drop))
-        results[s.label()] = (s, quality)
+        results[s.label()] = quality
         return drop
 
     order = [first] + [Settings(pc, m, list(first.exclude)) for pc in (True, False) for m in METHODS
@@ -89,7 +89,7 @@ def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: 
     for s in order:
         drop = attempt(s)
         if drop is not None and drop <= max_drop:
-            return s, results[s.label()][1], attempts
+            return s, results[s.label()], attempts
     scored = [a for a in attempts if a.drop is not None]
     if not scored:
         raise ConversionError(f"no quantization of this model worked; tried:\n{report(attempts, max_drop)}",
@@ -105,7 +105,7 @@ def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: 
             if drop is None:
                 continue
             if drop <= max_drop:
-                return s, results[s.label()][1], attempts
+                return s, results[s.label()], attempts
             trials.append((drop, s))
         if not trials:
             break
