@@ -26,7 +26,8 @@ example:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeward convert", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Quantize an FP32 ONNX model to INT8 (static QDQ with per-channel weights, or dynamic), "
+        description="Quantize an FP32 model to INT8 ONNX (static QDQ with per-channel weights, or dynamic) "
+                    "and/or full-integer INT8 TFLite, "
                     "measure it against the original, and pack a signed bundle for the agent. A quantized model "
                     "that is larger or slower than FP32 is refused unless --allow-worse; --max-drop searches "
                     "for settings that keep the accuracy.")
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
     p.add_argument("--version", type=int, default=1, help="model version; each deploy must be newer (default %(default)s)")
+    p.add_argument("--format", choices=["onnx", "tflite", "both"], default="onnx",
+                   help="onnx: INT8 ONNX for onnxruntime (default); tflite: full-integer INT8 TFLite for "
+                        "ai-edge-litert / tflite-runtime; both: one bundle of each (NAME-onnx.ewb, NAME-tflite.ewb)")
+    p.add_argument("--tflite-io", choices=["float", "int8"], default="float",
+                   help="TFLite model inputs/outputs: float (quantized inside the model; default) or int8 "
+                        "(callers quantize with the scale/zero point in the manifest)")
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
@@ -71,9 +78,10 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 def render_report(r: dict) -> str:
     q, lat = r["quality"], r["latency_ms"]
-    rows = [["model file", f"{r['fp32_bytes'] / 1024:.1f} kB", f"{r['int8_bytes'] / 1024:.1f} kB",
+    fmt = "TFLite" if r.get("format") == "tflite" else "ONNX"
+    rows = [[f"model file ({fmt})", f"{r['fp32_bytes'] / 1024:.1f} kB", f"{r['int8_bytes'] / 1024:.1f} kB",
              f"{r['int8_vs_fp32']:.2f}x"],
-            ["latency p50 (batch 1, this CPU)", f"{lat['fp32']['p50']:.3f} ms", f"{lat['int8']['p50']:.3f} ms",
+            [f"latency p50 (batch 1, this CPU, {r.get('runtime', 'onnxruntime')})", f"{lat['fp32']['p50']:.3f} ms", f"{lat['int8']['p50']:.3f} ms",
              f"{lat['int8']['p50'] / lat['fp32']['p50']:.2f}x"]]
     if "accuracy_fp32" in q:
         rows.append(["top-1 accuracy", f"{q['accuracy_fp32']:.2%}", f"{q['accuracy_int8']:.2%}",
@@ -95,9 +103,18 @@ def render_report(r: dict) -> str:
                      f"bundle {r['bundle_bytes'] / 1024:.1f} kB = {r['bundle_vs_fp32']:.2f}x the FP32 file")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
+    if r.get("latency_note"):
+        lines.append(f"note: {r['latency_note']}")
     ops = r["graph"]["ops"]
-    lines.append(f"graph: {ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} "
-                 f"DequantizeLinear, {r['graph']['int8_initializers']} int8 weight tensors")
+    if r.get("format") == "tflite":
+        dtypes = r["graph"]["tensor_dtypes"]
+        lines.append("graph: " + ", ".join(f"{n} {k}" for k, n in sorted(ops.items())) + "; tensors: " +
+                     ", ".join(f"{n} {k}" for k, n in sorted(dtypes.items())))
+    else:
+        lines.append(f"graph: {ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} "
+                     f"DequantizeLinear, {r['graph']['int8_initializers']} int8 weight tensors")
+    if r.get("also"):
+        lines += ["", render_report(r["also"])]
     return "\n".join(lines)
 
 
@@ -108,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
                           exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
-                          prune=args.prune, prune_scope=args.prune_scope, compress=args.compress)
+                          prune=args.prune, prune_scope=args.prune_scope, compress=args.compress,
+                          format=args.format, tflite_int8_io=args.tflite_io == "int8")
     try:
         if args.model.endswith(TORCH_SUFFIXES):
             from .from_torch import convert_torch, example_from_npz, load_torch_file

@@ -9,8 +9,8 @@ leaves nothing behind.
 from __future__ import annotations
 
 import datetime as _dt
+import platform
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +25,12 @@ from agent.signing import load_private_key
 
 from . import guard, measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
-from .onnx_int8 import describe, int8_summary, load_onnx, quantizable_layers, quantize_dynamic, quantize_static
+from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
+from .targets import FORMATS, OnnxTarget, TfliteTarget
 
 REFERENCE_SAMPLES = 8
 REFERENCE_MAX_BYTES = 256 * 1024  # self-test data must not outweigh the model: fewer samples for big inputs
-PRODUCERS = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
-             "fp32": "FP32, not quantized"}
 Progress = Callable[[str, int, int], None]
 
 
@@ -50,6 +49,8 @@ class ConvertOptions:
     prune: float | None = None       # unstructured magnitude pruning to this sparsity, before quantizing
     prune_scope: str = "global"      # global (over all layers' weights) or layer (each layer alike)
     compress: str | None = None      # "xz" compresses the bundle; the default is xz for pruned models
+    format: str = "onnx"             # onnx, tflite, or both (one bundle each)
+    tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -95,125 +96,165 @@ def _reference_indices(outputs: np.ndarray, k: int) -> np.ndarray:
     return np.arange(min(n, k))
 
 
+def _bundle_paths(out_path: Path, fmt: str) -> dict[str, Path]:
+    """Where each format's bundle goes: the path given, or NAME-onnx.ewb and NAME-tflite.ewb for both."""
+    if fmt != "both":
+        return {fmt: out_path}
+    return {f: out_path.with_name(f"{out_path.stem}-{f}.ewb") for f in ("onnx", "tflite")}
+
+
 def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str | Path,
                  key_path: str | Path | None = None, evaluation: str | Path | None = None,
                  options: ConvertOptions | None = None, progress: Progress | None = None) -> dict:
-    """Quantize an FP32 ONNX model (static QDQ or dynamic INT8, or keep FP32), measure it against
-    FP32, write a bundle. With max_drop, search for settings within that quality loss."""
+    """Quantize an FP32 ONNX model to INT8 ONNX and/or INT8 TFLite (or keep FP32), measure each
+    against FP32, write a bundle per format. With max_drop, search for settings within that loss.
+    For --format both the report is the TFLite one, with the ONNX one under "also"."""
     opts = options or ConvertOptions()
     say = progress or (lambda stage, done, total: None)
     model_path, out_path = Path(model_path), Path(out_path)
-    if opts.version < 1:
-        raise ConversionError(f"--version {opts.version}: versions start at 1")
-    if out_path.suffix != ".ewb":
-        raise ConversionError(f"output {out_path} should end in .ewb", "name the bundle like model.ewb")
+    _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None
     model = load_onnx(model_path)
     inputs, _ = describe(model)
     calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES)
     evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
     name = _model_name(opts.name, model_path)
-
-    if opts.precision not in PRECISIONS:
-        raise ConversionError(f"precision {opts.precision!r} is unknown", f"use one of {', '.join(PRECISIONS)}")
-    if opts.max_drop is not None and not 0 <= opts.max_drop < 1:
-        raise ConversionError(f"--max-drop {opts.max_drop}: give a fraction, e.g. 0.01 for one point")
+    paths = _bundle_paths(out_path, opts.format)
 
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
-        int8_path = Path(tmp) / "model.onnx"
-        source = _named_copy(model_path, Path(tmp) / "named.onnx")
+        work = Path(tmp)
+        source = _named_copy(model_path, work / "named.onnx")
         pruning = None
         if opts.prune:
             say("pruning", 0, 1)
-            pruning = prune_unstructured(source, Path(tmp) / "pruned.onnx", opts.prune, opts.prune_scope)
-            source = Path(tmp) / "pruned.onnx"
+            pruning = prune_unstructured(source, work / "pruned.onnx", opts.prune, opts.prune_scope)
+            source = work / "pruned.onnx"
             say("pruning", 1, 1)
-        fp32 = measure.session(model_path, opts.threads)
-        ref_out = measure.run_all(fp32, evalset.inputs)
-
-        def quantize(s: guard.Settings) -> None:
-            if opts.precision == "fp32":  # the user's file as it is, unless it was pruned
-                shutil.copyfile(source if pruning else model_path, int8_path)
-            elif opts.precision == "int8-dynamic":
-                quantize_dynamic(source, int8_path, exclude_nodes=s.exclude)
+        ref_out = measure.run_all(measure.session(model_path, opts.threads), evalset.inputs)
+        reports = {}
+        for fmt in ("tflite", "onnx"):
+            if fmt not in paths:
+                continue
+            sub = work / fmt
+            sub.mkdir()
+            if fmt == "onnx":
+                target = OnnxTarget(sub, source, model_path, pruning is not None, calib.inputs, say)
             else:
-                quantize_static(source, int8_path, calib.inputs, per_channel=s.per_channel, method=s.method,
-                                exclude_nodes=s.exclude, progress=lambda d, t: say("calibrating", d, t))
+                target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io)
+            reports[fmt] = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
+                                   model_path, paths[fmt], key, say)
+    first = reports.pop("tflite") if "tflite" in reports else reports.pop("onnx")
+    if reports:
+        first["also"] = next(iter(reports.values()))
+    return first
 
-        def quality_of(s: guard.Settings) -> dict:
-            quantize(s)
-            return measure.compare(ref_out, measure.run_all(measure.session(int8_path, opts.threads), evalset.inputs),
-                                   evalset.labels)
 
-        settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,
-                                  list(opts.exclude_nodes))
-        attempts: list[guard.Attempt] = []
-        if opts.max_drop is not None and opts.precision != "fp32":
-            settings, _, attempts = guard.search(settings, quality_of, opts.max_drop,
-                                                 quantizable_layers(load_onnx(source)),
-                                                 calibrated=opts.precision == "int8", progress=say)
-            # the search returns on the attempt that succeeded: int8_path already holds that model
-        else:
-            quantize(settings)
-        q_inputs, q_outputs = describe(load_onnx(int8_path))
-        int8 = measure.session(int8_path, opts.threads)
-        say("measuring quality", 0, 3)
-        q_out = measure.run_all(int8, evalset.inputs)
-        quality = measure.compare(ref_out, q_out, evalset.labels)
-        quality["evaluated_on"] = "evaluation data" if evaluation else "calibration data (pass --eval for held-out data)"
-        say("measuring latency", 1, 3)
-        sample = evalset.take(slice(0, 1))
-        latency = {"fp32": measure.latency_ms(fp32, sample), "int8": measure.latency_ms(int8, sample)}
-        say("measuring memory", 2, 3)
-        memory = measure.memory_cost(int8_path, sample, threads=opts.threads)
-        say("measuring memory", 3, 3)
+def _check_options(opts: ConvertOptions, out_path: Path) -> None:
+    if opts.version < 1:
+        raise ConversionError(f"--version {opts.version}: versions start at 1")
+    if out_path.suffix != ".ewb":
+        raise ConversionError(f"output {out_path} should end in .ewb", "name the bundle like model.ewb")
+    if opts.precision not in PRECISIONS:
+        raise ConversionError(f"precision {opts.precision!r} is unknown", f"use one of {', '.join(PRECISIONS)}")
+    if opts.format not in FORMATS:
+        raise ConversionError(f"format {opts.format!r} is unknown", f"use one of {', '.join(FORMATS)}")
+    if opts.format != "onnx" and opts.precision == "int8-dynamic":
+        raise ConversionError("dynamic INT8 is an onnxruntime feature; TFLite here is full-integer INT8",
+                              "use --format onnx with --precision int8-dynamic, or --precision int8")
+    if opts.max_drop is not None and not 0 <= opts.max_drop < 1:
+        raise ConversionError(f"--max-drop {opts.max_drop}: give a fraction, e.g. 0.01 for one point")
 
-        first_out = q_outputs[0].name
-        row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
-        idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
-        ref_arrays = {f"input.{k}": v[idx] for k, v in evalset.inputs.items()}
-        ref_arrays.update({f"expected.{k}": v[idx] for k, v in q_out.items()})
-        ref_arrays.update({f"fp32.{k}": v[idx] for k, v in ref_out.items()})
-        ref_path = Path(tmp) / REFERENCE
-        np.savez(ref_path, **ref_arrays)
-        expected = q_out[first_out][idx].astype(np.float64)
-        atol = max(1e-4, 0.05 * float(expected.max() - expected.min()))
 
-        sizes = {"fp32_bytes": model_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
-        sizes["int8_vs_fp32"] = round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4)
-        worse = guard.worse_than_fp32(sizes, latency) if opts.precision != "fp32" else None
-        if worse and not opts.allow_worse:
-            raise ConversionError(f"the {opts.precision} model is {worse} than its FP32 source, so it is not shipped",
-                                  "ship the float model with --precision fp32, or pass --allow-worse to ship it anyway")
-        search = {"max_drop": opts.max_drop, "chosen": settings.label(),
-                  "attempts": [{"settings": a.settings.label(), "drop": a.drop, "note": a.note} for a in attempts]} \
-            if attempts else None
-        manifest = Manifest(
-            name=name, version=opts.version, format="onnx", model_file="model.onnx", runtime="onnxruntime",
-            precision=opts.precision, inputs=q_inputs, outputs=q_outputs,
-            memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
-                              measured_on=memory["measured_on"]),
-            selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
-            quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
-                     "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
-                     "calibration": f"{settings.label()}, {len(calib)} samples"
-                                    if opts.precision == "int8" else opts.precision,
-                     **({"accuracy_search": search} if search else {}),
-                     **({"shipped_although": worse} if worse else {})},
-            description=opts.description,
-            sparsity=pruning["sparsity"] if pruning else 0.0,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            producer=f"edgeward {__version__} ({PRODUCERS[opts.precision]})",
-        )
-        say("packing", 0, 1)
-        compress = opts.compress if opts.compress is not None else ("xz" if pruning else None)
-        write_bundle(out_path, manifest, {"model.onnx": int8_path, REFERENCE: ref_path}, key,
-                     compress=compress if compress != "none" else None)
-        say("packing", 1, 1)
-        graph = int8_summary(int8_path)
+def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,
+            model_path: Path, out_path: Path, key, say: Progress) -> dict:
+    """Quantize for one target (searching when asked), measure, and write its bundle."""
+    def quality_of(s: guard.Settings) -> dict:
+        target.build(opts.precision, s)
+        return measure.compare(ref_out, measure.run_all(target.session(threads=opts.threads), evalset.inputs),
+                               evalset.labels)
 
+    settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,
+                              list(opts.exclude_nodes))
+    attempts: list[guard.Attempt] = []
+    if opts.max_drop is not None and opts.precision != "fp32":
+        settings, _, attempts = guard.search(settings, quality_of, opts.max_drop, target.layers(),
+                                             calibrated=opts.precision == "int8", progress=say)
+        # the search returns on the attempt that succeeded: the target's file already holds that model
+    else:
+        target.build(opts.precision, settings)
+    q_inputs, q_outputs = target.specs()
+    int8 = target.session(threads=opts.threads)
+    say("measuring quality", 0, 3)
+    q_out = measure.run_all(int8, evalset.inputs)
+    quality = measure.compare(ref_out, q_out, evalset.labels)
+    quality["evaluated_on"] = "evaluation data" if held_out else "calibration data (pass --eval for held-out data)"
+    say("measuring latency", 1, 3)
+    sample = evalset.take(slice(0, 1))
+    fp32 = target.fp32_session(opts.threads)
+    latency = {"fp32": measure.latency_ms(fp32, sample), "int8": measure.latency_ms(int8, sample)}
+    say("measuring memory", 2, 3)
+    memory = target.memory(sample, opts.threads)
+    say("measuring memory", 3, 3)
+
+    first_out = q_outputs[0].name
+    row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
+    idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
+    ref_inputs = {k: v[idx] for k, v in evalset.inputs.items()}
+    expected = {k: v[idx] for k, v in q_out.items()}
+    if hasattr(int8, "raw_run"):  # the board feeds and compares the model's own I/O dtypes (int8 I/O)
+        ref_inputs = int8.quantize_inputs(ref_inputs)
+        expected = int8.raw_run(ref_inputs)
+    ref_arrays = {f"input.{k}": v for k, v in ref_inputs.items()}
+    ref_arrays.update({f"expected.{k}": v for k, v in expected.items()})
+    ref_arrays.update({f"fp32.{k}": v[idx] for k, v in ref_out.items()})
+    ref_path = target.path.with_name(REFERENCE)
+    np.savez(ref_path, **ref_arrays)
+    first = expected[first_out].astype(np.float64)
+    atol = max(1e-4, 0.05 * float(first.max() - first.min()))
+
+    sizes = {"fp32_bytes": target.fp32_path.stat().st_size, "int8_bytes": target.path.stat().st_size}
+    sizes["int8_vs_fp32"] = round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4)
+    worse = guard.worse_than_fp32(sizes, latency, judge_latency=target.judges_latency()) \
+        if opts.precision != "fp32" else None
+    if worse and not opts.allow_worse:
+        raise ConversionError(f"the {opts.precision} {target.format} model is {worse} than its FP32 source, so it "
+                              "is not shipped",
+                              "ship the float model with --precision fp32, or pass --allow-worse to ship it anyway")
+    latency_note = None if target.judges_latency() or opts.precision == "fp32" else (
+        f"INT8 vs FP32 latency measured on {platform.machine()}: x86 INT8 kernels without VNNI often trail FP32, "
+        "ARM boards' do not; time it on the board (edgeward bench) before judging")
+    search = {"max_drop": opts.max_drop, "chosen": settings.label(),
+              "attempts": [{"settings": a.settings.label(), "drop": a.drop, "note": a.note} for a in attempts]} \
+        if attempts else None
+    model_file = f"model{target.suffix}"
+    manifest = Manifest(
+        name=name, version=opts.version, format=target.format, model_file=model_file, runtime=target.runtime,
+        precision=opts.precision, inputs=q_inputs, outputs=q_outputs,
+        memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
+                          measured_on=memory["measured_on"]),
+        selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
+        quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
+                 "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
+                 "source_bytes": model_path.stat().st_size,
+                 "calibration": f"{settings.label()}, {len(calib)} samples"
+                                if opts.precision == "int8" else opts.precision,
+                 **({"accuracy_search": search} if search else {}),
+                 **({"shipped_although": worse} if worse else {})},
+        description=opts.description,
+        sparsity=pruning["sparsity"] if pruning else 0.0,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        producer=f"edgeward {__version__} ({target.producers[opts.precision]})",
+    )
+    say("packing", 0, 1)
+    compress = opts.compress if opts.compress is not None else ("xz" if pruning else None)
+    write_bundle(out_path, manifest, {model_file: target.path, REFERENCE: ref_path}, key,
+                 compress=compress if compress != "none" else None)
+    say("packing", 1, 1)
     return {"bundle": str(out_path), "name": name, "version": opts.version, "signed": key is not None,
+            "format": target.format, "runtime": target.runtime,
             "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
-            "pruning": pruning, "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
-            "bundle_bytes": out_path.stat().st_size, **sizes, "quality": quality, "latency_ms": latency,
-            "memory": memory, "graph": graph, "calibration_samples": len(calib), "evaluation_samples": len(evalset)}
+            "latency_note": latency_note, "pruning": pruning,
+            "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
+            "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": model_path.stat().st_size,
+            "quality": quality, "latency_ms": latency, "memory": memory, "graph": target.summary(),
+            "calibration_samples": len(calib), "evaluation_samples": len(evalset)}

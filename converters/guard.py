@@ -121,12 +121,13 @@ def report(attempts: list[Attempt], max_drop: float) -> str:
     return format_table(["#", "settings", "drop", ""], rows, align="rlrl")
 
 
-def worse_than_fp32(sizes: dict, latency: dict) -> str | None:
-    """Why this INT8 model is not worth shipping over FP32 (larger, or meaningfully slower), or None."""
+def worse_than_fp32(sizes: dict, latency: dict, judge_latency: bool = True) -> str | None:
+    """Why this INT8 model is not worth shipping over FP32 (larger, or meaningfully slower), or None.
+    `judge_latency=False` when this host's timing says nothing of the board's (see targets)."""
     problems = []
     if sizes["int8_bytes"] > sizes["fp32_bytes"]:
         problems.append(f"larger ({sizes['int8_bytes'] / 1024:.1f} kB vs {sizes['fp32_bytes'] / 1024:.1f} kB)")
     f, q = latency["fp32"]["p50"], latency["int8"]["p50"]
-    if q > max(f * SLOWER_TOLERANCE, f + SLOWER_MARGIN_MS):
+    if judge_latency and q > max(f * SLOWER_TOLERANCE, f + SLOWER_MARGIN_MS):
         problems.append(f"slower ({q:.3f} ms vs {f:.3f} ms p50 on this CPU)")
     return " and ".join(problems) or None

@@ -34,6 +34,78 @@ def session(path: str | Path, threads: int = 1):
         raise ConversionError(f"onnxruntime cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
 
 
+class TfliteSession:
+    """A .tflite model behind the few calls of onnxruntime's session the measurements use,
+    through the agent's own TFLite backend (ai-edge-litert or tflite-runtime). Models with
+    int8 I/O are fed quantized inputs and their outputs dequantized, so quality is always
+    compared in real values."""
+
+    class _Arg:
+        def __init__(self, d: dict):
+            sig = d.get("shape_signature")
+            shape = list(sig if sig is not None and len(sig) else d["shape"])
+            self.name, self.shape = d["name"], [("batch" if v == -1 else int(v)) for v in shape]
+            self.dtype = np.dtype(d["dtype"])
+            self.scale, self.zero_point = (float(d["quantization"][0]), int(d["quantization"][1]))
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        from agent.runtimes.tflite import TfliteRuntime
+
+        try:
+            self.rt = TfliteRuntime(str(path), threads)
+        except Exception as exc:
+            raise ConversionError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
+        self._in = [self._Arg(d) for d in self.rt._inputs]
+        self._out = [self._Arg(d) for d in self.rt._outputs]
+
+    def get_inputs(self):
+        return self._in
+
+    def get_outputs(self):
+        return self._out
+
+    def run(self, names, feeds: dict[str, np.ndarray]):
+        fed = {}
+        for a in self._in:
+            x = feeds[a.name]
+            if a.dtype == np.int8 and x.dtype != np.int8:
+                x = np.clip(np.round(x / a.scale) + a.zero_point, -128, 127).astype(np.int8)
+            fed[a.name] = x
+        out = self.rt.run(fed)
+        result = []
+        for a in self._out:
+            y = out[a.name]
+            if a.dtype == np.int8:
+                y = ((y.astype(np.float32) - a.zero_point) * a.scale).astype(np.float32)
+            result.append(y)
+        by_name = dict(zip([a.name for a in self._out], result))
+        return [by_name[n] for n in (names or by_name)]
+
+    def specs(self):
+        from agent.bundle import TensorSpec
+
+        def spec(a):
+            shape = [-1 if d == "batch" else d for d in a.shape]
+            q = a.dtype == np.int8
+            return TensorSpec(a.name, a.dtype.name, shape, batch_axis=0 if shape and shape[0] == -1 else None,
+                              scale=a.scale if q else None, zero_point=a.zero_point if q else None)
+
+        return [spec(a) for a in self._in], [spec(a) for a in self._out]
+
+    def raw_run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs as the model gives them (int8 for int8 I/O): what the board's self-test compares."""
+        return self.rt.run(feeds)
+
+    def quantize_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for a in self._in:
+            x = feeds[a.name]
+            if a.dtype == np.int8:
+                x = np.clip(np.round(x / a.scale) + a.zero_point, -128, 127).astype(np.int8)
+            out[a.name] = x
+        return out
+
+
 def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
     """Run the whole dataset through a session in batches (one sample at a time for fixed-batch models)."""
     n = len(next(iter(inputs.values())))
@@ -90,23 +162,27 @@ import numpy as np
 import psutil
 proc = psutil.Process()
 base = proc.memory_info().rss
-import onnxruntime as ort
+from agent import runtimes
+if sys.argv[4] == "onnxruntime":
+    import onnxruntime
+else:
+    from agent.runtimes.tflite import interpreter_class
+    interpreter_class()
 imported = proc.memory_info().rss
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = int(sys.argv[3])
-opts.inter_op_num_threads = 1
-sess = ort.InferenceSession(sys.argv[1], sess_options=opts, providers=["CPUExecutionProvider"])
+sess = runtimes.open_model(sys.argv[4], sys.argv[1], threads=int(sys.argv[3]))
 with np.load(sys.argv[2]) as sample:
     feeds = {k: sample[k] for k in sample.files}
 for _ in range(3):
-    sess.run(None, feeds)
+    sess.run(feeds)
 loaded = proc.memory_info().rss
 print(json.dumps({"runtime_mb": (imported - base) / 2**20, "load_mb": (loaded - imported) / 2**20}))
 """
 
 
-def memory_cost(model_path: str | Path, sample: dict[str, np.ndarray], threads: int = 1, repeats: int = 3) -> dict:
-    """RSS cost of importing onnxruntime and of loading + running this model, in a fresh process.
+def memory_cost(model_path: str | Path, sample: dict[str, np.ndarray], threads: int = 1, repeats: int = 3,
+                runtime: str = "onnxruntime") -> dict:
+    """RSS cost of importing the runtime and of loading + running this model, in a fresh process,
+    through the agent's own runtime backend (as a board's model worker runs it).
 
     The largest of `repeats` measurements is kept: the budget must not be surprised.
     """
@@ -115,7 +191,8 @@ def memory_cost(model_path: str | Path, sample: dict[str, np.ndarray], threads: 
         np.savez(sample_path, **sample)
         results = []
         for _ in range(repeats):
-            proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(sample_path), str(threads)],
+            proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(sample_path), str(threads),
+                                   runtime],
                                   capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
                 raise ConversionError(f"measuring the model's memory failed: {proc.stderr.strip().splitlines()[-1:]}")

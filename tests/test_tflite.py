@@ -80,3 +80,43 @@ def test_a_tflite_model_serves_in_its_worker_with_any_batch_size(keys, tmp_path,
     with pytest.raises(InferenceError, match="NaN or infinity"):
         engine.infer_arrays("mlp", {MLP_INPUT: np.full((1, 64), np.nan, np.float32)})
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Bundles converted by edgeward (digits CNN with float and int8 I/O, a depthwise CNN)."""
+    if FIXTURE:
+        return Path(FIXTURE) / "converted"
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tflitekit import build
+
+    return build(tmp_path_factory.mktemp("converted"))
+
+
+@pytest.mark.parametrize("stem", ["digits-int8", "digits-int8io", "mobilenet-int8"])
+def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted, stem, tmp_path):
+    """The converter's INT8 .tflite files run in this runtime (tflite-runtime 2.14 or ai-edge-litert):
+    self-test passes, and outputs equal what ai-edge-litert gave to a few quantization steps (the
+    runtimes' int8 kernels round differently, and the differences add up over a deep network)."""
+    pub = load_public_key(converted / "signing.pub")
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path).install(open_bundle(converted / f"{stem}.ewb", [pub])))
+    result = model.self_test()
+    assert result["max_abs_err"] <= model.manifest.selftest.atol
+    engine.activate(model)
+    if EXPECT_PACKAGE:
+        worker, _ = model.proc.call({"op": "inspect"})
+        assert EXPECT_PACKAGE in worker["modules"]
+    with np.load(converted / "converted.npz") as d:
+        x, want, step = d[f"{stem}.input"], d[f"{stem}.output"], float(d[f"{stem}.step"])
+    name = model.manifest.inputs[0].name
+    out = next(iter(engine.infer_arrays(stem, {name: x})[1].values()))
+    assert out.dtype == want.dtype
+    if model.manifest.outputs[0].dtype == "int8":
+        step = 1.0  # int8 outputs differ in whole steps
+    steps = np.abs(out.astype(np.float64) - want.astype(np.float64)) / step
+    assert steps.max() <= 5.01 and steps.mean() <= 2.0, (steps.max(), steps.mean())
+    assert (out.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    engine.close()

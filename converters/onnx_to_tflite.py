@@ -1,0 +1,470 @@
+"""FP32 ONNX -> the TFLite op graph (NHWC), and calibration ranges for it from onnxruntime.
+
+Why our own lowering: the usual ONNX->TFLite route (onnx2tf) needs ~2.6 GB of exact
+pins in its own environment and fetches calibration data from the network. The
+models that run on small boards are built from a short list of layers, which map
+one to one onto TFLite builtins; this module maps that list, says plainly which
+operator it cannot map, and keeps the model's I/O exactly as the ONNX file has it
+(NCHW images go through one TRANSPOSE inside the model), so the same calibration
+and evaluation data, and the same callers, work for both formats.
+
+Mapped: Conv (plain and depthwise, with folded BatchNormalization), Gemm, MatMul
+(+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
+AveragePool, GlobalAveragePool, Flatten, Reshape, Add, Mul, Sub, Softmax, Sigmoid,
+Tanh, Identity and Dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from agent.errors import ConversionError
+
+from .tflite_graph import Graph, Op
+
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+_PASSTHROUGH = ("Identity", "Dropout")
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unsupported(node, why: str = "") -> ConversionError:
+    return ConversionError(f"ONNX operator {node.op_type} (node {node.name or '?'}){why} has no TFLite mapping "
+                           "in edgeward", "convert with --format onnx, or replace the layer with a supported one "
+                                          "(see docs/CONVERTER.md)")
+
+
+class _Lowering:
+    def __init__(self, model):
+        import onnx
+        from onnx import numpy_helper, shape_inference
+
+        try:
+            model = shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:  # shapes are then taken from what the file declares
+            pass
+        self.model = model
+        g = model.graph
+        self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        for node in g.node:  # Constant nodes are constants too
+            if node.op_type == "Constant":
+                self.consts[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
+        self.shapes: dict[str, list[int]] = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            dims = vi.type.tensor_type.shape.dim
+            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+        self.consumers: dict[str, list] = {}
+        for node in g.node:
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+        self.graph_outputs = {o.name for o in g.output}
+        self.g = Graph(inputs=[i.name for i in g.input if i.name not in self.consts],
+                       outputs=[o.name for o in g.output])
+        self.alias: dict[str, str] = {}     # ONNX tensor -> the graph tensor that holds it
+        self.nhwc: set[str] = set()         # graph tensors stored NHWC (ONNX has them NCHW)
+        self.flat_perm: dict[str, np.ndarray] = {}  # flattened NHWC tensor -> NCHW order of its features
+        self.done: set[int] = set()
+        self.dtype_check = onnx.TensorProto.FLOAT
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def shape(self, name: str) -> list[int]:
+        if name not in self.shapes or not self.shapes[name]:
+            raise ConversionError(f"the shape of tensor {name!r} is unknown",
+                                  "export the model with static shapes (a dynamic batch axis is fine)")
+        return list(self.shapes[name])
+
+    def src(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+    def const(self, name: str, node) -> np.ndarray:
+        if name not in self.consts:
+            raise _unsupported(node, f" with a computed (non-constant) {name!r}")
+        return self.consts[name]
+
+    def new(self, name: str, shape: list[int], nhwc: bool = False) -> str:
+        self.g.shapes[name] = shape
+        if nhwc:
+            self.nhwc.add(name)
+        return name
+
+    def add_const(self, name: str, arr: np.ndarray) -> str:
+        self.g.consts[name] = arr
+        return name
+
+    def op(self, kind, inputs, output, name="", **options) -> None:
+        self.g.ops.append(Op(kind, inputs, [output], options, name))
+
+    def fuse_activation(self, out: str) -> tuple[str, str]:
+        """(activation, output tensor): a Relu/Clip(0,6) that alone consumes tensor `out` is fused."""
+        users = self.consumers.get(out, [])
+        if len(users) == 1 and out not in self.graph_outputs:
+            nxt = users[0]
+            act = self.activation_of(nxt)
+            if act:
+                self.done.add(id(nxt))
+                return act, nxt.output[0]
+        return "NONE", out
+
+    def activation_of(self, node) -> str | None:
+        if node.op_type == "Relu":
+            return "RELU"
+        if node.op_type == "Clip":
+            lo, hi = self.clip_bounds(node)
+            if lo == 0 and hi == 6:
+                return "RELU6"
+            if lo == 0 and hi == math.inf:
+                return "RELU"
+        return None
+
+    def clip_bounds(self, node) -> tuple[float, float]:
+        a = _attrs(node)
+        lo, hi = a.get("min", -math.inf), a.get("max", math.inf)
+        if len(node.input) > 1 and node.input[1]:
+            lo = float(self.const(node.input[1], node))
+        if len(node.input) > 2 and node.input[2]:
+            hi = float(self.const(node.input[2], node))
+        return lo, hi
+
+    @staticmethod
+    def padding(in_hw, kernel, stride, dilation, pads, auto_pad) -> str | None:
+        """SAME or VALID when the ONNX padding is exactly that, else None (needs an explicit PAD)."""
+        if auto_pad in ("SAME_UPPER",):
+            return "SAME"
+        if auto_pad == "VALID" or not any(pads):
+            return "VALID"
+        for i in range(2):
+            if in_hw[i] <= 0:
+                return None
+            out = -(-in_hw[i] // stride[i])
+            total = max((out - 1) * stride[i] + (kernel[i] - 1) * dilation[i] + 1 - in_hw[i], 0)
+            if (pads[i], pads[i + 2]) != (total // 2, total - total // 2):
+                return None
+        return "SAME"
+
+    # -- the walk ----------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        for name in self.g.inputs:
+            shape = self.shape(name)
+            self.g.shapes[name] = shape
+            if len(shape) == 4:  # NCHW in, NHWC inside
+                inner = self.new(f"{name}/nhwc", [shape[i] for i in TO_NHWC], nhwc=True)
+                self.op("TRANSPOSE", [name, self.add_const("perm/nhwc", np.array(TO_NHWC, np.int32))], inner)
+                self.alias[name] = inner
+        for node in self.model.graph.node:
+            if id(node) in self.done or node.op_type == "Constant":
+                continue
+            handler = getattr(self, f"lower_{node.op_type}", None)
+            if handler is None:
+                raise _unsupported(node)
+            handler(node)
+        for i, name in enumerate(self.g.outputs):
+            inner = self.src(name)
+            if inner in self.nhwc:
+                shape = self.g.shapes[inner]
+                self.new(name, [shape[j] for j in TO_NCHW])
+                self.op("TRANSPOSE", [inner, self.add_const("perm/nchw", np.array(TO_NCHW, np.int32))], name)
+            elif inner != name:
+                self.g.outputs[i] = name
+                self._rename(inner, name)
+        return self.g
+
+    def _rename(self, old: str, new: str) -> None:
+        for op in self.g.ops:
+            op.inputs = [new if n == old else n for n in op.inputs]
+            op.outputs = [new if n == old else n for n in op.outputs]
+        self.g.shapes[new] = self.g.shapes.pop(old)
+
+    def out_name(self, onnx_name: str, nhwc: bool) -> str:
+        name = f"{onnx_name}/nhwc" if nhwc else onnx_name
+        self.alias[onnx_name] = name
+        return name
+
+    # -- layers ------------------------------------------------------------------------------------
+    def lower_Conv(self, node):
+        a = _attrs(node)
+        x = self.src(node.input[0])
+        if x not in self.nhwc:
+            raise _unsupported(node, " on a non-4D input")
+        w = self.const(node.input[1], node).astype(np.float32)
+        if w.ndim != 4:
+            raise _unsupported(node, f" with {w.ndim - 2}-D kernels")
+        cout, cin_g, kh, kw = w.shape
+        b = self.const(node.input[2], node).astype(np.float32) if len(node.input) > 2 and node.input[2] \
+            else np.zeros(cout, np.float32)
+        w, b, node_out = self.fold_batchnorm(node, w, b)
+        n, h, wd, cin = self.g.shapes[x]
+        group = a.get("group", 1)
+        stride = tuple(a.get("strides", [1, 1]))
+        dilation = tuple(a.get("dilations", [1, 1]))
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        mode = self.padding((h, wd), (kh, kw), stride, dilation, pads, a.get("auto_pad", "NOTSET"))
+        if a.get("auto_pad", "NOTSET") == "SAME_LOWER":
+            raise _unsupported(node, " with auto_pad=SAME_LOWER")
+        if mode is None:  # explicit zero padding, then a VALID convolution
+            padded = self.new(f"{node.name}/pad", [n, h + pads[0] + pads[2], wd + pads[1] + pads[3], cin], nhwc=True)
+            paddings = np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]], np.int32)
+            self.op("PAD", [x, self.add_const(f"{node.name}/paddings", paddings)], padded)
+            x, mode, (h, wd) = padded, "VALID", (h + pads[0] + pads[2], wd + pads[1] + pads[3])
+        act, out = self.fuse_activation(node_out)
+        oh = self._out_dim(h, kh, stride[0], dilation[0], mode)
+        ow = self._out_dim(wd, kw, stride[1], dilation[1], mode)
+        y = self.new(self.out_name(out, True), [n, oh, ow, cout], nhwc=True)
+        wname, bname = f"{node.name}/weights", f"{node.name}/bias"
+        if group == 1:
+            self.add_const(wname, np.ascontiguousarray(w.transpose(0, 2, 3, 1)))        # OHWI
+            kind, extra = "CONV_2D", {}
+        elif group == cin and cin_g == 1:
+            self.add_const(wname, np.ascontiguousarray(w.transpose(1, 2, 3, 0)))        # 1HWO
+            kind, extra = "DEPTHWISE_CONV_2D", {"depth_multiplier": cout // cin}
+        else:
+            raise _unsupported(node, f" with groups={group}")
+        self.add_const(bname, b)
+        self.op(kind, [x, wname, bname], y, name=node.name, padding=mode, stride=stride, dilation=dilation,
+                activation=act, **extra)
+
+    @staticmethod
+    def _out_dim(size, k, stride, dilation, mode):
+        if size <= 0:
+            return size
+        if mode == "SAME":
+            return -(-size // stride)
+        return (size - (k - 1) * dilation - 1) // stride + 1
+
+    def fold_batchnorm(self, node, w, b):
+        """A BatchNormalization that alone consumes the conv is folded into its weights."""
+        out = node.output[0]
+        users = self.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "BatchNormalization" and out not in self.graph_outputs:
+            bn = users[0]
+            scale, bias, mean, var = (self.const(bn.input[i], bn).astype(np.float64) for i in range(1, 5))
+            eps = _attrs(bn).get("epsilon", 1e-5)
+            k = scale / np.sqrt(var + eps)
+            self.done.add(id(bn))
+            return ((w * k[:, None, None, None]).astype(np.float32),
+                    ((b - mean) * k + bias).astype(np.float32), bn.output[0])
+        return w, b, out
+
+    def _fully_connected(self, node, x, w_in_out, bias, out_node):
+        """FULLY_CONNECTED from a [in, out] weight (ONNX's layout), permuted for NHWC flattening."""
+        x_shape = self.g.shapes[x]
+        if len(x_shape) != 2:
+            raise _unsupported(node, f" on a {len(x_shape)}-D input")
+        if x in self.flat_perm:
+            w_in_out = w_in_out[self.flat_perm[x]]
+        act, out = self.fuse_activation(out_node.output[0])
+        y = self.new(self.out_name(out, False), [x_shape[0], w_in_out.shape[1]])
+        wname = self.add_const(f"{node.name}/weights", np.ascontiguousarray(w_in_out.T.astype(np.float32)))
+        bname = self.add_const(f"{node.name}/bias", bias.astype(np.float32)) if bias is not None else ""
+        self.op("FULLY_CONNECTED", [x, wname, bname], y, name=node.name, activation=act)
+
+    def lower_Gemm(self, node):
+        a = _attrs(node)
+        if a.get("transA", 0):
+            raise _unsupported(node, " with transA=1")
+        w = self.const(node.input[1], node).astype(np.float32) * a.get("alpha", 1.0)
+        if a.get("transB", 0):
+            w = w.T
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = np.broadcast_to(self.const(node.input[2], node).astype(np.float32) * a.get("beta", 1.0),
+                                   (w.shape[1],)).copy()
+        self._fully_connected(node, self.src(node.input[0]), w, bias, node)
+
+    def lower_MatMul(self, node):
+        w = self.const(node.input[1], node).astype(np.float32)
+        if w.ndim != 2:
+            raise _unsupported(node, " with a non-2-D weight")
+        out, bias, out_node = node.output[0], None, node
+        users = self.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and out not in self.graph_outputs:
+            add = users[0]
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            if other in self.consts and self.consts[other].size == w.shape[1]:
+                bias, out_node = self.consts[other].reshape(-1), add
+                self.done.add(id(add))
+        self._fully_connected(node, self.src(node.input[0]), w, bias, out_node)
+
+    def _unary(self, node, kind, **options):
+        x = self.src(node.input[0])
+        y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
+        self.op(kind, [x], y, name=node.name, **options)
+
+    def lower_Relu(self, node):
+        self._unary(node, "RELU")
+
+    def lower_Clip(self, node):
+        act = self.activation_of(node)
+        if act is None:
+            raise _unsupported(node, f" with bounds {self.clip_bounds(node)} (only 0..6 and 0..inf)")
+        self._unary(node, act)
+
+    def lower_Sigmoid(self, node):
+        self._unary(node, "LOGISTIC")
+
+    def lower_Tanh(self, node):
+        self._unary(node, "TANH")
+
+    def lower_Softmax(self, node):
+        x = self.src(node.input[0])
+        rank = len(self.g.shapes[x])
+        axis = _attrs(node).get("axis", -1 if self.model.opset_import[0].version >= 13 else 1)
+        if x in self.nhwc or axis not in (-1, rank - 1):
+            raise _unsupported(node, " over an axis other than the last")
+        self._unary(node, "SOFTMAX", beta=1.0)
+
+    def _pool(self, node, kind):
+        a = _attrs(node)
+        x = self.src(node.input[0])
+        if x not in self.nhwc:
+            raise _unsupported(node, " on a non-4D input")
+        if a.get("ceil_mode", 0):
+            raise _unsupported(node, " with ceil_mode=1")
+        n, h, w, c = self.g.shapes[x]
+        k = tuple(a["kernel_shape"])
+        stride = tuple(a.get("strides", [1, 1]))
+        mode = self.padding((h, w), k, stride, (1, 1), list(a.get("pads", [0, 0, 0, 0])), a.get("auto_pad", "NOTSET"))
+        if mode is None or (mode == "SAME" and kind == "AVERAGE_POOL_2D" and a.get("count_include_pad", 0)):
+            raise _unsupported(node, " with padding other than SAME or VALID")
+        shape = [n, self._out_dim(h, k[0], stride[0], 1, mode), self._out_dim(w, k[1], stride[1], 1, mode), c]
+        y = self.new(self.out_name(node.output[0], True), shape, nhwc=True)
+        self.op(kind, [x], y, name=node.name, padding=mode, stride=stride, filter=k)
+
+    def lower_MaxPool(self, node):
+        self._pool(node, "MAX_POOL_2D")
+
+    def lower_AveragePool(self, node):
+        self._pool(node, "AVERAGE_POOL_2D")
+
+    def lower_GlobalAveragePool(self, node):
+        x = self.src(node.input[0])
+        n, h, w, c = self.g.shapes[x]
+        if h <= 0 or w <= 0:
+            raise _unsupported(node, " on an input of unknown height/width")
+        y = self.new(self.out_name(node.output[0], True), [n, 1, 1, c], nhwc=True)
+        self.op("AVERAGE_POOL_2D", [x], y, name=node.name, padding="VALID", stride=(1, 1), filter=(h, w))
+
+    def _flatten_to_2d(self, node, x):
+        shape = self.g.shapes[x]
+        batch = shape[0]
+        feats = int(np.prod([d for d in shape[1:]]))
+        if any(d <= 0 for d in shape[1:]):
+            raise _unsupported(node, " of an input with unknown dimensions")
+        y = self.new(self.out_name(node.output[0], False), [batch, feats])
+        new_shape = np.array([-1 if batch == -1 else batch, feats], np.int32)
+        self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
+                new_shape=new_shape)
+        if x in self.nhwc and shape[1] * shape[2] > 1:
+            _, h, w, c = shape
+            perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+            users = self.consumers.get(node.output[0], [])
+            if not users or any(u.op_type not in ("Gemm", "MatMul") or u.input[0] != node.output[0] for u in users) \
+                    or node.output[0] in self.graph_outputs:
+                raise _unsupported(node, " of an NCHW feature map that does not feed a Gemm/MatMul")
+            self.flat_perm[y] = perm
+
+    def lower_Flatten(self, node):
+        if _attrs(node).get("axis", 1) != 1:
+            raise _unsupported(node, " with axis other than 1")
+        self._flatten_to_2d(node, self.src(node.input[0]))
+
+    def lower_Reshape(self, node):
+        x = self.src(node.input[0])
+        target = self.const(node.input[1], node).astype(np.int64)
+        if len(target) == 2 and target[1] in (-1, int(np.prod(self.g.shapes[x][1:]))):
+            return self._flatten_to_2d(node, x)
+        if x in self.nhwc:
+            raise _unsupported(node, f" of a feature map to {target.tolist()}")
+        shape = [int(d) for d in target]
+        shape[0] = self.g.shapes[x][0] if shape[0] in (0, -1) else shape[0]
+        y = self.new(self.out_name(node.output[0], False), shape)
+        new_shape = np.array([-1 if shape[0] == -1 else shape[0]] + shape[1:], np.int32)
+        self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
+                new_shape=new_shape)
+
+    def _binary(self, node, kind):
+        a, b = node.input[:2]
+        if a in self.consts or b in self.consts:
+            raise _unsupported(node, " with a constant operand (other than a MatMul's bias)")
+        x, z = self.src(a), self.src(b)
+        if self.g.shapes[x] != self.g.shapes[z] or (x in self.nhwc) != (z in self.nhwc):
+            raise _unsupported(node, " with broadcasting")
+        act, out = self.fuse_activation(node.output[0])
+        y = self.new(self.out_name(out, x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
+        self.op(kind, [x, z], y, name=node.name, activation=act)
+
+    def lower_Add(self, node):
+        self._binary(node, "ADD")
+
+    def lower_Sub(self, node):
+        self._binary(node, "SUB")
+
+    def lower_Mul(self, node):
+        self._binary(node, "MUL")
+
+    def lower_Identity(self, node):
+        self.alias[node.output[0]] = self.src(node.input[0])
+
+    lower_Dropout = lower_Identity
+
+
+def lower(model) -> Graph:
+    """The ONNX model as a TFLite op graph; one ConversionError naming the first unmappable layer."""
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type != 1 and vi.name not in {i.name for i in model.graph.initializer}:
+            raise ConversionError(f"input {vi.name!r} is not float32", "TFLite conversion takes float models")
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):  # as the converter's named copy names them
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+            while node.name in taken:
+                node.name += "_"
+            taken.add(node.name)
+    return _Lowering(model).run()
+
+
+def onnx_tensor(name: str) -> str:
+    """The ONNX tensor a graph tensor was made from (the NHWC copy holds the same values)."""
+    return name[: -len("/nhwc")] if name.endswith("/nhwc") else name
+
+
+def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.ndarray], method: str = "minmax",
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
+    """Activation ranges for every graph tensor, computed by onnxruntime's own calibrators
+    (MinMax, Entropy or Percentile) on the FP32 ONNX model."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from .onnx_int8 import CALIBRATION_METHODS, _Reader
+
+    if method not in CALIBRATION_METHODS:
+        raise ConversionError(f"calibration method {method!r} is unknown", f"use one of {', '.join(CALIBRATION_METHODS)}")
+    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+          "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp:
+        extra = {"symmetric": False} if method != "minmax" else {}
+        calibrator = create_calibrator(str(model_path), op_types_to_calibrate=None,
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=cm, extra_options=extra)
+        # non-MinMax calibrators feed one sample at a time into histograms
+        calibrator.collect_data(_Reader(data, 16 if method == "minmax" else 1, progress))
+        computed = calibrator.compute_data()
+    found = {k: (float(np.asarray(v.range_value[0]).min()), float(np.asarray(v.range_value[1]).max()))
+             for k, v in computed.items()}
+    ranges = {}
+    for name in graph.activations():
+        src = onnx_tensor(name)
+        if src in found:
+            ranges[name] = found[src]
+    for name in graph.inputs:  # graph inputs: the data itself (calibrators may leave them out)
+        if name not in ranges and name in data:
+            ranges[name] = (float(data[name].min()), float(data[name].max()))
+    return ranges

@@ -1,0 +1,141 @@
+"""Output formats of the converter: how each writes a candidate model, runs it and names it.
+
+`convert_onnx` does the same steps for every format (quantize with some settings,
+measure against FP32, pack); a target is the part that differs. ONNX candidates are
+written by onnxruntime.quantization and run in onnxruntime; TFLite candidates are
+written by edgeward's own TFLite writer and run in LiteRT (ai-edge-litert or
+tflite-runtime, as the agent runs them), against a float .tflite of the same graph.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from agent.errors import ConversionError
+
+from . import measure
+from .guard import Settings
+
+FORMATS = ("onnx", "tflite", "both")
+Say = Callable[[str, int, int], None]
+
+
+class OnnxTarget:
+    format, runtime, suffix = "onnx", "onnxruntime", ".onnx"
+    producers = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
+                 "fp32": "FP32, not quantized"}
+
+    def __init__(self, work: Path, source: Path, original: Path, pruned: bool, calib: dict, say: Say):
+        self.path, self.source, self.original, self.pruned = work / "model.onnx", source, original, pruned
+        self.calib, self.say = calib, say
+        self.fp32_path = original
+
+    def layers(self) -> list[str]:
+        from .onnx_int8 import load_onnx, quantizable_layers
+
+        return quantizable_layers(load_onnx(self.source))
+
+    def build(self, precision: str, s: Settings) -> None:
+        from .onnx_int8 import quantize_dynamic, quantize_static
+
+        if precision == "fp32":  # the user's file as it is, unless it was pruned
+            shutil.copyfile(self.source if self.pruned else self.original, self.path)
+        elif precision == "int8-dynamic":
+            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude)
+        else:
+            quantize_static(self.source, self.path, self.calib, per_channel=s.per_channel, method=s.method,
+                            exclude_nodes=s.exclude, progress=lambda d, t: self.say("calibrating", d, t))
+
+    def session(self, path: Path | None = None, threads: int = 1):
+        return measure.session(path or self.path, threads)
+
+    def fp32_session(self, threads: int = 1):
+        return measure.session(self.fp32_path, threads)
+
+    def memory(self, sample: dict, threads: int) -> dict:
+        return measure.memory_cost(self.path, sample, threads=threads, runtime="onnxruntime")
+
+    def specs(self):
+        from .onnx_int8 import describe, load_onnx
+
+        return describe(load_onnx(self.path))
+
+    def summary(self) -> dict:
+        from .onnx_int8 import int8_summary
+
+        return int8_summary(self.path)
+
+    def judges_latency(self) -> bool:
+        return True
+
+
+class TfliteTarget:
+    """Full-integer INT8 TFLite (float or int8 I/O) from the FP32 ONNX graph, with a float
+    TFLite of the same graph as the latency and size baseline in the same runtime."""
+
+    format, runtime, suffix = "tflite", "tflite", ".tflite"
+    producers = {"int8": "edgeward TFLite writer, full-integer INT8", "fp32": "edgeward TFLite writer, FP32"}
+
+    def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
+                 graph=None, ranges_fn=None):
+        from .tflite_graph import write_tflite
+
+        self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
+        self.source, self.calib, self.say, self.int8_io = source, calib, say, int8_io
+        if graph is None:
+            from .onnx_int8 import load_onnx
+            from .onnx_to_tflite import calibration_ranges, lower
+
+            graph = lower(load_onnx(source))
+            ranges_fn = ranges_fn or (lambda method: calibration_ranges(
+                source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
+        self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
+        write_tflite(graph, self.fp32_path, description="edgeward fp32")
+
+    def layers(self) -> list[str]:
+        names = self.graph.layers()
+        return [names[-1], names[0]] + names[1:-1] if len(names) > 2 else names
+
+    def build(self, precision: str, s: Settings) -> None:
+        from .tflite_graph import write_tflite
+
+        if precision == "fp32":
+            shutil.copyfile(self.fp32_path, self.path)
+            return
+        if precision != "int8":
+            raise ConversionError(f"precision {precision} has no TFLite form",
+                                  "use --precision int8 or fp32 with --format tflite")
+        if s.method not in self._ranges:
+            self._ranges[s.method] = self.ranges_fn(s.method)
+        write_tflite(self.graph, self.path, self._ranges[s.method], per_channel=s.per_channel,
+                     int8_io=self.int8_io, float_ops=set(s.exclude), description="edgeward int8")
+
+    def session(self, path: Path | None = None, threads: int = 1):
+        return measure.TfliteSession(path or self.path, threads)
+
+    def fp32_session(self, threads: int = 1):
+        return measure.TfliteSession(self.fp32_path, threads)
+
+    def memory(self, sample: dict, threads: int) -> dict:
+        fed = measure.TfliteSession(self.path).quantize_inputs(sample)  # int8 I/O takes int8
+        return measure.memory_cost(self.path, fed, threads=threads, runtime="tflite")
+
+    def specs(self):
+        return measure.TfliteSession(self.path).specs()
+
+    def summary(self) -> dict:
+        from .tflite_graph import op_counts
+
+        return op_counts(self.path)
+
+    def judges_latency(self) -> bool:
+        """INT8 kernels on x86 without VNNI (XNNPACK's AVX2 path) are often slower than FP32,
+        while the ARM boards this targets run them faster: only an ARM host's timing decides."""
+        return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def host_note() -> str:
+    return f"{platform.machine()}, {platform.processor() or platform.system()}"

@@ -1,0 +1,407 @@
+"""A small graph of TFLite builtin ops (NHWC, float constants), and its writer.
+
+Every TFLite path of the converter goes through this graph: the ONNX lowering
+(`onnx_to_tflite`) and the float-.tflite reader (`tflite_reader`) build one, and
+`write_tflite` emits it as a flatbuffer with LiteRT's own schema, either in float
+or as full-integer INT8 following the TFLite quantization spec:
+
+- activations int8, per tensor, asymmetric: real = scale * (q - zero_point);
+- conv / depthwise weights int8 per output channel, symmetric (zero point 0);
+  fully-connected weights int8 per tensor (the form tflite-runtime 2.14 runs);
+- biases int32 with scale = input scale * weight scale, zero point 0;
+- pooling, reshape, transpose and pad keep their input's scale; softmax and
+  logistic outputs use the fixed 1/256 scale the kernels require.
+
+Ops named in `float_ops` stay in float: their inputs are dequantized and their
+outputs quantized again, so the accuracy guard can keep a sensitive layer in float.
+Model I/O is float (QUANTIZE/DEQUANTIZE inside the model) or int8, by choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import ConversionError
+
+# ops that compute new values (their outputs get their own calibrated scale) ...
+WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB")
+# ... ops whose int8 output must reuse the input's scale and zero point ...
+SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD")
+# ... and ops whose int8 output scale is fixed by the kernel.
+FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
+SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE)
+
+# op versions the runtimes register for these kernels: (float, int8)
+_VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 4), "ADD": (1, 2),
+             "RELU": (1, 2), "RELU6": (1, 2), "MEAN": (1, 2), "MUL": (1, 2), "SUB": (1, 2),
+             "MAX_POOL_2D": (1, 2), "AVERAGE_POOL_2D": (1, 2), "RESHAPE": (1, 1), "TRANSPOSE": (1, 2),
+             "PAD": (1, 2), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
+             "DEQUANTIZE": (2, 2)}
+
+
+@dataclass
+class Op:
+    """One TFLite builtin op. `inputs` name tensors ("" for an absent optional input);
+    `options` hold padding ("SAME"/"VALID"), stride (h, w), filter (h, w), activation
+    ("NONE"/"RELU"/"RELU6"), depth_multiplier, keep_dims, beta, as the kind needs."""
+
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    options: dict = field(default_factory=dict)
+    name: str = ""           # the source layer's name, for reports and --exclude-node
+
+
+@dataclass
+class Graph:
+    """Tensors by name: `consts` hold arrays (float32 weights, int32 shapes), `shapes` the
+    activations' shapes with -1 on a dynamic batch axis."""
+
+    inputs: list[str]
+    outputs: list[str]
+    ops: list[Op] = field(default_factory=list)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def activations(self) -> list[str]:
+        """Every non-constant tensor, in order of appearance: what calibration must range."""
+        seen = dict.fromkeys(self.inputs)
+        for op in self.ops:
+            seen.update(dict.fromkeys(op.outputs))
+        return list(seen)
+
+    def layers(self) -> list[str]:
+        """Names of the weighted layers, as the accuracy guard may keep them in float."""
+        return [op.name for op in self.ops if op.kind in WEIGHTED and op.name]
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric int8 scale and zero point for a real range (which always includes 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    scale = (hi - lo) / 255.0
+    zero = int(np.clip(round(-128 - lo / scale), -128, 127))
+    return scale, zero
+
+
+def _weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """Symmetric int8 scales, per channel along `axis` or one for the tensor; a channel
+    that pruning emptied borrows the largest scale so its bias stays representable."""
+    if axis is None:
+        m = np.array([np.abs(w).max()])
+    else:
+        m = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+    scales = m / 127.0
+    if not scales.any():
+        return np.ones_like(scales, dtype=np.float64)
+    return np.where(scales > 0, scales, scales.max()).astype(np.float64)
+
+
+def _quantize_weights(w: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return np.clip(np.round(w / scales.reshape(shape)), -127, 127).astype(np.int8)
+
+
+class _Emitter:
+    """Collects tensors, buffers and op codes while the graph is written."""
+
+    def __init__(self, schema):
+        self.s = schema
+        self.tensors, self.buffers, self.index = [], [self._buffer(None)], {}
+        self.codes, self.code_index = [], {}
+
+    def _buffer(self, data: np.ndarray | None):
+        b = self.s.BufferT()
+        b.data = None if data is None else np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+        return b
+
+    def tensor(self, name, shape, ttype, data=None, scale=None, zero=None, axis=0) -> int:
+        s = self.s
+        t = s.TensorT()
+        t.name, t.type = name, ttype
+        fixed = [1 if d == -1 else int(d) for d in shape]
+        t.shape = fixed
+        t.shapeSignature = [int(d) for d in shape] if any(d == -1 for d in shape) else None
+        t.buffer = 0
+        if data is not None:
+            self.buffers.append(self._buffer(data))
+            t.buffer = len(self.buffers) - 1
+        if scale is not None:
+            q = s.QuantizationParametersT()
+            q.scale = [float(v) for v in np.atleast_1d(scale)]
+            q.zeroPoint = [int(v) for v in np.atleast_1d(zero)]
+            q.quantizedDimension = axis
+            t.quantization = q
+        self.tensors.append(t)
+        self.index[name] = len(self.tensors) - 1
+        return self.index[name]
+
+    def code(self, kind: str, int8: bool) -> int:
+        version = _VERSIONS.get(kind, (1, 1))[1 if int8 else 0]
+        key = (kind, version)
+        if key not in self.code_index:
+            c = self.s.OperatorCodeT()
+            c.builtinCode = getattr(self.s.BuiltinOperator, kind)
+            c.deprecatedBuiltinCode = min(c.builtinCode, 127)
+            c.version = version
+            self.codes.append(c)
+            self.code_index[key] = len(self.codes) - 1
+        return self.code_index[key]
+
+
+def _options(s, op: Op):
+    """(BuiltinOptions type, options object) for an op."""
+    o = op.options
+    act = getattr(s.ActivationFunctionType, o.get("activation", "NONE"))
+    pad = getattr(s.Padding, o.get("padding", "VALID"))
+    k = op.kind
+    if k == "CONV_2D":
+        x = s.Conv2DOptionsT()
+        x.padding, (x.strideH, x.strideW), x.fusedActivationFunction = pad, o["stride"], act
+        x.dilationHFactor, x.dilationWFactor = o.get("dilation", (1, 1))
+        return s.BuiltinOptions.Conv2DOptions, x
+    if k == "DEPTHWISE_CONV_2D":
+        x = s.DepthwiseConv2DOptionsT()
+        x.padding, (x.strideH, x.strideW), x.fusedActivationFunction = pad, o["stride"], act
+        x.depthMultiplier = o.get("depth_multiplier", 1)
+        x.dilationHFactor, x.dilationWFactor = o.get("dilation", (1, 1))
+        return s.BuiltinOptions.DepthwiseConv2DOptions, x
+    if k == "FULLY_CONNECTED":
+        x = s.FullyConnectedOptionsT()
+        x.fusedActivationFunction = act
+        return s.BuiltinOptions.FullyConnectedOptions, x
+    if k in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+        x = s.Pool2DOptionsT()
+        x.padding, (x.strideH, x.strideW), (x.filterHeight, x.filterWidth) = pad, o["stride"], o["filter"]
+        x.fusedActivationFunction = act
+        return s.BuiltinOptions.Pool2DOptions, x
+    if k == "RESHAPE":
+        x = s.ReshapeOptionsT()
+        x.newShape = [int(v) for v in o["new_shape"]]
+        return s.BuiltinOptions.ReshapeOptions, x
+    if k == "SOFTMAX":
+        x = s.SoftmaxOptionsT()
+        x.beta = float(o.get("beta", 1.0))
+        return s.BuiltinOptions.SoftmaxOptions, x
+    if k in ("ADD", "SUB", "MUL"):
+        x = getattr(s, f"{k.title()}OptionsT")()
+        x.fusedActivationFunction = act
+        return getattr(s.BuiltinOptions, f"{k.title()}Options"), x
+    if k == "MEAN":
+        x = s.ReducerOptionsT()
+        x.keepDims = bool(o.get("keep_dims", True))
+        return s.BuiltinOptions.ReducerOptions, x
+    if k == "TRANSPOSE":
+        return s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()
+    if k == "PAD":
+        return s.BuiltinOptions.PadOptions, s.PadOptionsT()
+    return s.BuiltinOptions.NONE, None
+
+
+def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, float]] | None = None,
+                 per_channel: bool = True, int8_io: bool = False, float_ops: set[str] | None = None,
+                 description: str = "edgeward") -> Path:
+    """Write `graph` as a .tflite file: float when `ranges` is None, else full-integer INT8
+    with activation scales from `ranges` (tensor name -> (min, max) seen in calibration)."""
+    from ai_edge_litert import schema_py_generated as s
+
+    em = _Emitter(s)
+    quant = ranges is not None
+    float_ops = float_ops or set()
+    qp: dict[str, tuple[float, int]] = {}      # int8 activation tensors' (scale, zero point)
+    is_int8: dict[str, bool] = {}               # each activation's dtype as produced
+    ops_out = []
+    f32, i8, i32 = s.TensorType.FLOAT32, s.TensorType.INT8, s.TensorType.INT32
+
+    def rng(name):
+        if name not in ranges:
+            raise ConversionError(f"calibration saw no values for tensor {name!r}",
+                                  "report this model: every activation should be ranged")
+        return ranges[name]
+
+    def activation(name, int8, params=None):
+        shape = graph.shapes[name]
+        if int8:
+            qp[name] = params or activation_qparams(*rng(name))
+            em.tensor(name, shape, i8, scale=qp[name][0], zero=qp[name][1])
+        else:
+            em.tensor(name, shape, f32)
+        is_int8[name] = int8
+
+    def emit(kind, inputs, outputs, opts_op=None, int8=False):
+        o = s.OperatorT()
+        o.opcodeIndex = em.code(kind, int8)
+        o.inputs = [em.index[n] if n else -1 for n in inputs]
+        o.outputs = [em.index[n] for n in outputs]
+        if opts_op is not None:
+            o.builtinOptionsType, o.builtinOptions = _options(s, opts_op)
+        ops_out.append(o)
+
+    converted: dict[tuple[str, bool], str] = {}
+
+    def as_dtype(name, int8) -> str:
+        """The tensor in the dtype a consumer needs, converting once with (DE)QUANTIZE."""
+        if is_int8[name] == int8:
+            return name
+        key = (name, int8)
+        if key not in converted:
+            new = f"{name}/{'int8' if int8 else 'float'}"
+            graph.shapes[new] = graph.shapes[name]
+            if int8:
+                activation(new, True, activation_qparams(*rng(name)))
+                emit("QUANTIZE", [name], [new], int8=True)
+            else:
+                activation(new, False)
+                emit("DEQUANTIZE", [name], [new], int8=True)
+            converted[key] = new
+        return converted[key]
+
+    for name in graph.inputs:
+        if quant and int8_io:
+            activation(name, True)
+        else:
+            activation(name, False)
+    for name, arr in graph.consts.items():  # non-weight constants (shapes, perms, paddings) as they are
+        if arr.dtype == np.int32:
+            em.tensor(name, list(arr.shape), i32, data=arr)
+
+    for op in graph.ops:
+        if op.kind not in SUPPORTED:
+            raise ConversionError(f"TFLite op {op.kind} is not supported by edgeward's TFLite writer",
+                                  "use --format onnx for this model")
+        src = op.inputs[0]
+        if op.kind in SAME_SCALE:          # follows its input's dtype and scale (inputs: quantized at once)
+            int8 = quant and (is_int8[src] or src in graph.inputs)
+        else:
+            int8 = quant and op.name not in float_ops
+        data_inputs = [n for n in op.inputs if n and n not in graph.consts]
+        ins = {n: as_dtype(n, int8) for n in data_inputs}
+        if op.kind in WEIGHTED:
+            w_name, b_name = op.inputs[1], op.inputs[2] if len(op.inputs) > 2 else ""
+            w = graph.consts[w_name].astype(np.float32)
+            wq_name = f"{w_name}/q" if int8 else w_name
+            if int8:
+                axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3}.get(op.kind) if per_channel else None
+                scales = _weight_scales(w, axis)
+                em.tensor(wq_name, list(w.shape), i8, data=_quantize_weights(w, scales, axis),
+                          scale=scales, zero=np.zeros(len(scales), np.int64), axis=axis or 0)
+                if b_name:
+                    in_scale = qp[ins[src]][0]
+                    b_scales = in_scale * scales
+                    b = graph.consts[b_name].astype(np.float64)
+                    bq = np.clip(np.round(b / (b_scales if len(b_scales) > 1 else b_scales[0])),
+                                 -2**31, 2**31 - 1).astype(np.int32)
+                    em.tensor(f"{b_name}/q", list(b.shape), i32, data=bq, scale=b_scales,
+                              zero=np.zeros(len(b_scales), np.int64), axis=0)
+                    b_name = f"{b_name}/q"
+            else:
+                if w_name not in em.index:
+                    em.tensor(w_name, list(w.shape), f32, data=w)
+                if b_name and b_name not in em.index:
+                    em.tensor(b_name, list(graph.consts[b_name].shape), f32,
+                              data=graph.consts[b_name].astype(np.float32))
+            inputs = [ins[src], wq_name, b_name]
+        else:
+            inputs = []
+            for n in op.inputs:
+                if n in graph.consts and graph.consts[n].dtype != np.int32 and n not in em.index:
+                    em.tensor(n, list(graph.consts[n].shape), f32, data=graph.consts[n].astype(np.float32))
+                inputs.append(ins.get(n, n))
+        out = op.outputs[0]
+        if int8 and op.kind in SAME_SCALE:
+            activation(out, True, qp[ins[src]])
+        elif int8 and op.kind in FIXED_SCALE:
+            activation(out, True, FIXED_SCALE[op.kind])
+        else:
+            activation(out, int8)
+        emit(op.kind, inputs, [out], op, int8=int8)
+
+    outputs = []
+    for name in graph.outputs:
+        want_int8 = quant and int8_io
+        if is_int8[name] != want_int8:  # the model's output in the dtype promised: rename, then convert
+            inner = f"{name}/{'int8' if is_int8[name] else 'float'}"
+            em.tensors[em.index[name]].name = inner
+            em.index[inner] = em.index.pop(name)
+            is_int8[inner] = is_int8.pop(name)
+            if name in qp:
+                qp[inner] = qp[name]
+            graph.shapes[inner] = graph.shapes[name]
+            if want_int8:
+                activation(name, True, qp.get(inner) or activation_qparams(*rng(name)))
+                emit("QUANTIZE", [inner], [name], int8=True)
+            else:
+                activation(name, False)
+                emit("DEQUANTIZE", [inner], [name], int8=True)
+        outputs.append(em.index[name])
+
+    sub = s.SubGraphT()
+    sub.tensors, sub.operators, sub.name = em.tensors, ops_out, "main"
+    sub.inputs, sub.outputs = [em.index[n] for n in graph.inputs], outputs
+    sig = s.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+
+    def tensor_map(name):
+        m = s.TensorMapT()
+        m.name, m.tensorIndex = name, em.index[name]
+        return m
+
+    sig.inputs = [tensor_map(n) for n in graph.inputs]
+    sig.outputs = [tensor_map(n) for n in graph.outputs]
+    model = s.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, em.codes, [sub], em.buffers
+    model.signatureDefs, model.description = [sig], description
+    builder = _AlignedBuilder(1024 + sum(len(b.data) for b in em.buffers if b.data is not None))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path = Path(path)
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def _aligned_builder_class():
+    import flatbuffers
+
+    class AlignedBuilder(flatbuffers.Builder):
+        """Buffers' bytes aligned to 16, as the schema asks (force_align: 16) and TensorFlow's
+        converter writes them: runtimes may read weights in place with vector loads."""
+
+        def CreateNumpyVector(self, x):
+            if x.dtype != np.uint8:
+                return super().CreateNumpyVector(x)
+            self.StartVector(1, x.size, 16)
+            payload = x.tobytes()
+            self.head = self.head - len(payload)
+            self.Bytes[self.head:self.head + len(payload)] = payload
+            self.vectorNumElems = x.size
+            return self.EndVector()
+
+    return AlignedBuilder
+
+
+def _AlignedBuilder(size: int):  # noqa: N802 - reads like the class it builds
+    return _aligned_builder_class()(size)
+
+
+def op_counts(path: str | Path) -> dict:
+    """What a .tflite file holds: ops by kind and tensors by dtype (how INT8 it really is)."""
+    from ai_edge_litert import schema_py_generated as s
+
+    model = s.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    ops: dict[str, int] = {}
+    dtypes: dict[str, int] = {}
+    for sub in model.subgraphs:
+        for op in sub.operators:
+            kind = names[model.operatorCodes[op.opcodeIndex].builtinCode]
+            ops[kind] = ops.get(kind, 0) + 1
+        for t in sub.tensors:
+            dtypes[types[t.type]] = dtypes.get(types[t.type], 0) + 1
+    return {"ops": ops, "tensor_dtypes": dtypes}

@@ -1,0 +1,202 @@
+"""The TFLite output of the converter: full-integer INT8 (and float) .tflite files written by
+edgeward's own writer from ONNX, checked op by op and dtype by dtype, measured against the FP32
+ONNX model with explicit tolerances, and served by a real agent engine through LiteRT.
+
+tflite-runtime 2.14 runs the same bundles in scripts/test-tflite-runtime.sh (tests/test_tflite.py)."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.engine import Engine
+from agent.errors import ConversionError
+from agent.signing import load_public_key
+from agent.store import Store
+from converters import zoo
+from converters.convert import ConvertOptions, convert_onnx
+from converters.measure import TfliteSession
+from converters.onnx_to_tflite import calibration_ranges, lower
+from converters.tflite_graph import op_counts, write_tflite
+
+
+def _onnx_out(path, name, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+
+
+def _tflite_out(path, name, x):
+    return TfliteSession(path).run(None, {name: x})[0]
+
+
+def _member(bundle: Path, name: str, out: Path) -> Path:
+    with tarfile.open(bundle) as tar:
+        out.write_bytes(tar.extractfile(name).read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_tflite(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("digits-tflite")
+    report = convert_onnx(assets.fp32_v2, assets.calib, tmp / "digits.ewb", assets.key, assets.eval,
+                          ConvertOptions(name="digits", version=3, format="tflite"))
+    return report, tmp / "digits.ewb", _member(tmp / "digits.ewb", "model.tflite", tmp / "model.tflite")
+
+
+def test_the_digits_cnn_becomes_a_full_integer_int8_tflite(digits_tflite):
+    report, _, model = digits_tflite
+    counts = op_counts(model)
+    assert counts["ops"]["CONV_2D"] == 1 and counts["ops"]["FULLY_CONNECTED"] == 2
+    assert counts["ops"]["QUANTIZE"] == 1 and counts["ops"]["DEQUANTIZE"] == 1   # float I/O, int8 inside
+    # only the model's float input and output remain float32: every weight and activation is int8
+    assert counts["tensor_dtypes"]["float32"] == 2
+    assert counts["tensor_dtypes"]["int8"] >= 9
+    assert report["format"] == "tflite" and report["int8_vs_fp32"] <= 0.45
+
+
+def test_int8_tflite_stays_close_to_fp32(assets, digits_tflite):
+    _, _, model = digits_tflite
+    with np.load(assets.eval) as d:
+        x, y = d["input"], d["labels"]
+    fp32 = _onnx_out(assets.fp32_v2, "input", x)
+    int8 = _tflite_out(model, "input", x)
+    agreement = (fp32.argmax(1) == int8.argmax(1)).mean()
+    drop_pp = 100 * ((fp32.argmax(1) == y).mean() - (int8.argmax(1) == y).mean())
+    assert agreement >= 0.98, agreement
+    assert drop_pp <= 1.0, drop_pp
+    assert np.abs(fp32 - int8).mean() <= 0.01 * (fp32.max() - fp32.min())
+
+
+def test_the_tflite_bundle_serves_in_the_agent_and_passes_its_self_test(assets, digits_tflite, tmp_path):
+    report, bundle, _ = digits_tflite
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path).install(open_bundle(bundle, [load_public_key(assets.pub)])))
+    assert model.manifest.format == "tflite" and model.manifest.runtime == "tflite"
+    assert model.self_test()["max_abs_err"] <= model.manifest.selftest.atol
+    engine.activate(model)
+    x = assets.eval_inputs(5)
+    out = engine.infer_arrays("digits", {"input": x})[1]["logits"]
+    np.testing.assert_allclose(out, _tflite_out(digits_tflite[2], "input", x), atol=1e-5)
+    assert (out.argmax(1) == _onnx_out(assets.fp32_v2, "input", x).argmax(1)).mean() >= 0.8
+    engine.close()
+
+
+@pytest.mark.parametrize("build,npz,name", [
+    (zoo.build_mobilenet_like, zoo.write_image_npz, "image"),
+    (lambda p: zoo.build_wide_mlp(p, hidden=96), lambda d: zoo.write_digits_npz(d, flat=True), "features"),
+], ids=["mobilenet-like", "mlp"])
+def test_the_float_tflite_computes_what_the_onnx_model_computes(tmp_path, build, npz, name):
+    """Layout (NCHW->NHWC, flatten order), explicit padding of stride-2 convs, depthwise and pooling
+    are mapped exactly: the float .tflite matches onnxruntime to float rounding."""
+    build(tmp_path / "m.onnx")
+    calib, _ = npz(tmp_path)
+    x = np.load(calib)[name][:8]
+    graph = lower(onnx.load(str(tmp_path / "m.onnx")))
+    write_tflite(graph, tmp_path / "m.tflite")
+    ref = _onnx_out(tmp_path / "m.onnx", name, x)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "m.tflite", name, x), ref,
+                               atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+def test_int8_io_takes_quantized_inputs_and_says_how_in_the_manifest(assets, tmp_path):
+    report = convert_onnx(assets.fp32_v2, assets.calib, tmp_path / "d.ewb", assets.key, assets.eval,
+                          ConvertOptions(name="digits", format="tflite", tflite_int8_io=True))
+    manifest = open_bundle(tmp_path / "d.ewb", [load_public_key(assets.pub)]).manifest
+    (inp,), (out,) = manifest.inputs, manifest.outputs
+    assert inp.dtype == "int8" and out.dtype == "int8"
+    assert 0 < inp.scale < 1 and -128 <= inp.zero_point <= 127 and out.scale > 0
+    counts = op_counts(_member(tmp_path / "d.ewb", "model.tflite", tmp_path / "m.tflite"))
+    assert "QUANTIZE" not in counts["ops"] and "DEQUANTIZE" not in counts["ops"]
+    assert "float32" not in counts["tensor_dtypes"]
+    assert report["quality"]["top1_agreement"] >= 0.98
+    # a caller quantizes with the manifest's scale and zero point and gets int8 logits back
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "d.ewb",
+                                                                     [load_public_key(assets.pub)])))
+    model.self_test()
+    engine.activate(model)
+    x = assets.eval_inputs(8)
+    q = np.clip(np.round(x / inp.scale) + inp.zero_point, -128, 127).astype(np.int8)
+    logits_q = engine.infer_arrays("digits", {"input": q})[1]["logits"]
+    assert logits_q.dtype == np.int8
+    logits = (logits_q.astype(np.float32) - out.zero_point) * out.scale
+    fp32 = _onnx_out(assets.fp32_v2, "input", x)
+    assert (logits.argmax(1) == fp32.argmax(1)).mean() >= 0.85
+    engine.close()
+
+
+def test_a_layer_kept_in_float_is_dequantized_around(assets, tmp_path):
+    graph = lower(onnx.load(str(assets.fp32_v2)))
+    with np.load(assets.calib) as d:
+        x = d["input"]
+    ranges = calibration_ranges(assets.fp32_v2, graph, {"input": x})
+    last = graph.layers()[-1]
+    write_tflite(graph, tmp_path / "all.tflite", ranges)
+    write_tflite(graph, tmp_path / "kept.tflite", ranges, float_ops={last})
+    all_int8, kept = op_counts(tmp_path / "all.tflite"), op_counts(tmp_path / "kept.tflite")
+    assert kept["ops"]["DEQUANTIZE"] == all_int8["ops"]["DEQUANTIZE"]  # the float layer's output is the model's
+    assert kept["tensor_dtypes"]["float32"] == all_int8["tensor_dtypes"]["float32"] + 3  # in, weights, bias
+    ref = _onnx_out(assets.fp32_v2, "input", x)
+    err_all = np.abs(_tflite_out(tmp_path / "all.tflite", "input", x) - ref).mean()
+    err_kept = np.abs(_tflite_out(tmp_path / "kept.tflite", "input", x) - ref).mean()
+    assert err_kept < err_all
+
+
+def test_the_accuracy_guard_searches_tflite_settings(assets, tmp_path):
+    report = convert_onnx(assets.fp32_v2, assets.calib, tmp_path / "g.ewb", assets.key, assets.eval,
+                          ConvertOptions(name="digits", format="tflite", max_drop=0.0))
+    assert report["search"]["attempts"] and report["quality"]["accuracy_drop_pp"] <= 0.0
+
+
+def test_format_both_writes_one_bundle_per_runtime(assets, tmp_path):
+    out = tmp_path / "digits.ewb"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(assets.fp32_v1), "--calibration",
+                           str(assets.calib), "--eval", str(assets.eval), "--format", "both", "--key", str(assets.key),
+                           "-o", str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {report["format"], report["also"]["format"]} == {"tflite", "onnx"}
+    assert not out.exists()
+    for fmt, runtime in (("tflite", "tflite"), ("onnx", "onnxruntime")):
+        manifest = open_bundle(tmp_path / f"digits-{fmt}.ewb", [load_public_key(assets.pub)]).manifest
+        assert manifest.format == fmt and manifest.runtime == runtime
+
+
+def _model_with(op_type, tmp_path, **attrs):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node(op_type, ["h"], ["y"],
+                                                                                        name="odd", **attrs)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((32, 4), dtype=np.float32))
+    return tmp_path / "m.onnx"
+
+
+def test_an_operator_without_a_tflite_mapping_is_one_clear_error_and_leaves_nothing(tmp_path):
+    model = _model_with("Erf", tmp_path)
+    out = tmp_path / "m.ewb"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(model), "--calibration",
+                           str(tmp_path / "calib.npz"), "--format", "tflite", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Erf" in lines[0] and "--format onnx" in lines[0], proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.ewb*"))
+
+
+def test_dynamic_int8_has_no_tflite_form(tmp_path):
+    with pytest.raises(ConversionError, match="--format onnx"):
+        convert_onnx(_model_with("Relu", tmp_path), tmp_path / "calib.npz", tmp_path / "m.ewb",
+                     options=ConvertOptions(format="tflite", precision="int8-dynamic"))
