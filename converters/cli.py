@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure it against the original, and pack a signed bundle for the agent. A quantized model "
                     "that is larger or slower than FP32 is refused unless --allow-worse; --max-drop searches "
                     "for settings that keep the accuracy.")
-    p.add_argument("model", help="FP32 model: .onnx, or PyTorch as TorchScript (.pt/.pth/.ts) or an exported "
-                                 "program (.pt2); PyTorch inputs are named like the calibration arrays")
+    p.add_argument("model", help="FP32 model: .onnx; PyTorch as TorchScript (.pt/.pth/.ts) or an exported "
+                                 "program (.pt2), inputs named like the calibration arrays; Keras (.keras/.h5) or a "
+                                 "SavedModel folder (needs edgeward[tensorflow]); a float .tflite. Keras, SavedModel "
+                                 "and .tflite sources become TFLite")
     p.add_argument("--calibration", required=True, metavar="NPZ", help="representative inputs (>= 16; a few hundred is better)")
     p.add_argument("--eval", metavar="NPZ", help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
@@ -128,7 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                           prune=args.prune, prune_scope=args.prune_scope, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8")
     try:
-        if args.model.endswith(TORCH_SUFFIXES):
+        from .from_tensorflow import convert_tensorflow, is_tensorflow_source
+
+        if args.model.endswith(".tflite"):
+            from .from_tflite import convert_tflite
+
+            report = convert_tflite(args.model, args.calibration, args.output, key_path=args.key,
+                                    evaluation=args.eval, options=opts, progress=None if args.json else _progress)
+        elif is_tensorflow_source(args.model):
+            report = convert_tensorflow(args.model, args.calibration, args.output, key_path=args.key,
+                                        evaluation=args.eval, options=opts, progress=None if args.json else _progress)
+        elif args.model.endswith(TORCH_SUFFIXES):
             from .from_torch import convert_torch, example_from_npz, load_torch_file
 
             opts.name = opts.name or Path(args.model).stem

@@ -1,0 +1,60 @@
+"""Float .tflite in: quantized to full-integer INT8 TFLite by edgeward's writer, measured against
+the float model in the same runtime, packed like every other bundle.
+
+The same steps as `convert_onnx` (checks first, a temporary folder, the bundle written last);
+only the source differs: the graph is read from the flatbuffer and calibrated in LiteRT.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from agent.errors import ConversionError
+from agent.signing import load_private_key
+
+from . import measure
+from .convert import ConvertOptions, Progress, _check_options, _finish, _model_name
+from .data import MIN_CALIBRATION_SAMPLES, load_dataset
+from .targets import TfliteTarget
+from .tflite_reader import calibration_ranges, read_tflite
+
+
+def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: str | Path,
+                   key_path: str | Path | None = None, evaluation: str | Path | None = None,
+                   options: ConvertOptions | None = None, progress: Progress | None = None,
+                   source_label: str = "tflite") -> dict:
+    """Quantize a float .tflite model to INT8 TFLite (or keep it float) and write a bundle."""
+    opts = options or ConvertOptions(format="tflite")
+    say = progress or (lambda stage, done, total: None)
+    model_path, out_path = Path(model_path), Path(out_path)
+    if opts.format == "onnx":
+        opts.format = "tflite"  # the default format follows the source
+    if opts.format != "tflite":
+        raise ConversionError(f"a TFLite source converts to TFLite only, not --format {opts.format}",
+                              "use --format tflite, or convert the original (ONNX/PyTorch) model for ONNX")
+    if opts.prune:
+        raise ConversionError("--prune works on ONNX and PyTorch sources", "prune before exporting to TFLite")
+    _check_options(opts, out_path)
+    key = load_private_key(key_path) if key_path else None
+    graph, names = read_tflite(model_path)
+    name = _model_name(opts.name, model_path)
+    with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
+        data: dict = {}
+
+        def ranges(method: str) -> dict:
+            return calibration_ranges(model_path, graph, names, data, method,
+                                      progress=lambda d, t: say("calibrating", d, t))
+
+        # the float model as edgeward writes it (I/O named by the signature) is the FP32 reference
+        target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
+                              graph=graph, ranges_fn=ranges)
+        inputs, _ = target.fp32_session().specs()
+        calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES)
+        evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
+        data.update(calib.inputs)
+        ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs)
+        report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, None,
+                         model_path, out_path, key, say)
+    report["source"] = source_label
+    return report

@@ -1,0 +1,214 @@
+"""A float .tflite file -> the TFLite op graph, and calibration ranges from running it in LiteRT.
+
+This is how a float TFLite model (yours, or one TensorFlow's converter made from a
+Keras/SavedModel model) becomes full-integer INT8: the graph is read op by op into
+`tflite_graph.Graph`, calibrated by running the float model with every intermediate
+tensor kept, and written again by `write_tflite` with int8 tensors. Tensor names and
+the model's I/O stay as they were, so callers see the same inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from agent.errors import ConversionError, first_line
+
+from .tflite_graph import SUPPORTED, Graph, Op
+
+PERCENTILE = 99.999  # the share of values the percentile method keeps inside the range
+_SAMPLES_PER_TENSOR = 200_000
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as s
+
+    return s
+
+
+def _names(obj) -> dict[int, str]:
+    return {v: k for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def read_tflite(path: str | Path) -> tuple[Graph, dict[int, str]]:
+    """(graph, tensor index -> graph name) for a float .tflite model."""
+    s = _schema()
+    path = Path(path)
+    try:
+        buf = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{path}: no such file") from exc
+    if len(buf) < 8 or buf[4:8] != b"TFL3":
+        raise ConversionError(f"{path} is not a TFLite model (no TFL3 identifier)",
+                              "give a .tflite file written by a TFLite converter")
+    try:
+        model = s.ModelT.InitFromPackedBuf(buf, 0)
+    except Exception as exc:
+        raise ConversionError(f"{path} is not a readable TFLite model ({first_line(exc)})") from exc
+    if not model.subgraphs or not model.subgraphs[0].tensors or not model.buffers:
+        raise ConversionError(f"{path} is not a readable TFLite model (no graph in it)",
+                              "give a .tflite file written by a TFLite converter")
+    if len(model.subgraphs) != 1:
+        raise ConversionError(f"{path.name} has {len(model.subgraphs)} subgraphs (control flow)",
+                              "edgeward quantizes single-graph models; convert this one with --precision fp32")
+    sub = model.subgraphs[0]
+    ops_by_code, types = _names(s.BuiltinOperator), _names(s.TensorType)
+    pads, acts = _names(s.Padding), _names(s.ActivationFunctionType)
+
+    def decode(b):
+        return b.decode() if isinstance(b, bytes) else str(b)
+
+    taken: dict[str, int] = {}
+    names: dict[int, str] = {}
+    for sig in (model.signatureDefs or [])[:1]:  # I/O named as the signature names them ("pixels", not
+        for m in list(sig.inputs or []) + list(sig.outputs or []):  # "serving_default_pixels:0")
+            if decode(m.name) not in taken:
+                names[m.tensorIndex] = decode(m.name)
+                taken[decode(m.name)] = m.tensorIndex
+    for i, t in enumerate(sub.tensors):
+        if i in names:
+            name = names[i]
+        else:
+            name = decode(t.name) or f"tensor{i}"
+        if taken.get(name, i) != i:
+            name = f"{name}#{i}"
+        taken[name] = i
+        names[i] = name
+        kind = types[t.type]
+        if kind not in ("FLOAT32", "INT32"):
+            raise ConversionError(f"{path.name} is already quantized or holds {kind.lower()} tensors ({name!r})",
+                                  "give the float (FP32) .tflite model; edgeward quantizes it itself")
+
+    graph = Graph(inputs=[names[i] for i in sub.inputs], outputs=[names[i] for i in sub.outputs])
+    for i, t in enumerate(sub.tensors):
+        data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        shape = list(t.shapeSignature) if t.shapeSignature is not None and len(t.shapeSignature) else list(t.shape)
+        if data is not None and len(data):
+            dtype = np.float32 if types[t.type] == "FLOAT32" else np.int32
+            graph.consts[names[i]] = np.frombuffer(bytes(np.asarray(data, np.uint8)), dtype).reshape(t.shape).copy()
+        else:
+            graph.shapes[names[i]] = [int(d) for d in shape]
+
+    # Shape arithmetic (SHAPE -> STRIDED_SLICE -> PACK, as Keras' Flatten writes it for a dynamic
+    # batch) only feeds RESHAPE's shape input: it is dropped, and RESHAPE takes its output's static
+    # shape (-1 on the batch axis) instead.
+    computed_int = {names[i] for i, t in enumerate(sub.tensors)
+                    if types[t.type] == "INT32" and names[i] not in graph.consts}
+    for k, op in enumerate(sub.operators):
+        code = model.operatorCodes[op.opcodeIndex]  # files from older converters fill only the deprecated field
+        kind = ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        if op.outputs is not None and len(op.outputs) and all(names[i] in computed_int for i in op.outputs):
+            continue
+        for pos, i in enumerate(op.inputs if op.inputs is not None else []):
+            if i >= 0 and names[i] in computed_int and not (kind == "RESHAPE" and pos == 1):
+                raise ConversionError(f"TFLite op {kind} (op {k}) takes a computed integer tensor",
+                                      "ship this model as it is with --precision fp32")
+        if kind not in SUPPORTED:
+            raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
+                                  "ship this model as it is with --precision fp32, or replace the layer")
+        o = op.builtinOptions
+        options: dict = {}
+        if o is not None:
+            if hasattr(o, "padding"):
+                options["padding"] = pads[o.padding]
+            if hasattr(o, "strideH"):
+                options["stride"] = (o.strideH, o.strideW)
+            if hasattr(o, "filterHeight"):
+                options["filter"] = (o.filterHeight, o.filterWidth)
+            if hasattr(o, "dilationHFactor"):
+                options["dilation"] = (o.dilationHFactor, o.dilationWFactor)
+            if hasattr(o, "fusedActivationFunction"):
+                options["activation"] = acts[o.fusedActivationFunction]
+            if hasattr(o, "depthMultiplier"):
+                options["depth_multiplier"] = o.depthMultiplier
+            if hasattr(o, "keepDims"):
+                options["keep_dims"] = bool(o.keepDims)
+            if hasattr(o, "beta"):
+                options["beta"] = o.beta
+            if getattr(o, "keepNumDims", False):
+                raise ConversionError(f"FULLY_CONNECTED op {k} keeps its input's rank (keep_num_dims)",
+                                      "ship this model with --precision fp32")
+        inputs = [names[i] if i >= 0 else "" for i in op.inputs]
+        if kind == "RESHAPE":
+            shape = graph.consts.get(inputs[1]) if len(inputs) > 1 and inputs[1] else None
+            if shape is None and len(inputs) > 1 and inputs[1] in computed_int:
+                static = graph.shapes[names[op.outputs[0]]]
+                shape = np.array(static, np.int32) if sum(d == -1 for d in static) <= 1 else None
+                inputs = inputs[:1]
+            new_shape = shape if shape is not None else np.array(getattr(o, "newShape", None) or [], np.int32)
+            if not len(new_shape):
+                raise ConversionError(f"RESHAPE op {k} has a computed shape", "ship this model with --precision fp32")
+            options["new_shape"] = np.asarray(new_shape, np.int32)
+            if len(inputs) < 2 or not inputs[1]:
+                graph.consts[f"op{k}/shape"] = options["new_shape"]
+                inputs = [inputs[0], f"op{k}/shape"]
+        if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D") and options.get("activation", "NONE") != "NONE":
+            raise ConversionError(f"{kind} op {k} has a fused activation", "ship this model with --precision fp32")
+        if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            if inputs[1] not in graph.consts or (len(inputs) > 2 and inputs[2] and inputs[2] not in graph.consts):
+                raise ConversionError(f"{kind} op {k} has computed (non-constant) weights",
+                                      "ship this model with --precision fp32")
+        graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
+    return graph, names
+
+
+def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str], data: dict[str, np.ndarray],
+                       method: str = "minmax", batch: int = 16,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
+    """Activation ranges for every tensor, seen by running the float model in LiteRT with every
+    intermediate tensor kept. minmax: the extremes; percentile: the central 99.999 % of values."""
+    from agent.runtimes.tflite import interpreter_class
+
+    if method not in ("minmax", "percentile"):
+        raise ConversionError(f"calibration method {method!r} is not available for TFLite sources",
+                              "use --method minmax or percentile")
+    import sys
+    import warnings
+
+    cls, _ = interpreter_class()
+    resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    with warnings.catch_warnings():  # keeping every tensor is what calibration is for; no delegate hides them
+        warnings.simplefilter("ignore")
+        it = cls(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
+                 experimental_op_resolver_type=resolver)
+    inputs = it.get_input_details()
+    by_name = {v: k for k, v in names.items()}
+    wanted = {by_name[n]: n for n in graph.activations() if n in by_name}
+    n = len(next(iter(data.values())))
+    fixed = int(inputs[0]["shape"][0]) if inputs[0]["shape_signature"][0] != -1 else None
+    step = fixed or batch
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    samples: dict[str, list[np.ndarray]] = {}
+    shape_of = None
+    for start in range(0, n - (n % step if fixed else 0), step):
+        feeds = {d["name"]: data[names[d["index"]]][start:start + step] for d in inputs}
+        shapes = tuple(v.shape for v in feeds.values())
+        if shapes != shape_of:
+            for d in inputs:
+                it.resize_tensor_input(d["index"], list(feeds[d["name"]].shape))
+            it.allocate_tensors()
+            shape_of = shapes
+        for d in inputs:
+            it.set_tensor(d["index"], feeds[d["name"]])
+        it.invoke()
+        for idx, name in wanted.items():
+            v = it.get_tensor(idx)
+            lo[name] = min(lo.get(name, np.inf), float(v.min()))
+            hi[name] = max(hi.get(name, -np.inf), float(v.max()))
+            if method == "percentile":
+                flat = v.reshape(-1)
+                keep = max(1, _SAMPLES_PER_TENSOR * step // max(n, 1))
+                if flat.size > keep:
+                    flat = flat[np.random.default_rng(start).choice(flat.size, keep, replace=False)]
+                samples.setdefault(name, []).append(flat.astype(np.float32))
+        if progress:
+            progress(min(start + step, n), n)
+    if method == "percentile":
+        for name, parts in samples.items():
+            allv = np.concatenate(parts)
+            lo[name] = float(np.percentile(allv, 100 - PERCENTILE))
+            hi[name] = float(np.percentile(allv, PERCENTILE))
+    return {name: (lo[name], hi[name]) for name in lo}

@@ -1,0 +1,150 @@
+"""Keras, SavedModel and float-TFLite sources, each converted end to end to full-integer INT8 TFLite:
+a Keras CNN trained here on the digits (Conv + BatchNorm + ReLU, depthwise ReLU6, pooling, Dense,
+Softmax), checked op by op, measured against the Keras model itself, and served by the agent."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.engine import Engine
+from agent.errors import ConversionError
+from agent.signing import load_public_key
+from agent.store import Store
+from converters.convert import ConvertOptions
+from converters.from_tensorflow import convert_tensorflow
+from converters.from_tflite import convert_tflite
+from converters.tflite_graph import op_counts
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="module")
+def keras_digits(tmp_path_factory):
+    """(folder, keras model) with k.keras, a SavedModel folder, a float .tflite and NHWC data files."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    tmp = tmp_path_factory.mktemp("keras")
+    d = load_digits()
+    x = (d.images / 16).astype(np.float32)[..., None]
+    y = d.target
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential([
+        tf.keras.Input((8, 8, 1), name="pixels"),
+        layers.Conv2D(16, 3, padding="same"), layers.BatchNormalization(), layers.ReLU(),
+        layers.MaxPooling2D(),
+        layers.DepthwiseConv2D(3, padding="same", activation="relu6"),
+        layers.Conv2D(32, 1, activation="relu"),
+        layers.Flatten(), layers.Dense(32, activation="relu"), layers.Dense(10), layers.Softmax()])
+    model.compile(tf.keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(x[:1200], y[:1200], epochs=10, batch_size=32, verbose=0)
+    model.save(tmp / "k.keras")
+    model.export(tmp / "saved", verbose=False)
+    (tmp / "k.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    np.savez(tmp / "calib.npz", pixels=x[:300])
+    np.savez(tmp / "eval.npz", pixels=x[1200:], labels=y[1200:])
+    return tmp, model
+
+
+def _check_bundle(report, bundle, keras_model, folder, keys, tmp_path):
+    with np.load(folder / "eval.npz") as d:
+        x, y = d["pixels"], d["labels"]
+    fp32 = keras_model.predict(x, verbose=0)
+    assert (fp32.argmax(1) == y).mean() >= 0.9  # a real, trained model
+    counts = report["graph"]
+    assert counts["ops"]["CONV_2D"] == 2 and counts["ops"]["DEPTHWISE_CONV_2D"] == 1
+    assert counts["ops"]["FULLY_CONNECTED"] == 2 and counts["ops"]["SOFTMAX"] == 1
+    assert counts["tensor_dtypes"]["float32"] == 2   # float I/O only: every weight and activation is int8
+    assert report["quality"]["accuracy_drop_pp"] <= 1.0
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(keys[1])])))
+    assert model.manifest.inputs[0].name == "pixels" and model.manifest.inputs[0].shape == [-1, 8, 8, 1]
+    model.self_test()
+    engine.activate(model)
+    out = next(iter(engine.infer_arrays(model.name, {"pixels": x})[1].values()))
+    assert (out.argmax(1) == fp32.argmax(1)).mean() >= 0.97
+    assert np.abs(out - fp32).max() <= 0.1          # probabilities, to a few 1/256 steps
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from agent.signing import generate_keypair
+
+    key, pub, _ = generate_keypair(tmp_path_factory.mktemp("k") / "signing")
+    return key, pub
+
+
+@pytest.mark.parametrize("source", ["k.keras", "saved"], ids=["keras", "savedmodel"])
+def test_keras_and_savedmodel_convert_to_int8_tflite_and_serve(keras_digits, keys, source, tmp_path):
+    folder, keras_model = keras_digits
+    report = convert_tensorflow(folder / source, folder / "calib.npz", tmp_path / "k.ewb", keys[0],
+                                folder / "eval.npz", ConvertOptions(name="kdigits", format="tflite"))
+    assert report["source"] == ("keras" if source.endswith(".keras") else "savedmodel")
+    _check_bundle(report, tmp_path / "k.ewb", keras_model, folder, keys, tmp_path)
+
+
+def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
+    folder, keras_model = keras_digits
+    report = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "t.ewb", keys[0],
+                            folder / "eval.npz", ConvertOptions(name="tdigits", method="percentile"))
+    assert report["source"] == "tflite" and report["format"] == "tflite"
+    _check_bundle(report, tmp_path / "t.ewb", keras_model, folder, keys, tmp_path)
+
+
+def test_the_cli_takes_a_keras_file_and_prints_only_the_report_with_json(keras_digits, keys, tmp_path):
+    folder, _ = keras_digits
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(folder / "k.keras"), "--calibration",
+                           str(folder / "calib.npz"), "--eval", str(folder / "eval.npz"), "--key", str(keys[0]),
+                           "--tflite-io", "int8", "-o", str(tmp_path / "k.ewb"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # nothing but the report on stdout, though TensorFlow is chatty
+    assert report["format"] == "tflite" and "float32" not in report["graph"]["tensor_dtypes"]
+
+
+def test_an_already_quantized_tflite_is_refused_with_the_fix(keras_digits, keys, tmp_path):
+    folder, _ = keras_digits
+    convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "q.ewb", keys[0])
+    with tarfile.open(tmp_path / "q.ewb") as tar:
+        (tmp_path / "int8.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["int8"] > 0
+    with pytest.raises(ConversionError, match="already quantized.*give the float"):
+        convert_tflite(tmp_path / "int8.tflite", folder / "calib.npz", tmp_path / "again.ewb")
+    assert not (tmp_path / "again.ewb").exists()
+
+
+@pytest.mark.parametrize("content,match", [(b"not a model at all", "not a TFLite model"),
+                                           (b"\x00" * 4 + b"TFL3" + b"\xff" * 40, "not a readable TFLite")])
+def test_a_file_that_is_not_a_tflite_model_is_one_clear_error(tmp_path, content, match):
+    (tmp_path / "bad.tflite").write_bytes(content)
+    np.savez(tmp_path / "c.npz", x=np.zeros((16, 4), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(tmp_path / "bad.tflite"),
+                           "--calibration", str(tmp_path / "c.npz"), "-o", str(tmp_path / "b.ewb")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert match in proc.stderr and not (tmp_path / "b.ewb").exists()
+
+
+def test_calibration_data_in_the_wrong_layout_names_the_shape(keras_digits, tmp_path):
+    folder, _ = keras_digits
+    np.savez(tmp_path / "nchw.npz", pixels=np.zeros((32, 1, 8, 8), np.float32))
+    with pytest.raises(ConversionError, match=r"shape \[32, 1, 8, 8\], the model takes Nx8x8x1"):
+        convert_tflite(folder / "k.tflite", tmp_path / "nchw.npz", tmp_path / "x.ewb")
+
+
+def test_a_tflite_source_cannot_become_onnx(keras_digits, tmp_path):
+    folder, _ = keras_digits
+    with pytest.raises(ConversionError, match="TFLite only"):
+        convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "x.ewb",
+                       options=ConvertOptions(format="both"))
