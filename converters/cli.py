@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, metavar="SPARSITY",
                    help="zero this share of the smallest weights before quantizing (e.g. 0.5); the bundle is then "
                         "xz-compressed, where the zeros cost next to nothing")
+    p.add_argument("--prune-channels", type=float, metavar="FRACTION",
+                   help="structured pruning: remove this share of each convolution's output channels (lowest L1 "
+                        "first) with the matching inputs of the next layer, so the model gets smaller and faster")
     p.add_argument("--prune-scope", choices=["global", "layer"], default="global",
                    help="rank weights over all layers together (default) or within each layer")
     p.add_argument("--compress", choices=["xz", "none"], help="bundle compression (default: xz when pruning)")
@@ -103,6 +106,10 @@ def render_report(r: dict) -> str:
     if r.get("pruning"):
         lines.append(f"pruning: {r['pruning']['sparsity']:.1%} of the weights are zero ({r['pruning']['scope']}); "
                      f"bundle {r['bundle_bytes'] / 1024:.1f} kB = {r['bundle_vs_fp32']:.2f}x the FP32 file")
+    if r.get("channel_pruning"):
+        c = r["channel_pruning"]
+        lines.append(f"channel pruning: {len(c['layers'])} convolution(s), {c['channels_before']} -> "
+                     f"{c['channels_after']} channels")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
     if r.get("latency_note"):
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
                           exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
-                          prune=args.prune, prune_scope=args.prune_scope, compress=args.compress,
+                          prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8")
     try:
         from .from_tensorflow import convert_tensorflow, is_tensorflow_source

@@ -27,6 +27,7 @@ from . import guard, measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
+from .prune_channels import prune_channels
 from .targets import FORMATS, OnnxTarget, TfliteTarget
 
 REFERENCE_SAMPLES = 8
@@ -48,6 +49,7 @@ class ConvertOptions:
     allow_worse: bool = False        # ship INT8 even when it is larger or slower than FP32
     prune: float | None = None       # unstructured magnitude pruning to this sparsity, before quantizing
     prune_scope: str = "global"      # global (over all layers' weights) or layer (each layer alike)
+    prune_channels: float | None = None  # structured: remove this share of conv output channels first
     compress: str | None = None      # "xz" compresses the bundle; the default is xz for pruned models
     format: str = "onnx"             # onnx, tflite, or both (one bundle each)
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
@@ -124,7 +126,12 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         work = Path(tmp)
         source = _named_copy(model_path, work / "named.onnx")
-        pruning = None
+        pruning, channels = None, None
+        if opts.prune_channels:
+            say("removing channels", 0, 1)
+            channels = prune_channels(source, work / "channels.onnx", opts.prune_channels)
+            source = work / "channels.onnx"
+            say("removing channels", 1, 1)
         if opts.prune:
             say("pruning", 0, 1)
             pruning = prune_unstructured(source, work / "pruned.onnx", opts.prune, opts.prune_scope)
@@ -138,11 +145,13 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             sub = work / fmt
             sub.mkdir()
             if fmt == "onnx":
-                target = OnnxTarget(sub, source, model_path, pruning is not None, calib.inputs, say)
+                target = OnnxTarget(sub, source, model_path, source != model_path, calib.inputs, say)
             else:
-                target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io)
+                target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
+                                      original=model_path)
             reports[fmt] = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                                    model_path, paths[fmt], key, say)
+            reports[fmt]["channel_pruning"] = channels
     first = reports.pop("tflite") if "tflite" in reports else reports.pop("onnx")
     if reports:
         first["also"] = next(iter(reports.values()))
@@ -163,6 +172,9 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
                               "use --format onnx with --precision int8-dynamic, or --precision int8")
     if opts.max_drop is not None and not 0 <= opts.max_drop < 1:
         raise ConversionError(f"--max-drop {opts.max_drop}: give a fraction, e.g. 0.01 for one point")
+    for flag, value in (("--prune", opts.prune), ("--prune-channels", opts.prune_channels)):
+        if value is not None and not 0 < value < 1:
+            raise ConversionError(f"{flag} {value}: give a fraction between 0 and 1, e.g. 0.5")
 
 
 def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,

@@ -33,7 +33,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
     if opts.format != "tflite":
         raise ConversionError(f"a TFLite source converts to TFLite only, not --format {opts.format}",
                               "use --format tflite, or convert the original (ONNX/PyTorch) model for ONNX")
-    if opts.prune:
+    if opts.prune or opts.prune_channels:
         raise ConversionError("--prune works on ONNX and PyTorch sources", "prune before exporting to TFLite")
     _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -113,11 +113,55 @@ def example_from_npz(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def prune_for_fine_tuning(module: Any, fine_tune: Callable[[Any], None], sparsity: float | None,
+                          channels: float | None, scope: str = "global") -> dict:
+    """Prune in torch with masks (torch.nn.utils.prune), let `fine_tune(module)` train with the masks
+    held, then make them permanent. The ONNX stage's pruning at the same settings then finds the
+    same zeros: the weights the fine-tuning learned to do without are the ones that go.
+
+    channels: each plain convolution loses that share of its output filters (ln_structured, L1),
+    bias included, so a removed channel was really silent while fine-tuning. sparsity: the
+    smallest weights of Conv/Linear layers are zeroed (globally or per layer, as --prune-scope)."""
+    torch = _torch()
+    import torch.nn.utils.prune as tprune
+    layers = [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    if channels:
+        for m in layers:
+            if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.out_channels > 1:
+                tprune.ln_structured(m, "weight", amount=channels, n=1, dim=0)
+                if m.bias is not None:
+                    alive = (m.weight_mask.reshape(m.out_channels, -1).sum(1) > 0).to(m.bias.dtype)
+                    tprune.custom_from_mask(m, "bias", alive)
+    if sparsity:
+        if scope == "global":
+            tprune.global_unstructured([(m, "weight") for m in layers], pruning_method=tprune.L1Unstructured,
+                                       amount=sparsity)
+        else:
+            for m in layers:
+                tprune.l1_unstructured(m, "weight", amount=sparsity)
+    module.train()
+    try:
+        fine_tune(module)
+    finally:
+        module.eval()
+        for m in layers:
+            for name in ("weight", "bias"):
+                if tprune.is_pruned(m) and hasattr(m, f"{name}_mask"):
+                    tprune.remove(m, name)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)
+    total = sum(m.weight.numel() for m in layers)
+    return {"fine_tuned": True, "weight_sparsity_after_fine_tune": round(zeros / max(total, 1), 4)}
+
+
 def convert_torch(module: Any, example: dict[str, np.ndarray] | np.ndarray, calibration: str | Path,
                   out_path: str | Path, key_path: str | Path | None = None, evaluation: str | Path | None = None,
-                  options=None, progress=None) -> dict:
+                  options=None, progress=None, fine_tune: Callable[[Any], None] | None = None) -> dict:
     """Convert a PyTorch nn.Module: `example` names the inputs (a dict of arrays) or is the one input
-    (named "input"); calibration and evaluation .npz files use the same names."""
+    (named "input"); calibration and evaluation .npz files use the same names.
+
+    With pruning asked for (options.prune / options.prune_channels) and training data at hand,
+    `fine_tune(module)` is called with the pruning masks in place (the module in train mode) to
+    win back what pruning cost; see `prune_for_fine_tuning`."""
     from .convert import ConvertOptions, convert_onnx
 
     opts = options or ConvertOptions()
@@ -125,9 +169,17 @@ def convert_torch(module: Any, example: dict[str, np.ndarray] | np.ndarray, cali
         example = {"input": np.asarray(example)}
     if opts.name is None:
         opts.name = type(module).__name__
+    tuned = None
+    if fine_tune is not None:
+        if not (opts.prune or opts.prune_channels):
+            raise ConversionError("fine_tune is given but no pruning is asked for",
+                                  "set ConvertOptions.prune and/or prune_channels, or leave fine_tune out")
+        tuned = prune_for_fine_tuning(module, fine_tune, opts.prune, opts.prune_channels, opts.prune_scope)
     _eval_mode(module)
     with tempfile.TemporaryDirectory(prefix="edgeward-torch-") as tmp:
         onnx_path = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx")
         report = convert_onnx(onnx_path, calibration, out_path, key_path, evaluation, opts, progress)
     report["source"] = "pytorch"
+    if tuned:
+        report["fine_tune"] = tuned
     return report

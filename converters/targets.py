@@ -80,20 +80,26 @@ class TfliteTarget:
     producers = {"int8": "edgeward TFLite writer, full-integer INT8", "fp32": "edgeward TFLite writer, FP32"}
 
     def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
-                 graph=None, ranges_fn=None):
+                 graph=None, ranges_fn=None, original: Path | None = None):
+        """`source` is the (possibly pruned) ONNX model to quantize, `original` the user's FP32
+        model, lowered as it is for the FP32 baseline; or `graph` and `ranges_fn` for a TFLite source."""
         from .tflite_graph import write_tflite
 
         self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
         self.source, self.calib, self.say, self.int8_io = source, calib, say, int8_io
+        baseline = graph
         if graph is None:
             from .onnx_int8 import load_onnx
             from .onnx_to_tflite import calibration_ranges, lower
 
             graph = lower(load_onnx(source))
+            baseline = lower(load_onnx(original)) if original and original != source else graph
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
-        write_tflite(graph, self.fp32_path, description="edgeward fp32")
+        self.pruned_fp32 = work / "pruned-fp32.tflite"
+        write_tflite(baseline, self.fp32_path, description="edgeward fp32")
+        write_tflite(graph, self.pruned_fp32, description="edgeward fp32")
 
     def layers(self) -> list[str]:
         names = self.graph.layers()
@@ -102,8 +108,8 @@ class TfliteTarget:
     def build(self, precision: str, s: Settings) -> None:
         from .tflite_graph import write_tflite
 
-        if precision == "fp32":
-            shutil.copyfile(self.fp32_path, self.path)
+        if precision == "fp32":  # the float model, pruned if it was
+            shutil.copyfile(self.pruned_fp32, self.path)
             return
         if precision != "int8":
             raise ConversionError(f"precision {precision} has no TFLite form",

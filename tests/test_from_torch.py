@@ -96,3 +96,77 @@ def test_torch_input_errors_name_the_problem(tmp_path, assets):
     with pytest.raises(ConversionError, match="does not run on the example inputs"):
         convert_torch(net, {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "y.ewb")
     assert not (tmp_path / "y.ewb").exists()
+
+
+def _digits_train_split():
+    from converters import zoo
+
+    x_tr, y_tr, _, _ = zoo.digits_dataset()
+    return torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+
+
+def _cnn_with_batchnorm():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def _train(net, steps=150, lr=0.01):
+    x, y = _digits_train_split()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return net
+
+
+def test_an_nn_module_with_batchnorm_converts_to_int8_tflite(tmp_path, assets):
+    net = _train(_cnn_with_batchnorm()).eval()
+    report = convert_torch(net, {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "t.ewb", assets.key,
+                           assets.eval, ConvertOptions(name="bn-digits", format="tflite"))
+    ops = report["graph"]["ops"]
+    assert report["format"] == "tflite" and ops["CONV_2D"] == 1 and ops["FULLY_CONNECTED"] == 2
+    assert "MUL" not in ops and "ADD" not in ops          # BatchNormalization folded into the convolution
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2 and report["quality"]["accuracy_drop_pp"] <= 1.0
+    engine, model, _ = _serve(tmp_path / "t.ewb", assets, tmp_path)
+    batch = assets.eval_inputs(32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(batch)).numpy()
+    got = engine.infer_arrays("bn-digits", {"input": batch})[1]["logits"]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    engine.close()
+
+
+def test_fine_tuning_with_the_pruning_masks_wins_back_accuracy(tmp_path, assets):
+    """Half the conv channels removed: without fine-tuning the model loses accuracy; a fine_tune
+    callback trained with the masks in place wins most of it back, and the channels that go are
+    exactly the ones it learned to do without (the ONNX model equals the fine-tuned one)."""
+    def plain():
+        torch.manual_seed(2)
+        return _train(torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                          torch.nn.Flatten(), torch.nn.Linear(128, 10)), steps=200)
+
+    opts = dict(prune_channels=0.5, allow_worse=True)
+    blunt = convert_torch(plain().eval(), {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "a.ewb",
+                          assets.key, assets.eval, ConvertOptions(name="blunt", **opts))
+    tuned_net = plain()
+    tuned = convert_torch(tuned_net, {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "b.ewb",
+                          assets.key, assets.eval, ConvertOptions(name="tuned", **opts),
+                          fine_tune=lambda m: _train(m, steps=150, lr=0.005))
+    assert tuned["channel_pruning"]["channels_after"] == 4 == blunt["channel_pruning"]["channels_after"]
+    assert tuned["fine_tune"]["fine_tuned"] and not tuned_net.training
+    assert tuned["quality"]["accuracy_int8"] > blunt["quality"]["accuracy_int8"]
+    engine, model, _ = _serve(tmp_path / "b.ewb", assets, tmp_path)
+    batch = assets.eval_inputs(64)
+    with torch.no_grad():
+        want = tuned_net(torch.from_numpy(batch)).numpy()
+    got = engine.infer_arrays("tuned", {"input": batch})[1]["logits"]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95   # INT8 of the pruned graph vs the fine-tuned net
+    engine.close()
+    with pytest.raises(ConversionError, match="no pruning is asked for"):
+        convert_torch(plain(), {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "c.ewb",
+                      fine_tune=lambda m: None)
