@@ -3,7 +3,7 @@ float .tflite (the one step that needs TensorFlow), edgeward quantizes it (`from
 
 Why not TensorFlow's INT8 quantizer: going through edgeward's writer gives every source the
 same calibration methods, the same accuracy search (layers kept in float) and the same checks.
-TensorFlow is the `tensorflow` extra (~1.6 GB); it is imported only here, never on a board.
+TensorFlow is the `tensorflow` extra (~1.4 GB); it is imported only here, never on a board.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _tf():
         import tensorflow as tf
     except ImportError as exc:
         raise ConversionError("Keras and SavedModel inputs need TensorFlow, which is not installed",
-                              "pip install 'edgeward[tensorflow]' (about 1.6 GB)") from exc
+                              "pip install 'edgeward[tensorflow]' (about 1.4 GB)") from exc
     return tf
 
 

@@ -92,8 +92,8 @@ class TfliteTarget:
             from .onnx_int8 import load_onnx
             from .onnx_to_tflite import calibration_ranges, lower
 
-            graph = lower(load_onnx(source))
-            baseline = lower(load_onnx(original)) if original and original != source else graph
+            graph = lower(fix_dims(load_onnx(source), calib))
+            baseline = lower(fix_dims(load_onnx(original), calib)) if original and original != source else graph
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
@@ -143,5 +143,14 @@ class TfliteTarget:
         return platform.machine().lower() in ("aarch64", "arm64")
 
 
-def host_note() -> str:
-    return f"{platform.machine()}, {platform.processor() or platform.system()}"
+def fix_dims(model, calib: dict):
+    """A TFLite graph needs every axis but the batch fixed: dynamic ones (-1, "height") take the
+    calibration data's size, so `--calibration` with 96x96 images makes a 96x96 model."""
+    for vi in model.graph.input:
+        if vi.name not in calib:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis, d in enumerate(dims):
+            if axis > 0 and not d.HasField("dim_value") and axis < calib[vi.name].ndim:
+                d.dim_value = int(calib[vi.name].shape[axis])
+    return model

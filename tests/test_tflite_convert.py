@@ -200,3 +200,16 @@ def test_dynamic_int8_has_no_tflite_form(tmp_path):
     with pytest.raises(ConversionError, match="--format onnx"):
         convert_onnx(_model_with("Relu", tmp_path), tmp_path / "calib.npz", tmp_path / "m.ewb",
                      options=ConvertOptions(format="tflite", precision="int8-dynamic"))
+
+
+def test_dynamic_image_sizes_take_the_calibration_shape(assets, tmp_path):
+    """An ONNX model exported with dynamic height and width becomes a TFLite model of the size the
+    calibration data has (TFLite needs them fixed); the batch axis stays dynamic."""
+    model = onnx.load(str(assets.fp32_v2))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    convert_onnx(tmp_path / "dyn.onnx", assets.calib, tmp_path / "d.ewb", assets.key, assets.eval,
+                 ConvertOptions(name="digits", format="tflite"))
+    manifest = open_bundle(tmp_path / "d.ewb", [load_public_key(assets.pub)]).manifest
+    assert manifest.inputs[0].shape == [-1, 1, 8, 8]
