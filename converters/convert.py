@@ -145,7 +145,7 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             sub = work / fmt
             sub.mkdir()
             if fmt == "onnx":
-                target = OnnxTarget(sub, source, model_path, source != model_path, calib.inputs, say)
+                target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib.inputs, say)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
                                       original=model_path)
@@ -211,11 +211,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     first_out = q_outputs[0].name
     row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
     idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
-    ref_inputs = {k: v[idx] for k, v in evalset.inputs.items()}
-    expected = {k: v[idx] for k, v in q_out.items()}
-    if hasattr(int8, "raw_run"):  # the board feeds and compares the model's own I/O dtypes (int8 I/O)
-        ref_inputs = int8.quantize_inputs(ref_inputs)
-        expected = int8.raw_run(ref_inputs)
+    ref_inputs, expected = target.board_io(int8, {k: v[idx] for k, v in evalset.inputs.items()},
+                                           {k: v[idx] for k, v in q_out.items()})
     ref_arrays = {f"input.{k}": v for k, v in ref_inputs.items()}
     ref_arrays.update({f"expected.{k}": v for k, v in expected.items()})
     ref_arrays.update({f"fp32.{k}": v[idx] for k, v in ref_out.items()})

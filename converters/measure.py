@@ -55,8 +55,8 @@ class TfliteSession:
             self.rt = TfliteRuntime(str(path), threads)
         except Exception as exc:
             raise ConversionError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
-        self._in = [self._Arg(d) for d in self.rt._inputs]
-        self._out = [self._Arg(d) for d in self.rt._outputs]
+        self._in = [self._Arg(d) for d in self.rt.input_details]
+        self._out = [self._Arg(d) for d in self.rt.output_details]
 
     def get_inputs(self):
         return self._in
@@ -65,13 +65,7 @@ class TfliteSession:
         return self._out
 
     def run(self, names, feeds: dict[str, np.ndarray]):
-        fed = {}
-        for a in self._in:
-            x = feeds[a.name]
-            if a.dtype == np.int8 and x.dtype != np.int8:
-                x = np.clip(np.round(x / a.scale) + a.zero_point, -128, 127).astype(np.int8)
-            fed[a.name] = x
-        out = self.rt.run(fed)
+        out = self.rt.run(self.quantize_inputs(feeds))
         result = []
         for a in self._out:
             y = out[a.name]
@@ -97,10 +91,11 @@ class TfliteSession:
         return self.rt.run(feeds)
 
     def quantize_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Real-valued inputs as the model takes them: quantized for int8 inputs, else as given."""
         out = {}
         for a in self._in:
             x = feeds[a.name]
-            if a.dtype == np.int8:
+            if a.dtype == np.int8 and x.dtype != np.int8:
                 x = np.clip(np.round(x / a.scale) + a.zero_point, -128, 127).astype(np.int8)
             out[a.name] = x
         return out

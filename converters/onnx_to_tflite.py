@@ -27,7 +27,9 @@ from agent.errors import ConversionError
 from .tflite_graph import Graph, Op
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
-_PASSTHROUGH = ("Identity", "Dropout")
+_ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
+_POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
+_BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL"}
 
 
 def _attrs(node) -> dict:
@@ -161,10 +163,19 @@ class _Lowering:
         for node in self.model.graph.node:
             if id(node) in self.done or node.op_type == "Constant":
                 continue
-            handler = getattr(self, f"lower_{node.op_type}", None)
-            if handler is None:
+            op = node.op_type
+            if op in _ELEMENTWISE:
+                self._unary(node, _ELEMENTWISE[op])
+            elif op in _POOLS:
+                self._pool(node, _POOLS[op])
+            elif op in _BINARY:
+                self._binary(node, _BINARY[op])
+            elif op in ("Identity", "Dropout"):
+                self.alias[node.output[0]] = self.src(node.input[0])
+            elif hasattr(self, f"lower_{op}"):
+                getattr(self, f"lower_{op}")(node)
+            else:
                 raise _unsupported(node)
-            handler(node)
         for i, name in enumerate(self.g.outputs):
             inner = self.src(name)
             if inner in self.nhwc:
@@ -297,20 +308,11 @@ class _Lowering:
         y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
         self.op(kind, [x], y, name=node.name, **options)
 
-    def lower_Relu(self, node):
-        self._unary(node, "RELU")
-
     def lower_Clip(self, node):
         act = self.activation_of(node)
         if act is None:
             raise _unsupported(node, f" with bounds {self.clip_bounds(node)} (only 0..6 and 0..inf)")
         self._unary(node, act)
-
-    def lower_Sigmoid(self, node):
-        self._unary(node, "LOGISTIC")
-
-    def lower_Tanh(self, node):
-        self._unary(node, "TANH")
 
     def lower_Softmax(self, node):
         x = self.src(node.input[0])
@@ -336,12 +338,6 @@ class _Lowering:
         shape = [n, self._out_dim(h, k[0], stride[0], 1, mode), self._out_dim(w, k[1], stride[1], 1, mode), c]
         y = self.new(self.out_name(node.output[0], True), shape, nhwc=True)
         self.op(kind, [x], y, name=node.name, padding=mode, stride=stride, filter=k)
-
-    def lower_MaxPool(self, node):
-        self._pool(node, "MAX_POOL_2D")
-
-    def lower_AveragePool(self, node):
-        self._pool(node, "AVERAGE_POOL_2D")
 
     def lower_GlobalAveragePool(self, node):
         x = self.src(node.input[0])
@@ -400,19 +396,6 @@ class _Lowering:
         y = self.new(self.out_name(out, x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
         self.op(kind, [x, z], y, name=node.name, activation=act)
 
-    def lower_Add(self, node):
-        self._binary(node, "ADD")
-
-    def lower_Sub(self, node):
-        self._binary(node, "SUB")
-
-    def lower_Mul(self, node):
-        self._binary(node, "MUL")
-
-    def lower_Identity(self, node):
-        self.alias[node.output[0]] = self.src(node.input[0])
-
-    lower_Dropout = lower_Identity
 
 
 def lower(model) -> Graph:

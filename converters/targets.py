@@ -71,6 +71,10 @@ class OnnxTarget:
     def judges_latency(self) -> bool:
         return True
 
+    def board_io(self, session, inputs: dict, outputs: dict) -> tuple[dict, dict]:
+        """The self-test's inputs and expected outputs as the board feeds and compares them."""
+        return inputs, outputs
+
 
 class TfliteTarget:
     """Full-integer INT8 TFLite (float or int8 I/O) from the FP32 ONNX graph, with a float
@@ -136,6 +140,11 @@ class TfliteTarget:
         from .tflite_graph import op_counts
 
         return op_counts(self.path)
+
+    def board_io(self, session, inputs: dict, outputs: dict) -> tuple[dict, dict]:
+        """int8-I/O models are fed int8 and answer int8: the board's self-test compares those."""
+        fed = session.quantize_inputs(inputs)
+        return fed, session.raw_run(fed)
 
     def judges_latency(self) -> bool:
         """INT8 kernels on x86 without VNNI (XNNPACK's AVX2 path) are often slower than FP32,

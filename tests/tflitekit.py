@@ -11,11 +11,36 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = {  # bundle stem -> (model builder, data writer, input name, int8 I/O)
+CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "digits-int8": ("digits", "input", False),
     "digits-int8io": ("digits", "input", True),
     "mobilenet-int8": ("mobilenet", "image", False),
+    "keras-int8": ("keras", "pixels", False),    # through TensorFlow's float converter: MEAN, SOFTMAX too
 }
+
+
+def _keras_model(folder: Path):
+    """A small Keras CNN (NHWC) trained briefly on the digits, saved as .keras, with its data files."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images / 16).astype(np.float32)[..., None], d.target
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential([
+        tf.keras.Input((8, 8, 1), name="pixels"), layers.Conv2D(8, 3, padding="same"), layers.BatchNormalization(),
+        layers.ReLU(), layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu6"),
+        layers.Conv2D(16, 1, activation="relu"), layers.GlobalAveragePooling2D(), layers.Dense(10), layers.Softmax()])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x[:1200], y[:1200], epochs=3, verbose=0)
+    model.save(folder / "keras.keras")
+    np.savez(folder / "keras-calib.npz", pixels=x[:200])
+    np.savez(folder / "keras-eval.npz", pixels=x[1200:], labels=y[1200:])
+    return folder / "keras-calib.npz", folder / "keras-eval.npz"
 
 
 def build(folder: str | Path) -> Path:
@@ -29,13 +54,19 @@ def build(folder: str | Path) -> Path:
     key, _, _ = generate_keypair(folder / "signing")
     zoo.build_digits_cnn(folder / "digits.onnx", epochs=6)
     zoo.build_mobilenet_like(folder / "mobilenet.onnx", size=32)
-    data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32)}
+    data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
+            "keras": _keras_model(folder)}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
         bundle = folder / f"{stem}.ewb"
-        convert_onnx(folder / f"{model}.onnx", calib, bundle, key, evaluation,
-                     ConvertOptions(name=stem, format="tflite", tflite_int8_io=int8_io, allow_worse=True))
+        options = ConvertOptions(name=stem, format="tflite", tflite_int8_io=int8_io, allow_worse=True)
+        if model == "keras":
+            from converters.from_tensorflow import convert_tensorflow
+
+            convert_tensorflow(folder / "keras.keras", calib, bundle, key, evaluation, options)
+        else:
+            convert_onnx(folder / f"{model}.onnx", calib, bundle, key, evaluation, options)
         import tarfile
 
         with tarfile.open(bundle) as tar:
@@ -47,7 +78,7 @@ def build(folder: str | Path) -> Path:
         out_name, out = next(iter(session.raw_run(x).items()))
         expected[f"{stem}.output"] = out
         # one quantization step of the output: the int8 tensor the float output is dequantized from
-        details = {d["name"]: d for d in session.rt._it.get_tensor_details()}
+        details = {d["name"]: d for d in session.rt.tensor_details()}
         expected[f"{stem}.step"] = np.float64((details.get(f"{out_name}/int8") or details[out_name])["quantization"][0])
     np.savez(folder / "converted.npz", **expected)
     return folder

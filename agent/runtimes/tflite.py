@@ -41,6 +41,19 @@ class TfliteRuntime(Runtime):
         self._outputs = self._it.get_output_details()
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self._inputs}
 
+    @property
+    def input_details(self) -> list[dict]:
+        """The interpreter's own description of the inputs (shape signature, dtype, quantization)."""
+        return self._inputs
+
+    @property
+    def output_details(self) -> list[dict]:
+        return self._outputs
+
+    def tensor_details(self) -> list[dict]:
+        """Every tensor of the model, with its quantization (for tools that inspect a model)."""
+        return self._it.get_tensor_details()
+
     def input_names(self) -> list[str]:
         return [d["name"] for d in self._inputs]
 

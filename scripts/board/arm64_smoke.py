@@ -37,7 +37,12 @@ FAKE_CPUINFO = "".join(
 def host_outputs(bundle: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    from converters.measure import TfliteSession
+
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(bundle) as tar:
+        if "model.tflite" in tar.getnames():
+            tar.extract("model.tflite", tmp, filter="data")
+            return TfliteSession(Path(tmp) / "model.tflite").run(None, {"input": x})[0]
         tar.extract("model.onnx", tmp, filter="data")
         return ort.InferenceSession(str(Path(tmp) / "model.onnx"), providers=["CPUExecutionProvider"]).run(
             None, {"input": x})[0]
@@ -60,6 +65,8 @@ def main() -> int:
     for v in (1, 2):
         convert_onnx(work / f"digits_v{v}.onnx", calib, work / f"digits-v{v}.ewb", key, evaluation,
                      ConvertOptions(name="digits", version=v))
+    convert_onnx(work / "digits_v2.onnx", calib, work / "digits-v3.ewb", key, evaluation,  # INT8 TFLite
+                 ConvertOptions(name="digits", version=3, format="tflite"))
     rows.append(["bundles made and signed on the host (x86_64)", f"{time.monotonic() - t:.0f}"])
     (work / "cpuinfo").write_text(FAKE_CPUINFO)
     with np.load(evaluation) as d:
@@ -92,6 +99,14 @@ def main() -> int:
             assert reply.data["version"] == 2 and reply.data["self_test"]["top1_agreement"] == 1.0, reply.data
             assert fleet.infer("arm64-smoke", "digits", {"input": x[:1]}, timeout=300)["version"] == 2
             rows.append(["deploy v2 over MQTT: verified, self-tested, switched", f"{time.monotonic() - t:.0f}"])
+            t = time.monotonic()
+            reply = fleet.deploy(work / "digits-v3.ewb", "arm64-smoke", timeout=600)
+            assert reply.data["version"] == 3 and reply.data["self_test"]["top1_agreement"] == 1.0, reply.data
+            got = fleet.infer("arm64-smoke", "digits", {"input": x}, timeout=300)["outputs"]["logits"]
+            want = host_outputs(work / "digits-v3.ewb", x)
+            assert (got.argmax(1) == want.argmax(1)).all(), (got.argmax(1), want.argmax(1))
+            rows.append([f"deploy v3, INT8 TFLite: self-tested in arm64 LiteRT, 16 inferences = the host's "
+                         f"(max abs diff {float(np.abs(got - want).max()):.3g})", f"{time.monotonic() - t:.0f}"])
             t = time.monotonic()
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(120) == 0, "the agent did not exit cleanly"
