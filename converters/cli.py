@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="activation calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    p.add_argument("--full-range-weights", action="store_true",
+                   help="ONNX: 8-bit weights instead of 7-bit; onnxruntime's x86 kernels without VNNI saturate with "
+                        "them, so use it only for boards and hosts with VNNI or ARM dot-product kernels")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
     p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
                    help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                           exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
-                          format=args.format, tflite_int8_io=args.tflite_io == "int8")
+                          format=args.format, tflite_int8_io=args.tflite_io == "int8",
+                          full_range_weights=args.full_range_weights)
     try:
         from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 

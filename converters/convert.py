@@ -52,6 +52,7 @@ class ConvertOptions:
     prune_channels: float | None = None  # structured: remove this share of conv output channels first
     compress: str | None = None      # "xz" compresses the bundle; the default is xz for pruned models
     format: str = "onnx"             # onnx, tflite, or both (one bundle each)
+    full_range_weights: bool = False  # ONNX: 8-bit weights (7-bit by default, exact on every CPU)
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
 
 
@@ -145,7 +146,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             sub = work / fmt
             sub.mkdir()
             if fmt == "onnx":
-                target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib.inputs, say)
+                target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib.inputs, say,
+                                    reduce_range=not opts.full_range_weights)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
                                       original=model_path)

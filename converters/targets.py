@@ -28,8 +28,10 @@ class OnnxTarget:
     producers = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
                  "fp32": "FP32, not quantized"}
 
-    def __init__(self, work: Path, source: Path, original: Path, pruned: bool, calib: dict, say: Say):
+    def __init__(self, work: Path, source: Path, original: Path, pruned: bool, calib: dict, say: Say,
+                 reduce_range: bool = True):
         self.path, self.source, self.original, self.pruned = work / "model.onnx", source, original, pruned
+        self.reduce_range = reduce_range
         self.calib, self.say = calib, say
         self.fp32_path = original
 
@@ -44,10 +46,11 @@ class OnnxTarget:
         if precision == "fp32":  # the user's file as it is, unless it was pruned
             shutil.copyfile(self.source if self.pruned else self.original, self.path)
         elif precision == "int8-dynamic":
-            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude)
+            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude, reduce_range=self.reduce_range)
         else:
             quantize_static(self.source, self.path, self.calib, per_channel=s.per_channel, method=s.method,
-                            exclude_nodes=s.exclude, progress=lambda d, t: self.say("calibrating", d, t))
+                            exclude_nodes=s.exclude, reduce_range=self.reduce_range,
+                            progress=lambda d, t: self.say("calibrating", d, t))
 
     def session(self, path: Path | None = None, threads: int = 1):
         return measure.session(path or self.path, threads)
