@@ -3,7 +3,7 @@
 
 Trains two versions of a small CNN on scikit-learn's bundled digits, converts
 version 1 to a signed INT8 bundle, starts a private Mosquitto and an agent,
-answers an inference over MQTT, deploys version 2 over MQTT and shows it
+answers an inference over MQTT, converts version 2 to INT8 TFLite, deploys it over MQTT and shows it
 switched, shows telemetry, then stops everything cleanly. Exits non-zero if any
 step does not do what it should.
 """
@@ -103,10 +103,11 @@ def main() -> int:
         pred = np.array(json.loads(r.stdout)["outputs"]["logits"]).argmax(1)
         print(f"predicted {pred.tolist()}\ntrue      {y.tolist()}   ({(pred == y).sum()}/8 right, v1)")
 
-        step(6, total, "Convert v2 and deploy it over MQTT: chunks, verify, self-test, atomic switch")
+        step(6, total, "Convert v2 to full-integer INT8 TFLite and deploy it over MQTT: chunks, verify, self-test, "
+                       "atomic switch (from onnxruntime to LiteRT)")
         edgeward("convert", str(work / "digits_v2.onnx"), "--calibration", str(calib), "--eval", str(evaluation),
-                 "--name", "digits", "--version", "2", "--key", str(key), "-o", str(work / "digits-v2.ewb"),
-                 quiet=True)
+                 "--format", "tflite", "--name", "digits", "--version", "2", "--key", str(key),
+                 "-o", str(work / "digits-v2.ewb"), quiet=True)
         edgeward("fleet", "deploy", str(work / "digits-v2.ewb"), "--device", DEVICE, "--chunk-kb", "8",
                  "--broker", broker.url)
         states = fleet_state(broker.url)
