@@ -35,9 +35,29 @@ def test_int8_model_stays_close_to_fp32(assets, extracted_v2):
     int8 = ort.InferenceSession(str(extracted_v2 / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     agreement = (fp32.argmax(1) == int8.argmax(1)).mean()
     drop_pp = 100 * ((fp32.argmax(1) == y).mean() - (int8.argmax(1) == y).mean())
-    assert agreement >= 0.97, agreement
-    assert drop_pp <= 1.0, drop_pp
+    assert agreement >= 0.98, agreement
+    assert drop_pp <= 0.5, drop_pp
     assert np.abs(fp32 - int8).mean() <= 0.02 * (fp32.max() - fp32.min())
+
+
+def test_weights_keep_to_seven_bits_unless_full_range_is_asked_for(assets, tmp_path):
+    """onnxruntime's x86 int8 kernels without VNNI saturate with 8-bit weights; 7-bit ones are exact
+    everywhere. --full-range-weights uses all 8 for VNNI / ARM boards."""
+    import onnx
+    from onnx import numpy_helper
+
+    from converters.convert import ConvertOptions, convert_onnx
+
+    def widest(bundle):
+        with tarfile.open(bundle) as tar:
+            model = onnx.load_from_string(tar.extractfile("model.onnx").read())
+        return max(int(np.abs(numpy_helper.to_array(i).astype(np.int32)).max()) for i in model.graph.initializer
+                   if i.data_type == 3 and len(i.dims) >= 2)
+
+    convert_onnx(assets.fp32_v2, assets.calib, tmp_path / "seven.ewb", options=ConvertOptions(name="d"))
+    convert_onnx(assets.fp32_v2, assets.calib, tmp_path / "eight.ewb",
+                 options=ConvertOptions(name="d", full_range_weights=True, allow_worse=True))
+    assert widest(tmp_path / "seven.ewb") <= 64 < widest(tmp_path / "eight.ewb") <= 127
 
 
 def test_manifest_carries_the_measured_report(assets):
