@@ -74,6 +74,7 @@ class _Lowering:
         self.nhwc: set[str] = set()         # graph tensors stored NHWC (ONNX has them NCHW)
         self.flat_perm: dict[str, np.ndarray] = {}  # flattened NHWC tensor -> NCHW order of its features
         self.done: set[int] = set()
+        self.nonneg: set[str] = set()       # graph tensors that cannot be negative (after ReLU and such)
         self.dtype_check = onnx.TensorProto.FLOAT
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -103,6 +104,9 @@ class _Lowering:
 
     def op(self, kind, inputs, output, name="", **options) -> None:
         self.g.ops.append(Op(kind, inputs, [output], options, name))
+        if options.get("activation") in ("RELU", "RELU6") or kind in ("RELU", "RELU6") or \
+                (kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "RESHAPE", "TRANSPOSE") and inputs[0] in self.nonneg):
+            self.nonneg.add(output)  # never negative: zero padding is then as good as -inf for max pooling
 
     def fuse_activation(self, out: str) -> tuple[str, str]:
         """(activation, output tensor): a Relu/Clip(0,6) that alone consumes tensor `out` is fused."""
@@ -220,10 +224,7 @@ class _Lowering:
         if a.get("auto_pad", "NOTSET") == "SAME_LOWER":
             raise _unsupported(node, " with auto_pad=SAME_LOWER")
         if mode is None:  # explicit zero padding, then a VALID convolution
-            padded = self.new(f"{node.name}/pad", [n, h + pads[0] + pads[2], wd + pads[1] + pads[3], cin], nhwc=True)
-            paddings = np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]], np.int32)
-            self.op("PAD", [x, self.add_const(f"{node.name}/paddings", paddings)], padded)
-            x, mode, (h, wd) = padded, "VALID", (h + pads[0] + pads[2], wd + pads[1] + pads[3])
+            x, mode, (h, wd) = self._explicit_pad(node, x, pads), "VALID", (h + pads[0] + pads[2], wd + pads[1] + pads[3])
         act, out = self.fuse_activation(node_out)
         oh = self._out_dim(h, kh, stride[0], dilation[0], mode)
         ow = self._out_dim(wd, kw, stride[1], dilation[1], mode)
@@ -240,6 +241,14 @@ class _Lowering:
         self.add_const(bname, b)
         self.op(kind, [x, wname, bname], y, name=node.name, padding=mode, stride=stride, dilation=dilation,
                 activation=act, **extra)
+
+    def _explicit_pad(self, node, x: str, pads: list[int]) -> str:
+        """A PAD op (zeros) in front of a layer whose ONNX padding is not TF's SAME."""
+        n, h, w, c = self.g.shapes[x]
+        padded = self.new(f"{node.name}/pad", [n, h + pads[0] + pads[2], w + pads[1] + pads[3], c], nhwc=True)
+        paddings = np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]], np.int32)
+        self.op("PAD", [x, self.add_const(f"{node.name}/paddings", paddings)], padded)
+        return padded
 
     @staticmethod
     def _out_dim(size, k, stride, dilation, mode):
@@ -332,9 +341,13 @@ class _Lowering:
         n, h, w, c = self.g.shapes[x]
         k = tuple(a["kernel_shape"])
         stride = tuple(a.get("strides", [1, 1]))
-        mode = self.padding((h, w), k, stride, (1, 1), list(a.get("pads", [0, 0, 0, 0])), a.get("auto_pad", "NOTSET"))
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        mode = self.padding((h, w), k, stride, (1, 1), pads, a.get("auto_pad", "NOTSET"))
+        if mode is None and kind == "MAX_POOL_2D" and x in self.nonneg:  # e.g. ResNet's stem after a ReLU
+            x, (h, w) = self._explicit_pad(node, x, pads), (h + pads[0] + pads[2], w + pads[1] + pads[3])
+            mode = "VALID"
         if mode is None or (mode == "SAME" and kind == "AVERAGE_POOL_2D" and a.get("count_include_pad", 0)):
-            raise _unsupported(node, " with padding other than SAME or VALID")
+            raise _unsupported(node, " with padding other than SAME or VALID (or of a possibly negative input)")
         shape = [n, self._out_dim(h, k[0], stride[0], 1, mode), self._out_dim(w, k[1], stride[1], 1, mode), c]
         y = self.new(self.out_name(node.output[0], True), shape, nhwc=True)
         self.op(kind, [x], y, name=node.name, padding=mode, stride=stride, filter=k)

@@ -170,3 +170,45 @@ def test_fine_tuning_with_the_pruning_masks_wins_back_accuracy(tmp_path, assets)
     with pytest.raises(ConversionError, match="no pruning is asked for"):
         convert_torch(plain(), {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "c.ewb",
                       fine_tune=lambda m: None)
+
+
+class _TinyResNet(torch.nn.Module):
+    """ResNet's shape in miniature: a BN+ReLU stem with a padded 3x3/2 max pool (not TF's SAME, so it
+    needs an explicit PAD), a residual block whose Add is fused with its ReLU, average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.relu(y + self.block(y)))
+
+
+def test_a_resnet_shaped_module_lowers_exactly_and_quantizes(tmp_path, assets):
+    import onnx
+
+    from converters.from_torch import to_onnx
+    from converters.measure import TfliteSession
+    from converters.onnx_to_tflite import lower
+    from converters.tflite_graph import write_tflite
+
+    torch.manual_seed(3)
+    net = _train(_TinyResNet(), steps=150).eval()
+    x = assets.eval_inputs(64)
+    to_onnx(net, {"input": x[:1]}, tmp_path / "r.onnx")
+    graph = lower(onnx.load(str(tmp_path / "r.onnx")))
+    kinds = [op.kind for op in graph.ops]
+    assert kinds.count("PAD") == 1 and "MAX_POOL_2D" in kinds and "ADD" in kinds
+    assert next(op for op in graph.ops if op.kind == "ADD").options["activation"] == "RELU"
+    write_tflite(graph, tmp_path / "r.tflite")
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(TfliteSession(tmp_path / "r.tflite").run(None, {"input": x})[0], want, atol=1e-4)
+    report = convert_torch(net, {"input": x[:1]}, assets.calib, tmp_path / "r.ewb", assets.key, assets.eval,
+                           ConvertOptions(name="resnetish", format="tflite"))
+    assert report["quality"]["top1_agreement"] >= 0.97 and report["graph"]["tensor_dtypes"]["float32"] == 2
