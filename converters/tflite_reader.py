@@ -33,7 +33,18 @@ def _names(obj) -> dict[int, str]:
 
 
 def read_tflite(path: str | Path) -> tuple[Graph, dict[int, str]]:
-    """(graph, tensor index -> graph name) for a float .tflite model."""
+    """(graph, tensor index -> graph name) for a float .tflite model. A file whose structure is
+    damaged (indices out of range, missing fields) is one ConversionError, never a traceback."""
+    try:
+        return _read(path)
+    except ConversionError:
+        raise
+    except Exception as exc:  # a flatbuffer parses lazily: damage shows up wherever it is read
+        raise ConversionError(f"{path} is not a readable TFLite model ({exc.__class__.__name__}: "
+                              f"{first_line(exc)})", "give a .tflite file written by a TFLite converter") from exc
+
+
+def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
     s = _schema()
     path = Path(path)
     try:

@@ -148,3 +148,22 @@ def test_a_tflite_source_cannot_become_onnx(keras_digits, tmp_path):
     with pytest.raises(ConversionError, match="TFLite only"):
         convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "x.ewb",
                        options=ConvertOptions(format="both"))
+
+
+def test_damaged_tflite_files_are_one_clear_error_never_a_traceback(keras_digits, tmp_path):
+    """Bytes flipped all over a real model: every outcome is a ConversionError (or, where the
+    damage is harmless, a model that reads), never another exception."""
+    from converters.tflite_reader import read_tflite
+
+    folder, _ = keras_digits
+    good = (folder / "k.tflite").read_bytes()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        bad = bytearray(good)
+        for pos in rng.integers(8, len(bad), size=8):
+            bad[pos] = int(rng.integers(0, 256))
+        (tmp_path / "bad.tflite").write_bytes(bytes(bad))
+        try:
+            read_tflite(tmp_path / "bad.tflite")
+        except ConversionError:
+            pass
