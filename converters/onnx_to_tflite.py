@@ -10,8 +10,8 @@ and evaluation data, and the same callers, work for both formats.
 
 Mapped: Conv (plain and depthwise, with folded BatchNormalization), Gemm, MatMul
 (+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
-AveragePool, GlobalAveragePool, Flatten, Reshape, Add, Mul, Sub, Softmax, Sigmoid,
-Tanh, Identity and Dropout.
+AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub, Softmax,
+Sigmoid, Tanh, Identity and Dropout.
 """
 
 from __future__ import annotations
@@ -397,6 +397,32 @@ class _Lowering:
         new_shape = np.array([-1 if shape[0] == -1 else shape[0]] + shape[1:], np.int32)
         self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
                 new_shape=new_shape)
+
+    def lower_Concat(self, node):
+        xs = [self.src(n) for n in node.input]
+        if any(n in self.consts for n in node.input):
+            raise _unsupported(node, " with a constant input")
+        layouts = {x in self.nhwc for x in xs}
+        shape0 = self.g.shapes[xs[0]]
+        rank = len(shape0)
+        axis = _attrs(node).get("axis", 1)
+        axis = axis + rank if axis < 0 else axis
+        if len(layouts) != 1:
+            raise _unsupported(node, " of feature maps and flat tensors together")
+        nhwc = layouts.pop()
+        if nhwc:
+            if axis != 1:
+                raise _unsupported(node, " of feature maps along an axis other than channels")
+            axis = 3
+        elif axis == 0:
+            raise _unsupported(node, " along the batch axis")
+        shape = list(shape0)
+        shape[axis] = sum(self.g.shapes[x][axis] for x in xs)
+        act, out = self.fuse_activation(node.output[0])
+        y = self.new(self.out_name(out, nhwc), shape, nhwc=nhwc)
+        self.op("CONCATENATION", xs, y, name=node.name, axis=axis, activation=act)
+        if all(x in self.nonneg for x in xs):
+            self.nonneg.add(y)
 
     def _binary(self, node, kind):
         a, b = node.input[:2]

@@ -33,13 +33,16 @@ REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB")
 SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD")
 # ... and ops whose int8 output scale is fixed by the kernel.
 FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
-SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE)
+# ... and CONCATENATION, whose int8 inputs are brought to its output's scale first (requantized
+# with an int8 -> int8 QUANTIZE where they differ), the form every runtime and XNNPACK take.
+SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + ("CONCATENATION",)
 
 # op versions the runtimes register for these kernels: (float, int8)
 _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 4), "ADD": (1, 2),
              "RELU": (1, 2), "RELU6": (1, 2), "MEAN": (1, 2), "MUL": (1, 2), "SUB": (1, 2),
              "MAX_POOL_2D": (1, 2), "AVERAGE_POOL_2D": (1, 2), "RESHAPE": (1, 1), "TRANSPOSE": (1, 2),
              "PAD": (1, 2), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
+             "CONCATENATION": (1, 2),
              "DEQUANTIZE": (2, 2)}
 
 
@@ -198,6 +201,10 @@ def _options(s, op: Op):
         x = s.ReducerOptionsT()
         x.keepDims = bool(o.get("keep_dims", True))
         return s.BuiltinOptions.ReducerOptions, x
+    if k == "CONCATENATION":
+        x = s.ConcatenationOptionsT()
+        x.axis, x.fusedActivationFunction = int(o["axis"]), act
+        return s.BuiltinOptions.ConcatenationOptions, x
     if k == "TRANSPOSE":
         return s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()
     if k == "PAD":
@@ -263,6 +270,21 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             converted[key] = new
         return converted[key]
 
+    requantized: dict[tuple[str, tuple], str] = {}
+
+    def at_scale(name, params) -> str:
+        """An int8 tensor at the given (scale, zero point), requantizing once where it differs."""
+        if qp[name] == params:
+            return name
+        key = (name, params)
+        if key not in requantized:
+            new = f"{name}/rq{len(requantized)}"
+            graph.shapes[new] = graph.shapes[name]
+            activation(new, True, params)
+            emit("QUANTIZE", [name], [new], int8=True)
+            requantized[key] = new
+        return requantized[key]
+
     for name in graph.inputs:
         if quant and int8_io:
             activation(name, True)
@@ -315,7 +337,11 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
                     em.tensor(n, list(graph.consts[n].shape), f32, data=graph.consts[n].astype(np.float32))
                 inputs.append(ins.get(n, n))
         out = op.outputs[0]
-        if int8 and op.kind in SAME_SCALE:
+        if int8 and op.kind == "CONCATENATION":
+            params = activation_qparams(*rng(out))
+            inputs = [at_scale(n, params) for n in inputs]
+            activation(out, True, params)
+        elif int8 and op.kind in SAME_SCALE:
             activation(out, True, qp[ins[src]])
         elif int8 and op.kind in FIXED_SCALE:
             activation(out, True, FIXED_SCALE[op.kind])

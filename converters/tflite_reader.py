@@ -134,6 +134,8 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                 options["activation"] = acts[o.fusedActivationFunction]
             if hasattr(o, "depthMultiplier"):
                 options["depth_multiplier"] = o.depthMultiplier
+            if kind == "CONCATENATION":
+                options["axis"] = o.axis
             if hasattr(o, "keepDims"):
                 options["keep_dims"] = bool(o.keepDims)
             if hasattr(o, "beta"):

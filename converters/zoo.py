@@ -269,6 +269,44 @@ def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, se
     return _save(graph, path)
 
 
+def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
+    """An FP32 SqueezeNet-style CNN: a stem, then "fire" modules whose 1x1 and 3x3 expand branches
+    are concatenated along the channels, a global average pool and a classifier. Untrained."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, name):
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
+        b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        nodes.append(helper.make_node("Relu", [f"{name}_c"], [name]))
+        return name
+
+    x = conv("image", 3, 16, 3, 2, "stem")
+    cin = 16
+    for i, (squeeze, expand) in enumerate([(8, 16), (8, 16), (16, 32)]):
+        s = conv(x, cin, squeeze, 1, 1, f"fire{i}_squeeze")
+        a, b = conv(s, squeeze, expand, 1, 1, f"fire{i}_e1"), conv(s, squeeze, expand, 3, 1, f"fire{i}_e3")
+        nodes.append(helper.make_node("Concat", [a, b], [f"fire{i}"], axis=1))
+        x, cin = f"fire{i}", 2 * expand
+        if i == 1:
+            nodes.append(helper.make_node("MaxPool", [x], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]))
+            x = f"pool{i}"
+    wf = (rng.standard_normal((cin, classes)) * np.sqrt(1 / cin)).astype(np.float32)
+    inits += [numpy_helper.from_array(wf, "fc_w"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [OUTPUT_NAME])]
+    graph = helper.make_graph(nodes, "fire_cnn",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
+                              initializer=inits)
+    return _save(graph, path)
+
+
 def write_image_npz(folder: str | Path, size: int = 96, n_calibration: int = 64, n_eval: int = 64,
                     seed: int = 0) -> tuple[Path, Path]:
     """Calibration and evaluation sets of smooth synthetic images (no download) for image models."""

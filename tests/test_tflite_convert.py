@@ -91,8 +91,9 @@ def test_the_tflite_bundle_serves_in_the_agent_and_passes_its_self_test(assets, 
 
 @pytest.mark.parametrize("build,npz,name", [
     (zoo.build_mobilenet_like, zoo.write_image_npz, "image"),
+    (zoo.build_fire_cnn, lambda d: zoo.write_image_npz(d, size=32), "image"),
     (lambda p: zoo.build_wide_mlp(p, hidden=96), lambda d: zoo.write_digits_npz(d, flat=True), "features"),
-], ids=["mobilenet-like", "mlp"])
+], ids=["mobilenet-like", "squeezenet-like", "mlp"])
 def test_the_float_tflite_computes_what_the_onnx_model_computes(tmp_path, build, npz, name):
     """Layout (NCHW->NHWC, flatten order), explicit padding of stride-2 convs, depthwise and pooling
     are mapped exactly: the float .tflite matches onnxruntime to float rounding."""
@@ -213,3 +214,25 @@ def test_dynamic_image_sizes_take_the_calibration_shape(assets, tmp_path):
                  ConvertOptions(name="digits", format="tflite"))
     manifest = open_bundle(tmp_path / "d.ewb", [load_public_key(assets.pub)]).manifest
     assert manifest.inputs[0].shape == [-1, 1, 8, 8]
+
+
+def test_concatenated_branches_are_brought_to_one_scale(tmp_path):
+    """SqueezeNet-style fire modules: each CONCATENATION's int8 inputs share its output's scale
+    (requantized where a branch's differs), and the INT8 model stays close to FP32."""
+    zoo.build_fire_cnn(tmp_path / "f.onnx")
+    calib, evaluation = zoo.write_image_npz(tmp_path, size=32)
+    report = convert_onnx(tmp_path / "f.onnx", calib, tmp_path / "f.ewb", None, evaluation,
+                          ConvertOptions(name="fire", format="tflite", allow_worse=True))
+    assert report["graph"]["ops"]["CONCATENATION"] == 3
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    assert report["quality"]["top1_agreement"] >= 0.9
+    assert report["quality"]["mean_abs_err"] <= 0.02 * report["quality"]["output_range"]
+    model = _member(tmp_path / "f.ewb", "model.tflite", tmp_path / "f.tflite")
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(model))
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    for op in it._get_ops_details():
+        if op["op_name"] == "CONCATENATION":
+            scales = {details[i]["quantization"] for i in list(op["inputs"]) + list(op["outputs"])}
+            assert len(scales) == 1, scales
