@@ -12,7 +12,10 @@ Targets (issue 4), per model:
 The agent runs as its own process (`edgeward agent`) with a private Mosquitto, as on a board;
 clients are 4 processes x 8 threads using agent.client.LocalClient.
 
-    .venv/bin/python scripts/bench_agent.py [--seconds 4] [--models digits,mobilenet]
+    .venv/bin/python scripts/bench_agent.py [--seconds 4] [--models digits,mobilenet] [--format tflite]
+
+--format tflite converts the models to INT8 TFLite and compares the agent with a minimal script
+calling LiteRT (ai-edge-litert) instead of onnxruntime.
 """
 
 from __future__ import annotations
@@ -64,6 +67,40 @@ while time.perf_counter() < end:
 rows, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < seconds:
     s.run(None, {name: batch}); rows += 32
+rate = rows / (time.perf_counter() - t0)
+m = __import__("psutil").Process().memory_full_info()
+print(json.dumps({"p50_ms": float(np.percentile(lat, 50)), "rows_per_s": rate,
+                  "rss_mb": m.rss / 2**20, "pss_mb": m.pss / 2**20}))
+"""
+
+
+BARE_TFLITE = r"""
+import json, sys, time
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+path, x_path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+x = np.load(x_path)
+
+def interpreter(rows):
+    it = Interpreter(model_path=path, num_threads=1)
+    d = it.get_input_details()[0]
+    it.resize_tensor_input(d["index"], [rows, *x.shape[1:]])
+    it.allocate_tensors()
+    return it, d["index"], it.get_output_details()[0]["index"]
+
+def run(it, i, o, arr):
+    it.set_tensor(i, arr); it.invoke(); return it.get_tensor(o)
+
+one, batch = interpreter(1), interpreter(32)
+for _ in range(50):
+    run(*one, x[:1])
+lat = []
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    t0 = time.perf_counter(); run(*one, x[:1]); lat.append((time.perf_counter() - t0) * 1000)
+rows, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    run(*batch, x[:32]); rows += 32
 rate = rows / (time.perf_counter() - t0)
 m = __import__("psutil").Process().memory_full_info()
 print(json.dumps({"p50_ms": float(np.percentile(lat, 50)), "rows_per_s": rate,
@@ -163,6 +200,8 @@ def main() -> int:
     ap.add_argument("--models", default="digits,mobilenet,wide",
                     help="which of digits (tiny CNN), mobilenet (depthwise-separable CNN, 128x128), wide (MLP, 10 MB) "
                          "(default %(default)s)")
+    ap.add_argument("--format", choices=["onnx", "tflite"], default="onnx",
+                    help="INT8 ONNX in onnxruntime, or INT8 TFLite in LiteRT (default %(default)s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-agent-"))
     ok = True
@@ -192,17 +231,19 @@ def main() -> int:
             idle.stop()
             for name, (fp32, cal, ev, input_name) in models.items():
                 bundle = work / f"{name}.ewb"
-                convert_onnx(fp32, cal, bundle, key, ev, ConvertOptions(name=name))
+                convert_onnx(fp32, cal, bundle, key, ev, ConvertOptions(name=name, format=args.format,
+                                                                        allow_worse=True))
                 with np.load(ev) as d:
                     x = d[input_name][:32].astype(np.float32)
                 np.save(work / f"{name}-x.npy", x)
-                model_file = work / f"{name}-int8.onnx"
+                model_file = work / f"{name}-int8.{args.format}"
                 import tarfile
 
                 with tarfile.open(bundle) as tar:
-                    model_file.write_bytes(tar.extractfile("model.onnx").read())
+                    model_file.write_bytes(tar.extractfile(f"model.{args.format}").read())
                 say(f"{name}: bare runtime ...")
-                bare = json.loads(subprocess.run([sys.executable, "-c", BARE, str(model_file),
+                script = BARE_TFLITE if args.format == "tflite" else BARE
+                bare = json.loads(subprocess.run([sys.executable, "-c", script, str(model_file),
                                                   str(work / f"{name}-x.npy"), str(args.seconds)],
                                                  capture_output=True, text=True, check=True).stdout)
                 say(f"{name}: agent, streaming mode ...")
@@ -237,6 +278,7 @@ def main() -> int:
                                  "yes" if mem_ok else "NO"])
         finally:
             broker.stop()
+        print(f"INT8 {args.format} models, {'LiteRT' if args.format == 'tflite' else 'onnxruntime'}, 1 thread.\n")
         print("Latency, batch-1 requests one after another (ms):")
         print(format_table(["model", "bare p50", "agent p50", "ratio", "limit 1.10x+0.2", "met"], lat_rows,
                            align="lrrrrl"))
