@@ -16,10 +16,15 @@ EPILOG = """\
 data files (.npz): one array per model input, named like the input (a single-input model
 takes any one array), first axis = samples; optional `labels` (integer class ids).
 
-example:
+examples:
   edgeward keys gen keys/signing
   edgeward convert model.onnx --calibration calib.npz --eval eval.npz \\
       --name digits --version 2 --key keys/signing.key -o digits-v2.ewb
+  edgeward convert model.onnx --calibration calib.npz --eval eval.npz --format both \\
+      --max-drop 0.01 --key keys/signing.key -o digits.ewb      # digits-onnx.ewb + digits-tflite.ewb
+  edgeward convert model.keras --calibration calib.npz --prune-channels 0.25 -o net.ewb   # INT8 TFLite
+
+sources, the layers each format maps, install sizes: docs/CONVERTER.md
 """
 
 
