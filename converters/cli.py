@@ -22,7 +22,8 @@ examples:
       --name digits --version 2 --key keys/signing.key -o digits-v2.ewb
   edgeward convert model.onnx --calibration calib.npz --eval eval.npz --format both \\
       --max-drop 0.01 --key keys/signing.key -o digits.ewb      # digits-onnx.ewb + digits-tflite.ewb
-  edgeward convert model.keras --calibration calib.npz --prune-channels 0.25 -o net.ewb   # INT8 TFLite
+  edgeward convert model.keras --calibration calib.npz --tflite-io int8 -o net.ewb       # INT8 TFLite
+  edgeward convert model.pt2 --calibration calib.npz --prune-channels 0.25 --format tflite -o small.ewb
 
 sources, the layers each format maps, install sizes: docs/CONVERTER.md
 """
