@@ -7,6 +7,7 @@ only the source differs: the graph is read from the flatbuffer and calibrated in
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from agent.signing import load_private_key
 from . import measure
 from .convert import ConvertOptions, Progress, _check_options, _finish, _model_name
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
+from .prune import prune_arrays
 from .targets import TfliteTarget
+from .tflite_graph import WEIGHTED, write_tflite
 from .tflite_reader import calibration_ranges, read_tflite
 
 
@@ -33,28 +36,38 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
     if opts.format != "tflite":
         raise ConversionError(f"a TFLite source converts to TFLite only, not --format {opts.format}",
                               "use --format tflite, or convert the original (ONNX/PyTorch) model for ONNX")
-    if opts.prune or opts.prune_channels:
-        raise ConversionError("--prune works on ONNX and PyTorch sources", "prune before exporting to TFLite")
+    if opts.prune_channels:
+        raise ConversionError("--prune-channels works on ONNX and PyTorch sources",
+                              "remove channels before exporting to TFLite, or use --prune (unstructured)")
     _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None
     graph, names = read_tflite(model_path)
     name = _model_name(opts.name, model_path)
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
+        original, calibrated_file, pruning = graph, model_path, None
+        if opts.prune:  # unstructured: the smallest weights of the weighted layers, calibrated as pruned
+            say("pruning", 0, 1)
+            graph = copy.deepcopy(graph)
+            weights = {op.inputs[1]: graph.consts[op.inputs[1]] for op in graph.ops if op.kind in WEIGHTED}
+            pruned, pruning = prune_arrays(weights, opts.prune, opts.prune_scope)
+            graph.consts.update(pruned)
+            calibrated_file, names = write_tflite(graph, Path(tmp) / "pruned-float.tflite"), None
+            say("pruning", 1, 1)
         data: dict = {}
 
         def ranges(method: str) -> dict:
-            return calibration_ranges(model_path, graph, names, data, method,
+            return calibration_ranges(calibrated_file, graph, names, data, method,
                                       progress=lambda d, t: say("calibrating", d, t))
 
         # the float model as edgeward writes it (I/O named by the signature) is the FP32 reference
         target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
-                              graph=graph, ranges_fn=ranges)
+                              graph=graph, ranges_fn=ranges, baseline=original)
         inputs, _ = target.fp32_session().specs()
         calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES)
         evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
         data.update(calib.inputs)
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs)
-        report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, None,
+        report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                          model_path, out_path, key, say)
     report["source"] = source_label
     return report

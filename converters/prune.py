@@ -40,19 +40,32 @@ def prune_unstructured(src: str | Path, dst: str | Path, sparsity: float, scope:
     if not weights:
         raise ConversionError("the model has no Conv, MatMul or Gemm weights to prune",
                               "leave out --prune for this model")
+    pruned, result = prune_arrays(weights, sparsity, scope)
+    for name, arr in pruned.items():
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+    onnx.save(model, str(dst))
+    return result
+
+
+def prune_arrays(weights: dict[str, np.ndarray], sparsity: float, scope: str = "global") -> tuple[dict, dict]:
+    """(pruned weights, report): the smallest-magnitude entries set to zero, ranked over all the
+    weights together (global) or within each (layer). Shared by the ONNX and TFLite sources."""
+    if not 0 < sparsity < 1:
+        raise ConversionError(f"--prune {sparsity}: give a sparsity between 0 and 1, e.g. 0.5")
+    if scope not in ("global", "layer"):
+        raise ConversionError(f"--prune-scope {scope!r}: use global or layer")
     if scope == "global":
         magnitudes = np.concatenate([np.abs(w).ravel() for w in weights.values()])
         threshold = np.partition(magnitudes, int(sparsity * (magnitudes.size - 1)))[int(sparsity * (magnitudes.size - 1))]
-    report, zeros, total = {}, 0, 0
+    out, report, zeros, total = {}, {}, 0, 0
     for name, w in weights.items():
         if scope == "layer":
             flat = np.abs(w).ravel()
             threshold = np.partition(flat, int(sparsity * (flat.size - 1)))[int(sparsity * (flat.size - 1))]
         pruned = np.where(np.abs(w) <= threshold, np.float32(0), w).astype(np.float32)
-        inits[name].CopyFrom(numpy_helper.from_array(pruned, name))
+        out[name] = pruned
         n0 = int((pruned == 0).sum())
         report[name] = round(n0 / pruned.size, 4)
         zeros += n0
         total += pruned.size
-    onnx.save(model, str(dst))
-    return {"sparsity": round(zeros / total, 4), "scope": scope, "layers": report}
+    return out, {"sparsity": round(zeros / total, 4), "scope": scope, "layers": report}

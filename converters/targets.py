@@ -87,14 +87,15 @@ class TfliteTarget:
     producers = {"int8": "edgeward TFLite writer, full-integer INT8", "fp32": "edgeward TFLite writer, FP32"}
 
     def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
-                 graph=None, ranges_fn=None, original: Path | None = None):
+                 graph=None, ranges_fn=None, original: Path | None = None, baseline=None):
         """`source` is the (possibly pruned) ONNX model to quantize, `original` the user's FP32
-        model, lowered as it is for the FP32 baseline; or `graph` and `ranges_fn` for a TFLite source."""
+        model, lowered as it is for the FP32 baseline; or, for a TFLite source, `graph` and
+        `ranges_fn`, with `baseline` the graph before pruning."""
         from .tflite_graph import write_tflite
 
         self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
         self.source, self.calib, self.say, self.int8_io = source, calib, say, int8_io
-        baseline = graph
+        baseline = baseline or graph
         if graph is None:
             from .onnx_int8 import load_onnx
             from .onnx_to_tflite import calibration_ranges, lower

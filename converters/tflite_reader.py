@@ -167,11 +167,13 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
     return graph, names
 
 
-def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str], data: dict[str, np.ndarray],
+def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],
                        method: str = "minmax", batch: int = 16,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
     """Activation ranges for every tensor, seen by running the float model in LiteRT with every
-    intermediate tensor kept. minmax: the extremes; percentile: the central 99.999 % of values."""
+    intermediate tensor kept. minmax: the extremes; percentile: the central 99.999 % of values.
+    `names` maps the file's tensor indices to graph names (None: a file edgeward wrote from the
+    graph, whose tensors carry the graph's names)."""
     from agent.runtimes.tflite import interpreter_class
 
     if method not in ("minmax", "percentile"):
@@ -187,6 +189,8 @@ def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str], da
         it = cls(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
                  experimental_op_resolver_type=resolver)
     inputs = it.get_input_details()
+    if names is None:
+        names = {d["index"]: d["name"] for d in it.get_tensor_details()}
     by_name = {v: k for k, v in names.items()}
     wanted = {by_name[n]: n for n in graph.activations() if n in by_name}
     n = len(next(iter(data.values())))

@@ -167,3 +167,26 @@ def test_damaged_tflite_files_are_one_clear_error_never_a_traceback(keras_digits
             read_tflite(tmp_path / "bad.tflite")
         except ConversionError:
             pass
+
+
+def test_a_float_tflite_can_be_pruned_and_is_measured_against_the_unpruned_model(keras_digits, keys, tmp_path):
+    folder, _ = keras_digits
+    plain = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "a.ewb", keys[0],
+                           folder / "eval.npz", ConvertOptions(name="a"))
+    sparse = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "b.ewb", keys[0],
+                            folder / "eval.npz", ConvertOptions(name="b", prune=0.5))
+    assert sparse["pruning"]["sparsity"] >= 0.49
+    assert sparse["fp32_bytes"] == plain["fp32_bytes"]              # the same unpruned FP32 baseline
+    assert sparse["quality"]["accuracy_fp32"] == plain["quality"]["accuracy_fp32"]
+    assert sparse["bundle_bytes"] < plain["bundle_bytes"]           # zeros pay in the xz bundle
+    with tarfile.open(tmp_path / "b.ewb") as tar:
+        (tmp_path / "b.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    from converters.measure import TfliteSession
+
+    with np.load(folder / "eval.npz") as d:
+        x = d["pixels"][:64]
+    out = TfliteSession(tmp_path / "b.tflite").run(None, {"pixels": x})[0]
+    assert out.shape == (64, 10) and np.isfinite(out).all()
+    with pytest.raises(ConversionError, match="--prune-channels works on ONNX and PyTorch"):
+        convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "c.ewb",
+                       options=ConvertOptions(prune_channels=0.5))
