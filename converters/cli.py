@@ -108,7 +108,8 @@ def render_report(r: dict) -> str:
         lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {q['samples']} samples ({q['evaluated_on']})")
     lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
                  f"(output range {q['output_range']:.4g})")
-    lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB")
+    lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB "
+                 f"(peak RSS of a process that loads and runs it: {r['memory'].get('peak_mb', 0):.1f} MB)")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")

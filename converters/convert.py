@@ -246,7 +246,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
         quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
                  "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
-                 "source_bytes": model_path.stat().st_size,
+                 "source_bytes": model_path.stat().st_size, "peak_rss_mb": memory["peak_mb"],
                  "calibration": f"{settings.label()}, {len(calib)} samples"
                                 if opts.precision == "int8" else opts.precision,
                  **({"accuracy_search": search} if search else {}),

@@ -170,7 +170,10 @@ with np.load(sys.argv[2]) as sample:
 for _ in range(3):
     sess.run(feeds)
 loaded = proc.memory_info().rss
-print(json.dumps({"runtime_mb": (imported - base) / 2**20, "load_mb": (loaded - imported) / 2**20}))
+# the high-water mark of this address space (ru_maxrss would carry the converter's own over exec)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"runtime_mb": (imported - base) / 2**20, "load_mb": (loaded - imported) / 2**20,
+                  "peak_mb": max(peak, loaded) / 2**20}))
 """
 
 
@@ -194,4 +197,5 @@ def memory_cost(model_path: str | Path, sample: dict[str, np.ndarray], threads: 
             results.append(json.loads(proc.stdout))
     return {"load_mb": round(max(r["load_mb"] for r in results), 2),
             "runtime_mb": round(max(r["runtime_mb"] for r in results), 2),
+            "peak_mb": round(max(r["peak_mb"] for r in results), 2),
             "measured_on": f"{platform.machine()} {platform.system()}, python {platform.python_version()}"}

@@ -60,6 +60,8 @@ def test_the_digits_cnn_becomes_a_full_integer_int8_tflite(digits_tflite):
     assert counts["tensor_dtypes"]["float32"] == 2
     assert counts["tensor_dtypes"]["int8"] >= 9
     assert report["format"] == "tflite" and report["int8_vs_fp32"] <= 0.45
+    mem = report["memory"]  # measured in a fresh process: python + numpy + LiteRT + this model
+    assert mem["runtime_mb"] > 1 and mem["peak_mb"] > mem["runtime_mb"] + mem["load_mb"] and mem["peak_mb"] < 200
 
 
 def test_int8_tflite_stays_close_to_fp32(assets, digits_tflite):
