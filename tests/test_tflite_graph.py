@@ -1,0 +1,69 @@
+"""Unit tests of the TFLite writer's quantization arithmetic, on graphs built by hand."""
+
+import numpy as np
+import pytest
+
+from agent.errors import ConversionError
+from converters.measure import TfliteSession
+from converters.tflite_graph import Graph, Op, activation_qparams, op_counts, write_tflite
+
+
+@pytest.mark.parametrize("lo,hi", [(-3.0, 5.0), (0.0, 6.0), (0.5, 2.0), (-4.0, -1.0), (0.0, 0.0)])
+def test_activation_ranges_take_in_zero_and_both_ends_to_within_a_step(lo, hi):
+    scale, zero = activation_qparams(lo, hi)
+    assert scale > 0 and -128 <= zero <= 127
+
+    def roundtrip(v):
+        return (np.clip(round(v / scale) + zero, -128, 127) - zero) * scale
+
+    lo0, hi0 = min(lo, 0.0), max(hi, 0.0)   # the range always takes in 0 (padding and ReLU need it)
+    for v in (lo0, hi0, 0.5 * (lo0 + hi0)):
+        assert abs(roundtrip(v) - v) <= 0.51 * scale + 1e-9
+    if hi0 > lo0:
+        assert (hi0 - lo0) / scale == pytest.approx(255)   # the whole int8 range is used
+
+
+def _fc_graph(w, b):
+    g = Graph(inputs=["x"], outputs=["y"])
+    g.shapes.update({"x": [-1, w.shape[1]], "y": [-1, w.shape[0]]})
+    g.consts.update({"w": w.astype(np.float32), "b": b.astype(np.float32)})
+    g.ops.append(Op("FULLY_CONNECTED", ["x", "w", "b"], ["y"], {"activation": "RELU"}, "fc"))
+    return g
+
+
+def test_a_channel_emptied_by_pruning_keeps_its_bias(tmp_path):
+    """All-zero weights in one output channel must not give it a zero scale (its bias would
+    overflow int32): it borrows a scale, and its output is its bias."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (4, 8))
+    w[2] = 0
+    b = np.array([0.1, -0.2, 0.75, 0.0])
+    g = _fc_graph(w, b)
+    x = rng.random((64, 8)).astype(np.float32)
+    want = np.maximum(x @ w.T + b, 0)
+    write_tflite(g, tmp_path / "q.tflite", ranges={"x": (0.0, 1.0), "y": (0.0, float(want.max()))})
+    got = TfliteSession(tmp_path / "q.tflite").run(None, {"x": x})[0]
+    step = want.max() / 255
+    np.testing.assert_allclose(got[:, 2], 0.75, atol=step)
+    assert np.abs(got - want).max() <= 4 * step
+
+
+def test_float_and_int8_writers_agree_with_numpy(tmp_path):
+    rng = np.random.default_rng(1)
+    w, b = rng.normal(0, 0.3, (10, 16)), rng.normal(0, 0.1, 10)
+    g = _fc_graph(w, b)
+    x = rng.random((32, 16)).astype(np.float32)
+    want = np.maximum(x @ w.T + b, 0)
+    write_tflite(g, tmp_path / "f.tflite")
+    np.testing.assert_allclose(TfliteSession(tmp_path / "f.tflite").run(None, {"x": x})[0], want, atol=1e-5)
+    write_tflite(g, tmp_path / "q.tflite", ranges={"x": (0.0, 1.0), "y": (0.0, float(want.max()))}, int8_io=True)
+    counts = op_counts(tmp_path / "q.tflite")
+    assert counts["ops"] == {"FULLY_CONNECTED": 1} and "float32" not in counts["tensor_dtypes"]
+    got = TfliteSession(tmp_path / "q.tflite").run(None, {"x": x})[0]   # quantized in, dequantized out
+    assert np.abs(got - want).max() <= 3 * want.max() / 255
+
+
+def test_a_tensor_calibration_never_saw_is_named(tmp_path):
+    g = _fc_graph(np.eye(4), np.zeros(4))
+    with pytest.raises(ConversionError, match="calibration saw no values for tensor 'y'"):
+        write_tflite(g, tmp_path / "q.tflite", ranges={"x": (0.0, 1.0)})
