@@ -251,39 +251,31 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             o.builtinOptionsType, o.builtinOptions = _options(s, opts_op)
         ops_out.append(o)
 
-    converted: dict[tuple[str, bool], str] = {}
+    derived: dict[tuple[str, str], str] = {}
+
+    def convert_once(name, tag, int8, params, kind) -> str:
+        """`name` turned by one QUANTIZE/DEQUANTIZE into a new tensor, made once per tag."""
+        if (name, tag) not in derived:
+            new = f"{name}/{tag}"
+            graph.shapes[new] = graph.shapes[name]
+            activation(new, int8, params)
+            emit(kind, [name], [new], int8=True)
+            derived[(name, tag)] = new
+        return derived[(name, tag)]
 
     def as_dtype(name, int8) -> str:
-        """The tensor in the dtype a consumer needs, converting once with (DE)QUANTIZE."""
+        """The tensor in the dtype a consumer needs."""
         if is_int8[name] == int8:
             return name
-        key = (name, int8)
-        if key not in converted:
-            new = f"{name}/{'int8' if int8 else 'float'}"
-            graph.shapes[new] = graph.shapes[name]
-            if int8:
-                activation(new, True, activation_qparams(*rng(name)))
-                emit("QUANTIZE", [name], [new], int8=True)
-            else:
-                activation(new, False)
-                emit("DEQUANTIZE", [name], [new], int8=True)
-            converted[key] = new
-        return converted[key]
-
-    requantized: dict[tuple[str, tuple], str] = {}
+        if int8:
+            return convert_once(name, "int8", True, activation_qparams(*rng(name)), "QUANTIZE")
+        return convert_once(name, "float", False, None, "DEQUANTIZE")
 
     def at_scale(name, params) -> str:
-        """An int8 tensor at the given (scale, zero point), requantizing once where it differs."""
+        """An int8 tensor at the given (scale, zero point): requantized (int8 -> int8) where it differs."""
         if qp[name] == params:
             return name
-        key = (name, params)
-        if key not in requantized:
-            new = f"{name}/rq{len(requantized)}"
-            graph.shapes[new] = graph.shapes[name]
-            activation(new, True, params)
-            emit("QUANTIZE", [name], [new], int8=True)
-            requantized[key] = new
-        return requantized[key]
+        return convert_once(name, f"rq{params[0]:.8g}_{params[1]}", True, params, "QUANTIZE")
 
     for name in graph.inputs:
         if quant and int8_io:

@@ -234,7 +234,7 @@ def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, se
     Untrained (He-initialised): it gives the benchmarks an edge-sized vision workload whose
     cost per image is that of a real small classifier (about a millisecond on a desktop core).
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -257,12 +257,19 @@ def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, se
         x = conv(x, cin, cin, 3, stride, cin, f"dw{i}")
         x = conv(x, cin, cout, 1, 1, 1, f"pw{i}")
         cin = cout
-    wf = (rng.standard_normal((cin, classes)) * np.sqrt(1 / cin)).astype(np.float32)
+    return _image_classifier(path, "mobilenet_like", nodes, inits, x, cin, size, classes, rng)
+
+
+def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channels: int, size: int, classes: int,
+                      rng) -> Path:
+    """Finish an image model: global average pool, a linear classifier, NCHW image in, logits out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    wf = (rng.standard_normal((channels, classes)) * np.sqrt(1 / channels)).astype(np.float32)
     inits += [numpy_helper.from_array(wf, "fc_w"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]),
-              helper.make_node("Flatten", ["gap"], ["flat"]),
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
               helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [OUTPUT_NAME])]
-    graph = helper.make_graph(nodes, "mobilenet_like",
+    graph = helper.make_graph(nodes, name,
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
                               [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
                               initializer=inits)
@@ -272,7 +279,7 @@ def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, se
 def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
     """An FP32 SqueezeNet-style CNN: a stem, then "fire" modules whose 1x1 and 3x3 expand branches
     are concatenated along the channels, a global average pool and a classifier. Untrained."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -296,15 +303,7 @@ def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: in
         if i == 1:
             nodes.append(helper.make_node("MaxPool", [x], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]))
             x = f"pool{i}"
-    wf = (rng.standard_normal((cin, classes)) * np.sqrt(1 / cin)).astype(np.float32)
-    inits += [numpy_helper.from_array(wf, "fc_w"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
-              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [OUTPUT_NAME])]
-    graph = helper.make_graph(nodes, "fire_cnn",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
-                              initializer=inits)
-    return _save(graph, path)
+    return _image_classifier(path, "fire_cnn", nodes, inits, x, cin, size, classes, rng)
 
 
 def write_image_npz(folder: str | Path, size: int = 96, n_calibration: int = 64, n_eval: int = 64,
