@@ -150,24 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 
+        common = dict(key_path=args.key, evaluation=args.eval, options=opts,
+                      progress=None if args.json else _progress)
         if args.model.endswith(".tflite"):
             from .from_tflite import convert_tflite
 
-            report = convert_tflite(args.model, args.calibration, args.output, key_path=args.key,
-                                    evaluation=args.eval, options=opts, progress=None if args.json else _progress)
+            report = convert_tflite(args.model, args.calibration, args.output, **common)
         elif is_tensorflow_source(args.model):
-            report = convert_tensorflow(args.model, args.calibration, args.output, key_path=args.key,
-                                        evaluation=args.eval, options=opts, progress=None if args.json else _progress)
+            report = convert_tensorflow(args.model, args.calibration, args.output, **common)
         elif args.model.endswith(TORCH_SUFFIXES):
             from .from_torch import convert_torch, example_from_npz, load_torch_file
 
             opts.name = opts.name or Path(args.model).stem
             report = convert_torch(load_torch_file(args.model), example_from_npz(args.calibration), args.calibration,
-                                   args.output, key_path=args.key, evaluation=args.eval, options=opts,
-                                   progress=None if args.json else _progress)
+                                   args.output, **common)
         else:
-            report = convert_onnx(args.model, args.calibration, args.output, key_path=args.key, evaluation=args.eval,
-                                  options=opts, progress=None if args.json else _progress)
+            report = convert_onnx(args.model, args.calibration, args.output, **common)
     except EdgewardError as exc:
         print(f"edgeward convert: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from agent.signing import load_private_key
 
 from . import guard, measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset
+from .onnx_graph import name_nodes
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
 from .prune_channels import prune_channels
@@ -65,16 +66,8 @@ def _named_copy(model_path: Path, out: Path) -> Path:
     import onnx
 
     model = onnx.load(str(model_path))
-    if all(n.name for n in model.graph.node):
+    if not name_nodes(model):
         return model_path
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
     onnx.save(model, str(out))
     return out
 
@@ -150,7 +143,7 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                                     reduce_range=not opts.full_range_weights)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
-                                      original=model_path)
+                                      original=model_path if pruning or channels else None)
             reports[fmt] = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                                    model_path, paths[fmt], key, say)
             reports[fmt]["channel_pruning"] = channels
@@ -233,7 +226,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
                               "ship the float model with --precision fp32, or pass --allow-worse to ship it anyway")
     latency_note = None if target.judges_latency() or opts.precision == "fp32" else (
         f"INT8 vs FP32 latency measured on {platform.machine()}: x86 INT8 kernels without VNNI often trail FP32, "
-        "ARM boards' do not; time it on the board (edgeward bench) before judging")
+        "ARM boards' do not; time it on the board (scripts/bench_agent.py --format tflite) before judging")
     search = {"max_drop": opts.max_drop, "chosen": settings.label(),
               "attempts": [{"settings": a.settings.label(), "drop": a.drop, "note": a.note} for a in attempts]} \
         if attempts else None

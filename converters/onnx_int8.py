@@ -81,6 +81,16 @@ class _Reader:
         self._it = self._batches()
 
 
+def ort_calibration_method(method: str):
+    """onnxruntime's CalibrationMethod for one of CALIBRATION_METHODS (an unknown one is refused)."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    if method not in CALIBRATION_METHODS:
+        raise ConversionError(f"calibration method {method!r} is unknown", f"use one of {', '.join(CALIBRATION_METHODS)}")
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
 def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: dict[str, np.ndarray],
                     per_channel: bool = True, method: str = "minmax", batch: int = 1,
                     exclude_nodes: list[str] | None = None, reduce_range: bool = True,
@@ -91,14 +101,11 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
     (AVX2's VPMADDUBSW) saturate with full 8-bit weights, which cost the digits CNN 2 points of
     top-1 here and would make the host's self-test reference disagree with an ARM board's
     results. 7-bit weights give the same answers on every CPU; pass False for VNNI/ARM-only use."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if method not in CALIBRATION_METHODS:
-        raise ConversionError(f"calibration method {method!r} is unknown", f"use one of {', '.join(CALIBRATION_METHODS)}")
-    calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                        "percentile": CalibrationMethod.Percentile}[method]
+    calibrate_method = ort_calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="edgeward-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:

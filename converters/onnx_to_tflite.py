@@ -24,18 +24,13 @@ import numpy as np
 
 from agent.errors import ConversionError
 
+from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
 from .tflite_graph import Graph, Op
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 _ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
 _POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
 _BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL"}
-
-
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _unsupported(node, why: str = "") -> ConversionError:
@@ -46,27 +41,16 @@ def _unsupported(node, why: str = "") -> ConversionError:
 
 class _Lowering:
     def __init__(self, model):
-        import onnx
-        from onnx import numpy_helper, shape_inference
+        from onnx import numpy_helper
 
-        try:
-            model = shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:  # shapes are then taken from what the file declares
-            pass
         self.model = model
         g = model.graph
         self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         for node in g.node:  # Constant nodes are constants too
             if node.op_type == "Constant":
-                self.consts[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
-        self.shapes: dict[str, list[int]] = {}
-        for vi in list(g.input) + list(g.value_info) + list(g.output):
-            dims = vi.type.tensor_type.shape.dim
-            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-        self.consumers: dict[str, list] = {}
-        for node in g.node:
-            for i in node.input:
-                self.consumers.setdefault(i, []).append(node)
+                self.consts[node.output[0]] = numpy_helper.to_array(node_attrs(node)["value"])
+        self.shapes = value_shapes(model)
+        self.consumers = consumers(g)
         self.graph_outputs = {o.name for o in g.output}
         self.g = Graph(inputs=[i.name for i in g.input if i.name not in self.consts],
                        outputs=[o.name for o in g.output])
@@ -75,7 +59,6 @@ class _Lowering:
         self.flat_perm: dict[str, np.ndarray] = {}  # flattened NHWC tensor -> NCHW order of its features
         self.done: set[int] = set()
         self.nonneg: set[str] = set()       # graph tensors that cannot be negative (after ReLU and such)
-        self.dtype_check = onnx.TensorProto.FLOAT
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -131,7 +114,7 @@ class _Lowering:
         return None
 
     def clip_bounds(self, node) -> tuple[float, float]:
-        a = _attrs(node)
+        a = node_attrs(node)
         lo, hi = a.get("min", -math.inf), a.get("max", math.inf)
         if len(node.input) > 1 and node.input[1]:
             lo = float(self.const(node.input[1], node))
@@ -204,7 +187,7 @@ class _Lowering:
 
     # -- layers ------------------------------------------------------------------------------------
     def lower_Conv(self, node):
-        a = _attrs(node)
+        a = node_attrs(node)
         x = self.src(node.input[0])
         if x not in self.nhwc:
             raise _unsupported(node, " on a non-4D input")
@@ -265,7 +248,7 @@ class _Lowering:
         if len(users) == 1 and users[0].op_type == "BatchNormalization" and out not in self.graph_outputs:
             bn = users[0]
             scale, bias, mean, var = (self.const(bn.input[i], bn).astype(np.float64) for i in range(1, 5))
-            eps = _attrs(bn).get("epsilon", 1e-5)
+            eps = node_attrs(bn).get("epsilon", 1e-5)
             k = scale / np.sqrt(var + eps)
             self.done.add(id(bn))
             return ((w * k[:, None, None, None]).astype(np.float32),
@@ -286,7 +269,7 @@ class _Lowering:
         self.op("FULLY_CONNECTED", [x, wname, bname], y, name=node.name, activation=act)
 
     def lower_Gemm(self, node):
-        a = _attrs(node)
+        a = node_attrs(node)
         if a.get("transA", 0):
             raise _unsupported(node, " with transA=1")
         w = self.const(node.input[1], node).astype(np.float32) * a.get("alpha", 1.0)
@@ -326,13 +309,13 @@ class _Lowering:
     def lower_Softmax(self, node):
         x = self.src(node.input[0])
         rank = len(self.g.shapes[x])
-        axis = _attrs(node).get("axis", -1 if self.model.opset_import[0].version >= 13 else 1)
+        axis = node_attrs(node).get("axis", -1 if self.model.opset_import[0].version >= 13 else 1)
         if x in self.nhwc or axis not in (-1, rank - 1):
             raise _unsupported(node, " over an axis other than the last")
         self._unary(node, "SOFTMAX", beta=1.0)
 
     def _pool(self, node, kind):
-        a = _attrs(node)
+        a = node_attrs(node)
         x = self.src(node.input[0])
         if x not in self.nhwc:
             raise _unsupported(node, " on a non-4D input")
@@ -380,7 +363,7 @@ class _Lowering:
             self.flat_perm[y] = perm
 
     def lower_Flatten(self, node):
-        if _attrs(node).get("axis", 1) != 1:
+        if node_attrs(node).get("axis", 1) != 1:
             raise _unsupported(node, " with axis other than 1")
         self._flatten_to_2d(node, self.src(node.input[0]))
 
@@ -405,7 +388,7 @@ class _Lowering:
         layouts = {x in self.nhwc for x in xs}
         shape0 = self.g.shapes[xs[0]]
         rank = len(shape0)
-        axis = _attrs(node).get("axis", 1)
+        axis = node_attrs(node).get("axis", 1)
         axis = axis + rank if axis < 0 else axis
         if len(layouts) != 1:
             raise _unsupported(node, " of feature maps and flat tensors together")
@@ -442,13 +425,7 @@ def lower(model) -> Graph:
     for vi in model.graph.input:
         if vi.type.tensor_type.elem_type != 1 and vi.name not in {i.name for i in model.graph.initializer}:
             raise ConversionError(f"input {vi.name!r} is not float32", "TFLite conversion takes float models")
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):  # as the converter's named copy names them
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
-            while node.name in taken:
-                node.name += "_"
-            taken.add(node.name)
+    name_nodes(model)  # as the converter's named copy names them
     return _Lowering(model).run()
 
 
@@ -463,14 +440,11 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
     (MinMax, Entropy or Percentile) on the FP32 ONNX model."""
     import tempfile
 
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import create_calibrator
 
-    from .onnx_int8 import CALIBRATION_METHODS, _Reader
+    from .onnx_int8 import _Reader, ort_calibration_method
 
-    if method not in CALIBRATION_METHODS:
-        raise ConversionError(f"calibration method {method!r} is unknown", f"use one of {', '.join(CALIBRATION_METHODS)}")
-    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-          "percentile": CalibrationMethod.Percentile}[method]
+    cm = ort_calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp:
         extra = {"symmetric": False} if method != "minmax" else {}
         calibrator = create_calibrator(str(model_path), op_types_to_calibrate=None,

@@ -24,10 +24,6 @@ def prune_unstructured(src: str | Path, dst: str | Path, sparsity: float, scope:
     import onnx
     from onnx import numpy_helper
 
-    if not 0 < sparsity < 1:
-        raise ConversionError(f"--prune {sparsity}: give a sparsity between 0 and 1, e.g. 0.5")
-    if scope not in ("global", "layer"):
-        raise ConversionError(f"--prune-scope {scope!r}: use global or layer")
     model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
     weights: dict[str, np.ndarray] = {}

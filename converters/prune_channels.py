@@ -20,17 +20,15 @@ import numpy as np
 
 from agent.errors import ConversionError
 
+from .onnx_graph import consumers as consumers_of
+from .onnx_graph import node_attrs, value_shapes
+
 _CHANNELWISE = ("Relu", "Clip", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
                 "Identity", "Dropout")
 
 
 def _attr(node, name, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+    return node_attrs(node).get(name, default)
 
 
 def _set_attr(node, name, value) -> None:
@@ -101,28 +99,16 @@ def prune_channels(src: str | Path, dst: str | Path, ratio: float) -> dict:
     """Write `src` with `ratio` of the output channels of every prunable convolution removed
     (the lowest-L1 filters); returns the layers pruned, their channel counts and the sizes."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import numpy_helper
 
     if not 0 < ratio < 1:
         raise ConversionError(f"--prune-channels {ratio}: give a fraction of channels between 0 and 1, e.g. 0.25")
     model = onnx.load(str(src))
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
-    consumers: dict[str, list] = {}
-    for node in g.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    shapes = value_shapes(model)
+    consumers = consumers_of(g)
     outputs = {o.name for o in g.output}
-    uses = {}
-    for node in g.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
 
     layers = []
     for conv in list(g.node):
@@ -134,7 +120,7 @@ def prune_channels(src: str | Path, dst: str | Path, ratio: float) -> dict:
             continue
         touched = [conv.input[1]] + [n.input[1] for n, _, _ in plan.readers] + \
                   [i for n in plan.channelwise for i in n.input[1:] if i]
-        if any(uses.get(t, 0) > 1 for t in touched):  # a weight shared with another layer stays whole
+        if any(len(consumers.get(t, [])) > 1 for t in touched):  # a weight shared with another layer stays whole
             continue
         keep_n = max(1, w.shape[0] - int(round(w.shape[0] * ratio)))  # as torch's ln_structured counts
         l1 = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)

@@ -88,26 +88,27 @@ class TfliteTarget:
 
     def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
                  graph=None, ranges_fn=None, original: Path | None = None, baseline=None):
-        """`source` is the (possibly pruned) ONNX model to quantize, `original` the user's FP32
-        model, lowered as it is for the FP32 baseline; or, for a TFLite source, `graph` and
-        `ranges_fn`, with `baseline` the graph before pruning."""
+        """`source` is the ONNX model to quantize; `original`, when given, the user's FP32 model
+        before pruning, lowered as it is for the FP32 baseline. For a TFLite source: `graph` and
+        `ranges_fn` instead, with `baseline` the graph before pruning."""
         from .tflite_graph import write_tflite
 
         self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
         self.source, self.calib, self.say, self.int8_io = source, calib, say, int8_io
-        baseline = baseline or graph
         if graph is None:
             from .onnx_int8 import load_onnx
             from .onnx_to_tflite import calibration_ranges, lower
 
             graph = lower(fix_dims(load_onnx(source), calib))
-            baseline = lower(fix_dims(load_onnx(original), calib)) if original and original != source else graph
+            baseline = lower(fix_dims(load_onnx(original), calib)) if original else None
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
-        self.pruned_fp32 = work / "pruned-fp32.tflite"
-        write_tflite(baseline, self.fp32_path, description="edgeward fp32")
-        write_tflite(graph, self.pruned_fp32, description="edgeward fp32")
+        write_tflite(baseline or graph, self.fp32_path, description="edgeward fp32")
+        self.pruned_fp32 = self.fp32_path  # the float model of what is quantized: pruned, if it was
+        if baseline is not None and baseline is not graph:
+            self.pruned_fp32 = work / "pruned-fp32.tflite"
+            write_tflite(graph, self.pruned_fp32, description="edgeward fp32")
 
     def layers(self) -> list[str]:
         names = self.graph.layers()

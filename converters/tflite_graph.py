@@ -220,6 +220,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
     from ai_edge_litert import schema_py_generated as s
 
     em = _Emitter(s)
+    shapes = dict(graph.shapes)  # plus the tensors this writing adds (conversions); the graph stays as it is
     quant = ranges is not None
     float_ops = float_ops or set()
     qp: dict[str, tuple[float, int]] = {}      # int8 activation tensors' (scale, zero point)
@@ -234,7 +235,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         return ranges[name]
 
     def activation(name, int8, params=None):
-        shape = graph.shapes[name]
+        shape = shapes[name]
         if int8:
             qp[name] = params or activation_qparams(*rng(name))
             em.tensor(name, shape, i8, scale=qp[name][0], zero=qp[name][1])
@@ -257,7 +258,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         """`name` turned by one QUANTIZE/DEQUANTIZE into a new tensor, made once per tag."""
         if (name, tag) not in derived:
             new = f"{name}/{tag}"
-            graph.shapes[new] = graph.shapes[name]
+            shapes[new] = shapes[name]
             activation(new, int8, params)
             emit(kind, [name], [new], int8=True)
             derived[(name, tag)] = new
@@ -310,8 +311,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
                     in_scale = qp[ins[src]][0]
                     b_scales = in_scale * scales
                     b = graph.consts[b_name].astype(np.float64)
-                    bq = np.clip(np.round(b / (b_scales if len(b_scales) > 1 else b_scales[0])),
-                                 -2**31, 2**31 - 1).astype(np.int32)
+                    bq = np.clip(np.round(b / b_scales), -2**31, 2**31 - 1).astype(np.int32)
                     em.tensor(f"{b_name}/q", list(b.shape), i32, data=bq, scale=b_scales,
                               zero=np.zeros(len(b_scales), np.int64), axis=0)
                     b_name = f"{b_name}/q"
@@ -351,7 +351,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             is_int8[inner] = is_int8.pop(name)
             if name in qp:
                 qp[inner] = qp[name]
-            graph.shapes[inner] = graph.shapes[name]
+            shapes[inner] = shapes[name]
             if want_int8:
                 activation(name, True, qp.get(inner) or activation_qparams(*rng(name)))
                 emit("QUANTIZE", [inner], [name], int8=True)
@@ -376,20 +376,19 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
     model = s.ModelT()
     model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, em.codes, [sub], em.buffers
     model.signatureDefs, model.description = [sig], description
-    builder = _AlignedBuilder(1024 + sum(len(b.data) for b in em.buffers if b.data is not None))
+    builder = _aligned_builder(1024 + sum(len(b.data) for b in em.buffers if b.data is not None))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     path = Path(path)
     path.write_bytes(bytes(builder.Output()))
     return path
 
 
-def _aligned_builder_class():
+def _aligned_builder(size: int):
+    """A flatbuffers Builder that aligns buffers' bytes to 16, as the schema asks (force_align: 16)
+    and TensorFlow's converter writes them: runtimes may read weights in place with vector loads."""
     import flatbuffers
 
     class AlignedBuilder(flatbuffers.Builder):
-        """Buffers' bytes aligned to 16, as the schema asks (force_align: 16) and TensorFlow's
-        converter writes them: runtimes may read weights in place with vector loads."""
-
         def CreateNumpyVector(self, x):
             if x.dtype != np.uint8:
                 return super().CreateNumpyVector(x)
@@ -400,11 +399,7 @@ def _aligned_builder_class():
             self.vectorNumElems = x.size
             return self.EndVector()
 
-    return AlignedBuilder
-
-
-def _AlignedBuilder(size: int):  # noqa: N802 - reads like the class it builds
-    return _aligned_builder_class()(size)
+    return AlignedBuilder(size)
 
 
 def op_counts(path: str | Path) -> dict:

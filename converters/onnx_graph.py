@@ -1,0 +1,50 @@
+"""Small views of an ONNX graph that the lowering, the pruning and the converter all read:
+node attributes, who consumes a tensor, the shapes shape inference knows, node names."""
+
+from __future__ import annotations
+
+
+def node_attrs(node) -> dict:
+    """A node's attributes as plain Python values."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def value_shapes(model) -> dict[str, list[int]]:
+    """Tensor name -> shape (-1 for a symbolic or unknown dim), after ONNX shape inference where
+    it succeeds (otherwise what the file declares)."""
+    from onnx import shape_inference
+
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shapes are then taken from what the file declares
+        pass
+    g = model.graph
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+            for vi in list(g.input) + list(g.value_info) + list(g.output)}
+
+
+def name_nodes(model) -> bool:
+    """Give every unnamed node a name (`Conv_3`), as exporters often leave them empty, so layers
+    can be kept in float by name and reports can point at them. True if any was renamed."""
+    taken = {n.name for n in model.graph.node if n.name}
+    renamed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            renamed = True
+    return renamed
