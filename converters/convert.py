@@ -198,7 +198,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     say("measuring latency", 1, 3)
     sample = evalset.take(slice(0, 1))
     fp32 = target.fp32_session(opts.threads)
-    latency = {"fp32": measure.latency_ms(fp32, sample), "int8": measure.latency_ms(int8, sample)}
+    latency = measure.latency_ms({"fp32": fp32, "int8": int8}, sample)
     say("measuring memory", 2, 3)
     memory = target.memory(sample, opts.threads)
     say("measuring memory", 3, 3)

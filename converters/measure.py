@@ -138,17 +138,28 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     return out
 
 
-def latency_ms(sess, sample: dict[str, np.ndarray], runs: int = 200, warmup: int = 20) -> dict:
-    """Single-request latency on this CPU: p50 and p95 over `runs` calls after a warm-up."""
-    names = [o.name for o in sess.get_outputs()]
-    for _ in range(warmup):
-        sess.run(names, sample)
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        sess.run(names, sample)
-        times[i] = (time.perf_counter() - t0) * 1000
-    return {"p50": round(float(np.percentile(times, 50)), 4), "p95": round(float(np.percentile(times, 95)), 4)}
+def latency_ms(sessions: dict, sample: dict[str, np.ndarray], runs: int = 200, rounds: int = 10,
+               warmup: int = 20) -> dict[str, dict]:
+    """Single-request latency of each session on this CPU, p50 and p95 over `runs` calls each.
+
+    The sessions take turns in `rounds` short blocks, so that a slow patch of the machine
+    (another process, frequency changes: common on shared and small hosts) falls on all of
+    them alike instead of on whichever ran second; the FP32/INT8 ratio is what is compared."""
+    names = {k: [o.name for o in sess.get_outputs()] for k, sess in sessions.items()}
+    for k, sess in sessions.items():
+        for _ in range(warmup):
+            sess.run(names[k], sample)
+    per_round = max(1, runs // rounds)
+    times = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            sess.run(names[k], sample)  # the first call after the other model ran warms this one's caches
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(names[k], sample)
+                times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: {"p50": round(float(np.percentile(t, 50)), 4), "p95": round(float(np.percentile(t, 95)), 4)}
+            for k, t in times.items()}
 
 
 _MEMORY_PROBE = r"""

@@ -138,8 +138,9 @@ class _Emitter:
             t.buffer = len(self.buffers) - 1
         if scale is not None:
             q = s.QuantizationParametersT()
-            q.scale = [float(v) for v in np.atleast_1d(scale)]
-            q.zeroPoint = [int(v) for v in np.atleast_1d(zero)]
+            # numpy vectors: the builder writes each distinct one once (see _aligned_builder)
+            q.scale = np.atleast_1d(np.asarray(scale, np.float32))
+            q.zeroPoint = np.atleast_1d(np.asarray(zero, np.int64))
             q.quantizedDimension = axis
             t.quantization = q
         self.tensors.append(t)
@@ -385,13 +386,25 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
 
 def _aligned_builder(size: int):
     """A flatbuffers Builder that aligns buffers' bytes to 16, as the schema asks (force_align: 16)
-    and TensorFlow's converter writes them: runtimes may read weights in place with vector loads."""
+    and TensorFlow's converter writes them: runtimes may read weights in place with vector loads.
+
+    It also writes each distinct quantization vector once and points every tensor that has it
+    at that copy (flatbuffers allows shared vectors, as it does shared strings). Per-channel
+    zero points are all zero and int64 in the schema: a conv's weights and bias each carry
+    one per output channel, so without sharing they are a third of a small CNN's overhead."""
     import flatbuffers
 
     class AlignedBuilder(flatbuffers.Builder):
+        def __init__(self, initial_size: int):
+            super().__init__(initial_size)
+            self.shared: dict = {}  # (dtype, bytes) -> offset of the vector already written
+
         def CreateNumpyVector(self, x):
             if x.dtype != np.uint8:
-                return super().CreateNumpyVector(x)
+                key = (x.dtype.str, x.tobytes())
+                if key not in self.shared:
+                    self.shared[key] = super().CreateNumpyVector(x)
+                return self.shared[key]
             self.StartVector(1, x.size, 16)
             payload = x.tobytes()
             self.head = self.head - len(payload)

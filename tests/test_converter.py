@@ -129,3 +129,28 @@ def test_bad_input_gives_one_line_and_leaves_no_file(assets, tmp_path, case, fra
     assert fragment in lines[0]
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_fp32_and_int8_latency_are_timed_in_alternating_rounds():
+    """A slow patch of the host must fall on both models alike: their timed calls alternate
+    in rounds across the whole measurement instead of one model after the other."""
+    from converters import measure
+
+    order = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def get_outputs(self):
+            return [type("O", (), {"name": "y"})()]
+
+        def run(self, names, feeds):
+            order.append(self.name)
+
+    res = measure.latency_ms({"fp32": Recorder("fp32"), "int8": Recorder("int8")}, {}, runs=40, rounds=4, warmup=2)
+    assert set(res) == {"fp32", "int8"} and all(r["p50"] <= r["p95"] for r in res.values())
+    timed = order[4:]                               # after each model's warm-up
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert timed.count("fp32") == timed.count("int8") == 4 * (10 + 1)
+    assert switches == 2 * 4 - 1                   # fp32, int8, fp32, int8, ... in 4 rounds each
