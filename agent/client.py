@@ -10,6 +10,14 @@ behind each other here (a batched model batches them). For a stateless
 model the client asks the agent once where the model's worker
 listens and then talks to it directly (agent/direct.py), falling back to the agent when
 that worker is replaced or restarted.
+
+While it waits for an answer, a call polls the socket for up to `spin_us` (500 µs) before
+it sleeps, as the agent does for the next request (api.spin_us): waking a sleeping core
+costs tens of microseconds on small boards and VMs, a large share of a fast model's run.
+It polls only when the previous answer from that socket came within that window (a slow
+model's answer is worth no spinning) and only when it is this client's one call in
+flight, so many concurrent callers never burn the cores the model needs. `spin_us=0`
+turns it off; on a one-core board it is off.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, InferenceError, ModelNotFound, ProtocolError
-from .localapi import recv_message, send_message
+from .localapi import linger, recv_message, send_message
 from .tensors import from_frame, to_numpy
 
 DEFAULT_SOCKET = os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock")
@@ -31,9 +40,12 @@ _ERRORS = {"busy": BusyError, "bad_request": InferenceError, "unknown_model": Mo
 
 
 class LocalClient:
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True):
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True, spin_us: int = 500):
         self.path = path
         self.timeout = timeout
+        self.spin_s = max(0, spin_us) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
+        self._in_flight = 0
+        self._last_wait: dict[str | None, float] = {}  # socket -> seconds its last answer took
         self.direct = direct          # talk to streaming models' workers directly (one hop fewer)
         self._routes: dict[str, str | None] = {}
         self._local = threading.local()
@@ -64,12 +76,22 @@ class LocalClient:
 
     def _call(self, frame: bytes | list, path: str | None = None) -> tuple[dict, memoryview]:
         conn = self._conn(path)
+        with self._lock:
+            self._in_flight += 1
+            spin = self.spin_s > 0 and self._in_flight == 1 and self._last_wait.get(path, 0.0) <= self.spin_s
         try:
+            t0 = time.perf_counter()
             send_message(conn, frame)
+            if spin:
+                linger(conn, self.spin_s)
             reply = recv_message(conn)
+            self._last_wait[path] = time.perf_counter() - t0
         except (OSError, ConnectionError) as exc:
             self._drop(path)
             raise EdgewardError(f"the agent closed the connection: {exc}", "retry; check the agent's log") from exc
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         if reply is None:
             self._drop(path)
             raise EdgewardError("the agent closed the connection", "retry; check the agent's log")

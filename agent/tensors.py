@@ -207,16 +207,30 @@ def to_json(t: Tensor):
 
 # ---------------------------------------------------------------- numpy, for callers that have it
 
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype) -> str:
+    """numpy's name for a dtype, remembered: `dtype.name` costs microseconds per call, and
+    every request asks it of each tensor both ways."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        _DTYPE_NAMES[dtype] = dtype.name
+        return _DTYPE_NAMES[dtype]
+
+
 def from_numpy(name: str, arr: "np.ndarray") -> Tensor:
     import numpy as np
 
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    if arr.dtype.name not in ITEMSIZE:
+    dtype = dtype_name(arr.dtype)
+    if dtype not in ITEMSIZE:
         raise ProtocolError(f"tensor {name!r}: dtype {arr.dtype} cannot be sent",
                             f"use one of {', '.join(sorted(ITEMSIZE))}")
-    return Tensor(name, arr.dtype.name, tuple(arr.shape), arr.tobytes())
+    return Tensor(name, dtype, tuple(arr.shape), arr.tobytes())
 
 
 def to_numpy(t: Tensor) -> "np.ndarray":

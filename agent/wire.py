@@ -16,7 +16,7 @@ import json
 import struct
 
 from .errors import ProtocolError
-from .tensors import ITEMSIZE, from_frame, from_numpy, to_numpy
+from .tensors import ITEMSIZE, dtype_name, from_frame, from_numpy, to_numpy
 
 MAGIC = b"EWF1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -56,8 +56,8 @@ def frame_parts(tensors: dict, **header) -> list:
     specs, buffers, offset = [], [], 0
     for name, arr in tensors.items():
         if (isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.dtype.byteorder != ">"
-                and arr.dtype.name in ITEMSIZE):
-            buf, dtype, shape = memoryview(arr).cast("B"), arr.dtype.name, arr.shape
+                and dtype_name(arr.dtype) in ITEMSIZE):
+            buf, dtype, shape = memoryview(arr).cast("B"), dtype_name(arr.dtype), arr.shape
         else:  # a contiguous little-endian copy, or a clear error
             t = from_numpy(name, arr)
             buf, dtype, shape = t.data, t.dtype, t.shape

@@ -1,0 +1,82 @@
+"""The local client's wait for an answer: it polls only when an answer is expected soon,
+and sleeps in recv() otherwise (unit test against a socket server in this process)."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent import client as client_mod
+from agent import protocol, wire
+from agent.client import LocalClient
+from agent.localapi import linger, recv_message, send_message
+
+
+def _server(path, delay_s):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+
+    def serve():
+        conn, _ = srv.accept()
+        while (msg := recv_message(conn)) is not None:
+            header, body = wire.unpack(msg)
+            time.sleep(delay_s[0])
+            send_message(conn, wire.pack_tensors({"y": np.ones(2, np.float32)}, v=protocol.VERSION, status="ok"))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+@pytest.fixture
+def polls(monkeypatch):
+    calls = []
+
+    def counting(sock, seconds, *a, **kw):
+        calls.append(seconds)
+        return linger(sock, seconds, *a, **kw)
+
+    monkeypatch.setattr(client_mod, "linger", counting)
+    return calls
+
+
+def test_the_client_polls_for_fast_answers_and_sleeps_through_slow_ones(tmp_path, polls):
+    delay = [0.0]
+    srv = _server(tmp_path / "s.sock", delay)
+    with LocalClient(str(tmp_path / "s.sock"), direct=False, spin_us=50_000) as c:
+        for _ in range(3):
+            np.testing.assert_array_equal(c.infer("m", np.zeros(2, np.float32))["y"], 1.0)
+        assert len(polls) == 3 and all(s == pytest.approx(0.05) for s in polls)
+        delay[0] = 0.2                        # the model got slow: one more poll finds that out ...
+        c.infer("m", np.zeros(2, np.float32))
+        c.infer("m", np.zeros(2, np.float32))
+        c.infer("m", np.zeros(2, np.float32))
+        assert len(polls) == 4                # ... and then the client sleeps in recv()
+        delay[0] = 0.0                        # fast again: the next answer (slept for) re-enables polling
+        c.infer("m", np.zeros(2, np.float32))
+        c.infer("m", np.zeros(2, np.float32))
+        assert len(polls) == 5
+    srv.close()
+
+
+def test_spin_zero_never_polls(tmp_path, polls):
+    srv = _server(tmp_path / "s.sock", [0.0])
+    with LocalClient(str(tmp_path / "s.sock"), direct=False, spin_us=0) as c:
+        for _ in range(3):
+            c.infer("m", np.zeros(2, np.float32))
+    assert polls == []
+    srv.close()
+
+
+def test_linger_returns_as_soon_as_data_arrives_and_gives_up_after_its_window():
+    a, b = socket.socketpair()
+    t0 = time.perf_counter()
+    assert linger(a, 0.02) is False
+    assert time.perf_counter() - t0 >= 0.02
+    threading.Timer(0.005, lambda: b.send(b"x")).start()
+    t0 = time.perf_counter()
+    assert linger(a, 1.0) is True
+    assert time.perf_counter() - t0 < 0.5
+    a.close(), b.close()
