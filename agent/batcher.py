@@ -11,6 +11,7 @@ at once instead of the agent growing.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -20,14 +21,14 @@ from typing import Callable
 from .errors import BusyError, EdgewardError, InferenceError
 from .tensors import Tensor, concat, pad_rows, split
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Pending:
     feeds: list[Tensor]
     rows: int
-    done: threading.Event = field(default_factory=threading.Event)
-    result: list[Tensor] | None = None
-    error: BaseException | None = None
+    on_done: Callable[[list[Tensor] | None, BaseException | None], None]
 
 
 class Batcher:
@@ -49,13 +50,39 @@ class Batcher:
 
     def submit(self, feeds: list[Tensor]) -> list[Tensor]:
         """Queue one request and wait for its share of a batch's outputs."""
+        done = threading.Event()
+        answer: list = [None, None]
+
+        def finished(result, error):
+            answer[:] = [result, error]
+            done.set()
+
+        self.submit_async(feeds, finished)
+        done.wait()
+        if answer[1] is not None:
+            raise answer[1]
+        return answer[0]
+
+    def submit_async(self, feeds: list[Tensor],
+                     on_done: Callable[[list[Tensor] | None, BaseException | None], None]) -> None:
+        """Queue one request; the batch thread calls on_done(outputs, None) or on_done(None, error)
+        after the batch has run. A caller that can answer from there (agent/direct.py sends the
+        reply itself) saves a thread wake-up per request. Refusals (busy, too many rows for a
+        fixed batch, unloading) raise here, at once. A request larger than a batch runs now,
+        in the caller's thread, and on_done is called before this returns."""
         rows = feeds[0].rows if feeds else 1
         if rows > self.max_batch:
             if self.fixed_batch:
                 raise InferenceError(f"model {self.name!r} runs batches of {self.fixed_batch}; "
                                      f"this request has {rows} rows", f"send at most {self.fixed_batch} rows")
-            return self._run(feeds)  # already a batch of its own
-        item = _Pending(feeds, rows)
+            try:
+                result = self._run(feeds)  # already a batch of its own
+            except BaseException as exc:
+                on_done(None, exc)
+            else:
+                on_done(result, None)
+            return
+        item = _Pending(feeds, rows, on_done)
         with self._cv:
             if self._closed:
                 raise InferenceError(f"model {self.name!r} is being unloaded; retry")
@@ -65,10 +92,6 @@ class Batcher:
             self._queue.append(item)
             self._queued_rows += rows
             self._cv.notify()
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
 
     def _take(self) -> list[_Pending] | None:
         """Block until a batch is due; return its requests (None once closed and drained)."""
@@ -99,13 +122,18 @@ class Batcher:
             try:
                 outputs = self._run_batch(batch)
             except BaseException as exc:  # every caller in the batch gets the error
+                error = exc if isinstance(exc, EdgewardError) else InferenceError(f"batch failed: {exc!r}")
                 for item in batch:
-                    item.error = exc if isinstance(exc, EdgewardError) else InferenceError(f"batch failed: {exc!r}")
-                    item.done.set()
+                    self._finish(item, None, error)
                 continue
             for item, result in zip(batch, outputs):
-                item.result = result
-                item.done.set()
+                self._finish(item, result, None)
+
+    def _finish(self, item: _Pending, result, error) -> None:
+        try:
+            item.on_done(result, error)
+        except Exception:  # one caller's answer failing (its socket closed, ...) must not stop the batches
+            log.exception("answering a batched request failed")
 
     def _run_batch(self, batch: list[_Pending]) -> list[list[Tensor]]:
         counts = [item.rows for item in batch]

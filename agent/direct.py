@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import error_frame, send_message, serve_connection
+from .localapi import Activity, error_frame, send_message, serve_connection
 from .stats import Stats
 from .tensors import Tensor, check_inputs, from_frame, to_frame
 
@@ -32,11 +32,13 @@ log = logging.getLogger(__name__)
 class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
                  run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, submit: Callable | None = None):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.spin_s = spin_us / 1e6
+        self._activity = Activity()
         self._run = run
+        self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
         self.stats = Stats()
         self._slots = threading.BoundedSemaphore(max_conns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,13 +62,17 @@ class DirectServer:
             threading.Thread(target=self._serve, args=(conn,), name="direct-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        try:  # a buffer reused for every request that fits: handle() keeps nothing of it
-            serve_connection(conn, self.handle, self.spin_s, buffer=bytearray(1 << 20))
+        # a buffer reused for every request that fits, when each is answered before the next
+        # is read; a batched request's bytes wait in the batcher's queue, so they get their own
+        buffer = None if self._submit else bytearray(1 << 20)
+        try:
+            serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity)
         finally:
             conn.close()
             self._slots.release()
 
-    def handle(self, msg) -> bytes:
+    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None) -> bytes | None:
+        """The answer frame, or None when a batcher will send it through `answer_later`."""
         t0 = time.perf_counter()
         try:
             header, body = wire.unpack(msg)
@@ -76,12 +82,27 @@ class DirectServer:
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
             feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)
+            if self._submit is not None and answer_later is not None:
+                self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error)))
+                return None
             out = self._run(feeds)
-        except Exception as exc:  # a bug must become an answer, not a dead connection
-            if not isinstance(exc, EdgewardError):
-                log.exception("direct request failed")
-            self.stats.record(None, ok=False)
-            return error_frame(exc)
+        except Exception as exc:
+            return self._answer(t0, None, exc)
+        return self._answer(t0, out, None)
+
+    def _answer(self, t0: float, out: list[Tensor] | None, error: BaseException | None) -> bytes:
+        """The frame for a request's outputs or error; a bug must become an answer, not a dead connection."""
+        if error is None:
+            try:
+                return self._ok_frame(t0, out)
+            except Exception as exc:
+                error = exc
+        if not isinstance(error, EdgewardError):
+            log.error("direct request failed", exc_info=error)
+        self.stats.record(None, ok=False)
+        return error_frame(error)
+
+    def _ok_frame(self, t0: float, out: list[Tensor]) -> bytes:
         specs, data = to_frame(out)
         reply = wire.pack({"v": protocol.VERSION, "status": "ok", "model": self.model, "version": self.version,
                            "tensors": specs}, data)

@@ -88,16 +88,17 @@ class Worker:
             self.direct.stats.record_run(feeds[0].rows if feeds else 1)
             return out
 
-        run, max_rows = counted, None
+        run, max_rows, submit = counted, None, None
         batch = h.get("batch")
         if batch:  # gather local apps' requests into micro-batches here, next to the runtime
             from .batcher import Batcher
 
             self.batcher = Batcher(h["model"], counted, int(batch["max_batch"]), float(batch["max_delay_ms"]),
                                    batch.get("preferred") or [], batch.get("fixed_batch"), int(batch["max_queue"]))
-            run, max_rows = self.batcher.submit, batch.get("fixed_batch")
+            run, max_rows, submit = self.batcher.submit, batch.get("fixed_batch"), self.batcher.submit_async
         self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs, run,
-                                   int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows)
+                                   int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows,
+                                   submit=submit)
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:
