@@ -55,9 +55,9 @@ def frame_parts(tensors: dict, **header) -> list:
 
     specs, buffers, offset = [], [], 0
     for name, arr in tensors.items():
-        if (isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.dtype.byteorder != ">"
-                and dtype_name(arr.dtype) in ITEMSIZE):
-            buf, dtype, shape = memoryview(arr).cast("B"), dtype_name(arr.dtype), arr.shape
+        dtype = dtype_name(arr.dtype) if isinstance(arr, np.ndarray) else None
+        if dtype in ITEMSIZE and arr.flags.c_contiguous and arr.dtype.byteorder != ">":
+            buf, shape = memoryview(arr).cast("B"), arr.shape
         else:  # a contiguous little-endian copy, or a clear error
             t = from_numpy(name, arr)
             buf, dtype, shape = t.data, t.dtype, t.shape
