@@ -7,6 +7,14 @@ rows up to the model's fixed batch size, or up to the next `preferred_batch` siz
 (for runtimes that prefer a few known shapes), and the outputs are cut back into one
 answer per caller. The queue is bounded in rows: past `max_queue` a caller gets "busy"
 at once instead of the agent growing.
+
+Up to `in_flight` batches run at once, each on a thread of its own, and one thread at a
+time gathers the next batch while the others run. With one intra-op thread per run, a
+2-core board then keeps both cores on the model (a CNN costs about as much per row at
+batch 32 as at batch 1, so a single batch thread would leave a core idle). A model whose
+batches run in under `PARALLEL_MIN_S` gains nothing from that: the work per request in
+Python outweighs the run, and two half batches cost more than one full one. So a batch
+starts beside another only while the model's recent batches ran at least that long.
 """
 
 from __future__ import annotations
@@ -23,17 +31,21 @@ from .tensors import Tensor, concat, pad_rows, split
 
 log = logging.getLogger(__name__)
 
+PARALLEL_MIN_S = 0.001  # a batch shorter than this runs alone: see the module's docstring
+
 
 @dataclass
 class _Pending:
     feeds: list[Tensor]
     rows: int
+    queued_at: float
     on_done: Callable[[list[Tensor] | None, BaseException | None], None]
 
 
 class Batcher:
     def __init__(self, name: str, run: Callable[[list[Tensor]], list[Tensor]], max_batch: int, max_delay_ms: float,
-                 preferred: list[int] | None = None, fixed_batch: int | None = None, max_queue: int = 1024):
+                 preferred: list[int] | None = None, fixed_batch: int | None = None, max_queue: int = 1024,
+                 in_flight: int = 1):
         self.name = name
         self._run = run
         self.max_batch = min(max_batch, fixed_batch) if fixed_batch else max_batch
@@ -45,8 +57,13 @@ class Batcher:
         self._queued_rows = 0
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
-        self._thread.start()
+        self._gathering = threading.Lock()  # one thread gathers a batch while the others run theirs
+        self._running = 0  # batches running now
+        self._run_s = 0.0  # recent batches' run time (moving average): decides whether two may overlap
+        self._threads = [threading.Thread(target=self._loop, name=f"batch-{name}-{i}", daemon=True)
+                         for i in range(max(1, in_flight))]
+        for t in self._threads:
+            t.start()
 
     def submit(self, feeds: list[Tensor]) -> list[Tensor]:
         """Queue one request and wait for its share of a batch's outputs."""
@@ -82,7 +99,7 @@ class Batcher:
             else:
                 on_done(result, None)
             return
-        item = _Pending(feeds, rows, on_done)
+        item = _Pending(feeds, rows, time.monotonic(), on_done)
         with self._cv:
             if self._closed:
                 raise InferenceError(f"model {self.name!r} is being unloaded; retry")
@@ -93,6 +110,12 @@ class Batcher:
             self._queued_rows += rows
             self._cv.notify()
 
+    def _wait_for_turn(self) -> None:
+        """Hold back the next batch while one runs, unless batches run long enough to overlap."""
+        with self._cv:
+            while self._running and self._run_s < PARALLEL_MIN_S and not self._closed:
+                self._cv.wait()
+
     def _take(self) -> list[_Pending] | None:
         """Block until a batch is due; return its requests (None once closed and drained)."""
         with self._cv:
@@ -100,7 +123,7 @@ class Batcher:
                 if self._closed:
                     return None
                 self._cv.wait()
-            deadline = time.monotonic() + self.max_delay
+            deadline = self._queue[0].queued_at + self.max_delay  # the oldest waits at most max_delay
             while self._queued_rows < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -112,22 +135,33 @@ class Batcher:
                 batch.append(item)
                 rows += item.rows
             self._queued_rows -= rows
+            self._running += 1
             return batch
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
+            with self._gathering:
+                self._wait_for_turn()
+                batch = self._take()
             if batch is None:
                 return
+            t0 = time.perf_counter()
             try:
                 outputs = self._run_batch(batch)
             except BaseException as exc:  # every caller in the batch gets the error
                 error = exc if isinstance(exc, EdgewardError) else InferenceError(f"batch failed: {exc!r}")
+                outputs = None
+            run_s = time.perf_counter() - t0
+            if outputs is None:
                 for item in batch:
                     self._finish(item, None, error)
-                continue
-            for item, result in zip(batch, outputs):
-                self._finish(item, result, None)
+            else:
+                for item, result in zip(batch, outputs):
+                    self._finish(item, result, None)
+            with self._cv:  # answered: the callers are sending their next requests
+                self._running -= 1
+                self._run_s += 0.25 * (run_s - self._run_s)
+                self._cv.notify_all()
 
     def _finish(self, item: _Pending, result, error) -> None:
         try:
@@ -155,4 +189,5 @@ class Batcher:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=30)

@@ -72,8 +72,10 @@ class LoadedModel:
         self.streams = Streams(manifest, self._execute, self.serving.max_streams) if manifest.state else None
         self._batcher = None
         if self.serving.mode == "batched" and self.streams is None:
+            # the worker's pipe takes one call at a time: a second thread gathers the next batch meanwhile
             self._batcher = Batcher(self.name, self._execute, self.serving.max_batch, self.serving.max_delay_ms,
-                                    self.serving.preferred_batch, self.fixed_batch, self.serving.max_queue)
+                                    self.serving.preferred_batch, self.fixed_batch, self.serving.max_queue,
+                                    in_flight=2)
 
     @property
     def name(self) -> str:
@@ -300,7 +302,7 @@ class Engine:
                 if serving.mode == "batched":  # local apps' requests are batched in the worker itself
                     batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,
                              "preferred": serving.preferred_batch, "max_queue": serving.max_queue,
-                             "fixed_batch": fixed_batch(manifest)}
+                             "fixed_batch": fixed_batch(manifest), "in_flight": serving.batches_in_flight}
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
                                "version": manifest.version, "specs": specs, "batch": batch,

@@ -37,18 +37,28 @@ class Worker:
         self.direct = None
         self.batcher = None
         self._lock = None  # set for runtimes that must not run from two threads at once
+        self.threads = 1
 
 
     def load(self, h: dict, _body) -> tuple[dict, list]:
         from . import runtimes
 
-        self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=int(h.get("threads", 1)),
+        self.threads = int(h.get("threads", 1))
+        self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=self.threads,
                                            providers=h.get("providers") or None)
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
         if not getattr(self.runtime, "thread_safe", False):
             self._lock = threading.Lock()
         return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb(),
                 "providers": getattr(self.runtime, "providers", None)}, []
+
+    def auto_in_flight(self) -> int:
+        """Batches to run at once: one per core the runtime's threads leave (a runtime that runs
+        one call at a time still gains one, gathering the next batch while this one runs)."""
+        if self._lock is not None:
+            return 2
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cores // max(1, self.threads)))
 
     def run(self, h: dict, body) -> tuple[dict, list]:
         from .tensors import from_frame
@@ -94,7 +104,8 @@ class Worker:
             from .batcher import Batcher
 
             self.batcher = Batcher(h["model"], counted, int(batch["max_batch"]), float(batch["max_delay_ms"]),
-                                   batch.get("preferred") or [], batch.get("fixed_batch"), int(batch["max_queue"]))
+                                   batch.get("preferred") or [], batch.get("fixed_batch"), int(batch["max_queue"]),
+                                   in_flight=int(batch.get("in_flight") or self.auto_in_flight()))
             run, max_rows, submit = self.batcher.submit, batch.get("fixed_batch"), self.batcher.submit_async
         self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs, run,
                                    int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows,
