@@ -6,6 +6,7 @@ A bundle is a plain (uncompressed) POSIX tar holding flat, regular files only::
     manifest.sig    ed25519 signature over the exact bytes of manifest.json
     model.onnx      (or model.tflite) the model itself
     reference.npz   reference inputs with the FP32 and quantized outputs: the board's self-test
+                    (its keys and the 8-bit form of inputs: agent/reference.py)
 
 Reading is defensive: the signature is checked before the manifest is trusted,
 every member must be a flat regular file named in the manifest with a size under

@@ -126,24 +126,18 @@ class Worker:
         """Re-run the bundle's reference inputs; the outputs must match those shipped with it."""
         import numpy as np
 
+        from . import reference
         from .errors import SelfTestError
 
         what = h["what"]
-        try:
-            with np.load(h["reference"], allow_pickle=False) as ref:
-                data = {k: ref[k] for k in ref.files}
-        except (OSError, ValueError) as exc:
-            raise SelfTestError(f"{what}: reference data unreadable ({exc})") from exc
-        feeds = {name: data.get(f"input.{name}") for name in h["inputs"]}
-        if any(v is None for v in feeds.values()):
-            raise SelfTestError(f"{what}: reference data lacks an input")
+        feeds, data = reference.load(h["reference"], h["inputs"], what)
         try:
             got = self.runtime.run(feeds)
         except Exception as exc:
             raise SelfTestError(f"{what} crashed on its reference inputs: {exc}") from exc
         worst, agreement = 0.0, 1.0
         for name in h["outputs"]:
-            want, have = data.get(f"expected.{name}"), got.get(name)
+            want, have = data.get(name), got.get(name)
             if want is None or have is None or have.shape != want.shape:
                 raise SelfTestError(f"{what}: output {name!r} missing or of the wrong shape")
             err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent import __version__
+from agent import __version__, reference
 from agent.bundle import REFERENCE, Manifest, MemoryCost, SelfTest, write_bundle
 from agent.errors import ConversionError
 from agent.signing import load_private_key
@@ -206,11 +206,15 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     first_out = q_outputs[0].name
     row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
     idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
-    ref_inputs, expected = target.board_io(int8, {k: v[idx] for k, v in evalset.inputs.items()},
-                                           {k: v[idx] for k, v in q_out.items()})
-    ref_arrays = {f"input.{k}": v for k, v in ref_inputs.items()}
+    # float inputs the model quantizes first travel as 8-bit codes; the outputs are those on the snapped values
+    stored, snapped = reference.encode({k: v[idx] for k, v in evalset.inputs.items()}, target.input_grids())
+    ref_inputs, expected = target.board_io(int8, snapped, measure.run_all(int8, snapped))
+    ref_arrays = dict(stored)
+    for k, v in ref_inputs.items():
+        if f"input_scale.{k}" not in stored:  # no grid: as the board feeds it (int8 for an int8-I/O model)
+            ref_arrays[f"input.{k}"] = v
     ref_arrays.update({f"expected.{k}": v for k, v in expected.items()})
-    ref_arrays.update({f"fp32.{k}": v[idx] for k, v in ref_out.items()})
+    ref_arrays.update({f"fp32.{k}": v for k, v in measure.run_all(fp32, snapped).items()})
     ref_path = target.path.with_name(REFERENCE)
     np.savez(ref_path, **ref_arrays)
     first = expected[first_out].astype(np.float64)

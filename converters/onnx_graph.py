@@ -48,3 +48,29 @@ def name_nodes(model) -> bool:
             taken.add(name)
             renamed = True
     return renamed
+
+
+def input_grids(model) -> dict[str, tuple[float, int, str]]:
+    """Graph input -> (scale, zero point, code dtype) for float inputs that every reader
+    quantizes first, with one per-tensor QuantizeLinear: the only values the model sees."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    users = consumers(model.graph)
+    grids = {}
+    for vi in model.graph.input:
+        readers = users.get(vi.name, [])
+        if vi.type.tensor_type.elem_type != 1 or not readers:  # 1: FLOAT
+            continue
+        found = set()
+        for node in readers:
+            scale = consts.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
+            zero = consts.get(node.input[2]) if scale is not None else None
+            if scale is None or zero is None or scale.size != 1 or zero.size != 1 \
+                    or zero.dtype.name not in ("int8", "uint8"):
+                break
+            found.add((float(scale.reshape(())), int(zero.reshape(())), zero.dtype.name))
+        else:
+            if len(found) == 1:
+                grids[vi.name] = found.pop()
+    return grids

@@ -58,6 +58,14 @@ class OnnxTarget:
     def fp32_session(self, threads: int = 1):
         return measure.session(self.fp32_path, threads)
 
+    def input_grids(self) -> dict:
+        """Float inputs the model quantizes first thing: their grids (agent/reference.py)."""
+        import onnx
+
+        from .onnx_graph import input_grids
+
+        return input_grids(onnx.load(str(self.path)))
+
     def memory(self, sample: dict, threads: int) -> dict:
         return measure.memory_cost(self.path, sample, threads=threads, runtime="onnxruntime")
 
@@ -145,6 +153,10 @@ class TfliteTarget:
         from .tflite_graph import op_counts
 
         return op_counts(self.path)
+
+    def input_grids(self) -> dict:
+        """Float inputs the model quantizes first thing: their grids (agent/reference.py)."""
+        return measure.TfliteSession(self.path).input_grids()
 
     def board_io(self, session, inputs: dict, outputs: dict) -> tuple[dict, dict]:
         """int8-I/O models are fed int8 and answer int8: the board's self-test compares those."""

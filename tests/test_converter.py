@@ -154,3 +154,40 @@ def test_fp32_and_int8_latency_are_timed_in_alternating_rounds():
     switches = sum(a != b for a, b in zip(timed, timed[1:]))
     assert timed.count("fp32") == timed.count("int8") == 4 * (10 + 1)
     assert switches == 2 * 4 - 1                   # fp32, int8, fp32, int8, ... in 4 rounds each
+
+
+def test_the_self_test_input_travels_as_8_bit_codes_on_the_models_input_grid(extracted_v2):
+    """A float input the model quantizes first is stored as that op's codes (a quarter of the
+    bytes); the expected outputs are the model's on exactly the values the board rebuilds."""
+    import onnx
+
+    from agent import reference
+    from converters.onnx_graph import input_grids
+
+    scale, zero_point, dtype = input_grids(onnx.load(str(extracted_v2 / "model.onnx")))["input"]
+    with np.load(extracted_v2 / "reference.npz") as ref:
+        codes, stored_scale = ref["input.input"], float(ref["input_scale.input"])
+        expected = ref["expected.logits"]
+    assert codes.dtype == np.dtype(dtype) and stored_scale == pytest.approx(scale, rel=1e-7)
+    feeds, want = reference.load(extracted_v2 / "reference.npz", ["input"], "digits")
+    assert feeds["input"].dtype == np.float32 and len(np.unique(feeds["input"])) > 4
+    # every value the board feeds lies on the grid, so the model's QuantizeLinear gives back the codes
+    assert np.array_equal(np.round(feeds["input"] / scale) + zero_point, codes.astype(np.float64))
+    sess = ort.InferenceSession(str(extracted_v2 / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(sess.run(None, feeds)[0], expected, atol=1e-6)
+    assert np.array_equal(want["logits"], expected)
+
+
+def test_reference_codes_without_a_usable_grid_fail_the_self_test_clearly(tmp_path):
+    from agent import reference
+    from agent.errors import SelfTestError
+
+    np.savez(tmp_path / "r.npz", **{"input.x": np.zeros((1, 4), np.float32), "input_scale.x": np.float32(0.1),
+                                     "input_zero_point.x": np.int32(0)})
+    with pytest.raises(SelfTestError, match="codes but no valid grid"):
+        reference.load(tmp_path / "r.npz", ["x"], "m")
+    with pytest.raises(SelfTestError, match="lacks input 'y'"):
+        reference.load(tmp_path / "r.npz", ["y"], "m")
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(SelfTestError, match="unreadable"):
+        reference.load(tmp_path / "bad.npz", ["x"], "m")

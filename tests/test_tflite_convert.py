@@ -238,3 +238,16 @@ def test_concatenated_branches_are_brought_to_one_scale(tmp_path):
         if op["op_name"] == "CONCATENATION":
             scales = {details[i]["quantization"] for i in list(op["inputs"]) + list(op["outputs"])}
             assert len(scales) == 1, scales
+
+
+def test_the_self_test_input_travels_as_codes_of_the_quantize_op(digits_tflite, tmp_path):
+    from agent import reference
+    from agent.runtimes.tflite import TfliteRuntime
+
+    _, bundle, model = digits_tflite
+    ref = _member(bundle, "reference.npz", tmp_path / "reference.npz")
+    with np.load(ref) as r:
+        assert r["input.input"].dtype == np.int8 and "input_scale.input" in r.files
+    feeds, want = reference.load(ref, ["input"], "digits")
+    got = TfliteRuntime(str(model)).run(feeds)
+    assert np.allclose(got["logits"], want["logits"], atol=1e-6)

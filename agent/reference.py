@@ -1,0 +1,77 @@
+"""The self-test's reference data (reference.npz in a bundle): how it is stored and read back.
+
+Keys: ``input.NAME`` (what the model is fed), ``expected.NAME`` (the quantized model's outputs
+on the host) and ``fp32.NAME`` (the FP32 model's, for people who inspect a bundle).
+
+A float input that the model quantizes first thing (onnxruntime QDQ's QuantizeLinear, a
+TFLite model's QUANTIZE op) only ever sees values on that op's grid. The converter snaps
+such a reference input to the grid and stores its 8-bit codes, with ``input_scale.NAME``
+and ``input_zero_point.NAME`` beside them: a quarter of the bytes, and what the model
+computes is unchanged. One 128x128x3 image goes from 196 kB to 49 kB, which is most of
+a small CNN's bundle. Host and board turn codes into floats with the same function
+(`values`), so the board feeds exactly what the host ran.
+
+The converter and the model worker import this module; the agent's main process does not
+(it imports numpy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SelfTestError
+
+Grid = tuple[float, int, str]  # (scale, zero point, code dtype: "int8" or "uint8")
+
+
+def values(codes: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """The float32 values that 8-bit codes stand for; the same arithmetic on host and board."""
+    return (codes.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def snap(x: np.ndarray, grid: Grid) -> np.ndarray:
+    """A float input's codes on a quantize op's grid (saturating, as the op does)."""
+    scale, zero_point, dtype = grid
+    info = np.iinfo(dtype)
+    q = np.round(x.astype(np.float64) / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def encode(inputs: dict[str, np.ndarray], grids: dict[str, Grid]) -> tuple[dict, dict]:
+    """(arrays to store, the float inputs they stand for): inputs with a grid as codes."""
+    stored, fed = {}, {}
+    for name, x in inputs.items():
+        grid = grids.get(name)
+        if grid is None or x.dtype != np.float32:
+            stored[f"input.{name}"], fed[name] = x, x
+            continue
+        codes = snap(x, grid)
+        stored[f"input.{name}"] = codes
+        stored[f"input_scale.{name}"] = np.float32(grid[0])
+        stored[f"input_zero_point.{name}"] = np.int32(grid[1])
+        fed[name] = values(codes, grid[0], grid[1])
+    return stored, fed
+
+
+def load(path: str | Path, input_names: list[str], what: str) -> tuple[dict, dict]:
+    """(feeds, expected outputs) from a bundle's reference data; SelfTestError if unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as ref:
+            data = {k: ref[k] for k in ref.files}
+    except (OSError, ValueError) as exc:
+        raise SelfTestError(f"{what}: reference data unreadable ({exc})") from exc
+    feeds = {}
+    for name in input_names:
+        x = data.get(f"input.{name}")
+        if x is None:
+            raise SelfTestError(f"{what}: reference data lacks input {name!r}")
+        scale, zero_point = data.get(f"input_scale.{name}"), data.get(f"input_zero_point.{name}")
+        if scale is not None and zero_point is not None:
+            if x.dtype not in (np.int8, np.uint8) or scale.size != 1 or zero_point.size != 1:
+                raise SelfTestError(f"{what}: reference input {name!r} has codes but no valid grid")
+            x = values(x, float(scale), int(zero_point))
+        feeds[name] = x
+    expected = {k[len("expected."):]: v for k, v in data.items() if k.startswith("expected.")}
+    return feeds, expected
