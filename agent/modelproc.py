@@ -37,18 +37,23 @@ _ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "ru
            "bad_bundle": BundleError}
 
 
+def own_interpreter() -> str:
+    """The binary to start child processes of the agent with: the agent's own interpreter.
+    A locked-down service user may lack search permission on the directories its path runs
+    through; /proc/self/exe reaches the running binary without them. Pass sys.executable as
+    argv[0] beside it, which keeps the venv's path so the child finds the same packages."""
+    exe = sys.executable
+    if not os.access(exe, os.X_OK) and os.path.exists("/proc/self/exe"):
+        exe = "/proc/self/exe"
+    return exe
+
+
 class ModelProcess:
     def __init__(self, start_timeout: float = 60.0):
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # the runtime's own thread setting governs
-        # The same interpreter as the agent. A locked-down service user may lack search permission on
-        # the directories its path runs through; /proc/self/exe reaches the running binary without
-        # them, and argv[0] keeps the venv's path so the worker finds the same packages.
-        exe = sys.executable
-        if not os.access(exe, os.X_OK) and os.path.exists("/proc/self/exe"):
-            exe = "/proc/self/exe"
-        self._proc = subprocess.Popen([sys.executable, "-m", "agent.worker"], executable=exe, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        self._proc = subprocess.Popen([sys.executable, "-m", "agent.worker"], executable=own_interpreter(),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self._proc.pid
         with _live_lock:
             _live.add(self.pid)

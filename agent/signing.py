@@ -2,13 +2,22 @@
 
 The workstation holds the private key; each board trusts a list of public keys.
 Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public), readable by openssl.
+
+Verifying needs `cryptography`, whose import costs the process ~6 MB of RSS that Python
+never gives back. The daemon verifies once per deploy but lives for months, so where
+`cryptography` is not imported yet, `verify` runs the check in a short-lived child
+process (`python -m agent.signing`, ~0.2 s) and the daemon stays at its idle size. A
+child that cannot run, or answers anything but a verdict, fails the check.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -27,24 +36,59 @@ def _raw_id(raw: bytes) -> str:
 
 
 class PublicKey:
-    """A trusted Ed25519 public key, kept as its 32 raw bytes.
-
-    The board reads its keys at start but verifies only when a bundle arrives, so
-    `cryptography` (~7 MB of RSS) is imported then, not in the idle daemon."""
+    """A trusted Ed25519 public key, kept as its 32 raw bytes (parsed without cryptography)."""
 
     def __init__(self, raw: bytes):
         self.raw = raw
         self.key_id = _raw_id(raw)
 
     def verify(self, sig: bytes, data: bytes) -> bool:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        return _signer(sig, data, [self.raw]) == 0
 
+
+def _signer_here(sig: bytes, data: bytes, raws: list[bytes]) -> int | None:
+    """Index of the first raw public key that `sig` verifies `data` against, or None."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    for i, raw in enumerate(raws):
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(sig, data)
-            return True
-        except InvalidSignature:
-            return False
+            Ed25519PublicKey.from_public_bytes(raw).verify(sig, data)
+            return i
+        except (InvalidSignature, ValueError):
+            continue
+    return None
+
+
+def _signer(sig: bytes, data: bytes, raws: list[bytes]) -> int | None:
+    """`_signer_here`, in a child process unless this one has cryptography loaded already."""
+    if "cryptography" in sys.modules:
+        return _signer_here(sig, data, raws)
+    from .modelproc import own_interpreter
+
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    request = json.dumps({"sig": b64(sig), "data": b64(data), "keys": [b64(r) for r in raws]})
+    try:
+        r = subprocess.run([sys.executable, "-m", "agent.signing"], executable=own_interpreter(), input=request,
+                           capture_output=True, text=True, timeout=60, close_fds=True)
+        if r.returncode != 0:
+            raise OSError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}")
+        index = json.loads(r.stdout)["signer"]
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
+        raise SignatureError(f"cannot check the bundle's signature: the checking process failed ({exc})",
+                             "check that the cryptography package is installed for the agent's Python") from None
+    if index is not None and not (isinstance(index, int) and 0 <= index < len(raws)):
+        raise SignatureError("cannot check the bundle's signature: the checking process gave no verdict")
+    return index
+
+
+def _check_main() -> int:
+    """The child of `_signer`: a request on stdin, {"signer": index or null} on stdout."""
+    req = json.loads(sys.stdin.read())
+    raws = [base64.b64decode(k) for k in req["keys"]]
+    signer = _signer_here(base64.b64decode(req["sig"]), base64.b64decode(req["data"]), raws)
+    print(json.dumps({"signer": signer}))
+    return 0
 
 
 def key_id(public) -> str:
@@ -132,12 +176,16 @@ def verify(signature: dict | None, data: bytes, trusted: list[PublicKey], allow_
         sig = base64.b64decode(str(signature.get("sig", "")), validate=True)
     except ValueError as exc:
         raise SignatureError("bundle signature is not valid base64") from exc
-    for public in trusted:
-        if public.verify(sig, data):
-            return public.key_id
+    signer = _signer(sig, data, [k.raw for k in trusted]) if trusted else None
+    if signer is not None:
+        return trusted[signer].key_id
     kid = signature.get("key_id", "?")
     if not trusted:
         raise SignatureError(f"bundle is signed by key {kid} but this device trusts no key",
                              "add the signer's .pub file to trust.keys")
     raise SignatureError(f"bundle signature (key {kid}) does not verify against the {len(trusted)} trusted key(s)",
                          "the bundle was altered or signed by another key: re-sign it or trust that key")
+
+
+if __name__ == "__main__":
+    sys.exit(_check_main())

@@ -10,7 +10,7 @@ numbers are looked at.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 from .errors import InferenceError, ProtocolError
 
@@ -19,6 +19,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
             "int32": 4, "int64": 8, "bool": 1}
+
+
+class InputSpec(NamedTuple):
+    """What `check_inputs` needs to know of a model input (agent.bundle.TensorSpec also has it).
+    The model worker uses this one: importing agent.bundle would cost it 5 MB (hashlib's
+    OpenSSL, tarfile, lzma) that it has no use for."""
+    name: str
+    dtype: str
+    shape: list
 
 
 @dataclass

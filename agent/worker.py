@@ -88,10 +88,10 @@ class Worker:
 
     def serve(self, h: dict, _body) -> tuple[dict, list]:
         """Also take requests from local apps on a socket of this worker's own (agent/direct.py)."""
-        from .bundle import TensorSpec
+        from .tensors import InputSpec
         from .direct import DirectServer
 
-        specs = [TensorSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
+        specs = [InputSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["specs"]]
 
         def counted(feeds: list) -> list:  # executions for local apps' requests, for the mean batch size
             out = self.run_tensors(feeds)

@@ -39,6 +39,10 @@ def serve_agents(first: int, count: int, broker: str, work: Path, bundle: str, p
     """Child process: run `count` agents until SIGTERM."""
     import logging
 
+    # 50 simulated boards share this process: load cryptography once, so their signature checks
+    # run here instead of each starting a checker process (a real board starts one per deploy)
+    import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+
     from agent.daemon import Agent
 
     logging.basicConfig(level=logging.ERROR)

@@ -63,10 +63,45 @@ def test_a_running_agent_loads_no_host_library(assets, tmp_path):
 
 
 def test_idle_agent_imports_no_runtime_no_numpy_and_no_cryptography():
-    """Runtimes and numpy live in model workers; cryptography is imported when a bundle is verified."""
+    """Runtimes and numpy live in model workers; signatures are checked in a child process."""
     code = ("import sys, agent.daemon, agent.cli, agent.localapi; "
             "print(sorted(m for m in ('onnxruntime', 'numpy', 'cryptography', 'ai_edge_litert', 'tflite_runtime')"
             " if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+VERIFY = r"""
+import json, sys
+from agent.bundle import open_bundle
+from agent.errors import SignatureError
+from agent.signing import load_public_key
+opened = open_bundle(sys.argv[1], [load_public_key(sys.argv[2])])
+try:
+    open_bundle(sys.argv[3], [load_public_key(sys.argv[2])])
+    tampered = "accepted"
+except SignatureError as exc:
+    tampered = exc.message
+import agent.worker  # what a model's worker imports to serve: no hashlib, no tarfile
+print(json.dumps({"signer": opened.signer, "tampered": tampered,
+                  "loaded": sorted(m for m in ("cryptography", "hashlib", "tarfile") if m in sys.modules)}))
+"""
+
+
+def test_the_agent_checks_signatures_in_a_child_and_never_holds_cryptography(assets, tmp_path):
+    """cryptography would cost the daemon ~6 MB for the rest of its life; the check runs in a
+    short-lived child, and a bad signature is refused all the same."""
+    from conftest import repack
+
+    from agent.signing import generate_keypair
+
+    other, _, _ = generate_keypair(tmp_path / "someone-else")
+    tampered = repack(assets.v1, tmp_path / "other-signer.ewb", other)
+    r = subprocess.run([sys.executable, "-c", VERIFY, str(assets.v1), str(assets.pub), str(tampered)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["signer"] and len(out["signer"]) == 16
+    assert "does not verify" in out["tampered"]
+    assert out["loaded"] == ["hashlib", "tarfile"]  # the agent's own; cryptography stayed out
