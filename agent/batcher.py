@@ -14,7 +14,8 @@ time gathers the next batch while the others run. With one intra-op thread per r
 batch 32 as at batch 1, so a single batch thread would leave a core idle). A model whose
 batches run in under `PARALLEL_MIN_S` gains nothing from that: the work per request in
 Python outweighs the run, and two half batches cost more than one full one. So a batch
-starts beside another only while the model's recent batches ran at least that long.
+starts beside another only while the model's recent batches ran at least that long
+(the median of the last few, so one batch stalled by the scheduler does not flip it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .tensors import Tensor, concat, pad_rows, split
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN_S = 0.001  # a batch shorter than this runs alone: see the module's docstring
+RECENT_RUNS = 5  # how many batches' run times the overlap decision looks at
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Batcher:
         self._closed = False
         self._gathering = threading.Lock()  # one thread gathers a batch while the others run theirs
         self._running = 0  # batches running now
-        self._run_s = 0.0  # recent batches' run time (moving average): decides whether two may overlap
+        self._recent: deque[float] = deque(maxlen=RECENT_RUNS)  # run times of the last batches
+        self._run_s = 0.0  # their median: decides whether two batches may overlap
         self._threads = [threading.Thread(target=self._loop, name=f"batch-{name}-{i}", daemon=True)
                          for i in range(max(1, in_flight))]
         for t in self._threads:
@@ -160,7 +163,8 @@ class Batcher:
                     self._finish(item, result, None)
             with self._cv:  # answered: the callers are sending their next requests
                 self._running -= 1
-                self._run_s += 0.25 * (run_s - self._run_s)
+                self._recent.append(run_s)
+                self._run_s = sorted(self._recent)[len(self._recent) // 2]
                 self._cv.notify_all()
 
     def _finish(self, item: _Pending, result, error) -> None:

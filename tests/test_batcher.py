@@ -14,8 +14,10 @@ class Recorder:
     """A model that takes `run_s` per batch (sleeping, as a runtime releases the GIL) and
     records how many batches ran at once and their sizes."""
 
-    def __init__(self, run_s: float):
+    def __init__(self, run_s: float, stall_s: float = 0.0, stall_at: int = -1):
         self.run_s = run_s
+        self.stall_s, self.stall_at = stall_s, stall_at  # batch number `stall_at` takes stall_s instead
+        self.calls = 0
         self.running = self.most = 0
         self.sizes: list[int] = []
         self._lock = threading.Lock()
@@ -24,7 +26,9 @@ class Recorder:
         with self._lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(self.run_s)
+            stalled = self.calls == self.stall_at
+            self.calls += 1
+        time.sleep(self.stall_s if stalled else self.run_s)
         x = to_numpy(feeds[0])
         with self._lock:
             self.running -= 1
@@ -84,6 +88,18 @@ def test_short_batches_run_alone_even_with_threads_to_spare():
     finally:
         batcher.close()
     assert len(answers) == 160
+    assert model.most == 1
+
+
+def test_one_stalled_batch_does_not_let_short_batches_overlap():
+    """A batch held up by the scheduler (or a GC pause) is not the model's speed."""
+    model = Recorder(run_s=PARALLEL_MIN_S / 10, stall_s=0.05, stall_at=3)
+    batcher = Batcher("m", model, max_batch=4, max_delay_ms=1, in_flight=4)
+    try:
+        _callers(batcher, n=8, calls=10)
+    finally:
+        batcher.close()
+    assert model.calls > 4
     assert model.most == 1
 
 
