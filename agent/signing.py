@@ -42,9 +42,6 @@ class PublicKey:
         self.raw = raw
         self.key_id = _raw_id(raw)
 
-    def verify(self, sig: bytes, data: bytes) -> bool:
-        return _signer(sig, data, [self.raw]) == 0
-
 
 def _signer_here(sig: bytes, data: bytes, raws: list[bytes]) -> int | None:
     """Index of the first raw public key that `sig` verifies `data` against, or None."""

@@ -51,7 +51,6 @@ class TfliteSession:
     def __init__(self, path: str | Path, threads: int = 1):
         from agent.runtimes.tflite import TfliteRuntime
 
-        self.path = Path(path)
         try:
             self.rt = TfliteRuntime(str(path), threads)
         except Exception as exc:
@@ -61,38 +60,6 @@ class TfliteSession:
 
     def get_inputs(self):
         return self._in
-
-    def input_grids(self) -> dict[str, tuple[float, int, str]]:
-        """Float input -> (scale, zero point, "int8") where only QUANTIZE ops read it, all to one
-        per-tensor grid: the only values the model sees (see agent/reference.py)."""
-        import importlib
-
-        from agent.runtimes.tflite import interpreter_class
-
-        cls, _ = interpreter_class()
-        try:  # without XNNPACK, whose delegate node would stand in for the ops it takes over
-            resolver = importlib.import_module(cls.__module__).OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            it = cls(model_path=str(self.path), experimental_op_resolver_type=resolver)
-            ops = it._get_ops_details()  # public in neither runtime
-        except (AttributeError, TypeError, ValueError, RuntimeError):
-            return {}
-        tensors = {d["index"]: d for d in it.get_tensor_details()}
-        grids = {}
-        for d in it.get_input_details():
-            if d["dtype"] != np.float32:
-                continue
-            readers = [op for op in ops if d["index"] in list(op["inputs"])]
-            found = set()
-            for op in readers:
-                out = tensors.get(int(op["outputs"][0])) if op["op_name"] == "QUANTIZE" else None
-                q = out["quantization_parameters"] if out is not None else None
-                if q is None or out["dtype"] != np.int8 or len(q["scales"]) != 1:
-                    break
-                found.add((float(q["scales"][0]), int(q["zero_points"][0]), "int8"))
-            else:
-                if len(found) == 1:
-                    grids[d["name"]] = found.pop()
-        return grids
 
     def get_outputs(self):
         return self._out

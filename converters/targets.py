@@ -156,7 +156,9 @@ class TfliteTarget:
 
     def input_grids(self) -> dict:
         """Float inputs the model quantizes first thing: their grids (agent/reference.py)."""
-        return measure.TfliteSession(self.path).input_grids()
+        from .tflite_graph import input_grids
+
+        return input_grids(self.path)
 
     def board_io(self, session, inputs: dict, outputs: dict) -> tuple[dict, dict]:
         """int8-I/O models are fed int8 and answer int8: the board's self-test compares those."""

@@ -431,3 +431,29 @@ def op_counts(path: str | Path) -> dict:
         for t in sub.tensors:
             dtypes[types[t.type]] = dtypes.get(types[t.type], 0) + 1
     return {"ops": ops, "tensor_dtypes": dtypes}
+
+
+def input_grids(path: str | Path) -> dict[str, tuple[float, int, str]]:
+    """Float input -> (scale, zero point, "int8") where only QUANTIZE ops read it, all to one
+    per-tensor grid: the only values the model sees (see agent/reference.py)."""
+    from ai_edge_litert import schema_py_generated as s
+
+    model = s.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    sub = model.subgraphs[0]
+    grids = {}
+    for index in sub.inputs:
+        if sub.tensors[index].type != s.TensorType.FLOAT32:
+            continue
+        readers = [op for op in sub.operators if index in list(op.inputs)]
+        found = set()
+        for op in readers:
+            out = sub.tensors[op.outputs[0]]
+            q = out.quantization
+            if model.operatorCodes[op.opcodeIndex].builtinCode != s.BuiltinOperator.QUANTIZE \
+                    or out.type != s.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+                break
+            found.add((float(q.scale[0]), int(q.zeroPoint[0]), "int8"))
+        else:
+            if len(found) == 1:
+                grids[sub.tensors[index].name.decode()] = found.pop()
+    return grids

@@ -42,11 +42,6 @@ class TfliteRuntime(Runtime):
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self._inputs}
 
     @property
-    def interpreter(self):
-        """The runtime's own Interpreter (for tools that inspect a model's ops)."""
-        return self._it
-
-    @property
     def input_details(self) -> list[dict]:
         """The interpreter's own description of the inputs (shape signature, dtype, quantization)."""
         return self._inputs
