@@ -126,7 +126,8 @@ class ServingConfig:
     max_delay_ms: float = field(default=2.0, metadata=rule(min=0, max=10_000))
     preferred_batch: list[int] = field(default_factory=list)  # e.g. [8, 16, 32]: run these sizes when possible
     max_queue: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # rows waiting; beyond: "busy"
-    # batches run at once (0: one per core the model's intra-op threads leave, at most 4)
+    # batches run at once (0: one per core the model's intra-op threads leave, at most 4; TFLite: 2 on one
+    # interpreter, the second gathering while the first runs). N > 0 for TFLite keeps N interpreters.
     batches_in_flight: int = field(default=0, metadata=rule(min=0, max=64))
     max_streams: int = field(default=1024, metadata=rule(min=1, max=1_000_000))  # stateful streams kept
 

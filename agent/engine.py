@@ -28,6 +28,7 @@ from .config import ServingConfig
 from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
+from .runtimes import copies_for
 from .stats import Stats
 from .streams import Streams
 from .tensors import Tensor, check_inputs, from_numpy, to_numpy
@@ -279,17 +280,20 @@ class Engine:
     def load(self, folder: Path) -> LoadedModel:
         """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
         manifest = read_installed_manifest(folder)
-        self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb, manifest.memory.runtime_mb,
-                            evict=True)
-        path = str(folder / manifest.model_file)
         serving = self.serving_for(manifest.name)
+        copies = copies_for(manifest.runtime, serving.mode == "batched" and bool(self.direct_dir) and not manifest.state,
+                            serving.batches_in_flight)
+        self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb * copies,
+                            manifest.memory.runtime_mb, evict=True)
+        path = str(folder / manifest.model_file)
 
         def start_worker() -> ModelProcess:
             proc = ModelProcess()
             try:
                 self.worker_base_mb = proc.base_rss_mb or self.worker_base_mb
                 reply, _ = proc.call({"op": "load", "runtime": manifest.runtime, "path": path,
-                                      "threads": self.threads, "providers": self.providers}, timeout=120, what="load")
+                                      "threads": self.threads, "providers": self.providers, "copies": copies},
+                                     timeout=120, what="load")
             except BaseException:
                 proc.close()
                 raise

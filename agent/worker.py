@@ -45,7 +45,7 @@ class Worker:
 
         self.threads = int(h.get("threads", 1))
         self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=self.threads,
-                                           providers=h.get("providers") or None)
+                                           providers=h.get("providers") or None, copies=int(h.get("copies", 1)))
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
         if not getattr(self.runtime, "thread_safe", False):
             self._lock = threading.Lock()
@@ -53,12 +53,13 @@ class Worker:
                 "providers": getattr(self.runtime, "providers", None)}, []
 
     def auto_in_flight(self) -> int:
-        """Batches to run at once: one per core the runtime's threads leave (a runtime that runs
-        one call at a time still gains one, gathering the next batch while this one runs)."""
-        if self._lock is not None:
+        """Batches to run at once: one per core the runtime's threads leave. A runtime that runs
+        one call at a time still gains a second: it gathers the next batch while one runs."""
+        from .runtimes import runs_at_once
+
+        if self._lock is not None or getattr(self.runtime, "copies", None) == 1:
             return 2
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(4, cores // max(1, self.threads)))
+        return runs_at_once(self.threads)
 
     def run(self, h: dict, body) -> tuple[dict, list]:
         from .tensors import from_frame
@@ -120,7 +121,8 @@ class Worker:
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""
         return {"rss_mb": rss_mb(), "modules": sorted({m.split(".")[0] for m in sys.modules}),
-                "runtime": getattr(self.runtime, "name", None)}, []
+                "runtime": getattr(self.runtime, "name", None),
+                "copies": getattr(self.runtime, "copies", None)}, []
 
     def selftest(self, h: dict, _body) -> tuple[dict, list]:
         """Re-run the bundle's reference inputs; the outputs must match those shipped with it."""

@@ -5,6 +5,8 @@ Runs with whichever TFLite package is installed: ai-edge-litert in the main envi
 tflite-runtime 2.14 (numpy < 2) in the second one (scripts/test-tflite-runtime.sh)."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 
 from agent import runtimes
 from agent.budget import Budget
-from agent.bundle import Manifest, SelfTest, TensorSpec, open_bundle, write_bundle
+from agent.bundle import Manifest, MemoryCost, SelfTest, TensorSpec, open_bundle, write_bundle
+from agent.config import ServingConfig
 from agent.engine import Engine
 from agent.errors import InferenceError
 from agent.signing import generate_keypair, load_private_key, load_public_key
@@ -50,7 +53,8 @@ def tflite_bundle(keys, tmp_path_factory):
     np.savez(tmp / "reference.npz", **{f"input.{MLP_INPUT}": x, f"expected.{OUTPUT_NAME}": _reference(weights, x)})
     m = Manifest(name="mlp", version=1, format="tflite", model_file="model.tflite", runtime="tflite",
                  precision="fp32", inputs=[TensorSpec(MLP_INPUT, "float32", [-1, 64])],
-                 outputs=[TensorSpec(OUTPUT_NAME, "float32", [-1, 10])], selftest=SelfTest(atol=1e-4))
+                 outputs=[TensorSpec(OUTPUT_NAME, "float32", [-1, 10])], selftest=SelfTest(atol=1e-4),
+                 memory=MemoryCost(load_mb=6.0, runtime_mb=4.0))
     bundle = write_bundle(tmp / "mlp.ewb", m, {"model.tflite": path, "reference.npz": tmp / "reference.npz"},
                           load_private_key(keys[0]))
     return bundle, weights
@@ -80,6 +84,95 @@ def test_a_tflite_model_serves_in_its_worker_with_any_batch_size(keys, tmp_path,
     with pytest.raises(InferenceError, match="NaN or infinity"):
         engine.infer_arrays("mlp", {MLP_INPUT: np.full((1, 64), np.nan, np.float32)})
     engine.close()
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_runs_borrow_one_of_the_runtimes_copies_and_each_caller_gets_its_own_answer(tflite_bundle, tmp_path,
+                                                                                    monkeypatch, copies):
+    """An Interpreter must not run from two threads; copies let two batches run at once."""
+    from agent.runtimes import tflite
+
+    bundle, weights = tflite_bundle
+    path = _model_file(bundle, tmp_path)
+    running, most, lock = [0], [0], threading.Lock()
+    real_run = tflite._Copy.run
+
+    def counted(self, feeds):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)  # long enough for the other callers to ask for a copy meanwhile
+        try:
+            return real_run(self, feeds)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(tflite._Copy, "run", counted)
+    rt = runtimes.open_model("tflite", str(path), copies=copies)
+    errors = []
+
+    def caller(i):
+        x = np.random.default_rng(i).random((i % 3 + 1, 64), dtype=np.float32)
+        for _ in range(5):
+            try:
+                got = rt.run({MLP_INPUT: x})[OUTPUT_NAME]
+                np.testing.assert_allclose(got, _reference(weights, x), rtol=1e-5, atol=1e-5)
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    rt.close()
+    assert not errors
+    assert most[0] == copies
+
+
+def test_a_batched_tflite_model_gets_one_interpreter_per_batch_in_flight(keys, tmp_path, tflite_bundle):
+    """...and its declared load cost is admitted once per copy."""
+    bundle, weights = tflite_bundle
+    serving = ServingConfig(mode="batched", max_batch=8, batches_in_flight=2)
+    budget = Budget(4096, reserve_mb=0)
+    costs = []
+    real_admit = budget.admit
+    budget.admit = lambda name, cost: costs.append(cost) or real_admit(name, cost)
+    engine = Engine(budget, serving_for=lambda name: serving)
+    engine.direct_dir = str(tmp_path / "direct")
+    os.makedirs(engine.direct_dir)
+    folder = Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(keys[1])]))
+    base_before = engine.worker_base_mb  # a guess until the first worker has measured it
+    model = engine.load(folder)
+    try:
+        worker, _ = model.proc.call({"op": "inspect"})
+        assert worker["copies"] == 2
+        load_mb = model.manifest.memory.load_mb
+        serving.mode = "streaming"  # one interpreter: the declared load cost once
+        engine.admit_declared("mlp", "tflite", load_mb, model.manifest.memory.runtime_mb)
+        assert load_mb > 0
+        assert costs[0] - costs[1] - (base_before - engine.worker_base_mb) == pytest.approx(load_mb)
+        assert model.self_test()["max_abs_err"] < 1e-4
+    finally:
+        model.close()
+        engine.close()
+
+
+def test_only_batched_tflite_models_asked_for_more_batches_in_flight_get_copies():
+    assert runtimes.copies_for("tflite", batched=True, in_flight=0) == 1  # the default: memory first
+    assert runtimes.copies_for("tflite", batched=True, in_flight=3) == 3
+    assert runtimes.copies_for("tflite", batched=False, in_flight=3) == 1  # streaming runs one call at a time
+    assert runtimes.copies_for("onnxruntime", batched=True, in_flight=3) == 1  # a session runs many at once
+
+
+def _model_file(bundle: Path, tmp_path: Path) -> Path:
+    import tarfile
+
+    with tarfile.open(bundle) as tar:
+        out = tmp_path / "model.tflite"
+        out.write_bytes(tar.extractfile("model.tflite").read())
+    return out
 
 
 @pytest.fixture(scope="module")

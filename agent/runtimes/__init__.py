@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 from ..errors import RuntimeMissing
@@ -35,7 +36,26 @@ def is_imported(runtime: str) -> bool:
     return backend is not None and any(p in sys.modules for p in backend[1])
 
 
-def open_model(runtime: str, model_path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:
+def runs_at_once(threads: int) -> int:
+    """How many runs of `threads` intra-op threads each this machine's cores take (1 to 4)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // max(1, threads)))
+
+
+def copies_for(runtime: str, batched: bool, in_flight: int) -> int:
+    """Interpreters to keep of one model. Only TFLite needs more than one to run batches side
+    by side, and only when the config asks for that many batches in flight: each copy costs
+    its own activation arena (+46 MB at batch 32 for the MobileNet-style benchmark model, for
+    +15 % throughput on a 2-core host whose clients share the cores; docs/BENCHMARKS.md), so by
+    default a board keeps one and gathers the next batch while it runs."""
+    if runtime != "tflite" or not batched:
+        return 1
+    return max(1, in_flight)
+
+
+def open_model(runtime: str, model_path: str, threads: int = 1, providers: list[str] | None = None,
+               copies: int = 1) -> Runtime:
+    """Load a model; `copies` lets a runtime that runs one call at a time (TFLite) run that many."""
     backend = _BACKENDS.get(runtime)
     if backend is None:
         raise RuntimeMissing(f"runtime {runtime!r} is not supported by this agent",
@@ -46,7 +66,7 @@ def open_model(runtime: str, model_path: str, threads: int = 1, providers: list[
                              f"pip install {' or '.join(p.replace('_', '-') for p in packages)} "
                              "(edgeward[device] brings ai-edge-litert and onnxruntime)")
     module = importlib.import_module(module_name)
-    return module.load(model_path, threads=threads, providers=providers)
+    return module.load(model_path, threads=threads, providers=providers, copies=copies)
 
 
-__all__ = ["Runtime", "available", "is_imported", "open_model"]
+__all__ = ["Runtime", "available", "copies_for", "is_imported", "open_model", "runs_at_once"]

@@ -44,5 +44,6 @@ class OnnxRuntime(Runtime):
         self._session = None
 
 
-def load(path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:
+def load(path: str, threads: int = 1, providers: list[str] | None = None, copies: int = 1) -> Runtime:  # noqa: ARG001
+    """`copies` is for runtimes that run one call at a time; a session runs many at once."""
     return OnnxRuntime(path, threads, providers)

@@ -1,12 +1,16 @@
 """TFLite models through ai-edge-litert (preferred) or tflite-runtime 2.14, whichever is installed.
 
 Both expose the same Interpreter. Inputs whose batch axis is dynamic (shape_signature -1)
-are resized to each request's size; the interpreter is re-allocated only when a shape
-changes. An Interpreter must not run from two threads at once (thread_safe = False: the
-worker serialises calls).
+are resized to each request's size; an interpreter is re-allocated only when a shape
+changes. An Interpreter must not run from two threads at once, but its invoke() releases
+the GIL: so the runtime keeps `copies` interpreters of the model and each run borrows a
+free one. With one copy, runs queue for it; with two, two batches run on two cores at once
+(the weights are the mmapped file, so a copy costs its activation arena and packed weights).
 """
 
 from __future__ import annotations
+
+import queue
 
 import numpy as np
 
@@ -26,61 +30,82 @@ def interpreter_class():
         return Interpreter, "tflite-runtime"
 
 
+class _Copy:
+    """One interpreter of the model, with the input shapes it is allocated for."""
+
+    def __init__(self, it, inputs: list[dict], outputs: list[dict]):
+        self.it, self.inputs, self.outputs = it, inputs, outputs
+        self.shapes = {d["index"]: tuple(d["shape"]) for d in inputs}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        resized = False
+        for d in self.inputs:
+            arr = feeds[d["name"]]
+            if tuple(arr.shape) != self.shapes[d["index"]]:
+                self.it.resize_tensor_input(d["index"], list(arr.shape))
+                self.shapes[d["index"]] = tuple(arr.shape)
+                resized = True
+        if resized:
+            try:
+                self.it.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                raise InferenceError(f"the model cannot take these shapes: {exc}") from exc
+        for d in self.inputs:
+            self.it.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]]))
+        self.it.invoke()
+        return {d["name"]: self.it.get_tensor(d["index"]) for d in self.outputs}  # get_tensor copies
+
+
 class TfliteRuntime(Runtime):
     name = "tflite"
-    thread_safe = False
+    thread_safe = True  # each run borrows an interpreter of its own (or waits for one)
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int = 1, copies: int = 1):
         cls, self.package = interpreter_class()
-        try:
-            self._it = cls(model_path=path, num_threads=threads)
-            self._it.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"{self.package} cannot load {path}: {str(exc).splitlines()[0]}") from exc
-        self._inputs = self._it.get_input_details()
-        self._outputs = self._it.get_output_details()
-        self._shapes = {d["index"]: tuple(d["shape"]) for d in self._inputs}
+        self.copies = max(1, copies)
+        self._free: queue.SimpleQueue[_Copy] = queue.SimpleQueue()
+        for _ in range(self.copies):
+            try:
+                it = cls(model_path=path, num_threads=threads)
+                it.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                raise BundleError(f"{self.package} cannot load {path}: {str(exc).splitlines()[0]}") from exc
+            if not self._free.qsize():
+                self._first = _Copy(it, it.get_input_details(), it.get_output_details())
+                self._free.put(self._first)
+            else:
+                self._free.put(_Copy(it, self._first.inputs, self._first.outputs))
 
     @property
     def input_details(self) -> list[dict]:
         """The interpreter's own description of the inputs (shape signature, dtype, quantization)."""
-        return self._inputs
+        return self._first.inputs
 
     @property
     def output_details(self) -> list[dict]:
-        return self._outputs
+        return self._first.outputs
 
     def tensor_details(self) -> list[dict]:
         """Every tensor of the model, with its quantization (for tools that inspect a model)."""
-        return self._it.get_tensor_details()
+        return self._first.it.get_tensor_details()
 
     def input_names(self) -> list[str]:
-        return [d["name"] for d in self._inputs]
+        return [d["name"] for d in self._first.inputs]
 
     def output_names(self) -> list[str]:
-        return [d["name"] for d in self._outputs]
+        return [d["name"] for d in self._first.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        resized = False
-        for d in self._inputs:
-            arr = feeds[d["name"]]
-            if tuple(arr.shape) != self._shapes[d["index"]]:
-                self._it.resize_tensor_input(d["index"], list(arr.shape))
-                self._shapes[d["index"]] = tuple(arr.shape)
-                resized = True
-        if resized:
-            try:
-                self._it.allocate_tensors()
-            except (ValueError, RuntimeError) as exc:
-                raise InferenceError(f"the model cannot take these shapes: {exc}") from exc
-        for d in self._inputs:
-            self._it.set_tensor(d["index"], np.ascontiguousarray(feeds[d["name"]]))
-        self._it.invoke()
-        return {d["name"]: self._it.get_tensor(d["index"]) for d in self._outputs}
+        copy = self._free.get()
+        try:
+            return copy.run(feeds)
+        finally:
+            self._free.put(copy)
 
     def close(self) -> None:
-        self._it = None
+        self._first = None
+        self._free = queue.SimpleQueue()
 
 
-def load(path: str, threads: int = 1, providers: list[str] | None = None) -> Runtime:  # noqa: ARG001
-    return TfliteRuntime(path, threads)
+def load(path: str, threads: int = 1, providers: list[str] | None = None, copies: int = 1) -> Runtime:  # noqa: ARG001
+    return TfliteRuntime(path, threads, copies)
