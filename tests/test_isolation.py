@@ -13,6 +13,7 @@ from agent.budget import Budget
 from agent.engine import RESTART_MIN_INTERVAL_S, Engine
 from agent.errors import BudgetError, InferenceError
 from agent.errors import WorkerCrashed
+from agent.modelproc import ModelProcess
 from agent.store import Store
 
 from test_store_engine import _install
@@ -22,6 +23,24 @@ from test_store_engine import _install
 def folders(assets, tmp_path):
     store = Store(tmp_path)
     return [_install(store, b, assets.pub) for b in (assets.v1, assets.v2)]
+
+
+def test_workers_keep_few_malloc_heaps_unless_the_user_chose(monkeypatch):
+    def environ(proc: ModelProcess) -> dict:
+        with open(f"/proc/{proc.pid}/environ", "rb") as f:
+            return dict(item.split("=", 1) for item in f.read().decode().split("\0") if "=" in item)
+
+    proc = ModelProcess()
+    try:
+        assert environ(proc)["MALLOC_ARENA_MAX"] == "2"
+    finally:
+        proc.close()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    proc = ModelProcess()
+    try:
+        assert environ(proc)["MALLOC_ARENA_MAX"] == "4"
+    finally:
+        proc.close()
 
 
 def test_unloading_a_model_returns_its_memory(folders, assets):
