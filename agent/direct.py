@@ -8,12 +8,18 @@ requests in the worker (agent/batcher.py), next to the runtime. Stateful models 
 served here: a stream's calls must meet in the agent.
 
 The worker counts these requests itself; the agent adds them to the model's telemetry.
+
+A streaming model gives each connection a thread: the request runs in it, at once. A
+batched model's connections are all read by one thread that waits on them together
+(selectors): its requests only queue for a batch, and 32 threads waking one by one,
+each handing the interpreter lock on, cost more than the reading itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
@@ -22,7 +28,7 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import Activity, error_frame, send_message, serve_connection
+from .localapi import _LEN, MAX_MESSAGE, Activity, error_frame, send_message, serve_connection
 from .stats import Stats
 from .tensors import Tensor, check_inputs, from_frame, to_frame
 
@@ -47,7 +53,13 @@ class DirectServer:
         self._sock.bind(str(self.path))
         os.chmod(self.path, mode)
         self._sock.listen(128)
-        threading.Thread(target=self._accept, name="direct-accept", daemon=True).start()
+        self._closed = False
+        if submit is None:
+            threading.Thread(target=self._accept, name="direct-accept", daemon=True).start()
+        else:
+            self._max_conns = max_conns
+            self._wake_r, self._wake_w = socket.socketpair()
+            threading.Thread(target=self._read_all, name="direct-reader", daemon=True).start()
 
     def _accept(self) -> None:
         while True:
@@ -70,6 +82,68 @@ class DirectServer:
         finally:
             conn.close()
             self._slots.release()
+
+    def _read_all(self) -> None:
+        """The batched model's one reading thread: accept, read whatever arrived on any
+        connection, cut it into messages and queue each for a batch."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        conns: set[_Conn] = set()
+        try:
+            while not self._closed:
+                for key, _ in sel.select():
+                    if key.data == "wake":
+                        return
+                    if key.data is None:
+                        self._accept_one(sel, conns)
+                    elif not self._read_from(key.data):
+                        sel.unregister(key.fileobj)
+                        conns.discard(key.data)
+                        key.data.close()
+        finally:
+            for c in conns:
+                c.close()
+            sel.close()
+
+    def _accept_one(self, sel: selectors.BaseSelector, conns: set) -> None:
+        try:
+            sock, _ = self._sock.accept()
+        except OSError:
+            return
+        if len(conns) >= self._max_conns:
+            try:
+                send_message(sock, error_frame(BusyError("too many connections to this model", "retry later")))
+            except OSError:
+                pass
+            sock.close()
+            return
+        c = _Conn(sock)
+        conns.add(c)
+        sel.register(sock, selectors.EVENT_READ, c)
+
+    def _read_from(self, c: "_Conn") -> bool:
+        """Take what one connection sent; False once it is to be closed."""
+        try:
+            data = c.sock.recv(1 << 16)  # readable: this returns at once
+        except OSError:
+            return False
+        if not data:
+            return False
+        c.buf += data
+        while len(c.buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(c.buf)
+            if n > MAX_MESSAGE:  # answered, then dropped: the rest of it is unread
+                c.send(error_frame(ProtocolError(f"message of {n} bytes is over the {MAX_MESSAGE}-byte limit")))
+                return False
+            if len(c.buf) < _LEN.size + n:
+                break
+            msg = memoryview(bytes(c.buf[_LEN.size:_LEN.size + n]))  # its own bytes: it waits in the queue
+            del c.buf[:_LEN.size + n]
+            reply = self.handle(msg, c.send)
+            if reply is not None:
+                c.send(reply)
+        return True
 
     def handle(self, msg, answer_later: Callable[[bytes], None] | None = None) -> bytes | None:
         """The answer frame, or None when a batcher will send it through `answer_later`."""
@@ -110,5 +184,36 @@ class DirectServer:
         return reply
 
     def close(self) -> None:
+        self._closed = True
+        if self._submit is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
         self._sock.close()
         self.path.unlink(missing_ok=True)
+
+
+class _Conn:
+    """One connection of a batched model: bytes read but not yet a whole message, and a lock so
+    that answers (sent from batch threads) never interleave or go to a socket already closed."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+        self._sending = threading.Lock()
+        self._closed = False
+
+    def send(self, frame: bytes) -> None:
+        with self._sending:
+            if self._closed:
+                return  # the caller hung up before its answer
+            try:
+                send_message(self.sock, frame)
+            except OSError:
+                pass  # it hangs up now: the reader sees that and closes
+
+    def close(self) -> None:
+        with self._sending:
+            self._closed = True
+            self.sock.close()

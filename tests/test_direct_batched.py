@@ -85,3 +85,87 @@ def test_a_caller_that_hangs_up_before_its_answer_harms_nobody(server):
     with LocalClient(str(srv.path), direct=False) as client:
         np.testing.assert_array_equal(client.infer("m", {"x": np.full((1, 2), 3, np.float32)})["y"], 6)
     assert sum(runs) >= 4
+
+
+def _frame(value: float) -> bytes:
+    from agent import protocol, wire
+
+    frame = b"".join(bytes(p) for p in wire.frame_parts({"x": np.full((1, 2), value, np.float32)},
+                                                        v=protocol.VERSION, op="infer", model="m"))
+    return struct.pack(">I", len(frame)) + frame
+
+
+def _answer(raw: socket.socket):
+    from agent import wire
+    from agent.localapi import recv_message
+    from agent.tensors import from_frame
+
+    header, body = wire.unpack(recv_message(raw))
+    return header, (to_numpy(from_frame(header, body)[0]) if header["status"] == "ok" else None)
+
+
+def test_one_reader_serves_a_caller_that_sends_a_request_in_pieces_without_holding_up_others(server):
+    """All of a batched model's connections are read by one thread: a slow sender must not stall it."""
+    srv, _ = server
+    slow, fast = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    slow.connect(str(srv.path))
+    fast.connect(str(srv.path))
+    data = _frame(5) + _frame(6)  # two requests, sent a few bytes at a time
+    slow.sendall(data[:3])
+    fast.sendall(_frame(1))
+    fast.settimeout(5)
+    header, y = _answer(fast)  # answered while the slow one's first message is incomplete
+    assert header["status"] == "ok" and (y == 2).all()
+    for i in range(3, len(data), 7):
+        slow.sendall(data[i:i + 7])
+    slow.settimeout(5)
+    assert (_answer(slow)[1] == 10).all() and (_answer(slow)[1] == 12).all()  # in order, each whole
+    slow.close()
+    fast.close()
+
+
+def test_an_oversized_message_is_answered_and_its_connection_dropped(server):
+    srv, _ = server
+    from agent.localapi import MAX_MESSAGE
+
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(srv.path))
+    raw.settimeout(5)
+    raw.sendall(struct.pack(">I", MAX_MESSAGE + 1))
+    header, _ = _answer(raw)
+    assert header["status"] == "error" and "over the" in header["error"]
+    assert raw.recv(1) == b""  # closed
+    raw.close()
+    with LocalClient(str(srv.path), direct=False) as client:  # the others go on
+        np.testing.assert_array_equal(client.infer("m", {"x": np.ones((1, 2), np.float32)})["y"], 2)
+
+
+def test_connections_past_the_limit_get_busy_and_closing_stops_the_reader(tmp_path):
+    batcher = Batcher("m", lambda feeds: feeds, max_batch=8, max_delay_ms=1)
+    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
+                       batcher.submit, max_conns=2, submit=batcher.submit_async)
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(srv.path))
+            s.settimeout(5)
+            socks.append(s)
+        s.sendall(_frame(1))
+        assert _answer(s)[0]["status"] == "ok"  # both are accepted by now
+        extra = socket.socket(socket.AF_UNIX)
+        extra.connect(str(srv.path))
+        extra.settimeout(5)
+        header, _ = _answer(extra)
+        assert header["status"] == "error" and header["code"] == "busy"
+        extra.close()
+    finally:
+        srv.close()
+        batcher.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "direct-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "direct-reader" for t in threading.enumerate())
+    for s in socks:
+        assert s.recv(1) == b""  # the reader closed its connections on the way out
+        s.close()
