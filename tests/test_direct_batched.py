@@ -18,8 +18,8 @@ from agent.errors import InferenceError
 from agent.tensors import from_numpy, to_numpy
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=[True, False], ids=["one-reader", "thread-per-connection"])
+def server(tmp_path, request):
     runs = []
 
     def run(feeds):
@@ -31,7 +31,8 @@ def server(tmp_path):
 
     batcher = Batcher("m", run, max_batch=8, max_delay_ms=30)
     srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
-                       batcher.submit, spin_us=100, submit=batcher.submit_async)
+                       batcher.submit, spin_us=100, submit=batcher.submit_async, reader=request.param)
+    assert srv._reader is request.param
     yield srv, runs
     srv.close()
     batcher.close()
@@ -140,6 +141,24 @@ def test_an_oversized_message_is_answered_and_its_connection_dropped(server):
         np.testing.assert_array_equal(client.infer("m", {"x": np.ones((1, 2), np.float32)})["y"], 2)
 
 
+def test_a_batched_model_with_small_rows_gets_one_reader_and_one_with_images_a_thread_per_connection(tmp_path):
+    batcher = Batcher("m", lambda feeds: feeds, max_batch=8, max_delay_ms=1)
+    made = []
+    try:
+        for shape in ([-1, 64], [-1, 3, 128, 128], [-1, 3, -1, -1]):
+            made.append(DirectServer(str(tmp_path / f"{len(made)}.sock"), 0o600, "m", 1,
+                                     [TensorSpec("x", "float32", shape)], batcher.submit,
+                                     submit=batcher.submit_async))
+        streaming = DirectServer(str(tmp_path / "s.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 64])],
+                                 batcher.submit)
+        assert [s._reader for s in made] == [True, False, False]  # 256 B, 196 kB, unknown
+        assert streaming._reader is False
+    finally:
+        for s in made + [streaming]:
+            s.close()
+        batcher.close()
+
+
 def test_connections_past_the_limit_get_busy_and_closing_stops_the_reader(tmp_path):
     batcher = Batcher("m", lambda feeds: feeds, max_batch=8, max_delay_ms=1)
     srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
@@ -169,3 +188,24 @@ def test_connections_past_the_limit_get_busy_and_closing_stops_the_reader(tmp_pa
     for s in socks:
         assert s.recv(1) == b""  # the reader closed its connections on the way out
         s.close()
+
+
+def test_a_large_request_sent_in_pieces_is_read_whole(server):
+    """Over 64 kB a message is read straight into bytes of its own."""
+    from agent import protocol, wire
+
+    srv, _ = server
+    x = np.arange(2 * 9000, dtype=np.float32).reshape(9000, 2) + 0.5  # 72 kB (and no 13): also more rows than a batch
+    frame = b"".join(bytes(p) for p in wire.frame_parts({"x": x}, v=protocol.VERSION, op="infer", model="m"))
+    data = struct.pack(">I", len(frame)) + frame + _frame(4)  # and a small one right behind it
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(srv.path))
+    raw.settimeout(5)
+    for i in range(0, len(data), 5000):
+        raw.sendall(data[i:i + 5000])
+        time.sleep(0.001)
+    header, y = _answer(raw)
+    assert header["status"] == "ok", header
+    np.testing.assert_array_equal(y, x * 2)
+    assert (_answer(raw)[1] == 8).all()
+    raw.close()
