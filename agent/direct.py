@@ -121,7 +121,13 @@ class DirectServer:
                         return
                     if key.data is None:
                         self._accept_one(sel, conns)
-                    elif not self._read_from(key.data):
+                        continue
+                    try:
+                        keep = self._read_from(key.data)
+                    except Exception:  # a bug on one connection's bytes must not stop the others'
+                        log.exception("reading a request failed; closing its connection")
+                        keep = False
+                    if not keep:
                         sel.unregister(key.fileobj)
                         conns.discard(key.data)
                         key.data.close()

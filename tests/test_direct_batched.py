@@ -209,3 +209,15 @@ def test_a_large_request_sent_in_pieces_is_read_whole(server):
     np.testing.assert_array_equal(y, x * 2)
     assert (_answer(raw)[1] == 8).all()
     raw.close()
+
+
+def test_garbage_gets_an_error_answer_and_the_connection_goes_on(server):
+    srv, _ = server
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(srv.path))
+    raw.settimeout(5)
+    raw.sendall(struct.pack(">I", 7) + b"garbage" + _frame(2))
+    header, _ = _answer(raw)
+    assert header["status"] == "error" and header["code"] == "bad_message"
+    assert (_answer(raw)[1] == 4).all()
+    raw.close()
