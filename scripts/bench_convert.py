@@ -111,7 +111,7 @@ def main() -> int:
                 else:
                     row += ["-", "-", "-", "-"]
                 pruning.append(row)
-        print(f"## Size and quality (FP32 vs INT8, same format)\n")
+        print("## Size and quality (FP32 vs INT8, same format)\n")
         print(format_table(["family", "format", "FP32 kB", "INT8 kB", "ratio", f"<= {SIZE_TARGET}x",
                             "top-1 FP32 -> INT8", f"drop <= {DROP_TARGET_PP} pp"], sizes, align="llrrrlll"))
         print(f"\n## Latency p50, batch 1, 1 thread, this CPU ({platform.machine()})\n")
@@ -121,7 +121,7 @@ def main() -> int:
         print(format_table(["family", "format", "sparse bundle kB", "vs FP32 file", f"<= {PRUNED_TARGET}x",
                             "model alone, xz", "sparse top-1", "channels", "FP32 whole ms", "FP32 narrow ms", "narrow/whole"],
                            pruning, align="llrrlrlrrrr"))
-        print(f"\nTop-1 drop target applies to the digits CNN (the only trained model; the others are untrained "
+        print("\nTop-1 drop target applies to the digits CNN (the only trained model; the others are untrained "
               "and measured by agreement with FP32). Channel pruning without fine-tuning is measured for speed "
               "only: its accuracy cost needs the fine_tune callback (tests/test_from_torch.py).")
         return 0 if ok else 1

@@ -96,6 +96,13 @@ def _frame(value: float) -> bytes:
     return struct.pack(">I", len(frame)) + frame
 
 
+def _connect(path) -> socket.socket:
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(path))
+    raw.settimeout(5)
+    return raw
+
+
 def _answer(raw: socket.socket):
     from agent import wire
     from agent.localapi import recv_message
@@ -129,9 +136,7 @@ def test_an_oversized_message_is_answered_and_its_connection_dropped(server):
     srv, _ = server
     from agent.localapi import MAX_MESSAGE
 
-    raw = socket.socket(socket.AF_UNIX)
-    raw.connect(str(srv.path))
-    raw.settimeout(5)
+    raw = _connect(srv.path)
     raw.sendall(struct.pack(">I", MAX_MESSAGE + 1))
     header, _ = _answer(raw)
     assert header["status"] == "error" and "over the" in header["error"]
@@ -166,15 +171,11 @@ def test_connections_past_the_limit_get_busy_and_closing_stops_the_reader(tmp_pa
     socks = []
     try:
         for _ in range(2):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(str(srv.path))
-            s.settimeout(5)
+            s = _connect(srv.path)
             socks.append(s)
         s.sendall(_frame(1))
         assert _answer(s)[0]["status"] == "ok"  # both are accepted by now
-        extra = socket.socket(socket.AF_UNIX)
-        extra.connect(str(srv.path))
-        extra.settimeout(5)
+        extra = _connect(srv.path)
         header, _ = _answer(extra)
         assert header["status"] == "error" and header["code"] == "busy"
         extra.close()
@@ -198,9 +199,7 @@ def test_a_large_request_sent_in_pieces_is_read_whole(server):
     x = np.arange(2 * 9000, dtype=np.float32).reshape(9000, 2) + 0.5  # 72 kB (and no 13): also more rows than a batch
     frame = b"".join(bytes(p) for p in wire.frame_parts({"x": x}, v=protocol.VERSION, op="infer", model="m"))
     data = struct.pack(">I", len(frame)) + frame + _frame(4)  # and a small one right behind it
-    raw = socket.socket(socket.AF_UNIX)
-    raw.connect(str(srv.path))
-    raw.settimeout(5)
+    raw = _connect(srv.path)
     for i in range(0, len(data), 5000):
         raw.sendall(data[i:i + 5000])
         time.sleep(0.001)
@@ -213,9 +212,7 @@ def test_a_large_request_sent_in_pieces_is_read_whole(server):
 
 def test_garbage_gets_an_error_answer_and_the_connection_goes_on(server):
     srv, _ = server
-    raw = socket.socket(socket.AF_UNIX)
-    raw.connect(str(srv.path))
-    raw.settimeout(5)
+    raw = _connect(srv.path)
     raw.sendall(struct.pack(">I", 7) + b"garbage" + _frame(2))
     header, _ = _answer(raw)
     assert header["status"] == "error" and header["code"] == "bad_message"
