@@ -21,6 +21,7 @@ thread doing all of it was 9 % slower (MobileNet-style CNN, 196 kB a request).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import selectors
 import socket
@@ -31,19 +32,18 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import _LEN, MAX_MESSAGE, Activity, error_frame, send_message, serve_connection
+from .localapi import PREFIX_BYTES, Activity, error_frame, message_length, send_message, serve_connection
 from .stats import Stats
 from .tensors import ITEMSIZE, Tensor, check_inputs, from_frame, to_frame
 
 log = logging.getLogger(__name__)
 
 READER_MAX_ROW_BYTES = 64 * 1024  # a batched model's rows up to this size: one reader thread
+READ_BYTES = 64 * 1024  # what the reader takes from a connection at a time; larger messages get their own bytes
 
 
 def row_bytes(specs: list) -> int | None:
     """Bytes of one row of all inputs together; None if a non-batch axis is dynamic."""
-    import math
-
     total = 0
     for spec in specs:
         dims = list(spec.shape[1:])
@@ -167,27 +167,28 @@ class DirectServer:
                     msg, c.msg = c.msg, None
                     self._dispatch(c, memoryview(msg))
                 return True
-            data = c.sock.recv(1 << 16)
+            data = c.sock.recv(READ_BYTES)
         except OSError:
             return False
         if not data:
             return False
         c.buf += data
-        while len(c.buf) >= _LEN.size:
-            (n,) = _LEN.unpack_from(c.buf)
-            if n > MAX_MESSAGE:  # answered, then dropped: the rest of it is unread
-                c.send(error_frame(ProtocolError(f"message of {n} bytes is over the {MAX_MESSAGE}-byte limit")))
+        while len(c.buf) >= PREFIX_BYTES:
+            try:
+                n = message_length(c.buf)
+            except ProtocolError as exc:  # answered, then dropped: the rest of it is unread
+                c.send(error_frame(exc))
                 return False
-            have = len(c.buf) - _LEN.size
+            have = len(c.buf) - PREFIX_BYTES
             if have < n:
-                if n > 1 << 16:  # the rest goes straight into the message's own bytes
+                if n > READ_BYTES:  # the rest goes straight into the message's own bytes
                     c.msg = bytearray(n)
-                    c.msg[:have] = c.buf[_LEN.size:]
+                    c.msg[:have] = c.buf[PREFIX_BYTES:]
                     c.got = have
                     c.buf.clear()
                 break
-            msg = bytes(c.buf[_LEN.size:_LEN.size + n])  # its own bytes: it waits in the batcher's queue
-            del c.buf[:_LEN.size + n]
+            msg = bytes(c.buf[PREFIX_BYTES:PREFIX_BYTES + n])  # its own bytes: it waits in the batcher's queue
+            del c.buf[:PREFIX_BYTES + n]
             self._dispatch(c, memoryview(msg))
         return True
 

@@ -281,8 +281,9 @@ class Engine:
         """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
         manifest = read_installed_manifest(folder)
         serving = self.serving_for(manifest.name)
-        copies = copies_for(manifest.runtime, serving.mode == "batched" and bool(self.direct_dir) and not manifest.state,
-                            serving.batches_in_flight)
+        direct = bool(self.direct_dir) and not manifest.state  # local apps reach the worker on its own socket
+        batched_in_worker = direct and serving.mode == "batched"
+        copies = copies_for(manifest.runtime, batched_in_worker, serving.batches_in_flight)
         self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb * copies,
                             manifest.memory.runtime_mb, evict=True)
         path = str(folder / manifest.model_file)
@@ -299,11 +300,11 @@ class Engine:
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
             proc.providers = reply.get("providers")
-            if self.direct_dir and not manifest.state:
+            if direct:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
                 specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
                 batch = None
-                if serving.mode == "batched":  # local apps' requests are batched in the worker itself
+                if batched_in_worker:  # local apps' requests are batched in the worker itself
                     batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,
                              "preferred": serving.preferred_batch, "max_queue": serving.max_queue,
                              "fixed_batch": fixed_batch(manifest), "in_flight": serving.batches_in_flight}

@@ -37,7 +37,16 @@ from .tensors import from_frame, to_frame
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+PREFIX_BYTES = _LEN.size  # each message starts with its length
 MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def message_length(prefix, limit: int = MAX_MESSAGE) -> int:
+    """The length a message's prefix announces; ProtocolError if it is over `limit`."""
+    (n,) = _LEN.unpack_from(prefix)
+    if n > limit:
+        raise ProtocolError(f"message of {n} bytes is over the {limit}-byte limit")
+    return n
 
 
 def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE, buffer: bytearray | None = None) -> memoryview | None:
@@ -47,9 +56,7 @@ def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE, buffer: bytearra
     head = _recv_exactly(sock, _LEN.size, eof_ok=True)
     if head is None:
         return None
-    (n,) = _LEN.unpack(head)
-    if n > limit:
-        raise ProtocolError(f"message of {n} bytes is over the {limit}-byte limit")
+    n = message_length(head, limit)
     return _recv_exactly(sock, n, into=buffer if buffer is not None and len(buffer) >= n else None)
 
 

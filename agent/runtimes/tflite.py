@@ -62,19 +62,22 @@ class TfliteRuntime(Runtime):
 
     def __init__(self, path: str, threads: int = 1, copies: int = 1):
         cls, self.package = interpreter_class()
-        self.copies = max(1, copies)
-        self._free: queue.SimpleQueue[_Copy] = queue.SimpleQueue()
-        for _ in range(self.copies):
+
+        def interpreter():
             try:
                 it = cls(model_path=path, num_threads=threads)
                 it.allocate_tensors()
             except (ValueError, RuntimeError) as exc:
                 raise BundleError(f"{self.package} cannot load {path}: {str(exc).splitlines()[0]}") from exc
-            if not self._free.qsize():
-                self._first = _Copy(it, it.get_input_details(), it.get_output_details())
-                self._free.put(self._first)
-            else:
-                self._free.put(_Copy(it, self._first.inputs, self._first.outputs))
+            return it
+
+        self.copies = max(1, copies)
+        it = interpreter()
+        self._first = _Copy(it, it.get_input_details(), it.get_output_details())
+        self._free: queue.SimpleQueue[_Copy] = queue.SimpleQueue()
+        self._free.put(self._first)
+        for _ in range(self.copies - 1):  # the same model: the first one's I/O details hold for all
+            self._free.put(_Copy(interpreter(), self._first.inputs, self._first.outputs))
 
     @property
     def input_details(self) -> list[dict]:
