@@ -33,6 +33,7 @@ from typing import Callable
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .localapi import PREFIX_BYTES, Activity, error_frame, message_length, send_message, serve_connection
+from .outbox import Drain, Outbox
 from .stats import Stats
 from .tensors import ITEMSIZE, Tensor, check_inputs, from_frame, to_frame
 
@@ -65,6 +66,7 @@ class DirectServer:
         self._activity = Activity()
         self._run = run
         self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
+        self._drain = Drain() if submit is not None else None  # what a batch thread could not send at once
         self.stats = Stats()
         self._slots = threading.BoundedSemaphore(max_conns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +103,12 @@ class DirectServer:
         # a buffer reused for every request that fits, when each is answered before the next
         # is read; a batched request's bytes wait in the batcher's queue, so they get their own
         buffer = None if self._submit else bytearray(1 << 20)
+        box = Outbox(conn, self._drain) if self._submit else None
         try:
-            serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity)
+            serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity,
+                             send=box.send if box else None)
         finally:
-            conn.close()
+            (box or conn).close()
             self._slots.release()
 
     def _read_all(self) -> None:
@@ -150,7 +154,7 @@ class DirectServer:
                 pass
             sock.close()
             return
-        c = _Conn(sock)
+        c = _Conn(sock, self._drain)
         conns.add(c)
         sel.register(sock, selectors.EVENT_READ, c)
 
@@ -237,6 +241,8 @@ class DirectServer:
 
     def close(self) -> None:
         self._closed = True
+        if self._drain is not None:
+            self._drain.close()
         if self._reader:
             try:
                 self._wake_w.send(b"x")
@@ -247,27 +253,14 @@ class DirectServer:
 
 
 class _Conn:
-    """One connection of a batched model: bytes read but not yet a whole message, and a lock so
-    that answers (sent from batch threads) never interleave or go to a socket already closed."""
+    """One connection read by the batched model's reader: bytes read that are not yet a whole
+    message, and the outbox its answers go out through (sent from batch threads)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, drain: Drain):
         self.sock = sock
         self.buf = bytearray()  # bytes read that are not yet a whole message
         self.msg: bytearray | None = None  # a large message being read into its own bytes
         self.got = 0
-        self._sending = threading.Lock()
-        self._closed = False
-
-    def send(self, frame: bytes) -> None:
-        with self._sending:
-            if self._closed:
-                return  # the caller hung up before its answer
-            try:
-                send_message(self.sock, frame)
-            except OSError:
-                pass  # it hangs up now: the reader sees that and closes
-
-    def close(self) -> None:
-        with self._sending:
-            self._closed = True
-            self.sock.close()
+        self._out = Outbox(sock, drain)
+        self.send = self._out.send
+        self.close = self._out.close

@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
@@ -132,7 +133,8 @@ class Activity:
 
 
 def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
-                     stop: threading.Event | None = None, activity: Activity | None = None) -> None:
+                     stop: threading.Event | None = None, activity: Activity | None = None,
+                     send: Callable[[bytes], None] | None = None) -> None:
     """Answer one connection's requests in turn until it closes (or `stop` is set).
 
     `handle(msg, answer)` returns the answer frame, or None when it has arranged for
@@ -141,14 +143,19 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
     is answered, then the connection is dropped: the rest of it is unread. `buffer`, when
     given, is reused for each request (the handler keeps nothing of it). After each answer
     the connection polls for its next request for `spin_s`, if `activity` (shared by the
-    server's connections) says no other request is being handled."""
+    server's connections) says no other request is being handled. `send`, when given, sends
+    every answer instead (a batched model's outbox, agent/outbox.py: it never blocks)."""
     activity = activity or Activity()
-    sending = threading.Lock()
+    if send is None:
+        sending = threading.Lock()
+
+        def send(frame: bytes) -> None:
+            with sending:
+                send_message(conn, frame)
 
     def answer_later(frame: bytes) -> None:
         try:
-            with sending:
-                send_message(conn, frame)
+            send(frame)
         except OSError:
             pass  # the caller hung up; its connection's thread sees that and closes
         finally:
@@ -159,8 +166,7 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             try:
                 msg = recv_message(conn, buffer=buffer)
             except ProtocolError as exc:
-                with sending:
-                    send_message(conn, error_frame(exc))
+                send(error_frame(exc))
                 return
             if msg is None:
                 return
@@ -173,8 +179,7 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             if reply is None:
                 continue
             try:
-                with sending:
-                    send_message(conn, reply)
+                send(reply)
             finally:
                 activity.leave()
             if activity.idle:
@@ -185,16 +190,28 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
 
 def send_message(sock: socket.socket, frame: bytes | list) -> None:
     """Send one message: a frame, or its parts (wire.frame_parts) gathered without copying them."""
+    views = message_views(frame)
+    while views:
+        views = send_views(sock, views)
+
+
+def message_views(frame: bytes | list) -> list[memoryview]:
+    """A message's bytes as the views one sendmsg() takes: its length prefix, then the frame's parts."""
     parts = frame if isinstance(frame, list) else [frame]
     total = sum(len(p) for p in parts)
-    views = [memoryview(_LEN.pack(total))] + [memoryview(p).cast("B") for p in parts]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+    return [memoryview(_LEN.pack(total))] + [memoryview(p).cast("B") for p in parts]
+
+
+def send_views(sock: socket.socket, views: list[memoryview], flags: int = 0) -> list[memoryview]:
+    """One sendmsg() of `views`; the views of what it did not take (empty once all is sent)."""
+    sent = sock.sendmsg(views, [], flags)
+    views = list(views)
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if views and sent:
+        views[0] = views[0][sent:]
+    return views
 
 
 class LocalApi:

@@ -218,3 +218,62 @@ def test_garbage_gets_an_error_answer_and_the_connection_goes_on(server):
     assert header["status"] == "error" and header["code"] == "bad_message"
     assert (_answer(raw)[1] == 4).all()
     raw.close()
+
+
+def test_a_caller_that_sends_requests_without_reading_answers_holds_up_nobody_and_is_dropped(server, monkeypatch):
+    """The batch thread answers every caller of its batch: it must never wait on one socket."""
+    from agent import outbox
+
+    srv, _ = server
+    monkeypatch.setattr(outbox, "MAX_BACKLOG_BYTES", 16 * 1024)
+    greedy = _connect(srv.path)
+    requests = _frame(1) * 20000  # ~2 MB of answers, far over a socket's buffer; it never reads them
+
+    def send_all():
+        try:
+            greedy.sendall(requests)
+        except OSError:
+            pass  # dropped while still sending
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    sender.join(20)
+    assert not sender.is_alive()  # the server kept reading its requests (or dropped it)
+    with LocalClient(str(srv.path), direct=False, timeout=5) as client:  # the others are answered at once
+        for i in range(5):
+            np.testing.assert_array_equal(client.infer("m", {"x": np.full((1, 2), i, np.float32)})["y"], 2 * i)
+    got, deadline = 0, time.monotonic() + 10
+    while time.monotonic() < deadline:  # what was sent arrives in order, then the connection ends
+        chunk = greedy.recv(1 << 16)
+        if not chunk:
+            break
+        got += len(chunk)
+    assert chunk == b"", "the server did not drop a caller that does not read"
+    assert 0 < got < 20000 * 150
+    greedy.close()
+
+
+def test_a_large_answer_reaches_a_reader_whole_and_one_not_read_times_out(tmp_path, monkeypatch):
+    from agent import outbox
+
+    monkeypatch.setattr(outbox, "DRAIN_TIMEOUT_S", 0.5)
+    big = np.arange(1 << 20, dtype=np.float32)  # a 4 MB answer: more than a socket takes at once
+    batcher = Batcher("m", lambda feeds: [from_numpy("y", big[None, :].repeat(len(to_numpy(feeds[0])), 0))],
+                      max_batch=8, max_delay_ms=1)
+    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
+                       batcher.submit, submit=batcher.submit_async, reader=True)
+    try:
+        idle = _connect(srv.path)
+        idle.sendall(_frame(1))  # asks, then does not read for longer than DRAIN_TIMEOUT_S
+        time.sleep(0.2)
+        with LocalClient(str(srv.path), direct=False, timeout=5) as client:
+            for _ in range(3):  # a caller that reads gets all 4 MB, each time, while the idle one waits
+                np.testing.assert_array_equal(client.infer("m", {"x": np.ones((1, 2), np.float32)})["y"][0], big)
+        time.sleep(1.0)
+        got = b""
+        while chunk := idle.recv(1 << 20):
+            got += chunk
+        assert len(got) < big.nbytes  # dropped before its answer was whole
+    finally:
+        srv.close()
+        batcher.close()
