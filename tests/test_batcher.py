@@ -6,7 +6,8 @@ import time
 
 import numpy as np
 
-from agent.batcher import PARALLEL_MIN_S, Batcher
+from agent import batcher as batcher_module
+from agent.batcher import Batcher
 from agent.tensors import from_numpy, to_numpy
 
 
@@ -79,9 +80,12 @@ def test_one_batch_at_a_time_when_in_flight_is_one():
     assert model.most == 1
 
 
-def test_short_batches_run_alone_even_with_threads_to_spare():
-    """Under PARALLEL_MIN_S a second batch would only split the work into two half batches."""
-    model = Recorder(run_s=PARALLEL_MIN_S / 10)
+def test_short_batches_run_alone_even_with_threads_to_spare(monkeypatch):
+    """Under PARALLEL_MIN_S a second batch would only split the work into two half batches.
+    The threshold is raised here so that a busy host's scheduler (a 0.1 ms sleep that takes
+    2 ms) cannot make these batches look long."""
+    monkeypatch.setattr(batcher_module, "PARALLEL_MIN_S", 0.02)
+    model = Recorder(run_s=0.0001)
     batcher = Batcher("m", model, max_batch=4, max_delay_ms=1, in_flight=4)
     try:
         answers = _callers(batcher, n=8, calls=20)
@@ -91,9 +95,10 @@ def test_short_batches_run_alone_even_with_threads_to_spare():
     assert model.most == 1
 
 
-def test_one_stalled_batch_does_not_let_short_batches_overlap():
+def test_one_stalled_batch_does_not_let_short_batches_overlap(monkeypatch):
     """A batch held up by the scheduler (or a GC pause) is not the model's speed."""
-    model = Recorder(run_s=PARALLEL_MIN_S / 10, stall_s=0.05, stall_at=3)
+    monkeypatch.setattr(batcher_module, "PARALLEL_MIN_S", 0.02)
+    model = Recorder(run_s=0.0001, stall_s=0.2, stall_at=3)
     batcher = Batcher("m", model, max_batch=4, max_delay_ms=1, in_flight=4)
     try:
         _callers(batcher, n=8, calls=10)
@@ -121,3 +126,4 @@ def test_a_request_waits_at_most_max_delay_after_it_was_queued_even_while_a_batc
     # ~0.38 s of waiting. Counting 150 ms from when the thread got free would make it ~0.53 s.
     assert model.sizes == [1, 1]
     assert waited < 0.45, waited
+
