@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import BundleError, IntegrityError, UnsafeArchiveError
-from .schema import SchemaError, from_dict, rule, to_dict
+from .schema import SchemaError, from_dict, load_json, rule, to_dict
 from .protocol import NAME_PATTERN, SHA256_PATTERN
 
 MANIFEST = "manifest.json"
@@ -104,9 +105,9 @@ class Manifest:
 
 def parse_manifest(raw: bytes) -> Manifest:
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"manifest.json is not valid JSON ({exc})") from exc
+        data = load_json(raw)
+    except ValueError as exc:
+        raise BundleError(f"manifest.json is not valid JSON ({exc})") from None
     if isinstance(data, dict) and data.get("schema", MANIFEST_SCHEMA) != MANIFEST_SCHEMA:
         raise BundleError(f"manifest schema {data.get('schema')!r} is not supported (this agent reads {MANIFEST_SCHEMA})",
                           "upgrade edgeward on the device")
@@ -222,6 +223,13 @@ def _members(tar: tarfile.TarFile, max_member_bytes: int) -> dict[str, tarfile.T
     return members
 
 
+def _archive_errors() -> tuple:
+    """What reading a damaged archive raises: tarfile's errors, a short read, an I/O error and,
+    for xz bundles, lzma's (imported by tarfile only when it opens one)."""
+    lzma = sys.modules.get("lzma")
+    return (tarfile.TarError, EOFError, OSError) + ((lzma.LZMAError,) if lzma else ())
+
+
 def _read_mode(path: Path) -> str:
     """Plain tar, or tar compressed with xz (bundles of pruned models); nothing else is read."""
     with open(path, "rb") as f:
@@ -248,45 +256,49 @@ def open_bundle(path: str | os.PathLike, trusted_keys: list | None = None, allow
                                  "raise store.max_bundle_mb if this model is expected to be that large")
     try:
         tar = tarfile.open(path, mode=_read_mode(path))
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except _archive_errors() as exc:
         raise BundleError(f"{path} is not an edgeward bundle (not a tar archive: {exc})",
                           "make bundles with `edgeward convert`") from exc
-    with tar:
-        members = _members(tar, max_bytes)
-        if MANIFEST not in members:
-            raise BundleError(f"{path} has no manifest.json", "make bundles with `edgeward convert`")
-        if members[MANIFEST].size > MAX_MANIFEST_BYTES:
-            raise UnsafeArchiveError("manifest.json is larger than 1 MiB")
-        manifest_bytes = tar.extractfile(members[MANIFEST]).read()
-        signature = None
-        if SIGNATURE in members:
-            if members[SIGNATURE].size > 4096:
-                raise UnsafeArchiveError("manifest.sig is larger than 4 KiB")
-            try:
-                signature = json.loads(tar.extractfile(members[SIGNATURE]).read())
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BundleError("manifest.sig is not valid JSON") from exc
-        signer = None
-        if verify_signature:
-            signer = signing.verify(signature, manifest_bytes, trusted_keys or [], allow_unsigned)
-        manifest = parse_manifest(manifest_bytes)
-        extra = set(members) - set(manifest.files) - {MANIFEST, SIGNATURE}
-        if extra:
-            raise IntegrityError(f"bundle holds files the manifest does not list: {sorted(extra)}")
-        for name, entry in manifest.files.items():
-            info = members.get(name)
-            if info is None:
-                raise IntegrityError(f"bundle is missing {name!r}, which the manifest lists")
-            if info.size != entry.size:
-                raise IntegrityError(f"{name}: {info.size} bytes, the manifest says {entry.size}")
-            if verify_files:
-                h = hashlib.sha256()
-                src = tar.extractfile(info)
-                while chunk := src.read(_BLOCK):
-                    h.update(chunk)
-                if h.hexdigest() != entry.sha256:
-                    raise IntegrityError(f"{name}: sha256 does not match the manifest (file altered or corrupt)",
-                                         "rebuild the bundle or fetch it again")
+    try:
+        with tar:
+            members = _members(tar, max_bytes)
+            if MANIFEST not in members:
+                raise BundleError(f"{path} has no manifest.json", "make bundles with `edgeward convert`")
+            if members[MANIFEST].size > MAX_MANIFEST_BYTES:
+                raise UnsafeArchiveError("manifest.json is larger than 1 MiB")
+            manifest_bytes = tar.extractfile(members[MANIFEST]).read()
+            signature = None
+            if SIGNATURE in members:
+                if members[SIGNATURE].size > 4096:
+                    raise UnsafeArchiveError("manifest.sig is larger than 4 KiB")
+                try:
+                    signature = load_json(tar.extractfile(members[SIGNATURE]).read())
+                except ValueError as exc:
+                    raise BundleError(f"manifest.sig is not valid JSON ({exc})") from None
+            signer = None
+            if verify_signature:
+                signer = signing.verify(signature, manifest_bytes, trusted_keys or [], allow_unsigned)
+            manifest = parse_manifest(manifest_bytes)
+            extra = set(members) - set(manifest.files) - {MANIFEST, SIGNATURE}
+            if extra:
+                raise IntegrityError(f"bundle holds files the manifest does not list: {sorted(extra)}")
+            for name, entry in manifest.files.items():
+                info = members.get(name)
+                if info is None:
+                    raise IntegrityError(f"bundle is missing {name!r}, which the manifest lists")
+                if info.size != entry.size:
+                    raise IntegrityError(f"{name}: {info.size} bytes, the manifest says {entry.size}")
+                if verify_files:
+                    h = hashlib.sha256()
+                    src = tar.extractfile(info)
+                    while chunk := src.read(_BLOCK):
+                        h.update(chunk)
+                    if h.hexdigest() != entry.sha256:
+                        raise IntegrityError(f"{name}: sha256 does not match the manifest (file altered or corrupt)",
+                                             "rebuild the bundle or fetch it again")
+    except _archive_errors() as exc:  # a damaged or truncated archive, or a read error on disk
+        raise BundleError(f"{path} is damaged: {exc or type(exc).__name__}",
+                          "fetch or copy the bundle again") from exc
     return OpenedBundle(path, manifest, manifest_bytes, signature, signer)
 
 

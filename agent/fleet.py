@@ -9,7 +9,7 @@ as the agent (protocol.py, wire.py), so the two ends cannot drift apart.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import queue
 import threading
@@ -25,8 +25,11 @@ from .bundle import open_bundle, sha256_file
 from .config import MqttConfig
 from .errors import FleetError, ProtocolError
 from .link import make_client, new_client_id, request_properties
-from .protocol import Reply, State
+from .protocol import Event, Reply, State, Telemetry
 from .schema import to_dict
+
+log = logging.getLogger(__name__)
+_REPORTS = {"state": State, "telemetry": Telemetry, "events": Event}  # what `watch` yields, by topic kind
 
 
 class Fleet:
@@ -231,16 +234,19 @@ class Fleet:
 
     def watch(self, stop: threading.Event, kinds: tuple[str, ...] = ("state", "telemetry", "events"),
               device: str = "+") -> Iterator[tuple[str, str, dict]]:
-        """Yield (device, kind, message) as they arrive until `stop` is set."""
+        """Yield (device, kind, message) as they arrive until `stop` is set. Each message has been
+        checked against its schema and comes as that schema's dict (defaults filled in); a message
+        that does not fit is skipped, so a faulty device cannot stop the watch or a rollout."""
         q: queue.Queue = queue.Queue()
 
         def on_msg(msg) -> None:
             try:
                 t = protocol.parse_topic(msg.topic)
                 if t.kind in kinds and msg.payload:
-                    q.put((t.device, t.kind, json.loads(msg.payload)))
-            except (ProtocolError, ValueError):
-                return
+                    report = protocol.decode(_REPORTS[t.kind], msg.payload, what=f"{t.kind} of {t.device}")
+                    q.put((t.device, t.kind, to_dict(report)))
+            except ProtocolError as exc:
+                log.debug("skipping a message: %s", exc)
 
         self._listeners.append(on_msg)
         topics = [f"{protocol.PREFIX}/{device}/{k}" for k in kinds]

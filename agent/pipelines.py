@@ -25,6 +25,7 @@ from paho.mqtt.client import topic_matches_sub
 from . import protocol, wire
 from .config import PipelineConfig
 from .errors import EdgewardError, InferenceError, ProtocolError
+from .schema import load_json
 from .tensors import from_frame, from_json, to_frame, to_json
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ class Pipelines:
             stream = header.get("stream")
             return from_frame(header, body), stream if isinstance(stream, str) else None
         try:
-            doc = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"not valid JSON: {exc}") from exc
+            doc = load_json(payload)
+        except ValueError as exc:
+            raise ProtocolError(f"not valid JSON: {exc}") from None
         specs = self.engine.get(cfg.model).request_inputs
         stream = doc.get("stream") if isinstance(doc, dict) else None
         inputs = doc.get("inputs") if isinstance(doc, dict) else {specs[0].name: doc} if len(specs) == 1 else None

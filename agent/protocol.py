@@ -24,12 +24,17 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from .errors import ProtocolError
-from .schema import SchemaError, from_dict, rule, to_dict
+from .schema import SchemaError, from_dict, load_json, rule, to_dict
 
 VERSION = 1
+# What boards report (state, telemetry, events, replies) may carry keys this side does not
+# know yet: they are skipped, so that a fleet tool keeps reading agents newer than itself in a
+# fleet halfway through an upgrade. Commands to a board stay strict: a board must refuse an
+# instruction it does not understand rather than carry out part of it. (OPEN_TO_NEW_KEYS marks
+# the report classes; agent.schema.from_dict reads it.)
 PREFIX = f"edgeward/v{VERSION}"
 SHA256_PATTERN = r"[0-9a-f]{64}"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
@@ -125,6 +130,7 @@ def parse_topic(topic: str) -> Topic:
 
 @dataclass
 class ModelInfo:
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     name: str
     version: int
     format: str
@@ -135,6 +141,7 @@ class ModelInfo:
 
 @dataclass
 class Hardware:
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     machine: str = ""
     model: str = ""                  # the board's name where the firmware gives one
     cpu_count: int = 0
@@ -146,6 +153,7 @@ class Hardware:
 @dataclass
 class State:
     """Retained on <device>/state: the birth message when online, the last will when not."""
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     device: str
     online: bool
     ts: float = field(default_factory=time.time)
@@ -160,6 +168,7 @@ class State:
 
 @dataclass
 class ModelStats:
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     version: int
     requests: int = 0
     errors: int = 0
@@ -172,6 +181,7 @@ class ModelStats:
 
 @dataclass
 class Telemetry:
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     device: str
     ts: float = field(default_factory=time.time)
     v: int = VERSION
@@ -191,6 +201,7 @@ class Telemetry:
 
 @dataclass
 class Event:
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     device: str
     kind: str                        # model_loaded, load_refused, deploy_* ...
     message: str
@@ -259,6 +270,7 @@ COMMANDS: dict[str, type] = {"deploy": DeployRequest, "ping": PingRequest, "roll
 @dataclass
 class Reply:
     """The answer to any command. A deploy gets `progress` replies, then one final ok/error."""
+    OPEN_TO_NEW_KEYS: ClassVar[bool] = True  # a board's report (see the note at VERSION)
     status: Literal["ok", "error", "progress"]
     v: int = VERSION
     error: Optional[str] = None
@@ -320,9 +332,9 @@ def decode(cls: type, payload: bytes, max_bytes: int | None = None, what: str | 
     if max_bytes is not None and len(payload) > max_bytes:
         raise ProtocolError(f"{what} of {len(payload)} bytes is over the {max_bytes}-byte limit")
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON ({exc.__class__.__name__})") from exc
+        data = load_json(payload)
+    except ValueError as exc:
+        raise ProtocolError(f"{what} is not valid JSON ({exc})") from None
     return from_fields(cls, data, what)
 
 

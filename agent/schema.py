@@ -10,6 +10,7 @@ Constraints ride on dataclass field metadata: ``field(default=.., metadata=rule(
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -19,6 +20,22 @@ T = TypeVar("T")
 
 class SchemaError(ValueError):
     """Raised with the key path and what is allowed; callers wrap it in their own error type."""
+
+
+def load_json(raw: bytes | str) -> Any:
+    """json.loads for bytes from outside; whatever it cannot take is a ValueError with one line.
+
+    json.loads itself raises RecursionError for arrays nested ~1,000 deep (a 2 kB message)
+    and a plain ValueError for integers of more than 4,300 digits: neither is a JSONDecodeError,
+    so callers catching only that would let a sender's few bytes become an internal error."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:  # JSONDecodeError, and the integer digit limit
+        raise ValueError(str(exc).split(": value has")[0]) from None
 
 
 def rule(min: float | None = None, max: float | None = None, choices: tuple | None = None,
@@ -133,19 +150,20 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
-    """Build `cls` from `data`, rejecting unknown keys, wrong types and out-of-range values."""
+    """Build `cls` from `data`, rejecting unknown keys, wrong types and out-of-range values.
+    A class with `OPEN_TO_NEW_KEYS = True` skips keys it does not know instead (see agent/protocol.py)."""
     where = path or "(top level)"
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
-    if unknown:
+    if unknown and not getattr(cls, "OPEN_TO_NEW_KEYS", False):
         raise SchemaError(
             f"{path + '.' if path else ''}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}"
         )
     kwargs = {}
-    for name, f in fields.items():
+    for name, f in fields.items():  # only known keys are read: unknown ones are refused above, or skipped
         key_path = f"{path}.{name}" if path else name
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], key_path, dict(f.metadata))

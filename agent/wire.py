@@ -16,6 +16,7 @@ import json
 import struct
 
 from .errors import ProtocolError
+from .schema import load_json
 from .tensors import ITEMSIZE, dtype_name, from_frame, from_numpy, to_numpy
 
 MAGIC = b"EWF1"
@@ -39,9 +40,9 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
     if head_len > MAX_HEADER_BYTES or 8 + head_len > len(payload):
         raise ProtocolError(f"frame header length {head_len} does not fit a {len(payload)}-byte payload")
     try:
-        header = json.loads(bytes(payload[8:8 + head_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"frame header is not JSON: {exc}") from exc
+        header = load_json(bytes(payload[8:8 + head_len]))
+    except ValueError as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("frame header must be a JSON object")
     return header, memoryview(payload)[8 + head_len:]

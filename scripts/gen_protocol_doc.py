@@ -76,7 +76,9 @@ def render() -> str:
         f"- **Topics.** Every topic starts with `{protocol.PREFIX}`. Device ids and model names match "
         f"`{protocol.NAME_PATTERN}`.",
         f"- **Versions.** JSON messages carry `\"v\": {protocol.VERSION}`. A receiver refuses other versions with "
-        "a `bad_message` error naming both versions. Unknown keys are refused too, naming the key.",
+        "a `bad_message` error naming both versions. In commands, unknown keys are refused too, naming the key. "
+        "In what a board reports (State, Telemetry, Event, Reply) they are skipped, so that fleet tools keep "
+        "reading agents newer than themselves while a fleet is halfway through an upgrade.",
         "- **Requests and answers.** A request is answered on its MQTT v5 response topic, with its "
         "correlation data. *MQTT 3.1.1 fallback:* put `reply_to` (a topic) and `corr` (a string) in the JSON "
         "body or the frame header. The answer then carries `corr` in its body.",
