@@ -16,6 +16,7 @@ the whole file hashes to the sha256 the deploy named.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -164,12 +165,15 @@ class Transfer:
                                                        "User-Agent": "edgeward-agent"})
             try:
                 with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:
-                    if resp.status == 200 and offset:
+                    if resp.status not in (200, 206):
+                        raise DownloadError(f"download answered HTTP {resp.status}", "check the URL")
+                    start = _range_start(resp.headers.get("Content-Range")) if resp.status == 206 else 0
+                    if start != offset and start != 0:
+                        raise ConnectionError(f"asked for bytes from {offset}, the server sent them from {start}")
+                    if start == 0 and offset:
                         log.info("%s ignores Range requests: downloading from the start", url)
                         self.received.clear()
                         offset = 0
-                    elif resp.status not in (200, 206):
-                        raise DownloadError(f"download answered HTTP {resp.status}", "check the URL")
                     self._fill_from(resp, offset, should_stop, progress)
                 failures = 0
             except urllib.error.HTTPError as exc:
@@ -178,7 +182,7 @@ class Transfer:
                                       "check the URL (and that it serves the bundle the deploy names)") from exc
                 failures += 1
                 last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError, ConnectionError) as exc:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # all worth a retry
                 failures += 1
                 last = str(getattr(exc, "reason", exc))
             finally:
@@ -230,6 +234,15 @@ class Transfer:
             raise IntegrityError(f"received bundle hashes to {h.hexdigest()[:12]}…, the deploy named {self.sha256[:12]}…",
                                  "the bytes were corrupted or the deploy request names the wrong bundle; deploy again")
         return self.part_path
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte a 206 answer holds, from `Content-Range: bytes START-END/TOTAL`; None if unreadable."""
+    try:
+        unit, span = (content_range or "").split(" ", 1)
+        return int(span.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
 
 
 def resume_all(incoming: Path) -> dict[str, Transfer]:

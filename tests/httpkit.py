@@ -57,3 +57,43 @@ class BlobServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class CannedHttpServer:
+    """Answers each connection on 127.0.0.1 with the next of `answers` (raw bytes, sent as they
+    are: bad status lines, lying headers, cut bodies) and records each request's Range header."""
+
+    def __init__(self, answers: list[bytes]):
+        import socket
+
+        self.answers, self.ranges = list(answers), []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/bundle.ewb"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = conn.recv(4096)
+                    if not piece:
+                        break
+                    head += piece
+                rng = [line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"range:")]
+                self.ranges.append(rng[0] if rng else None)
+                conn.sendall(self.answers.pop(0) if self.answers else b"HTTP/1.1 503 Gone\r\nContent-Length: 0\r\n\r\n")
+
+    def __enter__(self) -> "CannedHttpServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()

@@ -17,7 +17,7 @@ from agent.errors import DownloadError, FleetError, IntegrityError
 from agent.transfer import Transfer, resume_all
 
 from conftest import repack
-from httpkit import BlobServer
+from httpkit import BlobServer, CannedHttpServer
 from mqttkit import RunningAgent, wait_for
 from test_agent_mqtt import DEVICE, agent_overrides, fleet, raw, running  # noqa: F401  (fixtures)
 
@@ -231,3 +231,32 @@ def test_the_fleet_sends_a_rejected_chunk_again(running, fleet, assets, monkeypa
     monkeypatch.setattr(agent.fleet.wire, "pack", pack_damaging_chunk_3_once)
     reply = fleet.deploy(assets.v2, DEVICE, chunk_size=4096, timeout=30)
     assert damaged == [3] and reply.data["version"] == 2
+
+
+def _http(status: str, body: bytes, **headers) -> bytes:
+    head = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return f"HTTP/1.1 {status}\r\n{head}Connection: close\r\n\r\n".encode() + body
+
+
+def test_a_server_speaking_broken_http_is_retried_and_then_refused_with_a_reason(tmp_path):
+    """Bad status lines and bodies cut mid-chunk raise http.client's own errors, which are not OSErrors."""
+    cut_chunked = _http("200 OK", b"2710\r\n" + DATA[:100], Transfer_Encoding="chunked")
+    with CannedHttpServer([b"HELLO\r\n\r\n", cut_chunked, b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]) as srv:
+        t = _transfer(tmp_path)
+        with pytest.raises(DownloadError, match="failed 3 times in a row"):
+            t.download(srv.url, lambda: False, attempts=3)
+    assert len(srv.ranges) == 3
+
+
+def test_a_range_answered_from_another_offset_is_not_written_at_the_wrong_place(tmp_path):
+    t = _transfer(tmp_path)
+    t.add(0, 0, _chunk(0))
+    t.add(1, 1024, _chunk(1))
+    from_start = _http("206 Partial Content", DATA, Content_Range=f"bytes 0-{len(DATA) - 1}/{len(DATA)}",
+                       Content_Length=len(DATA))
+    elsewhere = _http("206 Partial Content", DATA[4096:], Content_Range=f"bytes 4096-{len(DATA) - 1}/{len(DATA)}",
+                      Content_Length=len(DATA) - 4096)
+    with CannedHttpServer([elsewhere, from_start]) as srv:
+        t.download(srv.url, lambda: False, attempts=3)
+        assert t.finish().read_bytes() == DATA  # the bytes from 4096 were not taken for those from 2048
+    assert srv.ranges == ["bytes=2048-", "bytes=2048-"]
