@@ -81,10 +81,18 @@ class LocalClient:
             spin = self.spin_s > 0 and self._in_flight == 1 and self._last_wait.get(path, 0.0) <= self.spin_s
         try:
             t0 = time.perf_counter()
-            send_message(conn, frame)
-            if spin:
-                linger(conn, self.spin_s)
-            reply = recv_message(conn)
+            try:
+                send_message(conn, frame)
+            except (BrokenPipeError, ConnectionResetError):
+                # refused before it was all sent (too large, say): the answer saying why may be waiting
+                reply = recv_message(conn)
+                self._drop(path)  # the agent has closed its end
+                if reply is None:
+                    raise
+            else:
+                if spin:
+                    linger(conn, self.spin_s)
+                reply = recv_message(conn)
             self._last_wait[path] = time.perf_counter() - t0
         except (OSError, ConnectionError) as exc:
             self._drop(path)

@@ -116,6 +116,9 @@ class ApiConfig:
     # after answering, poll this long for the caller's next request before sleeping (0: never);
     # saves a wake-up per request for apps that call back to back, costs at most this much CPU per request
     spin_us: int = field(default=200, metadata=rule(min=0, max=10_000))
+    # the largest request taken, on this socket and the models' own: a message's bytes are
+    # held in memory until it is whole, so this bounds what one caller can make the agent hold
+    max_request_mb: int = field(default=64, metadata=rule(min=1, max=256))
 
 
 @dataclass

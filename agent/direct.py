@@ -32,7 +32,8 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import PREFIX_BYTES, Activity, error_frame, message_length, send_message, serve_connection
+from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, error_frame, message_length, send_message,
+                       serve_connection)
 from .outbox import Drain, Outbox
 from .stats import Stats
 from .tensors import ITEMSIZE, Tensor, check_inputs, from_frame, to_frame
@@ -59,9 +60,11 @@ def row_bytes(specs: list) -> int | None:
 class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
                  run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
-                 max_rows: int | None = None, submit: Callable | None = None, reader: bool | None = None):
+                 max_rows: int | None = None, submit: Callable | None = None, reader: bool | None = None,
+                 max_message: int = MAX_MESSAGE):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
+        self.max_message = max_message  # api.max_request_mb: bytes one request may make this worker hold
         self.spin_s = spin_us / 1e6
         self._activity = Activity()
         self._run = run
@@ -106,7 +109,7 @@ class DirectServer:
         box = Outbox(conn, self._drain) if self._submit else None
         try:
             serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity,
-                             send=box.send if box else None)
+                             send=box.send if box else None, limit=self.max_message)
         finally:
             (box or conn).close()
             self._slots.release()
@@ -179,7 +182,7 @@ class DirectServer:
         c.buf += data
         while len(c.buf) >= PREFIX_BYTES:
             try:
-                n = message_length(c.buf)
+                n = message_length(c.buf, self.max_message)
             except ProtocolError as exc:  # answered, then dropped: the rest of it is unread
                 c.send(error_frame(exc))
                 return False

@@ -24,7 +24,7 @@ from typing import Callable
 from .batcher import Batcher
 from .budget import Budget
 from .bundle import REFERENCE, Manifest, read_installed_manifest
-from .config import ServingConfig
+from .config import ApiConfig, ServingConfig
 from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
@@ -225,6 +225,7 @@ class Engine:
         self.direct_dir: str | None = None  # set when the local API runs: streaming models get a direct socket
         self.direct_mode = 0o660
         self.direct_spin_us = 0
+        self.direct_max_message = ApiConfig().max_request_mb << 20  # set from the agent's config
         self.threads = threads
         self.emit = emit
         self.timeout_s = timeout_s
@@ -311,7 +312,8 @@ class Engine:
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
                                "version": manifest.version, "specs": specs, "batch": batch,
-                               "spin_us": self.direct_spin_us}, timeout=30, what="direct socket")
+                               "spin_us": self.direct_spin_us, "max_message": self.direct_max_message},
+                              timeout=30, what="direct socket")
                     proc.direct_path = sock
                 except EdgewardError as exc:  # the agent's socket still serves the model
                     log.warning("%s: no direct socket (%s)", manifest.name, exc)

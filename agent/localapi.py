@@ -46,7 +46,8 @@ def message_length(prefix, limit: int = MAX_MESSAGE) -> int:
     """The length a message's prefix announces; ProtocolError if it is over `limit`."""
     (n,) = _LEN.unpack_from(prefix)
     if n > limit:
-        raise ProtocolError(f"message of {n} bytes is over the {limit}-byte limit")
+        raise ProtocolError(f"message of {n} bytes is over the {limit}-byte limit",
+                            "send fewer rows per request, or raise api.max_request_mb in the agent's config")
     return n
 
 
@@ -134,7 +135,7 @@ class Activity:
 
 def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
                      stop: threading.Event | None = None, activity: Activity | None = None,
-                     send: Callable[[bytes], None] | None = None) -> None:
+                     send: Callable[[bytes], None] | None = None, limit: int = MAX_MESSAGE) -> None:
     """Answer one connection's requests in turn until it closes (or `stop` is set).
 
     `handle(msg, answer)` returns the answer frame, or None when it has arranged for
@@ -164,7 +165,7 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
     try:
         while stop is None or not stop.is_set():
             try:
-                msg = recv_message(conn, buffer=buffer)
+                msg = recv_message(conn, limit, buffer=buffer)
             except ProtocolError as exc:
                 send(error_frame(exc))
                 return
@@ -215,8 +216,10 @@ def send_views(sock: socket.socket, views: list[memoryview], flags: int = 0) -> 
 
 
 class LocalApi:
-    def __init__(self, path: str, engine, mode: int = 0o660, max_pending: int = 256, spin_us: int = 0):
+    def __init__(self, path: str, engine, mode: int = 0o660, max_pending: int = 256, spin_us: int = 0,
+                 max_request_mb: int = MAX_MESSAGE >> 20):
         self.path = Path(path)
+        self.limit = max_request_mb << 20
         self.spin_s = spin_us / 1e6
         self._activity = Activity()
         self.engine = engine
@@ -259,7 +262,8 @@ class LocalApi:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            serve_connection(conn, self.handle, self.spin_s, stop=self._stop, activity=self._activity)
+            serve_connection(conn, self.handle, self.spin_s, stop=self._stop, activity=self._activity,
+                             limit=self.limit)
         finally:
             with self._lock:
                 self._conns.discard(conn)

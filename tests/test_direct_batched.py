@@ -277,3 +277,23 @@ def test_a_large_answer_reaches_a_reader_whole_and_one_not_read_times_out(tmp_pa
     finally:
         srv.close()
         batcher.close()
+
+
+@pytest.mark.parametrize("reader", [True, False], ids=["one-reader", "thread-per-connection"])
+def test_a_request_over_api_max_request_mb_is_refused_before_its_bytes_are_held(tmp_path, reader):
+    batcher = Batcher("m", lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)], max_batch=8, max_delay_ms=1)
+    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
+                       batcher.submit, submit=batcher.submit_async, reader=reader, max_message=4096)
+    try:
+        raw = _connect(srv.path)
+        raw.sendall(struct.pack(">I", 4097))  # announced; none of its bytes need to follow
+        header, _ = _answer(raw)
+        assert header["status"] == "error" and "over the 4096-byte limit" in header["error"]
+        assert "api.max_request_mb" in header["error"]
+        assert raw.recv(1) == b""  # dropped
+        raw.close()
+        with LocalClient(str(srv.path), direct=False) as client:  # requests under the limit go on
+            np.testing.assert_array_equal(client.infer("m", {"x": np.ones((100, 2), np.float32)})["y"], 2)
+    finally:
+        srv.close()
+        batcher.close()

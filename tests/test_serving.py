@@ -256,8 +256,8 @@ def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets)
 def test_streaming_models_are_served_by_their_worker_directly_with_the_same_checks(assets, tmp_path):
     store = tmp_path / "store"
     ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-direct", "store.path": str(store),
-                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
-                      install=[assets.v1])
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "api.max_request_mb": 1}, install=[assets.v1])
     try:
         wait_for(lambda: (store / "agent.sock").exists(), what="local API socket")
         x = assets.eval_inputs(4)
@@ -274,6 +274,13 @@ def test_streaming_models_are_served_by_their_worker_directly_with_the_same_chec
                 client.infer("digits", np.zeros((1, 8, 8), np.float32))
             with pytest.raises(InferenceError, match="NaN or infinity"):
                 client.infer("digits", np.full((1, 1, 8, 8), np.inf, np.float32))
+            big = np.zeros((5000, 1, 8, 8), np.float32)  # 1.3 MB, over api.max_request_mb: 1
+            with pytest.raises(ProtocolError, match="over the 1048576-byte limit"):
+                client.infer("digits", big)  # the worker's own socket
+            with LocalClient(str(store / "agent.sock"), direct=False) as via_agent:
+                with pytest.raises(ProtocolError, match="over the 1048576-byte limit"):
+                    via_agent.infer("digits", big)
+                assert via_agent.infer("digits", big[:4000])["logits"].shape == (4000, 10)
             # the worker dies: the client falls back to the agent, which starts a fresh worker
             os.kill(model.proc.pid, signal.SIGKILL)
             wait_for(lambda: not model.proc.alive() or model.proc._proc.poll() is not None, what="worker gone")
