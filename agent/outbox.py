@@ -117,12 +117,14 @@ class Drain:
     def __init__(self, timeout_s: float | None = None):
         self.timeout_s = DRAIN_TIMEOUT_S if timeout_s is None else timeout_s
         self._new: queue.SimpleQueue[Outbox | None] = queue.SimpleQueue()
-        self._started = False
+        self._started: bool | None = False  # None once closed
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
 
     def watch(self, box: Outbox) -> None:
         with self._lock:
+            if self._started is None:
+                return  # closed
             if not self._started:
                 self._started = True
                 threading.Thread(target=self._run, name="direct-drain", daemon=True).start()
@@ -130,6 +132,14 @@ class Drain:
         self.nudge()
 
     def close(self) -> None:
+        with self._lock:
+            started, self._started = self._started, None  # None: closed, no thread starts after this
+        if started is None:
+            return
+        if not started:
+            self._wake_r.close()
+            self._wake_w.close()
+            return
         self._new.put(None)
         self.nudge()
 
