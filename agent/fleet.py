@@ -238,6 +238,7 @@ class Fleet:
         checked against its schema and comes as that schema's dict (defaults filled in); a message
         that does not fit is skipped, so a faulty device cannot stop the watch or a rollout."""
         q: queue.Queue = queue.Queue()
+        warned: set[str] = set()
 
         def on_msg(msg) -> None:
             try:
@@ -246,7 +247,9 @@ class Fleet:
                     report = protocol.decode(_REPORTS[t.kind], msg.payload, what=f"{t.kind} of {t.device}")
                     q.put((t.device, t.kind, to_dict(report)))
             except ProtocolError as exc:
-                log.debug("skipping a message: %s", exc)
+                if msg.topic not in warned:  # once per topic: a faulty device repeats itself
+                    warned.add(msg.topic)
+                    log.warning("skipping messages on %s that are not valid reports: %s", msg.topic, exc)
 
         self._listeners.append(on_msg)
         topics = [f"{protocol.PREFIX}/{device}/{k}" for k in kinds]

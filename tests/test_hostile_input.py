@@ -256,7 +256,7 @@ def test_reports_from_newer_agents_are_read_and_commands_with_unknown_keys_refus
         protocol.decode(protocol.DeployRequest, json_bytes({"bundle": {"sha256": SHA, "size": 1, "mirror": "x"}}))
 
 
-def test_fleet_watch_skips_what_does_not_fit_its_schema_and_goes_on(broker):
+def test_fleet_watch_skips_what_does_not_fit_its_schema_and_goes_on(broker, caplog):
     from agent.config import MqttConfig
     from agent.fleet import Fleet
     from mqttkit import RawClient
@@ -286,4 +286,6 @@ def test_fleet_watch_skips_what_does_not_fit_its_schema_and_goes_on(broker):
     telemetry = got[0][2]
     assert telemetry["rss_mb"] == 40.0 and telemetry["models"] == {} and "battery_pct" not in telemetry
     assert got[1][2]["level"] == "info"  # defaults filled in: the watch table can rely on every key
+    warnings = [r.getMessage() for r in caplog.records if "not valid reports" in r.getMessage()]
+    assert len(warnings) == 1 and topic in warnings[0]  # said once, not once per bad message
     raw.close()
