@@ -157,8 +157,8 @@ def cmd_fleet_ls(args) -> int:
     rows = [[s.device, "online" if s.online else "OFFLINE",
              ", ".join(f"{m.name} v{m.version}" for m in s.models) or "-",
              f"{s.budget_mb} MB" if s.online else "", s.hardware.model or s.hardware.machine,
-             _fmt_age(s.ts)] for s in states]
-    print(format_table(["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "SINCE"], rows))
+             s.agent_version or "?", _fmt_age(s.ts)] for s in states]
+    print(format_table(["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "SINCE"], rows))
     return 0
 
 

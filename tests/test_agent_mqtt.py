@@ -55,6 +55,21 @@ def test_birth_message_lists_the_device_and_its_model(running, fleet):
     assert s.hardware.cpu_count >= 1 and s.hardware.python
 
 
+def test_fleet_ls_shows_each_device_with_its_models_and_agent_version(running, broker):
+    import subprocess
+    import sys
+
+    from agent import __version__
+
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "fleet", "ls", "--broker", broker.url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    header, _, row = r.stdout.splitlines()[:3]
+    assert header.split() == ["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "SINCE"]
+    assert row.split()[:6] == [DEVICE, "online", "digits", "v1", "2048", "MB"]
+    assert f" {__version__} " in row  # which agent each board runs: mixed during an upgrade
+
+
 def test_birth_is_published_even_when_the_network_thread_wins_the_race(broker, assets, tmp_path, fleet,
                                                                           monkeypatch):
     """The connection can complete (and the birth go out) before start() returns: under load it did, and
