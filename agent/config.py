@@ -119,6 +119,8 @@ class ApiConfig:
     # the largest request taken, on this socket and the models' own: a message's bytes are
     # held in memory until it is whole, so this bounds what one caller can make the agent hold
     max_request_mb: int = field(default=64, metadata=rule(min=1, max=256))
+    # what requests may hold together, per socket (the agent's, each model's): past it, callers get "busy"
+    max_held_mb: int = field(default=128, metadata=rule(min=1, max=65536))
 
 
 @dataclass

@@ -85,7 +85,7 @@ class Agent:
                              providers=cfg.inference.providers, evict_idle_s=cfg.memory.evict_idle_s)
         self.pipelines = Pipelines(cfg.pipelines, self.engine, self._publish_pipeline, self.max_payload)
         self.api = LocalApi(cfg.api_socket, self.engine, cfg.api.socket_mode, cfg.api.max_pending,
-                            cfg.api.spin_us, cfg.api.max_request_mb) if cfg.api_socket else None
+                            cfg.api.spin_us, cfg.api.max_request_mb, cfg.api.max_held_mb) if cfg.api_socket else None
         self.store = Store(cfg.store.path, cfg.store.keep_versions)
         trust = Trust([load_public_key(k) for k in cfg.trust.keys], cfg.trust.allow_unsigned)
         self.updater = Updater(self.store, self.engine, trust, cfg.store.max_bundle_mb * MB, self.emit)
@@ -125,6 +125,7 @@ class Agent:
                 self.engine.direct_mode = self.cfg.api.socket_mode
                 self.engine.direct_spin_us = self.cfg.api.spin_us
                 self.engine.direct_max_message = self.cfg.api.max_request_mb << 20
+                self.engine.direct_max_held = self.cfg.api.max_held_mb << 20
             except OSError as exc:
                 log.error("local API unavailable: cannot create %s (%s); set api.socket to a writable path "
                           "(or \"off\")", self.cfg.api_socket, exc.strerror or exc)

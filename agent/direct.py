@@ -32,8 +32,8 @@ from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
-from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, error_frame, message_length, send_message,
-                       serve_connection)
+from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_frame, message_length,
+                       send_message, serve_connection)
 from .outbox import Drain, Outbox
 from .stats import Stats
 from .tensors import ITEMSIZE, Tensor, check_inputs, from_frame, to_frame
@@ -61,10 +61,11 @@ class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
                  run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
                  max_rows: int | None = None, submit: Callable | None = None, reader: bool | None = None,
-                 max_message: int = MAX_MESSAGE):
+                 max_message: int = MAX_MESSAGE, max_held: int = 1 << 36):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.max_message = max_message  # api.max_request_mb: bytes one request may make this worker hold
+        self.held = HeldBytes(max_held)  # api.max_held_mb: what all requests may hold together
         self.spin_s = spin_us / 1e6
         self._activity = Activity()
         self._run = run
@@ -109,7 +110,7 @@ class DirectServer:
         box = Outbox(conn, self._drain) if self._submit else None
         try:
             serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity,
-                             send=box.send if box else None, limit=self.max_message)
+                             send=box.send if box else None, limit=self.max_message, held=self.held)
         finally:
             (box or conn).close()
             self._slots.release()
@@ -137,6 +138,7 @@ class DirectServer:
                     if not keep:
                         sel.unregister(key.fileobj)
                         conns.discard(key.data)
+                        self.held.give(key.data.held)  # a message it did not finish sending
                         key.data.close()
         finally:
             for c in conns:
@@ -171,7 +173,7 @@ class DirectServer:
                     return False
                 c.got += k
                 if c.got == len(c.msg):
-                    msg, c.msg = c.msg, None
+                    msg, c.msg, c.held = c.msg, None, 0
                     self._dispatch(c, memoryview(msg))
                 return True
             data = c.sock.recv(READ_BYTES)
@@ -183,7 +185,10 @@ class DirectServer:
         while len(c.buf) >= PREFIX_BYTES:
             try:
                 n = message_length(c.buf, self.max_message)
-            except ProtocolError as exc:  # answered, then dropped: the rest of it is unread
+                if not c.held:
+                    self.held.take(n)
+                    c.held = n
+            except (ProtocolError, BusyError) as exc:  # answered, then dropped: the rest of it is unread
                 c.send(error_frame(exc))
                 return False
             have = len(c.buf) - PREFIX_BYTES
@@ -196,13 +201,23 @@ class DirectServer:
                 break
             msg = bytes(c.buf[PREFIX_BYTES:PREFIX_BYTES + n])  # its own bytes: it waits in the batcher's queue
             del c.buf[:PREFIX_BYTES + n]
+            c.held = 0
             self._dispatch(c, memoryview(msg))
         return True
 
     def _dispatch(self, c: "_Conn", msg: memoryview) -> None:
-        reply = self.handle(msg, c.send)
+        """Hand one whole message on; its bytes count as held (self.held) until it is answered."""
+        size = len(msg)
+
+        def answer(frame: bytes) -> None:
+            try:
+                c.send(frame)
+            finally:
+                self.held.give(size)
+
+        reply = self.handle(msg, answer)
         if reply is not None:
-            c.send(reply)
+            answer(reply)
 
     def handle(self, msg, answer_later: Callable[[bytes], None] | None = None) -> bytes | None:
         """The answer frame, or None when a batcher will send it through `answer_later`."""
@@ -264,6 +279,7 @@ class _Conn:
         self.buf = bytearray()  # bytes read that are not yet a whole message
         self.msg: bytearray | None = None  # a large message being read into its own bytes
         self.got = 0
+        self.held = 0  # bytes taken from the server's HeldBytes for the message being read
         self._out = Outbox(sock, drain)
         self.send = self._out.send
         self.close = self._out.close

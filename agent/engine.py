@@ -226,6 +226,7 @@ class Engine:
         self.direct_mode = 0o660
         self.direct_spin_us = 0
         self.direct_max_message = ApiConfig().max_request_mb << 20  # set from the agent's config
+        self.direct_max_held = ApiConfig().max_held_mb << 20
         self.threads = threads
         self.emit = emit
         self.timeout_s = timeout_s
@@ -312,7 +313,8 @@ class Engine:
                 try:
                     proc.call({"op": "serve", "path": sock, "mode": self.direct_mode, "model": manifest.name,
                                "version": manifest.version, "specs": specs, "batch": batch,
-                               "spin_us": self.direct_spin_us, "max_message": self.direct_max_message},
+                               "spin_us": self.direct_spin_us, "max_message": self.direct_max_message,
+                               "max_held": self.direct_max_held},
                               timeout=30, what="direct socket")
                     proc.direct_path = sock
                 except EdgewardError as exc:  # the agent's socket still serves the model

@@ -51,15 +51,49 @@ def message_length(prefix, limit: int = MAX_MESSAGE) -> int:
     return n
 
 
-def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE, buffer: bytearray | None = None) -> memoryview | None:
+class HeldBytes:
+    """The bytes of requests a server holds now (read, not yet answered), over all its connections.
+
+    One request is bounded by api.max_request_mb; this bounds them together (api.max_held_mb),
+    so that many callers at once cannot make the agent or a worker grow past its budget: a
+    request that would cross the bound is refused with "busy" as soon as its length arrives."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.held + n > self.limit and self.held:  # one request alone always fits (max_request_mb)
+                raise BusyError(f"{self.held} bytes of requests are waiting (limit {self.limit})",
+                                "retry later, or raise api.max_held_mb in the agent's config")
+            self.held += n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE, buffer: bytearray | None = None,
+                 held: HeldBytes | None = None) -> memoryview | None:
     """One length-prefixed message, or None when the peer closed the connection between messages.
     With `buffer`, a message that fits is read into it (no allocation per request); the caller
-    must be done with the previous message before the next call."""
+    must be done with the previous message before the next call. With `held`, the message's
+    length is taken from it before its bytes are read (BusyError if they would not fit); the
+    caller gives it back once the message is answered."""
     head = _recv_exactly(sock, _LEN.size, eof_ok=True)
     if head is None:
         return None
     n = message_length(head, limit)
-    return _recv_exactly(sock, n, into=buffer if buffer is not None and len(buffer) >= n else None)
+    if held is not None:
+        held.take(n)
+    try:
+        return _recv_exactly(sock, n, into=buffer if buffer is not None and len(buffer) >= n else None)
+    except BaseException:
+        if held is not None:
+            held.give(n)
+        raise
 
 
 def _recv_exactly(sock: socket.socket, n: int, eof_ok: bool = False,
@@ -135,7 +169,8 @@ class Activity:
 
 def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
                      stop: threading.Event | None = None, activity: Activity | None = None,
-                     send: Callable[[bytes], None] | None = None, limit: int = MAX_MESSAGE) -> None:
+                     send: Callable[[bytes], None] | None = None, limit: int = MAX_MESSAGE,
+                     held: HeldBytes | None = None) -> None:
     """Answer one connection's requests in turn until it closes (or `stop` is set).
 
     `handle(msg, answer)` returns the answer frame, or None when it has arranged for
@@ -154,27 +189,32 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             with sending:
                 send_message(conn, frame)
 
-    def answer_later(frame: bytes) -> None:
+    def answer_later(frame: bytes, size: int) -> None:
         try:
             send(frame)
         except OSError:
             pass  # the caller hung up; its connection's thread sees that and closes
         finally:
+            if held is not None:
+                held.give(size)
             activity.leave()
 
     try:
         while stop is None or not stop.is_set():
             try:
-                msg = recv_message(conn, limit, buffer=buffer)
-            except ProtocolError as exc:
+                msg = recv_message(conn, limit, buffer=buffer, held=held)
+            except (ProtocolError, BusyError) as exc:  # its bytes are unread: answered, then dropped
                 send(error_frame(exc))
                 return
             if msg is None:
                 return
+            size = len(msg)
             activity.enter()
             try:
-                reply = handle(msg, answer_later)
+                reply = handle(msg, lambda frame, size=size: answer_later(frame, size))
             except BaseException:
+                if held is not None:
+                    held.give(size)
                 activity.leave()
                 raise
             if reply is None:
@@ -182,6 +222,8 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             try:
                 send(reply)
             finally:
+                if held is not None:
+                    held.give(size)
                 activity.leave()
             if activity.idle:
                 linger(conn, spin_s)
@@ -217,9 +259,10 @@ def send_views(sock: socket.socket, views: list[memoryview], flags: int = 0) -> 
 
 class LocalApi:
     def __init__(self, path: str, engine, mode: int = 0o660, max_pending: int = 256, spin_us: int = 0,
-                 max_request_mb: int = MAX_MESSAGE >> 20):
+                 max_request_mb: int = MAX_MESSAGE >> 20, max_held_mb: int = 1 << 16):
         self.path = Path(path)
         self.limit = max_request_mb << 20
+        self.held = HeldBytes(max_held_mb << 20)
         self.spin_s = spin_us / 1e6
         self._activity = Activity()
         self.engine = engine
@@ -263,7 +306,7 @@ class LocalApi:
     def _serve(self, conn: socket.socket) -> None:
         try:
             serve_connection(conn, self.handle, self.spin_s, stop=self._stop, activity=self._activity,
-                             limit=self.limit)
+                             limit=self.limit, held=self.held)
         finally:
             with self._lock:
                 self._conns.discard(conn)

@@ -110,7 +110,8 @@ class Worker:
             run, max_rows, submit = self.batcher.submit, batch.get("fixed_batch"), self.batcher.submit_async
         self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs, run,
                                    int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows,
-                                   submit=submit, max_message=int(h["max_message"]))
+                                   submit=submit, max_message=int(h["max_message"]),
+                                   max_held=int(h["max_held"]))
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:

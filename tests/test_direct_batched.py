@@ -15,6 +15,7 @@ from agent.bundle import TensorSpec
 from agent.client import LocalClient
 from agent.direct import DirectServer
 from agent.errors import InferenceError
+from agent.polling import wait_until
 from agent.tensors import from_numpy, to_numpy
 
 
@@ -294,6 +295,35 @@ def test_a_request_over_api_max_request_mb_is_refused_before_its_bytes_are_held(
         raw.close()
         with LocalClient(str(srv.path), direct=False) as client:  # requests under the limit go on
             np.testing.assert_array_equal(client.infer("m", {"x": np.ones((100, 2), np.float32)})["y"], 2)
+    finally:
+        srv.close()
+        batcher.close()
+
+
+@pytest.mark.parametrize("reader", [True, False], ids=["one-reader", "thread-per-connection"])
+def test_requests_held_past_api_max_held_mb_get_busy_and_the_bytes_are_given_back(tmp_path, reader):
+    """Many callers at once cannot make a worker hold more than the bound: the next gets busy at once."""
+    batcher = Batcher("m", lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)], max_batch=8, max_delay_ms=400)
+    size = len(_frame(1)) - 4
+    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
+                       batcher.submit, submit=batcher.submit_async, reader=reader, max_held=2 * size + size // 2)
+    try:
+        waiting = [_connect(srv.path) for _ in range(2)]
+        for i, raw in enumerate(waiting):  # both wait 400 ms for their batch, holding their bytes
+            raw.sendall(_frame(i))
+        time.sleep(0.1)
+        third = _connect(srv.path)
+        t0 = time.monotonic()
+        third.sendall(_frame(7))
+        header, _ = _answer(third)
+        assert header["status"] == "error" and header["code"] == "busy" and "api.max_held_mb" in header["error"]
+        assert time.monotonic() - t0 < 0.3  # at once, not after the batch
+        assert [(_answer(raw)[1] == 2 * i).all() for i, raw in enumerate(waiting)] == [True, True]
+        wait_until(lambda: srv.held.held == 0, 2, "the held bytes given back", 0.01)
+        waiting[0].sendall(_frame(5))  # room again
+        assert (_answer(waiting[0])[1] == 10).all()
+        for raw in waiting + [third]:
+            raw.close()
     finally:
         srv.close()
         batcher.close()
