@@ -112,6 +112,16 @@ def cmd_agent(args) -> int:
                  "api.socket": args.socket}
     if args.allow_unsigned:
         overrides["trust.allow_unsigned"] = True
+    if args.action == "check":
+        from .check import FAIL, render, run_checks
+
+        cfg = load_config(args.config, overrides, check_files=False)
+        findings = run_checks(cfg)
+        if args.json:
+            print(json.dumps([f.__dict__ for f in findings], indent=2))
+        else:
+            print(render(findings))
+        return 1 if any(f.level == FAIL for f in findings) else 0
     if args.action == "status":
         from .status import read_status, render_status
 
@@ -387,11 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    a = sub.add_parser("agent", help="run the board daemon, or show its local status",
-                       description="Run the agent (default), or `edgeward agent status` to show what the agent "
-                                   "on this board is doing. Flags override the config file; without one, defaults apply.")
-    a.add_argument("action", nargs="?", choices=["run", "status"], default="run",
-                   help="run the daemon (default) or print its local status (exit 3 when not running)")
+    a = sub.add_parser("agent", help="run the board daemon, check the board, or show its local status",
+                       description="Run the agent (default); `edgeward agent check` to check, before it runs, "
+                                   "everything it needs (config, trusted keys, runtimes, memory, store, socket, "
+                                   "installed models, the broker with its TLS and credentials); `edgeward agent "
+                                   "status` to show what the agent on this board is doing. Flags override the "
+                                   "config file; without one, defaults apply.")
+    a.add_argument("action", nargs="?", choices=["run", "check", "status"], default="run",
+                   help="run the daemon (default); check the board (exit 1 if a check fails); or print its "
+                        "local status (exit 3 when not running)")
+    a.add_argument("--json", action="store_true", help="with check: the findings as JSON")
     a.add_argument("--config", help="agent.yaml (see docs/ARCHITECTURE.md for every key)")
     a.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (mqtt.url)")
     a.add_argument("--device-id", help="this device's id in topics (device.id; default: the host name)")

@@ -161,4 +161,4 @@ else
   fi
   say "enabled $UNIT; it starts on the next boot"
 fi
-say "done: MemoryHigh=${high}M MemoryMax=${max}M; check with 'edgeward agent status --config /etc/edgeward/agent.yaml'"
+say "done: MemoryHigh=${high}M MemoryMax=${max}M; check with 'edgeward agent check --config /etc/edgeward/agent.yaml' and 'edgeward agent status --config /etc/edgeward/agent.yaml'"

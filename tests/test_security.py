@@ -174,3 +174,28 @@ def test_client_certificates_are_one_key_away(secure, assets, tmp_path):
             assert fleet.devices() == []
     finally:
         broker.stop()
+
+
+def test_agent_check_proves_tls_and_credentials_and_names_what_is_wrong(secure, assets, tmp_path):
+    """`edgeward agent check` connects with the agent's own settings, so a board can be checked before it runs."""
+    from agent.check import FAIL, OK, run_checks
+    from agent.config import load_config
+
+    def broker_check(**overrides):
+        cfg = load_config(None, {"mqtt.url": secure["url"], "mqtt.username": "pi-01",
+                                 "mqtt.password_file": str(secure["folder"] / "pi-01.password"),
+                                 "mqtt.tls.ca_file": str(secure["ca"].cert_path), "store.path": str(tmp_path),
+                                 "trust.keys": [str(assets.pub)], **overrides}, check_files=False)
+        (finding,) = [f for f in run_checks(cfg, broker_timeout_s=5) if f.check == "broker"]
+        return finding
+
+    good = broker_check()
+    assert good.level == OK and "TLS" in good.detail
+    bad = tmp_path / "bad.password"
+    bad.write_text("guess\n")
+    wrong_password = broker_check(**{"mqtt.password_file": str(bad)})
+    assert wrong_password.level == FAIL and "refused the connection" in wrong_password.detail
+    assert "mqtt.password_file" in wrong_password.fix
+    stranger = ThrowawayCA(tmp_path / "other", name="some other CA")
+    wrong_ca = broker_check(**{"mqtt.tls.ca_file": str(stranger.cert_path)})
+    assert wrong_ca.level == FAIL and "certificate verify failed" in wrong_ca.detail
