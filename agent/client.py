@@ -14,18 +14,22 @@ that worker is replaced or restarted.
 While it waits for an answer, a call polls the socket for up to `spin_us` (500 µs) before
 it sleeps, as the agent does for the next request (api.spin_us): waking a sleeping core
 costs tens of microseconds on small boards and VMs, a large share of a fast model's run.
-It polls only when the previous answer from that socket came within that window (a slow
-model's answer is worth no spinning) and only when it is this client's one call in
-flight, so many concurrent callers never burn the cores the model needs. `spin_us=0`
-turns it off; on a one-core board it is off.
+When the answers take a little longer (up to SLEEP_THEN_POLL_MAX windows), the call
+sleeps through the soonest of the last few waits less half a window, then polls for one:
+the answer then usually finds it awake, for at most `spin_us` of CPU (hybrid polling, as
+NVMe drivers do). Longer waits are slept through: the wake-up is then a small part. It
+polls only when it is this client's one call in flight, so many concurrent callers never
+burn the cores the model needs. `spin_us=0` turns it off; on a one-core board it is off.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
+from collections import deque
 
 import numpy as np
 
@@ -35,6 +39,8 @@ from .localapi import linger, recv_message, send_message
 from .tensors import from_frame, to_numpy
 
 DEFAULT_SOCKET = os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock")
+SLEEP_THEN_POLL_MAX = 4  # waits up to this many spin_us windows: sleep through most, poll for the answer
+RECENT_WAITS = 4  # answers the expected wait is taken from
 _ERRORS = {"busy": BusyError, "bad_request": InferenceError, "unknown_model": ModelNotFound,
            "bad_message": ProtocolError}
 
@@ -45,7 +51,7 @@ class LocalClient:
         self.timeout = timeout
         self.spin_s = max(0, spin_us) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
         self._in_flight = 0
-        self._last_wait: dict[str | None, float] = {}  # socket -> seconds its last answer took
+        self._waits: dict[str | None, deque] = {}  # socket -> seconds its last few answers took
         self.direct = direct          # talk to streaming models' workers directly (one hop fewer)
         self._routes: dict[str, str | None] = {}
         self._local = threading.local()
@@ -78,7 +84,8 @@ class LocalClient:
         conn = self._conn(path)
         with self._lock:
             self._in_flight += 1
-            spin = self.spin_s > 0 and self._in_flight == 1 and self._last_wait.get(path, 0.0) <= self.spin_s
+            alone = self.spin_s > 0 and self._in_flight == 1
+        waits = self._waits.get(path) or [0.0]
         try:
             t0 = time.perf_counter()
             try:
@@ -90,10 +97,10 @@ class LocalClient:
                 if reply is None:
                     raise
             else:
-                if spin:
-                    linger(conn, self.spin_s)
+                if alone:
+                    self._await(conn, t0, waits)
                 reply = recv_message(conn)
-            self._last_wait[path] = time.perf_counter() - t0
+            self._waits.setdefault(path, deque(maxlen=RECENT_WAITS)).append(time.perf_counter() - t0)
         except (OSError, ConnectionError) as exc:
             self._drop(path)
             raise EdgewardError(f"the agent closed the connection: {exc}", "retry; check the agent's log") from exc
@@ -107,6 +114,18 @@ class LocalClient:
         if header.get("status") != "ok":
             raise _ERRORS.get(header.get("code"), EdgewardError)(header.get("error", "agent error"))
         return header, body
+
+    def _await(self, conn: socket.socket, t0: float, waits) -> None:
+        """Be awake when the answer comes (see the module's docstring); returns when it may have.
+        The last wait says whether to poll at all (so a model that got slow stops the polling at
+        once); the soonest of the last few says how long to sleep first (scheduling jitter only
+        ever makes a wait longer)."""
+        if waits[-1] <= self.spin_s:
+            linger(conn, self.spin_s)
+        elif waits[-1] <= SLEEP_THEN_POLL_MAX * self.spin_s:
+            nap = t0 + min(waits) - self.spin_s / 2 - time.perf_counter()
+            if nap <= 0 or not select.select([conn], [], [], nap)[0]:  # an early answer wakes it
+                linger(conn, self.spin_s)
 
     def _drop(self, path: str | None) -> None:
         conn = getattr(self._local, "conns", {}).pop(path or self.path, None)
