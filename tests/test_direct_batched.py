@@ -2,6 +2,7 @@
 sends each caller's answer itself. Unit test with a numpy stand-in for the runtime; the same
 path on a real model and worker is in tests/test_serving.py."""
 
+import contextlib
 import socket
 import struct
 import threading
@@ -280,12 +281,23 @@ def test_a_large_answer_reaches_a_reader_whole_and_one_not_read_times_out(tmp_pa
         batcher.close()
 
 
+@contextlib.contextmanager
+def _doubling(tmp_path, reader: bool, max_delay_ms: float = 1, **limits):
+    """A batched direct server whose model doubles its input, with the given limits."""
+    batcher = Batcher("m", lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)], max_batch=8,
+                      max_delay_ms=max_delay_ms)
+    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
+                       batcher.submit, submit=batcher.submit_async, reader=reader, **limits)
+    try:
+        yield srv
+    finally:
+        srv.close()
+        batcher.close()
+
+
 @pytest.mark.parametrize("reader", [True, False], ids=["one-reader", "thread-per-connection"])
 def test_a_request_over_api_max_request_mb_is_refused_before_its_bytes_are_held(tmp_path, reader):
-    batcher = Batcher("m", lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)], max_batch=8, max_delay_ms=1)
-    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
-                       batcher.submit, submit=batcher.submit_async, reader=reader, max_message=4096)
-    try:
+    with _doubling(tmp_path, reader, max_message=4096) as srv:
         raw = _connect(srv.path)
         raw.sendall(struct.pack(">I", 4097))  # announced; none of its bytes need to follow
         header, _ = _answer(raw)
@@ -295,19 +307,13 @@ def test_a_request_over_api_max_request_mb_is_refused_before_its_bytes_are_held(
         raw.close()
         with LocalClient(str(srv.path), direct=False) as client:  # requests under the limit go on
             np.testing.assert_array_equal(client.infer("m", {"x": np.ones((100, 2), np.float32)})["y"], 2)
-    finally:
-        srv.close()
-        batcher.close()
 
 
 @pytest.mark.parametrize("reader", [True, False], ids=["one-reader", "thread-per-connection"])
 def test_requests_held_past_api_max_held_mb_get_busy_and_the_bytes_are_given_back(tmp_path, reader):
     """Many callers at once cannot make a worker hold more than the bound: the next gets busy at once."""
-    batcher = Batcher("m", lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)], max_batch=8, max_delay_ms=400)
     size = len(_frame(1)) - 4
-    srv = DirectServer(str(tmp_path / "m.sock"), 0o600, "m", 1, [TensorSpec("x", "float32", [-1, 2])],
-                       batcher.submit, submit=batcher.submit_async, reader=reader, max_held=2 * size + size // 2)
-    try:
+    with _doubling(tmp_path, reader, max_delay_ms=400, max_held=2 * size + size // 2) as srv:
         waiting = [_connect(srv.path) for _ in range(2)]
         for i, raw in enumerate(waiting):  # both wait 400 ms for their batch, holding their bytes
             raw.sendall(_frame(i))
@@ -324,6 +330,3 @@ def test_requests_held_past_api_max_held_mb_get_busy_and_the_bytes_are_given_bac
         assert (_answer(waiting[0])[1] == 10).all()
         for raw in waiting + [third]:
             raw.close()
-    finally:
-        srv.close()
-        batcher.close()
