@@ -9,7 +9,10 @@ Thread-safe: each thread gets its own connections, so concurrent callers do not 
 behind each other here (a batched model batches them). For a stateless
 model the client asks the agent once where the model's worker
 listens and then talks to it directly (agent/direct.py), falling back to the agent when
-that worker is replaced or restarted.
+that worker is replaced or restarted. There, a request of 64 kB or more travels in
+shared memory (agent/shm.py): its tensors are copied once into a sealed memfd attached to
+the connection, and only the header crosses the socket (`shared_memory=False` to send them
+inline; a worker that refuses gets them inline anyway).
 
 While it waits for an answer, a call polls the socket for up to `spin_us` (500 µs) before
 it sleeps, as the agent does for the next request (api.spin_us): waking a sleeping core
@@ -33,7 +36,7 @@ from collections import deque
 
 import numpy as np
 
-from . import protocol, wire
+from . import protocol, shm, wire
 from .errors import BusyError, EdgewardError, InferenceError, ModelNotFound, ProtocolError
 from .localapi import linger, recv_message, send_message
 from .tensors import from_frame, to_numpy
@@ -46,8 +49,11 @@ _ERRORS = {"busy": BusyError, "bad_request": InferenceError, "unknown_model": Mo
 
 
 class LocalClient:
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True, spin_us: int = 500):
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True, spin_us: int = 500,
+                 shared_memory: bool = True):
         self.path = path
+        # large requests to a model's worker travel in shared memory where the OS allows (agent/shm.py)
+        self.shared_memory = shared_memory and shm.available()
         self.timeout = timeout
         self.spin_s = max(0, spin_us) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
         self._in_flight = 0
@@ -131,6 +137,9 @@ class LocalClient:
         conn = getattr(self._local, "conns", {}).pop(path or self.path, None)
         if conn is not None:
             conn.close()
+        region = self._regions().pop(path or self.path, None)
+        if region:
+            region.close()
 
     def _route(self, model: str) -> str | None:
         """The model worker's own socket, if the agent offers one (streaming models), else None."""
@@ -151,7 +160,7 @@ class LocalClient:
         direct = self._route(model) if stream is None and self.direct else None
         if direct is not None:
             try:
-                header, body = self._call(frame, direct)
+                header, body = self._call(self._in_region(direct, model, feeds) or frame, direct)
                 return {t.name: to_numpy(t) for t in from_frame(header, body)}
             except EdgewardError as exc:
                 if exc.code not in ("error", "model_crashed", "busy"):
@@ -159,6 +168,63 @@ class LocalClient:
                 self._routes.pop(model, None)  # replaced or restarted: ask the agent again
         header, body = self._call(frame)
         return {t.name: to_numpy(t) for t in from_frame(header, body)}
+
+    def _in_region(self, path: str, model: str, feeds: dict) -> bytes | None:
+        """The request with its tensors written to this thread's shared-memory region on the
+        connection to `path` (agent/shm.py), attaching one first if needed; None to send them
+        inline (small tensors, no shared memory here, or the worker refused it)."""
+        if not self.shared_memory:
+            return None
+        need = shm.region_bytes(feeds)
+        if need < shm.MIN_BYTES:
+            return None
+        regions = self._regions()
+        region = regions.get(path)
+        if region is False:  # refused on this connection
+            return None
+        if region is None or region.size < need:
+            region = self._attach(path, need)
+            if region is None:
+                return None
+        specs = region.write(feeds)
+        return wire.pack({"v": protocol.VERSION, "op": "infer", "model": model, "tensors": specs, "shm": True})
+
+    def _regions(self) -> dict:
+        regions = getattr(self._local, "regions", None)
+        if regions is None:
+            regions = self._local.regions = {}
+        return regions
+
+    def _attach(self, path: str, need: int):
+        """A new region of at least `need` bytes, attached to this thread's connection to `path`
+        (replacing the one it had), or None if the worker refused: then this connection sends
+        inline from now on."""
+        regions = self._regions()
+        conn = self._conn(path)
+        region = shm.Region(need)
+        try:
+            shm.send_attach(conn, wire.pack({"v": protocol.VERSION, "op": "attach", "nbytes": region.size}), region)
+            reply = recv_message(conn)
+        except OSError:
+            region.close()
+            self._drop(path)
+            return None
+        finally:
+            region.release_fd()
+        if reply is None:
+            region.close()
+            self._drop(path)
+            return None
+        header, _ = wire.unpack(reply)
+        old = regions.pop(path, None)
+        if old:
+            old.close()  # the worker gave it up when it took the new one (or refused)
+        if header.get("status") != "ok":
+            region.close()
+            regions[path] = False
+            return None
+        regions[path] = region
+        return region
 
     def reset(self, model: str, stream: str) -> bool:
         """Forget a stream's state; True if the agent had one."""
@@ -174,6 +240,10 @@ class LocalClient:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+        for region in self._regions().values():  # this thread's; other threads' go with them
+            if region:
+                region.close()
+        self._regions().clear()
 
     def __enter__(self) -> "LocalClient":
         return self

@@ -110,7 +110,8 @@ class DirectServer:
         box = Outbox(conn, self._drain) if self._submit else None
         try:
             serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity,
-                             send=box.send if box else None, limit=self.max_message, held=self.held)
+                             send=box.send if box else None, limit=self.max_message, held=self.held,
+                             shared=True)
         finally:
             (box or conn).close()
             self._slots.release()
@@ -219,14 +220,20 @@ class DirectServer:
         if reply is not None:
             answer(reply)
 
-    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None) -> bytes | None:
-        """The answer frame, or None when a batcher will send it through `answer_later`."""
+    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None, region=None) -> bytes | None:
+        """The answer frame, or None when a batcher will send it through `answer_later`. With
+        "shm" in its header, a request's tensors are in the connection's `region` (agent/shm.py)."""
         t0 = time.perf_counter()
         try:
             header, body = wire.unpack(msg)
             if header.get("op") != "infer" or header.get("model") != self.model:
                 raise ProtocolError(f"this socket serves only inference on {self.model!r}",
                                     "send other requests to the agent's socket")
+            if header.get("shm"):
+                if region is None:
+                    raise ProtocolError("the request's tensors are in shared memory, but this connection has "
+                                        "none attached", "send an attach message first (agent.client does)")
+                body = memoryview(region)
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
             feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)

@@ -10,7 +10,11 @@ a JSON header and the raw tensor bytes, never JSON lists. Requests::
 
 ``route`` names the model worker's own socket for a stateless model (agent/direct.py): the
 same infer requests sent there skip a hop. Clients fall back to this socket when it is null
-or gone (the model was replaced or its worker restarted).
+or gone (the model was replaced or its worker restarted). On a worker's socket a client may
+also attach a shared-memory region and send large requests' tensors there (agent/shm.py)::
+
+    {"v": 1, "op": "attach", "nbytes": N}  + a sealed memfd (SCM_RIGHTS)  -> {"nbytes": N}
+    {"v": 1, "op": "infer", "model": "cam", "tensors": [...], "shm": true}   offsets into the region
 
 Answers carry ``status`` ("ok" or "error" with ``code`` and ``error``), and for inference
 ``model``, ``version`` and the output tensors. A connection takes one request at a time;
@@ -76,13 +80,19 @@ class HeldBytes:
 
 
 def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE, buffer: bytearray | None = None,
-                 held: HeldBytes | None = None) -> memoryview | None:
+                 held: HeldBytes | None = None, fds: list[int] | None = None) -> memoryview | None:
     """One length-prefixed message, or None when the peer closed the connection between messages.
     With `buffer`, a message that fits is read into it (no allocation per request); the caller
     must be done with the previous message before the next call. With `held`, the message's
     length is taken from it before its bytes are read (BusyError if they would not fit); the
-    caller gives it back once the message is answered."""
-    head = _recv_exactly(sock, _LEN.size, eof_ok=True)
+    caller gives it back once the message is answered. With `fds`, descriptors sent with the
+    message (agent/shm.py's attach) are added to it; the caller closes them."""
+    if fds is not None:
+        from .shm import recv_prefix
+
+        head = recv_prefix(sock, _LEN.size, fds)
+    else:
+        head = _recv_exactly(sock, _LEN.size, eof_ok=True)
     if head is None:
         return None
     n = message_length(head, limit)
@@ -170,7 +180,7 @@ class Activity:
 def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: bytearray | None = None,
                      stop: threading.Event | None = None, activity: Activity | None = None,
                      send: Callable[[bytes], None] | None = None, limit: int = MAX_MESSAGE,
-                     held: HeldBytes | None = None) -> None:
+                     held: HeldBytes | None = None, shared: bool = False) -> None:
     """Answer one connection's requests in turn until it closes (or `stop` is set).
 
     `handle(msg, answer)` returns the answer frame, or None when it has arranged for
@@ -180,8 +190,15 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
     given, is reused for each request (the handler keeps nothing of it). After each answer
     the connection polls for its next request for `spin_s`, if `activity` (shared by the
     server's connections) says no other request is being handled. `send`, when given, sends
-    every answer instead (a batched model's outbox, agent/outbox.py: it never blocks)."""
+    every answer instead (a batched model's outbox, agent/outbox.py: it never blocks). With
+    `shared`, the client may attach a shared-memory region (agent/shm.py): `handle` is then
+    called as handle(msg, answer, region), the region being None until one is attached."""
     activity = activity or Activity()
+    attached = None
+    if shared:
+        from .shm import Attachment
+
+        attached = Attachment(limit, held)
     if send is None:
         sending = threading.Lock()
 
@@ -201,17 +218,28 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
 
     try:
         while stop is None or not stop.is_set():
+            fds: list[int] | None = [] if attached else None
             try:
-                msg = recv_message(conn, limit, buffer=buffer, held=held)
+                msg = recv_message(conn, limit, buffer=buffer, held=held, fds=fds)
             except (ProtocolError, BusyError) as exc:  # its bytes are unread: answered, then dropped
+                for fd in fds or ():
+                    os.close(fd)
                 send(error_frame(exc))
                 return
             if msg is None:
                 return
             size = len(msg)
+            if fds:  # only an attach message brings a descriptor
+                try:
+                    send(attached.attach(msg, fds))
+                finally:
+                    if held is not None:
+                        held.give(size)
+                continue
             activity.enter()
             try:
-                reply = handle(msg, lambda frame, size=size: answer_later(frame, size))
+                later = lambda frame, size=size: answer_later(frame, size)  # noqa: E731
+                reply = handle(msg, later, attached.region) if attached else handle(msg, later)
             except BaseException:
                 if held is not None:
                     held.give(size)
@@ -229,6 +257,9 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
                 linger(conn, spin_s)
     except (ConnectionError, OSError):
         return
+    finally:
+        if attached:
+            attached.detach()
 
 
 def send_message(sock: socket.socket, frame: bytes | list) -> None:

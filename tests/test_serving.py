@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from agent import shm
 from agent.budget import Budget
 from agent.bundle import Manifest, SelfTest, TensorSpec, open_bundle, write_bundle
 from agent.client import LocalClient
@@ -281,6 +282,12 @@ def test_streaming_models_are_served_by_their_worker_directly_with_the_same_chec
                 with pytest.raises(ProtocolError, match="over the 1048576-byte limit"):
                     via_agent.infer("digits", big)
                 assert via_agent.infer("digits", big[:4000])["logits"].shape == (4000, 10)
+            # a large request to the worker travels in shared memory (agent/shm.py), with the same answer
+            rows = np.tile(x, (1000, 1, 1, 1))  # 1,024,000 bytes: the region is api.max_request_mb exactly
+            np.testing.assert_allclose(client.infer("digits", rows)["logits"], np.tile(want, (1000, 1)), atol=1e-6)
+            assert isinstance(client._regions()[route], shm.Region)
+            with pytest.raises(InferenceError, match="NaN or infinity"):  # checked there as inline
+                client.infer("digits", np.where(rows == rows.max(), np.nan, rows))
             # the worker dies: the client falls back to the agent, which starts a fresh worker
             os.kill(model.proc.pid, signal.SIGKILL)
             wait_for(lambda: not model.proc.alive() or model.proc._proc.poll() is not None, what="worker gone")
