@@ -9,10 +9,11 @@ Thread-safe: each thread gets its own connections, so concurrent callers do not 
 behind each other here (a batched model batches them). For a stateless
 model the client asks the agent once where the model's worker
 listens and then talks to it directly (agent/direct.py), falling back to the agent when
-that worker is replaced or restarted. There, a request of 64 kB or more travels in
-shared memory (agent/shm.py): its tensors are copied once into a sealed memfd attached to
-the connection, and only the header crosses the socket (`shared_memory=False` to send them
-inline; a worker that refuses gets them inline anyway).
+that worker is replaced or restarted. There, a request larger than the socket's send
+buffer (~208 kB: a 224x224 float image, say) travels in shared memory (agent/shm.py): its
+tensors are copied once into a sealed memfd attached to the connection, and only the header
+crosses the socket (`shared_memory=False` to send them inline; a worker that refuses gets
+them inline anyway).
 
 While it waits for an answer, a call polls the socket for up to `spin_us` (500 µs) before
 it sleeps, as the agent does for the next request (api.spin_us): waking a sleeping core
@@ -177,6 +178,9 @@ class LocalClient:
             return None
         need = shm.region_bytes(feeds)
         if need < shm.MIN_BYTES:
+            return None
+        conn = self._conn(path)
+        if need <= conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):  # sent in one go: no faster in a region
             return None
         regions = self._regions()
         region = regions.get(path)

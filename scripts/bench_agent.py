@@ -15,8 +15,7 @@ clients are 4 processes x 8 threads using agent.client.LocalClient.
     .venv/bin/python scripts/bench_agent.py [--seconds 4] [--models digits,mobilenet] [--format tflite]
 
 --format tflite converts the models to INT8 TFLite and compares the agent with a minimal script
-calling LiteRT (ai-edge-litert) instead of onnxruntime. --inline sends every request's bytes
-through the socket, as clients without shared memory do (agent/shm.py), to compare the two.
+calling LiteRT (ai-edge-litert) instead of onnxruntime.
 """
 
 from __future__ import annotations
@@ -109,11 +108,8 @@ print(json.dumps({"p50_ms": float(np.percentile(lat, 50)), "rows_per_s": rate,
 """
 
 
-SHARED_MEMORY = True  # --inline turns it off: clients send every request's bytes through the socket
-
-
 def _client_proc(path: str, model: str, x: np.ndarray, threads: int, seconds: float, out: mp.Queue) -> None:
-    client = LocalClient(path, shared_memory=SHARED_MEMORY)
+    client = LocalClient(path)
     counts = [0] * threads
     errors = []
     start = threading.Barrier(threads)
@@ -187,7 +183,7 @@ class AgentProc:
 
 
 def p50_through_api(path: str, model: str, x1: np.ndarray, seconds: float) -> float:
-    with LocalClient(path, shared_memory=SHARED_MEMORY) as c:
+    with LocalClient(path) as c:
         for _ in range(50):
             c.infer(model, x1)
         lat, end = [], time.perf_counter() + seconds
@@ -206,11 +202,7 @@ def main() -> int:
                          "(default %(default)s)")
     ap.add_argument("--format", choices=["onnx", "tflite"], default="onnx",
                     help="INT8 ONNX in onnxruntime, or INT8 TFLite in LiteRT (default %(default)s)")
-    ap.add_argument("--inline", action="store_true",
-                    help="no shared memory: large requests' bytes go through the socket (to compare)")
     args = ap.parse_args()
-    global SHARED_MEMORY
-    SHARED_MEMORY = not args.inline
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-agent-"))
     ok = True
     try:

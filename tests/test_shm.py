@@ -23,7 +23,7 @@ from agent.tensors import from_frame, from_numpy, to_numpy
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="needs Linux memfds (every board and CI machine has them)")
 
-ROW = 4096  # floats a row: 16 kB, so a few rows are over shm.MIN_BYTES
+ROW = 4096  # floats a row: 16 kB; 14 rows are over the socket's usual 208 kB send buffer
 
 
 @contextlib.contextmanager
@@ -58,30 +58,42 @@ def _region(client, srv):
 
 @pytest.mark.parametrize("mode", ["streaming", "thread-per-connection"])
 def test_a_large_request_travels_in_shared_memory_and_gets_the_same_answer(tmp_path, mode):
-    x = np.random.default_rng(0).random((8, ROW), dtype=np.float32)  # 128 kB
+    x = np.random.default_rng(0).random((20, ROW), dtype=np.float32)  # 320 kB: over the socket's send buffer
     with _server(tmp_path, mode) as srv, _client(srv) as client:
         np.testing.assert_array_equal(client.infer("m", {"x": x})["y"], 2 * x)
         region = _region(client, srv)
-        assert isinstance(region, shm.Region) and region.size == 128 * 1024
+        assert isinstance(region, shm.Region) and region.size == 320 * 1024
         # the worker counts the attached region as held (the request's own bytes it gives back just after answering)
         wait_until(lambda: srv.held.held == region.size, 2, "the region held", 0.01)
-        for k in (3, 8, 5):  # reused while the requests fit
+        for k in (14, 20, 17):  # reused while the requests fit
             np.testing.assert_array_equal(client.infer("m", {"x": x[:k] + k})["y"], 2 * (x[:k] + k))
         assert _region(client, srv) is region
-        small = client.infer("m", {"x": x[:1]})["y"]  # 16 kB: inline, as before
-        np.testing.assert_array_equal(small, 2 * x[:1])
-        big = np.tile(x, (4, 1))  # 512 kB: a larger region replaces the first
+        small = client.infer("m", {"x": x[:4]})["y"]  # 64 kB: fits the send buffer, so it goes inline
+        np.testing.assert_array_equal(small, 2 * x[:4])
+        big = np.tile(x, (3, 1))  # 960 kB: a larger region replaces the first
         np.testing.assert_array_equal(client.infer("m", {"x": big})["y"], 2 * big)
         grown = _region(client, srv)
-        assert grown is not region and grown.size == 512 * 1024
+        assert grown is not region and grown.size == 960 * 1024
         wait_until(lambda: srv.held.held == grown.size, 2, "only the new region held", 0.01)
     wait_until(lambda: srv.held.held == 0, 2, "the region given back when the connection closed", 0.01)
+
+
+def test_requests_that_fit_the_socket_buffer_go_inline(tmp_path):
+    """Below the send buffer's size shared memory is no faster (scripts/bench_local_api.py): no region."""
+    with _server(tmp_path, "streaming") as srv, _client(srv) as client:
+        conn = client._conn(str(srv.path))
+        fits = conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // (ROW * 4)
+        x = np.ones((fits, ROW), np.float32)
+        np.testing.assert_array_equal(client.infer("m", {"x": x})["y"], 2)
+        assert _region(client, srv) is None
+        np.testing.assert_array_equal(client.infer("m", {"x": np.ones((fits + 1, ROW), np.float32)})["y"], 2)
+        assert isinstance(_region(client, srv), shm.Region)
 
 
 def test_a_server_that_does_not_take_descriptors_gets_the_bytes_inline(tmp_path):
     """A batched model with small rows is read by one thread that takes no descriptors: the
     client's attach is refused, and that connection sends inline from then on."""
-    x = np.ones((8, ROW), np.float32)
+    x = np.ones((20, ROW), np.float32)
     with _server(tmp_path, "one-reader") as srv, _client(srv) as client:
         np.testing.assert_array_equal(client.infer("m", {"x": x})["y"], 2)
         assert _region(client, srv) is False
