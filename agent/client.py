@@ -138,9 +138,10 @@ class LocalClient:
         conn = getattr(self._local, "conns", {}).pop(path or self.path, None)
         if conn is not None:
             conn.close()
-        region = self._regions().pop(path or self.path, None)
-        if region:
-            region.close()
+        for use in ("requests", "answers"):
+            region = self._regions().pop((path or self.path, use), None)
+            if region:
+                region.close()
 
     def _route(self, model: str) -> str | None:
         """The model worker's own socket, if the agent offers one (streaming models), else None."""
@@ -157,62 +158,76 @@ class LocalClient:
         if not isinstance(feeds, dict):
             feeds = {"input": feeds}
         extra = {"stream": stream} if stream is not None else {}
-        frame = wire.frame_parts(feeds, v=protocol.VERSION, op="infer", model=model, **extra)
         direct = self._route(model) if stream is None and self.direct else None
         if direct is not None:
             try:
-                header, body = self._call(self._in_region(direct, model, feeds) or frame, direct)
-                return {t.name: to_numpy(t) for t in from_frame(header, body)}
+                header, body = self._call(self._request(direct, model, feeds), direct)
+                return self._outputs(direct, header, body)
             except EdgewardError as exc:
                 if exc.code not in ("error", "model_crashed", "busy"):
                     raise  # the model's own answer (bad input, ...): the same through the agent
                 self._routes.pop(model, None)  # replaced or restarted: ask the agent again
-        header, body = self._call(frame)
+        header, body = self._call(wire.frame_parts(feeds, v=protocol.VERSION, op="infer", model=model, **extra))
         return {t.name: to_numpy(t) for t in from_frame(header, body)}
 
-    def _in_region(self, path: str, model: str, feeds: dict) -> bytes | None:
-        """The request with its tensors written to this thread's shared-memory region on the
-        connection to `path` (agent/shm.py), attaching one first if needed; None to send them
-        inline (small tensors, no shared memory here, or the worker refused it)."""
-        if not self.shared_memory:
-            return None
-        need = shm.region_bytes(feeds)
-        if need < shm.MIN_BYTES:
-            return None
-        conn = self._conn(path)
-        if need <= conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):  # sent in one go: no faster in a region
-            return None
+    # -- shared memory on a worker's socket (agent/shm.py) -------------------------------------------
+    def _request(self, path: str, model: str, feeds: dict) -> bytes | list:
+        """The request for a model worker's socket: its tensors in this connection's request
+        region when they do not fit the socket's send buffer (attaching one first if needed),
+        else inline; asking for the answer in the answer region when one is attached."""
+        head = {"v": protocol.VERSION, "op": "infer", "model": model}
         regions = self._regions()
-        region = regions.get(path)
-        if region is False:  # refused on this connection
-            return None
-        if region is None or region.size < need:
-            region = self._attach(path, need)
-            if region is None:
-                return None
-        specs = region.write(feeds)
-        return wire.pack({"v": protocol.VERSION, "op": "infer", "model": model, "tensors": specs, "shm": True})
+        if regions.get((path, "answers")):
+            head["answer_shm"] = True
+        need = shm.region_bytes(feeds) if self.shared_memory else 0
+        if need >= shm.MIN_BYTES and need > self._sndbuf(path):  # else sent in one go: no faster in a region
+            region = regions.get((path, "requests"))
+            if region is None or (region and region.size < need):
+                region = self._attach(path, need, "requests")
+            if region:
+                return wire.pack({**head, "tensors": region.write(feeds), "shm": True})
+        return wire.frame_parts(feeds, **head)
+
+    def _outputs(self, path: str, header: dict, body: memoryview) -> dict[str, np.ndarray]:
+        """The answer's arrays: copied out of the answer region when the worker wrote them there
+        (the next answer overwrites it), else views of the answer's own bytes. An answer too
+        large for the socket's send buffer that came inline makes this connection attach an
+        answer region for the next ones."""
+        regions = self._regions()
+        if header.get("shm"):
+            answers = regions.get((path, "answers"))
+            if not answers:
+                raise ProtocolError("the worker answered in shared memory this connection has not attached")
+            return {t.name: to_numpy(t).copy() for t in from_frame(header, memoryview(answers.map))}
+        out = {t.name: to_numpy(t) for t in from_frame(header, body)}
+        if (self.shared_memory and len(body) >= shm.MIN_BYTES and len(body) > self._sndbuf(path)
+                and regions.get((path, "answers")) is not False):
+            self._attach(path, len(body), "answers")
+        return out
+
+    def _sndbuf(self, path: str) -> int:
+        return self._conn(path).getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def _regions(self) -> dict:
+        """This thread's regions by (socket path, "requests" or "answers"); False where refused."""
         regions = getattr(self._local, "regions", None)
         if regions is None:
             regions = self._local.regions = {}
         return regions
 
-    def _attach(self, path: str, need: int):
+    def _attach(self, path: str, need: int, use: str):
         """A new region of at least `need` bytes, attached to this thread's connection to `path`
-        (replacing the one it had), or None if the worker refused: then this connection sends
-        inline from now on."""
+        for `use` (replacing the one it had), or None if the worker refused: then this connection
+        goes on inline for that use."""
         regions = self._regions()
         conn = self._conn(path)
         region = shm.Region(need)
         try:
-            shm.send_attach(conn, wire.pack({"v": protocol.VERSION, "op": "attach", "nbytes": region.size}), region)
+            shm.send_attach(conn, wire.pack({"v": protocol.VERSION, "op": "attach", "use": use,
+                                             "nbytes": region.size}), region)
             reply = recv_message(conn)
         except OSError:
-            region.close()
-            self._drop(path)
-            return None
+            reply = None
         finally:
             region.release_fd()
         if reply is None:
@@ -220,14 +235,14 @@ class LocalClient:
             self._drop(path)
             return None
         header, _ = wire.unpack(reply)
-        old = regions.pop(path, None)
+        old = regions.pop((path, use), None)
         if old:
             old.close()  # the worker gave it up when it took the new one (or refused)
         if header.get("status") != "ok":
             region.close()
-            regions[path] = False
+            regions[(path, use)] = False
             return None
-        regions[path] = region
+        regions[(path, use)] = region
         return region
 
     def reset(self, model: str, stream: str) -> bool:

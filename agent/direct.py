@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import protocol, wire
+from . import protocol, shm, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_frame, message_length,
                        send_message, serve_connection)
@@ -220,36 +220,41 @@ class DirectServer:
         if reply is not None:
             answer(reply)
 
-    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None, region=None) -> bytes | None:
-        """The answer frame, or None when a batcher will send it through `answer_later`. With
-        "shm" in its header, a request's tensors are in the connection's `region` (agent/shm.py)."""
+    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None, shared=None) -> bytes | None:
+        """The answer frame, or None when a batcher will send it through `answer_later`. `shared`
+        is the connection's agent.shm.Attachment: with "shm" in its header a request's tensors
+        are in its request region, and with "answer_shm" the answer goes to its answer region
+        when it fits there."""
         t0 = time.perf_counter()
+        answers = None
         try:
             header, body = wire.unpack(msg)
             if header.get("op") != "infer" or header.get("model") != self.model:
                 raise ProtocolError(f"this socket serves only inference on {self.model!r}",
                                     "send other requests to the agent's socket")
             if header.get("shm"):
-                if region is None:
+                if shared is None or shared.region is None:
                     raise ProtocolError("the request's tensors are in shared memory, but this connection has "
                                         "none attached", "send an attach message first (agent.client does)")
-                body = memoryview(region)
+                body = memoryview(shared.region)
+            if header.get("answer_shm") and shared is not None:
+                answers = shared.answers  # this request's answer region, even if another is attached meanwhile
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
             feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)
             if self._submit is not None and answer_later is not None:
-                self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error)))
+                self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)))
                 return None
             out = self._run(feeds)
         except Exception as exc:
             return self._answer(t0, None, exc)
-        return self._answer(t0, out, None)
+        return self._answer(t0, out, None, answers)
 
-    def _answer(self, t0: float, out: list[Tensor] | None, error: BaseException | None) -> bytes:
+    def _answer(self, t0: float, out: list[Tensor] | None, error: BaseException | None, answers=None) -> bytes:
         """The frame for a request's outputs or error; a bug must become an answer, not a dead connection."""
         if error is None:
             try:
-                return self._ok_frame(t0, out)
+                return self._ok_frame(t0, out, answers)
             except Exception as exc:
                 error = exc
         if not isinstance(error, EdgewardError):
@@ -257,10 +262,14 @@ class DirectServer:
         self.stats.record(None, ok=False)
         return error_frame(error)
 
-    def _ok_frame(self, t0: float, out: list[Tensor]) -> bytes:
-        specs, data = to_frame(out)
-        reply = wire.pack({"v": protocol.VERSION, "status": "ok", "model": self.model, "version": self.version,
-                           "tensors": specs}, data)
+    def _ok_frame(self, t0: float, out: list[Tensor], answers=None) -> bytes:
+        head = {"v": protocol.VERSION, "status": "ok", "model": self.model, "version": self.version}
+        specs = shm.write_tensors(answers, out) if answers is not None else None
+        if specs is not None:
+            reply = wire.pack({**head, "tensors": specs, "shm": True})
+        else:
+            specs, data = to_frame(out)
+            reply = wire.pack({**head, "tensors": specs}, data)
         self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return reply
 

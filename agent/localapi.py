@@ -11,10 +11,13 @@ a JSON header and the raw tensor bytes, never JSON lists. Requests::
 ``route`` names the model worker's own socket for a stateless model (agent/direct.py): the
 same infer requests sent there skip a hop. Clients fall back to this socket when it is null
 or gone (the model was replaced or its worker restarted). On a worker's socket a client may
-also attach a shared-memory region and send large requests' tensors there (agent/shm.py)::
+attach shared-memory regions, one for large requests' tensors and one for large answers'
+(agent/shm.py)::
 
-    {"v": 1, "op": "attach", "nbytes": N}  + a sealed memfd (SCM_RIGHTS)  -> {"nbytes": N}
-    {"v": 1, "op": "infer", "model": "cam", "tensors": [...], "shm": true}   offsets into the region
+    {"v": 1, "op": "attach", "use": "requests"|"answers", "nbytes": N} + a sealed memfd (SCM_RIGHTS)
+    {"v": 1, "op": "infer", "model": "cam", "tensors": [...], "shm": true}  offsets in the request region
+    {"v": 1, "op": "infer", ..., "answer_shm": true}  -> {"status": "ok", "tensors": [...], "shm": true}
+                                                       when the answer fits the answer region
 
 Answers carry ``status`` ("ok" or "error" with ``code`` and ``error``), and for inference
 ``model``, ``version`` and the output tensors. A connection takes one request at a time;
@@ -191,8 +194,8 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
     the connection polls for its next request for `spin_s`, if `activity` (shared by the
     server's connections) says no other request is being handled. `send`, when given, sends
     every answer instead (a batched model's outbox, agent/outbox.py: it never blocks). With
-    `shared`, the client may attach a shared-memory region (agent/shm.py): `handle` is then
-    called as handle(msg, answer, region), the region being None until one is attached."""
+    `shared`, the client may attach shared-memory regions (agent/shm.py): `handle` is then
+    called as handle(msg, answer, attachment), with the connection's agent.shm.Attachment."""
     activity = activity or Activity()
     attached = None
     if shared:
@@ -239,7 +242,7 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             activity.enter()
             try:
                 later = lambda frame, size=size: answer_later(frame, size)  # noqa: E731
-                reply = handle(msg, later, attached.region) if attached else handle(msg, later)
+                reply = handle(msg, later, attached) if attached else handle(msg, later)
             except BaseException:
                 if held is not None:
                     held.give(size)

@@ -1,16 +1,18 @@
-"""Shared memory for large local requests: an image's bytes cross no socket.
+"""Shared memory for large local requests and answers: an image's bytes cross no socket.
 
 A request larger than the socket's send buffer (about 208 kB on Linux by default) cannot be
 sent in one go: the client waits for the worker to read part of it, both sides wake up more
-than once, and everything is copied into the kernel and out again. Measured on the
-benchmark machine (round trip to a worker, model left out): 588 kB took 429 µs inline and
-289 µs in shared memory, 4.8 MB 2.4 ms and 0.86 ms; below the buffer's size (192 kB) both
-took the same. So for requests that do not fit the buffer the client
-makes a memfd (anonymous memory behind a file descriptor), seals it so it can never shrink,
+than once, and everything is copied into the kernel and out again. Measured with
+scripts/bench_local_api.py (round trip to a worker, model left out): a 4.8 MB request took
+0.29x as long in shared memory as inline, a 588 kB one 0.6-0.8x; below the buffer's size
+both took the same. So for a request that does not fit the buffer the client makes a memfd (anonymous memory behind a file descriptor), seals it so it can never shrink,
 and passes the descriptor once over its connection to a model's worker (SCM_RIGHTS) with an
 ``attach`` message. Each request on that connection then carries only its header, with
 ``"shm": true``, and its tensors' offsets point into the region. The worker maps it
-read-only; the tensors are checked and run from there.
+read-only; the tensors are checked and run from there. Answers the same way: after an
+answer too large for the buffer, the client attaches a second region ("use": "answers"),
+asks for its answers there (``"answer_shm": true``), and the worker writes them into it
+when they fit and sends only the header; the client copies them out before its next call.
 
 Why the seal: a region that shrank while the worker reads it would kill the worker with
 SIGBUS, so a region without F_SEAL_SHRINK is refused. A region counts as bytes the worker
@@ -135,10 +137,11 @@ def close_fds(fds: list[int]) -> None:
     fds.clear()
 
 
-def map_region(fds: list[int], limit: int) -> mmap.mmap:
-    """The worker's side: map the one descriptor an attach message brought, read-only, after
-    checking that it is a memfd sealed against shrinking and no larger than `limit`. The
-    descriptors are closed whatever happens (the mapping keeps the memory)."""
+def map_region(fds: list[int], limit: int, writable: bool = False) -> mmap.mmap:
+    """The worker's side: map the one descriptor an attach message brought (read-only for
+    requests, read-write for answers), after checking that it is a memfd sealed against
+    shrinking and no larger than `limit`. The descriptors are closed whatever happens (the
+    mapping keeps the memory)."""
     try:
         if len(fds) != 1:
             raise ProtocolError(f"attach brings one descriptor, this one brought {len(fds)}")
@@ -156,21 +159,46 @@ def map_region(fds: list[int], limit: int) -> mmap.mmap:
         if not 0 < st.st_size <= limit:
             raise ProtocolError(f"attach: a region of {st.st_size} bytes (this worker takes 1 to {limit})",
                                 "attach a smaller region, or raise api.max_request_mb in the agent's config")
-        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            return mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=prot)
+        except OSError as exc:  # sealed against writing, say
+            raise ProtocolError(f"attach: the region cannot be mapped ({exc.strerror or exc})",
+                                "pass a memfd the worker may map (agent.shm.Region)") from None
     finally:
         close_fds(fds)
 
 
+def write_tensors(region: mmap.mmap, tensors: list) -> list[dict] | None:
+    """Copy Tensors into an answer region, each at a 64-byte aligned offset; their specs, or
+    None if they do not fit (the answer then goes inline)."""
+    specs, offset = [], 0
+    for t in tensors:
+        spec = t.spec(offset)
+        specs.append(spec)
+        offset += -(-spec["nbytes"] // 64) * 64
+    if offset > len(region):
+        return None
+    for t, spec in zip(tensors, specs):
+        region[spec["offset"]:spec["offset"] + spec["nbytes"]] = t.data
+    return specs
+
+
 class Attachment:
-    """One connection's region on the worker's side, counted in the server's held bytes."""
+    """One connection's regions on the worker's side: one for requests (read-only) and one for
+    answers (read-write), each counted in the server's held bytes while attached."""
+
+    USES = ("requests", "answers")
 
     def __init__(self, limit: int, held=None):
         self.limit, self.held = limit, held
-        self.region: mmap.mmap | None = None
+        self.region: mmap.mmap | None = None   # requests' tensors
+        self.answers: mmap.mmap | None = None  # where answers are written when the request asks
 
     def attach(self, msg, fds: list[int]) -> bytes:
         """The answer to a message that brought descriptors: "ok" once its region is mapped
-        (replacing the connection's previous one), else an error; the descriptors are closed."""
+        (replacing the connection's previous one for that use), else an error; the descriptors
+        are closed."""
         from . import protocol, wire
         from .localapi import error_frame
 
@@ -178,24 +206,33 @@ class Attachment:
             header, _ = wire.unpack(msg)
             if header.get("op") != "attach":
                 raise ProtocolError(f"a {header.get('op')!r} message brought a file descriptor; only attach may")
-            region = map_region(fds, self.limit)
+            use = header.get("use", "requests")
+            if use not in self.USES:
+                raise ProtocolError(f"attach: use {use!r} is not one of {', '.join(self.USES)}")
+            region = map_region(fds, self.limit, writable=use == "answers")
             if self.held is not None:
                 try:
                     self.held.take(len(region))
                 except Exception:
                     region.close()
                     raise
-            self.detach()
-            self.region = region
-            return wire.pack({"v": protocol.VERSION, "status": "ok", "nbytes": len(region)})
+            self._give(use)
+            setattr(self, "region" if use == "requests" else "answers", region)
+            return wire.pack({"v": protocol.VERSION, "status": "ok", "use": use, "nbytes": len(region)})
         except Exception as exc:
             close_fds(fds)
             return error_frame(exc)
 
-    def detach(self) -> None:
-        """Give the region up. It is not unmapped here: a queued request may still read it, and
-        the mapping goes when the last view of it does."""
-        if self.region is not None:
+    def _give(self, use: str) -> None:
+        """Give up the region for `use`. It is not unmapped here: a queued request may still read
+        it, and the mapping goes when the last view of it does."""
+        attr = "region" if use == "requests" else "answers"
+        region = getattr(self, attr)
+        if region is not None:
             if self.held is not None:
-                self.held.give(len(self.region))
-            self.region = None
+                self.held.give(len(region))
+            setattr(self, attr, None)
+
+    def detach(self) -> None:
+        for use in self.USES:
+            self._give(use)

@@ -285,7 +285,7 @@ def test_streaming_models_are_served_by_their_worker_directly_with_the_same_chec
             # a large request to the worker travels in shared memory (agent/shm.py), with the same answer
             rows = np.tile(x, (1000, 1, 1, 1))  # 1,024,000 bytes: the region is api.max_request_mb exactly
             np.testing.assert_allclose(client.infer("digits", rows)["logits"], np.tile(want, (1000, 1)), atol=1e-6)
-            assert isinstance(client._regions()[route], shm.Region)
+            assert isinstance(client._regions()[(route, "requests")], shm.Region)
             with pytest.raises(InferenceError, match="NaN or infinity"):  # checked there as inline
                 client.infer("digits", np.where(rows == rows.max(), np.nan, rows))
             # the worker dies: the client falls back to the agent, which starts a fresh worker

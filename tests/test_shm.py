@@ -27,9 +27,10 @@ ROW = 4096  # floats a row: 16 kB; 14 rows are over the socket's usual 208 kB se
 
 
 @contextlib.contextmanager
-def _server(tmp_path, mode: str, **kw):
-    """A direct server for model "m" (x: float32 [N, ROW]) that doubles its input."""
-    double = lambda feeds: [from_numpy("y", to_numpy(feeds[0]) * 2)]  # noqa: E731
+def _server(tmp_path, mode: str, grow: int = 1, **kw):
+    """A direct server for model "m" (x: float32 [N, ROW]) that doubles its input, repeated
+    `grow` times along the row (an answer larger than its request, as a segmentation mask is)."""
+    double = lambda feeds: [from_numpy("y", np.tile(to_numpy(feeds[0]) * 2, (1, grow)))]  # noqa: E731
     spec = [TensorSpec("x", "float32", [-1, ROW])]
     batcher = None
     if mode == "streaming":
@@ -52,30 +53,47 @@ def _client(srv) -> LocalClient:
     return client
 
 
-def _region(client, srv):
-    return client._regions().get(str(srv.path))
+def _region(client, srv, use="requests"):
+    return client._regions().get((str(srv.path), use))
 
 
 @pytest.mark.parametrize("mode", ["streaming", "thread-per-connection"])
-def test_a_large_request_travels_in_shared_memory_and_gets_the_same_answer(tmp_path, mode):
+def test_large_requests_and_answers_travel_in_shared_memory_with_the_same_results(tmp_path, mode):
     x = np.random.default_rng(0).random((20, ROW), dtype=np.float32)  # 320 kB: over the socket's send buffer
     with _server(tmp_path, mode) as srv, _client(srv) as client:
-        np.testing.assert_array_equal(client.infer("m", {"x": x})["y"], 2 * x)
-        region = _region(client, srv)
+        first = client.infer("m", {"x": x})["y"]  # the request in a region; its answer inline, as none is attached
+        np.testing.assert_array_equal(first, 2 * x)
+        region, answers = _region(client, srv), _region(client, srv, "answers")
         assert isinstance(region, shm.Region) and region.size == 320 * 1024
-        # the worker counts the attached region as held (the request's own bytes it gives back just after answering)
-        wait_until(lambda: srv.held.held == region.size, 2, "the region held", 0.01)
-        for k in (14, 20, 17):  # reused while the requests fit
-            np.testing.assert_array_equal(client.infer("m", {"x": x[:k] + k})["y"], 2 * (x[:k] + k))
-        assert _region(client, srv) is region
-        small = client.infer("m", {"x": x[:4]})["y"]  # 64 kB: fits the send buffer, so it goes inline
+        assert isinstance(answers, shm.Region) and answers.size == 320 * 1024  # attached after that answer
+        # the worker counts both regions as held (a request's own bytes it gives back just after answering)
+        wait_until(lambda: srv.held.held == 640 * 1024, 2, "the regions held", 0.01)
+        results = {k: client.infer("m", {"x": x[:k] + k})["y"] for k in (14, 20, 17)}  # answers in the region
+        for k, y in results.items():  # each copied out: the next answer did not overwrite it
+            np.testing.assert_array_equal(y, 2 * (x[:k] + k))
+        np.testing.assert_array_equal(first, 2 * x)
+        assert _region(client, srv) is region and _region(client, srv, "answers") is answers
+        small = client.infer("m", {"x": x[:4]})["y"]  # 64 kB: fits the send buffer, so the request goes inline
         np.testing.assert_array_equal(small, 2 * x[:4])
-        big = np.tile(x, (3, 1))  # 960 kB: a larger region replaces the first
+        big = np.tile(x, (3, 1))  # 960 kB: a larger request region replaces the first; the answer comes inline
         np.testing.assert_array_equal(client.infer("m", {"x": big})["y"], 2 * big)
-        grown = _region(client, srv)
-        assert grown is not region and grown.size == 960 * 1024
-        wait_until(lambda: srv.held.held == grown.size, 2, "only the new region held", 0.01)
-    wait_until(lambda: srv.held.held == 0, 2, "the region given back when the connection closed", 0.01)
+        np.testing.assert_array_equal(client.infer("m", {"x": big - 1})["y"], 2 * (big - 1))  # now in a region
+        grown, grown_answers = _region(client, srv), _region(client, srv, "answers")
+        assert grown is not region and grown.size == 960 * 1024 and grown_answers.size == 960 * 1024
+        wait_until(lambda: srv.held.held == 2 * 960 * 1024, 2, "only the new regions held", 0.01)
+    wait_until(lambda: srv.held.held == 0, 2, "the regions given back when the connection closed", 0.01)
+
+
+def test_a_small_request_with_a_large_answer_gets_it_in_shared_memory(tmp_path):
+    x = np.arange(2 * ROW, dtype=np.float32).reshape(2, ROW)  # 32 kB in, 512 kB out
+    with _server(tmp_path, "streaming", grow=16) as srv, _client(srv) as client:
+        for i in range(3):
+            y = client.infer("m", {"x": x + i})["y"]
+            np.testing.assert_array_equal(y, np.tile(2 * (x + i), (1, 16)))
+        answers = _region(client, srv, "answers")
+        assert _region(client, srv) is None and answers.size == 512 * 1024
+        # the last answer was written there by the worker (the first, before the region, came inline)
+        np.testing.assert_array_equal(np.frombuffer(answers.map, np.float32, count=y.size).reshape(y.shape), y)
 
 
 def test_requests_that_fit_the_socket_buffer_go_inline(tmp_path):
@@ -151,6 +169,14 @@ def test_descriptors_that_are_not_sealed_memfds_are_refused_closed_and_harm_nobo
             _send_attach(raw, fd)
             header, _ = _reply(raw)
             assert header["status"] == "error" and why in header["error"], header
+        read_only = os.memfd_create("t", os.MFD_ALLOW_SEALING)  # the worker could not write answers there
+        os.ftruncate(read_only, 1 << 16)
+        fcntl.fcntl(read_only, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+        for use, why in (("answers", "cannot be mapped"), ("everything", "use 'everything' is not one of")):
+            _send_attach(raw, read_only, use=use)
+            header, _ = _reply(raw)
+            assert header["status"] == "error" and why in header["error"], header
+        os.close(read_only)
         # a descriptor on anything but attach is refused too, and closed
         frame = wire.pack_tensors({"x": x}, v=protocol.VERSION, op="infer", model="m")
         socket.send_fds(raw, [struct.pack(">I", len(frame)) + frame], [unsealed])
@@ -180,7 +206,14 @@ def test_shared_memory_requests_are_checked_against_the_region(tmp_path):
         _send_attach(raw, region.fd)
         region.release_fd()
         header, _ = _reply(raw)
-        assert header == {"v": protocol.VERSION, "status": "ok", "nbytes": 1 << 16}
+        assert header == {"v": protocol.VERSION, "status": "ok", "use": "requests", "nbytes": 1 << 16}
+        # an answer asked for in shared memory with no answer region attached comes inline
+        frame = wire.pack_tensors({"x": np.ones((1, ROW), np.float32)}, v=protocol.VERSION, op="infer", model="m",
+                                  answer_shm=True)
+        raw.sendall(struct.pack(">I", len(frame)) + frame)
+        header, body = _reply(raw)
+        assert header["status"] == "ok" and "shm" not in header
+        np.testing.assert_array_equal(to_numpy(from_frame(header, body)[0]), 2)
         # past the region's end: a clear error, not a read of someone else's memory
         raw.sendall(_shm_request([{**spec, "shape": [8, ROW], "nbytes": 8 * ROW * 4}]))
         header, _ = _reply(raw)
