@@ -192,8 +192,17 @@ class Attachment:
 
     def __init__(self, limit: int, held=None):
         self.limit, self.held = limit, held
-        self.region: mmap.mmap | None = None   # requests' tensors
-        self.answers: mmap.mmap | None = None  # where answers are written when the request asks
+        self._regions: dict[str, mmap.mmap] = {}
+
+    @property
+    def region(self) -> mmap.mmap | None:
+        """Where requests marked "shm" have their tensors."""
+        return self._regions.get("requests")
+
+    @property
+    def answers(self) -> mmap.mmap | None:
+        """Where answers go when their request asks ("answer_shm") and they fit."""
+        return self._regions.get("answers")
 
     def attach(self, msg, fds: list[int]) -> bytes:
         """The answer to a message that brought descriptors: "ok" once its region is mapped
@@ -217,21 +226,18 @@ class Attachment:
                     region.close()
                     raise
             self._give(use)
-            setattr(self, "region" if use == "requests" else "answers", region)
+            self._regions[use] = region
             return wire.pack({"v": protocol.VERSION, "status": "ok", "use": use, "nbytes": len(region)})
         except Exception as exc:
             close_fds(fds)
             return error_frame(exc)
 
     def _give(self, use: str) -> None:
-        """Give up the region for `use`. It is not unmapped here: a queued request may still read
+        """Give up the region for `use`. It is not unmapped here: a queued request may still use
         it, and the mapping goes when the last view of it does."""
-        attr = "region" if use == "requests" else "answers"
-        region = getattr(self, attr)
-        if region is not None:
-            if self.held is not None:
-                self.held.give(len(region))
-            setattr(self, attr, None)
+        region = self._regions.pop(use, None)
+        if region is not None and self.held is not None:
+            self.held.give(len(region))
 
     def detach(self) -> None:
         for use in self.USES:
