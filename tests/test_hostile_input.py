@@ -190,6 +190,45 @@ def test_a_models_own_socket_answers_anything_with_a_clear_error_never_an_intern
     assert header.get("code") != "internal", header
 
 
+@pytest.fixture(scope="module")
+def attached(direct):
+    """A connection's shared-memory regions (agent/shm.py) as the worker holds them: 64 kB each."""
+    from agent import shm
+
+    att = shm.Attachment(1 << 20)
+    for use in ("requests", "answers"):
+        region = shm.Region(1 << 16)
+        msg = wire.pack({"v": protocol.VERSION, "op": "attach", "use": use})
+        assert wire.unpack(att.attach(msg, [os.dup(region.fd)]))[0]["status"] == "ok"
+        region.close()
+    return att
+
+
+shm_headers = frame_headers.flatmap(lambda h: st.fixed_dictionaries(
+    {}, optional={"shm": json_scalars, "answer_shm": json_scalars}).map(lambda extra: {**h, **extra}))
+# nearly right: the model's own input, with rows, offsets and sizes around the 64 kB regions' ends
+near_shm_headers = st.fixed_dictionaries({
+    "v": st.just(protocol.VERSION), "op": st.just("infer"), "model": st.just("m"),
+    "shm": st.booleans(), "answer_shm": st.booleans(),
+    "tensors": st.lists(st.fixed_dictionaries({
+        "name": st.just("x"), "dtype": st.just("float32"),
+        "shape": st.tuples(st.integers(-1, 9000), st.just(2)).map(list),
+        "offset": st.integers(-8, 1 << 16) | st.sampled_from([0, (1 << 16) - 8, 1 << 16]),
+        "nbytes": st.integers(0, 1 << 17) | st.sampled_from([8, 8192 * 8, 1 << 16])}), min_size=1, max_size=2)})
+
+
+@FUZZ
+@given(payload=st.builds(frame, (shm_headers | near_shm_headers).map(json_bytes), st.binary(max_size=64)))
+def test_requests_in_shared_memory_get_a_clear_error_never_an_internal_one(direct, attached, payload):
+    """Offsets, sizes and flags of any kind, against a real attached request and answer region."""
+    header, body = wire.unpack(direct.handle(payload, None, attached))
+    assert header["status"] in ("ok", "error")
+    assert header.get("code") != "internal", header
+    if header["status"] == "ok":  # the answer is whole: in the answer region, or inline
+        (spec,) = header["tensors"]
+        assert spec["offset"] + spec["nbytes"] <= (len(attached.answers) if header.get("shm") else len(body))
+
+
 @pytest.mark.parametrize("fmt", ["json", "binary"])
 @FUZZ
 @given(payload=st.binary(max_size=64) | json_values.map(json_bytes) | objects.map(json_bytes)
