@@ -202,6 +202,11 @@ def test_shared_memory_requests_are_checked_against_the_region(tmp_path):
         raw.sendall(_shm_request([spec]))  # nothing attached yet
         header, _ = _reply(raw)
         assert header["status"] == "error" and "none attached" in header["error"]
+        frame = wire.pack({"v": protocol.VERSION, "op": "attach", "use": "requests"})
+        raw.sendall(struct.pack(">I", len(frame)) + frame)  # the descriptor left out
+        header, _ = _reply(raw)
+        assert header["status"] == "error" and "attach brought no file descriptor" in header["error"]
+        assert "SCM_RIGHTS" in header["error"]
         region = shm.Region(1 << 16)
         _send_attach(raw, region.fd)
         region.release_fd()
