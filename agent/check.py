@@ -25,7 +25,7 @@ OK, WARN, FAIL = "ok", "WARN", "FAIL"
 
 # what importing each runtime takes, run in a child so that a broken build cannot take this process down
 _RUNTIME_PROBES = {
-    "onnxruntime": "import onnxruntime as m; print(m.__version__)",
+    "onnxruntime": "import onnxruntime as m; print(m.__version__, *m.get_available_providers())",
     "ai-edge-litert": "from ai_edge_litert.interpreter import Interpreter; import ai_edge_litert as m; "
                       "print(getattr(m, '__version__', '?'))",
     "tflite-runtime": "from tflite_runtime.interpreter import Interpreter; import tflite_runtime as m; "
@@ -91,7 +91,11 @@ def _runtimes(cfg: AgentConfig) -> list[Finding]:
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         if r.returncode == 0:
             usable += 1
-            out.append(Finding("runtime", OK, f"{package} {r.stdout.strip()}"))
+            version, *providers = r.stdout.split()
+            if package == "onnxruntime":
+                out.extend(_providers(cfg, version, providers))
+            else:
+                out.append(Finding("runtime", OK, f"{package} {version}"))
         else:
             last = (r.stderr.strip().splitlines() or ["it exited with " + str(r.returncode)])[-1]
             fix = ("tflite-runtime 2.14 needs numpy < 2: pip install 'numpy<2'" if package == "tflite-runtime"
@@ -103,6 +107,19 @@ def _runtimes(cfg: AgentConfig) -> list[Finding]:
     elif not usable:
         out.append(Finding("runtime", FAIL, "no runtime that imports: no model can load"))
     return out
+
+
+def _providers(cfg: AgentConfig, version: str, have: list[str]) -> list[Finding]:
+    """onnxruntime's execution providers against inference.providers: a Jetson configured for
+    TensorRT with a CPU-only onnxruntime would otherwise run every model on the CPU, slowly."""
+    found = [Finding("runtime", OK, f"onnxruntime {version} ({', '.join(have)})")]
+    missing = [p for p in cfg.inference.providers if p not in have]
+    if missing:
+        found.append(Finding("runtime", WARN, f"inference.providers asks for {', '.join(missing)}, which this "
+                             f"onnxruntime build does not have: ONNX models run on {', '.join(have)}",
+                             "install the onnxruntime-gpu build for this board's CUDA/JetPack, or drop them from "
+                             "inference.providers"))
+    return found
 
 
 def _memory(cfg: AgentConfig) -> list[Finding]:

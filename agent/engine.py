@@ -88,7 +88,8 @@ class LoadedModel:
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, version=self.version, format=self.manifest.format,
-                         cost_mb=round(self.cost_mb, 1), sha256=self.manifest.files[self.manifest.model_file].sha256)
+                         cost_mb=round(self.cost_mb, 1), sha256=self.manifest.files[self.manifest.model_file].sha256,
+                         providers=list(self.proc.providers or []) if self.proc else [])
 
     # ---------------------------------------------------------------- running
 
@@ -302,6 +303,12 @@ class Engine:
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
             proc.providers = reply.get("providers")
+            missing = [p for p in self.providers if proc.providers is not None and p not in proc.providers]
+            if missing:
+                log.warning("%s v%d runs on %s: inference.providers asks for %s, which this onnxruntime build does "
+                            "not have or could not start (install the onnxruntime build for this board's "
+                            "CUDA/JetPack)", manifest.name, manifest.version, ", ".join(proc.providers),
+                            ", ".join(missing))
             if direct:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
                 specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]

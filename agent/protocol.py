@@ -137,6 +137,8 @@ class ModelInfo:
     health: Literal["serving", "loading", "failed", "evicted"] = "serving"  # evicted: reloads on its next request
     cost_mb: float = 0.0
     sha256: str = ""
+    # the execution providers the model runs on, best first (onnxruntime; empty for TFLite)
+    providers: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -58,6 +58,14 @@ def _ago(ts: float | None) -> str:
     return f"{s:.0f}s ago"
 
 
+def runs_on(model: dict) -> str:
+    """What a model runs on, short: onnxruntime's execution providers ("TensorRT+CPU"), or the format."""
+    providers = model.get("providers") or []
+    if providers:
+        return "+".join(p.removesuffix("ExecutionProvider") for p in providers)
+    return {"tflite": "LiteRT"}.get(model.get("format"), model.get("format") or "-")
+
+
 def render_status(status: dict | None, store_root: str) -> str:
     if status is None:
         return f"no agent has run with the store {store_root} (no {STATUS_FILE} there)"
@@ -81,9 +89,9 @@ def render_status(status: dict | None, store_root: str) -> str:
     lines.append("")
     if models:
         lines.append(format_table(
-            ["MODEL", "VERSION", "COST MB", "REQUESTS", "ERRORS", "P50 MS"],
-            [[m["name"], m["version"], m.get("cost_mb"), m.get("requests"), m.get("errors"), m.get("p50_ms") or "-"]
-             for m in models], align="lrrrrr"))
+            ["MODEL", "VERSION", "RUNS ON", "COST MB", "REQUESTS", "ERRORS", "P50 MS"],
+            [[m["name"], m["version"], runs_on(m), m.get("cost_mb"), m.get("requests"), m.get("errors"),
+              m.get("p50_ms") or "-"] for m in models], align="llrrrrr"))
     else:
         lines.append("no model is serving")
     return "\n".join(lines)

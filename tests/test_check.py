@@ -57,3 +57,20 @@ def test_an_installed_model_is_read_from_the_store_and_its_runtime_checked(broke
     (path / "manifest.json").write_text("{")  # damaged on disk
     models = [f for f in run_checks(cfg) if f.check == "models"]
     assert models[0].level == FAIL and "cannot be read" in models[0].detail
+
+
+def test_execution_providers_this_onnxruntime_lacks_are_a_warning_naming_what_models_run_on(tmp_path):
+    import onnxruntime
+
+    from agent.check import WARN, _runtimes
+
+    have = onnxruntime.get_available_providers()
+    cfg = load_config(None, {"store.path": str(tmp_path / "store"), "inference.providers":
+                             ["TensorrtExecutionProvider", "CPUExecutionProvider"]}, check_files=False)
+    found = [f for f in _runtimes(cfg) if "onnxruntime" in f.detail]
+    assert found[0].level == OK and found[0].detail == f"onnxruntime {onnxruntime.__version__} ({', '.join(have)})"
+    assert "TensorrtExecutionProvider" not in have  # this machine's CPU build
+    assert found[1].level == WARN and found[1].detail.startswith("inference.providers asks for TensorrtExecutionProvider,")
+    assert "onnxruntime-gpu" in found[1].fix
+    cfg = load_config(None, {"store.path": str(tmp_path / "store"), "inference.providers": have}, check_files=False)
+    assert [f.level for f in _runtimes(cfg) if "onnxruntime" in f.detail] == [OK]

@@ -247,6 +247,8 @@ def test_daemon_runs_as_the_unit_starts_it(board_root, broker, assets, tmp_path)
         wait_for(lambda: sock.with_key("WATCHDOG"), timeout=5, what="watchdog ping")
         r = subprocess.run([str(EDGEWARD), "agent", "status", "--store", str(state)], capture_output=True, text=True)
         assert r.returncode == 0 and "running" in r.stdout and "digits" in r.stdout, r.stdout + r.stderr
+        row = next(line.split() for line in r.stdout.splitlines() if line.startswith("digits"))
+        assert row[:3] == ["digits", "1", "CPU"]  # the execution provider it runs on
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

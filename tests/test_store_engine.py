@@ -67,6 +67,24 @@ def test_engine_serves_correct_predictions_and_counts_them(engine_with_v1, asset
     assert snap.mean_batch == 64.0 and snap.inflight == 0
 
 
+def test_a_model_reports_the_execution_providers_it_really_runs_on(assets, tmp_path, caplog):
+    """inference.providers asking for TensorRT on a CPU-only onnxruntime: the model runs on the
+    CPU, its state says so, and the log names what was asked for and is missing."""
+    store = Store(tmp_path)
+    engine = Engine(Budget(budget_mb=2048, reserve_mb=0),
+                    providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    try:
+        with caplog.at_level("WARNING", logger="agent.engine"):
+            model = engine.load(_install(store, assets.v1, assets.pub))
+        assert model.info().providers == ["CPUExecutionProvider"]
+        warned = [r.getMessage() for r in caplog.records if "inference.providers" in r.getMessage()]
+        assert warned == ["digits v1 runs on CPUExecutionProvider: inference.providers asks for "
+                          "TensorrtExecutionProvider, CUDAExecutionProvider, which this onnxruntime build does not "
+                          "have or could not start (install the onnxruntime build for this board's CUDA/JetPack)"]
+    finally:
+        engine.close()
+
+
 def test_no_request_fails_while_models_are_swapped_under_load(assets, tmp_path):
     """Four threads infer without pause while the model is replaced 30 times: not one error.
     Each request is a batch of 512 rows, so runs take long enough for swaps to land mid-request."""

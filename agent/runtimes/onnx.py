@@ -1,4 +1,4 @@
-"""ONNX models through onnxruntime (CPU; thread count from the agent's config)."""
+"""ONNX models through onnxruntime: thread count and execution providers from the agent's config."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ class OnnxRuntime(Runtime):
             self._session = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        # what the session really runs on: a provider whose libraries fail to load (CUDA, TensorRT)
+        # is dropped by onnxruntime with only a log line, so the agent reports this list instead
+        self.providers = list(self._session.get_providers())
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._outputs = [o.name for o in self._session.get_outputs()]
 
