@@ -230,10 +230,10 @@ class DirectServer:
         try:
             header, body = wire.unpack(msg)
             if header.get("op") == "attach":  # with its descriptor it never gets here (localapi.serve_connection)
-                raise ProtocolError("attach brought no file descriptor" if shared is not None else
-                                    "this socket takes no shared memory",
-                                    "send the memfd as SCM_RIGHTS with the message's first bytes, in one sendmsg"
-                                    if shared is not None else "send the tensors inline")
+                if shared is None:
+                    raise ProtocolError("this socket takes no shared memory", "send the tensors inline")
+                raise ProtocolError("attach brought no file descriptor",
+                                    "send the memfd as SCM_RIGHTS with the message's first bytes, in one sendmsg")
             if header.get("op") != "infer" or header.get("model") != self.model:
                 raise ProtocolError(f"this socket serves only inference on {self.model!r}",
                                     "send other requests to the agent's socket")
