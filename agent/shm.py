@@ -38,6 +38,11 @@ _ALIGN = 64 * 1024  # regions grow in these steps, so a client attaches again ra
 _MAX_FDS = 4  # a message bringing more descriptors than this has the rest closed by the kernel
 
 
+def _aligned(n: int) -> int:
+    """`n` rounded up to a cache line: each tensor in a region starts on one."""
+    return -(-n // 64) * 64
+
+
 def available() -> bool:
     """Whether this Python on this OS can make and pass sealed memfds."""
     return all(hasattr(m, n) for m, n in ((os, "memfd_create"), (os, "MFD_ALLOW_SEALING"),
@@ -74,11 +79,11 @@ class Region:
                                     f"use one of {', '.join(sorted(ITEMSIZE))}")
             if offset + arr.nbytes > self.size:
                 raise ValueError(f"{offset + arr.nbytes} bytes do not fit a region of {self.size}")
-            n = arr.nbytes
             view = np.frombuffer(self.map, dtype=arr.dtype.newbyteorder("<"), count=arr.size, offset=offset)
             np.copyto(view.reshape(arr.shape), arr)
-            specs.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset, "nbytes": n})
-            offset += -(-n // 64) * 64  # each tensor cache-line aligned
+            specs.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "offset": offset,
+                          "nbytes": arr.nbytes})
+            offset += _aligned(arr.nbytes)
         return specs
 
     def release_fd(self) -> None:
@@ -98,7 +103,7 @@ def region_bytes(arrays: dict) -> int:
     """The region size `Region.write` needs for these arrays."""
     import numpy as np
 
-    return sum(-(-np.asarray(a).nbytes // 64) * 64 for a in arrays.values())
+    return sum(_aligned(np.asarray(a).nbytes) for a in arrays.values())
 
 
 def send_attach(sock: socket.socket, frame: bytes, region: Region) -> None:
@@ -170,13 +175,13 @@ def map_region(fds: list[int], limit: int, writable: bool = False) -> mmap.mmap:
 
 
 def write_tensors(region: mmap.mmap, tensors: list) -> list[dict] | None:
-    """Copy Tensors into an answer region, each at a 64-byte aligned offset; their specs, or
+    """Copy Tensors into an answer region, each at a cache-line aligned offset; their specs, or
     None if they do not fit (the answer then goes inline)."""
     specs, offset = [], 0
     for t in tensors:
         spec = t.spec(offset)
         specs.append(spec)
-        offset += -(-spec["nbytes"] // 64) * 64
+        offset += _aligned(spec["nbytes"])
     if offset > len(region):
         return None
     for t, spec in zip(tensors, specs):
