@@ -324,7 +324,8 @@ def _watch_line(device: str, kind: str, msg: dict) -> str:
         models = "; ".join(f"{n} v{s.get('version')}: {s.get('requests')} req, {s.get('errors')} err, "
                            f"p50 {s.get('p50_ms')} ms" for n, s in msg.get("models", {}).items())
         temp = f", {msg['temperature_c']} °C" if msg.get("temperature_c") is not None else ""
-        return (f"{t} {device:<16} telemetry  rss {msg.get('rss_mb')} MB / {msg.get('budget_mb')} MB, "
+        used = msg.get("memory_mb") or msg.get("rss_mb")  # agents before memory_mb counted RSS
+        return (f"{t} {device:<16} telemetry  memory {used} MB / {msg.get('budget_mb')} MB, "
                 f"cpu {msg.get('cpu_percent')}%, load {msg.get('load_1m')}{temp}  {models}")
     if kind == "state":
         models = ", ".join(f"{m['name']} v{m['version']}" for m in msg.get("models", []))

@@ -236,7 +236,8 @@ class Agent:
         spool = self.spool.stats()
         return Telemetry(
             device=self.device, uptime_s=round(time.time() - self.started, 1),
-            rss_mb=round(self.budget.rss_mb(), 1), cpu_percent=self._proc.cpu_percent(None),
+            rss_mb=round(self.budget.rss_mb(), 1), memory_mb=round(self.budget.used_mb(), 1),
+            cpu_percent=self._proc.cpu_percent(None),
             available_mb=round(self.budget.available_mb(), 1), budget_mb=self.cfg.memory.budget_mb,
             load_1m=round(os.getloadavg()[0], 2), temperature_c=_temperature_c(),
             disk_free_mb=round(shutil.disk_usage(self.store.root).free / MB, 1),
@@ -323,7 +324,7 @@ class Agent:
         """One line for systemd's STATUS=: what serves, the broker link, memory."""
         models = ", ".join(f"{m.name} v{m.version}" for m in self.engine.models()) or "no model"
         link = "broker connected" if self.connected.is_set() else "broker not connected"
-        return f"serving {models}; {link}; RSS {self.budget.rss_mb():.0f}/{self.cfg.memory.budget_mb} MB"
+        return f"serving {models}; {link}; memory {self.budget.used_mb():.0f}/{self.cfg.memory.budget_mb} MB"
 
     def write_status(self, running: bool = True) -> None:
         """The local status file read by `edgeward agent status`."""
@@ -332,7 +333,8 @@ class Agent:
             "device": self.device, "pid": os.getpid(), "running": running, "ts": time.time(),
             "started": self.started, "agent_version": __version__,
             "broker": {"url": self.cfg.mqtt.url, "connected": self.connected.is_set()},
-            "memory": {"rss_mb": round(self.budget.rss_mb(), 1), "budget_mb": self.cfg.memory.budget_mb,
+            "memory": {"rss_mb": round(self.budget.rss_mb(), 1), "used_mb": round(self.budget.used_mb(), 1),
+                       "budget_mb": self.cfg.memory.budget_mb,
                        "available_mb": round(self.budget.available_mb(), 1)},
             "models": [{**to_dict(m.info()), "requests": stats[m.name].requests, "errors": stats[m.name].errors,
                         "p50_ms": stats[m.name].p50_ms} for m in self.engine.models()],

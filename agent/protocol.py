@@ -189,6 +189,7 @@ class Telemetry:
     v: int = VERSION
     uptime_s: float = 0.0
     rss_mb: float = 0.0
+    memory_mb: float = 0.0           # what memory.budget_mb counts: the PSS of the agent and its workers
     cpu_percent: float = 0.0
     available_mb: float = 0.0
     budget_mb: int = 0

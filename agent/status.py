@@ -76,8 +76,8 @@ def render_status(status: dict | None, store_root: str) -> str:
     mem = status.get("memory", {})
     lines = [head,
              f"broker   {broker.get('url')}  {'connected' if broker.get('connected') and running else 'not connected'}",
-             f"memory   RSS {mem.get('rss_mb')} MB of a {mem.get('budget_mb')} MB budget; "
-             f"system available {mem.get('available_mb')} MB",
+             f"memory   {mem.get('used_mb', mem.get('rss_mb'))} MB of a {mem.get('budget_mb')} MB budget "
+             f"(PSS; RSS {mem.get('rss_mb')} MB); system available {mem.get('available_mb')} MB",
              f"store    {store_root}"]
     update = status.get("last_update")
     if update:

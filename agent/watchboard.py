@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .tables import format_table
 
-HEADERS = ["DEVICE", "STATE", "MODEL", "REQ/S", "REQS", "ERRS", "P50 MS", "P95 MS", "RSS/BUDGET MB", "CPU%",
+HEADERS = ["DEVICE", "STATE", "MODEL", "REQ/S", "REQS", "ERRS", "P50 MS", "P95 MS", "MEM/BUDGET MB", "CPU%",
            "TEMP", "SEEN", "LAST EVENT"]
 
 
@@ -59,7 +59,7 @@ class WatchBoard:
             d = self.devices[name]
             t = d.telemetry
             state = "?" if d.online is None else ("online" if d.online else "OFFLINE")
-            mem = f"{t.get('rss_mb', 0):.0f}/{t.get('budget_mb', 0)}" if t else ""
+            mem = f"{t.get('memory_mb') or t.get('rss_mb', 0):.0f}/{t.get('budget_mb', 0)}" if t else ""
             cpu = f"{t.get('cpu_percent', 0):.0f}" if t else ""
             temp = f"{t['temperature_c']:.0f}°C" if t.get("temperature_c") is not None else ""
             seen = f"{max(now - d.seen, 0):.0f}s ago" if d.seen else ""

@@ -26,7 +26,7 @@ def test_the_readme_demo_runs_end_to_end(tmp_path):
     assert "8/8 right" in out or "7/8 right" in out
     assert "digits v2 is serving (was v1); self-test passed" in out
     assert "does not verify against the 1 trusted key" in out
-    assert "telemetry  rss" in out
+    assert "telemetry  memory" in out
     assert "OFFLINE" in out
     assert (tmp_path / "demo" / "store" / "models" / "digits" / "current").is_symlink()
 

@@ -61,6 +61,21 @@ def test_unloading_a_model_returns_its_memory(folders, assets):
     assert after <= before * 1.10, f"RSS {before:.1f} MB before the load, {after:.1f} MB after the unload"
 
 
+def test_the_budget_counts_pages_the_workers_share_once(folders):
+    """PSS, not an RSS sum: two workers map the same libpython, numpy and onnxruntime pages,
+    and the RSS sum would count those twice (see agent/budget.py)."""
+    budget = Budget(4096, reserve_mb=0)
+    engine = Engine(budget)
+    try:
+        for folder in folders[:2]:
+            engine.load(folder)
+        rss, used = budget.rss_mb(), budget.used_mb()
+        assert used < rss - 15, f"PSS {used:.1f} MB against an RSS sum of {rss:.1f} MB"
+        assert used > 0.3 * rss  # each process's own pages still count
+    finally:
+        engine.close()
+
+
 def test_a_crashed_worker_fails_only_its_requests_and_is_restarted(folders, assets):
     events = []
     engine = Engine(Budget(4096, reserve_mb=0), emit=lambda kind, msg, **kw: events.append(kind))
@@ -148,7 +163,7 @@ def test_execution_providers_this_build_lacks_fall_back_to_the_cpu(folders, asse
 
 
 def test_idle_models_are_evicted_least_recently_used_first_and_come_back_on_demand(assets, tmp_path):
-    from agent.bundle import open_bundle
+    from agent.bundle import open_bundle, read_installed_manifest
     from agent.signing import load_public_key
 
     from conftest import repack
@@ -168,11 +183,11 @@ def test_idle_models_are_evicted_least_recently_used_first_and_come_back_on_dema
         engine.activate(model)
         return model
 
-    base = budget.rss_mb()
     load_as("a")
-    per_model = budget.rss_mb() - base
-    budget.budget_mb = base + 2.5 * per_model  # room for two workers, not three
     load_as("b")
+    manifest = read_installed_manifest(folder["c"])
+    cost = engine.worker_base_mb + manifest.memory.runtime_mb + manifest.memory.load_mb  # what loading c is admitted at
+    budget.budget_mb = budget.used_mb() + cost - 5  # room for two workers, not three
     time.sleep(0.1)
     engine.infer_arrays("a", {"input": x})  # b is now the least recently used
     time.sleep(0.1)

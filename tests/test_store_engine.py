@@ -165,7 +165,7 @@ def test_admission_counts_a_whole_worker_the_runtime_and_the_model():
     budget = Budget(4096)
     engine = Engine(budget)
     engine.worker_base_mb = 30.0
-    budget.budget_mb = budget.rss_mb() + 30 + 40 + 10 + 20  # room for it, with 20 MB to spare
+    budget.budget_mb = budget.used_mb() + 30 + 40 + 10 + 20  # room for it, with 20 MB to spare
     engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=40)
     budget.budget_mb -= 25  # now 5 MB short
     with pytest.raises(BudgetError, match=r"needs 80.0 MB.*short by [4-6]\.\d MB"):
