@@ -3,8 +3,9 @@
 The budget caps the memory of the agent and its model workers together, counted as PSS
 (proportional set size: each page once, split among the processes that map it). An RSS
 sum would count the pages every worker shares (libpython, numpy, the runtime's library)
-once per worker: measured with three ONNX models loaded, each worker added 56-60 MB of
-RSS but 24-28 MB of PSS, so a budget on the RSS sum refused models that fit. Where
+once per worker: measured with scripts/bench_budget.py, each ONNX model's worker added
+61-63 MB to the RSS sum but 31-41 MB of PSS (TFLite: 43-47 and 22-27), so a budget on the
+RSS sum refused models that fit: three ONNX models were 216 MB of RSS and 128 MB of PSS. Where
 psutil cannot read a process's PSS (no /proc/<pid>/smaps), that process counts its RSS.
 Reading PSS costs the kernel a walk of the process's mappings (about 0.5 ms a process on
 the benchmark machine), so it is read at admissions and telemetry ticks, never per request.

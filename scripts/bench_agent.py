@@ -159,7 +159,8 @@ def tree_memory(pid: int) -> tuple[float, float]:
 
 
 class AgentProc:
-    def __init__(self, work: Path, name: str, broker_url: str, pub: Path, bundle: Path | None, serving: dict):
+    def __init__(self, work: Path, name: str, broker_url: str, pub: Path, bundle: Path | list[Path] | None,
+                 serving: dict):
         self.store = work / f"store-{name}"
         self.socket = str(self.store / "agent.sock")
         cfg = work / f"{name}.yaml"
@@ -167,15 +168,16 @@ class AgentProc:
         cmd = [sys.executable, "-m", "agent.cli", "agent", "--config", str(cfg), "--broker", broker_url,
                "--device-id", name, "--store", str(self.store), "--trust-key", str(pub), "--budget-mb", "4096",
                "--telemetry-interval", "10", "--log-level", "warning"]
-        if bundle is not None:
-            cmd += ["--install", str(bundle)]
+        bundles = [] if bundle is None else bundle if isinstance(bundle, list) else [bundle]
+        for b in bundles:
+            cmd += ["--install", str(b)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT)
         wait_until(lambda: Path(self.socket).exists() or self.proc.poll() is not None, 120, "the agent", 0.1)
         if self.proc.poll() is not None:
             raise SystemExit(f"the agent exited with {self.proc.returncode}")
-        if bundle is not None:  # the socket opens before the models load
+        if bundles:  # the socket opens before the models load
             with LocalClient(self.socket) as c:
-                wait_until(lambda: c.models(), 120, "the model to load", 0.1)
+                wait_until(lambda: len(c.models()) == len(bundles), 120, "the models to load", 0.1)
 
     def stop(self) -> None:
         self.proc.terminate()
