@@ -373,6 +373,22 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .boardbench import bench, render
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        clients = []
+    if not clients or min(clients) < 1 or max(clients) > 256:
+        raise EdgewardError(f"--clients {args.clients!r} is not a list of 1 to 256", "pass e.g. --clients 1,8,32")
+    if not 0 < args.seconds <= 600:
+        raise EdgewardError(f"--seconds {args.seconds} is out of range", "pass 0.1 to 600")
+    result = bench(args.socket, args.model, clients, args.seconds)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 1 if any(s["errors"] for s in result["steps"]) else 0
+
+
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,6 +517,22 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--timeout", type=float, default=10.0)
     _add_broker_args(n)
     n.set_defaults(func=cmd_infer)
+
+    b = sub.add_parser("bench", help="how fast a serving model answers on this board, through the local API",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Send 1-row requests of random data of the model's input shapes to the agent\n"
+                                   "running on this board, as local apps do, for --seconds at each number of\n"
+                                   "concurrent callers; print rows/s and p50/p95/p99 latency per step. Exits 1 if\n"
+                                   "any request failed.",
+                       epilog="  edgeward bench --model digits\n"
+                              "  edgeward bench --model cam --clients 1,4,16 --seconds 10 --json")
+    b.add_argument("--model", required=True, help="a model the agent serves (edgeward agent status lists them)")
+    b.add_argument("--clients", default="1,8", help="concurrent callers, one step each (default %(default)s)")
+    b.add_argument("--seconds", type=float, default=3.0, help="per step (default %(default)s)")
+    b.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),
+                   help="the agent's local API socket (default %(default)s)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -221,6 +221,40 @@ def test_local_clients_get_the_same_answers_as_the_model(agent_with_api, assets)
         assert client.reset("kws", "mic-0") and not client.reset("kws", "never-used")
 
 
+def test_edgeward_bench_measures_a_serving_model_through_the_local_api(agent_with_api):
+    """The board-side benchmark: steps of concurrent callers, every request answered, streams reset."""
+    import json
+    import subprocess
+    import sys
+
+    ra, path = agent_with_api
+
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--socket", path, "--seconds", "0.5",
+                               *args], capture_output=True, text=True, timeout=120)
+
+    before = ra.agent.engine.get("digits").snapshot().requests
+    r = bench("--model", "digits", "--clients", "1,4", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert (result["model"], result["version"], result["mode"]) == ("digits", 1, "batched")
+    assert [s["clients"] for s in result["steps"]] == [1, 4]
+    for step in result["steps"]:
+        assert step["errors"] == 0 and step["requests"] > 20 and step["rows_per_s"] > 0
+        assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
+    counted = ra.agent.engine.get("digits").snapshot().requests - before
+    assert counted >= sum(s["requests"] for s in result["steps"])  # they went through the model
+    r = bench("--model", "kws", "--clients", "2")  # stateful: a stream per caller, the table by default
+    assert r.returncode == 0, r.stderr
+    assert "kws v1 (stateful)" in r.stdout and "P50 MS" in r.stdout
+    with LocalClient(path) as client:
+        assert client.reset("kws", "bench-0") is False  # the benchmark's streams were forgotten
+    r = bench("--model", "nope")
+    assert r.returncode == 2 and "no model named 'nope' is serving; serving: digits, kws" in r.stderr
+    r = bench("--model", "digits", "--clients", "0")
+    assert r.returncode == 2 and "--clients '0' is not a list of 1 to 256" in r.stderr
+
+
 def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets):
     import socket as socketlib
     import struct
