@@ -55,20 +55,26 @@ class Budget:
 
     def used_mb(self) -> float:
         """What the budget counts: the PSS of the agent and every model worker it started."""
+        return self.measure()[1]
+
+    def measure(self) -> tuple[float, float]:
+        """(RSS sum, PSS) in MB of the agent and every model worker it started, each process read once."""
         from .modelproc import live_pids
 
-        total = 0
+        rss = pss = 0
         for proc in [self._proc, *(_process(pid) for pid in live_pids())]:
             if proc is None:  # it exited between listing and reading
                 continue
             try:
-                total += proc.memory_full_info().pss
+                m = proc.memory_full_info()
+                rss, pss = rss + m.rss, pss + m.pss
             except Exception:  # PSS unreadable here (no smaps, qemu-user): its RSS; never a failed admission
                 try:
-                    total += proc.memory_info().rss
+                    own = proc.memory_info().rss
                 except psutil.Error:
                     continue
-        return total / MB
+                rss, pss = rss + own, pss + own
+        return rss / MB, pss / MB
 
     @staticmethod
     def available_mb() -> float:

@@ -234,9 +234,10 @@ class Agent:
 
     def telemetry(self) -> Telemetry:
         spool = self.spool.stats()
+        rss, used = self.budget.measure()
         return Telemetry(
             device=self.device, uptime_s=round(time.time() - self.started, 1),
-            rss_mb=round(self.budget.rss_mb(), 1), memory_mb=round(self.budget.used_mb(), 1),
+            rss_mb=round(rss, 1), memory_mb=round(used, 1),
             cpu_percent=self._proc.cpu_percent(None),
             available_mb=round(self.budget.available_mb(), 1), budget_mb=self.cfg.memory.budget_mb,
             load_1m=round(os.getloadavg()[0], 2), temperature_c=_temperature_c(),
@@ -329,11 +330,12 @@ class Agent:
     def write_status(self, running: bool = True) -> None:
         """The local status file read by `edgeward agent status`."""
         stats = {m.name: m.snapshot() for m in self.engine.models()}
+        rss, used = self.budget.measure()
         status = {
             "device": self.device, "pid": os.getpid(), "running": running, "ts": time.time(),
             "started": self.started, "agent_version": __version__,
             "broker": {"url": self.cfg.mqtt.url, "connected": self.connected.is_set()},
-            "memory": {"rss_mb": round(self.budget.rss_mb(), 1), "used_mb": round(self.budget.used_mb(), 1),
+            "memory": {"rss_mb": round(rss, 1), "used_mb": round(used, 1),
                        "budget_mb": self.cfg.memory.budget_mb,
                        "available_mb": round(self.budget.available_mb(), 1)},
             "models": [{**to_dict(m.info()), "requests": stats[m.name].requests, "errors": stats[m.name].errors,
