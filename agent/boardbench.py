@@ -85,7 +85,7 @@ def _step(client: LocalClient, model: str, feeds: dict, n: int, seconds: float, 
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    lat = np.array([x for per in latencies for x in per]) if any(latencies) else np.zeros(0)
+    lat = np.array([x for per in latencies for x in per], dtype=float)
     pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if lat.size else (lambda q: None)
     return {"clients": n, "requests": int(lat.size), "errors": len(errors), "first_errors": errors[:3],
             "rows_per_s": round(lat.size / elapsed, 1), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99)}

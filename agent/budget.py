@@ -41,17 +41,21 @@ class Budget:
         self._proc = psutil.Process()
 
     def rss_mb(self) -> float:
-        """The agent's RSS plus that of every model worker it started (tracked by pid: psutil's
-        children() refuses to work under qemu-user, where /proc/self looks different)."""
-        from .modelproc import live_pids
-
-        total = self._proc.memory_info().rss
-        for pid in live_pids():
+        """The agent's RSS plus that of every model worker it started."""
+        total = 0
+        for proc in self._processes():
             try:
-                total += psutil.Process(pid).memory_info().rss
+                total += proc.memory_info().rss
             except psutil.Error:  # it exited between listing and reading
                 pass
         return total / MB
+
+    def _processes(self) -> list[psutil.Process]:
+        """The agent and every model worker it started (tracked by pid: psutil's children()
+        refuses to work under qemu-user, where /proc/self looks different)."""
+        from .modelproc import live_pids
+
+        return [self._proc, *filter(None, (_process(pid) for pid in live_pids()))]
 
     def used_mb(self) -> float:
         """What the budget counts: the PSS of the agent and every model worker it started."""
@@ -59,19 +63,15 @@ class Budget:
 
     def measure(self) -> tuple[float, float]:
         """(RSS sum, PSS) in MB of the agent and every model worker it started, each process read once."""
-        from .modelproc import live_pids
-
         rss = pss = 0
-        for proc in [self._proc, *(_process(pid) for pid in live_pids())]:
-            if proc is None:  # it exited between listing and reading
-                continue
+        for proc in self._processes():
             try:
                 m = proc.memory_full_info()
                 rss, pss = rss + m.rss, pss + m.pss
             except Exception:  # PSS unreadable here (no smaps, qemu-user): its RSS; never a failed admission
                 try:
                     own = proc.memory_info().rss
-                except psutil.Error:
+                except psutil.Error:  # it exited between listing and reading
                     continue
                 rss, pss = rss + own, pss + own
         return rss / MB, pss / MB

@@ -199,7 +199,7 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
     activity = activity or Activity()
     attached = None
     if shared:
-        from .shm import Attachment
+        from .shm import Attachment, close_fds
 
         attached = Attachment(limit, held)
     if send is None:
@@ -225,8 +225,8 @@ def serve_connection(conn: socket.socket, handle, spin_s: float = 0.0, buffer: b
             try:
                 msg = recv_message(conn, limit, buffer=buffer, held=held, fds=fds)
             except (ProtocolError, BusyError) as exc:  # its bytes are unread: answered, then dropped
-                for fd in fds or ():
-                    os.close(fd)
+                if fds:
+                    close_fds(fds)
                 send(error_frame(exc))
                 return
             if msg is None:
