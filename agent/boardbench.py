@@ -7,10 +7,18 @@ through agent.client.LocalClient (the path a local app takes) for a few seconds 
 number of concurrent callers, and prints rows/s and latency percentiles per step, so the
 gain of a batched mode under load, or the cost of a second caller, can be read off.
 A stateful model gets one stream per caller (reset afterwards).
+
+With `--bare` it also times the same model file in the bare runtime, with the agent's thread
+count, in a minimal process of its own (agent/barebench.py), and prints the two side by side:
+latency at batch 1, rows/s at the batch size the agent would run (1 in streaming mode, the
+callers up to max_batch in batched mode), and the memory of the agent and the model's worker
+against the bare script's. These are the agent's own targets (docs/BENCHMARKS.md), measured on
+the board they matter on.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -36,8 +44,9 @@ def random_inputs(specs: list[dict], rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
-def bench(socket_path: str, model: str, clients: list[int], seconds: float) -> dict:
-    """{"model", "version", "mode", "steps": [{"clients", "requests", "errors", "rows_per_s", "p50_ms", ...}]}."""
+def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare: bool = False) -> dict:
+    """{"model", "version", "mode", "steps": [{"clients", "requests", "errors", "rows_per_s", "p50_ms", ...}]},
+    with `bare`: and "bare" (the bare runtime's figures), "memory" (MB) and each step's "bare_rows_per_s"."""
     with LocalClient(socket_path) as probe:
         served = {m["name"]: m for m in probe.models()}
     if model not in served:
@@ -56,7 +65,60 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float) -> d
             for i in range(max(clients)):
                 client.reset(model, f"bench-{i}")
             client.reset(model, "bench-warm")
-    return {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps}
+    result = {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps}
+    if bare:
+        result.update(_against_bare(socket_path, info, steps, seconds))
+    return result
+
+
+def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: float) -> dict:
+    """The bare runtime on the same file and threads, and both sides' memory (after their runs)."""
+    from .barebench import run_bare
+
+    if "file" not in info:
+        raise EdgewardError("this agent does not say where its models run", "upgrade the agent on this board")
+    import os
+
+    if not os.access(info["file"], os.R_OK):
+        raise EdgewardError(f"cannot read {info['file']}, the model file the agent runs",
+                            "the store is the agent's alone: run it with sudo, or as the agent's user")
+    agent_pid = _peer_pid(socket_path)
+    batched = info["mode"] == "batched"
+    for s in steps:
+        s["bare_batch"] = min(s["clients"], info.get("max_batch", 1)) if batched else 1
+    agent_mb = {"agent": _rss_mb(agent_pid), "worker": _rss_mb(info.get("pid"))}
+    ref = run_bare(info["runtime"], info["file"], int(info.get("threads", 1)), seconds,
+                   sorted({s["bare_batch"] for s in steps}), providers=info.get("providers") or None)
+    for s in steps:
+        s["bare_rows_per_s"] = round(ref["batches"][str(s["bare_batch"])]["rows_per_s"], 1)
+    compared = ref["batched_rss_mb"] if batched and any(s["bare_batch"] > 1 for s in steps) else ref["rss_mb"]
+    total = sum(v for v in agent_mb.values() if v is not None)
+    return {"bare": {"package": ref["package"], "threads": int(info.get("threads", 1)),
+                     "p50_ms": round(ref["p50_ms"], 4), "rss_mb": round(compared, 1)},
+            "memory": {**{k: (round(v, 1) if v is not None else None) for k, v in agent_mb.items()},
+                       "total": round(total, 1), "ratio": round(total / compared, 3) if compared else None}}
+
+
+def _peer_pid(socket_path: str) -> int | None:
+    """The pid of the process listening on `socket_path`, as the kernel gives it (Linux)."""
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(socket_path)
+            return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this OS
+        return None
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    """A process's resident memory from /proc (readable for any user's process), None if gone."""
+    try:
+        with open(f"/proc/{int(pid)}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def _step(client: LocalClient, model: str, feeds: dict, n: int, seconds: float, stateful: bool) -> dict:
@@ -94,13 +156,38 @@ def _step(client: LocalClient, model: str, feeds: dict, n: int, seconds: float, 
 def render(result: dict) -> str:
     from .tables import format_table
 
-    rows = [[s["clients"], s["requests"], s["errors"], f"{s['rows_per_s']:.0f}", s["p50_ms"] or "-",
-             s["p95_ms"] or "-", s["p99_ms"] or "-"] for s in result["steps"]]
-    head = (f"{result['model']} v{result['version']} ({result['mode']}), 1-row requests through the local API, "
-            f"{result['seconds']:g} s per step:\n")
-    lines = [head + format_table(["CLIENTS", "REQUESTS", "ERRORS", "ROWS/S", "P50 MS", "P95 MS", "P99 MS"], rows,
-                                 align="rrrrrrr")]
+    bare = result.get("bare")
+    rows, head = [], ["CLIENTS", "REQUESTS", "ERRORS", "ROWS/S", "P50 MS", "P95 MS", "P99 MS"]
+    for s in result["steps"]:
+        row = [s["clients"], s["requests"], s["errors"], f"{s['rows_per_s']:.0f}", s["p50_ms"] or "-",
+               s["p95_ms"] or "-", s["p99_ms"] or "-"]
+        if bare:
+            row += [f"{s['bare_rows_per_s']:.0f} (b={s['bare_batch']})", f"{s['rows_per_s'] / s['bare_rows_per_s']:.2f}x"]
+        rows.append(row)
+    if bare:
+        head += ["BARE ROWS/S", "AGENT/BARE"]
+    title = (f"{result['model']} v{result['version']} ({result['mode']}), 1-row requests through the local API, "
+             f"{result['seconds']:g} s per step:\n")
+    lines = [title + format_table(head, rows, align="r" * len(head))]
+    if bare:
+        lines += _bare_lines(result)
     for s in result["steps"]:
         for e in s["first_errors"]:
             lines.append(f"  {s['clients']} clients: {e}")
     return "\n".join(lines)
+
+
+def _bare_lines(result: dict) -> list[str]:
+    bare, mem = result["bare"], result["memory"]
+    out = [f"bare runtime: {bare['package']}, {bare['threads']} thread(s), the same model file, in a process of its own"]
+    one = next((s for s in result["steps"] if s["clients"] == 1 and s["p50_ms"]), None)
+    if one:
+        extra = one["p50_ms"] - bare["p50_ms"]
+        out.append(f"latency p50 at batch 1: bare {bare['p50_ms']:.3f} ms, through the agent {one['p50_ms']:.3f} ms "
+                   f"({one['p50_ms'] / bare['p50_ms']:.2f}x, +{extra:.3f} ms; target <= 1.10x + 0.2 ms: "
+                   f"{'met' if one['p50_ms'] <= 1.10 * bare['p50_ms'] + 0.2 else 'not met'})")
+    if mem.get("ratio") is not None:
+        parts = " + ".join(f"{k} {v:.1f}" for k, v in mem.items() if k in ("agent", "worker") and v is not None)
+        out.append(f"memory (RSS): {parts} = {mem['total']:.1f} MB; bare script {bare['rss_mb']:.1f} MB: "
+                   f"{mem['ratio']:.2f}x (target <= 1.15x: {'met' if mem['ratio'] <= 1.15 else 'not met'})")
+    return out

@@ -384,7 +384,7 @@ def cmd_bench(args) -> int:
         raise EdgewardError(f"--clients {args.clients!r} is not a list of 1 to 256", "pass e.g. --clients 1,8,32")
     if not 0 < args.seconds <= 600:
         raise EdgewardError(f"--seconds {args.seconds} is out of range", "pass 0.1 to 600")
-    result = bench(args.socket, args.model, clients, args.seconds)
+    result = bench(args.socket, args.model, clients, args.seconds, bare=args.bare)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 1 if any(s["errors"] for s in result["steps"]) else 0
 
@@ -523,14 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send 1-row requests of random data of the model's input shapes to the agent\n"
                                    "running on this board, as local apps do, for --seconds at each number of\n"
                                    "concurrent callers; print rows/s and p50/p95/p99 latency per step. Exits 1 if\n"
-                                   "any request failed.",
+                                   "any request failed.\n\n"
+                                   "--bare also times the same model file in the bare runtime (same threads, a\n"
+                                   "process of its own) and prints the agent's latency, rows/s and memory beside it.",
                        epilog="  edgeward bench --model digits\n"
+                              "  edgeward bench --model digits --bare          # the agent against the bare runtime\n"
                               "  edgeward bench --model cam --clients 1,4,16 --seconds 10 --json")
     b.add_argument("--model", required=True, help="a model the agent serves (edgeward agent status lists them)")
     b.add_argument("--clients", default="1,8", help="concurrent callers, one step each (default %(default)s)")
     b.add_argument("--seconds", type=float, default=3.0, help="per step (default %(default)s)")
     b.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),
                    help="the agent's local API socket (default %(default)s)")
+    b.add_argument("--bare", action="store_true",
+                   help="also time the model in the bare runtime, side by side (needs read access to the store)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

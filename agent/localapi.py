@@ -357,11 +357,7 @@ class LocalApi:
             if op == "infer":
                 return self._infer(header, body)
             if op == "models":
-                models = [{"name": m.name, "version": m.version, "mode": m.mode,
-                           "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.request_inputs],
-                           "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.reply_outputs]}
-                          for m in self.engine.models()]
-                return wire.pack({"v": protocol.VERSION, "status": "ok", "models": models})
+                return wire.pack({"v": protocol.VERSION, "status": "ok", "models": self._describe()})
             if op == "route":  # where to send this model's requests: its worker directly, or here
                 model = self.engine.get(str(header.get("model")))
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "socket": model.direct_socket,
@@ -375,6 +371,19 @@ class LocalApi:
             if not isinstance(exc, EdgewardError):
                 log.exception("local API request failed")
             return error_frame(exc)
+
+    def _describe(self) -> list[dict]:
+        """What serves, for local apps and tools such as `edgeward bench --bare`: the tensors, and
+        where the model runs (its runtime, file, threads and worker's pid)."""
+        out = []
+        for m in self.engine.models():
+            out.append({"name": m.name, "version": m.version, "mode": m.mode,
+                        "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.request_inputs],
+                        "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.reply_outputs],
+                        "runtime": m.manifest.runtime, "file": str(m.folder / m.manifest.model_file),
+                        "threads": self.engine.threads, "pid": m.proc.pid, "providers": list(m.proc.providers or []),
+                        "max_batch": m.serving.max_batch if m.mode == "batched" else 1})
+        return out
 
     def _infer(self, header: dict, body: memoryview) -> bytes:
         name = header.get("model")

@@ -37,6 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.barebench import run_bare  # noqa: E402
 from agent.client import LocalClient  # noqa: E402
 from agent.devbroker import LocalBroker  # noqa: E402
 from agent.polling import wait_until  # noqa: E402
@@ -44,69 +45,6 @@ from agent.signing import generate_keypair  # noqa: E402
 from agent.tables import format_table  # noqa: E402
 from converters import zoo  # noqa: E402
 from converters.convert import ConvertOptions, convert_onnx  # noqa: E402
-
-BARE = r"""
-import json, sys, time
-import numpy as np
-import onnxruntime as ort
-path, x_path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = 1
-opts.inter_op_num_threads = 1
-opts.log_severity_level = 3
-s = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-name = s.get_inputs()[0].name
-x = np.load(x_path)
-one, batch = x[:1], x[:32]
-for _ in range(50):
-    s.run(None, {name: one})
-lat = []
-end = time.perf_counter() + seconds
-while time.perf_counter() < end:
-    t0 = time.perf_counter(); s.run(None, {name: one}); lat.append((time.perf_counter() - t0) * 1000)
-rows, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    s.run(None, {name: batch}); rows += 32
-rate = rows / (time.perf_counter() - t0)
-m = __import__("psutil").Process().memory_full_info()
-print(json.dumps({"p50_ms": float(np.percentile(lat, 50)), "rows_per_s": rate,
-                  "rss_mb": m.rss / 2**20, "pss_mb": m.pss / 2**20}))
-"""
-
-
-BARE_TFLITE = r"""
-import json, sys, time
-import numpy as np
-from ai_edge_litert.interpreter import Interpreter
-path, x_path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-x = np.load(x_path)
-
-def interpreter(rows):
-    it = Interpreter(model_path=path, num_threads=1)
-    d = it.get_input_details()[0]
-    it.resize_tensor_input(d["index"], [rows, *x.shape[1:]])
-    it.allocate_tensors()
-    return it, d["index"], it.get_output_details()[0]["index"]
-
-def run(it, i, o, arr):
-    it.set_tensor(i, arr); it.invoke(); return it.get_tensor(o)
-
-one, batch = interpreter(1), interpreter(32)
-for _ in range(50):
-    run(*one, x[:1])
-lat = []
-end = time.perf_counter() + seconds
-while time.perf_counter() < end:
-    t0 = time.perf_counter(); run(*one, x[:1]); lat.append((time.perf_counter() - t0) * 1000)
-rows, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    run(*batch, x[:32]); rows += 32
-rate = rows / (time.perf_counter() - t0)
-m = __import__("psutil").Process().memory_full_info()
-print(json.dumps({"p50_ms": float(np.percentile(lat, 50)), "rows_per_s": rate,
-                  "rss_mb": m.rss / 2**20, "pss_mb": m.pss / 2**20}))
-"""
-
 
 def _client_proc(path: str, model: str, x: np.ndarray, threads: int, seconds: float, out: mp.Queue) -> None:
     client = LocalClient(path)
@@ -237,17 +175,16 @@ def main() -> int:
                                                                         allow_worse=True))
                 with np.load(ev) as d:
                     x = d[input_name][:32].astype(np.float32)
-                np.save(work / f"{name}-x.npy", x)
+                np.savez(work / f"{name}-x.npz", **{input_name: x})
                 model_file = work / f"{name}-int8.{args.format}"
                 import tarfile
 
                 with tarfile.open(bundle) as tar:
                     model_file.write_bytes(tar.extractfile(f"model.{args.format}").read())
                 say(f"{name}: bare runtime ...")
-                script = BARE_TFLITE if args.format == "tflite" else BARE
-                bare = json.loads(subprocess.run([sys.executable, "-c", script, str(model_file),
-                                                  str(work / f"{name}-x.npy"), str(args.seconds)],
-                                                 capture_output=True, text=True, check=True).stdout)
+                bare = run_bare("tflite" if args.format == "tflite" else "onnxruntime", str(model_file), 1,
+                                args.seconds, [32], inputs=str(work / f"{name}-x.npz"))
+                bare["rows_per_s"] = bare["batches"]["32"]["rows_per_s"]
                 say(f"{name}: agent, streaming mode ...")
                 streaming = AgentProc(work, f"{name}-s", broker.url, pub, bundle, {})
                 try:
@@ -278,7 +215,7 @@ def main() -> int:
                                   "yes" if tput_ok else "NO"])
                 mem_rows.append([name, f"{bare['rss_mb']:.1f}", f"{loaded_rss:.1f}", f"{loaded_rss / bare['rss_mb']:.2f}x",
                                  f"{bare['pss_mb']:.1f}", f"{loaded_pss:.1f}", f"{loaded_pss / bare['pss_mb']:.2f}x",
-                                 "yes" if mem_ok else "NO", f"{batched_rss:.1f}"])
+                                 "yes" if mem_ok else "NO", f"{bare['batched_rss_mb']:.1f}", f"{batched_rss:.1f}"])
         finally:
             broker.stop()
         print(f"INT8 {args.format} models, {'LiteRT' if args.format == 'tflite' else 'onnxruntime'}, 1 thread.\n")
@@ -291,9 +228,11 @@ def main() -> int:
         print(f"\nMemory (MB): idle agent, no model: RSS {idle_rss:.1f} (target <= 35: "
               f"{'yes' if idle_rss <= 35 else 'NO'}), PSS {idle_pss:.1f}")
         print(format_table(["model", "bare RSS", "agent+worker RSS", "ratio", "bare PSS", "agent+worker PSS",
-                            "ratio", "RSS <= 1.15x", "batched mode RSS"], mem_rows, align="lrrrrrrlr"))
-        print("(agent+worker: streaming mode, as loaded; batched mode RSS: after its throughput run, with one "
-              "interpreter per batch in flight for TFLite)")
+                            "ratio", "RSS <= 1.15x", "bare after b=32", "batched mode RSS"], mem_rows,
+                           align="lrrrrrrlrr"))
+        print("(bare: after loading the model and its batch-1 runs, read from /proc by the script itself; "
+              "agent+worker: streaming mode after its batch-1 runs; bare after b=32 and batched mode RSS: after "
+              "their batched runs, with one interpreter per batch in flight for TFLite)")
         ok &= idle_rss <= 35
         return 0 if ok else 1
     finally:

@@ -255,6 +255,43 @@ def test_edgeward_bench_measures_a_serving_model_through_the_local_api(agent_wit
     assert r.returncode == 2 and "--clients '0' is not a list of 1 to 256" in r.stderr
 
 
+def test_edgeward_bench_bare_sets_the_agent_beside_the_bare_runtime(agent_with_api):
+    """`--bare`: the same file in the bare runtime, at the batch the agent would run, and both memories."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    ra, path = agent_with_api
+    model = ra.agent.engine.get("digits")
+    with LocalClient(path) as client:
+        digits = next(m for m in client.models() if m["name"] == "digits")
+    assert (digits["runtime"], digits["pid"], digits["max_batch"], digits["threads"]) == (
+        "onnxruntime", model.proc.pid, 16, ra.agent.engine.threads)
+    want = model.manifest.files[model.manifest.model_file].sha256
+    assert hashlib.sha256(open(digits["file"], "rb").read()).hexdigest() == want  # the file that serves
+
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--socket", path, "--seconds", "0.3",
+                               "--model", "digits", "--clients", "1,4,32", "--bare", *args],
+                              capture_output=True, text=True, timeout=180)
+
+    r = bench("--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert [s["bare_batch"] for s in result["steps"]] == [1, 4, 16]  # batched: the callers, up to max_batch
+    assert all(s["bare_rows_per_s"] > 0 and s["errors"] == 0 for s in result["steps"])
+    bare, mem = result["bare"], result["memory"]
+    assert bare["package"].startswith("onnxruntime ") and bare["threads"] == 1 and bare["p50_ms"] > 0
+    assert mem["agent"] > 15 and mem["worker"] > 15  # this test's process is the agent here
+    assert mem["total"] == pytest.approx(mem["agent"] + mem["worker"], abs=0.11)
+    assert mem["ratio"] == pytest.approx(mem["total"] / bare["rss_mb"], rel=0.01)
+    r = bench()
+    assert r.returncode == 0, r.stderr
+    assert "BARE ROWS/S" in r.stdout and "(b=16)" in r.stdout  # the bare batch beside each step
+    assert "latency p50 at batch 1: bare" in r.stdout and "memory (RSS): agent" in r.stdout
+
+
 def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets):
     import socket as socketlib
     import struct

@@ -213,3 +213,18 @@ def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted,
     assert steps.max() <= 5.01 and steps.mean() <= 2.0, (steps.max(), steps.mean())
     assert (out.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     engine.close()
+
+
+def test_the_bare_reference_runs_the_same_file_in_this_tflite_runtime_alone(converted, tmp_path):
+    """`edgeward bench --bare` and scripts/bench_agent.py compare the agent with this run: it must
+    use the installed TFLite runtime, resize a dynamic batch axis, and hold no agent module."""
+    from agent.barebench import run_bare
+
+    path = _model_file(converted / "digits-int8.ewb", tmp_path)
+    ref = run_bare("tflite", str(path), threads=1, seconds=0.2, batches=[1, 8])
+    want = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}
+    assert ref["package"] == want.get(EXPECT_PACKAGE, "ai-edge-litert")
+    assert ref["foreign"] == []  # no psutil, no agent: their memory would flatter the agent
+    assert {b: r["rows"] for b, r in ref["batches"].items()} == {"1": 1, "8": 8}
+    assert ref["batches"]["8"]["rows_per_s"] > ref["batches"]["1"]["rows_per_s"] > 0
+    assert 0 < ref["p50_ms"] < 50 and ref["rss_mb"] > 15 and ref["batched_rss_mb"] >= ref["rss_mb"] - 1

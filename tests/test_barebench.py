@@ -1,0 +1,46 @@
+"""The bare-runtime reference of the agent's benchmarks (agent/barebench.py), on ONNX files."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from agent.barebench import run_bare
+from agent.errors import EdgewardError
+
+
+def _relu_model(path, batch):
+    """y = relu(x), x of shape [batch, 4] (batch an int: fixed; a string: dynamic)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def test_onnx_runs_at_each_batch_size_in_a_process_that_holds_only_the_runtime(assets):
+    ref = run_bare("onnxruntime", str(assets.fp32_v1), threads=1, seconds=0.2, batches=[1, 16],
+                   inputs=str(assets.eval))
+    assert ref["package"].startswith("onnxruntime ")
+    assert ref["foreign"] == []
+    assert {b: r["rows"] for b, r in ref["batches"].items()} == {"1": 1, "16": 16}
+    assert ref["batches"]["16"]["rows_per_s"] > ref["batches"]["1"]["rows_per_s"] > 0
+    assert 0 < ref["p50_ms"] < 50
+    assert 15 < ref["rss_mb"] < 500 and 0 < ref["pss_mb"] <= ref["rss_mb"]
+
+
+def test_a_fixed_batch_axis_runs_at_its_own_size(tmp_path):
+    path = _relu_model(tmp_path / "fixed.onnx", 2)
+    ref = run_bare("onnxruntime", path, seconds=0.1, batches=[8])
+    assert ref["batches"]["8"]["rows"] == 2  # what the agent pads a batch of this model to
+    dynamic = run_bare("onnxruntime", _relu_model(tmp_path / "dyn.onnx", "n"), seconds=0.1, batches=[8])
+    assert dynamic["batches"]["8"]["rows"] == 8
+
+
+def test_a_file_the_runtime_cannot_load_is_named_with_the_runtimes_own_words(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(EdgewardError) as err:
+        run_bare("onnxruntime", str(junk), seconds=0.1)
+    assert str(junk) in str(err.value) and "INVALID_PROTOBUF" in str(err.value)
