@@ -170,10 +170,12 @@ class Agent:
             self._stop.wait(min(1.0, max(0.05, wait)))
 
     def tick(self) -> None:
-        """Periodic work: telemetry to the broker, the local status file, systemd's STATUS line."""
-        self.publish_telemetry()
-        self.write_status()
-        self.notifier.status(self.summary())
+        """Periodic work: telemetry to the broker, the local status file, systemd's STATUS line,
+        from one reading of the memory (reading PSS walks each process's mappings)."""
+        memory = self.budget.measure()
+        self.publish_telemetry(memory)
+        self.write_status(memory=memory)
+        self.notifier.status(self.summary(memory))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -232,9 +234,10 @@ class Agent:
             models=[m.info() for m in self.engine.models()] + self.engine.evicted_infos(),
         )
 
-    def telemetry(self) -> Telemetry:
+    def telemetry(self, memory: tuple[float, float] | None = None) -> Telemetry:
+        """`memory`: (RSS sum, PSS) as Budget.measure() gives it, read now if not given."""
         spool = self.spool.stats()
-        rss, used = self.budget.measure()
+        rss, used = memory or self.budget.measure()
         return Telemetry(
             device=self.device, uptime_s=round(time.time() - self.started, 1),
             rss_mb=round(rss, 1), memory_mb=round(used, 1),
@@ -318,19 +321,21 @@ class Agent:
             self._publish(topic, payload, qos=1, retain=True)
         self._discovery_topics = set(messages)
 
-    def publish_telemetry(self) -> None:
-        self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry()), spool_kind="telemetry")
+    def publish_telemetry(self, memory: tuple[float, float] | None = None) -> None:
+        self._publish(protocol.telemetry_topic(self.device), protocol.encode(self.telemetry(memory)),
+                      spool_kind="telemetry")
 
-    def summary(self) -> str:
+    def summary(self, memory: tuple[float, float] | None = None) -> str:
         """One line for systemd's STATUS=: what serves, the broker link, memory."""
         models = ", ".join(f"{m.name} v{m.version}" for m in self.engine.models()) or "no model"
         link = "broker connected" if self.connected.is_set() else "broker not connected"
-        return f"serving {models}; {link}; memory {self.budget.used_mb():.0f}/{self.cfg.memory.budget_mb} MB"
+        used = memory[1] if memory else self.budget.used_mb()
+        return f"serving {models}; {link}; memory {used:.0f}/{self.cfg.memory.budget_mb} MB"
 
-    def write_status(self, running: bool = True) -> None:
+    def write_status(self, running: bool = True, memory: tuple[float, float] | None = None) -> None:
         """The local status file read by `edgeward agent status`."""
         stats = {m.name: m.snapshot() for m in self.engine.models()}
-        rss, used = self.budget.measure()
+        rss, used = memory or self.budget.measure()
         status = {
             "device": self.device, "pid": os.getpid(), "running": running, "ts": time.time(),
             "started": self.started, "agent_version": __version__,

@@ -135,3 +135,33 @@ def test_sigterm_says_stopping_drains_and_exits_cleanly(broker, assets, tmp_path
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines and all(ln.startswith("<") and ">" in ln[:4] for ln in lines if not ln.startswith(" ")), err
     assert any(ln.startswith("<6>edgeward.agent: agent pi-term stopped") for ln in lines), err
+
+
+def test_a_tick_reads_the_memory_once_for_telemetry_the_status_file_and_the_status_line(assets, tmp_path,
+                                                                                         monkeypatch):
+    """Reading PSS walks every process's mappings: one reading serves all three reports of a tick."""
+    from agent import protocol
+    from agent.config import load_config
+    from agent.daemon import Agent
+    from agent.status import read_status
+
+    cfg = load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-tick",
+                             "store.path": str(tmp_path / "store"), "trust.keys": [str(assets.pub)]})
+    agent = Agent(cfg)
+    try:
+        readings = iter([(111.0, 77.0), (999.0, 999.0)])
+        calls, lines = [], []
+        monkeypatch.setattr(agent.budget, "measure", lambda: calls.append(1) or next(readings))
+        monkeypatch.setattr(agent.notifier, "status", lines.append)
+        agent.tick()
+        assert len(calls) == 1
+        (_, topic, payload, _), = agent.spool.peek()  # no broker here: the telemetry waits in the spool
+        telemetry = protocol.decode(protocol.Telemetry, payload)
+        assert topic == protocol.telemetry_topic("pi-tick")
+        assert (telemetry.rss_mb, telemetry.memory_mb) == (111.0, 77.0)
+        memory = read_status(tmp_path / "store")["memory"]
+        assert (memory["rss_mb"], memory["used_mb"]) == (111.0, 77.0)
+        assert lines and "memory 77/" in lines[0]
+    finally:
+        agent.spool.close()
+        agent.engine.close()
