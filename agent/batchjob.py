@@ -9,7 +9,9 @@ nothing half-written.
 
 Files: a .npy holds one input's samples along the first axis (a single sample without
 that axis is accepted); a .npz holds one array per input name, with the same number of
-samples each.
+samples each. Image files (.jpg, .png, ...) feed a one-input image model, prepared as its
+bundle says (the converter's --preprocess, agent/images.py) or as --preprocess says here;
+where the bundle names its classes, each result gives the class name too.
 """
 
 from __future__ import annotations
@@ -27,15 +29,57 @@ from .client import LocalClient
 from .errors import EdgewardError
 
 
+NUMPY_SUFFIXES = (".npy", ".npz")
+
+
+def _is_image(path: Path) -> bool:
+    from .images import SUFFIXES
+
+    return path.suffix.lower() in SUFFIXES
+
+
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".npy", ".npz") and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in NUMPY_SUFFIXES or _is_image(p)))
         if not files:
-            raise EdgewardError(f"{path} holds no .npy or .npz files", "save inputs with numpy.save / numpy.savez")
+            raise EdgewardError(f"{path} holds no .npy, .npz or image files",
+                                "save inputs with numpy.save / numpy.savez, or point at a folder of images")
+        if len({_is_image(p) for p in files}) > 1:
+            raise EdgewardError(f"{path} holds both arrays and images", "run one job on each kind")
         return files
     if not path.is_file():
         raise EdgewardError(f"{path} does not exist")
     return [path]
+
+
+def _image_spec(info: dict, preprocess: str | None):
+    """How this model's images become its input: --preprocess if given, else what its bundle says."""
+    from . import images
+
+    if len(info["inputs"]) != 1:
+        raise EdgewardError(f"{info['name']} takes {len(info['inputs'])} inputs; image files feed a one-input model",
+                            "save the inputs as .npz instead")
+    spec_in = info["inputs"][0]
+    if preprocess:
+        return images.parse(preprocess, spec_in["shape"], spec_in["dtype"])
+    stored = (info.get("preprocessing") or {}).get("image")
+    if not stored:
+        raise EdgewardError(f"{info['name']} v{info['version']}'s bundle does not say how images become its input",
+                            "pass --preprocess (e.g. imagenet or unit), or re-convert the model with --preprocess")
+    spec = images.ImageSpec.from_dict(stored)
+    want = spec_in["shape"][1:]
+    if len(want) != 3 or any(w not in (-1, g) for w, g in zip(want, spec.shape())):
+        raise EdgewardError(f"{info['name']}'s bundle prepares images as {spec.shape()}, its input takes {want}",
+                            "re-convert the model with --preprocess, or pass --preprocess here")
+    return spec
+
+
+def _image_batches(files: list[Path], name: str, spec, batch: int):
+    from . import images
+
+    for lo in range(0, len(files), batch):
+        chunk = files[lo:lo + batch]
+        yield [(str(p), 0) for p in chunk], {name: np.stack([images.load(p, spec) for p in chunk])}
 
 
 def _samples(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
@@ -86,7 +130,7 @@ def _count(files: list[Path], inputs: list[dict]) -> int:
 
 
 def run_job(socket_path: str, model: str, input_path: str, output: str, batch: int = 32,
-            progress=sys.stderr) -> dict:
+            progress=sys.stderr, preprocess: str | None = None) -> dict:
     """Run the job; returns a summary (samples, seconds, version)."""
     files = _files(Path(input_path))
     out_path = Path(output)
@@ -95,19 +139,29 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         if info is None:
             raise EdgewardError(f"no model named {model!r} is serving on this board",
                                 "see `edgeward agent status` for what is loaded")
-        total = _count(files, info["inputs"])
+        if _is_image(files[0]):
+            spec = _image_spec(info, preprocess)
+            total, batches = len(files), _image_batches(files, info["inputs"][0]["name"], spec, batch)
+        else:
+            if preprocess:
+                raise EdgewardError("--preprocess describes image files, but the inputs are arrays",
+                                    "drop --preprocess, or point --input at images")
+            total, batches = _count(files, info["inputs"]), _batches(files, info["inputs"], batch)
+        classes = (info.get("preprocessing") or {}).get("classes") or []
         done, t0 = 0, time.monotonic()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "w") as f:
-                for sources, feeds in _batches(files, info["inputs"], batch):
+                for sources, feeds in batches:
                     outputs = client.infer(model, feeds)
                     for row, (source, index) in enumerate(sources):
                         record = {"source": source, "index": index,
                                   "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
                         first = next(iter(outputs.values()))
                         if first.ndim == 2 and first.shape[1] > 1:
-                            record["top1"] = int(first[row].argmax())
+                            record["top1"] = top1 = int(first[row].argmax())
+                            if top1 < len(classes) and classes[top1]:
+                                record["class"] = classes[top1]
                         f.write(json.dumps(record) + "\n")
                     done += len(sources)
                     if progress is not None:

@@ -90,6 +90,13 @@ def cmd_inspect(args) -> int:
     print(f"  created {m.created or '?'} by {m.producer or '?'}")
     print(f"  files: all {len(m.files)} match their sha256 and size; signature: {sig}")
     print(f"  memory: load {m.memory.load_mb:.1f} MB + runtime {m.memory.runtime_mb:.1f} MB (measured on {m.memory.measured_on or '?'})")
+    if m.preprocessing.get("image"):
+        from .images import describe
+
+        try:
+            print(f"  images: {describe(m.preprocessing['image'], m.preprocessing.get('classes'))}")
+        except EdgewardError as exc:
+            print(f"  images: {exc}")
     print()
     rows = [["input", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.inputs]
     rows += [["output", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.outputs]
@@ -341,13 +348,17 @@ def cmd_infer(args) -> int:
 
         if not args.output:
             raise EdgewardError("say where the results go", "pass --output results.jsonl")
-        summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch)
+        summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch,
+                          preprocess=args.preprocess)
         print(f"{summary['samples']} samples through {summary['model']} v{summary['version']} in "
               f"{summary['seconds']} s -> {args.output}")
         return 0
     from .fleet import Fleet
 
     path = Path(args.input)
+    if args.preprocess or path.is_dir():
+        raise EdgewardError("over MQTT, --input is one .npy/.npz file; image files and folders are for batch jobs "
+                            "on the board", "run `edgeward infer --model NAME --input DIR` on the board")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -502,12 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="With --device: one request to that device over MQTT, outputs printed or saved.\n"
                                    "Without: a batch job through the agent on this board (its local API): every\n"
-                                   ".npy/.npz under --input, --batch samples per request, one JSON line per sample.",
+                                   ".npy/.npz under --input, or every image (prepared as the model's bundle says),\n"
+                                   "--batch samples per request, one JSON line per sample.",
                        epilog="  edgeward infer --device pi-01 --model digits --input x.npy\n"
-                              "  edgeward infer --model digits --input samples/ --batch 32 --output results.jsonl")
+                              "  edgeward infer --model digits --input samples/ --batch 32 --output results.jsonl\n"
+                              "  edgeward infer --model cam --input photos/ --output results.jsonl   # .jpg/.png files")
     n.add_argument("--device", help="the device to ask over MQTT (leave out for a local batch job)")
     n.add_argument("--model", required=True)
-    n.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs), or a folder of them")
+    n.add_argument("--input", required=True,
+                   help=".npy (one input) or .npz (named inputs), or a folder of them; in a batch job also image files")
+    n.add_argument("--preprocess", metavar="SPEC",
+                   help="batch job on images: how they become the input, for a bundle that does not say "
+                        "(as edgeward convert --preprocess, e.g. imagenet)")
     n.add_argument("--input-name", default="input", help="name for a .npy input (models with one input accept any)")
     n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")
     n.add_argument("--batch", type=int, default=32, help="samples per request in a batch job (default %(default)s)")
@@ -558,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgeward ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
 
 
 if __name__ == "__main__":

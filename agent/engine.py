@@ -91,6 +91,14 @@ class LoadedModel:
                          cost_mb=round(self.cost_mb, 1), sha256=self.manifest.files[self.manifest.model_file].sha256,
                          providers=list(self.proc.providers or []) if self.proc else [])
 
+    def where(self) -> dict:
+        """Where and how it runs, for local tools (the local API's models answer): the runtime,
+        the installed file, the worker's pid and providers, the batch size, the preprocessing."""
+        return {"runtime": self.manifest.runtime, "file": str(self.folder / self.manifest.model_file),
+                "pid": self.proc.pid, "providers": list(self.proc.providers or []),
+                "max_batch": self.serving.max_batch if self.mode == "batched" else 1,
+                "preprocessing": self.manifest.preprocessing}
+
     # ---------------------------------------------------------------- running
 
     def run(self, tensors: list[Tensor], stream: str | None = None) -> list[Tensor]:

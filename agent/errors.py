@@ -82,6 +82,12 @@ class InferenceError(EdgewardError):
     code = "bad_request"
 
 
+class ImageError(EdgewardError):
+    """An image file cannot be read, or its preprocessing spec is invalid or does not fit the model."""
+
+    code = "bad_image"
+
+
 class SelfTestError(EdgewardError):
     """The model does not reproduce its reference outputs on this device."""
 

@@ -380,9 +380,7 @@ class LocalApi:
             out.append({"name": m.name, "version": m.version, "mode": m.mode,
                         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.request_inputs],
                         "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.reply_outputs],
-                        "runtime": m.manifest.runtime, "file": str(m.folder / m.manifest.model_file),
-                        "threads": self.engine.threads, "pid": m.proc.pid, "providers": list(m.proc.providers or []),
-                        "max_batch": m.serving.max_batch if m.mode == "batched" else 1})
+                        "threads": self.engine.threads, **m.where()})
         return out
 
     def _infer(self, header: dict, body: memoryview) -> bytes:

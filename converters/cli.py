@@ -15,6 +15,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".pt2")
 EPILOG = """\
 data files (.npz): one array per model input, named like the input (a single-input model
 takes any one array), first axis = samples; optional `labels` (integer class ids).
+image folders (an image model's one input): .jpg/.png/... files, labelled by sub-folder
+(cat/, dog/ -> 0, 1) or unlabelled, prepared as --preprocess says; the bundle records the
+spec so the board's `edgeward infer --model NAME --input photos/` prepares images the same way.
+  --preprocess unit | signed | imagenet | raw, then key=value overrides: scale=1/255,
+  mean=0.5 or mean=0.485:0.456:0.406, std=..., color=rgb|bgr|gray,
+  resize=stretch|crop|letterbox, size=HxW (default: the model's), layout=nchw|nhwc
 
 examples:
   edgeward keys gen keys/signing
@@ -24,6 +30,7 @@ examples:
       --max-drop 0.01 --key keys/signing.key -o digits.ewb      # digits-onnx.ewb + digits-tflite.ewb
   edgeward convert model.keras --calibration calib.npz --tflite-io int8 -o net.ewb       # INT8 TFLite
   edgeward convert model.pt2 --calibration calib.npz --prune-channels 0.25 --format tflite -o small.ewb
+  edgeward convert mobilenet.onnx --calibration photos/ --eval val/ --preprocess imagenet -o cam.ewb
 
 sources, the layers each format maps, install sizes: docs/CONVERTER.md
 """
@@ -41,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "program (.pt2), inputs named like the calibration arrays; Keras (.keras/.h5) or a "
                                  "SavedModel folder (needs edgeward[tensorflow]); a float .tflite. Keras, SavedModel "
                                  "and .tflite sources become TFLite")
-    p.add_argument("--calibration", required=True, metavar="NPZ", help="representative inputs (>= 16; a few hundred is better)")
-    p.add_argument("--eval", metavar="NPZ", help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
+    p.add_argument("--calibration", required=True, metavar="NPZ|DIR",
+                   help="representative inputs (>= 16; a few hundred is better): an .npz, or a folder of images")
+    p.add_argument("--eval", metavar="NPZ|DIR",
+                   help="held-out inputs (+ labels) to measure quality on (default: the calibration data)")
+    p.add_argument("--preprocess", metavar="SPEC",
+                   help="how image files become the input tensor, e.g. imagenet or unit,resize=crop (needed with "
+                        "image folders; see below)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
@@ -110,6 +122,11 @@ def render_report(r: dict) -> str:
                  f"(output range {q['output_range']:.4g})")
     lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB "
                  f"(peak RSS of a process that loads and runs it: {r['memory'].get('peak_mb', 0):.1f} MB)")
+    if (r.get("preprocessing") or {}).get("image"):
+        from agent.images import describe
+
+        lines.append("images: " + describe(r["preprocessing"]["image"], r["preprocessing"].get("classes")) +
+                     " (stored in the bundle: the board prepares images the same way)")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
-                          full_range_weights=args.full_range_weights)
+                          full_range_weights=args.full_range_weights, preprocess=args.preprocess)
     try:
         from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 
@@ -162,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from .from_torch import convert_torch, example_from_npz, load_torch_file
 
             opts.name = opts.name or Path(args.model).stem
+            if Path(args.calibration).is_dir():
+                raise EdgewardError("image folders need the model's input shape, which a PyTorch file does not "
+                                    "give before it is exported",
+                                    "export it to ONNX first (torch.onnx.export), or pass the data as .npz")
             report = convert_torch(load_torch_file(args.model), example_from_npz(args.calibration), args.calibration,
                                    args.output, **common)
         else:

@@ -24,7 +24,7 @@ from agent.errors import ConversionError
 from agent.signing import load_private_key
 
 from . import guard, measure
-from .data import MIN_CALIBRATION_SAMPLES, load_dataset
+from .data import MIN_CALIBRATION_SAMPLES, load_dataset, preprocessing_of
 from .onnx_graph import name_nodes
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
@@ -55,6 +55,7 @@ class ConvertOptions:
     format: str = "onnx"             # onnx, tflite, or both (one bundle each)
     full_range_weights: bool = False  # ONNX: 8-bit weights (7-bit by default, exact on every CPU)
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
+    preprocess: str | None = None    # how image-folder data become input tensors (agent/images.py)
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -112,8 +113,7 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     key = load_private_key(key_path) if key_path else None
     model = load_onnx(model_path)
     inputs, _ = describe(model)
-    calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES)
-    evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
+    calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
     name = _model_name(opts.name, model_path)
     paths = _bundle_paths(out_path, opts.format)
 
@@ -151,6 +151,16 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     if reports:
         first["also"] = next(iter(reports.values()))
     return first
+
+
+def load_data(calibration, evaluation, inputs, opts: ConvertOptions, say: Progress):
+    """(calibration, evaluation) datasets: .npz files or image folders (through opts.preprocess)."""
+    calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES, opts.preprocess, say)
+    evalset = load_dataset(evaluation, inputs, "evaluation", 1, opts.preprocess, say) if evaluation else calib
+    if opts.preprocess and not (calib.image or evalset.image):
+        raise ConversionError("--preprocess describes image files, but the data given are .npz arrays",
+                              "drop --preprocess, or pass folders of images as --calibration/--eval")
+    return calib, evalset
 
 
 def _check_options(opts: ConvertOptions, out_path: Path) -> None:
@@ -248,7 +258,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
                                 if opts.precision == "int8" else opts.precision,
                  **({"accuracy_search": search} if search else {}),
                  **({"shipped_although": worse} if worse else {})},
-        description=opts.description,
+        description=opts.description, preprocessing=preprocessing_of(evalset, calib),
         sparsity=pruning["sparsity"] if pruning else 0.0,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         producer=f"edgeward {__version__} ({target.producers[opts.precision]})",
@@ -265,4 +275,5 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
             "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": model_path.stat().st_size,
             "quality": quality, "latency_ms": latency, "memory": memory, "graph": target.summary(),
-            "calibration_samples": len(calib), "evaluation_samples": len(evalset)}
+            "calibration_samples": len(calib), "evaluation_samples": len(evalset),
+            "preprocessing": manifest.preprocessing}

@@ -1,7 +1,9 @@
-"""Calibration and evaluation data: .npz files checked against the model before any work starts.
+"""Calibration and evaluation data: .npz files or image folders, checked against the model before any work starts.
 
 An .npz holds one array per model input (named like the input; a single-input
 model takes any one array), plus optionally `labels` (class ids) for accuracy.
+A folder of images feeds a single-input image model through an explicit
+preprocessing spec (agent/images.py); sub-folders name the classes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: Optional[np.ndarray]
     source: str
+    image: Optional[dict] = None    # the preprocessing spec, when the data came from image files
+    classes: Optional[list] = None  # class names by label id (an image folder's sub-folders)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -32,8 +36,11 @@ class Dataset:
         return {k: v[idx] for k, v in self.inputs.items()}
 
 
-def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_samples: int = 1) -> Dataset:
+def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_samples: int = 1,
+                 preprocess: str | None = None, progress=None) -> Dataset:
     path = Path(path)
+    if path.is_dir():
+        return _load_images(path, specs, what, min_samples, preprocess, progress)
     try:
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
@@ -77,3 +84,31 @@ def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_sampl
         if len(labels) != n or labels.dtype.kind not in "iu":
             raise ConversionError(f"{what} data labels must be {n} integer class ids, got {labels.dtype} x {len(labels)}")
     return Dataset(inputs, labels, str(path))
+
+
+def _load_images(folder: Path, specs: list[TensorSpec], what: str, min_samples: int, preprocess: str | None,
+                 progress=None) -> Dataset:
+    from agent import images
+
+    if len(specs) != 1:
+        raise ConversionError(f"{what} data {folder} is a folder of images, but the model takes {len(specs)} inputs",
+                              "save one array per input in a .npz instead")
+    spec = images.parse(preprocess or "", specs[0].shape, specs[0].dtype)
+    tick = (lambda done, total: progress(f"reading {what} images", done, total)) if progress else None
+    samples, labels, classes = images.load_folder(folder, spec, tick)
+    if len(samples) < min_samples:
+        raise ConversionError(f"{what} data has {len(samples)} images, at least {min_samples} are needed",
+                              "give a few hundred representative images for a reliable calibration")
+    return Dataset({specs[0].name: samples}, labels, str(folder), image=spec.to_dict(), classes=classes or None)
+
+
+def preprocessing_of(*datasets: Dataset) -> dict:
+    """What the bundle's manifest says of how its inputs were prepared: the image spec and
+    class names of whichever data came from image files ({} for .npz data)."""
+    out: dict = {}
+    for d in datasets:
+        if d.image and "image" not in out:
+            out["image"] = d.image
+        if d.classes and "classes" not in out:
+            out["classes"] = d.classes
+    return out

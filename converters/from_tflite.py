@@ -15,8 +15,7 @@ from agent.errors import ConversionError
 from agent.signing import load_private_key
 
 from . import measure
-from .convert import ConvertOptions, Progress, _check_options, _finish, _model_name
-from .data import MIN_CALIBRATION_SAMPLES, load_dataset
+from .convert import ConvertOptions, Progress, _check_options, _finish, _model_name, load_data
 from .prune import prune_arrays
 from .targets import TfliteTarget
 from .tflite_graph import WEIGHTED, write_tflite
@@ -63,8 +62,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
                               graph=graph, ranges_fn=ranges, baseline=original)
         inputs, _ = target.fp32_session().specs()
-        calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES)
-        evalset = load_dataset(evaluation, inputs, "evaluation") if evaluation else calib
+        calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs)
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,

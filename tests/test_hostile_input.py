@@ -143,9 +143,15 @@ class _Model:
     streams = None
     direct_socket = None
 
+    def where(self):
+        return {"runtime": "onnxruntime", "file": "/nonexistent/model.onnx", "pid": 0, "providers": [],
+                "max_batch": 1, "preprocessing": {}}
+
 
 class _Engine:
     """The engine's surface the local API and pipelines use; inputs checked as the real one does."""
+
+    threads = 1
 
     def get(self, name):
         if name != "m":

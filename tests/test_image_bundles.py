@@ -1,0 +1,148 @@
+"""Image folders end to end: converted from PNG files, the spec in the bundle, the board's batch
+job preparing photos the same way (real converter, real agent, real onnxruntime)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.bundle import open_bundle
+from agent.client import LocalClient
+from agent.signing import load_public_key
+from converters import zoo
+
+from mqttkit import RunningAgent, wait_for
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory):
+    """The digits as 8-bit PNGs: calibration flat, evaluation in one sub-folder per class ("3_three")."""
+    root = tmp_path_factory.mktemp("pngs")
+    x_tr, _, x_te, y_te = zoo.digits_dataset()
+    names = "zero one two three four five six seven eight nine".split()
+    for i, x in enumerate(x_tr[:64]):
+        (root / "calib").mkdir(exist_ok=True)
+        Image.fromarray(np.round(x[0] * 255).astype(np.uint8)).save(root / "calib" / f"{i:04d}.png")
+    for i, (x, y) in enumerate(zip(x_te[:200], y_te[:200])):
+        folder = root / "eval" / f"{y}_{names[y]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(x[0] * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_bundle(assets, digit_pngs):
+    out = digit_pngs / "digits-img.ewb"
+    r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "--eval", digit_pngs / "eval",
+             "--preprocess", "unit", "--name", "digits", "--key", assets.key, "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_a_model_converted_from_image_folders_carries_its_spec_and_classes(image_bundle, assets, digit_pngs):
+    out, report = image_bundle
+    m = open_bundle(out, [load_public_key(assets.pub)]).manifest
+    image = m.preprocessing["image"]
+    assert (image["height"], image["width"], image["color"], image["layout"]) == (8, 8, "gray", "nchw")
+    assert image["scale"] == pytest.approx(1 / 255)
+    assert m.preprocessing["classes"] == [f"{i}_{n}" for i, n in
+                                          enumerate("zero one two three four five six seven eight nine".split())]
+    assert report["calibration_samples"] == 64 and report["evaluation_samples"] == 200
+    # labels came from the folders: the accuracy is the model's real one on those digits, not chance
+    assert report["quality"]["accuracy_fp32"] > 0.85 and report["quality"]["accuracy_drop_pp"] <= 1.0
+    r = _cli("inspect", out, "--pubkey", assets.pub)
+    assert r.returncode == 0 and "images: 8x8 gray NCHW float32, resize stretch" in r.stdout
+
+
+def test_image_data_without_a_spec_or_a_spec_without_images_is_refused_and_nothing_is_written(assets, digit_pngs,
+                                                                                              tmp_path):
+    out = tmp_path / "x.ewb"
+    r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "-o", out)
+    assert r.returncode == 2 and "image data needs --preprocess" in r.stderr
+    r = _cli("convert", assets.fp32_v1, "--calibration", assets.calib, "--preprocess", "unit", "-o", out)
+    assert r.returncode == 2 and "--preprocess describes image files, but the data given are .npz" in r.stderr
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted((digit_pngs / "calib").iterdir())[:5]:
+        (few / p.name).write_bytes(p.read_bytes())
+    r = _cli("convert", assets.fp32_v1, "--calibration", few, "--preprocess", "unit", "-o", out)
+    assert r.returncode == 2 and "has 5 images, at least 16 are needed" in r.stderr
+    r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "--preprocess", "unit,color=rgb",
+             "-o", out)
+    assert r.returncode == 2 and "color=rgb does not fit a model input with 1 channel" in r.stderr
+    assert list(tmp_path.iterdir()) == [few]
+
+
+def test_the_board_prepares_photos_as_the_bundle_says_and_names_the_classes(image_bundle, assets, digit_pngs,
+                                                                            tmp_path):
+    out, _ = image_bundle
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-cam", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[out, assets.v1])
+    try:
+        sock = store / "agent.sock"
+        wait_for(lambda: sock.exists(), what="local API socket")
+        with LocalClient(str(sock)) as client:
+            wait_for(lambda: len(client.models()) == 1, what="the model")
+        results = tmp_path / "r.jsonl"
+        r = _cli("infer", "--model", "digits", "--input", digit_pngs / "eval", "--batch", "16",
+                 "--output", results, "--socket", sock)
+        assert r.returncode == 0, r.stderr
+        assert "200 samples through digits v1" in r.stdout
+        lines = [json.loads(line) for line in results.read_text().splitlines()]
+        # the same pixels as the converter measured: the same answers as the arrays they came from
+        _, _, x_te, y_te = zoo.digits_dataset()
+        pixels = (np.round(x_te[:200] * 255) / 255).astype(np.float32)
+        with LocalClient(str(sock)) as client:
+            want = client.infer("digits", pixels)["logits"]
+        order = sorted(range(200), key=lambda i: (f"{y_te[i]}", f"{i:04d}"))  # the files' order: class, name
+        assert [rec["top1"] for rec in lines] == want[order].argmax(1).tolist()
+        np.testing.assert_allclose([rec["outputs"]["logits"] for rec in lines], want[order], atol=1e-5)
+        names = "zero one two three four five six seven eight nine".split()
+        assert all(rec["class"] == f"{rec['top1']}_{names[rec['top1']]}" for rec in lines)
+        right = sum(rec["top1"] == y_te[i] for rec, i in zip(lines, order))
+        assert right >= 170  # the folder's labels and the model agree: no mixed-up channels or scale
+        # arrays with --preprocess, and a spec that does not fit, are one-line errors
+        np.save(tmp_path / "x.npy", pixels[:2])
+        r = _cli("infer", "--model", "digits", "--input", tmp_path / "x.npy", "--preprocess", "unit",
+                 "--output", tmp_path / "r2.jsonl", "--socket", sock)
+        assert r.returncode == 2 and "--preprocess describes image files" in r.stderr
+        r = _cli("infer", "--model", "digits", "--input", digit_pngs / "eval", "--preprocess", "unit,size=16x16",
+                 "--output", tmp_path / "r3.jsonl", "--socket", sock)
+        assert r.returncode != 0 and "shape" in r.stderr
+        assert not (tmp_path / "r2.jsonl").exists() and not (tmp_path / "r3.jsonl").exists()
+    finally:
+        ra.stop()
+
+
+def test_a_bundle_without_a_spec_takes_photos_only_with_preprocess(assets, digit_pngs, tmp_path):
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-npz", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[assets.v1])
+    try:
+        sock = store / "agent.sock"
+        wait_for(lambda: sock.exists(), what="local API socket")
+        with LocalClient(str(sock)) as client:
+            wait_for(lambda: len(client.models()) == 1, what="the model")
+        cmd = ["infer", "--model", "digits", "--input", digit_pngs / "calib", "--output", tmp_path / "r.jsonl",
+               "--socket", sock]
+        r = _cli(*cmd)
+        assert r.returncode == 2 and "bundle does not say how images become its input" in r.stderr
+        r = _cli(*cmd, "--preprocess", "unit")
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert len(lines) == 64 and "class" not in lines[0]  # no class names in that bundle
+    finally:
+        ra.stop()

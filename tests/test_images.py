@@ -1,0 +1,135 @@
+"""Image preprocessing (agent/images.py): the spec, the pixels it makes, folders and their classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent import images
+from agent.errors import ImageError
+
+
+def _png(path, pixels: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def test_presets_and_overrides_make_the_spec_and_the_layout_is_read_off_the_model():
+    s = images.parse("imagenet", [-1, 3, 224, 224])
+    assert (s.layout, s.color, s.resize, s.height, s.width) == ("nchw", "rgb", "crop", 224, 224)
+    assert s.scale == pytest.approx(1 / 255) and s.mean == images.IMAGENET_MEAN and s.std == images.IMAGENET_STD
+    s = images.parse("unit,color=bgr,resize=letterbox,size=32x48", [1, 96, 96, 3])
+    assert (s.layout, s.color, s.resize, s.height, s.width, s.shape()) == ("nhwc", "bgr", "letterbox", 32, 48,
+                                                                           [32, 48, 3])
+    s = images.parse("scale=1/127.5,mean=1,std=1", [-1, 1, 8, 8])
+    assert (s.color, s.mean, s.std, s.shape()) == ("gray", [1.0], [1.0], [1, 8, 8])
+    s = images.parse("signed,mean=0.5:0.4:0.3", [-1, 3, 8, 8])
+    assert s.mean == [0.5, 0.4, 0.3] and s.std == [1.0, 1.0, 1.0]
+    assert images.parse("raw", [-1, 8, 8, 3], "uint8").dtype == "uint8"
+    assert images.ImageSpec.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.parametrize("text, shape, dtype, words", [
+    ("", [-1, 3, 8, 8], "float32", "needs --preprocess"),
+    ("vgg", [-1, 3, 8, 8], "float32", "no preset named 'vgg'"),
+    ("unit,gamma=2", [-1, 3, 8, 8], "float32", "no key named 'gamma'"),
+    ("scale=1/zero", [-1, 3, 8, 8], "float32", "scale='1/zero' is not valid"),
+    ("unit,std=0", [-1, 3, 8, 8], "float32", "std='0' is not valid"),
+    ("unit,resize=squash", [-1, 3, 8, 8], "float32", "is not one of stretch, crop, letterbox"),
+    ("unit,color=rgb", [-1, 1, 8, 8], "float32", "does not fit a model input with 1 channel"),
+    ("unit,mean=0.1:0.2", [-1, 3, 8, 8], "float32", "mean and std need 1 or 3 values"),
+    ("unit", [-1, 64], "float32", "need a model input of 4 axes"),
+    ("unit", [-1, 3, -1, -1], "float32", "add size=HxW"),
+    ("unit", [-1, 5, 8, 8], "float32", "no image channel axis"),
+    ("unit", [-1, 3, 8, 8], "uint8", "use --preprocess raw"),
+    ("raw", [-1, 3, 8, 8], "int8", "float32 or uint8 model inputs"),
+])
+def test_a_spec_that_cannot_work_is_refused_with_what_to_write(text, shape, dtype, words):
+    with pytest.raises(ImageError, match=words.replace("(", r"\(").replace("?", r"\?")):
+        images.parse(text, shape, dtype)
+
+
+def test_pixels_become_the_model_values_in_its_layout_and_channel_order(tmp_path):
+    px = np.array([[[255, 0, 128], [0, 255, 0]], [[10, 20, 30], [40, 50, 60]]])  # 2x2 RGB
+    path = _png(tmp_path / "a.png", px)
+    x = images.load(path, images.parse("unit", [-1, 3, 2, 2]))
+    assert x.dtype == np.float32 and x.shape == (3, 2, 2)
+    np.testing.assert_allclose(x, px.transpose(2, 0, 1) / 255, rtol=1e-6)
+    bgr = images.load(path, images.parse("unit,color=bgr", [-1, 2, 2, 3]))
+    np.testing.assert_allclose(bgr, px[:, :, ::-1] / 255, rtol=1e-6)
+    net = images.load(path, images.parse("imagenet", [-1, 2, 2, 3]))
+    want = (px / 255 - np.array(images.IMAGENET_MEAN)) / np.array(images.IMAGENET_STD)
+    np.testing.assert_allclose(net, want, rtol=1e-5)
+    raw = images.load(path, images.parse("raw", [-1, 2, 2, 3], "uint8"))
+    assert raw.dtype == np.uint8 and (raw == px).all()
+    gray = images.load(path, images.parse("unit", [-1, 1, 2, 2]))
+    assert gray.shape == (1, 2, 2) and gray[0, 0, 1] == pytest.approx(150 / 255, abs=1 / 255)  # L of pure green
+
+
+def test_resize_modes_keep_what_each_promises(tmp_path):
+    wide = np.zeros((20, 40, 3))  # 40 wide, 20 high: red left half, blue right half
+    wide[:, :20, 0] = 255
+    wide[:, 20:, 2] = 255
+    path = _png(tmp_path / "wide.png", wide)
+    crop = images.load(path, images.parse("raw,resize=crop", [-1, 10, 10, 3], "uint8"))
+    assert crop.shape == (10, 10, 3)  # the centre: the two halves meet in the middle
+    assert (crop[:, :4, 0] > 200).all() and (crop[:, 6:, 2] > 200).all()
+    box = images.load(path, images.parse("raw,resize=letterbox", [-1, 10, 10, 3], "uint8"))
+    assert (box[:2] == 0).all() and (box[-2:] == 0).all()  # black bars above and below
+    assert (box[3:7, :4, 0] > 200).all() and (box[3:7, 6:, 2] > 200).all()  # the whole width, squeezed
+    stretch = images.load(path, images.parse("raw", [-1, 10, 10, 3], "uint8"))
+    assert (stretch[:, :4, 0] > 200).all() and (stretch[:, 6:, 2] > 200).all() and (stretch[0] > 0).any()
+
+
+def test_the_camera_orientation_in_exif_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": a portrait photo stored landscape
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "p.jpg", exif=exif)
+    spec = images.parse("raw,resize=letterbox", [-1, 40, 40, 3], "uint8")
+    x = images.load(tmp_path / "p.jpg", spec)
+    assert (x[:, :5] == 0).all() and (x[:, 12:28, 0] > 150).all()  # now upright: 20 wide, 40 high
+
+
+def test_folders_label_by_sub_folder_numbered_or_by_name(tmp_path):
+    px = np.full((4, 4), 100)
+    for name in ("dog", "cat", "emu"):
+        _png(tmp_path / "named" / name / "a.png", px)
+    _png(tmp_path / "named" / "cat" / "b.png", px)
+    spec = images.parse("unit", [-1, 1, 4, 4])
+    x, labels, classes = images.load_folder(tmp_path / "named", spec)
+    assert x.shape == (4, 1, 4, 4) and classes == ["cat", "dog", "emu"]
+    assert labels.tolist() == [0, 0, 1, 2]  # cat/a, cat/b, dog/a, emu/a
+    for name in ("10", "2", "0"):
+        _png(tmp_path / "numbered" / name / "a.png", px)
+    _, labels, classes = images.load_folder(tmp_path / "numbered", spec)
+    assert labels.tolist() == [0, 10, 2] and classes[10] == "10" and classes[1] == ""  # the numbers are the ids
+    _png(tmp_path / "flat" / "a.png", px)
+    _, labels, classes = images.load_folder(tmp_path / "flat", spec)
+    assert labels is None and classes == []
+
+
+def test_a_folder_that_cannot_be_read_says_which_file_or_why(tmp_path):
+    spec = images.parse("unit", [-1, 1, 4, 4])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="holds no image files"):
+        images.load_folder(tmp_path / "empty", spec)
+    _png(tmp_path / "mixed" / "a.png", np.zeros((4, 4)))
+    _png(tmp_path / "mixed" / "cat" / "b.png", np.zeros((4, 4)))
+    with pytest.raises(ImageError, match="both directly and in sub-folders"):
+        images.load_folder(tmp_path / "mixed", spec)
+    _png(tmp_path / "bad" / "a.png", np.zeros((4, 4)))
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageError, match=r"cannot read image .*b\.jpg"):
+        images.load_folder(tmp_path / "bad", spec)
+
+
+def test_a_spec_from_a_manifest_is_checked_like_one_from_the_command_line():
+    good = images.parse("unit", [-1, 3, 8, 8]).to_dict()
+    with pytest.raises(ImageError, match="cannot be read"):
+        images.ImageSpec.from_dict({**good, "height": "tall"})
+    with pytest.raises(ImageError, match="mean and std need"):
+        images.ImageSpec.from_dict({**good, "mean": [0.1, 0.2]})
+    with pytest.raises(ImageError, match="out of range"):
+        images.ImageSpec.from_dict({**good, "width": 10 ** 6})
