@@ -28,6 +28,7 @@ burn the cores the model needs. `spin_us=0` turns it off; on a one-core board it
 
 from __future__ import annotations
 
+import copy
 import os
 import select
 import socket
@@ -62,6 +63,8 @@ class LocalClient:
         self.direct = direct          # talk to streaming models' workers directly (one hop fewer)
         self._routes: dict[str, str | None] = {}
         self._local = threading.local()
+        self._frames = wire.TensorFrames()  # answers' headers parsed and checked once per distinct header
+        self._heads: dict = {}  # requests' head bytes, made once per header and shapes (wire.frame_parts)
         self._all: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -87,7 +90,9 @@ class LocalClient:
                 self._all.append(conn)
         return conn
 
-    def _call(self, frame: bytes | list, path: str | None = None) -> tuple[dict, memoryview]:
+    def _call(self, frame: bytes | list, path: str | None = None) -> tuple[dict, memoryview, bytes]:
+        """Send one request and wait for its answer: (header, body, the header's bytes). The
+        header is shared with other answers that had the same bytes: read it only."""
         conn = self._conn(path)
         with self._lock:
             self._in_flight += 1
@@ -117,10 +122,10 @@ class LocalClient:
         if reply is None:
             self._drop(path)
             raise EdgewardError("the agent closed the connection", "retry; check the agent's log")
-        header, body = wire.unpack(reply)
+        header, body, key = self._frames.unpack(reply)
         if header.get("status") != "ok":
             raise _ERRORS.get(header.get("code"), EdgewardError)(header.get("error", "agent error"))
-        return header, body
+        return header, body, key
 
     def _await(self, conn: socket.socket, t0: float, waits) -> None:
         """Be awake when the answer comes (see the module's docstring); returns when it may have.
@@ -147,7 +152,7 @@ class LocalClient:
         """The model worker's own socket, if the agent offers one (streaming models), else None."""
         if model not in self._routes:
             try:
-                header, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "route", "model": model}))
+                header, _, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "route", "model": model}))
                 self._routes[model] = header.get("socket")
             except ProtocolError:  # an agent without routes: always go through it
                 self._routes[model] = None
@@ -161,14 +166,15 @@ class LocalClient:
         direct = self._route(model) if stream is None and self.direct else None
         if direct is not None:
             try:
-                header, body = self._call(self._request(direct, model, feeds), direct)
-                return self._outputs(direct, header, body)
+                header, body, key = self._call(self._request(direct, model, feeds), direct)
+                return self._outputs(direct, header, body, key)
             except EdgewardError as exc:
                 if exc.code not in ("error", "model_crashed", "busy"):
                     raise  # the model's own answer (bad input, ...): the same through the agent
                 self._routes.pop(model, None)  # replaced or restarted: ask the agent again
-        header, body = self._call(wire.frame_parts(feeds, v=protocol.VERSION, op="infer", model=model, **extra))
-        return {t.name: to_numpy(t) for t in from_frame(header, body)}
+        header, body, key = self._call(wire.frame_parts(feeds, self._heads, v=protocol.VERSION, op="infer",
+                                                        model=model, **extra))
+        return {t.name: to_numpy(t) for t in self._frames.tensors(header, body, key)}
 
     # -- shared memory on a worker's socket (agent/shm.py) -------------------------------------------
     def _request(self, path: str, model: str, feeds: dict) -> bytes | list:
@@ -186,9 +192,9 @@ class LocalClient:
                 region = self._attach(path, need, "requests")
             if region:
                 return wire.pack({**head, "tensors": region.write(feeds), "shm": True})
-        return wire.frame_parts(feeds, **head)
+        return wire.frame_parts(feeds, self._heads, **head)
 
-    def _outputs(self, path: str, header: dict, body: memoryview) -> dict[str, np.ndarray]:
+    def _outputs(self, path: str, header: dict, body: memoryview, key: bytes) -> dict[str, np.ndarray]:
         """The answer's arrays: copied out of the answer region when the worker wrote them there
         (the next answer overwrites it), else views of the answer's own bytes. An answer too
         large for the socket's send buffer that came inline makes this connection attach an
@@ -199,7 +205,7 @@ class LocalClient:
             if not answers:
                 raise ProtocolError("the worker answered in shared memory this connection has not attached")
             return {t.name: to_numpy(t).copy() for t in from_frame(header, memoryview(answers.map))}
-        out = {t.name: to_numpy(t) for t in from_frame(header, body)}
+        out = {t.name: to_numpy(t) for t in self._frames.tensors(header, body, key)}
         if (self.shared_memory and len(body) >= shm.MIN_BYTES and len(body) > self._sndbuf(path)
                 and regions.get((path, "answers")) is not False):
             self._attach(path, len(body), "answers")
@@ -247,12 +253,12 @@ class LocalClient:
 
     def reset(self, model: str, stream: str) -> bool:
         """Forget a stream's state; True if the agent had one."""
-        header, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "reset", "model": model, "stream": stream}))
+        header, _, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "reset", "model": model, "stream": stream}))
         return bool(header.get("reset"))
 
     def models(self) -> list[dict]:
-        header, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "models"}))
-        return header["models"]
+        header, _, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "models"}))
+        return copy.deepcopy(header["models"])  # the header may be shared with later answers: the caller's own
 
     def close(self) -> None:
         with self._lock:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 READER_MAX_ROW_BYTES = 64 * 1024  # a batched model's rows up to this size: one reader thread
 READ_BYTES = 64 * 1024  # what the reader takes from a connection at a time; larger messages get their own bytes
+PLANS = 64  # distinct request headers (and answer shapes) whose parsing and checks are kept
 
 
 def row_bytes(specs: list) -> int | None:
@@ -72,6 +73,9 @@ class DirectServer:
         self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
         self._drain = Drain() if submit is not None else None  # what a batch thread could not send at once
         self.stats = Stats()
+        self._headers = wire.HeaderCache(PLANS)
+        self._plans: dict[bytes, tuple[int, list]] = {}  # header bytes -> (body bytes needed, checked tensors)
+        self._answer_heads: dict[tuple, bytes] = {}  # output shapes -> answer frame up to its body
         self._slots = threading.BoundedSemaphore(max_conns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
@@ -228,7 +232,7 @@ class DirectServer:
         t0 = time.perf_counter()
         answers = None
         try:
-            header, body = wire.unpack(msg)
+            header, body, key = self._headers.unpack(msg)
             if header.get("op") == "attach":  # with its descriptor it never gets here (localapi.serve_connection)
                 if shared is None:
                     raise ProtocolError("this socket takes no shared memory", "send the tensors inline")
@@ -246,7 +250,7 @@ class DirectServer:
                 answers = shared.answers  # this request's answer region, even if another is attached meanwhile
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
-            feeds = check_inputs(self.model, self.specs, from_frame(header, body), max_rows=self.max_rows)
+            feeds = self._checked(header, body, key)
             if self._submit is not None and answer_later is not None:
                 self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)))
                 return None
@@ -254,6 +258,23 @@ class DirectServer:
         except Exception as exc:
             return self._answer(t0, None, exc)
         return self._answer(t0, out, None, answers)
+
+    def _checked(self, header: dict, body: memoryview, key: bytes) -> list[Tensor]:
+        """The request's tensors checked against the model's inputs. What the checks found is kept
+        per header (`key`): a caller's next request of the same shapes only has its bytes sliced."""
+        plan = self._plans.get(key)
+        if plan is not None and len(body) >= plan[0]:
+            return [Tensor(name, dtype, shape, body[o:o + n]) for name, dtype, shape, o, n in plan[1]]
+        tensors = from_frame(header, body)
+        feeds = check_inputs(self.model, self.specs, tensors, max_rows=self.max_rows)
+        where = {t.name: spec for t, spec in zip(tensors, header["tensors"])}
+        only = header["tensors"][0] if len(tensors) == 1 else None  # a one-input model renames it
+        entries = [(f.name, f.dtype, f.shape, (only or where[f.name])["offset"], (only or where[f.name])["nbytes"])
+                   for f in feeds]
+        if len(self._plans) >= PLANS:
+            self._plans.clear()
+        self._plans[key] = (max((o + n for *_, o, n in entries), default=0), entries)
+        return feeds
 
     def _answer(self, t0: float, out: list[Tensor] | None, error: BaseException | None, answers=None) -> bytes:
         """The frame for a request's outputs or error; a bug must become an answer, not a dead connection."""
@@ -272,9 +293,16 @@ class DirectServer:
         specs = shm.write_tensors(answers, out) if answers is not None else None
         if specs is not None:
             reply = wire.pack({**head, "tensors": specs, "shm": True})
-        else:
-            specs, data = to_frame(out)
-            reply = wire.pack({**head, "tensors": specs}, data)
+        else:  # the header depends on the outputs' shapes only: made once per shape
+            shapes = tuple((t.name, t.dtype, t.shape, len(t.data)) for t in out)
+            prefix = self._answer_heads.get(shapes)
+            if prefix is None:
+                specs, _ = to_frame(out)
+                prefix = wire.head_bytes({**head, "tensors": specs})
+                if len(self._answer_heads) >= PLANS:
+                    self._answer_heads.clear()
+                self._answer_heads[shapes] = prefix
+            reply = b"".join([prefix, *(t.data for t in out)])
         self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return reply
 

@@ -17,7 +17,7 @@ import struct
 
 from .errors import ProtocolError
 from .schema import load_json
-from .tensors import ITEMSIZE, dtype_name, from_frame, from_numpy, to_numpy
+from .tensors import ITEMSIZE, Tensor, dtype_name, from_frame, from_numpy, to_numpy
 
 MAGIC = b"EWF1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -26,8 +26,13 @@ WIRE_DTYPES = set(ITEMSIZE)
 
 
 def pack(header: dict, body: bytes = b"") -> bytes:
+    return head_bytes(header) + body
+
+
+def head_bytes(header: dict) -> bytes:
+    """A frame's bytes up to its body: magic, header length, header."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + struct.pack(">I", len(head)) + head + body
+    return MAGIC + struct.pack(">I", len(head)) + head
 
 
 def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryview]:
@@ -48,12 +53,73 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
     return header, memoryview(payload)[8 + head_len:]
 
 
-def frame_parts(tensors: dict, **header) -> list:
+class HeaderCache:
+    """Frame headers parsed once per distinct header: a connection's requests of one shape (and
+    the answers to them) carry byte-identical headers, and parsing one cost as much as a tiny
+    model's run. Keyed by the exact bytes, so a sender can only thrash the cache, never poison
+    it; bounded in entries and key size. The headers it returns are shared: read them only."""
+
+    def __init__(self, entries: int = 64, max_key: int = 2048):
+        self.entries, self.max_key = entries, max_key
+        self._parsed: dict[bytes, dict] = {}
+
+    def unpack(self, payload) -> tuple[dict, memoryview, bytes]:
+        """As unpack(), plus the header's bytes (the key for what callers derive from it)."""
+        if len(payload) < 8 or payload[:4] != MAGIC:
+            raise ProtocolError("not an edgeward binary frame (missing EWF1 magic)")
+        (head_len,) = struct.unpack(">I", payload[4:8])
+        if head_len > MAX_HEADER_BYTES or 8 + head_len > len(payload):
+            raise ProtocolError(f"frame header length {head_len} does not fit a {len(payload)}-byte payload")
+        raw = bytes(payload[8:8 + head_len])
+        header = self._parsed.get(raw)
+        if header is None:
+            header, _ = unpack(payload)
+            if head_len <= self.max_key:
+                if len(self._parsed) >= self.entries:
+                    self._parsed.clear()
+                self._parsed[raw] = header
+        return header, memoryview(payload)[8 + head_len:], raw
+
+
+class TensorFrames(HeaderCache):
+    """A HeaderCache that also keeps where each header's tensors lie, checked once (from_frame's
+    checks): the next frame with that header only has its body sliced."""
+
+    def __init__(self, entries: int = 64, max_key: int = 2048):
+        super().__init__(entries, max_key)
+        self._layouts: dict[bytes, tuple[int, list]] = {}
+
+    def tensors(self, header: dict, body: memoryview, key: bytes) -> list:
+        """The frame's tensors, as from_frame(header, body) gives them."""
+        layout = self._layouts.get(key)
+        if layout is not None and len(body) >= layout[0]:
+            return [Tensor(name, dtype, shape, body[o:o + n]) for name, dtype, shape, o, n in layout[1]]
+        out = from_frame(header, body)
+        if len(key) <= self.max_key:
+            entries = [(t.name, t.dtype, t.shape, spec["offset"], spec["nbytes"])
+                       for t, spec in zip(out, header["tensors"] if out else [])]
+            if len(self._layouts) >= self.entries:
+                self._layouts.clear()
+            self._layouts[key] = (max((o + n for *_, o, n in entries), default=0), entries)
+        return out
+
+
+def frame_parts(tensors: dict, heads: dict | None = None, **header) -> list:
     """Frame named numpy arrays as [head bytes, each array's buffer]: C-contiguous little-endian
     arrays are not copied, so a scatter-gather send (agent.localapi.send_message) moves large
-    tensors as they are."""
+    tensors as they are. `heads`, a dict the caller keeps, holds the head bytes made for each
+    header and set of shapes, so a caller sending one shape again and again encodes it once."""
     import numpy as np
 
+    if heads is not None:
+        try:
+            key = (tuple(header.items()), tuple((name, arr.dtype.str, arr.shape) for name, arr in tensors.items()
+                                                if arr.flags.c_contiguous))
+        except (AttributeError, TypeError):  # not arrays, or unhashable header values: made afresh
+            key = None
+        head = heads.get(key) if key is not None and len(key[1]) == len(tensors) else None
+        if head is not None:
+            return [head, *(memoryview(arr).cast("B") for arr in tensors.values())]
     specs, buffers, offset = [], [], 0
     for name, arr in tensors.items():
         dtype = dtype_name(arr.dtype) if isinstance(arr, np.ndarray) else None
@@ -65,8 +131,13 @@ def frame_parts(tensors: dict, **header) -> list:
         specs.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": len(buf)})
         buffers.append(buf)
         offset += len(buf)
-    head = json.dumps({**header, "tensors": specs}, separators=(",", ":")).encode()
-    return [MAGIC + struct.pack(">I", len(head)) + head, *buffers]
+    head = head_bytes({**header, "tensors": specs})
+    if heads is not None and key is not None and len(key[1]) == len(tensors) and all(
+            isinstance(b, memoryview) for b in buffers):  # only arrays sent as they are: their bytes are the body
+        if len(heads) >= 64:
+            heads.clear()
+        heads[key] = head
+    return [head, *buffers]
 
 
 def pack_tensors(tensors: dict, **header) -> bytes:

@@ -17,6 +17,11 @@ import os
 import sys
 import threading
 
+import numpy as np  # the base cost of every worker, reported before any runtime loads
+
+from .errors import InferenceError
+from .tensors import from_numpy
+
 
 def rss_mb() -> float:
     """This process's resident memory, from /proc (no psutil import needed here)."""
@@ -67,12 +72,8 @@ class Worker:
         return {}, self.run_tensors(from_frame(h, body))
 
     def run_tensors(self, tensors: list) -> list:
-        """Check the values (finite floats) and run the model; outputs as Tensors."""
-        import numpy as np
-
-        from .errors import InferenceError
-        from .tensors import from_numpy
-
+        """Check the values (finite floats) and run the model; outputs as Tensors. (Every request
+        comes through here: its imports are the module's, not the function's.)"""
         feeds = {}
         for t in tensors:
             arr = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
@@ -162,8 +163,6 @@ def main() -> int:
     fd_in, fd_out = os.dup(0), os.dup(1)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
-    import numpy  # noqa: F401  (the base cost of every worker, reported before any runtime loads)
-
     from . import ipc
     from .errors import EdgewardError
     from .tensors import to_frame
