@@ -65,7 +65,8 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
             for i in range(max(clients)):
                 client.reset(model, f"bench-{i}")
             client.reset(model, "bench-warm")
-    result = {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps}
+    result = {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps,
+              "max_delay_ms": info.get("max_delay_ms", 0.0)}
     if bare:
         result.update(_against_bare(socket_path, info, steps, seconds))
     return result
@@ -183,9 +184,14 @@ def _bare_lines(result: dict) -> list[str]:
     one = next((s for s in result["steps"] if s["clients"] == 1 and s["p50_ms"]), None)
     if one:
         extra = one["p50_ms"] - bare["p50_ms"]
+        if result["mode"] == "batched":  # a lone caller waits out max_delay_ms for others to join its batch
+            judged = f"batched mode waits up to {result.get('max_delay_ms', 0):g} ms to fill a batch; " \
+                     "latency is judged in streaming mode"
+        else:
+            judged = "target <= 1.10x + 0.2 ms: " + ("met" if one["p50_ms"] <= 1.10 * bare["p50_ms"] + 0.2
+                                                     else "not met")
         out.append(f"latency p50 at batch 1: bare {bare['p50_ms']:.3f} ms, through the agent {one['p50_ms']:.3f} ms "
-                   f"({one['p50_ms'] / bare['p50_ms']:.2f}x, +{extra:.3f} ms; target <= 1.10x + 0.2 ms: "
-                   f"{'met' if one['p50_ms'] <= 1.10 * bare['p50_ms'] + 0.2 else 'not met'})")
+                   f"({one['p50_ms'] / bare['p50_ms']:.2f}x, +{extra:.3f} ms; {judged})")
     if mem.get("ratio") is not None:
         parts = " + ".join(f"{k} {v:.1f}" for k, v in mem.items() if k in ("agent", "worker") and v is not None)
         out.append(f"memory (RSS): {parts} = {mem['total']:.1f} MB; bare script {bare['rss_mb']:.1f} MB: "

@@ -97,6 +97,7 @@ class LoadedModel:
         return {"runtime": self.manifest.runtime, "file": str(self.folder / self.manifest.model_file),
                 "pid": self.proc.pid, "providers": list(self.proc.providers or []),
                 "max_batch": self.serving.max_batch if self.mode == "batched" else 1,
+                "max_delay_ms": self.serving.max_delay_ms if self.mode == "batched" else 0.0,
                 "preprocessing": self.manifest.preprocessing}
 
     # ---------------------------------------------------------------- running

@@ -145,7 +145,7 @@ class _Model:
 
     def where(self):
         return {"runtime": "onnxruntime", "file": "/nonexistent/model.onnx", "pid": 0, "providers": [],
-                "max_batch": 1, "preprocessing": {}}
+                "max_batch": 1, "max_delay_ms": 0.0, "preprocessing": {}}
 
 
 class _Engine:

@@ -290,6 +290,7 @@ def test_edgeward_bench_bare_sets_the_agent_beside_the_bare_runtime(agent_with_a
     assert r.returncode == 0, r.stderr
     assert "BARE ROWS/S" in r.stdout and "(b=16)" in r.stdout  # the bare batch beside each step
     assert "latency p50 at batch 1: bare" in r.stdout and "memory (RSS): agent" in r.stdout
+    assert "batched mode waits up to 2 ms to fill a batch" in r.stdout  # a lone caller's wait is not judged
 
 
 def test_bad_local_requests_get_an_error_and_harm_nobody(agent_with_api, assets):
