@@ -9,6 +9,7 @@ OK, WARN or FAIL with one line and, where it is not OK, the fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,9 @@ def _models(cfg: AgentConfig) -> list[Finding]:
                                "pip install 'edgeward[device]'"))
         else:
             out.append(Finding("models", OK, f"{name} v{manifest.version} ({manifest.format}, {manifest.runtime})"))
+        if manifest.preprocessing.get("image") and importlib.util.find_spec("PIL") is None:
+            out.append(Finding("models", WARN, f"{name} takes images, and batch jobs on image files need Pillow, "
+                                               "which is not installed", "pip install 'edgeward[images]'"))
     return out
 
 

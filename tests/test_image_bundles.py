@@ -146,3 +146,24 @@ def test_a_bundle_without_a_spec_takes_photos_only_with_preprocess(assets, digit
         assert len(lines) == 64 and "class" not in lines[0]  # no class names in that bundle
     finally:
         ra.stop()
+
+
+def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bundle, assets, tmp_path, monkeypatch):
+    import importlib.util
+
+    from agent.check import OK, WARN, run_checks
+    from agent.config import load_config
+    from agent.store import Store
+
+    store = Store(tmp_path / "store")
+    store.install(open_bundle(image_bundle[0], [load_public_key(assets.pub)]))
+    store.set_current("digits", 1)
+    cfg = load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "store.path": str(tmp_path / "store"),
+                             "trust.keys": [str(assets.pub)]}, check_files=False)
+    models = [(f.level, f.detail) for f in run_checks(cfg) if f.check == "models"]
+    assert models == [(OK, "digits v1 (onnx, onnxruntime)")]  # Pillow is here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    found = [f for f in run_checks(cfg) if f.check == "models"]
+    assert [f.level for f in found] == [OK, WARN] and "need Pillow" in found[1].detail
+    assert found[1].fix == "pip install 'edgeward[images]'"
