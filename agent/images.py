@@ -235,12 +235,23 @@ def files_in(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
 
 
-def load_folder(folder: str | Path, spec: ImageSpec, progress=None) -> tuple[np.ndarray, np.ndarray | None, list]:
+def spread(files: list, limit: int | None) -> list:
+    """At most `limit` of `files`, evenly spaced over the sorted list (so every class folder
+    keeps its share), always the same ones for the same folder."""
+    if not limit or len(files) <= limit:
+        return files
+    step = len(files) / limit
+    return [files[int(i * step)] for i in range(limit)]
+
+
+def load_folder(folder: str | Path, spec: ImageSpec, progress=None,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list]:
     """(samples, labels, class names by label id) of an image folder. Images in sub-folders are
     labelled by their sub-folder (the layout ImageNet and most tools use): where every
     sub-folder's name starts with a number (0/, 1/ or 07_dog/), that number is the class id;
     otherwise the ids follow the names' order (cat/, dog/ -> 0, 1). Images directly in the
-    folder are unlabelled. Both at once is refused: which is meant?"""
+    folder are unlabelled. Both at once is refused: which is meant? With `limit`, at most that
+    many images are read (see spread()), so a folder of 50,000 photos does not fill the RAM."""
     folder = Path(folder)
     files = files_in(folder)
     if not files:
@@ -250,6 +261,7 @@ def load_folder(folder: str | Path, spec: ImageSpec, progress=None) -> tuple[np.
         raise ImageError(f"{folder} holds images both directly and in sub-folders",
                          "put every image in a sub-folder named after its class, or none")
     ids = {} if top else class_ids(sorted({p.relative_to(folder).parts[0] for p in files}))
+    files = spread(files, limit)
     samples = np.empty((len(files), *spec.shape()), dtype=spec.dtype)
     for i, path in enumerate(files):
         samples[i] = load(path, spec)

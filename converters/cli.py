@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", metavar="SPEC",
                    help="how image files become the input tensor, e.g. imagenet or unit,resize=crop (needed with "
                         "image folders; see below)")
+    p.add_argument("--max-images", type=int, metavar="N",
+                   help="read at most N images of a folder, evenly spread over it (default: 512 for calibration, "
+                        "1000 for evaluation)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
@@ -127,6 +130,8 @@ def render_report(r: dict) -> str:
 
         lines.append("images: " + describe(r["preprocessing"]["image"], r["preprocessing"].get("classes")) +
                      " (stored in the bundle: the board prepares images the same way)")
+        if r.get("data"):
+            lines.append(f"data: calibration {r['data']['calibration']}, evaluation {r['data']['evaluation']}")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                           precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
-                          full_range_weights=args.full_range_weights, preprocess=args.preprocess)
+                          full_range_weights=args.full_range_weights, preprocess=args.preprocess,
+                          max_images=args.max_images)
     try:
         from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 

@@ -56,6 +56,7 @@ class ConvertOptions:
     full_range_weights: bool = False  # ONNX: 8-bit weights (7-bit by default, exact on every CPU)
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
     preprocess: str | None = None    # how image-folder data become input tensors (agent/images.py)
+    max_images: int | None = None    # images read from a folder (default: 512 to calibrate, 1000 to evaluate)
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -155,8 +156,10 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
 
 def load_data(calibration, evaluation, inputs, opts: ConvertOptions, say: Progress):
     """(calibration, evaluation) datasets: .npz files or image folders (through opts.preprocess)."""
-    calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES, opts.preprocess, say)
-    evalset = load_dataset(evaluation, inputs, "evaluation", 1, opts.preprocess, say) if evaluation else calib
+    calib = load_dataset(calibration, inputs, "calibration", MIN_CALIBRATION_SAMPLES, opts.preprocess, say,
+                         opts.max_images)
+    evalset = load_dataset(evaluation, inputs, "evaluation", 1, opts.preprocess, say, opts.max_images) \
+        if evaluation else calib
     if opts.preprocess and not (calib.image or evalset.image):
         raise ConversionError("--preprocess describes image files, but the data given are .npz arrays",
                               "drop --preprocess, or pass folders of images as --calibration/--eval")
@@ -180,6 +183,8 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
     for flag, value in (("--prune", opts.prune), ("--prune-channels", opts.prune_channels)):
         if value is not None and not 0 < value < 1:
             raise ConversionError(f"{flag} {value}: give a fraction between 0 and 1, e.g. 0.5")
+    if opts.max_images is not None and opts.max_images < 1:
+        raise ConversionError(f"--max-images {opts.max_images}: give a number of images, e.g. 500")
 
 
 def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,
@@ -276,4 +281,5 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": model_path.stat().st_size,
             "quality": quality, "latency_ms": latency, "memory": memory, "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
+            "data": {"calibration": calib.source, "evaluation": evalset.source},
             "preprocessing": manifest.preprocessing}

@@ -36,11 +36,15 @@ class Dataset:
         return {k: v[idx] for k, v in self.inputs.items()}
 
 
+MAX_IMAGES = {"calibration": 512, "evaluation": 1000}  # read from an image folder unless --max-images says
+
+
 def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_samples: int = 1,
-                 preprocess: str | None = None, progress=None) -> Dataset:
+                 preprocess: str | None = None, progress=None, max_images: int | None = None) -> Dataset:
     path = Path(path)
     if path.is_dir():
-        return _load_images(path, specs, what, min_samples, preprocess, progress)
+        return _load_images(path, specs, what, min_samples, preprocess, progress,
+                            max_images or MAX_IMAGES.get(what))
     try:
         npz = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
@@ -87,7 +91,7 @@ def load_dataset(path: str | Path, specs: list[TensorSpec], what: str, min_sampl
 
 
 def _load_images(folder: Path, specs: list[TensorSpec], what: str, min_samples: int, preprocess: str | None,
-                 progress=None) -> Dataset:
+                 progress=None, limit: int | None = None) -> Dataset:
     from agent import images
 
     if len(specs) != 1:
@@ -95,11 +99,13 @@ def _load_images(folder: Path, specs: list[TensorSpec], what: str, min_samples: 
                               "save one array per input in a .npz instead")
     spec = images.parse(preprocess or "", specs[0].shape, specs[0].dtype)
     tick = (lambda done, total: progress(f"reading {what} images", done, total)) if progress else None
-    samples, labels, classes = images.load_folder(folder, spec, tick)
+    samples, labels, classes = images.load_folder(folder, spec, tick, limit)
     if len(samples) < min_samples:
         raise ConversionError(f"{what} data has {len(samples)} images, at least {min_samples} are needed",
                               "give a few hundred representative images for a reliable calibration")
-    return Dataset({specs[0].name: samples}, labels, str(folder), image=spec.to_dict(), classes=classes or None)
+    found = len(images.files_in(folder))
+    source = f"{folder} ({len(samples)} of {found} images)" if found > len(samples) else str(folder)
+    return Dataset({specs[0].name: samples}, labels, source, image=spec.to_dict(), classes=classes or None)
 
 
 def preprocessing_of(*datasets: Dataset) -> dict:

@@ -167,3 +167,19 @@ def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bun
     found = [f for f in run_checks(cfg) if f.check == "models"]
     assert [f.level for f in found] == [OK, WARN] and "need Pillow" in found[1].detail
     assert found[1].fix == "pip install 'edgeward[images]'"
+
+
+def test_a_large_folder_is_read_up_to_max_images_evenly_over_its_classes(assets, digit_pngs, tmp_path):
+    out = tmp_path / "few.ewb"
+    r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "--eval", digit_pngs / "eval",
+             "--preprocess", "unit", "--max-images", "40", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "data: calibration" in r.stdout and "(40 of 64 images), evaluation" in r.stdout
+    assert "(40 of 200 images)" in r.stdout
+    from agent import images
+
+    picked = images.spread(images.files_in(digit_pngs / "eval"), 40)
+    assert len({p.parent.name for p in picked}) == 10  # every class keeps its share
+    r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "--preprocess", "unit",
+             "--max-images", "0", "-o", out)
+    assert r.returncode == 2 and "--max-images 0" in r.stderr
