@@ -196,6 +196,25 @@ def test_a_models_own_socket_answers_anything_with_a_clear_error_never_an_intern
     assert header.get("code") != "internal", header
 
 
+@FUZZ
+@given(rows=st.integers(1, 6), name=st.sampled_from(["x", "other"]), offset=st.integers(0, 12),
+       body=st.binary(max_size=80))
+def test_a_header_seen_before_is_checked_against_each_new_body(direct, rows, name, offset, body):
+    """The model socket keeps what it checked per header (agent/direct.py): the same header with
+    another body must give that body's answer, or the error a first sight of it would give."""
+    head = json_bytes({"v": protocol.VERSION, "op": "infer", "model": "m", "tensors": [
+        {"name": name, "dtype": "float32", "shape": [rows, 2], "offset": offset, "nbytes": rows * 8}]})
+    answers = [wire.unpack(direct.handle(frame(head, body))) for _ in range(2)]  # the second from the cache
+    fits = offset + rows * 8 <= len(body)
+    for header, out in answers:
+        assert header["status"] == ("ok" if fits else "error"), header
+        if fits:
+            (t,) = from_frame(header, out)
+            assert bytes(t.data) == body[offset:offset + rows * 8]  # this body's values, not an earlier one's
+        else:
+            assert header["code"] == "bad_message" and "the frame holds" in header["error"]
+
+
 @pytest.fixture(scope="module")
 def attached(direct):
     """A connection's shared-memory regions (agent/shm.py) as the worker holds them: 64 kB each."""
