@@ -40,7 +40,8 @@ import numpy as np
 
 from . import protocol, shm, wire
 from .errors import BusyError, EdgewardError, InferenceError, ModelNotFound, ProtocolError
-from .localapi import linger, recv_message, send_message
+from .localapi import recv_message, send_message
+from .polling import linger
 from .tensors import from_frame, to_numpy
 
 DEFAULT_SOCKET = os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock")

@@ -105,7 +105,7 @@ def parse(text: str, input_shape: list[int], input_dtype: str = "float32") -> Im
             values.update(PRESETS[part])
             continue
         key, _, raw = (s.strip() for s in part.partition("="))
-        values[key] = _value(key, raw, values)
+        values[key] = _value(key, raw)
     layout, channels, h, w = _layout_of(input_shape, values.get("layout"))
     size = values.pop("size", None)
     if size:
@@ -125,7 +125,7 @@ def parse(text: str, input_shape: list[int], input_dtype: str = "float32") -> Im
     return spec
 
 
-def _value(key: str, raw: str, values: dict):
+def _value(key: str, raw: str):
     try:
         if key == "scale":
             num, _, den = raw.partition("/")

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import shutil
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
+from .polling import linger
 from .tensors import from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -121,31 +120,6 @@ def _recv_exactly(sock: socket.socket, n: int, eof_ok: bool = False,
             raise ConnectionError("connection closed mid-message")
         got += k
     return buf
-
-
-def linger(sock: socket.socket, seconds: float, step_s: float = 10e-6) -> bool:
-    """Poll briefly for the peer's next message before sleeping in recv(); True if one came.
-
-    A peer that answers (or sends its next request) quickly finds this thread and its CPU
-    core awake instead of paying a wake-up each time; on this kind of hardware that is most
-    of the per-request overhead. Costs at most `seconds` of CPU. The socket is polled every
-    `step_s`, not back to back: a poll per microsecond slowed the peer's own work on the
-    other core, and poll() (not a non-blocking recv, which Python makes wait on a socket
-    with a timeout) lets the process's other threads run between checks."""
-    if seconds <= 0:
-        return False
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    clock = time.perf_counter
-    end = clock() + seconds
-    while True:
-        if poller.poll(0):
-            return True  # data, or the peer closed: recv() will say which
-        now = clock()
-        if now >= end:
-            return False
-        while clock() - now < step_s:
-            pass
 
 
 def error_frame(exc: Exception) -> bytes:

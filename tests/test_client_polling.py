@@ -11,7 +11,8 @@ import pytest
 from agent import client as client_mod
 from agent import protocol, wire
 from agent.client import LocalClient
-from agent.localapi import linger, recv_message, send_message
+from agent.localapi import recv_message, send_message
+from agent.polling import linger
 
 
 def _server(path, delay_s, busy: bool = False):
@@ -121,3 +122,16 @@ def test_linger_returns_as_soon_as_data_arrives_and_gives_up_after_its_window():
     assert linger(a, 1.0) is True
     assert time.perf_counter() - t0 < 0.5
     a.close(), b.close()
+
+
+def test_linger_works_on_a_pipe_as_between_the_agent_and_its_workers():
+    import os
+
+    r, w = os.pipe()
+    try:
+        assert linger(r, 0.01) is False
+        threading.Timer(0.005, lambda: os.write(w, b"x")).start()
+        assert linger(r, 1.0) is True and os.read(r, 1) == b"x"
+    finally:
+        os.close(r), os.close(w)
+
