@@ -36,7 +36,7 @@ from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_fra
                        send_message, serve_connection)
 from .outbox import Drain, Outbox
 from .stats import Stats
-from .tensors import ITEMSIZE, Tensor, check_inputs, from_frame, to_frame
+from .tensors import ITEMSIZE, Tensor, check_inputs, to_frame
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class DirectServer:
         self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
         self._drain = Drain() if submit is not None else None  # what a batch thread could not send at once
         self.stats = Stats()
-        self._headers = wire.HeaderCache(PLANS)
-        self._plans: dict[bytes, tuple[int, list]] = {}  # header bytes -> (body bytes needed, checked tensors)
+        self._frames = wire.TensorFrames(PLANS)  # each request header's parse and checks, done once
         self._answer_heads: dict[tuple, bytes] = {}  # output shapes -> answer frame up to its body
         self._slots = threading.BoundedSemaphore(max_conns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +231,7 @@ class DirectServer:
         t0 = time.perf_counter()
         answers = None
         try:
-            header, body, key = self._headers.unpack(msg)
+            header, body, key = self._frames.unpack(msg)
             if header.get("op") == "attach":  # with its descriptor it never gets here (localapi.serve_connection)
                 if shared is None:
                     raise ProtocolError("this socket takes no shared memory", "send the tensors inline")
@@ -250,7 +249,7 @@ class DirectServer:
                 answers = shared.answers  # this request's answer region, even if another is attached meanwhile
             if header.get("stream") is not None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
-            feeds = self._checked(header, body, key)
+            feeds = self._frames.tensors(header, body, key, self._check)
             if self._submit is not None and answer_later is not None:
                 self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)))
                 return None
@@ -259,22 +258,8 @@ class DirectServer:
             return self._answer(t0, None, exc)
         return self._answer(t0, out, None, answers)
 
-    def _checked(self, header: dict, body: memoryview, key: bytes) -> list[Tensor]:
-        """The request's tensors checked against the model's inputs. What the checks found is kept
-        per header (`key`): a caller's next request of the same shapes only has its bytes sliced."""
-        plan = self._plans.get(key)
-        if plan is not None and len(body) >= plan[0]:
-            return [Tensor(name, dtype, shape, body[o:o + n]) for name, dtype, shape, o, n in plan[1]]
-        tensors = from_frame(header, body)
-        feeds = check_inputs(self.model, self.specs, tensors, max_rows=self.max_rows)
-        where = {t.name: spec for t, spec in zip(tensors, header["tensors"])}
-        only = header["tensors"][0] if len(tensors) == 1 else None  # a one-input model renames it
-        entries = [(f.name, f.dtype, f.shape, (only or where[f.name])["offset"], (only or where[f.name])["nbytes"])
-                   for f in feeds]
-        if len(self._plans) >= PLANS:
-            self._plans.clear()
-        self._plans[key] = (max((o + n for *_, o, n in entries), default=0), entries)
-        return feeds
+    def _check(self, tensors: list[Tensor]) -> list[Tensor]:
+        return check_inputs(self.model, self.specs, tensors, max_rows=self.max_rows)
 
     def _answer(self, t0: float, out: list[Tensor] | None, error: BaseException | None, answers=None) -> bytes:
         """The frame for a request's outputs or error; a bug must become an answer, not a dead connection."""
@@ -298,10 +283,7 @@ class DirectServer:
             prefix = self._answer_heads.get(shapes)
             if prefix is None:
                 specs, _ = to_frame(out)
-                prefix = wire.head_bytes({**head, "tensors": specs})
-                if len(self._answer_heads) >= PLANS:
-                    self._answer_heads.clear()
-                self._answer_heads[shapes] = prefix
+                prefix = wire.remember(self._answer_heads, shapes, wire.head_bytes({**head, "tensors": specs}), PLANS)
             reply = b"".join([prefix, *(t.data for t in out)])
         self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return reply

@@ -39,11 +39,7 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
     if max_bytes is not None and len(payload) > max_bytes:
         raise ProtocolError(f"message of {len(payload)} bytes is over the {max_bytes}-byte limit",
                             "send smaller requests or raise mqtt.max_payload_kb on the device")
-    if len(payload) < 8 or payload[:4] != MAGIC:
-        raise ProtocolError("not an edgeward binary frame (missing EWF1 magic)")
-    (head_len,) = struct.unpack(">I", payload[4:8])
-    if head_len > MAX_HEADER_BYTES or 8 + head_len > len(payload):
-        raise ProtocolError(f"frame header length {head_len} does not fit a {len(payload)}-byte payload")
+    head_len = _header_length(payload)
     try:
         header = load_json(bytes(payload[8:8 + head_len]))
     except ValueError as exc:
@@ -51,6 +47,25 @@ def unpack(payload: bytes, max_bytes: int | None = None) -> tuple[dict, memoryvi
     if not isinstance(header, dict):
         raise ProtocolError("frame header must be a JSON object")
     return header, memoryview(payload)[8 + head_len:]
+
+
+def _header_length(payload) -> int:
+    """The header's length, once the magic and the length itself are checked against the payload."""
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        raise ProtocolError("not an edgeward binary frame (missing EWF1 magic)")
+    (head_len,) = struct.unpack(">I", payload[4:8])
+    if head_len > MAX_HEADER_BYTES or 8 + head_len > len(payload):
+        raise ProtocolError(f"frame header length {head_len} does not fit a {len(payload)}-byte payload")
+    return head_len
+
+
+def remember(cache: dict, key, value, entries: int = 64):
+    """Keep `value` under `key`, emptying `cache` first when it holds `entries` already: a bound
+    that costs nothing per hit, for caches whose keys repeat (one shape, one header)."""
+    if len(cache) >= entries:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class HeaderCache:
@@ -65,42 +80,43 @@ class HeaderCache:
 
     def unpack(self, payload) -> tuple[dict, memoryview, bytes]:
         """As unpack(), plus the header's bytes (the key for what callers derive from it)."""
-        if len(payload) < 8 or payload[:4] != MAGIC:
-            raise ProtocolError("not an edgeward binary frame (missing EWF1 magic)")
-        (head_len,) = struct.unpack(">I", payload[4:8])
-        if head_len > MAX_HEADER_BYTES or 8 + head_len > len(payload):
-            raise ProtocolError(f"frame header length {head_len} does not fit a {len(payload)}-byte payload")
+        head_len = _header_length(payload)
         raw = bytes(payload[8:8 + head_len])
         header = self._parsed.get(raw)
         if header is None:
             header, _ = unpack(payload)
             if head_len <= self.max_key:
-                if len(self._parsed) >= self.entries:
-                    self._parsed.clear()
-                self._parsed[raw] = header
+                remember(self._parsed, raw, header, self.entries)
         return header, memoryview(payload)[8 + head_len:], raw
 
 
 class TensorFrames(HeaderCache):
     """A HeaderCache that also keeps where each header's tensors lie, checked once (from_frame's
-    checks): the next frame with that header only has its body sliced."""
+    checks, and the caller's own `check`): the next frame with that header only has its body
+    sliced; a body too short for the header goes through the checks again, which refuse it."""
 
     def __init__(self, entries: int = 64, max_key: int = 2048):
         super().__init__(entries, max_key)
         self._layouts: dict[bytes, tuple[int, list]] = {}
 
-    def tensors(self, header: dict, body: memoryview, key: bytes) -> list:
-        """The frame's tensors, as from_frame(header, body) gives them."""
+    def tensors(self, header: dict, body: memoryview, key: bytes, check=None) -> list:
+        """The frame's tensors, as from_frame(header, body) gives them, or as `check` (a function
+        of those tensors that depends on the header alone: names, dtypes, shapes) returns them.
+        `check` may reorder them and rename a lone tensor, not make new bytes."""
         layout = self._layouts.get(key)
         if layout is not None and len(body) >= layout[0]:
             return [Tensor(name, dtype, shape, body[o:o + n]) for name, dtype, shape, o, n in layout[1]]
-        out = from_frame(header, body)
+        found = from_frame(header, body)
+        out = check(found) if check else found
         if len(key) <= self.max_key:
-            entries = [(t.name, t.dtype, t.shape, spec["offset"], spec["nbytes"])
-                       for t, spec in zip(out, header["tensors"] if out else [])]
-            if len(self._layouts) >= self.entries:
-                self._layouts.clear()
-            self._layouts[key] = (max((o + n for *_, o, n in entries), default=0), entries)
+            specs = header["tensors"] if found else []
+            if out is found:
+                pairs = list(zip(found, specs))
+            else:  # checked: by name, or the lone tensor under the model's input name
+                where = {t.name: spec for t, spec in zip(found, specs)}
+                pairs = [(t, specs[0] if len(found) == 1 else where[t.name]) for t in out]
+            entries = [(t.name, t.dtype, t.shape, spec["offset"], spec["nbytes"]) for t, spec in pairs]
+            remember(self._layouts, key, (max((o + n for *_, o, n in entries), default=0), entries), self.entries)
         return out
 
 
@@ -134,9 +150,7 @@ def frame_parts(tensors: dict, heads: dict | None = None, **header) -> list:
     head = head_bytes({**header, "tensors": specs})
     if heads is not None and key is not None and len(key[1]) == len(tensors) and all(
             isinstance(b, memoryview) for b in buffers):  # only arrays sent as they are: their bytes are the body
-        if len(heads) >= 64:
-            heads.clear()
-        heads[key] = head
+        remember(heads, key, head)
     return [head, *buffers]
 
 

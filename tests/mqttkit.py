@@ -40,6 +40,25 @@ class RunningAgent:
         self.agent.stop()
 
 
+def offline_agent(store, pub, device: str, install=()) -> tuple[RunningAgent, str]:
+    """An agent with no reachable broker, serving `install` on its local API: (agent, socket path),
+    once the socket is up and every bundle serves."""
+    from agent.client import LocalClient
+
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": device, "store.path": str(store),
+                       "trust.keys": [str(pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=install)
+    sock = store / "agent.sock"
+    try:
+        wait_for(lambda: sock.exists(), what="local API socket")
+        with LocalClient(str(sock)) as client:
+            wait_for(lambda: len(client.models()) == len(install), what="the models")
+    except BaseException:
+        ra.stop()
+        raise
+    return ra, str(sock)
+
+
 class RawClient:
     def __init__(self, url_port: int):
         self.port = url_port

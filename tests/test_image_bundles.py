@@ -16,7 +16,7 @@ from agent.client import LocalClient
 from agent.signing import load_public_key
 from converters import zoo
 
-from mqttkit import RunningAgent, wait_for
+from mqttkit import offline_agent
 
 
 def _cli(*args, timeout=300):
@@ -86,15 +86,8 @@ def test_image_data_without_a_spec_or_a_spec_without_images_is_refused_and_nothi
 def test_the_board_prepares_photos_as_the_bundle_says_and_names_the_classes(image_bundle, assets, digit_pngs,
                                                                             tmp_path):
     out, _ = image_bundle
-    store = tmp_path / "store"
-    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-cam", "store.path": str(store),
-                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
-                      install=[out, assets.v1])
+    ra, sock = offline_agent(tmp_path / "store", assets.pub, "pi-cam", [out])
     try:
-        sock = store / "agent.sock"
-        wait_for(lambda: sock.exists(), what="local API socket")
-        with LocalClient(str(sock)) as client:
-            wait_for(lambda: len(client.models()) == 1, what="the model")
         results = tmp_path / "r.jsonl"
         r = _cli("infer", "--model", "digits", "--input", digit_pngs / "eval", "--batch", "16",
                  "--output", results, "--socket", sock)
@@ -104,7 +97,7 @@ def test_the_board_prepares_photos_as_the_bundle_says_and_names_the_classes(imag
         # the same pixels as the converter measured: the same answers as the arrays they came from
         _, _, x_te, y_te = zoo.digits_dataset()
         pixels = (np.round(x_te[:200] * 255) / 255).astype(np.float32)
-        with LocalClient(str(sock)) as client:
+        with LocalClient(sock) as client:
             want = client.infer("digits", pixels)["logits"]
         order = sorted(range(200), key=lambda i: (f"{y_te[i]}", f"{i:04d}"))  # the files' order: class, name
         assert [rec["top1"] for rec in lines] == want[order].argmax(1).tolist()
@@ -127,15 +120,8 @@ def test_the_board_prepares_photos_as_the_bundle_says_and_names_the_classes(imag
 
 
 def test_a_bundle_without_a_spec_takes_photos_only_with_preprocess(assets, digit_pngs, tmp_path):
-    store = tmp_path / "store"
-    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-npz", "store.path": str(store),
-                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
-                      install=[assets.v1])
+    ra, sock = offline_agent(tmp_path / "store", assets.pub, "pi-npz", [assets.v1])
     try:
-        sock = store / "agent.sock"
-        wait_for(lambda: sock.exists(), what="local API socket")
-        with LocalClient(str(sock)) as client:
-            wait_for(lambda: len(client.models()) == 1, what="the model")
         cmd = ["infer", "--model", "digits", "--input", digit_pngs / "calib", "--output", tmp_path / "r.jsonl",
                "--socket", sock]
         r = _cli(*cmd)

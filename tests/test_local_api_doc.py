@@ -11,7 +11,7 @@ import numpy as np
 
 from agent.client import LocalClient
 
-from mqttkit import RunningAgent, wait_for
+from mqttkit import offline_agent
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "LOCAL_API.md"
 
@@ -25,14 +25,9 @@ def _example() -> str:
 def test_the_documented_client_talks_to_a_real_agent(assets, tmp_path):
     code = _example()
     assert "import agent" not in code and "from agent" not in code  # the wire format alone
-    store = tmp_path / "store"
-    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-doc", "store.path": str(store),
-                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
-                      install=[assets.v1])
+    ra, sock = offline_agent(tmp_path / "store", assets.pub, "pi-doc", [assets.v1])
     try:
-        sock = store / "agent.sock"
-        wait_for(lambda: sock.exists(), what="local API socket")
-        with LocalClient(str(sock)) as client:
+        with LocalClient(sock) as client:
             (spec,) = [m for m in client.models() if m["name"] == "digits"][0]["inputs"]
             shape = [1 if d < 0 else d for d in spec["shape"]]
             logits = client.infer("digits", np.full(shape, 0.5, np.float32))["logits"]
