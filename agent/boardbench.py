@@ -53,6 +53,8 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
         raise ModelNotFound(f"no model named {model!r} is serving; serving: {', '.join(sorted(served)) or 'none'}",
                             "deploy it first, or pick one of those")
     info = served[model]
+    if bare:  # before the agent's steps: a bench that cannot finish should not start
+        _check_readable(info)
     stateful = info["mode"] == "stateful"
     rng = np.random.default_rng(0)
     feeds = random_inputs(info["inputs"], rng)
@@ -76,13 +78,6 @@ def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: floa
     """The bare runtime on the same file and threads, and both sides' memory (after their runs)."""
     from .barebench import run_bare
 
-    if "file" not in info:
-        raise EdgewardError("this agent does not say where its models run", "upgrade the agent on this board")
-    import os
-
-    if not os.access(info["file"], os.R_OK):
-        raise EdgewardError(f"cannot read {info['file']}, the model file the agent runs",
-                            "the store is the agent's alone: run it with sudo, or as the agent's user")
     agent_pid = _peer_pid(socket_path)
     batched = info["mode"] == "batched"
     for s in steps:
@@ -98,6 +93,15 @@ def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: floa
                      "p50_ms": round(ref["p50_ms"], 4), "rss_mb": round(compared, 1)},
             "memory": {**{k: (round(v, 1) if v is not None else None) for k, v in agent_mb.items()},
                        "total": round(total, 1), "ratio": round(total / compared, 3) if compared else None}}
+
+
+def _check_readable(info: dict) -> None:
+    """The bare run reads the installed model file itself."""
+    if "file" not in info:
+        raise EdgewardError("this agent does not say where its models run", "upgrade the agent on this board")
+    if not os.access(info["file"], os.R_OK):
+        raise EdgewardError(f"cannot read {info['file']}, the model file the agent runs",
+                            "the store is the agent's alone: run it with sudo, or as the agent's user")
 
 
 def _peer_pid(socket_path: str) -> int | None:
