@@ -27,24 +27,19 @@ import numpy as np
 
 from .client import LocalClient
 from .errors import EdgewardError
+from .images import is_image
 
 
 NUMPY_SUFFIXES = (".npy", ".npz")
 
 
-def _is_image(path: Path) -> bool:
-    from .images import SUFFIXES
-
-    return path.suffix.lower() in SUFFIXES
-
-
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in NUMPY_SUFFIXES or _is_image(p)))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in NUMPY_SUFFIXES or is_image(p)))
         if not files:
             raise EdgewardError(f"{path} holds no .npy, .npz or image files",
                                 "save inputs with numpy.save / numpy.savez, or point at a folder of images")
-        if len({_is_image(p) for p in files}) > 1:
+        if len({is_image(p) for p in files}) > 1:
             raise EdgewardError(f"{path} holds both arrays and images", "run one job on each kind")
         return files
     if not path.is_file():
@@ -139,7 +134,7 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         if info is None:
             raise EdgewardError(f"no model named {model!r} is serving on this board",
                                 "see `edgeward agent status` for what is loaded")
-        if _is_image(files[0]):
+        if is_image(files[0]):
             spec = _image_spec(info, preprocess)
             total, batches = len(files), _image_batches(files, info["inputs"][0]["name"], spec, batch)
         else:

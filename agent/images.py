@@ -230,9 +230,14 @@ def _resized(im, spec: ImageSpec, Image):
     return canvas
 
 
+def is_image(path: Path) -> bool:
+    """Whether a file's name says it is an image Pillow reads."""
+    return path.suffix.lower() in SUFFIXES
+
+
 def files_in(folder: Path) -> list[Path]:
     """The image files under `folder`, in a stable order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    return sorted(p for p in Path(folder).rglob("*") if is_image(p) and p.is_file())
 
 
 def spread(files: list, limit: int | None) -> list:
