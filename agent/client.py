@@ -3,13 +3,12 @@
     from agent.client import LocalClient
     with LocalClient() as c:                      # /run/edgeward/agent.sock by default
         out = c.infer("digits", {"input": x})     # dict of numpy arrays
-        out = c.infer("kws", frame, stream="mic-0")   # stateful model: the agent keeps the state
+        out = c.infer("kws", frame, stream="mic-0")   # stateful model: the model's worker keeps the state
 
 Thread-safe: each thread gets its own connections, so concurrent callers do not queue
-behind each other here (a batched model batches them). For a stateless
-model the client asks the agent once where the model's worker
-listens and then talks to it directly (agent/direct.py), falling back to the agent when
-that worker is replaced or restarted. There, a request larger than the socket's send
+behind each other here (a batched model batches them). The client asks the
+agent once where a model's worker listens and then talks to it directly
+(agent/direct.py), falling back to the agent when that worker is replaced or restarted. There, a request larger than the socket's send
 buffer (~208 kB: a 224x224 float image, say) travels in shared memory (agent/shm.py): its
 tensors are copied once into a sealed memfd attached to the connection, and only the header
 crosses the socket (`shared_memory=False` to send them inline; a worker that refuses gets
@@ -61,7 +60,7 @@ class LocalClient:
         self.spin_s = max(0, spin_us) / 1e6 if (os.cpu_count() or 1) > 1 else 0.0
         self._in_flight = 0
         self._waits: dict[str | None, deque] = {}  # socket -> seconds its last few answers took
-        self.direct = direct          # talk to streaming models' workers directly (one hop fewer)
+        self.direct = direct          # talk to models' workers directly (one hop fewer)
         self._routes: dict[str, str | None] = {}
         self._local = threading.local()
         self._frames = wire.TensorFrames()  # answers' headers parsed and checked once per distinct header
@@ -150,7 +149,7 @@ class LocalClient:
                 region.close()
 
     def _route(self, model: str) -> str | None:
-        """The model worker's own socket, if the agent offers one (streaming models), else None."""
+        """The model worker's own socket, if the agent offers one, else None."""
         if model not in self._routes:
             try:
                 header, _, _ = self._call(wire.pack({"v": protocol.VERSION, "op": "route", "model": model}))
@@ -164,10 +163,10 @@ class LocalClient:
         if not isinstance(feeds, dict):
             feeds = {"input": feeds}
         extra = {"stream": stream} if stream is not None else {}
-        direct = self._route(model) if stream is None and self.direct else None
+        direct = self._route(model) if self.direct else None
         if direct is not None:
             try:
-                header, body, key = self._call(self._request(direct, model, feeds), direct)
+                header, body, key = self._call(self._request(direct, model, feeds, extra), direct)
                 return self._outputs(direct, header, body, key)
             except EdgewardError as exc:
                 if exc.code not in ("error", "model_crashed", "busy"):
@@ -178,11 +177,11 @@ class LocalClient:
         return {t.name: to_numpy(t) for t in self._frames.tensors(header, body, key)}
 
     # -- shared memory on a worker's socket (agent/shm.py) -------------------------------------------
-    def _request(self, path: str, model: str, feeds: dict) -> bytes | list:
+    def _request(self, path: str, model: str, feeds: dict, extra: dict) -> bytes | list:
         """The request for a model worker's socket: its tensors in this connection's request
         region when they do not fit the socket's send buffer (attaching one first if needed),
         else inline; asking for the answer in the answer region when one is attached."""
-        head = {"v": protocol.VERSION, "op": "infer", "model": model}
+        head = {"v": protocol.VERSION, "op": "infer", "model": model, **extra}
         regions = self._regions()
         if regions.get((path, "answers")):
             head["answer_shm"] = True

@@ -1,11 +1,11 @@
 """Direct connections from local apps to a model's worker: one hop instead of two.
 
-For a stateless model, the worker also listens on its own Unix socket (the agent hands
-its path to clients with the local API's ``route`` op). A request then goes app → worker
-→ app, the same frames as the agent's socket, with the same checks (names, dtypes,
-shapes, finite values) and the same error answers. A batched model batches these
-requests in the worker (agent/batcher.py), next to the runtime. Stateful models are not
-served here: a stream's calls must meet in the agent.
+The worker also listens on its own Unix socket (the agent hands its path to clients with
+the local API's ``route`` op). A request then goes app → worker → app, the same frames as
+the agent's socket, with the same checks (names, dtypes, shapes, finite values) and the
+same error answers. A batched model batches these requests in the worker
+(agent/batcher.py), next to the runtime. A stateful model's streams live in the worker
+(agent/streams.py), so a stream's calls meet there whichever socket they come through.
 
 The worker counts these requests itself; the agent adds them to the model's telemetry.
 
@@ -36,6 +36,7 @@ from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_fra
                        send_message, serve_connection)
 from .outbox import Drain, Outbox
 from .stats import Stats
+from .streams import stream_id
 from .tensors import ITEMSIZE, Tensor, check_inputs, to_frame
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class DirectServer:
     def __init__(self, path: str, mode: int, model: str, version: int, specs: list,
                  run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
                  max_rows: int | None = None, submit: Callable | None = None, reader: bool | None = None,
-                 max_message: int = MAX_MESSAGE, max_held: int = 1 << 36):
+                 max_message: int = MAX_MESSAGE, max_held: int = 1 << 36,
+                 run_stream: Callable[[list[Tensor], str | None], list[Tensor]] | None = None):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.max_message = max_message  # api.max_request_mb: bytes one request may make this worker hold
@@ -70,6 +72,7 @@ class DirectServer:
         self.spin_s = spin_us / 1e6
         self._activity = Activity()
         self._run = run
+        self._run_stream = run_stream  # a stateful model: (inputs, stream id) -> outputs
         self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
         self._drain = Drain() if submit is not None else None  # what a batch thread could not send at once
         self.stats = Stats()
@@ -247,13 +250,17 @@ class DirectServer:
                 body = memoryview(shared.region)
             if header.get("answer_shm") and shared is not None:
                 answers = shared.answers  # this request's answer region, even if another is attached meanwhile
-            if header.get("stream") is not None:
+            stream = stream_id(header.get("stream"))
+            if stream is not None and self._run_stream is None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
             feeds = self._frames.tensors(header, body, key, self._check)
-            if self._submit is not None and answer_later is not None:
+            if self._run_stream is not None:
+                out = self._run_stream(feeds, stream)
+            elif self._submit is not None and answer_later is not None:
                 self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)))
                 return None
-            out = self._run(feeds)
+            else:
+                out = self._run(feeds)
         except Exception as exc:
             return self._answer(t0, None, exc)
         return self._answer(t0, out, None, answers)

@@ -25,12 +25,11 @@ from .batcher import Batcher
 from .budget import Budget
 from .bundle import REFERENCE, Manifest, read_installed_manifest
 from .config import ApiConfig, ServingConfig
-from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
+from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, ProtocolError, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
 from .runtimes import copies_for
 from .stats import Stats
-from .streams import Streams
 from .tensors import Tensor, check_inputs, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
@@ -66,13 +65,13 @@ class LoadedModel:
         self._cv = threading.Condition()
         self._restart_lock = threading.Lock()
         self._last_restart = 0.0
-        # what callers send and get back: the recurrent state stays inside the agent
+        # what callers send and get back: the recurrent state stays in the worker (agent/streams.py)
         self.request_inputs = [s for s in manifest.inputs if s.name not in manifest.state]
         self.reply_outputs = [s for s in manifest.outputs if s.name not in manifest.state.values()]
         self.fixed_batch = fixed_batch(manifest)
-        self.streams = Streams(manifest, self._execute, self.serving.max_streams) if manifest.state else None
+        self.stateful = bool(manifest.state)
         self._batcher = None
-        if self.serving.mode == "batched" and self.streams is None:
+        if self.serving.mode == "batched" and not self.stateful:
             # the worker's pipe takes one call at a time: a second thread gathers the next batch meanwhile
             self._batcher = Batcher(self.name, self._execute, self.serving.max_batch, self.serving.max_delay_ms,
                                     self.serving.preferred_batch, self.fixed_batch, self.serving.max_queue,
@@ -108,9 +107,11 @@ class LoadedModel:
         t0 = time.perf_counter()
         self.last_used = time.monotonic()
         try:
-            if self.streams is not None:
+            if stream is not None and not self.stateful:
+                raise ProtocolError(f"model {self.name!r} keeps no stream state", "leave out the stream id")
+            if self.stateful:
                 feeds = check_inputs(self.name, self.request_inputs, tensors)
-                out = self.streams.run(stream, feeds)
+                out = self._execute(feeds, stream)
             elif self._batcher is not None:
                 feeds = check_inputs(self.name, self.request_inputs, tensors, max_rows=self.fixed_batch)
                 out = self._batcher.submit(feeds)
@@ -123,10 +124,11 @@ class LoadedModel:
         self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return out
 
-    def _execute(self, feeds: list[Tensor]) -> list[Tensor]:
+    def _execute(self, feeds: list[Tensor], stream: str | None = None) -> list[Tensor]:
         proc = self._worker()
         try:
-            _, out = proc.call({"op": "run"}, feeds, timeout=self.timeout_s, what="request")
+            _, out = proc.call({"op": "run", "stream": stream} if stream is not None else {"op": "run"}, feeds,
+                               timeout=self.timeout_s, what="request")
         except WorkerCrashed as exc:
             self.emit("model_crashed", f"{self.name} v{self.version}: {exc.message}", level="error",
                       model=self.name, version=self.version)
@@ -148,9 +150,17 @@ class LoadedModel:
             self._last_restart = time.monotonic()
             self.proc.close()
             self.proc = self._start_worker()
-            self.emit("model_restarted", f"{self.name} v{self.version}: a fresh worker serves it",
+            lost = "; its streams start over from zero state" if self.stateful else ""
+            self.emit("model_restarted", f"{self.name} v{self.version}: a fresh worker serves it{lost}",
                       model=self.name, version=self.version, data={"pid": self.proc.pid})
             return self.proc
+
+    def reset_stream(self, stream: str) -> bool:
+        """Forget one stream's state (kept in the worker); True if it had one."""
+        if not self.stateful or not self.proc.alive():
+            return False
+        return bool(self.proc.call({"op": "reset", "stream": stream}, timeout=self.timeout_s,
+                                   what="stream reset")[0].get("reset"))
 
     def infer_arrays(self, feeds: dict, stream: str | None = None) -> dict:
         """numpy in, numpy out: for in-process callers and tests (the agent itself never needs numpy)."""
@@ -169,13 +179,13 @@ class LoadedModel:
 
     @property
     def direct_socket(self) -> str | None:
-        """The worker's own socket for local apps (stateless models), while the worker lives."""
+        """The worker's own socket for local apps, while the worker lives."""
         path = self.proc.direct_path
         return path if path and self.proc.alive() else None
 
     @property
     def mode(self) -> str:
-        return "stateful" if self.streams is not None else ("batched" if self._batcher is not None else "streaming")
+        return "stateful" if self.stateful else ("batched" if self._batcher is not None else "streaming")
 
     def self_test(self) -> dict:
         """Re-run the reference inputs in the worker; the outputs must match those shipped in the bundle."""
@@ -293,20 +303,25 @@ class Engine:
         """Admit and load a model from an installed folder into its own worker, without making it serve yet."""
         manifest = read_installed_manifest(folder)
         serving = self.serving_for(manifest.name)
-        direct = bool(self.direct_dir) and not manifest.state  # local apps reach the worker on its own socket
-        batched_in_worker = direct and serving.mode == "batched"
+        direct = bool(self.direct_dir)  # local apps reach the worker on its own socket
+        batched_in_worker = direct and serving.mode == "batched" and not manifest.state
         copies = copies_for(manifest.runtime, batched_in_worker, serving.batches_in_flight)
         self.admit_declared(manifest.name, manifest.runtime, manifest.memory.load_mb * copies,
                             manifest.memory.runtime_mb, evict=True)
         path = str(folder / manifest.model_file)
 
+        load = {"op": "load", "runtime": manifest.runtime, "path": path, "threads": self.threads,
+                "providers": self.providers, "copies": copies}
+        if manifest.state:  # the worker keeps each stream's state (agent/streams.py)
+            load.update(state=manifest.state, max_streams=serving.max_streams,
+                        state_specs=[{"name": s.name, "dtype": s.dtype, "shape": s.shape}
+                                     for s in manifest.inputs if s.name in manifest.state])
+
         def start_worker() -> ModelProcess:
             proc = ModelProcess()
             try:
                 self.worker_base_mb = proc.base_rss_mb or self.worker_base_mb
-                reply, _ = proc.call({"op": "load", "runtime": manifest.runtime, "path": path,
-                                      "threads": self.threads, "providers": self.providers, "copies": copies},
-                                     timeout=120, what="load")
+                reply, _ = proc.call(load, timeout=120, what="load")
             except BaseException:
                 proc.close()
                 raise
@@ -320,7 +335,8 @@ class Engine:
                             ", ".join(missing))
             if direct:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
-                specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in manifest.inputs]
+                specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape}
+                         for s in manifest.inputs if s.name not in manifest.state]
                 batch = None
                 if batched_in_worker:  # local apps' requests are batched in the worker itself
                     batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,

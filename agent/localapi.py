@@ -39,6 +39,7 @@ from typing import Callable
 from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .polling import linger
+from .streams import stream_id
 from .tensors import from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,10 @@ class LocalApi:
                                   "version": model.version})
             if op == "reset":
                 model = self.engine.get(str(header.get("model")))
-                found = model.streams.reset(str(header.get("stream"))) if model.streams else False
+                stream = stream_id(header.get("stream"))
+                if stream is None:
+                    raise ProtocolError("reset needs a stream id", "send the stream to forget as \"stream\"")
+                found = model.reset_stream(stream)
                 return wire.pack({"v": protocol.VERSION, "status": "ok", "reset": found})
             raise ProtocolError(f"unknown op {op!r}", "use infer, route, reset or models")
         except Exception as exc:  # a bug must not take the connection's thread down silently
@@ -361,9 +365,7 @@ class LocalApi:
         name = header.get("model")
         if not isinstance(name, str):
             raise ProtocolError("infer needs a model name")
-        stream = header.get("stream")
-        if stream is not None and not isinstance(stream, str):
-            raise ProtocolError("stream must be a string")
+        stream = stream_id(header.get("stream"))
         tensors = from_frame(header, body)
         if not self._slots.acquire(blocking=False):
             raise BusyError("agent is busy: too many pending requests", "retry later")

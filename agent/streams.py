@@ -2,11 +2,16 @@
 
 A model declares its state in the manifest (`state: {input: output}`), as voice activity
 detection and keyword spotting models do with an RNN's hidden state. Callers name a
-stream; the agent feeds the stream's last state (zeros at first) with each request and
-keeps the state the model returns. Streams are independent, calls on one stream run in
-order, and results do not depend on how a caller chunks its input. A call without a
-stream id runs from a zero state and keeps nothing. The least recently used streams
-are forgotten beyond `max_streams`.
+stream; the model's worker feeds the stream's last state (zeros at first) with each
+request and keeps the state the model returns. Streams are independent, calls on one
+stream run in order, and results do not depend on how a caller chunks its input. A call
+without a stream id runs from a zero state and keeps nothing. The least recently used
+streams are forgotten beyond `max_streams`.
+
+The state lives in the worker, next to the runtime: requests through the agent's socket,
+its MQTT pipelines and local apps on the worker's own socket all reach the same streams,
+and a local app's call is one hop. A worker that is restarted after a crash starts every
+stream over from zero.
 """
 
 from __future__ import annotations
@@ -15,8 +20,20 @@ import threading
 from collections import OrderedDict
 from typing import Callable
 
-from .bundle import Manifest
+from .errors import ProtocolError
 from .tensors import Tensor, zeros
+
+MAX_STREAM_ID = 256  # characters: a stream id is a caller's name for one microphone, camera, ...
+
+
+def stream_id(value) -> str | None:
+    """A request's stream id, checked: None, or a string of 1 to MAX_STREAM_ID characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_STREAM_ID:
+        raise ProtocolError(f"stream must be a string of 1 to {MAX_STREAM_ID} characters",
+                            "name the stream, e.g. \"mic-0\"")
+    return value
 
 
 class _Stream:
@@ -26,12 +43,14 @@ class _Stream:
 
 
 class Streams:
-    def __init__(self, manifest: Manifest, execute: Callable[[list[Tensor]], list[Tensor]], max_streams: int):
+    def __init__(self, state: dict[str, str], specs: list, execute: Callable[[list[Tensor]], list[Tensor]],
+                 max_streams: int):
+        """`state`: input name -> the output that carries it to the next call; `specs`: the
+        state inputs' specs (name, dtype, shape), whose zeros start a stream."""
         self._execute = execute
         self._max = max_streams
-        self._state_of = dict(manifest.state)                    # input -> output
-        self._input_of = {o: i for i, o in manifest.state.items()}  # output -> input
-        self._initial = [zeros(s.name, s.dtype, s.shape) for s in manifest.inputs if s.name in self._state_of]
+        self._input_of = {o: i for i, o in state.items()}  # output -> input
+        self._initial = [zeros(s.name, s.dtype, s.shape) for s in specs if s.name in state]
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -41,6 +41,7 @@ class Worker:
         self.outputs: list[str] = []
         self.direct = None
         self.batcher = None
+        self.streams = None  # agent.streams.Streams, for a model that declares recurrent state
         self._lock = None  # set for runtimes that must not run from two threads at once
         self.threads = 1
 
@@ -54,6 +55,12 @@ class Worker:
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
         if not getattr(self.runtime, "thread_safe", False):
             self._lock = threading.Lock()
+        if h.get("state"):
+            from .streams import Streams
+            from .tensors import InputSpec
+
+            specs = [InputSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["state_specs"]]
+            self.streams = Streams(h["state"], specs, self.run_tensors, int(h.get("max_streams", 1024)))
         return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb(),
                 "providers": getattr(self.runtime, "providers", None)}, []
 
@@ -69,7 +76,22 @@ class Worker:
     def run(self, h: dict, body) -> tuple[dict, list]:
         from .tensors import from_frame
 
-        return {}, self.run_tensors(from_frame(h, body))
+        return {}, self.run_on(from_frame(h, body), h.get("stream"))
+
+    def run_on(self, tensors: list, stream: str | None) -> list:
+        """Run a request: on its stream's state for a stateful model (a zero state without a
+        stream id); a stream id for a model without state is the caller's mistake."""
+        if self.streams is not None:
+            return self.streams.run(stream, tensors)
+        if stream is not None:
+            from .errors import ProtocolError
+
+            raise ProtocolError("this model keeps no stream state", "leave out the stream id")
+        return self.run_tensors(tensors)
+
+    def reset(self, h: dict, _body) -> tuple[dict, list]:
+        """Forget one stream's state; says whether there was one."""
+        return {"reset": bool(self.streams is not None and self.streams.reset(str(h.get("stream"))))}, []
 
     def run_tensors(self, tensors: list) -> list:
         """Check the values (finite floats) and run the model; outputs as Tensors. (Every request
@@ -100,6 +122,11 @@ class Worker:
             self.direct.stats.record_run(feeds[0].rows if feeds else 1)
             return out
 
+        def on_stream(feeds: list, stream: str | None) -> list:  # a stateful model: the stream's state
+            out = self.streams.run(stream, feeds)
+            self.direct.stats.record_run(feeds[0].rows if feeds else 1)
+            return out
+
         run, max_rows, submit = counted, None, None
         batch = h.get("batch")
         if batch:  # gather local apps' requests into micro-batches here, next to the runtime
@@ -112,7 +139,8 @@ class Worker:
         self.direct = DirectServer(h["path"], int(h["mode"]), h["model"], int(h["version"]), specs, run,
                                    int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows,
                                    submit=submit, max_message=int(h["max_message"]),
-                                   max_held=int(h["max_held"]))
+                                   max_held=int(h["max_held"]),
+                                   run_stream=on_stream if self.streams is not None else None)
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:

@@ -140,8 +140,10 @@ class _Model:
     name, version, mode = "m", 1, "streaming"
     request_inputs = [TensorSpec("x", "float32", [-1, 2])]
     reply_outputs = [TensorSpec("y", "float32", [-1, 2])]
-    streams = None
     direct_socket = None
+
+    def reset_stream(self, stream):  # a model without state has no streams to forget
+        return False
 
     def where(self):
         return {"runtime": "onnxruntime", "file": "/nonexistent/model.onnx", "pid": 0, "providers": [],

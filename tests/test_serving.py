@@ -179,8 +179,35 @@ def test_stateful_streams_are_independent_and_do_not_depend_on_chunking(tmp_path
     np.testing.assert_allclose(whole["scores"], bare, rtol=0, atol=1e-6)
     # a stream continues where it stopped; a reset starts it over
     assert not np.allclose(run("a", frames[:5])["scores"], whole["scores"][:5])
-    assert engine.get("kws").streams.reset("a")
+    assert engine.get("kws").reset_stream("a")
     np.testing.assert_allclose(run("a", frames[:5])["scores"], whole["scores"][:5], atol=1e-6)
+    engine.close()
+
+
+def test_a_restarted_worker_starts_its_streams_over_and_says_so(tmp_path, assets, rnn_bundle):
+    """The streams live in the worker: a crash loses them, and the next call on a stream runs
+    from zero state as if the stream were new (never on a half-kept state)."""
+    events = []
+    engine = _engine(tmp_path, assets, [rnn_bundle], emit=lambda kind, msg, **kw: events.append((kind, msg)))
+    frames = np.random.default_rng(9).random((6, 1, 8), dtype=np.float32)
+    fresh = engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["scores"]
+    assert not np.allclose(engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["scores"], fresh)
+    model = engine.get("kws")
+    os.kill(model.proc.pid, signal.SIGKILL)
+    model.proc._proc.wait(10)
+    np.testing.assert_allclose(engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["scores"], fresh,
+                               atol=1e-6)
+    restarted = [msg for kind, msg in events if kind == "model_restarted"]
+    assert len(restarted) == 1 and "its streams start over from zero state" in restarted[0]
+    engine.close()
+
+
+def test_a_stream_id_for_a_model_without_state_is_refused(tmp_path, assets):
+    engine = _engine(tmp_path, assets, [assets.v1])
+    x = assets.eval_inputs(1)
+    with pytest.raises(ProtocolError, match="keeps no stream state"):
+        engine.infer_arrays("digits", {"input": x}, stream="mic-0")
+    assert engine.infer_arrays("digits", {"input": x})[1]["logits"].shape == (1, 10)
     engine.close()
 
 
@@ -219,6 +246,31 @@ def test_local_clients_get_the_same_answers_as_the_model(agent_with_api, assets)
                             client.infer("kws", {"frames": frames[4:]}, stream="mic-1")["scores"]])
         np.testing.assert_allclose(a, b, atol=1e-6)
         assert client.reset("kws", "mic-0") and not client.reset("kws", "never-used")
+
+
+def test_a_stream_continues_whichever_socket_its_calls_come_through(agent_with_api):
+    """A stateful model's worker keeps its streams and takes local apps' calls on its own
+    socket: chunks sent alternately there and through the agent (as an MQTT pipeline's are)
+    continue one stream, and the worker counted the calls it took directly."""
+    ra, path = agent_with_api
+    frames = np.random.default_rng(4).random((12, 1, 8), dtype=np.float32)
+    model = ra.agent.engine.get("kws")
+    before = model.snapshot().requests
+    with LocalClient(path) as direct, LocalClient(path, direct=False) as via_agent:
+        whole = direct.infer("kws", {"frames": frames}, stream="both")["scores"]
+        assert direct._routes["kws"] == model.direct_socket is not None
+        pieces = [(direct if i % 2 else via_agent).infer("kws", {"frames": frames[lo:lo + 3]}, stream="mixed")["scores"]
+                  for i, lo in enumerate(range(0, 12, 3))]
+        np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-6)
+        assert via_agent.reset("kws", "mixed")
+        np.testing.assert_allclose(direct.infer("kws", {"frames": frames[:3]}, stream="mixed")["scores"],
+                                   whole[:3], atol=1e-6)  # the reset reached the worker's streams
+        for client in (direct, via_agent):
+            with pytest.raises(ProtocolError, match="stream must be a string of 1 to 256"):
+                client.infer("kws", {"frames": frames[:1]}, stream="x" * 257)
+            with pytest.raises(ProtocolError, match="keeps no stream state"):
+                client.infer("digits", np.zeros((1, 1, 8, 8), np.float32), stream="mic-0")
+    assert model.snapshot().requests - before >= 6  # 1 + 2 + 1 direct calls, 2 through the agent
 
 
 def test_edgeward_bench_measures_a_serving_model_through_the_local_api(agent_with_api):

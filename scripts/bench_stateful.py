@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Stateful-stream benchmark: a keyword-spotting-shaped RNN served with per-stream state,
+through the agent's local API, beside the bare runtime running the same file.
+
+What it measures, side by side in one run (issue 4's latency target applies to every model):
+  - p50 latency of one frame on one stream, calls one after another, against the bare
+    runtime's p50 at batch 1 (limit: 1.10x bare + 0.2 ms);
+  - frames/s with several streams at once (one thread per stream, in 2 client processes);
+  - RSS of the agent and its worker with the model loaded, against the bare script's.
+
+The agent runs as its own process (`edgeward agent`) with a private Mosquitto, as on a board.
+
+    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_agent import AgentProc, tree_memory  # noqa: E402
+
+from agent.barebench import run_bare  # noqa: E402
+from agent.bundle import Manifest, SelfTest, TensorSpec, write_bundle  # noqa: E402
+from agent.client import LocalClient  # noqa: E402
+from agent.devbroker import LocalBroker  # noqa: E402
+from agent.signing import generate_keypair, load_private_key  # noqa: E402
+from agent.tables import format_table  # noqa: E402
+from converters import zoo  # noqa: E402
+
+FEATURES, CLASSES = 8, 4
+
+
+def make_bundle(work: Path, hidden: int) -> tuple[Path, Path, Path]:
+    """The RNN as a signed FP32 bundle with its state declared; also the model file and one frame."""
+    import onnxruntime as ort
+
+    key, pub, _ = generate_keypair(work / "signing")
+    path = zoo.build_stateful_rnn(work / "kws.onnx", features=FEATURES, hidden=hidden, classes=CLASSES)
+    frames = np.random.default_rng(1).random((6, 1, FEATURES), dtype=np.float32)
+    h = np.zeros((1, 1, hidden), np.float32)
+    scores, _ = ort.InferenceSession(str(path)).run(None, {"frames": frames, "h": h})
+    ref = work / "kws-reference.npz"
+    np.savez(ref, **{"input.frames": frames, "input.h": h, "expected.scores": scores})
+    manifest = Manifest(name="kws", version=1, format="onnx", model_file="model.onnx", runtime="onnxruntime",
+                        precision="fp32", state={"h": "h_out"},
+                        inputs=[TensorSpec("frames", "float32", [-1, 1, FEATURES]),
+                                TensorSpec("h", "float32", [1, 1, hidden])],
+                        outputs=[TensorSpec("scores", "float32", [-1, 1, CLASSES]),
+                                 TensorSpec("h_out", "float32", [1, 1, hidden])],
+                        selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
+    bundle = write_bundle(work / "kws.ewb", manifest, {"model.onnx": path, "reference.npz": ref},
+                          load_private_key(key))
+    np.savez(work / "frame.npz", frames=frames[:1], h=h)
+    return bundle, pub, path
+
+
+def p50_on_a_stream(socket: str, frame: np.ndarray, seconds: float) -> float:
+    with LocalClient(socket) as c:
+        for _ in range(50):
+            c.infer("kws", {"frames": frame}, stream="warm")
+        lat, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            c.infer("kws", {"frames": frame}, stream="timed")
+            lat.append((time.perf_counter() - t0) * 1000)
+    return float(np.percentile(lat, 50))
+
+
+def _streams_proc(socket: str, frame: np.ndarray, first: int, threads: int, seconds: float, out) -> None:
+    client = LocalClient(socket)
+    counts, errors = [0] * threads, []
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        start.wait()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            try:
+                client.infer("kws", {"frames": frame}, stream=f"mic-{first + i}")
+                counts[i] += 1
+            except Exception as exc:  # counted and shown
+                errors.append(str(exc))
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put((sum(counts), errors[:3]))
+
+
+def frames_per_s(socket: str, frame: np.ndarray, streams: int, seconds: float) -> tuple[float, list]:
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    half = max(1, streams // 2)
+    ps = [ctx.Process(target=_streams_proc, args=(socket, frame, i * half, n, seconds, q))
+          for i, n in enumerate([half, streams - half]) if n]
+    t0 = time.perf_counter()
+    for p in ps:
+        p.start()
+    results = [q.get() for _ in ps]
+    for p in ps:
+        p.join()
+    elapsed = time.perf_counter() - t0
+    return sum(r[0] for r in results) / max(elapsed - 0.2, seconds), [e for r in results for e in r[1]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement (default %(default)s)")
+    ap.add_argument("--streams", type=int, default=8, help="streams at once for the throughput row (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=64, help="the RNN's state size (default %(default)s)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgeward-bench-stateful-"))
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        bundle, pub, model_file = make_bundle(work, args.hidden)
+        frame = np.random.default_rng(2).random((1, 1, FEATURES), dtype=np.float32)
+        say("bare runtime ...")
+        bare = run_bare("onnxruntime", str(model_file), 1, args.seconds, [1], inputs=str(work / "frame.npz"))
+        broker = LocalBroker(workdir=work / "broker").start()
+        try:
+            say("agent ...")
+            agent = AgentProc(work, "kws", broker.url, pub, bundle, {})
+            try:
+                p50 = p50_on_a_stream(agent.socket, frame, args.seconds)
+                rss, pss = tree_memory(agent.proc.pid)
+                rate, errors = frames_per_s(agent.socket, frame, args.streams, args.seconds)
+            finally:
+                agent.stop()
+        finally:
+            broker.stop()
+        for e in errors:
+            say(f"  client error: {e}")
+        limit = bare["p50_ms"] * 1.10 + 0.2
+        bare_rate = bare["batches"]["1"]["rows_per_s"]
+        print(f"Stateful RNN (hidden {args.hidden}), FP32 ONNX in onnxruntime ({bare['package']}), 1 thread; "
+              f"one frame per call.\n")
+        print(format_table(
+            ["bare p50 ms", "agent p50 ms", "ratio", "limit 1.10x+0.2", "met", f"{args.streams} streams frames/s",
+             "bare b=1 frames/s", "agent/bare", "bare RSS", "agent+worker RSS", "ratio"],
+            [[f"{bare['p50_ms']:.3f}", f"{p50:.3f}", f"{p50 / bare['p50_ms']:.2f}x", f"{limit:.3f}",
+              "yes" if p50 <= limit else "NO", f"{rate:.0f}", f"{bare_rate:.0f}", f"{rate / bare_rate:.2f}x",
+              f"{bare['rss_mb']:.1f}", f"{rss:.1f}", f"{rss / bare['rss_mb']:.2f}x"]], align="rrrrlrrrrrr"))
+        print(f"(PSS: bare {bare['pss_mb']:.1f} MB, agent+worker {pss:.1f} MB; errors: {len(errors)})")
+        return 0 if p50 <= limit and not errors else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
