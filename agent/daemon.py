@@ -37,6 +37,7 @@ from .engine import Engine
 from .errors import DeployRefused, EdgewardError, IntegrityError, ProtocolError, VersionError
 from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .localapi import LocalApi
+from .lanes import Lanes
 from .pipelines import Pipelines
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict
@@ -93,6 +94,7 @@ class Agent:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._infer_pool = ThreadPoolExecutor(cfg.inference.workers, thread_name_prefix="infer")
+        self._lanes = Lanes(self._infer_pool.submit)  # a stateful model's pipeline messages, in order
         self._update_pool = ThreadPoolExecutor(1, thread_name_prefix="update")
         self._pending = threading.BoundedSemaphore(cfg.inference.workers * PENDING_PER_WORKER)
         self._pending_count = 0  # for telemetry; the semaphore is what bounds
@@ -605,15 +607,18 @@ class Agent:
             target, {"status": "error", "code": "busy", "error": "agent is busy: too many pending requests; retry later"}))
 
     def _submit_pipeline(self, pipe, payload: bytes) -> None:
-        """Like an inference request, but from a pipeline's input topic."""
+        """Like an inference request, but from a pipeline's input topic. A stateful model's
+        messages run one at a time in arrival order (agent/lanes.py): they carry its streams."""
         self._submit_bounded(lambda: self.pipelines.handle(pipe, payload), lambda: self._publish_pipeline(
             pipe.output_topic, json.dumps({"v": protocol.VERSION, "status": "error", "code": "busy",
                                            "error": "agent is busy: too many pending requests; message dropped"}
-                                          ).encode(), pipe.qos))
+                                          ).encode(), pipe.qos),
+                             lane=pipe.model if self.engine.keeps_streams(pipe.model) else None)
 
-    def _submit_bounded(self, work, busy) -> None:
+    def _submit_bounded(self, work, busy, lane: str | None = None) -> None:
         """Run `work` in the inference pool if a pending slot is free, else call `busy` at once:
-        paho's thread never blocks and a flood never grows memory."""
+        paho's thread never blocks and a flood never grows memory. Work in one `lane` runs in
+        the order it came."""
         if not self._pending.acquire(blocking=False):
             busy()
             return
@@ -627,7 +632,7 @@ class Agent:
                 self._pending.release()
 
         try:
-            self._infer_pool.submit(run)
+            self._lanes.run(lane, run)
         except RuntimeError:  # pool shut down: the agent is stopping
             self._count_pending(-1)
             self._pending.release()

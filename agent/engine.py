@@ -252,6 +252,7 @@ class Engine:
         self.timeout_s = timeout_s
         self.worker_base_mb = WORKER_BASE_MB_GUESS
         self._models: dict[str, LoadedModel] = {}
+        self._stateful: set[str] = set()  # serving (or evicted) models that keep stream state
         self._lock = threading.Lock()
 
     def admit_declared(self, name: str, runtime: str, load_mb: float, runtime_mb: float, evict: bool = False) -> None:
@@ -362,13 +363,19 @@ class Engine:
             old = self._models.get(model.name)
             self._models[model.name] = model
             self._evicted.pop(model.name, None)
+            (self._stateful.add if model.stateful else self._stateful.discard)(model.name)
         return old
 
     def unload(self, name: str) -> None:
         with self._lock:
             model = self._models.pop(name, None)
+            self._stateful.discard(name)
         if model is not None:
             model.close()
+
+    def keeps_streams(self, name: str) -> bool:
+        """Whether the model of that name keeps stream state, without loading it (paho's thread asks)."""
+        return name in self._stateful
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)

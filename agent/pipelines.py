@@ -10,7 +10,8 @@ published on `output_topic`. Payloads are JSON or binary frames:
 
 A message the model cannot take gets an answer with "status": "error", "code" and
 "error" on the output topic, and nothing else happens. Inputs may carry "stream" for
-stateful models.
+stateful models; their messages run one at a time, in the order they arrived
+(agent/lanes.py), so each stream's chunks meet its state in order.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import protocol, wire
 from .config import PipelineConfig
 from .errors import EdgewardError, InferenceError, ProtocolError
 from .schema import load_json
+from .streams import stream_id
 from .tensors import from_frame, from_json, to_frame, to_json
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,13 @@ class Pipelines:
     def _decode(self, cfg: PipelineConfig, payload: bytes):
         if cfg.format == "binary":
             header, body = wire.unpack(payload)
-            stream = header.get("stream")
-            return from_frame(header, body), stream if isinstance(stream, str) else None
+            return from_frame(header, body), stream_id(header.get("stream"))
         try:
             doc = load_json(payload)
         except ValueError as exc:
             raise ProtocolError(f"not valid JSON: {exc}") from None
         specs = self.engine.get(cfg.model).request_inputs
-        stream = doc.get("stream") if isinstance(doc, dict) else None
+        stream = stream_id(doc.get("stream")) if isinstance(doc, dict) else None
         inputs = doc.get("inputs") if isinstance(doc, dict) else {specs[0].name: doc} if len(specs) == 1 else None
         if isinstance(inputs, list) and len(specs) == 1:
             inputs = {specs[0].name: inputs}
@@ -92,4 +93,4 @@ class Pipelines:
                 raise InferenceError(f"model {cfg.model!r} has no input {name!r}",
                                      f"its inputs: {', '.join(by_name)}")
             tensors.append(from_json(name, value, spec.dtype))
-        return tensors, stream if isinstance(stream, str) else None
+        return tensors, stream

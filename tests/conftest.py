@@ -73,6 +73,39 @@ def assets(tmp_path_factory) -> Assets:
                   other_key, other_pub, v1, v2, unsigned, acc1, acc2)
 
 
+def fp32_onnx_bundle(tmp: Path, key: Path, name: str, onnx_path: Path, inputs, outputs, reference: dict,
+                     state: dict | None = None) -> Path:
+    """A signed bundle of an FP32 ONNX file the test built, with its reference arrays."""
+    from agent.bundle import Manifest, SelfTest
+
+    ref = tmp / f"{name}-reference.npz"
+    np.savez(ref, **reference)
+    m = Manifest(name=name, version=1, format="onnx", model_file="model.onnx", runtime="onnxruntime",
+                 precision="fp32", inputs=inputs, outputs=outputs, state=state or {},
+                 selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
+    return write_bundle(tmp / f"{name}.ewb", m, {"model.onnx": onnx_path, "reference.npz": ref},
+                        load_private_key(key))
+
+
+@pytest.fixture(scope="session")
+def rnn_bundle(assets, tmp_path_factory) -> Path:
+    """A keyword-spotting-shaped RNN ("kws") that keeps its hidden state h between calls."""
+    import onnxruntime as ort
+
+    from agent.bundle import TensorSpec
+    from converters.zoo import build_stateful_rnn
+
+    tmp = tmp_path_factory.mktemp("rnn")
+    path = build_stateful_rnn(tmp / "rnn.onnx")
+    frames = np.random.default_rng(1).random((6, 1, 8), dtype=np.float32)
+    h = np.zeros((1, 1, 16), np.float32)
+    scores, _ = ort.InferenceSession(str(path)).run(None, {"frames": frames, "h": h})
+    return fp32_onnx_bundle(tmp, assets.key, "kws", path,
+                            [TensorSpec("frames", "float32", [-1, 1, 8]), TensorSpec("h", "float32", [1, 1, 16])],
+                            [TensorSpec("scores", "float32", [-1, 1, 4]), TensorSpec("h_out", "float32", [1, 1, 16])],
+                            {"input.frames": frames, "input.h": h, "expected.scores": scores}, state={"h": "h_out"})
+
+
 def repack(src: Path, out: Path, key: Path | None, manifest_edit=None, reference_edit=None) -> Path:
     """Rebuild a bundle with an edited manifest and/or reference data, signed with `key`.
 

@@ -83,3 +83,43 @@ def test_a_pipeline_that_would_eat_its_own_answers_is_refused_at_start(assets):
     with pytest.raises(ConfigError, match="would take a pipeline's own answers"):
         load_config(None, {"trust.keys": [str(assets.pub)], "pipelines": [
             {"input_topic": "results/#", "model": "digits", "output_topic": "results/digits"}]})
+
+
+def test_a_stateful_models_chunks_run_in_the_order_they_came(broker, assets, rnn_bundle, tmp_path):
+    """A microphone's frames, one per message, on an agent with 4 inference threads: each
+    stream's chunks meet its state in arrival order (agent/lanes.py), so the answers equal
+    the whole sequence run at once, and a local app continues the same stream."""
+    import onnxruntime as ort
+
+    from agent.client import LocalClient
+
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-kws", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "inference.workers": 4,
+                       "pipelines": [{"input_topic": "mic/+/frames", "model": "kws", "output_topic": "results/kws"}]},
+                      install=[rnn_bundle])
+    raw = RawClient(broker.port)
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        raw.subscribe("results/#")
+        frames = np.random.default_rng(5).random((48, 1, 8), dtype=np.float32)
+        session = ort.InferenceSession(str(next((store / "models" / "kws").glob("v1")) / "model.onnx"))
+        whole, _ = session.run(None, {"frames": frames, "h": np.zeros((1, 1, 16), np.float32)})
+        sent = [raw.client.publish("mic/0/frames", json.dumps({"stream": "mic-0", "inputs": {
+            "frames": frames[i:i + 1].tolist()}}).encode(), qos=1) for i in range(40)]  # back to back
+        for info in sent:
+            info.wait_for_publish(5)
+        answers = [json.loads(m.payload) for m in _answers(raw, "results/kws", 40)]
+        assert all(a["status"] == "ok" for a in answers), answers[0]
+        got = np.concatenate([np.array(a["outputs"]["scores"], np.float32) for a in answers])
+        np.testing.assert_allclose(got, whole[:40], atol=1e-5)
+        with LocalClient(str(store / "agent.sock")) as client:  # the same stream, on the worker's socket
+            rest = client.infer("kws", {"frames": frames[40:]}, stream="mic-0")["scores"]
+        np.testing.assert_allclose(rest, whole[40:], atol=1e-5)
+        raw.publish("mic/0/frames", json.dumps({"stream": 7, "inputs": {"frames": frames[:1].tolist()}}).encode())
+        bad = json.loads(_answers(raw, "results/kws", 1)[0].payload)
+        assert bad["status"] == "error" and "stream must be a string" in bad["error"]
+    finally:
+        raw.close()
+        ra.stop()

@@ -12,42 +12,16 @@ import pytest
 
 from agent import shm
 from agent.budget import Budget
-from agent.bundle import Manifest, SelfTest, TensorSpec, open_bundle, write_bundle
+from agent.bundle import TensorSpec, open_bundle
 from agent.client import LocalClient
 from agent.config import ServingConfig
 from agent.engine import Engine
 from agent.errors import BusyError, InferenceError, ModelNotFound, ProtocolError
-from agent.signing import load_private_key, load_public_key
+from agent.signing import load_public_key
 from agent.store import Store
 
+from conftest import fp32_onnx_bundle
 from mqttkit import RunningAgent, wait_for
-
-
-def _bundle(tmp, key, name, onnx_path, inputs, outputs, reference, state=None):
-    ref = tmp / f"{name}-reference.npz"
-    np.savez(ref, **reference)
-    m = Manifest(name=name, version=1, format="onnx", model_file="model.onnx", runtime="onnxruntime",
-                 precision="fp32", inputs=inputs, outputs=outputs, state=state or {},
-                 selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
-    return write_bundle(tmp / f"{name}.ewb", m, {"model.onnx": onnx_path, "reference.npz": ref},
-                        load_private_key(key))
-
-
-@pytest.fixture(scope="module")
-def rnn_bundle(assets, tmp_path_factory):
-    import onnxruntime as ort
-
-    from converters.zoo import build_stateful_rnn
-
-    tmp = tmp_path_factory.mktemp("rnn")
-    path = build_stateful_rnn(tmp / "rnn.onnx")
-    frames = np.random.default_rng(1).random((6, 1, 8), dtype=np.float32)
-    h = np.zeros((1, 1, 16), np.float32)
-    scores, _ = ort.InferenceSession(str(path)).run(None, {"frames": frames, "h": h})
-    return _bundle(tmp, assets.key, "kws", path,
-                   [TensorSpec("frames", "float32", [-1, 1, 8]), TensorSpec("h", "float32", [1, 1, 16])],
-                   [TensorSpec("scores", "float32", [-1, 1, 4]), TensorSpec("h_out", "float32", [1, 1, 16])],
-                   {"input.frames": frames, "input.h": h, "expected.scores": scores}, state={"h": "h_out"})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +39,7 @@ def fixed_batch_bundle(assets, tmp_path_factory):
     x = assets.eval_inputs(8)
     (logits,) = ort.InferenceSession(str(path)).run(None, {model.graph.input[0].name: x})
     name_in, name_out = model.graph.input[0].name, model.graph.output[0].name
-    return _bundle(tmp, assets.key, "digits8", path, [TensorSpec(name_in, "float32", [8, 1, 8, 8])],
+    return fp32_onnx_bundle(tmp, assets.key, "digits8", path, [TensorSpec(name_in, "float32", [8, 1, 8, 8])],
                    [TensorSpec(name_out, "float32", [8, 10])], {f"input.{name_in}": x, f"expected.{name_out}": logits})
 
 
