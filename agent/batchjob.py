@@ -51,22 +51,8 @@ def _image_spec(info: dict, preprocess: str | None):
     """How this model's images become its input: --preprocess if given, else what its bundle says."""
     from . import images
 
-    if len(info["inputs"]) != 1:
-        raise EdgewardError(f"{info['name']} takes {len(info['inputs'])} inputs; image files feed a one-input model",
-                            "save the inputs as .npz instead")
-    spec_in = info["inputs"][0]
-    if preprocess:
-        return images.parse(preprocess, spec_in["shape"], spec_in["dtype"])
-    stored = (info.get("preprocessing") or {}).get("image")
-    if not stored:
-        raise EdgewardError(f"{info['name']} v{info['version']}'s bundle does not say how images become its input",
-                            "pass --preprocess (e.g. imagenet or unit), or re-convert the model with --preprocess")
-    spec = images.ImageSpec.from_dict(stored)
-    want = spec_in["shape"][1:]
-    if len(want) != 3 or any(w not in (-1, g) for w, g in zip(want, spec.shape())):
-        raise EdgewardError(f"{info['name']}'s bundle prepares images as {spec.shape()}, its input takes {want}",
-                            "re-convert the model with --preprocess, or pass --preprocess here")
-    return spec
+    return images.spec_for(f"{info['name']} v{info['version']}", info["inputs"], info.get("preprocessing"),
+                           preprocess)
 
 
 def _image_batches(files: list[Path], name: str, spec, batch: int):

@@ -45,7 +45,7 @@ class Finding:
 
 def run_checks(cfg: AgentConfig, broker_timeout_s: float = 5.0) -> list[Finding]:
     out: list[Finding] = []
-    for check in (_config, _trust, _runtimes, _memory, _store, _socket, _models):
+    for check in (_config, _trust, _runtimes, _memory, _store, _socket, _models, _pipelines):
         try:
             out.extend(check(cfg))
         except EdgewardError as exc:  # a check that cannot go on says why, and the others still run
@@ -211,6 +211,16 @@ def _models(cfg: AgentConfig) -> list[Finding]:
             out.append(Finding("models", WARN, f"{name} takes images, and batch jobs on image files need Pillow, "
                                                "which is not installed", "pip install 'edgeward[images]'"))
     return out
+
+
+def _pipelines(cfg: AgentConfig) -> list[Finding]:
+    """Image pipelines decode what cameras send: that needs Pillow on the board."""
+    takes_images = [p.input_topic for p in cfg.pipelines if p.format == "image"]
+    if takes_images and importlib.util.find_spec("PIL") is None:
+        return [Finding("pipelines", WARN, f"{', '.join(takes_images)} take(s) images, and Pillow is not installed: "
+                                           "every image would be answered with an error",
+                        "pip install 'edgeward[images]'")]
+    return []
 
 
 def _broker(cfg: AgentConfig, timeout_s: float) -> Finding:

@@ -143,8 +143,9 @@ class PipelineConfig:
     input_topic: str
     model: str
     output_topic: str
-    format: str = field(default="json", metadata=rule(choices=("json", "binary")))
+    format: str = field(default="json", metadata=rule(choices=("json", "binary", "image")))
     qos: int = field(default=1, metadata=rule(min=0, max=2))
+    preprocess: str | None = None  # format image: how images become the input, if not as the bundle says
 
 
 @dataclass
@@ -208,6 +209,9 @@ def _check_semantics(cfg: AgentConfig) -> None:
         if any(topic_matches_sub(pipe.input_topic, p.output_topic) for p in cfg.pipelines):
             raise ConfigError(f"pipelines[{i}]: input_topic {pipe.input_topic!r} would take a pipeline's own answers",
                               "use different topics for inputs and outputs")
+        if pipe.preprocess is not None and pipe.format != "image":
+            raise ConfigError(f"pipelines[{i}]: preprocess is for format: image (this pipeline's is {pipe.format})",
+                              "drop preprocess, or set format: image")
     for name, serving in cfg.models.items():
         if any(b < 1 or b > serving.max_batch for b in serving.preferred_batch):
             raise ConfigError(f"models.{name}.preferred_batch: sizes must lie in 1..max_batch ({serving.max_batch})")

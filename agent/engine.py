@@ -125,15 +125,35 @@ class LoadedModel:
         return out
 
     def _execute(self, feeds: list[Tensor], stream: str | None = None) -> list[Tensor]:
+        out = self._in_worker({"op": "run", "stream": stream} if stream is not None else {"op": "run"}, feeds)
+        self.stats.record_run(feeds[0].rows if feeds else 1)
+        return out
+
+    def _in_worker(self, header: dict, tensors: list[Tensor]) -> list[Tensor]:
         proc = self._worker()
         try:
-            _, out = proc.call({"op": "run", "stream": stream} if stream is not None else {"op": "run"}, feeds,
-                               timeout=self.timeout_s, what="request")
+            _, out = proc.call(header, tensors, timeout=self.timeout_s, what="request")
         except WorkerCrashed as exc:
             self.emit("model_crashed", f"{self.name} v{self.version}: {exc.message}", level="error",
                       model=self.name, version=self.version)
             raise
-        self.stats.record_run(feeds[0].rows if feeds else 1)
+        return out
+
+    def run_image(self, data: bytes, preprocess: str | None = None) -> list[Tensor]:
+        """One encoded image (JPEG, PNG, ...) from the network: decoded and prepared in the worker
+        as the bundle says (or as `preprocess` says), then run at once, outside any batch."""
+        t0 = time.perf_counter()
+        self.last_used = time.monotonic()
+        header = {"op": "run_image", "what": f"{self.name} v{self.version}", "preprocess": preprocess,
+                  "preprocessing": self.manifest.preprocessing,
+                  "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in self.request_inputs]}
+        try:
+            out = self._in_worker(header, [Tensor("image", "uint8", (len(data),), data)])
+        except EdgewardError:
+            self.stats.record(None, ok=False)
+            raise
+        self.stats.record_run(1)
+        self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return out
 
     def _worker(self) -> ModelProcess:
@@ -408,6 +428,9 @@ class Engine:
 
     def infer(self, name: str, tensors: list[Tensor], stream: str | None = None) -> tuple[LoadedModel, list[Tensor]]:
         return self._on_model(name, lambda model: model.run(tensors, stream))
+
+    def run_image(self, name: str, data: bytes, preprocess: str | None = None) -> tuple[LoadedModel, list[Tensor]]:
+        return self._on_model(name, lambda model: model.run_image(data, preprocess))
 
     def infer_arrays(self, name: str, feeds: dict, stream: str | None = None) -> tuple[LoadedModel, dict]:
         """numpy in, numpy out (for in-process callers and tests)."""

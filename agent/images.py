@@ -46,6 +46,8 @@ PRESETS = {
     "imagenet": {"scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "crop"},
     "raw": {"scale": 1.0},
 }
+NETWORK_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "PPM")  # what decode() opens: cameras send these
+MAX_MESSAGE_PIXELS = 4096 * 4096  # 48 MB decoded in RGB: larger photos are refused, not decoded
 RESIZES = ("stretch", "crop", "letterbox")
 COLORS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
@@ -196,6 +198,41 @@ def load(path: str | Path, spec: ImageSpec) -> np.ndarray:
             im = ImageOps.exif_transpose(im).convert("L" if spec.color == "gray" else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}", "remove or replace that file") from None
+    return _prepared(im, spec, Image)
+
+
+def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray:
+    """An encoded image received over the network (an MQTT pipeline's message) as one sample.
+    Only the common camera formats are opened (NETWORK_FORMATS: fewer decoders, less attack
+    surface), and an image that says it is larger than `max_pixels` is refused before its
+    pixels are decoded: a few kB of PNG can claim gigabytes."""
+    import io
+
+    Image, ImageOps = _pillow()
+    try:
+        with Image.open(io.BytesIO(data), formats=NETWORK_FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{what} is {w}x{h} pixels, over the limit of {max_pixels}",
+                                 "send a smaller image (the model takes "
+                                 f"{spec.width}x{spec.height})")
+            im = ImageOps.exif_transpose(im).convert("L" if spec.color == "gray" else "RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+        raise ImageError(f"{what} says it is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels, over "
+                         f"the limit of {max_pixels}", "send a smaller image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if first.startswith("cannot identify image file"):
+            first = "not an image in a format this agent opens"
+        raise ImageError(f"{what} cannot be decoded: {first}",
+                         f"send one encoded image ({', '.join(NETWORK_FORMATS)}) per message") from None
+    return _prepared(im, spec, Image)
+
+
+def _prepared(im, spec: ImageSpec, Image) -> np.ndarray:
+    """A decoded image resized, converted and normalised as the spec says."""
     im = _resized(im, spec, Image)
     pixels = np.asarray(im, dtype=np.float32)
     if spec.color == "gray":
@@ -289,6 +326,27 @@ def class_ids(names: list[str]) -> dict[str, int]:
     if all(numbers) and len({int(m.group()) for m in numbers}) == len(names):
         return {n: int(m.group()) for n, m in zip(names, numbers)}
     return {n: i for i, n in enumerate(sorted(names))}
+
+
+def spec_for(model: str, inputs: list[dict], preprocessing: dict | None, preprocess: str | None) -> ImageSpec:
+    """How a serving model's images become its input: `preprocess` text if given, else what its
+    bundle says (`preprocessing.image`), checked against its one input ({"shape", "dtype"})."""
+    if len(inputs) != 1:
+        raise ImageError(f"{model} takes {len(inputs)} inputs; images feed a one-input model",
+                         "send the inputs as tensors instead")
+    spec_in = inputs[0]
+    if preprocess:
+        return parse(preprocess, spec_in["shape"], spec_in["dtype"])
+    stored = (preprocessing or {}).get("image")
+    if not stored:
+        raise ImageError(f"{model}'s bundle does not say how images become its input",
+                         "pass --preprocess (e.g. imagenet or unit), or re-convert the model with --preprocess")
+    spec = ImageSpec.from_dict(stored)
+    want = list(spec_in["shape"][1:])
+    if len(want) != 3 or any(w not in (-1, g) for w, g in zip(want, spec.shape())):
+        raise ImageError(f"{model}'s bundle prepares images as {spec.shape()}, its input takes {want}",
+                         "re-convert the model with --preprocess, or pass --preprocess here")
+    return spec
 
 
 def describe(spec: dict, classes: list | None = None) -> str:

@@ -18,7 +18,8 @@ import sys
 import threading
 
 from . import ipc
-from .errors import BundleError, EdgewardError, InferenceError, RuntimeMissing, SelfTestError, WorkerCrashed
+from .errors import (BundleError, EdgewardError, ImageError, InferenceError, ProtocolError, RuntimeMissing,
+                     SelfTestError, WorkerCrashed)
 from .tensors import Tensor, from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def live_pids() -> list[int]:
         return list(_live)  # the Linux default limit for unprivileged pipe sizes (/proc/sys/fs/pipe-max-size)
 
 _ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "runtime_missing": RuntimeMissing,
-           "bad_bundle": BundleError}
+           "bad_bundle": BundleError, "bad_image": ImageError, "bad_message": ProtocolError}
 
 
 def own_interpreter() -> str:

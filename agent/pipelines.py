@@ -7,6 +7,12 @@ published on `output_topic`. Payloads are JSON or binary frames:
     json:   in  {"inputs": {"x": [[...]]}}  (or just the nested list, for one-input models)
             out {"model": "kws", "version": 3, "ts": 1700000000.0, "outputs": {"scores": [[...]]}}
     binary: in  an EWF1 frame of tensors (agent/wire.py); out the same, header as above
+    image:  in  one encoded image (JPEG, PNG, WebP, BMP, PPM), as cameras publish them
+            out as json, plus "top1" and "class" for a classifier whose bundle names its classes
+
+An image is decoded and prepared in the model's worker, as the bundle's preprocessing says
+(the converter's --preprocess) or as the pipeline's `preprocess` says, by the same code the
+converter used (agent/images.py); the board needs Pillow for it (the `images` extra).
 
 A message the model cannot take gets an answer with "status": "error", "code" and
 "error" on the output topic, and nothing else happens. Inputs may carry "stream" for
@@ -40,6 +46,12 @@ class Pipelines:
         self.engine = engine
         self.publish = publish
         self.max_payload = max_payload
+        import importlib.util
+
+        for cfg in configs:  # said once at start: every image would otherwise fail on its own
+            if cfg.format == "image" and importlib.util.find_spec("PIL") is None:
+                log.warning("pipeline %s -> %s takes images, and Pillow is not installed: each image is answered "
+                            "with an error until it is (pip install 'edgeward[images]')", cfg.input_topic, cfg.model)
 
     def subscriptions(self) -> list[tuple[str, int]]:
         return [(c.input_topic, c.qos) for c in self.configs]
@@ -52,10 +64,15 @@ class Pipelines:
         try:
             if len(payload) > self.max_payload:
                 raise ProtocolError(f"message of {len(payload)} bytes is over the {self.max_payload}-byte limit")
-            tensors, stream = self._decode(cfg, payload)
-            model, outputs = self.engine.infer(cfg.model, tensors, stream)
+            extra = {}
+            if cfg.format == "image":  # decoded and prepared in the model's worker
+                model, outputs = self.engine.run_image(cfg.model, payload, cfg.preprocess)
+                extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
+            else:
+                tensors, stream = self._decode(cfg, payload)
+                model, outputs = self.engine.infer(cfg.model, tensors, stream)
             head = {"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
-                    "ts": time.time()}
+                    "ts": time.time(), **extra}
             if cfg.format == "binary":
                 specs, body = to_frame(outputs)
                 out = wire.pack({**head, "tensors": specs}, body)
@@ -94,3 +111,17 @@ class Pipelines:
                                      f"its inputs: {', '.join(by_name)}")
             tensors.append(from_json(name, value, spec.dtype))
         return tensors, stream
+
+
+def top1(outputs: list, classes: list) -> dict:
+    """For a classifier's answer to one image: the index of its first output's largest value
+    ("top1") and, where the bundle names its classes, the class ("class"), as batch jobs give."""
+    first = outputs[0] if outputs else None
+    if first is None or len(first.shape) != 2 or first.shape[0] != 1 or first.shape[1] < 2:
+        return {}
+    try:
+        row = to_json(first)[0]
+    except EdgewardError:
+        return {}
+    i = max(range(len(row)), key=row.__getitem__)
+    return {"top1": i, **({"class": classes[i]} if i < len(classes) and classes[i] else {})}

@@ -42,6 +42,7 @@ class Worker:
         self.direct = None
         self.batcher = None
         self.streams = None  # agent.streams.Streams, for a model that declares recurrent state
+        self._image_specs: dict = {}  # how pipeline images become the input, by what the agent sent
         self._lock = None  # set for runtimes that must not run from two threads at once
         self.threads = 1
 
@@ -88,6 +89,25 @@ class Worker:
 
             raise ProtocolError("this model keeps no stream state", "leave out the stream id")
         return self.run_tensors(tensors)
+
+    def run_image(self, h: dict, body) -> tuple[dict, list]:
+        """Decode one encoded image (an MQTT pipeline's message), prepare it as the model's
+        images are prepared (agent/images.py) and run it. Pillow is imported here, on the first
+        image: the agent's daemon never decodes what arrives over the network itself."""
+        from . import images
+        from .tensors import from_frame
+
+        (blob,) = from_frame(h, body)
+        key = (h.get("preprocess"), repr(h.get("preprocessing")), repr(h["inputs"]))
+        spec = self._image_specs.get(key)
+        if spec is None:
+            spec = images.spec_for(h["what"], h["inputs"], h.get("preprocessing"), h.get("preprocess"))
+            if len(self._image_specs) >= 8:  # one per image pipeline on this model: a few at most
+                self._image_specs.clear()
+            self._image_specs[key] = spec
+        x = images.decode(bytes(blob.data), spec, what=f"the image for {h['what']}",
+                          max_pixels=int(h.get("max_pixels", images.MAX_MESSAGE_PIXELS)))
+        return {}, self.run_on([from_numpy(h["inputs"][0]["name"], x[None])], None)
 
     def reset(self, h: dict, _body) -> tuple[dict, list]:
         """Forget one stream's state; says whether there was one."""

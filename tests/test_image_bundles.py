@@ -138,7 +138,7 @@ def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bun
     import importlib.util
 
     from agent.check import OK, WARN, run_checks
-    from agent.config import load_config
+    from agent.config import PipelineConfig, load_config
     from agent.store import Store
 
     store = Store(tmp_path / "store")
@@ -153,6 +153,12 @@ def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bun
     found = [f for f in run_checks(cfg) if f.check == "models"]
     assert [f.level for f in found] == [OK, WARN] and "need Pillow" in found[1].detail
     assert found[1].fix == "pip install 'edgeward[images]'"
+    cfg.pipelines = [PipelineConfig("cam/+/jpeg", "digits", "seen/digits", format="image")]
+    found = [f for f in run_checks(cfg) if f.check == "pipelines"]
+    assert [(f.level, f.fix) for f in found] == [(WARN, "pip install 'edgeward[images]'")]
+    assert "cam/+/jpeg take(s) images, and Pillow is not installed" in found[0].detail
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert [f for f in run_checks(cfg) if f.check == "pipelines"] == []
 
 
 def test_a_large_folder_is_read_up_to_max_images_evenly_over_its_classes(assets, digit_pngs, tmp_path):
@@ -169,3 +175,117 @@ def test_a_large_folder_is_read_up_to_max_images_evenly_over_its_classes(assets,
     r = _cli("convert", assets.fp32_v1, "--calibration", digit_pngs / "calib", "--preprocess", "unit",
              "--max-images", "0", "-o", out)
     assert r.returncode == 2 and "--max-images 0" in r.stderr
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header says width x height: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.integration
+def test_a_camera_pipeline_takes_encoded_images_and_answers_with_the_class(broker, image_bundle, assets, digit_pngs,
+                                                                            tmp_path):
+    """format: image: a JPEG or PNG per message, as an ESP32-CAM publishes it; the model's worker
+    decodes it as the bundle says and the answer names the class. Anything that is not a
+    sane image gets an error answer and the pipeline goes on."""
+    import io
+
+    from agent import images
+
+    from mqttkit import RawClient, RunningAgent, wait_for
+
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-cam", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "models": {"digits": {"mode": "batched", "max_batch": 8, "max_delay_ms": 2}},
+                       "pipelines": [
+                           {"input_topic": "cam/+/png", "model": "digits", "output_topic": "seen/digits",
+                            "format": "image"},
+                           {"input_topic": "cam/crop", "model": "digits", "output_topic": "seen/crop",
+                            "format": "image", "preprocess": "unit,resize=crop"}]},
+                      install=[image_bundle[0]])
+    raw = RawClient(broker.port)
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        raw.subscribe("seen/#")
+
+        def answer(topic, payload, out="seen/digits"):
+            raw.publish(topic, payload)
+            got = []
+            wait_for(lambda: got.extend(raw.collect(lambda t: t == out, 0.2)) or got, what=f"an answer on {out}")
+            return json.loads(got[0].payload)
+
+        files = sorted(images.files_in(digit_pngs / "eval"))[::20]
+        spec = images.ImageSpec.from_dict(open_bundle(image_bundle[0], verify_signature=False)
+                                          .manifest.preprocessing["image"])
+        names = "zero one two three four five six seven eight nine".split()
+        for path in files:  # the same answers as the same pixels prepared here and sent as an array
+            a = answer("cam/0/png", path.read_bytes())
+            want = ra.agent.infer("digits", {"input": images.load(path, spec)[None]})["logits"]
+            assert a["status"] == "ok" and a["model"] == "digits", a
+            np.testing.assert_allclose(a["outputs"]["logits"], want, atol=1e-5)
+            assert a["top1"] == int(want.argmax()) and a["class"] == f"{a['top1']}_{names[a['top1']]}"
+        jpeg = io.BytesIO()  # a larger colour photo, as a camera sends it: resized and made gray as the bundle says
+        Image.open(files[0]).convert("RGB").resize((64, 48)).save(jpeg, "JPEG", quality=95)
+        assert answer("cam/1/png", jpeg.getvalue())["status"] == "ok"
+        assert answer("cam/crop", jpeg.getvalue(), "seen/crop")["status"] == "ok"  # the pipeline's own spec
+        tiff = io.BytesIO()
+        Image.open(files[0]).save(tiff, "TIFF")
+        for payload, fragment in ((b"not an image", "cannot be decoded: not an image in a format this agent opens"),
+                                  (_png_claiming(5000, 5000), "is 5000x5000 pixels, over the limit of 16777216"),
+                                  (_png_claiming(100_000, 100_000), "over the limit of 16777216"),
+                                  (tiff.getvalue(), "cannot be decoded")):  # a format cameras do not send
+            bad = answer("cam/0/png", payload)
+            assert bad["status"] == "error" and bad["code"] == "bad_image" and fragment in bad["error"], bad
+        assert answer("cam/0/png", files[0].read_bytes())["status"] == "ok"  # and it goes on
+        stats = ra.agent.engine.get("digits").snapshot()
+        assert stats.errors >= 4 and stats.requests >= len(files) + 4
+    finally:
+        raw.close()
+        ra.stop()
+
+
+@pytest.mark.integration
+def test_an_image_pipeline_on_a_model_whose_bundle_has_no_spec_needs_preprocess(broker, assets, digit_pngs, tmp_path):
+    from mqttkit import RawClient, RunningAgent, wait_for
+
+    png = sorted((digit_pngs / "calib").iterdir())[0].read_bytes()
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-npz", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "pipelines": [
+                           {"input_topic": "cam/plain", "model": "digits", "output_topic": "seen/plain",
+                            "format": "image"},
+                           {"input_topic": "cam/unit", "model": "digits", "output_topic": "seen/unit",
+                            "format": "image", "preprocess": "unit"}]},
+                      install=[assets.v1])
+    raw = RawClient(broker.port)
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        raw.subscribe("seen/#")
+        got = {}
+        for topic in ("plain", "unit"):
+            raw.publish(f"cam/{topic}", png)
+            msgs = []
+            wait_for(lambda: msgs.extend(raw.collect(lambda t: t == f"seen/{topic}", 0.2)) or msgs,
+                     what=f"an answer on seen/{topic}")
+            got[topic] = json.loads(msgs[0].payload)
+        assert got["plain"]["status"] == "error" and "does not say how images become its input" in got["plain"]["error"]
+        assert got["unit"]["status"] == "ok" and "class" not in got["unit"] and "top1" in got["unit"]
+    finally:
+        raw.close()
+        ra.stop()
+
+
+def test_preprocess_belongs_to_image_pipelines(assets, tmp_path):
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preprocess is for format: image"):
+        load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "store.path": str(tmp_path), "trust.keys": [str(assets.pub)],
+                           "pipelines": [{"input_topic": "a", "model": "m", "output_topic": "b", "preprocess": "unit"}]})
