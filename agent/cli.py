@@ -355,27 +355,43 @@ def cmd_infer(args) -> int:
         return 0
     from .fleet import Fleet
 
+    from .images import is_image
+
     path = Path(args.input)
-    if args.preprocess or path.is_dir():
-        raise EdgewardError("over MQTT, --input is one .npy/.npz file; image files and folders are for batch jobs "
+    if path.is_dir():
+        raise EdgewardError("over MQTT, --input is one file (.npy, .npz or an image); folders are for batch jobs "
                             "on the board", "run `edgeward infer --model NAME --input DIR` on the board")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise EdgewardError(f"cannot read {path} as .npy/.npz: {exc}", "save inputs with numpy.save") from exc
-    tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else {args.input_name: loaded}
+    tensors, image = None, None
+    if is_image(path):  # sent as it is: the board prepares it as the model's bundle says
+        try:
+            image = path.read_bytes()
+        except OSError as exc:
+            raise EdgewardError(f"cannot read {path}: {exc.strerror}") from exc
+    else:
+        if args.preprocess:
+            raise EdgewardError("--preprocess describes image files, but the input is an array file",
+                                "drop --preprocess, or pass an image")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise EdgewardError(f"cannot read {path} as .npy/.npz: {exc}", "save inputs with numpy.save") from exc
+        tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else {args.input_name: loaded}
     with Fleet(_mqtt_config(args)) as fleet:
         t0 = time.perf_counter()
-        result = fleet.infer(args.device, args.model, tensors, timeout=args.timeout)
+        result = fleet.infer(args.device, args.model, tensors, timeout=args.timeout, image=image,
+                             preprocess=args.preprocess)
         rtt = (time.perf_counter() - t0) * 1000
     outputs = result["outputs"]
     if args.output:
         np.savez(args.output, **outputs)
     if args.json:
         print(json.dumps({"model": result["model"], "version": result["version"], "round_trip_ms": round(rtt, 2),
+                          **{k: result[k] for k in ("top1", "class") if k in result},
                           "outputs": {k: v.tolist() for k, v in outputs.items()}}))
         return 0
     print(f"{args.device}/{result['model']} v{result['version']} answered in {rtt:.1f} ms")
+    if "top1" in result:
+        print(f"  class: {result.get('class', result['top1'])}")
     for name, arr in outputs.items():
         line = f"  {name}: {arr.dtype} {list(arr.shape)}"
         if arr.ndim == 2 and arr.shape[1] > 1:
@@ -511,19 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("infer", help="run a model: on a device over MQTT, or a batch job on this board",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="With --device: one request to that device over MQTT, outputs printed or saved.\n"
+                       description="With --device: one request to that device over MQTT, outputs printed or saved;\n"
+                                   "an image file goes as it is and the device prepares it as the bundle says.\n"
                                    "Without: a batch job through the agent on this board (its local API): every\n"
                                    ".npy/.npz under --input, or every image (prepared as the model's bundle says),\n"
                                    "--batch samples per request, one JSON line per sample.",
                        epilog="  edgeward infer --device pi-01 --model digits --input x.npy\n"
+                              "  edgeward infer --device pi-01 --model cam --input door.jpg           # prints the class\n"
                               "  edgeward infer --model digits --input samples/ --batch 32 --output results.jsonl\n"
                               "  edgeward infer --model cam --input photos/ --output results.jsonl   # .jpg/.png files")
     n.add_argument("--device", help="the device to ask over MQTT (leave out for a local batch job)")
     n.add_argument("--model", required=True)
     n.add_argument("--input", required=True,
-                   help=".npy (one input) or .npz (named inputs), or a folder of them; in a batch job also image files")
+                   help=".npy (one input), .npz (named inputs) or an image file; in a batch job also a folder of "
+                        "them")
     n.add_argument("--preprocess", metavar="SPEC",
-                   help="batch job on images: how they become the input, for a bundle that does not say "
+                   help="images: how they become the input, for a bundle that does not say "
                         "(as edgeward convert --preprocess, e.g. imagenet)")
     n.add_argument("--input-name", default="input", help="name for a .npy input (models with one input accept any)")
     n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")

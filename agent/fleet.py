@@ -163,15 +163,25 @@ class Fleet:
     def ping(self, device: str, timeout: float = 5.0) -> Reply:
         return self.command(device, "ping", protocol.PingRequest(), timeout)
 
-    def infer(self, device: str, model: str, tensors: dict[str, np.ndarray], timeout: float = 10.0) -> dict:
-        corr, q = self._request(protocol.infer_topic(device, model), wire.pack_tensors(tensors, v=protocol.VERSION))
+    def infer(self, device: str, model: str, tensors: dict[str, np.ndarray] | None = None, timeout: float = 10.0,
+              image: bytes | None = None, preprocess: str | None = None) -> dict:
+        """Run `model` on a device: on named arrays, or on one encoded image (JPEG, PNG, ...)
+        that the device prepares as the model's bundle says (or as `preprocess` says). The
+        answer: {"model", "version", "outputs"}, and for an image "top1" and "class"."""
+        if image is not None:
+            payload = wire.pack_tensors({"image": np.frombuffer(image, np.uint8)}, v=protocol.VERSION, image=True,
+                                        **({"preprocess": preprocess} if preprocess else {}))
+        else:
+            payload = wire.pack_tensors(tensors or {}, v=protocol.VERSION)
+        corr, q = self._request(protocol.infer_topic(device, model), payload)
         try:
             header, outputs = wire.unpack_tensors(self._wait(q, timeout, f"inference on {device}/{model}"))
         finally:
             self._pending.pop(corr, None)
         if header.get("status") != "ok":
             raise FleetError(f"{device} refused the request: {header.get('error', 'no reason given')}")
-        return {"model": header.get("model"), "version": header.get("version"), "outputs": outputs}
+        return {"model": header.get("model"), "version": header.get("version"), "outputs": outputs,
+                **{k: header[k] for k in ("top1", "class") if k in header}}
 
     def deploy(self, bundle_path: str | os.PathLike, device: str, chunk_size: int = 256 * 1024,
                timeout: float = 120.0, progress: Callable[[str, int, int], None] | None = None,

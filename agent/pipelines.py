@@ -34,7 +34,7 @@ from .config import PipelineConfig
 from .errors import EdgewardError, InferenceError, ProtocolError
 from .schema import load_json
 from .streams import stream_id
-from .tensors import from_frame, from_json, to_frame, to_json
+from .tensors import from_frame, from_json, to_frame, to_json, top1
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,3 @@ class Pipelines:
                                      f"its inputs: {', '.join(by_name)}")
             tensors.append(from_json(name, value, spec.dtype))
         return tensors, stream
-
-
-def top1(outputs: list, classes: list) -> dict:
-    """For a classifier's answer to one image: the index of its first output's largest value
-    ("top1") and, where the bundle names its classes, the class ("class"), as batch jobs give."""
-    first = outputs[0] if outputs else None
-    if first is None or len(first.shape) != 2 or first.shape[0] != 1 or first.shape[1] < 2:
-        return {}
-    try:
-        row = to_json(first)[0]
-    except EdgewardError:
-        return {}
-    i = max(range(len(row)), key=row.__getitem__)
-    return {"top1": i, **({"class": classes[i]} if i < len(classes) and classes[i] else {})}

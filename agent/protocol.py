@@ -298,11 +298,15 @@ class ChunkHeader:
 
 @dataclass
 class InferHeader:
-    """Frame header of an inference request; tensors follow in the frame body."""
+    """Frame header of an inference request; tensors follow in the frame body. With `image`, the
+    body is one uint8 tensor holding an encoded image (JPEG, PNG, ...), which the board
+    prepares as the bundle says, or as `preprocess` says."""
     tensors: list[dict[str, Any]] = field(default_factory=list)
     v: int = VERSION
     reply_to: Optional[str] = None
     corr: Optional[str] = None
+    image: bool = False
+    preprocess: Optional[str] = None
 
 
 # ---------------------------------------------------------------- encode / decode

@@ -214,6 +214,20 @@ def to_json(t: Tensor):
     return values if t.shape else values[0]
 
 
+def top1(outputs: list[Tensor], classes: list) -> dict:
+    """For a classifier's answer to one image: the index of its first output's largest value
+    ("top1") and, where the bundle names its classes, the class ("class"), as batch jobs give."""
+    first = outputs[0] if outputs else None
+    if first is None or len(first.shape) != 2 or first.shape[0] != 1 or first.shape[1] < 2:
+        return {}
+    try:
+        row = to_json(first)[0]
+    except InferenceError:  # a dtype JSON cannot carry: no class to name
+        return {}
+    i = max(range(len(row)), key=row.__getitem__)
+    return {"top1": i, **({"class": classes[i]} if i < len(classes) and classes[i] else {})}
+
+
 # ---------------------------------------------------------------- numpy, for callers that have it
 
 _DTYPE_NAMES: dict = {}

@@ -289,3 +289,43 @@ def test_preprocess_belongs_to_image_pipelines(assets, tmp_path):
     with pytest.raises(ConfigError, match="preprocess is for format: image"):
         load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "store.path": str(tmp_path), "trust.keys": [str(assets.pub)],
                            "pipelines": [{"input_topic": "a", "model": "m", "output_topic": "b", "preprocess": "unit"}]})
+
+
+@pytest.mark.integration
+def test_a_photo_sent_to_a_device_over_mqtt_is_prepared_there_and_named(broker, image_bundle, assets, digit_pngs,
+                                                                         tmp_path):
+    """`edgeward infer --device D --model M --input photo.png`: the file goes as it is, and the
+    device answers as its batch job would for the same file."""
+    from agent import images
+
+    from mqttkit import RunningAgent, wait_for
+
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-door", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[image_bundle[0]])
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        photo = sorted(images.files_in(digit_pngs / "eval"))[37]
+        spec = images.ImageSpec.from_dict(open_bundle(image_bundle[0], verify_signature=False)
+                                          .manifest.preprocessing["image"])
+        want = ra.agent.infer("digits", {"input": images.load(photo, spec)[None]})["logits"]
+        r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", photo, "--broker", broker.url,
+                 "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        np.testing.assert_allclose(got["outputs"]["logits"], want, atol=1e-5)
+        names = "zero one two three four five six seven eight nine".split()
+        assert got["top1"] == int(want.argmax()) and got["class"] == f"{got['top1']}_{names[got['top1']]}"
+        r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", photo, "--broker", broker.url,
+                 timeout=60)
+        assert r.returncode == 0 and f"class: {got['class']}" in r.stdout
+        fake = tmp_path / "broken.png"
+        fake.write_bytes(b"not really a png")
+        r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", fake, "--broker", broker.url,
+                 timeout=60)
+        assert r.returncode != 0 and "cannot be decoded" in r.stderr and "Traceback" not in r.stderr
+        r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", photo, "--broker", broker.url,
+                 "--preprocess", "unit,color=rgb", timeout=60)  # a spec that does not fit the model
+        assert r.returncode != 0 and "color=rgb does not fit a model input with 1 channel" in r.stderr
+    finally:
+        ra.stop()
