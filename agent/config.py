@@ -143,9 +143,10 @@ class PipelineConfig:
     input_topic: str
     model: str
     output_topic: str
-    format: str = field(default="json", metadata=rule(choices=("json", "binary", "image")))
+    format: str = field(default="json", metadata=rule(choices=("json", "binary", "image", "raw")))
     qos: int = field(default=1, metadata=rule(min=0, max=2))
     preprocess: str | None = None  # format image: how images become the input, if not as the bundle says
+    stream_from_topic: bool = False  # a stateful model: each message's topic names its stream (mic/kitchen/...)
 
 
 @dataclass
@@ -209,6 +210,9 @@ def _check_semantics(cfg: AgentConfig) -> None:
         if any(topic_matches_sub(pipe.input_topic, p.output_topic) for p in cfg.pipelines):
             raise ConfigError(f"pipelines[{i}]: input_topic {pipe.input_topic!r} would take a pipeline's own answers",
                               "use different topics for inputs and outputs")
+        if pipe.stream_from_topic and pipe.format == "image":
+            raise ConfigError(f"pipelines[{i}]: stream_from_topic is for stateful models, and images carry no "
+                              "stream", "drop stream_from_topic, or use format: json, binary or raw")
         if pipe.preprocess is not None and pipe.format != "image":
             raise ConfigError(f"pipelines[{i}]: preprocess is for format: image (this pipeline's is {pipe.format})",
                               "drop preprocess, or set format: image")

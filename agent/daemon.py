@@ -404,7 +404,7 @@ class Agent:
         pipes = self.pipelines.match(msg.topic) if self.pipelines.configs else []
         if pipes:
             for pipe in pipes:
-                self._submit_pipeline(pipe, msg.payload)
+                self._submit_pipeline(pipe, msg.payload, msg.topic)
             return
         try:
             topic = protocol.parse_topic(msg.topic)
@@ -606,10 +606,10 @@ class Agent:
         self._submit_bounded(lambda: self._run_infer(model, msg, target), lambda: self._infer_reply(
             target, {"status": "error", "code": "busy", "error": "agent is busy: too many pending requests; retry later"}))
 
-    def _submit_pipeline(self, pipe, payload: bytes) -> None:
+    def _submit_pipeline(self, pipe, payload: bytes, topic: str) -> None:
         """Like an inference request, but from a pipeline's input topic. A stateful model's
         messages run one at a time in arrival order (agent/lanes.py): they carry its streams."""
-        self._submit_bounded(lambda: self.pipelines.handle(pipe, payload), lambda: self._publish_pipeline(
+        self._submit_bounded(lambda: self.pipelines.handle(pipe, payload, topic), lambda: self._publish_pipeline(
             pipe.output_topic, json.dumps({"v": protocol.VERSION, "status": "error", "code": "busy",
                                            "error": "agent is busy: too many pending requests; message dropped"}
                                           ).encode(), pipe.qos),

@@ -9,6 +9,8 @@ published on `output_topic`. Payloads are JSON or binary frames:
     binary: in  an EWF1 frame of tensors (agent/wire.py); out the same, header as above
     image:  in  one encoded image (JPEG, PNG, WebP, BMP, PPM), as cameras publish them
             out as json, plus "top1" and "class" for a classifier whose bundle names its classes
+    raw:    in  the bytes of the model's one input, little-endian, N rows (a microcontroller's
+                buffer: no framing to build); out as json
 
 An image is decoded and prepared in the model's worker, as the bundle's preprocessing says
 (the converter's --preprocess) or as the pipeline's `preprocess` says, by the same code the
@@ -16,14 +18,17 @@ converter used (agent/images.py); the board needs Pillow for it (the `images` ex
 
 A message the model cannot take gets an answer with "status": "error", "code" and
 "error" on the output topic, and nothing else happens. Inputs may carry "stream" for
-stateful models; their messages run one at a time, in the order they arrived
-(agent/lanes.py), so each stream's chunks meet its state in order.
+stateful models, or with `stream_from_topic` the topic a message came on names its stream
+(mic/kitchen/frames and mic/hall/frames: two streams). A stateful model's messages run one
+at a time, in the order they arrived (agent/lanes.py), so each stream's chunks meet its
+state in order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Callable
 
@@ -34,7 +39,7 @@ from .config import PipelineConfig
 from .errors import EdgewardError, InferenceError, ProtocolError
 from .schema import load_json
 from .streams import stream_id
-from .tensors import from_frame, from_json, to_frame, to_json, top1
+from .tensors import ITEMSIZE, Tensor, from_frame, from_json, to_frame, to_json, top1
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,9 @@ class Pipelines:
     def match(self, topic: str) -> list[PipelineConfig]:
         return [c for c in self.configs if topic_matches_sub(c.input_topic, topic)]
 
-    def handle(self, cfg: PipelineConfig, payload: bytes) -> None:
-        """Run one message through the model and publish the answer (or the error) on the output topic."""
+    def handle(self, cfg: PipelineConfig, payload: bytes, topic: str | None = None) -> None:
+        """Run one message (received on `topic`) through the model and publish the answer (or
+        the error) on the output topic."""
         try:
             if len(payload) > self.max_payload:
                 raise ProtocolError(f"message of {len(payload)} bytes is over the {self.max_payload}-byte limit")
@@ -69,7 +75,9 @@ class Pipelines:
                 model, outputs = self.engine.run_image(cfg.model, payload, cfg.preprocess)
                 extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
             else:
-                tensors, stream = self._decode(cfg, payload)
+                tensors, stream = self._raw(cfg, payload) if cfg.format == "raw" else self._decode(cfg, payload)
+                if stream is None and cfg.stream_from_topic and topic:
+                    stream = stream_id(topic)
                 model, outputs = self.engine.infer(cfg.model, tensors, stream)
             head = {"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
                     "ts": time.time(), **extra}
@@ -85,6 +93,28 @@ class Pipelines:
             log.exception("pipeline %s -> %s failed", cfg.input_topic, cfg.model)
             out = json.dumps({"v": protocol.VERSION, "status": "error", "code": "internal", "error": repr(exc)}).encode()
         self.publish(cfg.output_topic, out, cfg.qos)
+
+    def _raw(self, cfg: PipelineConfig, payload: bytes):
+        """A payload that is nothing but the bytes of the model's one input, little-endian, as a
+        microcontroller sends a buffer: its rows are read off its length."""
+        specs = self.engine.get(cfg.model).request_inputs
+        if len(specs) != 1:
+            raise InferenceError(f"raw payloads feed a one-input model; {cfg.model!r} takes "
+                                 f"{', '.join(s.name for s in specs)}", "use format: json or binary")
+        spec = specs[0]
+        rest = list(spec.shape[1:])
+        if spec.dtype not in ITEMSIZE or any(d < 0 for d in rest):
+            raise InferenceError(f"raw payloads need an input fixed but for its first axis; {spec.name!r} is "
+                                 f"{spec.dtype} {spec.shape}", "use format: json or binary")
+        row = ITEMSIZE[spec.dtype] * math.prod(rest)
+        if not payload or len(payload) % row:
+            raise InferenceError(f"a raw payload of {len(payload)} bytes is not a whole number of {spec.name!r} rows "
+                                 f"({spec.dtype} {rest}: {row} bytes each)", f"send N x {row} bytes")
+        rows = len(payload) // row
+        if spec.shape and spec.shape[0] > 0 and rows != spec.shape[0]:
+            raise InferenceError(f"{cfg.model!r} takes {spec.shape[0]} row(s) of {row} bytes, the payload holds {rows}",
+                                 f"send {spec.shape[0] * row} bytes")
+        return [Tensor(spec.name, spec.dtype, (rows, *rest) if spec.shape else (), bytes(payload))], None
 
     def _decode(self, cfg: PipelineConfig, payload: bytes):
         if cfg.format == "binary":

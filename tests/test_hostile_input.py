@@ -256,7 +256,7 @@ def test_requests_in_shared_memory_get_a_clear_error_never_an_internal_one(direc
         assert spec["offset"] + spec["nbytes"] <= (len(attached.answers) if header.get("shm") else len(body))
 
 
-@pytest.mark.parametrize("fmt", ["json", "binary"])
+@pytest.mark.parametrize("fmt", ["json", "binary", "raw"])
 @FUZZ
 @given(payload=st.binary(max_size=64) | json_values.map(json_bytes) | objects.map(json_bytes)
        | st.builds(frame, frame_headers.map(json_bytes), st.binary(max_size=64)) | st.sampled_from(NASTY_JSON))

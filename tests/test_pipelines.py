@@ -23,7 +23,9 @@ def piped(broker, assets, tmp_path):
                        "pipelines": [
                            {"input_topic": "camera/+/digits", "model": "digits", "output_topic": "results/digits"},
                            {"input_topic": "camera/raw", "model": "digits", "output_topic": "results/raw",
-                            "format": "binary"}]},
+                            "format": "binary"},
+                           {"input_topic": "sensor/raw", "model": "digits", "output_topic": "results/sensor",
+                            "format": "raw"}]},
                       install=[assets.v1])
     wait_for(ra.agent.connected.is_set, what="agent connected")
     raw = RawClient(broker.port)
@@ -123,3 +125,54 @@ def test_a_stateful_models_chunks_run_in_the_order_they_came(broker, assets, rnn
     finally:
         raw.close()
         ra.stop()
+
+
+def test_raw_payloads_are_the_inputs_bytes_and_their_rows_are_read_off_the_length(piped, assets):
+    """format: raw, for a microcontroller that sends a buffer: no JSON, no framing."""
+    ra, raw = piped
+    x = assets.eval_inputs(3)
+    want = ra.agent.infer("digits", {"input": x})["logits"]
+    raw.publish("sensor/raw", x.astype("<f4").tobytes())
+    a = json.loads(_answers(raw, "results/sensor", 1)[0].payload)
+    assert a["status"] == "ok", a
+    np.testing.assert_allclose(a["outputs"]["logits"], want, atol=1e-5)
+    raw.publish("sensor/raw", x.tobytes()[:-4])
+    bad = json.loads(_answers(raw, "results/sensor", 1)[0].payload)
+    assert bad["status"] == "error" and "is not a whole number of 'input' rows" in bad["error"]
+    assert "256 bytes each" in bad["error"]  # 1 x 8 x 8 float32
+
+
+def test_each_topic_can_be_its_own_stream(broker, assets, rnn_bundle, tmp_path):
+    """stream_from_topic: two microphones publishing raw frames to mic/<room>/frames keep two
+    independent streams, each equal to its whole sequence run at once."""
+    import onnxruntime as ort
+
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-mics", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "pipelines": [{"input_topic": "mic/+/frames", "model": "kws", "output_topic": "results/kws",
+                                      "format": "raw", "stream_from_topic": True}]},
+                      install=[rnn_bundle])
+    raw = RawClient(broker.port)
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        raw.subscribe("results/#")
+        rooms = {room: np.random.default_rng(seed).random((10, 1, 8), dtype=np.float32)
+                 for seed, room in enumerate(("kitchen", "hall"))}
+        session = ort.InferenceSession(str(next((store / "models" / "kws").glob("v1")) / "model.onnx"))
+        for i in range(10):  # interleaved, one frame per message, in arrival order
+            for room, frames in rooms.items():
+                raw.publish(f"mic/{room}/frames", frames[i:i + 1].tobytes())
+        answers = [json.loads(m.payload) for m in _answers(raw, "results/kws", 20)]
+        assert all(a["status"] == "ok" for a in answers), answers[0]
+        for k, (room, frames) in enumerate(rooms.items()):
+            whole, _ = session.run(None, {"frames": frames, "h": np.zeros((1, 1, 16), np.float32)})
+            got = np.concatenate([np.array(a["outputs"]["scores"], np.float32) for a in answers[k::2]])
+            np.testing.assert_allclose(got, whole, atol=1e-5)
+    finally:
+        raw.close()
+        ra.stop()
+    with pytest.raises(ConfigError, match="stream_from_topic is for stateful models"):
+        load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "store.path": str(tmp_path), "trust.keys": [str(assets.pub)],
+                           "pipelines": [{"input_topic": "a", "model": "m", "output_topic": "b", "format": "image",
+                                          "stream_from_topic": True}]})
