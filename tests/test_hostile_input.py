@@ -198,6 +198,33 @@ def test_a_models_own_socket_answers_anything_with_a_clear_error_never_an_intern
     assert header.get("code") != "internal", header
 
 
+@pytest.fixture(scope="module")
+def stateful_direct(tmp_path_factory):
+    """A stateful model's worker socket: each stream id reaches the run, checked first."""
+    from agent.direct import DirectServer
+
+    engine, seen = _Engine(), []
+
+    def on_stream(feeds, stream):
+        assert stream is None or (isinstance(stream, str) and 0 < len(stream) <= 256)
+        seen.append(stream)
+        return engine.infer("m", feeds)[1]
+
+    srv = DirectServer(str(tmp_path_factory.mktemp("direct-s") / "m.sock"), 0o600, "m", 1, _Model.request_inputs,
+                       lambda feeds: engine.infer("m", feeds)[1], run_stream=on_stream)
+    yield srv, seen
+    srv.close()
+
+
+@FUZZ
+@given(payload=st.builds(frame, frame_headers.map(json_bytes), st.binary(max_size=64)))
+def test_a_stateful_models_socket_takes_only_sane_stream_ids(stateful_direct, payload):
+    srv, _ = stateful_direct
+    header, _ = wire.unpack(srv.handle(payload))
+    assert header["status"] in ("ok", "error")
+    assert header.get("code") != "internal", header
+
+
 @FUZZ
 @given(rows=st.integers(1, 6), name=st.sampled_from(["x", "other"]), offset=st.integers(0, 12),
        body=st.binary(max_size=80))
