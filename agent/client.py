@@ -6,13 +6,13 @@
         out = c.infer("kws", frame, stream="mic-0")   # stateful model: the model's worker keeps the state
 
 Thread-safe: each thread gets its own connections, so concurrent callers do not queue
-behind each other here (a batched model batches them). The client asks the
-agent once where a model's worker listens and then talks to it directly
-(agent/direct.py), falling back to the agent when that worker is replaced or restarted. There, a request larger than the socket's send
-buffer (~208 kB: a 224x224 float image, say) travels in shared memory (agent/shm.py): its
-tensors are copied once into a sealed memfd attached to the connection, and only the header
-crosses the socket (`shared_memory=False` to send them inline; a worker that refuses gets
-them inline anyway).
+behind each other here (a batched model batches them). The client asks the agent
+once where a model's worker listens and then talks to it directly (agent/direct.py),
+falling back to the agent when that worker is replaced or restarted. There, a request
+larger than the socket's send buffer (~208 kB: a 224x224 float image, say) travels in
+shared memory (agent/shm.py): its tensors are copied once into a sealed memfd attached to
+the connection, and only the header crosses the socket (`shared_memory=False` to send them
+inline; a worker that refuses gets them inline anyway).
 
 While it waits for an answer, a call polls the socket for up to `spin_us` (500 µs) before
 it sleeps, as the agent does for the next request (api.spin_us): waking a sleeping core

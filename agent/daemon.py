@@ -35,9 +35,9 @@ from .budget import MB, Budget
 from .config import AgentConfig
 from .engine import Engine
 from .errors import DeployRefused, EdgewardError, IntegrityError, ProtocolError, VersionError
+from .lanes import Lanes
 from .link import ReplyTarget, make_client, publish_reply, reply_target
 from .localapi import LocalApi
-from .lanes import Lanes
 from .pipelines import Pipelines
 from .protocol import Event, Hardware, Reply, State, Telemetry
 from .schema import to_dict

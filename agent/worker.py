@@ -6,8 +6,10 @@ returns every byte to the system (the process exits) and a crash costs one model
 requests, never the agent. The worker imports numpy and the model's runtime; the
 agent's main process imports neither.
 
-It answers requests from the agent over its stdin/stdout pipes (agent/ipc.py):
-``load``, ``run``, ``selftest``; it exits when the pipe closes.
+It answers requests from the agent over its stdin/stdout pipes (agent/ipc.py): ``load``,
+``run`` (on a stream's state for a stateful model: the streams live here), ``run_image``
+(an encoded image from the network, decoded here), ``reset``, ``serve`` (its own socket for
+local apps), ``selftest``, ``stats`` and ``inspect``; it exits when the pipe closes.
 """
 
 from __future__ import annotations
