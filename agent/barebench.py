@@ -23,6 +23,7 @@ import sys
 SCRIPT = r"""
 import json, sys, time
 import numpy as np
+numpy_random = "numpy.random" in sys.modules  # numpy 1.x imports it itself: then the worker holds it too
 a = json.loads(sys.argv[1])
 
 def memory():
@@ -121,7 +122,8 @@ for b in a["batches"]:
 brss, bpss = memory()
 print(json.dumps({"package": package, "p50_ms": p50, "rss_mb": rss, "pss_mb": pss,
                   "batches": rates, "batched_rss_mb": brss, "batched_pss_mb": bpss,
-                  "foreign": sorted(m for m in ("psutil", "agent", "converters", "numpy.random") if m in sys.modules)}))
+                  "foreign": sorted(m for m in ("psutil", "agent", "converters") + (() if numpy_random else ("numpy.random",))
+                                    if m in sys.modules)}))
 """
 
 
