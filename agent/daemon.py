@@ -346,7 +346,8 @@ class Agent:
                        "budget_mb": self.cfg.memory.budget_mb,
                        "available_mb": round(self.budget.available_mb(), 1)},
             "models": [{**to_dict(m.info()), "requests": stats[m.name].requests, "errors": stats[m.name].errors,
-                        "p50_ms": stats[m.name].p50_ms} for m in self.engine.models()],
+                        "p50_ms": stats[m.name].p50_ms, "streams": stats[m.name].streams}
+                       for m in self.engine.models()],
             "last_update": self.last_update,
         }
         try:

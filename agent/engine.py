@@ -188,14 +188,16 @@ class LoadedModel:
         return {t.name: to_numpy(t) for t in out}
 
     def snapshot(self) -> ModelStats:
-        """The model's counters: requests through the agent plus those its worker took directly."""
-        direct = None
-        if self.proc.direct_path and self.proc.alive():
+        """The model's counters: requests through the agent plus those its worker took directly,
+        and for a stateful model the streams its worker keeps."""
+        reply: dict = {}
+        if (self.proc.direct_path or self.stateful) and self.proc.alive():
             try:
-                direct = self.proc.call({"op": "stats"}, timeout=2, what="stats")[0].get("direct")
+                reply = self.proc.call({"op": "stats"}, timeout=2, what="stats")[0]
             except EdgewardError:
-                direct = None
-        return self.stats.snapshot(self.version, inflight=self._inflight, extra=direct)
+                reply = {}
+        return self.stats.snapshot(self.version, inflight=self._inflight, extra=reply.get("direct"),
+                                   streams=reply.get("streams"))
 
     @property
     def direct_socket(self) -> str | None:

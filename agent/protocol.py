@@ -179,6 +179,7 @@ class ModelStats:
     p99_ms: Optional[float] = None
     mean_batch: Optional[float] = None   # rows per run call (grows with dynamic batching)
     inflight: int = 0                    # requests running on this model right now
+    streams: Optional[int] = None        # a stateful model: the streams its worker keeps now
 
 
 @dataclass

@@ -49,7 +49,8 @@ class Stats:
             self._rows += rows
             self._runs += 1
 
-    def snapshot(self, version: int, inflight: int = 0, extra: dict | None = None) -> ModelStats:
+    def snapshot(self, version: int, inflight: int = 0, extra: dict | None = None,
+                 streams: int | None = None) -> ModelStats:
         """Counters and percentiles; `extra` adds what a worker counted itself (direct requests)."""
         with self._lock:
             extra = extra or {}
@@ -63,7 +64,7 @@ class Stats:
                 p50, p95, p99 = (round(_percentile(ordered, q), 3) for q in (50, 95, 99))
             return ModelStats(version=version, requests=requests, errors=errors, p50_ms=p50, p95_ms=p95,
                               p99_ms=p99, mean_batch=round(rows / runs, 2) if runs else None,
-                              inflight=inflight)
+                              inflight=inflight, streams=streams)
 
     def export(self) -> dict:
         """Everything counted, as plain data (what a worker sends the agent for `snapshot(extra=...)`)."""

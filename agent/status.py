@@ -88,10 +88,14 @@ def render_status(status: dict | None, store_root: str) -> str:
     models = status.get("models", [])
     lines.append("")
     if models:
-        lines.append(format_table(
-            ["MODEL", "VERSION", "RUNS ON", "COST MB", "REQUESTS", "ERRORS", "P50 MS"],
-            [[m["name"], m["version"], runs_on(m), m.get("cost_mb"), m.get("requests"), m.get("errors"),
-              m.get("p50_ms") or "-"] for m in models], align="llrrrrr"))
+        head = ["MODEL", "VERSION", "RUNS ON", "COST MB", "REQUESTS", "ERRORS", "P50 MS"]
+        rows = [[m["name"], m["version"], runs_on(m), m.get("cost_mb"), m.get("requests"), m.get("errors"),
+                 m.get("p50_ms") or "-"] for m in models]
+        if any(m.get("streams") is not None for m in models):  # a stateful model serves: its streams
+            head.append("STREAMS")
+            for row, m in zip(rows, models):
+                row.append("-" if m.get("streams") is None else m["streams"])
+        lines.append(format_table(head, rows, align="llrrrrr" + "r" * (len(head) - 7)))
     else:
         lines.append("no model is serving")
     return "\n".join(lines)

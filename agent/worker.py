@@ -166,9 +166,8 @@ class Worker:
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:
-        if self.direct is None:
-            return {"direct": None}, []
-        return {"direct": self.direct.stats.export()}, []
+        streams = len(self.streams) if self.streams is not None else None
+        return {"direct": self.direct.stats.export() if self.direct is not None else None, "streams": streams}, []
 
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""

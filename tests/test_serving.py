@@ -245,6 +245,22 @@ def test_a_stream_continues_whichever_socket_its_calls_come_through(agent_with_a
             with pytest.raises(ProtocolError, match="keeps no stream state"):
                 client.infer("digits", np.zeros((1, 1, 8, 8), np.float32), stream="mic-0")
     assert model.snapshot().requests - before >= 6  # 1 + 2 + 1 direct calls, 2 through the agent
+    assert model.snapshot().streams == 2  # "both" and "mixed", kept by the worker; refused calls made none
+    assert ra.agent.engine.get("digits").snapshot().streams is None
+    # the operator sees them: the status file and `edgeward agent status`
+    import subprocess
+    import sys
+
+    from agent.status import read_status
+
+    ra.agent.write_status()
+    stored = {m["name"]: m.get("streams") for m in read_status(ra.agent.store.root)["models"]}
+    assert stored == {"digits": None, "kws": 2}
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "status", "--store", str(ra.agent.store.root)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "STREAMS" in r.stdout, r.stdout + r.stderr
+    kws_row = next(line for line in r.stdout.splitlines() if line.startswith("kws "))
+    assert kws_row.split()[-1] == "2"
 
 
 def test_edgeward_bench_measures_a_serving_model_through_the_local_api(agent_with_api):
