@@ -46,7 +46,7 @@ from agent.tables import format_table  # noqa: E402
 from converters import zoo  # noqa: E402
 from converters.convert import ConvertOptions, convert_onnx  # noqa: E402
 
-def _client_proc(path: str, model: str, x: np.ndarray, threads: int, seconds: float, out: mp.Queue) -> None:
+def _client_proc(path: str, call, proc: int, threads: int, seconds: float, out: mp.Queue) -> None:
     client = LocalClient(path)
     counts = [0] * threads
     errors = []
@@ -57,7 +57,7 @@ def _client_proc(path: str, model: str, x: np.ndarray, threads: int, seconds: fl
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             try:
-                client.infer(model, x)
+                call(client, proc, i)
                 counts[i] += 1
             except Exception as exc:  # counted and shown
                 errors.append(str(exc))
@@ -70,11 +70,12 @@ def _client_proc(path: str, model: str, x: np.ndarray, threads: int, seconds: fl
     out.put((sum(counts), errors[:3]))
 
 
-def concurrent_rows_per_s(path: str, model: str, x1: np.ndarray, seconds: float, procs: int = 4,
-                          threads: int = 8) -> tuple[float, list]:
+def concurrent_calls_per_s(path: str, call, seconds: float, procs: int = 4, threads: int = 8) -> tuple[float, list]:
+    """Calls/s of `call(client, process index, thread index)` from procs x threads callers at
+    once (forked: `call` may be any function), and the first errors."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    ps = [ctx.Process(target=_client_proc, args=(path, model, x1, threads, seconds, q)) for _ in range(procs)]
+    ps = [ctx.Process(target=_client_proc, args=(path, call, i, threads, seconds, q)) for i in range(procs)]
     t0 = time.perf_counter()
     for p in ps:
         p.start()
@@ -83,6 +84,11 @@ def concurrent_rows_per_s(path: str, model: str, x1: np.ndarray, seconds: float,
         p.join()
     elapsed = time.perf_counter() - t0
     return sum(r[0] for r in results) / max(elapsed - 0.2, seconds), [e for r in results for e in r[1]]
+
+
+def concurrent_rows_per_s(path: str, model: str, x1: np.ndarray, seconds: float, procs: int = 4,
+                          threads: int = 8) -> tuple[float, list]:
+    return concurrent_calls_per_s(path, lambda client, p, i: client.infer(model, x1), seconds, procs, threads)
 
 
 def tree_memory(pid: int) -> tuple[float, float]:

@@ -16,11 +16,9 @@ The agent runs as its own process (`edgeward agent`) with a private Mosquitto, a
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_agent import AgentProc, tree_memory  # noqa: E402
+from bench_agent import AgentProc, concurrent_calls_per_s, tree_memory  # noqa: E402
 
 from agent.barebench import run_bare  # noqa: E402
 from agent.bundle import Manifest, SelfTest, TensorSpec, write_bundle  # noqa: E402
@@ -79,49 +77,18 @@ def p50_on_a_stream(socket: str, frame: np.ndarray, seconds: float) -> float:
     return float(np.percentile(lat, 50))
 
 
-def _streams_proc(socket: str, frame: np.ndarray, first: int, threads: int, seconds: float, out) -> None:
-    client = LocalClient(socket)
-    counts, errors = [0] * threads, []
-    start = threading.Barrier(threads)
-
-    def run(i: int) -> None:
-        start.wait()
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            try:
-                client.infer("kws", {"frames": frame}, stream=f"mic-{first + i}")
-                counts[i] += 1
-            except Exception as exc:  # counted and shown
-                errors.append(str(exc))
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out.put((sum(counts), errors[:3]))
-
-
 def frames_per_s(socket: str, frame: np.ndarray, streams: int, seconds: float) -> tuple[float, list]:
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    half = max(1, streams // 2)
-    ps = [ctx.Process(target=_streams_proc, args=(socket, frame, i * half, n, seconds, q))
-          for i, n in enumerate([half, streams - half]) if n]
-    t0 = time.perf_counter()
-    for p in ps:
-        p.start()
-    results = [q.get() for _ in ps]
-    for p in ps:
-        p.join()
-    elapsed = time.perf_counter() - t0
-    return sum(r[0] for r in results) / max(elapsed - 0.2, seconds), [e for r in results for e in r[1]]
+    """Frames/s with `streams` streams at once: one thread each, in 2 client processes."""
+    return concurrent_calls_per_s(
+        socket, lambda client, p, i: client.infer("kws", {"frames": frame}, stream=f"mic-{p}-{i}"), seconds,
+        procs=2, threads=max(1, streams // 2))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement (default %(default)s)")
-    ap.add_argument("--streams", type=int, default=8, help="streams at once for the throughput row (default %(default)s)")
+    ap.add_argument("--streams", type=int, default=8,
+                    help="streams at once for the throughput row, an even number (default %(default)s)")
     ap.add_argument("--hidden", type=int, default=64, help="the RNN's state size (default %(default)s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-stateful-"))
