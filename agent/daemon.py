@@ -316,7 +316,7 @@ class Agent:
         """Home Assistant discovery configs (retained); a model no longer served gets its entities removed."""
         from .homeassistant import discovery_messages
 
-        messages = discovery_messages(state, self.cfg.homeassistant.prefix)
+        messages = discovery_messages(state, self.cfg.homeassistant.prefix, self.cfg.pipelines)
         for topic in self._discovery_topics - set(messages):
             self._publish(topic, b"", qos=1, retain=True)
         for topic, payload in messages.items():

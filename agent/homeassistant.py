@@ -3,7 +3,8 @@
 The agent publishes retained discovery configs under `<prefix>/<component>/edgeward_<device>/<object>/config`,
 so the board appears in Home Assistant as a device with sensors read straight from the
 agent's own state and telemetry topics (no extra messages, nothing HA-specific in the
-protocol), and each model's version as an `update` entity.
+protocol), each model's version as an `update` entity, and for each camera pipeline
+(`format: image`) a sensor whose state is the class it last saw.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def _object_id(text: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", text.lower())
 
 
-def discovery_messages(state: State, prefix: str = "homeassistant") -> dict[str, bytes]:
-    """topic -> retained config payload for this device and its current models."""
+def discovery_messages(state: State, prefix: str = "homeassistant", pipelines: list | None = None) -> dict[str, bytes]:
+    """topic -> retained config payload for this device, its current models and its image
+    pipelines (a camera's class as a sensor, read from the pipeline's own output topic)."""
     dev = state.device
     node = f"edgeward_{_object_id(dev)}"
     device = {"identifiers": [node], "name": f"edgeward {dev}", "manufacturer": "edgeward",
@@ -66,6 +68,20 @@ def discovery_messages(state: State, prefix: str = "homeassistant") -> dict[str,
             "name": f"Model {m.name} latency p50", "unique_id": f"{node}_model_{mid}_p50",
             "state_topic": protocol.telemetry_topic(dev), "unit_of_measurement": "ms", "state_class": "measurement",
             "value_template": f"{{{{ value_json.models['{m.name}'].p50_ms if '{m.name}' in value_json.models else None }}}}",
+            "availability": [availability], "device": device,
+        }
+    for pipe in pipelines or []:
+        if pipe.format != "image":  # other pipelines answer with arrays, not one value to show
+            continue
+        pid = _object_id(pipe.output_topic)
+        out[f"{prefix}/sensor/{node}/seen_{pid}/config"] = {
+            "name": f"{pipe.model} on {pipe.input_topic}", "unique_id": f"{node}_seen_{pid}",
+            "state_topic": pipe.output_topic, "icon": "mdi:camera-iris",
+            "value_template": ("{{ (value_json['class'] if 'class' in value_json else value_json.top1) "
+                               "if value_json.status == 'ok' else 'error' }}"),
+            "json_attributes_topic": pipe.output_topic,
+            "json_attributes_template": ("{{ {'model_version': value_json.get('version'), "
+                                         "'ts': value_json.get('ts')} | tojson }}"),
             "availability": [availability], "device": device,
         }
     return {topic: json.dumps(cfg, separators=(",", ":")).encode() for topic, cfg in out.items()}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agent import images
 from agent.bundle import open_bundle
 from agent.client import LocalClient
 from agent.signing import load_public_key
@@ -329,3 +330,45 @@ def test_a_photo_sent_to_a_device_over_mqtt_is_prepared_there_and_named(broker, 
         assert r.returncode != 0 and "color=rgb does not fit a model input with 1 channel" in r.stderr
     finally:
         ra.stop()
+
+
+@pytest.mark.integration
+def test_home_assistant_shows_what_a_camera_pipeline_last_saw(broker, image_bundle, assets, digit_pngs, tmp_path):
+    """With discovery on, each image pipeline is a sensor read from its own output topic: its
+    template (rendered with Jinja2, as Home Assistant does) gives the class, or "error"."""
+    import jinja2
+
+    from mqttkit import RawClient, RunningAgent, wait_for
+
+    raw = RawClient(broker.port)
+    raw.subscribe("homeassistant/#")
+    raw.subscribe("seen/#")
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-ha-cam", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "homeassistant.enabled": True,
+                       "pipelines": [{"input_topic": "cam/door", "model": "digits", "output_topic": "seen/door",
+                                      "format": "image"},
+                                     {"input_topic": "sensor/x", "model": "digits", "output_topic": "seen/x"}]},
+                      install=[image_bundle[0]])
+    try:
+        topic = "homeassistant/sensor/edgeward_pi_ha_cam/seen_seen_door/config"
+        config = wait_for(lambda: [json.loads(m.payload) for m in raw.collect(lambda t: t == topic, 0.5)],
+                          timeout=10, what="the camera sensor's config")[-1]
+        assert config["state_topic"] == "seen/door" and config["device"]["identifiers"] == ["edgeward_pi_ha_cam"]
+        assert not [m for m in raw.collect(lambda t: "seen_seen_x" in t, 0.5)]  # arrays: no sensor
+
+        def render(template, payload):
+            return jinja2.Environment().from_string(template).render(value_json=json.loads(payload)).strip()
+
+        photo = sorted(images.files_in(digit_pngs / "eval"))[5]
+        for payload in (photo.read_bytes(), b"not an image"):
+            raw.publish("cam/door", payload)
+            answer = wait_for(lambda: [m.payload for m in raw.collect(lambda t: t == "seen/door", 0.3)],
+                              what="the camera pipeline's answer")[-1]
+            shown = render(config["value_template"], answer)
+            assert shown == (json.loads(answer).get("class") or "error")
+        assert shown == "error" and json.loads(answer)["status"] == "error"
+        assert json.loads(render(config["json_attributes_template"], answer)).keys() == {"model_version", "ts"}
+    finally:
+        ra.stop()
+        raw.close()
