@@ -214,13 +214,38 @@ def _models(cfg: AgentConfig) -> list[Finding]:
 
 
 def _pipelines(cfg: AgentConfig) -> list[Finding]:
-    """Image pipelines decode what cameras send: that needs Pillow on the board."""
+    """Each pipeline's model is installed, and an image pipeline can prepare images for it
+    (Pillow is here, and the spec fits the model): else every message would get an error."""
+    from .bundle import read_installed_manifest
+
+    out: list[Finding] = []
     takes_images = [p.input_topic for p in cfg.pipelines if p.format == "image"]
     if takes_images and importlib.util.find_spec("PIL") is None:
-        return [Finding("pipelines", WARN, f"{', '.join(takes_images)} take(s) images, and Pillow is not installed: "
-                                           "every image would be answered with an error",
-                        "pip install 'edgeward[images]'")]
-    return []
+        out.append(Finding("pipelines", WARN, f"{', '.join(takes_images)} take(s) images, and Pillow is not "
+                                              "installed: every image would be answered with an error",
+                           "pip install 'edgeward[images]'"))
+    models = Path(cfg.store.path) / "models"
+    for pipe in cfg.pipelines:
+        what = f"{pipe.input_topic} -> {pipe.model}"
+        try:
+            manifest = read_installed_manifest((models / pipe.model / "current").resolve(strict=True))
+        except (OSError, EdgewardError):
+            out.append(Finding("pipelines", WARN, f"{what}: no model {pipe.model!r} is installed; its messages "
+                                                  "are answered with an error until one is",
+                               f"deploy {pipe.model}, or fix the pipeline's model name"))
+            continue
+        if pipe.format == "image":
+            from .images import spec_for
+
+            inputs = [{"name": s.name, "shape": s.shape, "dtype": s.dtype}
+                      for s in manifest.inputs if s.name not in manifest.state]
+            try:
+                spec_for(f"{pipe.model} v{manifest.version}", inputs, manifest.preprocessing, pipe.preprocess)
+            except EdgewardError as exc:
+                out.append(Finding("pipelines", FAIL, f"{what}: {exc.message}", exc.fix))
+                continue
+        out.append(Finding("pipelines", OK, f"{what} ({pipe.format}) -> {pipe.output_topic}"))
+    return out
 
 
 def _broker(cfg: AgentConfig, timeout_s: float) -> Finding:

@@ -138,7 +138,7 @@ def test_a_bundle_without_a_spec_takes_photos_only_with_preprocess(assets, digit
 def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bundle, assets, tmp_path, monkeypatch):
     import importlib.util
 
-    from agent.check import OK, WARN, run_checks
+    from agent.check import FAIL, OK, WARN, run_checks
     from agent.config import PipelineConfig, load_config
     from agent.store import Store
 
@@ -156,10 +156,18 @@ def test_agent_check_warns_when_an_image_model_cannot_read_images_here(image_bun
     assert found[1].fix == "pip install 'edgeward[images]'"
     cfg.pipelines = [PipelineConfig("cam/+/jpeg", "digits", "seen/digits", format="image")]
     found = [f for f in run_checks(cfg) if f.check == "pipelines"]
-    assert [(f.level, f.fix) for f in found] == [(WARN, "pip install 'edgeward[images]'")]
+    assert [(f.level, f.fix) for f in found][0] == (WARN, "pip install 'edgeward[images]'")
     assert "cam/+/jpeg take(s) images, and Pillow is not installed" in found[0].detail
     monkeypatch.setattr(importlib.util, "find_spec", real)
-    assert [f for f in run_checks(cfg) if f.check == "pipelines"] == []
+    assert [(f.level, f.detail) for f in run_checks(cfg) if f.check == "pipelines"] == [
+        (OK, "cam/+/jpeg -> digits (image) -> seen/digits")]
+    # a pipeline to a model that is not installed, and a spec that does not fit the model
+    cfg.pipelines = [PipelineConfig("cam/a", "digitz", "seen/a", format="image"),
+                     PipelineConfig("cam/b", "digits", "seen/b", format="image", preprocess="unit,color=rgb")]
+    found = [f for f in run_checks(cfg) if f.check == "pipelines"]
+    assert [f.level for f in found] == [WARN, FAIL]
+    assert "no model 'digitz' is installed" in found[0].detail
+    assert "color=rgb does not fit a model input with 1 channel" in found[1].detail
 
 
 def test_a_large_folder_is_read_up_to_max_images_evenly_over_its_classes(assets, digit_pngs, tmp_path):
