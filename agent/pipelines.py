@@ -103,7 +103,7 @@ class Pipelines:
                                  f"{', '.join(s.name for s in specs)}", "use format: json or binary")
         spec = specs[0]
         rest = list(spec.shape[1:])
-        if spec.dtype not in ITEMSIZE or any(d < 0 for d in rest):
+        if not spec.shape or spec.dtype not in ITEMSIZE or any(d < 0 for d in rest):
             raise InferenceError(f"raw payloads need an input fixed but for its first axis; {spec.name!r} is "
                                  f"{spec.dtype} {spec.shape}", "use format: json or binary")
         row = ITEMSIZE[spec.dtype] * math.prod(rest)
@@ -114,7 +114,7 @@ class Pipelines:
         if spec.shape and spec.shape[0] > 0 and rows != spec.shape[0]:
             raise InferenceError(f"{cfg.model!r} takes {spec.shape[0]} row(s) of {row} bytes, the payload holds {rows}",
                                  f"send {spec.shape[0] * row} bytes")
-        return [Tensor(spec.name, spec.dtype, (rows, *rest) if spec.shape else (), bytes(payload))], None
+        return [Tensor(spec.name, spec.dtype, (rows, *rest), bytes(payload))], None
 
     def _decode(self, cfg: PipelineConfig, payload: bytes):
         if cfg.format == "binary":
