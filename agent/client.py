@@ -38,7 +38,7 @@ from collections import deque
 import numpy as np
 
 from . import protocol, shm, wire
-from .errors import BusyError, EdgewardError, InferenceError, ModelNotFound, ProtocolError
+from .errors import EdgewardError, ProtocolError, error_class
 from .localapi import recv_message, send_message
 from .polling import linger
 from .tensors import from_frame, to_numpy
@@ -46,10 +46,6 @@ from .tensors import from_frame, to_numpy
 DEFAULT_SOCKET = os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock")
 SLEEP_THEN_POLL_MAX = 4  # waits up to this many spin_us windows: sleep through most, poll for the answer
 RECENT_WAITS = 4  # answers the expected wait is taken from
-_ERRORS = {"busy": BusyError, "bad_request": InferenceError, "unknown_model": ModelNotFound,
-           "bad_message": ProtocolError}
-
-
 class LocalClient:
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True, spin_us: int = 500,
                  shared_memory: bool = True):
@@ -124,7 +120,7 @@ class LocalClient:
             raise EdgewardError("the agent closed the connection", "retry; check the agent's log")
         header, body, key = self._frames.unpack(reply)
         if header.get("status") != "ok":
-            raise _ERRORS.get(header.get("code"), EdgewardError)(header.get("error", "agent error"))
+            raise error_class(header.get("code"))(header.get("error", "agent error"))
         return header, body, key
 
     def _await(self, conn: socket.socket, t0: float, waits) -> None:

@@ -134,3 +134,22 @@ class WorkerCrashed(InferenceError):
     """The model's worker process died or hung (a runtime crash, or killed for memory); a fresh one is started."""
 
     code = "model_crashed"
+
+
+def _by_code() -> dict[str, type[EdgewardError]]:
+    out: dict[str, type[EdgewardError]] = {}
+    todo: list[type[EdgewardError]] = [EdgewardError]
+    while todo:
+        cls = todo.pop(0)
+        out.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+_BY_CODE = _by_code()
+
+
+def error_class(code) -> type[EdgewardError]:
+    """The exception class of an error code that came from another process (a model's worker,
+    the agent's socket), so the caller catches it as if it had been raised in its own."""
+    return _BY_CODE.get(code, EdgewardError) if isinstance(code, str) else EdgewardError

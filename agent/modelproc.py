@@ -18,8 +18,7 @@ import sys
 import threading
 
 from . import ipc
-from .errors import (BundleError, EdgewardError, ImageError, InferenceError, ProtocolError, RuntimeMissing,
-                     SelfTestError, WorkerCrashed)
+from .errors import WorkerCrashed, error_class
 from .tensors import Tensor, from_frame, to_frame
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,6 @@ def live_pids() -> list[int]:
     """The model workers alive now (what the budget adds to the agent's own memory)."""
     with _live_lock:
         return list(_live)  # the Linux default limit for unprivileged pipe sizes (/proc/sys/fs/pipe-max-size)
-
-_ERRORS = {"bad_request": InferenceError, "self_test_failed": SelfTestError, "runtime_missing": RuntimeMissing,
-           "bad_bundle": BundleError, "bad_image": ImageError, "bad_message": ProtocolError}
-
 
 def own_interpreter() -> str:
     """The binary to start child processes of the agent with: the agent's own interpreter.
@@ -94,8 +89,7 @@ class ModelProcess:
                 raise WorkerCrashed(f"the model's worker process died ({self.exit_reason()})") from None
             reply, rbody = self._receive(timeout, what)
         if reply.get("status") != "ok":
-            cls = _ERRORS.get(reply.get("code"), EdgewardError)
-            raise cls(reply.get("error", "worker error"), reply.get("fix"))
+            raise error_class(reply.get("code"))(reply.get("error", "worker error"), reply.get("fix"))
         return reply, from_frame(reply, rbody)
 
     def _receive(self, timeout: float | None, what: str) -> tuple[dict, memoryview]:

@@ -99,3 +99,16 @@ def test_reply_carries_the_errors_code_and_text():
     data = json.loads(protocol.encode(reply))
     assert data == {"status": "error", "v": 1, "error": "bad thing: do the other thing", "code": "bad_message",
                     "data": {}, "corr": None}
+
+
+def test_an_error_code_from_another_process_is_raised_as_its_own_class():
+    """The worker's and the agent's error answers carry a code; the receiving end raises the
+    class of that code, so callers catch a BusyError or an ImageError as if raised locally."""
+    from agent import errors
+
+    classes = [errors.BusyError, errors.ImageError, errors.InferenceError, errors.ModelNotFound,
+               errors.ProtocolError, errors.SelfTestError, errors.WorkerCrashed, errors.IntegrityError]
+    for cls in classes:
+        assert errors.error_class(cls.code) is cls
+    assert errors.error_class("no_such_code") is errors.EdgewardError
+    assert errors.error_class(None) is errors.EdgewardError and errors.error_class(["busy"]) is errors.EdgewardError
