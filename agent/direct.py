@@ -250,6 +250,9 @@ class DirectServer:
                 body = memoryview(shared.region)
             if header.get("answer_shm") and shared is not None:
                 answers = shared.answers  # this request's answer region, even if another is attached meanwhile
+            if header.get("image") is not None:
+                raise ProtocolError("this socket takes tensors; encoded images go to the agent's socket",
+                                    "send the image to the agent's socket (LocalClient.infer_image does)")
             stream = stream_id(header.get("stream"))
             if stream is not None and self._run_stream is None:
                 raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")

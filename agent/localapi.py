@@ -40,7 +40,7 @@ from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .polling import linger
 from .streams import stream_id
-from .tensors import from_frame, to_frame
+from .tensors import from_frame, to_frame, top1
 
 log = logging.getLogger(__name__)
 
@@ -367,15 +367,27 @@ class LocalApi:
             raise ProtocolError("infer needs a model name")
         stream = stream_id(header.get("stream"))
         tensors = from_frame(header, body)
+        image = header.get("image") is True
+        if image:  # one encoded image, prepared as the bundle says (in the model's worker)
+            preprocess = header.get("preprocess")
+            if len(tensors) != 1 or tensors[0].dtype != "uint8" or len(tensors[0].shape) != 1 or \
+                    not (preprocess is None or isinstance(preprocess, str)):
+                raise ProtocolError("an image request carries one 1-D uint8 tensor, the file's bytes, and "
+                                    "optionally a preprocess string")
         if not self._slots.acquire(blocking=False):
             raise BusyError("agent is busy: too many pending requests", "retry later")
         try:
-            model, outputs = self.engine.infer(name, tensors, stream)
+            if image:
+                model, outputs = self.engine.run_image(name, bytes(tensors[0].data), preprocess)
+                extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
+            else:
+                model, outputs = self.engine.infer(name, tensors, stream)
+                extra = {}
         finally:
             self._slots.release()
         specs, out = to_frame(outputs)
         return wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
-                          "tensors": specs}, out)
+                          **extra, "tensors": specs}, out)
 
     def stop(self) -> None:
         self._stop.set()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent import images
+from agent import images, wire
 from agent.bundle import open_bundle
 from agent.client import LocalClient
 from agent.signing import load_public_key
@@ -380,3 +380,35 @@ def test_home_assistant_shows_what_a_camera_pipeline_last_saw(broker, image_bund
     finally:
         ra.stop()
         raw.close()
+
+
+def test_a_local_app_sends_a_photo_and_the_agent_prepares_it(image_bundle, assets, digit_pngs, tmp_path):
+    """LocalClient.infer_image (or any app speaking the local API, in any language): the file's
+    bytes go to the agent's socket, the model's worker prepares them as the bundle says."""
+    from agent.errors import ImageError, ProtocolError
+
+    ra, sock = offline_agent(tmp_path / "store", assets.pub, "pi-app", [image_bundle[0]])
+    try:
+        photo = sorted(images.files_in(digit_pngs / "eval"))[11]
+        spec = images.ImageSpec.from_dict(open_bundle(image_bundle[0], verify_signature=False)
+                                          .manifest.preprocessing["image"])
+        names = "zero one two three four five six seven eight nine".split()
+        with LocalClient(sock) as client:
+            want = client.infer("digits", images.load(photo, spec)[None])["logits"]
+            for image in (photo, photo.read_bytes()):  # a path or the bytes
+                got = client.infer_image("digits", image)
+                np.testing.assert_allclose(got["outputs"]["logits"], want, atol=1e-5)
+                assert got["top1"] == int(want.argmax()) and got["class"] == f"{got['top1']}_{names[got['top1']]}"
+            assert client.infer_image("digits", photo, preprocess="unit,resize=crop")["top1"] == got["top1"]
+            with pytest.raises(ImageError, match="cannot be decoded"):
+                client.infer_image("digits", b"no image here")
+            with pytest.raises(ImageError, match="color=rgb does not fit"):
+                client.infer_image("digits", photo, preprocess="unit,color=rgb")
+            # the worker's own socket takes tensors only, and says where images go
+            direct = client._route("digits")
+            with pytest.raises(ProtocolError, match="encoded images go to the agent's socket"):
+                client._call(wire.pack_tensors({"image": np.frombuffer(photo.read_bytes(), np.uint8)}, v=1,
+                                               op="infer", model="digits", image=True), direct)
+            assert client.infer("digits", images.load(photo, spec)[None])["logits"].shape == (1, 10)  # goes on
+    finally:
+        ra.stop()
