@@ -46,7 +46,7 @@ from .spool import Spool
 from .status import write_status
 from .store import Store
 from .systemd import Notifier
-from .tensors import from_frame, to_frame, top1
+from .tensors import encoded_image, from_frame, to_frame, top1
 from .transfer import Transfer, resume_all
 from .updater import Trust, Updater
 
@@ -656,9 +656,7 @@ class Agent:
             target = target or reply_target(msg, header)
             extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
             if request.image:  # an encoded image, decoded in the model's worker
-                if len(tensors) != 1 or tensors[0].dtype != "uint8" or len(tensors[0].shape) != 1:
-                    raise ProtocolError("an image request carries one 1-D uint8 tensor: the file's bytes")
-                model, outputs = self.engine.run_image(model_name, bytes(tensors[0].data), request.preprocess)
+                model, outputs = self.engine.run_image(model_name, encoded_image(tensors), request.preprocess)
                 extra.update(top1(outputs, (model.manifest.preprocessing or {}).get("classes") or []))
             else:
                 model, outputs = self.engine.infer(model_name, tensors)

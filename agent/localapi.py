@@ -40,7 +40,7 @@ from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .polling import linger
 from .streams import stream_id
-from .tensors import from_frame, to_frame, top1
+from .tensors import encoded_image, from_frame, to_frame, top1
 
 log = logging.getLogger(__name__)
 
@@ -367,18 +367,15 @@ class LocalApi:
             raise ProtocolError("infer needs a model name")
         stream = stream_id(header.get("stream"))
         tensors = from_frame(header, body)
-        image = header.get("image") is True
-        if image:  # one encoded image, prepared as the bundle says (in the model's worker)
-            preprocess = header.get("preprocess")
-            if len(tensors) != 1 or tensors[0].dtype != "uint8" or len(tensors[0].shape) != 1 or \
-                    not (preprocess is None or isinstance(preprocess, str)):
-                raise ProtocolError("an image request carries one 1-D uint8 tensor, the file's bytes, and "
-                                    "optionally a preprocess string")
+        image = encoded_image(tensors) if header.get("image") is True else None  # prepared in the worker
+        preprocess = header.get("preprocess")
+        if image is not None and not (preprocess is None or isinstance(preprocess, str)):
+            raise ProtocolError("preprocess must be a string, e.g. \"imagenet\"")
         if not self._slots.acquire(blocking=False):
             raise BusyError("agent is busy: too many pending requests", "retry later")
         try:
-            if image:
-                model, outputs = self.engine.run_image(name, bytes(tensors[0].data), preprocess)
+            if image is not None:
+                model, outputs = self.engine.run_image(name, image, preprocess)
                 extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
             else:
                 model, outputs = self.engine.infer(name, tensors, stream)

@@ -214,6 +214,16 @@ def to_json(t: Tensor):
     return values if t.shape else values[0]
 
 
+def encoded_image(tensors: list[Tensor]) -> bytes:
+    """The file bytes of an image request (MQTT or the local API): one 1-D uint8 tensor."""
+    if len(tensors) != 1 or tensors[0].dtype != "uint8" or len(tensors[0].shape) != 1:
+        from .errors import ProtocolError
+
+        raise ProtocolError("an image request carries one 1-D uint8 tensor: the file's bytes",
+                            "send the JPEG or PNG file as it is, as a uint8 tensor of its length")
+    return bytes(tensors[0].data)
+
+
 def top1(outputs: list[Tensor], classes: list) -> dict:
     """For a classifier's answer to one image: the index of its first output's largest value
     ("top1") and, where the bundle names its classes, the class ("class"), as batch jobs give."""
