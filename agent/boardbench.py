@@ -6,7 +6,9 @@ local API in between. This sends 1-row requests of random data of the model's in
 through agent.client.LocalClient (the path a local app takes) for a few seconds at each
 number of concurrent callers, and prints rows/s and latency percentiles per step, so the
 gain of a batched mode under load, or the cost of a second caller, can be read off.
-A stateful model gets one stream per caller (reset afterwards).
+A stateful model gets one stream per caller (reset afterwards). With `--image photo.jpg`
+each request is that photo, decoded and prepared on the board as the bundle says: how many
+camera frames a second the board keeps up with.
 
 With `--bare` it also times the same model file in the bare runtime, with the agent's thread
 count, in a minimal process of its own (agent/barebench.py), and prints the two side by side:
@@ -44,9 +46,15 @@ def random_inputs(specs: list[dict], rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
-def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare: bool = False) -> dict:
+def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare: bool = False,
+          image: bytes | None = None) -> dict:
     """{"model", "version", "mode", "steps": [{"clients", "requests", "errors", "rows_per_s", "p50_ms", ...}]},
-    with `bare`: and "bare" (the bare runtime's figures), "memory" (MB) and each step's "bare_rows_per_s"."""
+    with `bare`: and "bare" (the bare runtime's figures), "memory" (MB) and each step's "bare_rows_per_s".
+    With `image` (an encoded photo's bytes), each request sends that photo for the board to
+    prepare, as a camera pipeline's message is: decoding counts, as it does for the camera."""
+    if image is not None and bare:
+        raise EdgewardError("--bare times tensors in the bare runtime; with --image the board also decodes",
+                            "leave out --bare, or --image")
     with LocalClient(socket_path) as probe:
         served = {m["name"]: m for m in probe.models()}
     if model not in served:
@@ -60,15 +68,20 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
     feeds = random_inputs(info["inputs"], rng)
     steps = []
     with LocalClient(socket_path) as client:
-        client.infer(model, feeds, stream="bench-warm" if stateful else None)  # first call: route, connect
+        if image is not None:
+            send = lambda i: client.infer_image(model, image)  # noqa: E731
+            client.infer_image(model, image)  # first call: a photo the board cannot take fails here, once
+        else:
+            send = lambda i: client.infer(model, feeds, stream=f"bench-{i}" if stateful else None)  # noqa: E731
+            client.infer(model, feeds, stream="bench-warm" if stateful else None)  # first call: route, connect
         for n in clients:
-            steps.append(_step(client, model, feeds, n, seconds, stateful))
+            steps.append(_step(send, n, seconds))
         if stateful:
             for i in range(max(clients)):
                 client.reset(model, f"bench-{i}")
             client.reset(model, "bench-warm")
     result = {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps,
-              "max_delay_ms": info.get("max_delay_ms", 0.0)}
+              "max_delay_ms": info.get("max_delay_ms", 0.0), "image_bytes": len(image) if image is not None else None}
     if bare:
         result.update(_against_bare(socket_path, info, steps, seconds))
     return result
@@ -126,19 +139,19 @@ def _rss_mb(pid: int | None) -> float | None:
         return None
 
 
-def _step(client: LocalClient, model: str, feeds: dict, n: int, seconds: float, stateful: bool) -> dict:
+def _step(send, n: int, seconds: float) -> dict:
+    """`n` callers each calling send(their index) back to back for `seconds`."""
     latencies: list[list[float]] = [[] for _ in range(n)]
     errors: list[str] = []
     start = threading.Barrier(n + 1)
 
     def call(i: int) -> None:
-        stream = f"bench-{i}" if stateful else None
         start.wait()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             try:
-                client.infer(model, feeds, stream=stream)
+                send(i)
             except EdgewardError as exc:  # counted, and the first few shown
                 errors.append(str(exc))
                 continue
@@ -171,7 +184,9 @@ def render(result: dict) -> str:
         rows.append(row)
     if bare:
         head += ["BARE ROWS/S", "AGENT/BARE"]
-    title = (f"{result['model']} v{result['version']} ({result['mode']}), 1-row requests through the local API, "
+    what = (f"one {result['image_bytes'] / 1024:.0f} kB photo per request, prepared on the board"
+            if result.get("image_bytes") else "1-row requests")
+    title = (f"{result['model']} v{result['version']} ({result['mode']}), {what} through the local API, "
              f"{result['seconds']:g} s per step:\n")
     lines = [title + format_table(head, rows, align="r" * len(head))]
     if bare:

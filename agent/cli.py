@@ -411,7 +411,13 @@ def cmd_bench(args) -> int:
         raise EdgewardError(f"--clients {args.clients!r} is not a list of 1 to 256", "pass e.g. --clients 1,8,32")
     if not 0 < args.seconds <= 600:
         raise EdgewardError(f"--seconds {args.seconds} is out of range", "pass 0.1 to 600")
-    result = bench(args.socket, args.model, clients, args.seconds, bare=args.bare)
+    image = None
+    if args.image:
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as exc:
+            raise EdgewardError(f"cannot read {args.image}: {exc.strerror}") from exc
+    result = bench(args.socket, args.model, clients, args.seconds, bare=args.bare, image=image)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 1 if any(s["errors"] for s in result["steps"]) else 0
 
@@ -572,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the agent's local API socket (default %(default)s)")
     b.add_argument("--bare", action="store_true",
                    help="also time the model in the bare runtime, side by side (needs read access to the store)")
+    b.add_argument("--image", metavar="FILE",
+                   help="send this photo (JPEG, PNG, ...) with every request, prepared on the board as the bundle "
+                        "says: camera frames per second, decoding included")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

@@ -412,3 +412,29 @@ def test_a_local_app_sends_a_photo_and_the_agent_prepares_it(image_bundle, asset
             assert client.infer("digits", images.load(photo, spec)[None])["logits"].shape == (1, 10)  # goes on
     finally:
         ra.stop()
+
+
+def test_edgeward_bench_times_camera_frames_prepared_on_the_board(image_bundle, assets, digit_pngs, tmp_path):
+    """`edgeward bench --model M --image photo.jpg`: frames per second a board keeps up with."""
+    ra, sock = offline_agent(tmp_path / "store", assets.pub, "pi-bench", [image_bundle[0]])
+    try:
+        photo = sorted(images.files_in(digit_pngs / "eval"))[3]
+        before = ra.agent.engine.get("digits").snapshot().requests
+        r = _cli("bench", "--model", "digits", "--image", photo, "--clients", "1,2", "--seconds", "0.5",
+                 "--socket", sock, "--json")
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert result["image_bytes"] == photo.stat().st_size
+        assert [s["clients"] for s in result["steps"]] == [1, 2]
+        assert all(s["errors"] == 0 and s["requests"] > 5 for s in result["steps"])
+        assert ra.agent.engine.get("digits").snapshot().requests - before >= sum(s["requests"] for s in result["steps"])
+        r = _cli("bench", "--model", "digits", "--image", photo, "--seconds", "0.3", "--socket", sock)
+        assert r.returncode == 0 and "kB photo per request, prepared on the board" in r.stdout
+        junk = tmp_path / "junk.jpg"
+        junk.write_bytes(b"nope")
+        r = _cli("bench", "--model", "digits", "--image", junk, "--seconds", "0.3", "--socket", sock)
+        assert r.returncode != 0 and "cannot be decoded" in r.stderr and "Traceback" not in r.stderr
+        r = _cli("bench", "--model", "digits", "--image", photo, "--bare", "--socket", sock)
+        assert r.returncode == 2 and "leave out --bare, or --image" in r.stderr
+    finally:
+        ra.stop()
