@@ -48,6 +48,7 @@ PRESETS = {
 }
 NETWORK_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "PPM")  # what decode() opens: cameras send these
 MAX_MESSAGE_PIXELS = 4096 * 4096  # 48 MB decoded in RGB: larger photos are refused, not decoded
+MAX_TARGET_PIXELS = 2048 * 2048  # the size a network image is prepared at: 48 MB as float32 RGB
 RESIZES = ("stretch", "crop", "letterbox")
 COLORS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
@@ -205,9 +206,14 @@ def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: in
     """An encoded image received over the network (an MQTT pipeline's message) as one sample.
     Only the common camera formats are opened (NETWORK_FORMATS: fewer decoders, less attack
     surface), and an image that says it is larger than `max_pixels` is refused before its
-    pixels are decoded: a few kB of PNG can claim gigabytes."""
+    pixels are decoded: a few kB of PNG can claim gigabytes. The size it is prepared at is
+    held to MAX_TARGET_PIXELS as well (a model with an open input size takes the size a
+    request's spec names)."""
     import io
 
+    if spec.height * spec.width > MAX_TARGET_PIXELS:
+        raise ImageError(f"{what} would be prepared at {spec.width}x{spec.height}, over the limit of "
+                         f"{MAX_TARGET_PIXELS} pixels", "ask for a smaller size=HxW")
     Image, ImageOps = _pillow()
     try:
         with Image.open(io.BytesIO(data), formats=NETWORK_FORMATS) as im:
@@ -345,15 +351,17 @@ def spec_for(model: str, inputs: list[dict], preprocessing: dict | None, preproc
                          "send the inputs as tensors instead")
     spec_in = inputs[0]
     if preprocess:
-        return parse(preprocess, spec_in["shape"], spec_in["dtype"])
-    stored = (preprocessing or {}).get("image")
-    if not stored:
-        raise ImageError(f"{model}'s bundle does not say how images become its input",
-                         "pass --preprocess (e.g. imagenet or unit), or re-convert the model with --preprocess")
-    spec = ImageSpec.from_dict(stored)
+        spec, whose = parse(preprocess, spec_in["shape"], spec_in["dtype"]), "--preprocess"
+    else:
+        stored = (preprocessing or {}).get("image")
+        if not stored:
+            raise ImageError(f"{model}'s bundle does not say how images become its input",
+                             "pass --preprocess (e.g. imagenet or unit), or re-convert the model with --preprocess")
+        spec, whose = ImageSpec.from_dict(stored), f"{model}'s bundle"
     want = list(spec_in["shape"][1:])
     if len(want) != 3 or any(w not in (-1, g) for w, g in zip(want, spec.shape())):
-        raise ImageError(f"{model}'s bundle prepares images as {spec.shape()}, its input takes {want}",
+        raise ImageError(f"{whose} prepares images as {spec.shape()}, {model}'s input takes {want}",
+                         "leave size= out of --preprocess, or set it to the model's" if preprocess else
                          "re-convert the model with --preprocess, or pass --preprocess here")
     return spec
 

@@ -114,7 +114,8 @@ def test_the_board_prepares_photos_as_the_bundle_says_and_names_the_classes(imag
         assert r.returncode == 2 and "--preprocess describes image files" in r.stderr
         r = _cli("infer", "--model", "digits", "--input", digit_pngs / "eval", "--preprocess", "unit,size=16x16",
                  "--output", tmp_path / "r3.jsonl", "--socket", sock)
-        assert r.returncode != 0 and "shape" in r.stderr
+        assert r.returncode == 2 and "--preprocess prepares images as [1, 16, 16], digits v1's input takes " \
+            "[1, 8, 8]: leave size= out of --preprocess" in r.stderr
         assert not (tmp_path / "r2.jsonl").exists() and not (tmp_path / "r3.jsonl").exists()
     finally:
         ra.stop()
@@ -404,6 +405,9 @@ def test_a_local_app_sends_a_photo_and_the_agent_prepares_it(image_bundle, asset
                 client.infer_image("digits", b"no image here")
             with pytest.raises(ImageError, match="color=rgb does not fit"):
                 client.infer_image("digits", photo, preprocess="unit,color=rgb")
+            with pytest.raises(ImageError, match=r"--preprocess prepares images as \[1, 4000, 4000\], digits v1's "
+                                                 r"input takes \[1, 8, 8\]"):  # refused before any decoding
+                client.infer_image("digits", photo, preprocess="unit,size=4000x4000")
             # the worker's own socket takes tensors only, and says where images go
             direct = client._route("digits")
             with pytest.raises(ProtocolError, match="encoded images go to the agent's socket"):
