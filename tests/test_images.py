@@ -135,7 +135,7 @@ def test_a_spec_from_a_manifest_is_checked_like_one_from_the_command_line():
         images.ImageSpec.from_dict({**good, "width": 10 ** 6})
 
 
-def test_an_image_from_the_network_is_prepared_as_a_file_is_within_its_limits():
+def test_an_image_from_the_network_is_prepared_as_a_file_is_within_its_limits(tmp_path):
     """images.decode (pipelines, MQTT and local image requests): the same values as images.load
     for the same bytes; sizes that would take the board's memory are refused before decoding."""
     import io
@@ -145,14 +145,8 @@ def test_an_image_from_the_network_is_prepared_as_a_file_is_within_its_limits():
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     spec = images.parse("imagenet", [-1, 3, 16, 16])
-    path_spec = images.parse("imagenet", [-1, 3, 16, 16])
-    from pathlib import Path
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "p.png"
-        f.write_bytes(buf.getvalue())
-        np.testing.assert_array_equal(images.decode(buf.getvalue(), spec), images.load(f, path_spec))
+    (tmp_path / "p.png").write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(images.decode(buf.getvalue(), spec), images.load(tmp_path / "p.png", spec))
     open_size = images.parse("unit,size=3000x3000", [-1, 3, -1, -1])  # a model with an open input size
     with pytest.raises(ImageError, match="prepared at 3000x3000, over the limit of 4194304"):
         images.decode(buf.getvalue(), open_size)
