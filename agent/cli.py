@@ -346,6 +346,9 @@ def cmd_infer(args) -> int:
     if not args.device:  # on the board: a batch job through the local agent
         from .batchjob import run_job
 
+        if args.stream:
+            raise EdgewardError("--stream is for one request to a device", "add --device, or drop --stream")
+
         if not args.output:
             raise EdgewardError("say where the results go", "pass --output results.jsonl")
         summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch,
@@ -379,7 +382,7 @@ def cmd_infer(args) -> int:
     with Fleet(_mqtt_config(args)) as fleet:
         t0 = time.perf_counter()
         result = fleet.infer(args.device, args.model, tensors, timeout=args.timeout, image=image,
-                             preprocess=args.preprocess)
+                             preprocess=args.preprocess, stream=args.stream)
         rtt = (time.perf_counter() - t0) * 1000
     outputs = result["outputs"]
     if args.output:
@@ -551,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images: how they become the input, for a bundle that does not say "
                         "(as edgeward convert --preprocess, e.g. imagenet)")
     n.add_argument("--input-name", default="input", help="name for a .npy input (models with one input accept any)")
+    n.add_argument("--stream", metavar="ID",
+                   help="with --device, a stateful model's stream: its state carries on from the stream's last call")
     n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")
     n.add_argument("--batch", type=int, default=32, help="samples per request in a batch job (default %(default)s)")
     n.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),

@@ -44,6 +44,7 @@ from .schema import to_dict
 from .signing import load_public_key
 from .spool import Spool
 from .status import write_status
+from .streams import stream_id
 from .store import Store
 from .systemd import Notifier
 from .tensors import encoded_image, from_frame, to_frame, top1
@@ -605,7 +606,8 @@ class Agent:
     def _submit_infer(self, model: str, msg) -> None:
         target = reply_target(msg)
         self._submit_bounded(lambda: self._run_infer(model, msg, target), lambda: self._infer_reply(
-            target, {"status": "error", "code": "busy", "error": "agent is busy: too many pending requests; retry later"}))
+            target, {"status": "error", "code": "busy", "error": "agent is busy: too many pending requests; retry later"}),
+                             lane=model if self.engine.keeps_streams(model) else None)
 
     def _submit_pipeline(self, pipe, payload: bytes, topic: str) -> None:
         """Like an inference request, but from a pipeline's input topic. A stateful model's
@@ -659,7 +661,7 @@ class Agent:
                 model, outputs = self.engine.run_image(model_name, encoded_image(tensors), request.preprocess)
                 extra.update(top1(outputs, (model.manifest.preprocessing or {}).get("classes") or []))
             else:
-                model, outputs = self.engine.infer(model_name, tensors)
+                model, outputs = self.engine.infer(model_name, tensors, stream_id(request.stream))
             specs, out = to_frame(outputs)
             payload = wire.pack({"v": protocol.VERSION, "status": "ok", "model": model.name,
                                  "version": model.version, **extra, "tensors": specs}, out)

@@ -164,15 +164,16 @@ class Fleet:
         return self.command(device, "ping", protocol.PingRequest(), timeout)
 
     def infer(self, device: str, model: str, tensors: dict[str, np.ndarray] | None = None, timeout: float = 10.0,
-              image: bytes | None = None, preprocess: str | None = None) -> dict:
-        """Run `model` on a device: on named arrays, or on one encoded image (JPEG, PNG, ...)
-        that the device prepares as the model's bundle says (or as `preprocess` says). The
-        answer: {"model", "version", "outputs"}, and for an image "top1" and "class"."""
+              image: bytes | None = None, preprocess: str | None = None, stream: str | None = None) -> dict:
+        """Run `model` on a device: on named arrays (on a stateful model's `stream`, if named),
+        or on one encoded image (JPEG, PNG, ...) that the device prepares as the model's bundle
+        says (or as `preprocess` says). The answer: {"model", "version", "outputs"}, and for an
+        image "top1" and "class"."""
         if image is not None:
             payload = wire.pack_tensors({"image": np.frombuffer(image, np.uint8)}, v=protocol.VERSION, image=True,
                                         **({"preprocess": preprocess} if preprocess else {}))
         else:
-            payload = wire.pack_tensors(tensors or {}, v=protocol.VERSION)
+            payload = wire.pack_tensors(tensors or {}, v=protocol.VERSION, **({"stream": stream} if stream else {}))
         corr, q = self._request(protocol.infer_topic(device, model), payload)
         try:
             header, outputs = wire.unpack_tensors(self._wait(q, timeout, f"inference on {device}/{model}"))

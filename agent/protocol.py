@@ -301,13 +301,15 @@ class ChunkHeader:
 class InferHeader:
     """Frame header of an inference request; tensors follow in the frame body. With `image`, the
     body is one uint8 tensor holding an encoded image (JPEG, PNG, ...), which the board
-    prepares as the bundle says, or as `preprocess` says."""
+    prepares as the bundle says, or as `preprocess` says. `stream` names a stateful model's
+    stream (its calls run in the order they arrive)."""
     tensors: list[dict[str, Any]] = field(default_factory=list)
     v: int = VERSION
     reply_to: Optional[str] = None
     corr: Optional[str] = None
     image: bool = False
     preprocess: Optional[str] = None
+    stream: Optional[str] = None
 
 
 # ---------------------------------------------------------------- encode / decode

@@ -176,3 +176,41 @@ def test_each_topic_can_be_its_own_stream(broker, assets, rnn_bundle, tmp_path):
         load_config(None, {"mqtt.url": "mqtt://127.0.0.1:9", "store.path": str(tmp_path), "trust.keys": [str(assets.pub)],
                            "pipelines": [{"input_topic": "a", "model": "m", "output_topic": "b", "format": "image",
                                           "stream_from_topic": True}]})
+
+
+def test_a_fleet_request_names_its_stream_and_continues_it(broker, assets, rnn_bundle, tmp_path):
+    """`edgeward infer --device D --model kws --input f.npy --stream s` (InferHeader.stream):
+    chunks sent over MQTT continue one stream, as local calls do."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    from agent.config import MqttConfig
+    from agent.fleet import Fleet
+
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-kws-fleet", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[rnn_bundle])
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        frames = np.random.default_rng(6).random((9, 1, 8), dtype=np.float32)
+        session = ort.InferenceSession(str(next((store / "models" / "kws").glob("v1")) / "model.onnx"))
+        whole, _ = session.run(None, {"frames": frames, "h": np.zeros((1, 1, 16), np.float32)})
+        with Fleet(MqttConfig(url=broker.url)) as fleet:
+            got = [fleet.infer("pi-kws-fleet", "kws", {"frames": frames[lo:lo + 3]}, stream="s")["outputs"]["scores"]
+                   for lo in (0, 3)]
+            np.testing.assert_allclose(np.concatenate(got), whole[:6], atol=1e-5)
+        np.save(tmp_path / "rest.npy", frames[6:])
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "infer", "--device", "pi-kws-fleet", "--model", "kws",
+                            "--input", str(tmp_path / "rest.npy"), "--input-name", "frames", "--stream", "s",
+                            "--broker", broker.url, "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(json.loads(r.stdout)["outputs"]["scores"], whole[6:], atol=1e-5)
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "infer", "--model", "kws", "--input",
+                            str(tmp_path / "rest.npy"), "--stream", "s", "--output", str(tmp_path / "r.jsonl")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--stream is for one request to a device" in r.stderr
+    finally:
+        ra.stop()
