@@ -20,7 +20,8 @@ image folders (an image model's one input): .jpg/.png/... files, labelled by sub
 spec so the board's `edgeward infer --model NAME --input photos/` prepares images the same way.
   --preprocess unit | signed | imagenet | raw, then key=value overrides: scale=1/255,
   mean=0.5 or mean=0.485:0.456:0.406, std=..., color=rgb|bgr|gray,
-  resize=stretch|crop|letterbox, size=HxW (default: the model's), layout=nchw|nhwc
+  resize=stretch|crop|letterbox, size=HxW (default: the model's), layout=nchw|nhwc,
+  jpeg=scaled|full (scaled, the default: large JPEGs decode at 1/2-1/8 scale, 2x faster)
 
 examples:
   edgeward keys gen keys/signing

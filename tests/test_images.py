@@ -152,3 +152,31 @@ def test_an_image_from_the_network_is_prepared_as_a_file_is_within_its_limits(tm
         images.decode(buf.getvalue(), open_size)
     with pytest.raises(ImageError, match="is 40x30 pixels, over the limit of 100"):
         images.decode(buf.getvalue(), spec, max_pixels=100)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_model(tmp_path):
+    """jpeg=scaled (the default for new specs): the decoder's DCT scaling instead of every pixel,
+    within ~1 % of a full decode; recorded in the spec, and off for specs that predate it."""
+    rng = np.random.default_rng(1)
+    low = rng.random((31, 41, 3))
+    pixels = np.clip(np.repeat(np.repeat(low, 16, 0), 16, 1)[:480, :640] * 255, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "vga.jpg", quality=90)
+    Image.fromarray(pixels).save(tmp_path / "vga.png")
+    scaled = images.parse("unit", [-1, 3, 32, 32])
+    full = images.parse("unit,jpeg=full", [-1, 3, 32, 32])
+    assert scaled.jpeg_scaling and not full.jpeg_scaling
+    assert images.ImageSpec.from_dict({k: v for k, v in scaled.to_dict().items() if k != "jpeg_scaling"}) \
+        .jpeg_scaling is False  # a bundle from before: decoded in full, as it was calibrated
+    assert images.ImageSpec.from_dict(scaled.to_dict()).jpeg_scaling is True
+    a, b = images.load(tmp_path / "vga.jpg", scaled), images.load(tmp_path / "vga.jpg", full)
+    assert a.shape == b.shape == (3, 32, 32)
+    assert 0 < np.abs(a - b).mean() < 0.01  # another path, nearly the same values
+    np.testing.assert_array_equal(images.load(tmp_path / "vga.png", scaled), images.load(tmp_path / "vga.png", full))
+    # a portrait photo stored landscape (EXIF 6) is still turned, whatever scale it was decoded at
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    tall = images.parse("unit,size=48x24", [-1, 3, -1, -1])
+    turned_scaled = images.load(tmp_path / "turned.jpg", tall)
+    turned_full = images.load(tmp_path / "turned.jpg", images.parse("unit,size=48x24,jpeg=full", [-1, 3, -1, -1]))
+    assert turned_scaled.shape == (3, 48, 24) and np.abs(turned_scaled - turned_full).mean() < 0.01
