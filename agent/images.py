@@ -214,7 +214,8 @@ def load(path: str | Path, spec: ImageSpec) -> np.ndarray:
 
 
 def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray:
-    """An encoded image received over the network (an MQTT pipeline's message) as one sample.
+    """An encoded image received from outside (a camera pipeline's message, a fleet request, a
+    local app's) as one sample, prepared as load() prepares a file.
     Only the common camera formats are opened (NETWORK_FORMATS: fewer decoders, less attack
     surface), and an image that says it is larger than `max_pixels` is refused before its
     pixels are decoded: a few kB of PNG can claim gigabytes. The size it is prepared at is

@@ -93,8 +93,8 @@ class Worker:
         return self.run_tensors(tensors)
 
     def run_image(self, h: dict, body) -> tuple[dict, list]:
-        """Decode one encoded image (an MQTT pipeline's message), prepare it as the model's
-        images are prepared (agent/images.py) and run it. Pillow is imported here, on the first
+        """Decode one encoded image (a camera pipeline's message, a fleet request or a local
+        app's), prepare it as the model's images are prepared (agent/images.py) and run it. Pillow is imported here, on the first
         image: the agent's daemon never decodes what arrives over the network itself."""
         from . import images
         from .tensors import from_frame
