@@ -387,6 +387,8 @@ def describe(spec: dict, classes: list | None = None) -> str:
     norm = f"(pixel * {s.scale:.6g} - mean {_short(s.mean)}) / std {_short(s.std)}" if s.dtype == "float32" \
         else "pixels as they are"
     line = f"{s.width}x{s.height} {s.color} {s.layout.upper()} {s.dtype}, resize {s.resize}, {norm}"
+    if s.jpeg_scaling:
+        line += ", JPEGs decoded at a reduced scale"
     if classes:
         named = [c for c in classes if c]
         shown = ", ".join(named[:4]) + (f", ... {named[-1]}" if len(named) > 4 else "")

@@ -168,6 +168,8 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_model(tmp_p
     assert images.ImageSpec.from_dict({k: v for k, v in scaled.to_dict().items() if k != "jpeg_scaling"}) \
         .jpeg_scaling is False  # a bundle from before: decoded in full, as it was calibrated
     assert images.ImageSpec.from_dict(scaled.to_dict()).jpeg_scaling is True
+    assert "JPEGs decoded at a reduced scale" in images.describe(scaled.to_dict())
+    assert "reduced scale" not in images.describe(full.to_dict())
     a, b = images.load(tmp_path / "vga.jpg", scaled), images.load(tmp_path / "vga.jpg", full)
     assert a.shape == b.shape == (3, 32, 32)
     assert 0 < np.abs(a - b).mean() < 0.01  # another path, nearly the same values
