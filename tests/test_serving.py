@@ -139,7 +139,7 @@ def test_stateful_streams_are_independent_and_do_not_depend_on_chunking(tmp_path
     run = lambda stream, chunk: engine.infer_arrays("kws", {"frames": chunk}, stream=stream)[1]  # noqa: E731
 
     whole = run("a", frames)
-    assert set(whole) == {"scores"}  # the state stays inside the agent
+    assert set(whole) == {"scores"}  # the state stays on the board, in the worker
     pieces = []
     for lo, hi in ((0, 7), (7, 8), (8, 21), (21, 30)):   # another chunking, interleaved with a third stream
         pieces.append(run("b", frames[lo:hi])["scores"])
