@@ -145,7 +145,7 @@ class LoadedModel:
         t0 = time.perf_counter()
         self.last_used = time.monotonic()
         header = {"op": "run_image", "what": f"{self.name} v{self.version}", "preprocess": preprocess,
-                  "preprocessing": self.manifest.preprocessing,
+                  "preprocessing": self.manifest.preprocessing, "fixed_batch": self.fixed_batch,
                   "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in self.request_inputs]}
         try:
             out = self._in_worker(header, [Tensor("image", "uint8", (len(data),), data)])

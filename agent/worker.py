@@ -22,7 +22,7 @@ import threading
 import numpy as np  # the base cost of every worker, reported before any runtime loads
 
 from .errors import InferenceError
-from .tensors import from_numpy
+from .tensors import from_numpy, pad_rows, split
 
 
 def rss_mb() -> float:
@@ -109,7 +109,10 @@ class Worker:
             self._image_specs[key] = spec
         x = images.decode(bytes(blob.data), spec, what=f"the image for {h['what']}",
                           max_pixels=int(h.get("max_pixels", images.MAX_MESSAGE_PIXELS)))
-        return {}, self.run_on([from_numpy(h["inputs"][0]["name"], x[None])], None)
+        rows = int(h.get("fixed_batch") or 1)  # a model whose batch size is fixed: zero rows after the image
+        feed = pad_rows(from_numpy(h["inputs"][0]["name"], x[None]), rows)
+        out = self.run_on([feed], None)
+        return {}, [split(t, [1])[0] for t in out] if rows > 1 else out
 
     def reset(self, h: dict, _body) -> tuple[dict, list]:
         """Forget one stream's state; says whether there was one."""

@@ -107,6 +107,30 @@ def test_a_fixed_batch_model_is_padded_and_still_answers_single_rows(tmp_path, a
     engine.close()
 
 
+def test_an_image_for_a_fixed_batch_model_is_padded_too(tmp_path, assets, fixed_batch_bundle):
+    """An encoded image (camera pipeline, fleet or local request) fills row 0 of a model whose
+    batch axis is fixed at 8, and only that row's answer comes back."""
+    import io
+
+    from PIL import Image
+
+    from agent.tensors import to_numpy
+
+    engine = _engine(tmp_path, assets, [fixed_batch_bundle])
+    model = engine.get("digits8")
+    pixels = np.round(assets.eval_inputs(1)[0, 0] * 255).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG")
+    _, (out,) = engine.run_image("digits8", png.getvalue(), "unit")
+    name = model.manifest.inputs[0].name
+    batch = np.zeros((8, 1, 8, 8), np.float32)
+    batch[0, 0] = pixels / np.float32(255)
+    want = next(iter(model.infer_arrays({name: batch}).values()))[:1]  # streaming mode takes whole batches
+    assert out.shape == (1, 10)
+    np.testing.assert_allclose(to_numpy(out), want, atol=1e-5)
+    engine.close()
+
+
 def test_a_full_queue_answers_busy_at_once_instead_of_growing(tmp_path, assets):
     engine = _engine(tmp_path, assets, [assets.v1],
                      {"digits": ServingConfig(mode="batched", max_batch=2, max_delay_ms=1, max_queue=4)})
