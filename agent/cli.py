@@ -348,7 +348,6 @@ def cmd_infer(args) -> int:
 
         if args.stream:
             raise EdgewardError("--stream is for one request to a device", "add --device, or drop --stream")
-
         if not args.output:
             raise EdgewardError("say where the results go", "pass --output results.jsonl")
         summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch,
@@ -357,7 +356,6 @@ def cmd_infer(args) -> int:
               f"{summary['seconds']} s -> {args.output}")
         return 0
     from .fleet import Fleet
-
     from .images import is_image
 
     path = Path(args.input)

@@ -47,6 +47,8 @@ from .tensors import from_frame, to_numpy
 DEFAULT_SOCKET = os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock")
 SLEEP_THEN_POLL_MAX = 4  # waits up to this many spin_us windows: sleep through most, poll for the answer
 RECENT_WAITS = 4  # answers the expected wait is taken from
+
+
 class LocalClient:
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 60.0, direct: bool = True, spin_us: int = 500,
                  shared_memory: bool = True):

@@ -659,7 +659,7 @@ class Agent:
             extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
             if request.image:  # an encoded image, decoded in the model's worker
                 model, outputs = self.engine.run_image(model_name, encoded_image(tensors), request.preprocess)
-                extra.update(top1(outputs, (model.manifest.preprocessing or {}).get("classes") or []))
+                extra.update(top1(outputs, model.classes))
             else:
                 model, outputs = self.engine.infer(model_name, tensors, stream_id(request.stream))
             specs, out = to_frame(outputs)

@@ -36,7 +36,7 @@ from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_fra
                        send_message, serve_connection)
 from .outbox import Drain, Outbox
 from .stats import Stats
-from .streams import stream_id
+from .streams import no_stream_state, stream_id
 from .tensors import ITEMSIZE, Tensor, check_inputs, to_frame
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class DirectServer:
                                     "send the image to the agent's socket (LocalClient.infer_image does)")
             stream = stream_id(header.get("stream"))
             if stream is not None and self._run_stream is None:
-                raise ProtocolError(f"model {self.model!r} keeps no stream state", "leave out the stream id")
+                raise no_stream_state(self.model)
             feeds = self._frames.tensors(header, body, key, self._check)
             if self._run_stream is not None:
                 out = self._run_stream(feeds, stream)

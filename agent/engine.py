@@ -25,11 +25,12 @@ from .batcher import Batcher
 from .budget import Budget
 from .bundle import REFERENCE, Manifest, read_installed_manifest
 from .config import ApiConfig, ServingConfig
-from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, ProtocolError, WorkerCrashed
+from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
 from .runtimes import copies_for
 from .stats import Stats
+from .streams import no_stream_state
 from .tensors import Tensor, check_inputs, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
@@ -104,25 +105,34 @@ class LoadedModel:
     def run(self, tensors: list[Tensor], stream: str | None = None) -> list[Tensor]:
         """Validate, run in the worker (alone, in a micro-batch, or on a stream's state), record.
         Any failure is an error for this caller alone."""
+        return self._recorded(lambda: self._run(tensors, stream))
+
+    def _run(self, tensors: list[Tensor], stream: str | None) -> list[Tensor]:
+        if stream is not None and not self.stateful:
+            raise no_stream_state(self.name)
+        if self.stateful:
+            return self._execute(check_inputs(self.name, self.request_inputs, tensors), stream)
+        if self._batcher is not None:
+            return self._batcher.submit(check_inputs(self.name, self.request_inputs, tensors,
+                                                     max_rows=self.fixed_batch))
+        return self._execute(check_inputs(self.name, self.request_inputs, tensors))
+
+    def _recorded(self, work: Callable[[], list[Tensor]]) -> list[Tensor]:
+        """A request's outputs, counted in the model's stats with its latency, or its failure."""
         t0 = time.perf_counter()
         self.last_used = time.monotonic()
         try:
-            if stream is not None and not self.stateful:
-                raise ProtocolError(f"model {self.name!r} keeps no stream state", "leave out the stream id")
-            if self.stateful:
-                feeds = check_inputs(self.name, self.request_inputs, tensors)
-                out = self._execute(feeds, stream)
-            elif self._batcher is not None:
-                feeds = check_inputs(self.name, self.request_inputs, tensors, max_rows=self.fixed_batch)
-                out = self._batcher.submit(feeds)
-            else:
-                feeds = check_inputs(self.name, self.request_inputs, tensors)
-                out = self._execute(feeds)
+            out = work()
         except EdgewardError:
             self.stats.record(None, ok=False)
             raise
         self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
         return out
+
+    @property
+    def classes(self) -> list:
+        """Class names by output index, where the bundle names them (image folders' sub-folders)."""
+        return self.manifest.preprocessing.get("classes") or []
 
     def _execute(self, feeds: list[Tensor], stream: str | None = None) -> list[Tensor]:
         out = self._in_worker({"op": "run", "stream": stream} if stream is not None else {"op": "run"}, feeds)
@@ -142,19 +152,18 @@ class LoadedModel:
     def run_image(self, data: bytes, preprocess: str | None = None) -> list[Tensor]:
         """One encoded image (JPEG, PNG, ...) from the network: decoded and prepared in the worker
         as the bundle says (or as `preprocess` says), then run at once, outside any batch."""
-        t0 = time.perf_counter()
-        self.last_used = time.monotonic()
         header = {"op": "run_image", "what": f"{self.name} v{self.version}", "preprocess": preprocess,
-                  "preprocessing": self.manifest.preprocessing, "fixed_batch": self.fixed_batch,
+                  # only the image spec: the class names, which may be a thousand, are not the worker's
+                  "preprocessing": {"image": self.manifest.preprocessing.get("image")},
+                  "fixed_batch": self.fixed_batch,
                   "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in self.request_inputs]}
-        try:
+
+        def work() -> list[Tensor]:
             out = self._in_worker(header, [Tensor("image", "uint8", (len(data),), data)])
-        except EdgewardError:
-            self.stats.record(None, ok=False)
-            raise
-        self.stats.record_run(1)
-        self.stats.record((time.perf_counter() - t0) * 1000, ok=True)
-        return out
+            self.stats.record_run(1)
+            return out
+
+        return self._recorded(work)
 
     def _worker(self) -> ModelProcess:
         """The live worker, or a fresh one if the last one died (not more often than every few seconds)."""

@@ -376,7 +376,7 @@ class LocalApi:
         try:
             if image is not None:
                 model, outputs = self.engine.run_image(name, image, preprocess)
-                extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
+                extra = top1(outputs, model.classes)
             else:
                 model, outputs = self.engine.infer(name, tensors, stream)
                 extra = {}

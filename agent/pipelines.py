@@ -73,7 +73,7 @@ class Pipelines:
             extra = {}
             if cfg.format == "image":  # decoded and prepared in the model's worker
                 model, outputs = self.engine.run_image(cfg.model, payload, cfg.preprocess)
-                extra = top1(outputs, (model.manifest.preprocessing or {}).get("classes") or [])
+                extra = top1(outputs, model.classes)
             else:
                 tensors, stream = self._raw(cfg, payload) if cfg.format == "raw" else self._decode(cfg, payload)
                 if stream is None and cfg.stream_from_topic and topic:

@@ -36,6 +36,12 @@ def stream_id(value) -> str | None:
     return value
 
 
+def no_stream_state(model: str | None = None) -> ProtocolError:
+    """The error for a stream id sent to a model that keeps no state, on every path."""
+    return ProtocolError(f"model {model!r} keeps no stream state" if model else "this model keeps no stream state",
+                         "leave out the stream id")
+
+
 class _Stream:
     def __init__(self, state: list[Tensor]):
         self.lock = threading.Lock()

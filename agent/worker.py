@@ -87,15 +87,16 @@ class Worker:
         if self.streams is not None:
             return self.streams.run(stream, tensors)
         if stream is not None:
-            from .errors import ProtocolError
+            from .streams import no_stream_state
 
-            raise ProtocolError("this model keeps no stream state", "leave out the stream id")
+            raise no_stream_state()
         return self.run_tensors(tensors)
 
     def run_image(self, h: dict, body) -> tuple[dict, list]:
         """Decode one encoded image (a camera pipeline's message, a fleet request or a local
-        app's), prepare it as the model's images are prepared (agent/images.py) and run it. Pillow is imported here, on the first
-        image: the agent's daemon never decodes what arrives over the network itself."""
+        app's), prepare it as the model's images are prepared (agent/images.py) and run it.
+        Pillow is imported here, on the first image: the agent's daemon never decodes what
+        arrives over the network itself."""
         from . import images
         from .tensors import from_frame
 
