@@ -235,8 +235,6 @@ def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: in
                                  "send a smaller image (the model takes "
                                  f"{spec.width}x{spec.height})")
             im = _upright(im, spec, ImageOps)
-    except ImageError:
-        raise
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
         raise ImageError(f"{what} says it is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels, over "
                          f"the limit of {max_pixels}", "send a smaller image") from None

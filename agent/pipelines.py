@@ -111,7 +111,7 @@ class Pipelines:
             raise InferenceError(f"a raw payload of {len(payload)} bytes is not a whole number of {spec.name!r} rows "
                                  f"({spec.dtype} {rest}: {row} bytes each)", f"send N x {row} bytes")
         rows = len(payload) // row
-        if spec.shape and spec.shape[0] > 0 and rows != spec.shape[0]:
+        if spec.shape[0] > 0 and rows != spec.shape[0]:
             raise InferenceError(f"{cfg.model!r} takes {spec.shape[0]} row(s) of {row} bytes, the payload holds {rows}",
                                  f"send {spec.shape[0] * row} bytes")
         return [Tensor(spec.name, spec.dtype, (rows, *rest), bytes(payload))], None
