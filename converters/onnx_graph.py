@@ -74,3 +74,66 @@ def input_grids(model) -> dict[str, tuple[float, int, str]]:
             if len(found) == 1:
                 grids[vi.name] = found.pop()
     return grids
+
+
+def _walk(graph, domains: set[str], types: set[int]) -> None:
+    """The operator domains a graph's nodes use and the tensor element types it holds,
+    subgraphs (If, Loop, Scan bodies) included."""
+    from onnx import AttributeProto
+
+    for vi in list(graph.input) + list(graph.output) + list(getattr(graph, "value_info", [])):
+        types.add(vi.type.tensor_type.elem_type)
+    types.update(t.data_type for t in getattr(graph, "initializer", []))
+    for node in graph.node:
+        domains.add(node.domain or "ai.onnx")
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                types.add(a.t.data_type)
+            elif a.type == AttributeProto.GRAPH:
+                _walk(a.g, domains, types)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _walk(g, domains, types)
+
+
+# element types that came after IR 8 (float8: IR 9; 4-bit: IR 10; ...): a model holding any keeps its IR
+_NEWEST_IR8_TYPE = 16  # BFLOAT16
+
+
+def stamp_for_old_runtimes(model) -> bool:
+    """Stamp a model as the oldest onnxruntime that has its operators can read it; True if changed.
+
+    Tools stamp what *they* know, not what the model needs: onnxruntime's quantizer imports nine
+    operator domains (ai.onnx.ml at opset 5, training, aten, ...) that no node uses, and a new
+    onnx writes its newest IR version. onnxruntime 1.17 (Jetson's JetPack 6 ships it) refuses
+    both ("ai.onnx.ml is till opset 4", "max supported IR version: 9"). So: drop the imports no
+    node uses, and lower the IR version to the least one its operator sets need, unless the
+    model holds tensors of a newer type (float8, 4-bit), which need their own IR version.
+    """
+    from onnx import helper
+
+    domains: set[str] = set()
+    types: set[int] = set()
+    _walk(model.graph, domains, types)
+    for f in model.functions:
+        domains.add(f.domain or "ai.onnx")
+        _walk(f, domains, types)
+    keep = [o for o in model.opset_import if (o.domain or "ai.onnx") in domains]
+    changed = len(keep) != len(model.opset_import)
+    if changed:
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    least = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if least < model.ir_version and max(types, default=0) <= _NEWEST_IR8_TYPE:
+        model.ir_version = least
+        changed = True
+    return changed
+
+
+def stamp_file_for_old_runtimes(path) -> None:
+    """`stamp_for_old_runtimes` on a file, rewritten in place only when that changes it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if stamp_for_old_runtimes(model):
+        onnx.save(model, str(path))

@@ -41,6 +41,7 @@ class OnnxTarget:
         return quantizable_layers(load_onnx(self.source))
 
     def build(self, precision: str, s: Settings) -> None:
+        from .onnx_graph import stamp_file_for_old_runtimes
         from .onnx_int8 import quantize_dynamic, quantize_static
 
         if precision == "fp32":  # the user's file as it is, unless it was pruned
@@ -51,6 +52,7 @@ class OnnxTarget:
             quantize_static(self.source, self.path, self.calib, per_channel=s.per_channel, method=s.method,
                             exclude_nodes=s.exclude, reduce_range=self.reduce_range,
                             progress=lambda d, t: self.say("calibrating", d, t))
+        stamp_file_for_old_runtimes(self.path)  # boards run older onnxruntimes than the workstation
 
     def session(self, path: Path | None = None, threads: int = 1):
         return measure.session(path or self.path, threads)

@@ -15,7 +15,9 @@ def _relu_model(path, batch):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7  # what opset 13 needs: every onnxruntime a board may have reads it
+    onnx.save(model, str(path))
     return str(path)
 
 

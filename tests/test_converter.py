@@ -191,3 +191,53 @@ def test_reference_codes_without_a_usable_grid_fail_the_self_test_clearly(tmp_pa
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(SelfTestError, match="unreadable"):
         reference.load(tmp_path / "bad.npz", ["x"], "m")
+
+
+def _stamp_case(nodes, opsets, ir, inits=()):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    model.ir_version = ir
+    return model
+
+
+def test_the_stamp_drops_unused_operator_sets_and_lowers_the_ir_version():
+    from onnx import helper
+
+    from converters.onnx_graph import stamp_for_old_runtimes
+
+    model = _stamp_case([helper.make_node("Relu", ["x"], ["y"])],
+                        [("", 17), ("ai.onnx.ml", 5), ("com.microsoft.nchwc", 1), ("org.pytorch.aten", 1)], ir=11)
+    assert stamp_for_old_runtimes(model)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 8
+    assert not stamp_for_old_runtimes(model)  # nothing left to change
+
+
+def test_the_stamp_keeps_operator_sets_used_inside_subgraphs():
+    from onnx import TensorProto, helper
+
+    from converters.onnx_graph import stamp_for_old_runtimes
+
+    branch = helper.make_graph([helper.make_node("Gelu", ["x"], ["z"], domain="com.microsoft")], "b", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])])
+    cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    model = _stamp_case([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                        [("", 17), ("com.microsoft", 1), ("ai.onnx.ml", 5)], ir=10, inits=[cond])
+    stamp_for_old_runtimes(model)
+    assert {o.domain for o in model.opset_import} == {"", "com.microsoft"} and model.ir_version == 8
+
+
+def test_the_stamp_keeps_an_ir_version_the_model_needs_for_its_tensors():
+    """4-bit tensors came with IR 10 (the checker does not tie types to IR versions, runtimes do)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from converters.onnx_graph import stamp_for_old_runtimes
+
+    w = helper.make_tensor("w", TensorProto.INT4, [4], [1, -2, 3, -4])
+    model = _stamp_case([helper.make_node("Relu", ["x"], ["y"])], [("", 17), ("ai.onnx.ml", 5)], ir=10, inits=[w])
+    onnx.checker.check_model(model)
+    assert stamp_for_old_runtimes(model)  # the unused import still goes
+    assert model.ir_version == 10 and [o.domain for o in model.opset_import] == [""]

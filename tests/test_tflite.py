@@ -2,7 +2,7 @@
 loaded in a worker, dynamic batch axis, self-test, and served like any other model.
 
 Runs with whichever TFLite package is installed: ai-edge-litert in the main environment,
-tflite-runtime 2.14 (numpy < 2) in the second one (scripts/test-tflite-runtime.sh)."""
+tflite-runtime 2.14 (numpy < 2) in the second one (scripts/test-oldest-board.sh)."""
 
 import os
 import threading
@@ -23,7 +23,7 @@ from agent.store import Store
 
 MLP_INPUT, OUTPUT_NAME = "features", "logits"  # as converters.zoo.build_tflite_mlp names them
 # the environment that tests tflite-runtime 2.14 has no LiteRT schema to write a model with:
-# scripts/test-tflite-runtime.sh writes it in the main environment and passes the folder here
+# scripts/test-oldest-board.sh writes it in the main environment and passes the folder here
 FIXTURE = os.environ.get("EDGEWARD_TFLITE_FIXTURE")
 EXPECT_PACKAGE = os.environ.get("EDGEWARD_EXPECT_TFLITE")  # e.g. tflite_runtime: that one must serve
 

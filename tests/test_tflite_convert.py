@@ -2,7 +2,7 @@
 edgeward's own writer from ONNX, checked op by op and dtype by dtype, measured against the FP32
 ONNX model with explicit tolerances, and served by a real agent engine through LiteRT.
 
-tflite-runtime 2.14 runs the same bundles in scripts/test-tflite-runtime.sh (tests/test_tflite.py)."""
+tflite-runtime 2.14 runs the same bundles in scripts/test-oldest-board.sh (tests/test_tflite.py)."""
 
 import json
 import subprocess

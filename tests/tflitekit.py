@@ -1,6 +1,6 @@
 """Converted TFLite bundles for the runtime tests, made once by the main environment.
 
-The tflite-runtime 2.14 environment (scripts/test-tflite-runtime.sh) has neither onnx nor
+The oldest-board environment (scripts/test-oldest-board.sh, tflite-runtime 2.14) has neither onnx nor
 LiteRT's schema, so the bundles it must run are converted here and handed over in a folder,
 with the inputs and the outputs ai-edge-litert gave for them."""
 

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError
 from .base import Runtime
+
+
+# what onnxruntime says when a file is newer than it: its IR version, or an operator set's version
+_TOO_NEW = (re.compile(r"Unsupported model IR version: \d+, max supported IR version: \d+"),
+            re.compile(r"Current official support for domain \S+ is till opset \d+"))
+
+
+def _load_error(path: str, message: str) -> BundleError:
+    """A one-line error for a file onnxruntime cannot load, naming the fix when it is only too old."""
+    for pattern in _TOO_NEW:
+        found = pattern.search(message)
+        if found:
+            return BundleError(f"this board's onnxruntime {ort.__version__} is older than {path} needs "
+                               f"({found.group(0)})",
+                               "upgrade onnxruntime on the board, or export the model at an opset this "
+                               "onnxruntime knows and convert it again")
+    return BundleError(f"onnxruntime cannot load {path}: {message.splitlines()[0] if message else 'no reason given'}")
 
 
 class OnnxRuntime(Runtime):
@@ -26,7 +45,7 @@ class OnnxRuntime(Runtime):
         try:
             self._session = ort.InferenceSession(path, sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+            raise _load_error(path, str(exc)) from exc
         # what the session really runs on: a provider whose libraries fail to load (CUDA, TensorRT)
         # is dropped by onnxruntime with only a log line, so the agent reports this list instead
         self.providers = list(self._session.get_providers())
