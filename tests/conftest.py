@@ -106,7 +106,8 @@ def rnn_bundle(assets, tmp_path_factory) -> Path:
                             {"input.frames": frames, "input.h": h, "expected.scores": scores}, state={"h": "h_out"})
 
 
-def repack(src: Path, out: Path, key: Path | None, manifest_edit=None, reference_edit=None) -> Path:
+def repack(src: Path, out: Path, key: Path | None, manifest_edit=None, reference_edit=None,
+           model_edit=None) -> Path:
     """Rebuild a bundle with an edited manifest and/or reference data, signed with `key`.
 
     This is how the tests make bundles that are well-formed and properly signed but
@@ -121,6 +122,8 @@ def repack(src: Path, out: Path, key: Path | None, manifest_edit=None, reference
                 (tmp / name).write_bytes(tar.extractfile(name).read())
         if manifest_edit:
             manifest_edit(manifest)
+        if model_edit:
+            model_edit(tmp / manifest.model_file)
         if reference_edit:
             with np.load(tmp / REFERENCE) as ref:
                 arrays = {k: ref[k] for k in ref.files}

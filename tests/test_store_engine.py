@@ -8,7 +8,7 @@ import pytest
 from agent.budget import Budget
 from agent.bundle import open_bundle
 from agent.engine import Engine
-from agent.errors import BudgetError, InferenceError, ModelNotFound, SelfTestError, VersionError
+from agent.errors import BudgetError, BundleError, InferenceError, ModelNotFound, SelfTestError, VersionError
 from agent.signing import load_public_key
 from agent.store import Store
 
@@ -170,6 +170,23 @@ def test_admission_counts_a_whole_worker_the_runtime_and_the_model():
     budget.budget_mb -= 25  # now 5 MB short
     with pytest.raises(BudgetError, match=r"needs 80.0 MB.*short by [4-6]\.\d MB"):
         engine.admit_declared("m", "onnxruntime", load_mb=10, runtime_mb=40)
+
+
+def test_a_model_newer_than_this_onnxruntime_is_refused_at_load_with_the_fix(assets, tmp_path):
+    """The worker's load error reaches the installer whole: what the board has, what it lacks."""
+    import onnx
+    import onnxruntime
+
+    def from_the_future(path):
+        model = onnx.load(str(path))
+        model.ir_version = 99
+        onnx.save(model, str(path))
+    bad = repack(assets.v1, tmp_path / "future.ewb", assets.key, model_edit=from_the_future)
+    with pytest.raises(BundleError) as caught:
+        Engine(Budget(2048)).load(_install(Store(tmp_path / "store"), bad, assets.pub))
+    assert f"this board's onnxruntime {onnxruntime.__version__} is older than" in caught.value.message
+    assert "Unsupported model IR version: 99" in caught.value.message
+    assert caught.value.fix.startswith("upgrade onnxruntime on the board")
 
 
 def test_self_test_catches_a_model_that_does_not_match_its_reference(assets, tmp_path):
