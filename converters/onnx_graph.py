@@ -82,7 +82,8 @@ def _walk(graph, domains: set[str], types: set[int]) -> None:
     from onnx import AttributeProto
 
     for vi in list(graph.input) + list(graph.output) + list(getattr(graph, "value_info", [])):
-        types.add(vi.type.tensor_type.elem_type)
+        if not isinstance(vi, str):  # a function's inputs and outputs are bare names
+            types.add(vi.type.tensor_type.elem_type)
     types.update(t.data_type for t in getattr(graph, "initializer", []))
     for node in graph.node:
         domains.add(node.domain or "ai.onnx")

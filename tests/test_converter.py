@@ -229,6 +229,20 @@ def test_the_stamp_keeps_operator_sets_used_inside_subgraphs():
     assert {o.domain for o in model.opset_import} == {"", "com.microsoft"} and model.ir_version == 8
 
 
+def test_the_stamp_keeps_the_operator_sets_of_local_functions():
+    from onnx import helper
+
+    from converters.onnx_graph import stamp_for_old_runtimes
+
+    double = helper.make_function("edge.local", "Double", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                                  [helper.make_opsetid("", 17)])
+    model = _stamp_case([helper.make_node("Double", ["x"], ["y"], domain="edge.local")],
+                        [("", 17), ("edge.local", 1), ("ai.onnx.ml", 5)], ir=10)
+    model.functions.append(double)
+    stamp_for_old_runtimes(model)
+    assert {o.domain for o in model.opset_import} == {"", "edge.local"} and model.ir_version == 8
+
+
 def test_the_stamp_keeps_an_ir_version_the_model_needs_for_its_tensors():
     """4-bit tensors came with IR 10 (the checker does not tie types to IR versions, runtimes do)."""
     import onnx
