@@ -15,6 +15,9 @@ usage: install-board.sh [options]            install or update the agent
   --budget-mb N       RAM budget for the agent (default: 256); MemoryHigh/MemoryMax follow it
   --source SPEC       what to pip-install: a checkout, a wheel or a PyPI spec (default: this checkout)
   --python PY         interpreter for the venv (default: python3, >= 3.10)
+  --onnxruntime SPEC  the onnxruntime build to install instead of PyPI's CPU one: a pip requirement
+                      or a wheel (e.g. JetPack's onnxruntime_gpu-...-linux_aarch64.whl for CUDA and
+                      TensorRT); remembered, so later updates keep it
   --reconfigure       rewrite /etc/edgeward/agent.yaml from these flags (default: keep an existing one)
   --no-start          install and enable, but do not (re)start the service now
   --root DIR          install into DIR instead of / (throwaway trees for tests and staging)
@@ -28,7 +31,7 @@ die() { printf 'install-board: error: %s\n' "$*" >&2; exit 1; }
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT="" DEVICE_ID="" BROKER="mqtt://localhost:1883" BUDGET_MB=256 SOURCE="$HERE" PY=python3
-UNINSTALL=0 PURGE=0 NO_START=0 RECONFIGURE=0
+UNINSTALL=0 PURGE=0 NO_START=0 RECONFIGURE=0 ORT_SPEC=""
 TRUST_KEYS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --budget-mb) BUDGET_MB=${2:?--budget-mb needs a number}; shift 2 ;;
     --source) SOURCE=${2:?--source needs a value}; shift 2 ;;
     --python) PY=${2:?--python needs a value}; shift 2 ;;
+    --onnxruntime) ORT_SPEC=${2:?--onnxruntime needs a pip requirement or a wheel}; shift 2 ;;
     --root) ROOT=$(realpath -m "${2:?--root needs a folder}"); shift 2 ;;
     --reconfigure) RECONFIGURE=1; shift ;;
     --no-start) NO_START=1; shift ;;
@@ -92,13 +96,43 @@ if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 mkdir -p "$PREFIX"
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
-say "installing edgeward[device] from $SOURCE"
+# the board's own onnxruntime build, given once and kept for every later update: PyPI's CPU
+# `onnxruntime` installed beside onnxruntime-gpu would overwrite the GPU build's files
+ORT_FILE=$PREFIX/onnxruntime-requirements  # that build, and numpy<2 where it needed it; one a line
+ORT_REQS=()
+if [ -n "$ORT_SPEC" ]; then
+  ORT_REQS=("$ORT_SPEC")
+elif [ -f "$ORT_FILE" ]; then
+  mapfile -t ORT_REQS < "$ORT_FILE"
+fi
 log=$PREFIX/install.log
+if [ ${#ORT_REQS[@]} = 0 ]; then
+  say "installing edgeward[device] from $SOURCE"
+  install_cmd=(-m pip install --upgrade "$SOURCE[device]")
+else
+  say "installing edgeward[device-base] from $SOURCE, and onnxruntime from ${ORT_REQS[0]}"
+  install_cmd=(-m pip install --upgrade "$SOURCE[device-base]" "${ORT_REQS[@]}")
+fi
 if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
-       "$VENV/bin/python" -m pip install --upgrade "$SOURCE[device]"; } >"$log" 2>&1; then
+       { [ ${#ORT_REQS[@]} = 0 ] || "$VENV/bin/python" -m pip uninstall -y onnxruntime onnxruntime-gpu; } &&
+       "$VENV/bin/python" "${install_cmd[@]}"; } >"$log" 2>&1; then
   tail -n 30 "$log" >&2; die "pip failed; the whole log is in $log"
 fi
 "$VENV/bin/edgeward" --version >/dev/null || die "the installed edgeward does not run; see $log"
+ort_check() { "$VENV/bin/python" -c 'import onnxruntime as o; print(o.__version__, "with", ", ".join(o.get_available_providers()))' 2>&1; }
+numpy2() { "$VENV/bin/python" -c 'import sys, numpy; sys.exit(int(numpy.__version__.split(".")[0]) < 2)' 2>/dev/null; }
+if [ ${#ORT_REQS[@]} != 0 ]; then
+  # builds before onnxruntime 1.19 (JetPack 6 has 1.17) were compiled against numpy 1 and fail to
+  # import beside numpy 2, though their metadata lets pip choose it
+  if ! ort_check >/dev/null && numpy2; then
+    say "onnxruntime from ${ORT_REQS[0]} was built for numpy 1: installing numpy<2 beside it"
+    "$VENV/bin/python" -m pip install 'numpy<2' >>"$log" 2>&1 || die "pip could not install numpy<2; the whole log is in $log"
+    ORT_REQS+=("numpy<2")
+  fi
+  ort=$(ort_check) || die "onnxruntime from ${ORT_REQS[0]} does not import (${ort##*$'\n'}): check that it is built for this board's Python and CPU"
+  printf '%s\n' "${ORT_REQS[@]}" > "$ORT_FILE"
+  say "onnxruntime $ort"
+fi
 
 # --- configuration and trust -----------------------------------------------------
 mkdir -p "$ETC/trusted"

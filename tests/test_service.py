@@ -154,6 +154,38 @@ def test_installer_puts_only_the_device_extras_in_the_venv(board_root):
                      "onnx": False, "sklearn": False, "scipy": False, "sympy": False, "torch": False}
 
 
+def _distributions(root: Path) -> dict:
+    py = root / "opt" / "edgeward" / "venv" / "bin" / "python"
+    code = ("import importlib.metadata as m, json; print(json.dumps({d.metadata['Name'].lower(): d.version "
+            "for d in m.distributions()}))")
+    return json.loads(subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_installer_takes_the_boards_own_onnxruntime_build_and_keeps_it(assets, tmp_path):
+    """A Jetson's onnxruntime-gpu and PyPI's CPU onnxruntime share one module: the board's own
+    build is installed alone, with numpy 1 when it was built for it (JetPack 6's 1.17 was), and
+    an update without the flag keeps it. PyPI's onnxruntime 1.17.3 stands in for the GPU wheel."""
+    root = tmp_path / "root"
+    r = _run_install("--root", root, "--trust-key", assets.pub, "--onnxruntime", "onnxruntime==1.17.3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "onnxruntime 1.17.3 with" in r.stdout and "installing numpy<2 beside it" in r.stdout
+    for run in ("first", "update"):
+        dists = _distributions(root)
+        assert dists["onnxruntime"] == "1.17.3" and "onnxruntime-gpu" not in dists, run
+        assert dists["numpy"].startswith("1.") and "edgeward" in dists, run
+        if run == "first":
+            r = _run_install("--root", root, "--trust-key", assets.pub)  # an update, flag not repeated
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "and onnxruntime from onnxruntime==1.17.3" in r.stdout
+
+
+def test_installer_says_when_the_boards_onnxruntime_build_cannot_be_installed(assets, tmp_path):
+    r = _run_install("--root", tmp_path / "root", "--trust-key", assets.pub,
+                     "--onnxruntime", tmp_path / "onnxruntime_gpu-1.17.0-cp310-cp310-linux_aarch64.whl")
+    assert r.returncode != 0 and "pip failed; the whole log is in" in r.stderr
+    assert not (tmp_path / "root" / "opt" / "edgeward" / "onnxruntime-requirements").exists()
+
+
 def test_installer_is_idempotent(board_root, assets):
     before = _tree_digest(board_root)
     r = _run_install("--root", board_root, "--trust-key", assets.pub, "--budget-mb", "512")
