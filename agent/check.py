@@ -99,8 +99,13 @@ def _runtimes(cfg: AgentConfig) -> list[Finding]:
                 out.append(Finding("runtime", OK, f"{package} {version}"))
         else:
             last = (r.stderr.strip().splitlines() or ["it exited with " + str(r.returncode)])[-1]
-            fix = ("tflite-runtime 2.14 needs numpy < 2: pip install 'numpy<2'" if package == "tflite-runtime"
-                   and "numpy" in r.stderr else f"reinstall it: pip install --force-reinstall {package}")
+            if "numpy" in r.stderr.lower():  # tflite-runtime 2.14, onnxruntime before 1.19 (JetPack 6's 1.17)
+                fix = f"this {package} build was compiled for numpy 1: pip install 'numpy<2'"
+            elif package == "onnxruntime":  # a board's own build (onnxruntime-gpu) must not become PyPI's CPU one
+                fix = ("reinstall the same build: scripts/install-board.sh --onnxruntime WHEEL for a board's own "
+                       "(onnxruntime-gpu), else pip install --force-reinstall onnxruntime")
+            else:
+                fix = f"reinstall it: pip install --force-reinstall {package}"
             out.append(Finding("runtime", FAIL, f"{package} is installed but does not import: {last[:160]}", fix))
     if not out:
         out.append(Finding("runtime", FAIL, "no model runtime is installed",

@@ -74,3 +74,21 @@ def test_execution_providers_this_onnxruntime_lacks_are_a_warning_naming_what_mo
     assert "onnxruntime-gpu" in found[1].fix
     cfg = load_config(None, {"store.path": str(tmp_path / "store"), "inference.providers": have}, check_files=False)
     assert [f.level for f in _runtimes(cfg) if "onnxruntime" in f.detail] == [OK]
+
+
+def test_a_runtime_built_for_numpy_1_is_named_with_the_numpy_fix(monkeypatch):
+    """onnxruntime before 1.19 (JetPack 6 has 1.17) and tflite-runtime 2.14 fail to import beside
+    numpy 2 with numpy's own message; the fix is numpy<2, not a reinstall that changes nothing.
+    (The probe stands in for the import, printing what onnxruntime 1.17.3 prints beside numpy 2.)"""
+    from agent import check
+
+    says = ("A module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6 as it may crash. "
+            "To support both 1.x and 2.x versions of NumPy, modules must be compiled with NumPy 2.0.")
+    monkeypatch.setattr(check, "_RUNTIME_PROBES", {
+        "onnxruntime": f"import sys; sys.stderr.write({says!r} + '\\nImportError\\n'); sys.exit(1)",
+        "ai-edge-litert": "import sys; sys.stderr.write('ImportError: libfoo.so: cannot open\\n'); sys.exit(1)"})
+    found = check._runtimes(load_config(None, {}, check_files=False))
+    by_detail = {f.detail.split()[0]: f for f in found}
+    assert by_detail["onnxruntime"].level == FAIL
+    assert by_detail["onnxruntime"].fix == "this onnxruntime build was compiled for numpy 1: pip install 'numpy<2'"
+    assert by_detail["ai-edge-litert"].fix == "reinstall it: pip install --force-reinstall ai-edge-litert"
