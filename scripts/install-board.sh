@@ -124,12 +124,14 @@ numpy2() { "$VENV/bin/python" -c 'import sys, numpy; sys.exit(int(numpy.__versio
 if [ ${#ORT_REQS[@]} != 0 ]; then
   # builds before onnxruntime 1.19 (JetPack 6 has 1.17) were compiled against numpy 1 and fail to
   # import beside numpy 2, though their metadata lets pip choose it
-  if ! ort_check >/dev/null && numpy2; then
+  broken() { die "onnxruntime from ${ORT_REQS[0]} does not import (${ort##*$'\n'}): check that it is built for this board's Python and CPU"; }
+  ort=$(ort_check) || {
+    numpy2 || broken
     say "onnxruntime from ${ORT_REQS[0]} was built for numpy 1: installing numpy<2 beside it"
     "$VENV/bin/python" -m pip install 'numpy<2' >>"$log" 2>&1 || die "pip could not install numpy<2; the whole log is in $log"
     ORT_REQS+=("numpy<2")
-  fi
-  ort=$(ort_check) || die "onnxruntime from ${ORT_REQS[0]} does not import (${ort##*$'\n'}): check that it is built for this board's Python and CPU"
+    ort=$(ort_check) || broken
+  }
   printf '%s\n' "${ORT_REQS[@]}" > "$ORT_FILE"
   say "onnxruntime $ort"
 fi

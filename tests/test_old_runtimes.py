@@ -55,7 +55,7 @@ def test_converted_onnx_bundles_pass_their_self_test_on_this_onnxruntime(convert
     engine.close()
 
 
-def test_the_converter_stamps_each_onnx_file_for_old_runtimes(converted, tmp_path):
+def test_the_converter_stamps_each_onnx_file_for_old_runtimes(converted):
     """onnxruntime 1.17 reads IR versions up to 9 and no operator set it does not know: the
     quantizer's unused imports (ai.onnx.ml opset 5, ...) and a new exporter's IR are gone."""
     import onnx  # the main environment's: the oldest board's has none (its script deselects this test)
