@@ -518,6 +518,12 @@ class Agent:
             if cur is not None and hint.version <= cur[0]:
                 raise VersionError(f"{hint.name} version {hint.version} is not newer than the installed version "
                                    f"{cur[0]}", "build the bundle with a higher --version, or use rollback")
+            have = runtimes.available()
+            if hint.runtime and hint.runtime not in have:
+                raise DeployRefused(f"{hint.name} v{hint.version} needs the {hint.runtime} runtime, which this device "
+                                    f"does not have (it has: {', '.join(have) or 'none'})",
+                                    "install it on the device (pip install 'edgeward[device]'), or deploy the "
+                                    "bundle of the other format (edgeward convert --format both makes both)")
             self.engine.admit_declared(hint.name, hint.runtime, hint.load_mb, hint.runtime_mb)
 
     def _download_progress(self, transfer: Transfer):

@@ -85,7 +85,7 @@ def render() -> str:
         "- **Answers.** Every command gets a [Reply](#reply): `ok` or `error` (with a one-line `error` and a "
         "stable `code`). A deploy first gets `progress` replies.",
         "- **Deploys.** `cmd/deploy` names the bundle by sha256 and size, and may carry a [ModelHint](#modelhint) "
-        "read from its manifest, so the board refuses an over-budget or not-newer bundle before any byte moves "
+        "read from its manifest, so the board refuses an over-budget or not-newer bundle, or one for a runtime it lacks, before any byte moves "
         "(it checks the signed manifest again afterwards). The first `progress` reply lists the chunk indexes the "
         "board still needs (`missing`). The sender publishes those as [ChunkHeader](#chunkheader) frames on "
         "`upload/<sha256>`, each with the chunk's own sha256. A chunk that arrives damaged gets another `progress` "

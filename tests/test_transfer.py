@@ -217,6 +217,21 @@ def test_budget_and_version_are_checked_before_any_byte_moves(running, fleet, ra
 
 
 @pytest.mark.integration
+def test_a_bundle_for_a_runtime_the_device_lacks_is_refused_before_any_byte_moves(running, fleet, assets,
+                                                                                  monkeypatch):
+    """A TFLite bundle sent to a board with only onnxruntime (or the other way round) would move
+    every chunk and then fail to load: the device says so at once, naming what it has."""
+    import agent.daemon
+
+    monkeypatch.setattr(agent.daemon.runtimes, "available", lambda: ["tflite"])
+    with pytest.raises(FleetError, match=r"refused digits v2: digits v2 needs the onnxruntime runtime, which this "
+                                         r"device does not have \(it has: tflite\)"):
+        fleet.deploy(assets.v2, DEVICE, chunk_size=4096)
+    assert list(running.agent.store.incoming.iterdir()) == []
+    assert running.agent.store.versions("digits") == [1]
+
+
+@pytest.mark.integration
 def test_the_fleet_sends_a_rejected_chunk_again(running, fleet, assets, monkeypatch):
     import agent.fleet
 
