@@ -3,8 +3,9 @@
 # (.venv-legacy: edgeward[device-legacy,dev] under scripts/oldest-board.txt, re-made when either
 # changes): Python 3.10 where the machine has it (Ubuntu 22.04 / JetPack 6), numpy < 2,
 # tflite-runtime 2.14 (the fallback for boards without an ai-edge-litert wheel) and onnxruntime
-# 1.17. It runs bundles that today's converter writes: the main environment converts them
-# (this one has no onnx and no LiteRT schema) and hands them over in a folder.
+# 1.17. It runs bundles that today's converter writes, and the agent end to end over MQTT: the
+# main environment converts the bundles (this one has no onnx and no LiteRT schema) and hands
+# them over in a folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 (source scripts/bootstrap.sh)
@@ -39,13 +40,17 @@ from converters.zoo import build_tflite_mlp
 _, weights = build_tflite_mlp(f"{sys.argv[1]}/mlp.tflite")
 np.savez(f"{sys.argv[1]}/weights.npz", **weights)
 PY
-for kit in tflitekit:converted onnxkit:onnx; do
+for kit in tflitekit:converted onnxkit:onnx conftest:assets; do
   .venv/bin/python "tests/${kit%%:*}.py" "$fixture/${kit##*:}" >/dev/null 2>&1 ||
     { echo "edgeward: converting the ${kit%%:*} fixtures failed" >&2; .venv/bin/python "tests/${kit%%:*}.py" "$fixture/${kit##*:}"; exit 1; }
 done
 ort=$(sed -n 's/^onnxruntime==//p' scripts/oldest-board.txt)
 "$ENV/bin/python" -c 'import sys, numpy, onnxruntime, tflite_runtime; print(f"edgeward: oldest board: python {sys.version.split()[0]}, tflite-runtime {tflite_runtime.__version__}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}")' >&2
+# the TFLite and ONNX bundles, then the agent end to end over MQTT (deploys, transfers, the store)
+# on this stack; the tests that edit ONNX files need the onnx package and stay in the main run
 EDGEWARD_TFLITE_FIXTURE=$fixture EDGEWARD_EXPECT_TFLITE=tflite_runtime \
-EDGEWARD_ONNX_FIXTURE=$fixture/onnx EDGEWARD_EXPECT_ORT=$ort \
+EDGEWARD_ONNX_FIXTURE=$fixture/onnx EDGEWARD_EXPECT_ORT=$ort EDGEWARD_ASSETS=$fixture/assets \
   "$ENV/bin/python" -m pytest -p no:cacheprovider tests/test_tflite.py tests/test_old_runtimes.py \
-  --deselect tests/test_old_runtimes.py::test_the_converter_stamps_each_onnx_file_for_old_runtimes "$@"
+  tests/test_agent_mqtt.py tests/test_transfer.py tests/test_store_engine.py \
+  --deselect tests/test_old_runtimes.py::test_the_converter_stamps_each_onnx_file_for_old_runtimes \
+  --deselect tests/test_store_engine.py::test_a_model_newer_than_this_onnxruntime_is_refused_at_load_with_the_fix "$@"

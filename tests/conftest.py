@@ -6,7 +6,10 @@ scikit-learn's bundled data, and converted by the real converter.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -56,10 +59,27 @@ class Assets:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Assets:
+    """Built here, or read from EDGEWARD_ASSETS: the oldest-board environment has no converter,
+    and scripts/test-oldest-board.sh builds them in the main one (`python tests/conftest.py DIR`)."""
+    made = os.environ.get("EDGEWARD_ASSETS")
+    if made:
+        return load_assets(Path(made))
+    return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+def load_assets(root: Path) -> Assets:
+    accuracy = json.loads((root / "accuracy.json").read_text())
+    return Assets(root, root / "digits_v1.onnx", root / "digits_v2.onnx", root / "calib.npz", root / "eval.npz",
+                  root / "signing.key", root / "signing.pub", root / "intruder.key", root / "intruder.pub",
+                  root / "digits-v1.ewb", root / "digits-v2.ewb", root / "digits-v2-unsigned.ewb",
+                  accuracy["v1"], accuracy["v2"])
+
+
+def build_assets(root: Path) -> Assets:
     from converters import zoo
     from converters.convert import ConvertOptions, convert_onnx
 
-    root = tmp_path_factory.mktemp("assets")
+    root.mkdir(parents=True, exist_ok=True)
     acc1 = zoo.build_digits_cnn(root / "digits_v1.onnx", epochs=4, seed=0)
     acc2 = zoo.build_digits_cnn(root / "digits_v2.onnx", epochs=12, seed=1)
     calib, evaluation = zoo.write_digits_npz(root)
@@ -69,8 +89,8 @@ def assets(tmp_path_factory) -> Assets:
     convert_onnx(root / "digits_v1.onnx", calib, v1, key, evaluation, ConvertOptions(name="digits", version=1))
     convert_onnx(root / "digits_v2.onnx", calib, v2, key, evaluation, ConvertOptions(name="digits", version=2))
     convert_onnx(root / "digits_v2.onnx", calib, unsigned, None, evaluation, ConvertOptions(name="digits", version=2))
-    return Assets(root, root / "digits_v1.onnx", root / "digits_v2.onnx", calib, evaluation, key, pub,
-                  other_key, other_pub, v1, v2, unsigned, acc1, acc2)
+    (root / "accuracy.json").write_text(json.dumps({"v1": acc1, "v2": acc2}))
+    return load_assets(root)
 
 
 def fp32_onnx_bundle(tmp: Path, key: Path, name: str, onnx_path: Path, inputs, outputs, reference: dict,
@@ -146,3 +166,7 @@ def flip_byte_in_member(src: Path, out: Path, member: str) -> Path:
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
     return out
+
+
+if __name__ == "__main__":
+    build_assets(Path(sys.argv[1]))
