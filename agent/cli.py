@@ -174,8 +174,9 @@ def cmd_fleet_ls(args) -> int:
     rows = [[s.device, "online" if s.online else "OFFLINE",
              ", ".join(f"{m.name} v{m.version}" for m in s.models) or "-",
              f"{s.budget_mb} MB" if s.online else "", s.hardware.model or s.hardware.machine,
-             s.agent_version or "?", _fmt_age(s.ts)] for s in states]
-    print(format_table(["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "SINCE"], rows))
+             s.agent_version or "?", ", ".join(s.runtime_versions.values()) or ", ".join(s.runtimes) or "-",
+             _fmt_age(s.ts)] for s in states]
+    print(format_table(["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "RUNTIMES", "SINCE"], rows))
     return 0
 
 

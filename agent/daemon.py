@@ -235,6 +235,7 @@ class Agent:
                               python=platform.python_version()),
             runtimes=runtimes.available(), budget_mb=self.cfg.memory.budget_mb,
             models=[m.info() for m in self.engine.models()] + self.engine.evicted_infos(),
+            runtime_versions=runtimes.versions(),
         )
 
     def telemetry(self, memory: tuple[float, float] | None = None) -> Telemetry:

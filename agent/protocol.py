@@ -166,6 +166,8 @@ class State:
     runtimes: list[str] = field(default_factory=list)
     budget_mb: int = 0
     models: list[ModelInfo] = field(default_factory=list)
+    # each runtime and the package that provides it, with its version: {"onnxruntime": "onnxruntime-gpu 1.17.0"}
+    runtime_versions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

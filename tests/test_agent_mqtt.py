@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnxruntime
 import pytest
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -65,9 +66,28 @@ def test_fleet_ls_shows_each_device_with_its_models_and_agent_version(running, b
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     header, _, row = r.stdout.splitlines()[:3]
-    assert header.split() == ["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "SINCE"]
+    assert header.split() == ["DEVICE", "STATE", "MODELS", "BUDGET", "HARDWARE", "AGENT", "RUNTIMES", "SINCE"]
     assert row.split()[:6] == [DEVICE, "online", "digits", "v1", "2048", "MB"]
     assert f" {__version__} " in row  # which agent each board runs: mixed during an upgrade
+    # and which runtime builds: a board on an old onnxruntime reads only older models
+    assert f" onnxruntime {onnxruntime.__version__}" in row
+
+
+def test_the_birth_message_names_each_runtime_with_the_package_and_version_that_provide_it(running, fleet):
+    from importlib import metadata
+
+    state = next(s for s in fleet.devices() if s.device == DEVICE)
+    assert state.runtime_versions["onnxruntime"] == f"onnxruntime {onnxruntime.__version__}"
+    litert = next(d for d in ("ai-edge-litert", "tflite-runtime") if _installed(metadata, d))
+    assert state.runtime_versions["tflite"] == f"{litert} {metadata.version(litert)}"
+    assert sorted(state.runtime_versions) == sorted(state.runtimes)
+
+
+def _installed(metadata, dist: str) -> bool:
+    try:
+        return bool(metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def test_birth_is_published_even_when_the_network_thread_wins_the_race(broker, assets, tmp_path, fleet,

@@ -6,6 +6,7 @@ so `open_model` imports a backend module on first use, never at agent start.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -28,6 +29,31 @@ def _installed(packages: tuple[str, ...]) -> str | None:
 def available() -> list[str]:
     """Runtimes installed on this device (found, not imported)."""
     return [name for name, (_, packages) in _BACKENDS.items() if _installed(packages)]
+
+
+# manifest "runtime" -> the distributions that may provide it, in the order `_BACKENDS` prefers their modules
+# (a board's own onnxruntime build has a name of its own: onnxruntime-gpu on a Jetson)
+_DISTRIBUTIONS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-qnn"),
+    "tflite": ("ai-edge-litert", "tflite-runtime"),
+}
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """Each installed runtime and what provides it ("onnxruntime": "onnxruntime-gpu 1.17.0"), from
+    package metadata, without importing a runtime: for the fleet, which plans deploys by it."""
+    from importlib import metadata
+
+    found = {}
+    for runtime, dists in _DISTRIBUTIONS.items():
+        for dist in dists:
+            try:
+                found[runtime] = f"{dist} {metadata.version(dist)}"
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
 
 
 def is_imported(runtime: str) -> bool:
