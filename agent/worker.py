@@ -24,8 +24,6 @@ import numpy as np  # the base cost of every worker, reported before any runtime
 from .errors import InferenceError
 from .tensors import from_numpy, pad_rows, split
 
-RUNTIME_PACKAGES = ("onnxruntime", "ai_edge_litert", "tflite_runtime")  # their versions, in `inspect`
-
 
 def rss_mb() -> float:
     """This process's resident memory, from /proc (no psutil import needed here)."""
@@ -177,9 +175,11 @@ class Worker:
 
     def inspect(self, _h: dict, _body) -> tuple[dict, list]:
         """What this worker holds: for diagnostics and the tests that keep host libraries off the board."""
+        from . import runtimes
+
         return {"rss_mb": rss_mb(), "modules": sorted({m.split(".")[0] for m in sys.modules}),
                 "runtime": getattr(self.runtime, "name", None),
-                "versions": {m: getattr(sys.modules[m], "__version__", None) for m in RUNTIME_PACKAGES
+                "versions": {m: getattr(sys.modules[m], "__version__", None) for m in runtimes.PACKAGES
                              if m in sys.modules},
                 "copies": getattr(self.runtime, "copies", None)}, []
 

@@ -20,8 +20,9 @@ oldest_python() {  # Python 3.10 where one runs (a pyenv shim may exist without 
 PY=${PYTHON_OLDEST:-$(oldest_python)}
 ENV=.venv-legacy
 key=$(cat pyproject.toml scripts/oldest-board.txt | sha256sum | cut -c1-16)
+ort=$(sed -n 's/^onnxruntime==//p' scripts/oldest-board.txt)
 if [ "$(cat "$ENV/.edgeward-installed" 2>/dev/null)" != "$key" ]; then
-  echo "edgeward: making $ENV with $("$PY" --version), tflite-runtime 2.14, onnxruntime 1.17 and numpy<2" >&2
+  echo "edgeward: making $ENV with $("$PY" --version), tflite-runtime 2.14, onnxruntime $ort and numpy<2" >&2
   rm -rf "$ENV"
   "$PY" -m venv "$ENV"
   if ! { "$ENV/bin/python" -m pip install -q --upgrade pip &&
@@ -44,7 +45,6 @@ for kit in tflitekit:converted onnxkit:onnx conftest:assets; do
   .venv/bin/python "tests/${kit%%:*}.py" "$fixture/${kit##*:}" >/dev/null 2>&1 ||
     { echo "edgeward: converting the ${kit%%:*} fixtures failed" >&2; .venv/bin/python "tests/${kit%%:*}.py" "$fixture/${kit##*:}"; exit 1; }
 done
-ort=$(sed -n 's/^onnxruntime==//p' scripts/oldest-board.txt)
 "$ENV/bin/python" -c 'import sys, numpy, onnxruntime, tflite_runtime; print(f"edgeward: oldest board: python {sys.version.split()[0]}, tflite-runtime {tflite_runtime.__version__}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}")' >&2
 # the TFLite and ONNX bundles, then the agent end to end over MQTT (deploys, transfers, the store)
 # on this stack; the tests that edit ONNX files need the onnx package and stay in the main run

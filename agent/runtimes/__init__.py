@@ -22,6 +22,10 @@ _BACKENDS = {
 }
 
 
+# every Python package that provides a runtime, by module name
+PACKAGES = tuple(p for _, packages in _BACKENDS.values() for p in packages)
+
+
 def _installed(packages: tuple[str, ...]) -> str | None:
     return next((p for p in packages if importlib.util.find_spec(p) is not None), None)
 
