@@ -224,7 +224,7 @@ class LoadedModel:
         reply, _ = self._worker().call({
             "op": "selftest", "reference": str(self.folder / REFERENCE), "what": f"{self.name} v{self.version}",
             "inputs": [s.name for s in self.manifest.inputs],
-            "outputs": [s.name for s in self.reply_outputs],
+            "outputs": [s.name for s in self.reply_outputs], "batch": None if self.stateful else self.fixed_batch,
             "atol": st.atol, "min_top1_agreement": st.min_top1_agreement}, timeout=max(self.timeout_s, 60), what="self-test")
         self.cost_mb = max(self.cost_mb, float(reply.get("rss_mb", 0.0)))
         return reply["result"]

@@ -6,11 +6,35 @@ so the CLI can print it as is and the agent can send it back over MQTT unchanged
 
 from __future__ import annotations
 
+import re
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of a library's exception message (or its type): enough for a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_NODE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)")
+_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ .*? (?:was false|failed)\.\s*")
+
+
+def runtime_message(exc: BaseException) -> str:
+    """A runtime's failure as one readable line. onnxruntime puts its details on lines of their
+    own, and a failing node's name behind a status code and a C++ source location ("... while
+    running Reshape node. Name:'/r' Status Message: /onnxruntime_src/.../reshape_helper.h:91
+    ...ReshapeHelper(...) input_shape_size == requested_shape_size was false. The input tensor
+    cannot be reshaped ..."): keep the node and the sentences meant for people."""
+    text = " ".join(str(exc).split())
+    if not text.startswith("[ONNXRuntimeError]"):
+        return first_line(exc)
+    text = _ORT_PREFIX.sub("", text)  # its details (which index, what it got) are on the lines below
+    node = _ORT_NODE.search(text)
+    if node is not None:
+        op, name, status = node.groups()
+        text = f"{op} node {name!r}: {_ORT_SOURCE.sub('', status).strip() or status}"
+    return text if len(text) <= 400 else text[:399] + "…"
 
 
 class EdgewardError(Exception):

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np  # the base cost of every worker, reported before any runtime loads
 
-from .errors import InferenceError
+from .errors import InferenceError, runtime_message
 from .tensors import from_numpy, pad_rows, split
 
 
@@ -132,8 +132,7 @@ class Worker:
             with self._lock or contextlib.nullcontext():
                 out = self.runtime.run(feeds)
         except Exception as exc:  # the runtime's own exception types
-            msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            raise InferenceError(f"the runtime failed: {msg}") from exc
+            raise InferenceError(f"the runtime failed: {runtime_message(exc)}") from exc
         return [from_numpy(name, np.asarray(arr)) for name, arr in out.items()]
 
     def serve(self, h: dict, _body) -> tuple[dict, list]:
@@ -193,9 +192,9 @@ class Worker:
         what = h["what"]
         feeds, data = reference.load(h["reference"], h["inputs"], what)
         try:
-            got = self.runtime.run(feeds)
+            got = run_in_batches(self.runtime.run, feeds, h.get("batch"))
         except Exception as exc:
-            raise SelfTestError(f"{what} crashed on its reference inputs: {exc}") from exc
+            raise SelfTestError(f"{what} crashed on its reference inputs: {runtime_message(exc)}") from exc
         worst, agreement = 0.0, 1.0
         for name in h["outputs"]:
             want, have = data.get(name), got.get(name)
@@ -213,6 +212,23 @@ class Worker:
                 f"top-1 agreement {agreement:.3f} (needed {h['min_top1_agreement']:.3f})",
                 "the model does not behave on this device as it did on the host; check the runtime version")
         return {"result": result, "rss_mb": rss_mb()}, []
+
+
+def run_in_batches(run, feeds: dict, batch: int | None) -> dict:
+    """Run samples through a model whose batch size is fixed, `batch` rows at a time (the last
+    run padded with zeros, whose outputs are dropped): a bundle's reference holds several
+    samples, and a model exported at batch 1 takes one at a time."""
+    sizes = {len(v) if np.ndim(v) else 0 for v in feeds.values()}
+    if not batch or len(sizes) != 1 or sizes == {batch}:
+        return run(feeds)
+    n, parts = sizes.pop(), []
+    for start in range(0, n, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        rows = len(next(iter(chunk.values())))
+        if rows < batch:
+            chunk = {k: np.concatenate([v, np.zeros((batch - rows, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        parts.append({k: v[:rows] for k, v in run(chunk).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def main() -> int:

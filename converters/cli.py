@@ -145,16 +145,22 @@ def render_report(r: dict) -> str:
                      f"{c['channels_after']} channels")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
-    if r.get("latency_note"):
-        lines.append(f"note: {r['latency_note']}")
+    for note in [r.get("latency_note")] + r.get("notes", []):
+        if note:
+            lines.append(f"note: {note}")
     ops = r["graph"]["ops"]
+    weights = r["graph"].get("int8_weight_tensors", r["graph"].get("int8_initializers"))
     if r.get("format") == "tflite":
         dtypes = r["graph"]["tensor_dtypes"]
         lines.append("graph: " + ", ".join(f"{n} {k}" for k, n in sorted(ops.items())) + "; tensors: " +
                      ", ".join(f"{n} {k}" for k, n in sorted(dtypes.items())))
+    elif r.get("precision") == "int8-dynamic":  # no Q/DQ pairs: integer ops that quantize as they run
+        integer = {k: n for k, n in ops.items() if "Integer" in k or "Quantize" in k}
+        lines.append(f"graph: {weights} int8 weight tensors; integer ops: " +
+                     (", ".join(f"{k} {n}" for k, n in sorted(integer.items())) or "none"))
     else:
         lines.append(f"graph: {ops.get('QuantizeLinear', 0)} QuantizeLinear, {ops.get('DequantizeLinear', 0)} "
-                     f"DequantizeLinear, {r['graph']['int8_initializers']} int8 weight tensors")
+                     f"DequantizeLinear, {weights} int8 weight tensors")
     if r.get("also"):
         lines += ["", render_report(r["also"])]
     return "\n".join(lines)

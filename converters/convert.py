@@ -25,7 +25,7 @@ from agent.signing import load_private_key
 
 from . import guard, measure
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset, preprocessing_of
-from .onnx_graph import name_nodes
+from .onnx_graph import lift_constants, name_nodes
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
 from .prune_channels import prune_channels
@@ -64,11 +64,13 @@ PRECISIONS = ("int8", "int8-dynamic", "fp32")
 
 def _named_copy(model_path: Path, out: Path) -> Path:
     """The FP32 model with every node named (exporters often leave names empty), so layers can
-    be kept in float by name and reports can point at them."""
+    be kept in float by name and reports can point at them, and its weights as initializers
+    (which are what the quantizer quantizes)."""
     import onnx
 
     model = onnx.load(str(model_path))
-    if not name_nodes(model):
+    renamed, lifted = name_nodes(model), lift_constants(model)
+    if not (renamed or lifted):
         return model_path
     onnx.save(model, str(out))
     return out
@@ -132,7 +134,7 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             pruning = prune_unstructured(source, work / "pruned.onnx", opts.prune, opts.prune_scope)
             source = work / "pruned.onnx"
             say("pruning", 1, 1)
-        ref_out = measure.run_all(measure.session(model_path, opts.threads), evalset.inputs)
+        ref_out = measure.run_all(measure.session(model_path, opts.threads), evalset.inputs, what="the FP32 model")
         reports = {}
         for fmt in ("tflite", "onnx"):
             if fmt not in paths:
@@ -192,7 +194,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     """Quantize for one target (searching when asked), measure, and write its bundle."""
     def quality_of(s: guard.Settings) -> dict:
         target.build(opts.precision, s)
-        return measure.compare(ref_out, measure.run_all(target.session(threads=opts.threads), evalset.inputs),
+        return measure.compare(ref_out, measure.run_all(target.session(threads=opts.threads), evalset.inputs,
+                                                        what=f"the {opts.precision} model"),
                                evalset.labels)
 
     settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,

@@ -64,7 +64,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         inputs, _ = target.fp32_session().specs()
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)
-        ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs)
+        ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs, what="the float model")
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                          model_path, out_path, key, say)
     report["source"] = source_label

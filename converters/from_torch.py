@@ -8,6 +8,9 @@ a plain `torch` requirement pulls several GB of CUDA packages on x86_64.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -74,9 +77,15 @@ def _eval_mode(module):
     return module
 
 
-def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path, opset: int = 17) -> Path:
-    """Export `module` called with the example inputs (numpy arrays, in call order) to ONNX,
-    with the first axis of every input and output dynamic."""
+def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
+            opset: int = 17) -> tuple[Path, str | None]:
+    """Export `module` called with the example inputs (numpy arrays, in call order) to ONNX, with
+    the first axis of every input and output dynamic, and check the export against the module.
+
+    Returns the path and a note for the report when the batch could not stay dynamic: a module
+    traced at one batch size (torch.export, a traced reshape) can carry that size in its graph,
+    and such an export breaks or mixes rows at any other; it is then exported at the example's
+    batch size, as a fixed axis, which the board serves one batch at a time."""
     torch = _torch()
     names = list(example)
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in example.values())
@@ -86,19 +95,89 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path, o
     except Exception as exc:
         raise ConversionError(f"the model does not run on the example inputs {[a.shape for a in args]}: {exc}",
                               "check the calibration data's shapes against the model's forward()") from exc
-    n_out = len(out) if isinstance(out, (tuple, list)) else 1
-    outputs = ["logits"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-    axes = {n: {0: "batch"} for n in names + outputs}
+    want = [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(o, torch.Tensor)]
+    outputs = ["logits"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
+    _export(torch, module, args, out_path, names, outputs, opset, dynamic=True)
+    note = None
+    if not _rows_are_independent(out_path, example):
+        _export(torch, module, args, out_path, names, outputs, opset, dynamic=False)
+        batch = len(next(iter(example.values())))
+        note = (f"the exported graph holds the batch size it was traced at, so it is exported with a fixed "
+                f"batch of {batch}; the board runs {batch} row(s) per call (export with a dynamic batch for more)")
+    _check_export(out_path, example, want)
+    return Path(out_path), note
+
+
+def _export(torch, module, args, out_path, names, outputs, opset: int, dynamic: bool) -> None:
+    axes = {n: {0: "batch"} for n in names + outputs} if dynamic else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stdout_to_nowhere():
             warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's problem
             torch.onnx.export(module, args, str(out_path), dynamo=False, input_names=names, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset)
     except Exception as exc:
-        first = first_line(exc)
+        first = first_line(exc).split(" [Caused by")[0].rstrip(" .")  # the rest is the exporter's own graph
         raise ConversionError(f"torch could not export the model to ONNX: {first}",
-                              "an operator without an ONNX export: replace it, or export to ONNX yourself") from exc
-    return Path(out_path)
+                              "replace the layer it names, export to ONNX yourself (torch.onnx.export on the "
+                              "nn.Module, not a loaded TorchScript file), or save it with torch.export.save") from exc
+
+
+@contextlib.contextmanager
+def _stdout_to_nowhere():
+    """torch's ONNX exporter prints its whole internal graph to the process's stdout when it
+    fails ("Torch IR graph at exception"), from C++: that is file descriptor 1, which would break
+    `--json` and bury the one-line error. Point the descriptor elsewhere while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as nowhere:
+            os.dup2(nowhere.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float32 reordering: the same tolerance the exporter's own checks allow."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)
+    return a.shape == b.shape and (a.size == 0 or float(np.max(np.abs(a - b))) <= 1e-3 * scale)
+
+
+def _rows_are_independent(path: str | Path, example: dict[str, np.ndarray]) -> bool:
+    """Two different rows run together give what each gives alone: the batch axis is real."""
+    from .measure import session
+
+    sess = session(path)
+    one = {k: np.ascontiguousarray(v[:1]) for k, v in example.items()}
+    other = {k: np.ascontiguousarray(np.flip(v[:1])) for k, v in example.items()}  # same values, another row
+    both = {k: np.concatenate([one[k], other[k]]) for k in example}
+    try:
+        alone = [sess.run(None, one), sess.run(None, other)]
+        together = sess.run(None, both)
+    except Exception:  # the runtime's own types: the graph cannot run two rows at all
+        return False
+    if any(t.ndim == 0 or len(t) != 2 for t in together):
+        return False
+    return all(_close(t[i:i + 1], alone[i][j]) for j, t in enumerate(together) for i in range(2))
+
+
+def _check_export(path: str | Path, example: dict[str, np.ndarray], want: list[np.ndarray]) -> None:
+    """The ONNX file computes what the module does on the example: the converter measures INT8
+    against this file, so an exporter mistake would otherwise pass unseen."""
+    from .measure import session
+
+    got = session(path).run(None, {k: np.ascontiguousarray(v) for k, v in example.items()})
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not _close(g, w):
+            diff = float(np.max(np.abs(np.asarray(g, np.float64) - w))) if g.shape == w.shape else None
+            what = f"max abs difference {diff:.3g}" if diff is not None else f"shape {list(g.shape)}, not {list(w.shape)}"
+            raise ConversionError(f"the ONNX export of the model does not compute what the module does on the "
+                                  f"example (output {i}: {what})",
+                                  "export it with torch.onnx.export yourself and compare, or replace the layer")
 
 
 def example_from_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -177,9 +256,11 @@ def convert_torch(module: Any, example: dict[str, np.ndarray] | np.ndarray, cali
         tuned = prune_for_fine_tuning(module, fine_tune, opts.prune, opts.prune_channels, opts.prune_scope)
     _eval_mode(module)
     with tempfile.TemporaryDirectory(prefix="edgeward-torch-") as tmp:
-        onnx_path = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx")
+        onnx_path, note = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx")
         report = convert_onnx(onnx_path, calibration, out_path, key_path, evaluation, opts, progress)
     report["source"] = "pytorch"
+    if note:
+        report.setdefault("notes", []).append(note)
     if tuned:
         report["fine_tune"] = tuned
     return report

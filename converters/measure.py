@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import ConversionError
+from agent.errors import ConversionError, runtime_message
 
 
 def session(path: str | Path, threads: int = 1):
@@ -27,7 +27,7 @@ def session(path: str | Path, threads: int = 1):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures come back as exceptions, which the converter words itself
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -101,7 +101,7 @@ class TfliteSession:
         return out
 
 
-def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64, what: str = "the model") -> dict[str, np.ndarray]:
     """Run the whole dataset through a session in batches (one sample at a time for fixed-batch models)."""
     n = len(next(iter(inputs.values())))
     stop = n
@@ -111,7 +111,13 @@ def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64) -> dict[str, n
     names = [o.name for o in sess.get_outputs()]
     parts: dict[str, list] = {k: [] for k in names}
     for i in range(0, stop, batch):
-        outs = sess.run(names, {k: v[i:i + batch] for k, v in inputs.items()})
+        try:
+            outs = sess.run(names, {k: v[i:i + batch] for k, v in inputs.items()})
+        except Exception as exc:  # the runtime's own types: a model that runs at one batch size but not another, ...
+            shapes = ", ".join(f"{k} {list(v[i:i + batch].shape)}" for k, v in inputs.items())
+            raise ConversionError(f"{what} fails on the data ({shapes}): {runtime_message(exc)}",
+                                  "check that the data matches the model's inputs; a model exported for one "
+                                  "batch size must declare it (a fixed first axis), not a dynamic one") from exc
         for k, o in zip(names, outs):
             parts[k].append(o)
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,5 +1,6 @@
 """Small views of an ONNX graph that the lowering, the pruning and the converter all read:
-node attributes, who consumes a tensor, the shapes shape inference knows, node names."""
+node attributes, who consumes a tensor, the shapes shape inference knows, node names; and the
+few edits the converter makes to a source before quantizing and to what it ships."""
 
 from __future__ import annotations
 
@@ -48,6 +49,30 @@ def name_nodes(model) -> bool:
             taken.add(name)
             renamed = True
     return renamed
+
+
+def lift_constants(model) -> bool:
+    """Move the tensors of top-level Constant nodes into the graph's initializers. Some exporters
+    (torch.export programs, whose weights are traced in as constants) write every weight as a
+    Constant node, and onnxruntime's quantizer only quantizes initializers: such weights would
+    stay float and the "INT8" model would grow. True if any was moved."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    keep, lifted = [], False
+    for node in g.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
+                and node.output[0] not in outputs:
+            tensor = g.initializer.add()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            lifted = True
+        else:
+            keep.append(node)
+    if lifted:
+        del g.node[:]
+        g.node.extend(keep)
+    return lifted
 
 
 def input_grids(model) -> dict[str, tuple[float, int, str]]:

@@ -7,6 +7,7 @@ format other toolchains (TensorRT on Jetson, onnx2tf) understand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -103,30 +104,66 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
     results. 7-bit weights give the same answers on every CPU; pass False for VNNI/ARM-only use."""
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibrate_method = ort_calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="edgeward-quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
+        prepared = _pre_process(fp32_path, Path(tmp) / "prepared.onnx")
         try:
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-        except Exception as exc:  # an optimisation only: quantize the original, and say so
-            log.warning("quantization pre-processing skipped (%s); quantizing the model as given",
-                        first_line(exc))
-            prepared = Path(fp32_path)
-        try:
-            ort_quantize_static(
-                str(prepared), str(out_path), _Reader(calibration, batch, progress),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [], reduce_range=reduce_range,
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
+            with quiet_quantizer():
+                ort_quantize_static(
+                    str(prepared), str(out_path), _Reader(calibration, batch, progress),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [],
+                    reduce_range=reduce_range, extra_options={"CalibTensorRangeSymmetric": False},
+                )
         except ConversionError:
             raise
         except Exception as exc:
             raise _failed(out_path, exc, "", ", or report the operator") from exc
     return Path(out_path)
+
+
+def _pre_process(fp32_path: str | Path, out: Path) -> Path:
+    """onnxruntime's pre-processing (shape inference and graph optimisation, which lets the
+    quantizer see fused layers), without its symbolic shape inference where that gives up on
+    the model (it asserts on reshapes whose target rank it cannot tell, as in attention blocks).
+    It is an optimisation only: where it fails altogether, the model is quantized as given."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for skip_symbolic in (False, True):
+        try:
+            with quiet_quantizer():
+                quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=skip_symbolic)
+            return out
+        except Exception as exc:  # its own and onnx's types; the last one is reported below
+            failure = exc
+    log.warning("onnxruntime's quantization pre-processing failed on this model (%s); quantizing it as given",
+                first_line(failure))
+    return Path(fp32_path)
+
+
+@contextlib.contextmanager
+def quiet_quantizer():
+    """onnxruntime's quantizer talks through the root logger (`logging.warning`): notes on its
+    own internals ("Please consider to run pre-processing", "Axis 1 is out-of-range for weight
+    ...") reached the user as bare "WARNING:root:" lines they could do nothing about, and its
+    first call left a handler on the root logger for the rest of the process. While it runs, its
+    root-logger records go to edgeward.convert at debug level, and nothing is installed."""
+    root = logging.getLogger()
+
+    def divert(record: logging.LogRecord) -> bool:
+        log.debug("onnxruntime: %s", record.getMessage())
+        return False
+
+    placeholder = logging.NullHandler()  # with a handler present, logging.warning() does not call basicConfig()
+    root.addHandler(placeholder)
+    root.addFilter(divert)
+    try:
+        yield
+    finally:
+        root.removeFilter(divert)
+        root.removeHandler(placeholder)
 
 
 def _failed(out_path: str | Path, exc: Exception, how: str, more_fix: str = "") -> ConversionError:
@@ -144,8 +181,9 @@ def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes:
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     try:
-        ort_quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
-                             nodes_to_exclude=exclude_nodes or [], reduce_range=reduce_range)
+        with quiet_quantizer():
+            ort_quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude_nodes or [], reduce_range=reduce_range)
     except Exception as exc:
         raise _failed(out_path, exc, " dynamically") from exc
     return Path(out_path)
@@ -161,13 +199,16 @@ def quantizable_layers(model) -> list[str]:
 
 
 def int8_summary(path: str | Path) -> dict:
-    """What quantization did to the graph: QDQ node counts and how many weights are stored as int8."""
+    """What quantization did to the graph: node counts, and how many weight tensors (2-D and up)
+    are stored as int8 and as float."""
     import onnx
 
     model = onnx.load(str(path))
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    int8_inits = sum(1 for i in model.graph.initializer if i.data_type in (2, 3))  # uint8, int8
+    int8_inits = sum(1 for i in model.graph.initializer if i.data_type in (2, 3))  # uint8, int8 (zero points too)
+    int8_weights = sum(1 for i in model.graph.initializer if i.data_type in (2, 3) and len(i.dims) >= 2)
     float_weights = sum(1 for i in model.graph.initializer if i.data_type == 1 and len(i.dims) >= 2)
-    return {"ops": ops, "int8_initializers": int8_inits, "float_weight_tensors": float_weights}
+    return {"ops": ops, "int8_initializers": int8_inits, "int8_weight_tensors": int8_weights,
+            "float_weight_tensors": float_weights}

@@ -442,10 +442,10 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
 
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from .onnx_int8 import _Reader, ort_calibration_method
+    from .onnx_int8 import _Reader, ort_calibration_method, quiet_quantizer
 
     cm = ort_calibration_method(method)
-    with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp, quiet_quantizer():
         extra = {"symmetric": False} if method != "minmax" else {}
         calibrator = create_calibrator(str(model_path), op_types_to_calibrate=None,
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),

@@ -255,3 +255,117 @@ def test_the_stamp_keeps_an_ir_version_the_model_needs_for_its_tensors():
     onnx.checker.check_model(model)
     assert stamp_for_old_runtimes(model)  # the unused import still goes
     assert model.ir_version == 10 and [o.domain for o in model.opset_import] == [""]
+
+
+def _save_mlp(path, nodes, inits=(), x_shape=("n", 16), y_shape=("n", 10)):
+    """A small float model from nodes: input x, output y, opset 17, saved at an IR old runtimes read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_weights_written_as_constant_nodes_are_quantized_too(tmp_path):
+    """torch.export programs write every weight as a Constant node; onnxruntime's quantizer only
+    quantizes initializers, so without lifting them the weights stayed float and the model grew."""
+    from onnx import helper, numpy_helper
+
+    from converters.convert import ConvertOptions, convert_onnx
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((64, 256), (256, 10)))
+    nodes = [helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)),
+             helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2)),
+             helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    source = _save_mlp(tmp_path / "consts.onnx", nodes, x_shape=("n", 64))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+    # dynamic INT8 quantizes the file as given (static INT8's pre-processing folds constants, where it runs)
+    report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "c.ewb",
+                          options=ConvertOptions(name="c", precision="int8-dynamic"))
+    assert report["graph"]["int8_initializers"] >= 2 and report["graph"]["float_weight_tensors"] == 0
+    assert report["int8_vs_fp32"] < 0.4 and report["quality"]["top1_agreement"] >= 0.9
+
+
+def test_a_model_that_fails_on_the_data_is_one_line_naming_the_node(tmp_path):
+    """A graph that declares a dynamic batch but holds a fixed one (a reshape traced at batch 1)
+    fails inside onnxruntime; the error names the node and the data, not onnxruntime's source."""
+    from onnx import helper, numpy_helper
+
+    from agent.errors import ConversionError
+    from converters.convert import ConvertOptions, convert_onnx
+
+    shape = numpy_helper.from_array(np.array([1, 4, 4], np.int64), "shape")
+    source = _save_mlp(tmp_path / "baked.onnx", [helper.make_node("Reshape", ["x", "shape"], ["y"], name="fold")],
+                       [shape], y_shape=("n", 4, 4))
+    np.savez(tmp_path / "calib.npz", x=np.ones((32, 16), np.float32))
+    with pytest.raises(ConversionError) as err:
+        convert_onnx(source, tmp_path / "calib.npz", tmp_path / "b.ewb", options=ConvertOptions(name="b"))
+    text = str(err.value)
+    assert text.startswith("the FP32 model fails on the data (x [32, 16]): Reshape node 'fold': ")
+    assert "onnxruntime_src" not in text and "\n" not in text and not (tmp_path / "b.ewb").exists()
+
+
+def test_the_quantizers_own_log_lines_stay_out_of_the_users_way(caplog, capfd):
+    """onnxruntime's quantizer warns through the root logger; those lines go to edgeward.convert at
+    debug level, and no handler is left on the root logger (its first warning would add one)."""
+    import logging
+
+    from converters.onnx_int8 import quiet_quantizer
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    caplog.set_level(logging.DEBUG, logger="edgeward.convert")
+    with quiet_quantizer():
+        logging.warning("Please consider to run pre-processing before quantization.")
+    assert root.handlers == before and root.filters == []
+    assert "WARNING:root" not in capfd.readouterr().err
+    assert [(r.name, r.levelno) for r in caplog.records if "pre-processing" in r.getMessage()] == \
+        [("edgeward.convert", logging.DEBUG)]
+
+
+def test_pre_processing_goes_on_without_symbolic_shapes_where_those_give_up(tmp_path, caplog):
+    """onnxruntime's symbolic shape inference asserts on a reshape whose target rank it cannot
+    tell (attention blocks have them); the pre-processing then runs without it."""
+    import logging
+
+    from onnx import TensorProto, helper
+
+    import onnx
+
+    from converters.onnx_int8 import _pre_process
+
+    source = tmp_path / "reshape.onnx"
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(source))
+    caplog.set_level(logging.WARNING, logger="edgeward.convert")
+    assert _pre_process(source, tmp_path / "prepared.onnx") == tmp_path / "prepared.onnx"
+    assert (tmp_path / "prepared.onnx").exists() and not caplog.records
+
+
+def test_onnxruntime_errors_keep_their_details_on_one_line():
+    """onnxruntime puts what it got and expected on lines of their own, after a status prefix."""
+    from onnx import TensorProto, helper
+
+    from agent.errors import runtime_message
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as err:
+        sess.run(None, {"x": np.ones((3, 4), np.float32)})
+    assert "\n" in str(err.value)
+    text = runtime_message(err.value)
+    assert text.startswith("Got invalid dimensions for input: x") and "index: 0 Got: 3 Expected: 1" in text
+    assert "\n" not in text and "ONNXRuntimeError" not in text
+    assert runtime_message(ValueError("first\nsecond")) == "first"  # other runtimes: their first line

@@ -135,6 +135,10 @@ def test_dynamic_int8_quantizes_the_weights_and_serves(tmp_path, assets):
     assert ops.get("MatMulInteger") == 4 and ops.get("DynamicQuantizeLinear") == 4 and "QuantizeLinear" not in ops
     assert report["int8_vs_fp32"] < 0.3 and report["settings"] == "dynamic"
     assert report["search"]["attempts"][-1]["drop"] <= 0.02
+    from converters.cli import render_report
+
+    assert "graph: 4 int8 weight tensors; integer ops: DynamicQuantizeLinear 4, MatMulInteger 4" in \
+        render_report(report).splitlines()
     engine, selftest = _serve(tmp_path / "d.ewb", assets, tmp_path)
     assert selftest["top1_agreement"] == 1.0
     engine.close()

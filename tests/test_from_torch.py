@@ -1,6 +1,7 @@
 """PyTorch in: an nn.Module through the Python API, TorchScript and exported-program files
 through the CLI, each converted end to end and served by a real agent engine."""
 
+import json
 import subprocess
 import sys
 
@@ -81,8 +82,12 @@ def test_torch_files_convert_through_the_cli(tmp_path, assets, kind):
                         "--eval", str(assets.eval), "--key", str(assets.key), "-o", str(tmp_path / "c.ewb"), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # stdout holds the JSON report alone
+    # an exported program's weights come as Constant nodes; they are quantized all the same
+    assert report["graph"]["int8_initializers"] >= 2 and report["graph"]["float_weight_tensors"] == 0
     engine, model, selftest = _serve(tmp_path / "c.ewb", assets, tmp_path)
     assert model.name == "digits" and selftest["top1_agreement"] == 1.0
+    print(kind, model.manifest.inputs[0].shape, report.get("notes"))
     engine.close()
 
 
@@ -96,6 +101,50 @@ def test_torch_input_errors_name_the_problem(tmp_path, assets):
     with pytest.raises(ConversionError, match="does not run on the example inputs"):
         convert_torch(net, {"input": assets.eval_inputs(1)}, assets.calib, tmp_path / "y.ewb")
     assert not (tmp_path / "y.ewb").exists()
+
+
+class _BakedBatch(torch.nn.Module):
+    """Flattens with a literal batch of 1, as traced code often does: its ONNX export works at
+    batch 1 only, whatever axes it declares."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x.reshape(1, 16))
+
+
+def test_a_module_traced_at_one_batch_size_is_exported_with_that_batch_fixed(tmp_path, assets):
+    torch.manual_seed(0)
+    net = _BakedBatch().eval()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 4, 4)).astype(np.float32))
+    report = convert_torch(net, {"x": rng.standard_normal((1, 4, 4)).astype(np.float32)}, tmp_path / "calib.npz",
+                           tmp_path / "b.ewb", assets.key, options=ConvertOptions(name="baked", allow_worse=True))
+    assert any("fixed batch of 1" in n for n in report["notes"]) and report["quality"]["top1_agreement"] >= 0.9
+    engine, model, selftest = _serve(tmp_path / "b.ewb", assets, tmp_path)
+    assert model.manifest.inputs[0].shape == [1, 4, 4] and selftest["top1_agreement"] == 1.0
+    rows = rng.standard_normal((3, 4, 4)).astype(np.float32)
+    got = np.concatenate([engine.infer_arrays("baked", {"x": r[None]})[1]["logits"] for r in rows])
+    with torch.no_grad():
+        want = np.concatenate([net(torch.from_numpy(r[None])).numpy() for r in rows])
+    assert got.shape == (3, 4) and np.abs(got - want).max() < 0.05 * (want.max() - want.min())
+    engine.close()
+
+
+def test_an_export_that_computes_something_else_is_refused(tmp_path):
+    from converters.from_torch import _check_export, to_onnx
+
+    net = torch.nn.Linear(8, 3).eval()
+    x = np.ones((1, 8), np.float32)
+    path, note = to_onnx(net, {"input": x}, tmp_path / "l.onnx")
+    assert note is None
+    with torch.no_grad():
+        right = net(torch.from_numpy(x)).numpy()
+    _check_export(path, {"input": x}, [right])
+    with pytest.raises(ConversionError, match="does not compute what the module does .*output 0: max abs difference"):
+        _check_export(path, {"input": x}, [right + 1.0])
 
 
 def _digits_train_split():
@@ -200,7 +249,7 @@ def test_a_resnet_shaped_module_lowers_exactly_and_quantizes(tmp_path, assets):
     torch.manual_seed(3)
     net = _train(_TinyResNet(), steps=150).eval()
     x = assets.eval_inputs(64)
-    to_onnx(net, {"input": x[:1]}, tmp_path / "r.onnx")
+    assert to_onnx(net, {"input": x[:1]}, tmp_path / "r.onnx") == (tmp_path / "r.onnx", None)
     graph = lower(onnx.load(str(tmp_path / "r.onnx")))
     kinds = [op.kind for op in graph.ops]
     assert kinds.count("PAD") == 1 and "MAX_POOL_2D" in kinds and "ADD" in kinds
