@@ -189,6 +189,17 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
         raise ConversionError(f"--max-images {opts.max_images}: give a number of images, e.g. 500")
 
 
+def _latency_note(latency: dict, name: str) -> str:
+    """Why a TFLite model's latency is shown but not judged on an x86 host."""
+    ratio = latency["int8"]["p50"] / latency["fp32"]["p50"]
+    board = f"time it on the board (edgeward bench --model {name}) before judging"
+    if ratio <= 1.0:
+        return f"INT8 vs FP32 latency measured on {platform.machine()}, not on the board: {board}"
+    return (f"INT8 ran {ratio:.2f}x as long as FP32 on this {platform.machine()} host, where XNNPACK's int8 "
+            "kernels often trail its float ones (without VNNI, and in layers with few channels even with it); "
+            f"TFLite models are judged on ARM hosts only: {board}")
+
+
 def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,
             model_path: Path, out_path: Path, key, say: Progress) -> dict:
     """Quantize for one target (searching when asked), measure, and write its bundle."""
@@ -246,9 +257,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         raise ConversionError(f"the {opts.precision} {target.format} model is {worse} than its FP32 source, so it "
                               "is not shipped",
                               "ship the float model with --precision fp32, or pass --allow-worse to ship it anyway")
-    latency_note = None if target.judges_latency() or opts.precision == "fp32" else (
-        f"INT8 vs FP32 latency measured on {platform.machine()}: x86 INT8 kernels without VNNI often trail FP32, "
-        "ARM boards' do not; time it on the board (scripts/bench_agent.py --format tflite) before judging")
+    latency_note = None if target.judges_latency() or opts.precision == "fp32" else _latency_note(latency, name)
     search = {"max_drop": opts.max_drop, "chosen": settings.label(),
               "attempts": [{"settings": a.settings.label(), "drop": a.drop, "note": a.note} for a in attempts]} \
         if attempts else None

@@ -82,11 +82,17 @@ class Graph:
         return [op.name for op in self.ops if op.kind in WEIGHTED and op.name]
 
 
+MIN_ACTIVATION_RANGE = 1e-6
+"""The narrowest activation range written. A layer calibration saw as (near) zero would get a
+scale so small that LiteRT's kernels cannot place a fused RELU6's 6.0 on its int8 grid within
+an int32 (6 / scale must stay under 2**31: scale > 2.8e-9), and refuse to load the model."""
+
+
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """Asymmetric int8 scale and zero point for a real range (which always includes 0)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if hi - lo < 1e-8:
-        hi = lo + 1e-8
+    if hi - lo < MIN_ACTIVATION_RANGE:
+        hi = lo + MIN_ACTIVATION_RANGE
     scale = (hi - lo) / 255.0
     zero = int(np.clip(round(-128 - lo / scale), -128, 127))
     return scale, zero

@@ -99,3 +99,21 @@ def test_per_channel_zero_points_are_written_once_and_the_model_still_runs(tmp_p
     assert len(set(where.values())) == 1      # four tensors, one vector in the file
     got = TfliteSession(path).run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 6 * want.max() / 255   # three roundings (x, y, z) and the weights'
+
+
+def test_a_dead_layer_with_a_fused_relu6_still_loads_without_xnnpack(tmp_path):
+    """A layer whose outputs calibration saw as (near) zero gets the smallest scale; with a fused
+    RELU6, LiteRT's own kernels must still place 6.0 on its int8 grid in an int32 ("no integer
+    overflow from quantization"), or the model fails to load where XNNPACK does not take it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    g = _fc_graph(np.zeros((4, 8)), np.zeros(4))
+    g.ops[0].options["activation"] = "RELU6"
+    write_tflite(g, tmp_path / "q.tflite", ranges={"x": (0.0, 1.0), "y": (0.0, 0.0)})
+    it = Interpreter(model_path=str(tmp_path / "q.tflite"),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    x = np.random.default_rng(0).random((1, 8)).astype(np.float32)
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    assert np.abs(it.get_tensor(it.get_output_details()[0]["index"])).max() == 0.0
