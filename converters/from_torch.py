@@ -104,7 +104,8 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
         _export(torch, module, args, out_path, names, outputs, opset, dynamic=False)
         batch = len(next(iter(example.values())))
         note = (f"the exported graph holds the batch size it was traced at, so it is exported with a fixed "
-                f"batch of {batch}; the board runs {batch} row(s) per call (export with a dynamic batch for more)")
+                f"batch of {batch}: the board runs {batch} row(s) per call. For batches, give the batch axis a "
+                "free size (torch.export's dynamic_shapes; x.reshape(x.shape[0], -1) in forward)")
     _check_export(out_path, example, want)
     return Path(out_path), note
 
@@ -141,7 +142,8 @@ def _stdout_to_nowhere():
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to float32 reordering: the same tolerance the exporter's own checks allow."""
+    """Equal up to float32 rounding in another order of operations: within 1e-3 of the output's
+    scale (its largest magnitude, at least 1)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)
     return a.shape == b.shape and (a.size == 0 or float(np.max(np.abs(a - b))) <= 1e-3 * scale)
