@@ -1,4 +1,5 @@
-"""The self-test's reference data (reference.npz in a bundle): how it is stored and read back.
+"""The self-test's reference data (reference.npz in a bundle): how it is stored, read back and
+run (a model whose batch size is fixed takes the samples that many at a time).
 
 Keys: ``input.NAME`` (what the model is fed), ``expected.NAME`` (the quantized model's outputs
 on the host) and ``fp32.NAME`` (the FP32 model's, for people who inspect a bundle).
@@ -75,3 +76,20 @@ def load(path: str | Path, input_names: list[str], what: str) -> tuple[dict, dic
         feeds[name] = x
     expected = {k[len("expected."):]: v for k, v in data.items() if k.startswith("expected.")}
     return feeds, expected
+
+
+def run_in_batches(run, feeds: dict, batch: int | None) -> dict:
+    """Run samples through a model whose batch size is fixed, `batch` rows at a time (the last
+    run padded with zeros, whose outputs are dropped): a bundle's reference holds several
+    samples, and a model exported at batch 1 takes one at a time."""
+    sizes = {len(v) if np.ndim(v) else 0 for v in feeds.values()}
+    if not batch or len(sizes) != 1 or sizes == {batch}:
+        return run(feeds)
+    n, parts = sizes.pop(), []
+    for start in range(0, n, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        rows = len(next(iter(chunk.values())))
+        if rows < batch:
+            chunk = {k: np.concatenate([v, np.zeros((batch - rows, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        parts.append({k: v[:rows] for k, v in run(chunk).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

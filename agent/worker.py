@@ -192,7 +192,7 @@ class Worker:
         what = h["what"]
         feeds, data = reference.load(h["reference"], h["inputs"], what)
         try:
-            got = run_in_batches(self.runtime.run, feeds, h.get("batch"))
+            got = reference.run_in_batches(self.runtime.run, feeds, h.get("batch"))
         except Exception as exc:
             raise SelfTestError(f"{what} crashed on its reference inputs: {runtime_message(exc)}") from exc
         worst, agreement = 0.0, 1.0
@@ -212,23 +212,6 @@ class Worker:
                 f"top-1 agreement {agreement:.3f} (needed {h['min_top1_agreement']:.3f})",
                 "the model does not behave on this device as it did on the host; check the runtime version")
         return {"result": result, "rss_mb": rss_mb()}, []
-
-
-def run_in_batches(run, feeds: dict, batch: int | None) -> dict:
-    """Run samples through a model whose batch size is fixed, `batch` rows at a time (the last
-    run padded with zeros, whose outputs are dropped): a bundle's reference holds several
-    samples, and a model exported at batch 1 takes one at a time."""
-    sizes = {len(v) if np.ndim(v) else 0 for v in feeds.values()}
-    if not batch or len(sizes) != 1 or sizes == {batch}:
-        return run(feeds)
-    n, parts = sizes.pop(), []
-    for start in range(0, n, batch):
-        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
-        rows = len(next(iter(chunk.values())))
-        if rows < batch:
-            chunk = {k: np.concatenate([v, np.zeros((batch - rows, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-        parts.append({k: v[:rows] for k, v in run(chunk).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def main() -> int:

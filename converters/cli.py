@@ -111,7 +111,7 @@ def render_report(r: dict) -> str:
     fmt = "TFLite" if r.get("format") == "tflite" else "ONNX"
     rows = [[f"model file ({fmt})", f"{r['fp32_bytes'] / 1024:.1f} kB", f"{r['int8_bytes'] / 1024:.1f} kB",
              f"{r['int8_vs_fp32']:.2f}x"],
-            [f"latency p50 (batch 1, this CPU, {r.get('runtime', 'onnxruntime')})", f"{lat['fp32']['p50']:.3f} ms", f"{lat['int8']['p50']:.3f} ms",
+            [f"latency p50 (batch {r.get('latency_batch', 1)}, this CPU, {r.get('runtime', 'onnxruntime')})", f"{lat['fp32']['p50']:.3f} ms", f"{lat['int8']['p50']:.3f} ms",
              f"{lat['int8']['p50'] / lat['fp32']['p50']:.2f}x"]]
     if "accuracy_fp32" in q:
         rows.append(["top-1 accuracy", f"{q['accuracy_fp32']:.2%}", f"{q['accuracy_int8']:.2%}",

@@ -225,7 +225,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     quality = measure.compare(ref_out, q_out, evalset.labels)
     quality["evaluated_on"] = "evaluation data" if held_out else "calibration data (pass --eval for held-out data)"
     say("measuring latency", 1, 3)
-    sample = evalset.take(slice(0, 1))
+    latency_batch = measure.fixed_batch(int8) or 1  # a model whose batch size is fixed runs whole batches
+    sample = {k: np.resize(v[:latency_batch], (latency_batch, *v.shape[1:])) for k, v in evalset.inputs.items()}
     fp32 = target.fp32_session(opts.threads)
     latency = measure.latency_ms({"fp32": fp32, "int8": int8}, sample)
     say("measuring memory", 2, 3)
@@ -291,7 +292,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "latency_note": latency_note, "pruning": pruning,
             "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
             "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": model_path.stat().st_size,
-            "quality": quality, "latency_ms": latency, "memory": memory, "graph": target.summary(),
+            "quality": quality, "latency_ms": latency, "latency_batch": latency_batch, "memory": memory,
+            "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
             "data": {"calibration": calib.source, "evaluation": evalset.source},
             "preprocessing": manifest.preprocessing}

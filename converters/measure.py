@@ -88,7 +88,9 @@ class TfliteSession:
 
     def raw_run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs as the model gives them (int8 for int8 I/O): what the board's self-test compares."""
-        return self.rt.run(feeds)
+        from agent.reference import run_in_batches
+
+        return run_in_batches(self.rt.run, feeds, fixed_batch(self))
 
     def quantize_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Real-valued inputs as the model takes them: quantized for int8 inputs, else as given."""
@@ -102,25 +104,36 @@ class TfliteSession:
 
 
 def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64, what: str = "the model") -> dict[str, np.ndarray]:
-    """Run the whole dataset through a session in batches (one sample at a time for fixed-batch models)."""
-    n = len(next(iter(inputs.values())))
-    stop = n
-    fixed = sess.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed > 0:  # a fixed batch axis: only whole batches can run
-        batch, stop = fixed, n - n % fixed
+    """Run the whole dataset through a session in batches; a model whose batch size is fixed
+    takes that many rows at a time, the last run padded (every sample is measured)."""
+    from agent.reference import run_in_batches
+
     names = [o.name for o in sess.get_outputs()]
-    parts: dict[str, list] = {k: [] for k in names}
-    for i in range(0, stop, batch):
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            outs = sess.run(names, {k: v[i:i + batch] for k, v in inputs.items()})
+            return dict(zip(names, sess.run(names, feeds)))
         except Exception as exc:  # the runtime's own types: a model that runs at one batch size but not another, ...
-            shapes = ", ".join(f"{k} {list(v[i:i + batch].shape)}" for k, v in inputs.items())
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
             raise ConversionError(f"{what} fails on the data ({shapes}): {runtime_message(exc)}",
                                   "check that the data matches the model's inputs; a model exported for one "
                                   "batch size must declare it (a fixed first axis), not a dynamic one") from exc
-        for k, o in zip(names, outs):
+
+    fixed = fixed_batch(sess)
+    if fixed:
+        return run_in_batches(run, inputs, fixed)
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list] = {k: [] for k in names}
+    for i in range(0, n, batch):
+        for k, o in run({k: v[i:i + batch] for k, v in inputs.items()}).items():
             parts[k].append(o)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def fixed_batch(sess) -> int | None:
+    """The batch size a session's first input is fixed at, or None when it is free."""
+    first = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
+    return first if isinstance(first, int) and first > 0 else None
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],

@@ -94,6 +94,30 @@ def test_keras_and_savedmodel_convert_to_int8_tflite_and_serve(keras_digits, key
     _check_bundle(report, tmp_path / "k.ewb", keras_model, folder, keys, tmp_path)
 
 
+def test_a_keras_model_with_a_fixed_batch_size_is_measured_on_every_sample_and_serves(keras_digits, keys, tmp_path):
+    """A model saved with Input(batch_size=4) runs 4 rows at a time: the evaluation (539 digits,
+    not a multiple of 4) pads its last run instead of dropping rows, and the board's self-test
+    takes the reference that many at a time."""
+    import tensorflow as tf
+
+    folder, keras_model = keras_digits
+    fixed = tf.keras.Sequential([tf.keras.Input((8, 8, 1), batch_size=4, name="pixels")] + keras_model.layers)
+    fixed.save(tmp_path / "fixed.keras")
+    report = convert_tensorflow(tmp_path / "fixed.keras", folder / "calib.npz", tmp_path / "f.ewb", keys[0],
+                                folder / "eval.npz", ConvertOptions(name="fixed"))
+    with np.load(folder / "eval.npz") as d:
+        x, n = d["pixels"][:4], len(d["labels"])
+    assert n % 4 and report["quality"]["samples"] == n and report["quality"]["accuracy_drop_pp"] <= 1.0
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "f.ewb", [load_public_key(keys[1])])))
+    assert model.manifest.inputs[0].shape == [4, 8, 8, 1]
+    assert model.self_test()["top1_agreement"] == 1.0
+    engine.activate(model)
+    out = next(iter(engine.infer_arrays("fixed", {"pixels": x})[1].values()))
+    assert (out.argmax(1) == keras_model.predict(x, verbose=0).argmax(1)).all()
+    engine.close()
+
+
 def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
     folder, keras_model = keras_digits
     report = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "t.ewb", keys[0],
