@@ -75,6 +75,25 @@ def lift_constants(model) -> bool:
     return lifted
 
 
+def model_bytes(path) -> int:
+    """A model's size on disk. For ONNX, the file and the external data files its tensors name:
+    torch.onnx.export writes the weights of every model to NAME.onnx.data by default, so the
+    .onnx file alone is the graph and would make any quantized model look larger."""
+    from pathlib import Path
+
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix != ".onnx":
+        return size
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    files = {e.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
 def input_grids(model) -> dict[str, tuple[float, int, str]]:
     """Graph input -> (scale, zero point, code dtype) for float inputs that every reader
     quantizes first, with one per-tensor QuantizeLinear: the only values the model sees."""

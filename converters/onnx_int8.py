@@ -62,11 +62,19 @@ def describe(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over in-memory arrays, with progress."""
+    """onnxruntime's CalibrationDataReader protocol over in-memory arrays, with progress. For a
+    model whose batch size is fixed, batches of that size only (the few samples past the last
+    whole batch are left out: calibration needs no padding rows in its ranges)."""
 
-    def __init__(self, data: dict[str, np.ndarray], batch: int, progress: Callable[[int, int], None] | None):
-        self.data, self.batch, self.progress = data, batch, progress
+    def __init__(self, data: dict[str, np.ndarray], batch: int, progress: Callable[[int, int], None] | None,
+                 fixed: int | None = None):
+        self.data, self.batch, self.progress = data, fixed or batch, progress
         self.n = len(next(iter(data.values())))
+        if fixed:
+            if self.n < fixed:
+                raise ConversionError(f"the calibration data holds {self.n} samples, fewer than the model's fixed "
+                                      f"batch size {fixed}", f"give at least {fixed} samples")
+            self.n -= self.n % fixed
         self._it = self._batches()
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -80,6 +88,16 @@ class _Reader:
 
     def rewind(self):
         self._it = self._batches()
+
+
+def fixed_batch_of(model_path: str | Path) -> int | None:
+    """The batch size the model's first input is fixed at, or None when it is free."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inputs, _ = describe(model)
+    first = inputs[0].shape[0] if inputs and inputs[0].shape else -1
+    return first if first > 0 else None
 
 
 def ort_calibration_method(method: str):
@@ -111,7 +129,7 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
         try:
             with quiet_quantizer():
                 ort_quantize_static(
-                    str(prepared), str(out_path), _Reader(calibration, batch, progress),
+                    str(prepared), str(out_path), _Reader(calibration, batch, progress, fixed_batch_of(fp32_path)),
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [],

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent.errors import ConversionError
+from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
 from .tflite_graph import Graph, Op
@@ -336,12 +336,36 @@ class _Lowering:
         self.op(kind, [x], y, name=node.name, padding=mode, stride=stride, filter=k)
 
     def lower_GlobalAveragePool(self, node):
-        x = self.src(node.input[0])
+        self._average_over_image(node, self.src(node.input[0]), self.out_name(node.output[0], True))
+
+    def _average_over_image(self, node, x: str, y: str) -> str:
         n, h, w, c = self.g.shapes[x]
         if h <= 0 or w <= 0:
             raise _unsupported(node, " on an input of unknown height/width")
-        y = self.new(self.out_name(node.output[0], True), [n, 1, 1, c], nhwc=True)
+        y = self.new(y, [n, 1, 1, c], nhwc=True)
         self.op("AVERAGE_POOL_2D", [x], y, name=node.name, padding="VALID", stride=(1, 1), filter=(h, w))
+        return y
+
+    def lower_ReduceMean(self, node):
+        """The mean over an image's height and width (torch's AdaptiveAvgPool2d(1) and x.mean((2, 3)),
+        as exporters write them): a global average pool, then [N, C] unless keepdims. The axes are
+        an attribute up to opset 17 and an input from opset 18 (torch.onnx.export's default now)."""
+        a = node_attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1], node).astype(np.int64).tolist()
+        x = self.src(node.input[0])
+        if x not in self.nhwc or axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
+            raise _unsupported(node, " other than over an image's height and width")
+        if a.get("keepdims", 1):
+            self._average_over_image(node, x, self.out_name(node.output[0], True))
+            return
+        pooled = self._average_over_image(node, x, f"{node.output[0]}/pooled")
+        n, c = self.g.shapes[pooled][0], self.g.shapes[pooled][3]
+        y = self.new(self.out_name(node.output[0], False), [n, c])
+        new_shape = np.array([-1 if n == -1 else n, c], np.int32)
+        self.op("RESHAPE", [pooled, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
+                new_shape=new_shape)
 
     def _flatten_to_2d(self, node, x):
         shape = self.g.shapes[x]
@@ -442,7 +466,7 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
 
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from .onnx_int8 import _Reader, ort_calibration_method, quiet_quantizer
+    from .onnx_int8 import _Reader, fixed_batch_of, ort_calibration_method, quiet_quantizer
 
     cm = ort_calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp, quiet_quantizer():
@@ -451,8 +475,15 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=cm, extra_options=extra)
         # non-MinMax calibrators feed one sample at a time into histograms
-        calibrator.collect_data(_Reader(data, 16 if method == "minmax" else 1, progress))
-        computed = calibrator.compute_data()
+        try:
+            calibrator.collect_data(_Reader(data, 16 if method == "minmax" else 1, progress,
+                                            fixed_batch_of(model_path)))
+            computed = calibrator.compute_data()
+        except ConversionError:
+            raise
+        except Exception as exc:  # onnxruntime's own types, from running the model on the data
+            raise ConversionError(f"calibration failed running the model on the data: {runtime_message(exc)}",
+                                  "check that the calibration data matches the model's inputs") from exc
     found = {k: (float(np.asarray(v.range_value[0]).min()), float(np.asarray(v.range_value[1]).max()))
              for k, v in computed.items()}
     ranges = {}

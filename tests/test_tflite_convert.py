@@ -251,3 +251,54 @@ def test_the_self_test_input_travels_as_codes_of_the_quantize_op(digits_tflite, 
     feeds, want = reference.load(ref, ["input"], "digits")
     got = TfliteRuntime(str(model)).run(feeds)
     assert np.allclose(got["logits"], want["logits"], atol=1e-6)
+
+
+def _torch_default_export(path, keepdims: int):
+    """What torch.onnx.export writes by default now (its dynamo exporter): opset 18+, where
+    ReduceMean takes its axes as an input, a batch fixed at the traced size, and every weight in
+    an external NAME.onnx.data file beside the graph."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (32, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.1, (64, 32, 3, 3)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.normal(0, 0.1, 64).astype(np.float32), "b2")
+    fc = numpy_helper.from_array(rng.normal(0, 0.3, (10, 64)).astype(np.float32), "fc")
+    fcb = numpy_helper.from_array(np.zeros(10, np.float32), "fcb")
+    axes = numpy_helper.from_array(np.array([-1, -2], np.int64), "axes")
+    flat = numpy_helper.from_array(np.array([1, 64], np.int64), "flat")
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("ReduceMean", ["r2", "axes"], ["m"], keepdims=keepdims)]
+    nodes += [helper.make_node("Reshape", ["m", "flat"], ["v"])] if keepdims else []
+    nodes += [helper.make_node("Gemm", ["v" if keepdims else "m", "fc", "fcb"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "torch_default",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+                              [w, b, w2, b2, fc, fcb, axes, flat])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data")  # tensors over 1 kB go there, as torch does
+    return path
+
+
+@pytest.mark.parametrize("keepdims", [1, 0])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_model_as_torch_exports_it_by_default_converts_to_both_formats(assets, tmp_path, fmt, keepdims):
+    source = _torch_default_export(tmp_path / "m.onnx", keepdims)
+    data = tmp_path / "m.onnx.data"
+    assert data.stat().st_size > (tmp_path / "m.onnx").stat().st_size  # the weights are beside the graph
+    np.savez(tmp_path / "calib.npz", image=np.random.default_rng(1).random((37, 3, 16, 16), dtype=np.float32))
+    report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "m.ewb", assets.key,
+                          options=ConvertOptions(name="tdefault", format=fmt, allow_worse=True))
+    fp32_file = data.stat().st_size + source.stat().st_size if fmt == "onnx" else report["fp32_bytes"]
+    assert report["fp32_bytes"] == fp32_file and report["int8_vs_fp32"] < 0.4
+    assert report["quality"]["samples"] == 37 and report["quality"]["top1_agreement"] >= 0.9
+    if fmt == "tflite":
+        assert report["graph"]["ops"]["AVERAGE_POOL_2D"] == 1 and report["graph"]["tensor_dtypes"]["float32"] == 2
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "m.ewb", [load_public_key(assets.pub)])))
+    assert model.manifest.inputs[0].shape == [1, 3, 16, 16] and model.self_test()["top1_agreement"] == 1.0
+    engine.close()
