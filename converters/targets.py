@@ -23,6 +23,19 @@ FORMATS = ("onnx", "tflite", "both")
 Say = Callable[[str, int, int], None]
 
 
+def _self_contained_copy(src: Path, dst: Path) -> None:
+    """The ONNX file byte for byte, or, when its weights lie in external data files beside it
+    (torch.onnx.export's default), one file holding them: a bundle carries one model file."""
+    from .onnx_graph import model_bytes
+
+    if model_bytes(src) == src.stat().st_size:
+        shutil.copyfile(src, dst)
+        return
+    import onnx
+
+    onnx.save(onnx.load(str(src)), str(dst))
+
+
 class OnnxTarget:
     format, runtime, suffix = "onnx", "onnxruntime", ".onnx"
     producers = {"int8": "onnxruntime.quantization static QDQ", "int8-dynamic": "onnxruntime.quantization dynamic",
@@ -45,7 +58,7 @@ class OnnxTarget:
         from .onnx_int8 import quantize_dynamic, quantize_static
 
         if precision == "fp32":  # the user's file as it is, unless it was pruned
-            shutil.copyfile(self.source if self.pruned else self.original, self.path)
+            _self_contained_copy(self.source if self.pruned else self.original, self.path)
         elif precision == "int8-dynamic":
             quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude, reduce_range=self.reduce_range)
         else:

@@ -302,3 +302,20 @@ def test_a_model_as_torch_exports_it_by_default_converts_to_both_formats(assets,
     model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "m.ewb", [load_public_key(assets.pub)])))
     assert model.manifest.inputs[0].shape == [1, 3, 16, 16] and model.self_test()["top1_agreement"] == 1.0
     engine.close()
+
+
+def test_a_float_model_with_its_weights_beside_it_ships_as_one_file(assets, tmp_path):
+    """--precision fp32 ships the user's file; when its weights lie in NAME.onnx.data, the bundle's
+    model.onnx takes them in (a bundle carries one model file) and the board loads and self-tests it."""
+    source = _torch_default_export(tmp_path / "m.onnx", keepdims=1)
+    np.savez(tmp_path / "calib.npz", image=np.random.default_rng(1).random((16, 3, 16, 16), dtype=np.float32))
+    report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "f.ewb", assets.key,
+                          options=ConvertOptions(name="float", precision="fp32"))
+    assert report["quality"]["max_abs_err"] == 0.0
+    shipped = onnx.load(str(_member(tmp_path / "f.ewb", "model.onnx", tmp_path / "shipped.onnx")),
+                        load_external_data=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in shipped.graph.initializer)
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "f.ewb", [load_public_key(assets.pub)])))
+    assert model.self_test()["max_abs_err"] == 0.0
+    engine.close()
