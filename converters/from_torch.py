@@ -98,15 +98,17 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
     want = [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])
             if isinstance(o, torch.Tensor)]
     outputs = ["logits"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
+    from .measure import session
+
     _export(torch, module, args, out_path, names, outputs, opset, dynamic=True)
-    note = None
-    if not _rows_are_independent(out_path, example):
+    sess, note = session(out_path), None
+    if not _rows_are_independent(sess, example):
         _export(torch, module, args, out_path, names, outputs, opset, dynamic=False)
-        batch = len(next(iter(example.values())))
+        sess, batch = session(out_path), len(next(iter(example.values())))
         note = (f"the exported graph holds the batch size it was traced at, so it is exported with a fixed "
                 f"batch of {batch}: the board runs {batch} row(s) per call. For batches, give the batch axis a "
                 "free size (torch.export's dynamic_shapes; x.reshape(x.shape[0], -1) in forward)")
-    _check_export(out_path, example, want)
+    _check_export(sess, example, want)
     return Path(out_path), note
 
 
@@ -149,11 +151,8 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and (a.size == 0 or float(np.max(np.abs(a - b))) <= 1e-3 * scale)
 
 
-def _rows_are_independent(path: str | Path, example: dict[str, np.ndarray]) -> bool:
+def _rows_are_independent(sess, example: dict[str, np.ndarray]) -> bool:
     """Two different rows run together give what each gives alone: the batch axis is real."""
-    from .measure import session
-
-    sess = session(path)
     one = {k: np.ascontiguousarray(v[:1]) for k, v in example.items()}
     other = {k: np.ascontiguousarray(np.flip(v[:1])) for k, v in example.items()}  # same values, another row
     both = {k: np.concatenate([one[k], other[k]]) for k in example}
@@ -167,12 +166,11 @@ def _rows_are_independent(path: str | Path, example: dict[str, np.ndarray]) -> b
     return all(_close(t[i:i + 1], alone[i][j]) for j, t in enumerate(together) for i in range(2))
 
 
-def _check_export(path: str | Path, example: dict[str, np.ndarray], want: list[np.ndarray]) -> None:
-    """The ONNX file computes what the module does on the example: the converter measures INT8
-    against this file, so an exporter mistake would otherwise pass unseen."""
-    from .measure import session
-
-    got = session(path).run(None, {k: np.ascontiguousarray(v) for k, v in example.items()})
+def _check_export(sess, example: dict[str, np.ndarray], want: list[np.ndarray]) -> None:
+    """The ONNX file (in an onnxruntime session) computes what the module does on the example:
+    the converter measures INT8 against this file, so an exporter mistake would otherwise pass
+    unseen."""
+    got = sess.run(None, {k: np.ascontiguousarray(v) for k, v in example.items()})
     for i, (g, w) in enumerate(zip(got, want)):
         if not _close(g, w):
             diff = float(np.max(np.abs(np.asarray(g, np.float64) - w))) if g.shape == w.shape else None

@@ -135,6 +135,7 @@ def test_a_module_traced_at_one_batch_size_is_exported_with_that_batch_fixed(tmp
 
 def test_an_export_that_computes_something_else_is_refused(tmp_path):
     from converters.from_torch import _check_export, to_onnx
+    from converters.measure import session
 
     net = torch.nn.Linear(8, 3).eval()
     x = np.ones((1, 8), np.float32)
@@ -142,9 +143,9 @@ def test_an_export_that_computes_something_else_is_refused(tmp_path):
     assert note is None
     with torch.no_grad():
         right = net(torch.from_numpy(x)).numpy()
-    _check_export(path, {"input": x}, [right])
+    _check_export(session(path), {"input": x}, [right])
     with pytest.raises(ConversionError, match="does not compute what the module does .*output 0: max abs difference"):
-        _check_export(path, {"input": x}, [right + 1.0])
+        _check_export(session(path), {"input": x}, [right + 1.0])
 
 
 def _digits_train_split():
