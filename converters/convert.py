@@ -250,6 +250,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     first = expected[first_out].astype(np.float64)
     atol = max(1e-4, 0.05 * float(first.max() - first.min()))
 
+    source_bytes = model_bytes(model_path)
     sizes = {"fp32_bytes": model_bytes(target.fp32_path), "int8_bytes": target.path.stat().st_size}
     sizes["int8_vs_fp32"] = round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4)
     worse = guard.worse_than_fp32(sizes, latency, judge_latency=target.judges_latency()) \
@@ -271,7 +272,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
         quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
                  "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
-                 "source_bytes": model_bytes(model_path), "peak_rss_mb": memory["peak_mb"],
+                 "source_bytes": source_bytes, "peak_rss_mb": memory["peak_mb"],
                  "calibration": f"{settings.label()}, {len(calib)} samples"
                                 if opts.precision == "int8" else opts.precision,
                  **({"accuracy_search": search} if search else {}),
@@ -291,7 +292,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
             "latency_note": latency_note, "pruning": pruning,
             "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
-            "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": model_bytes(model_path),
+            "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": source_bytes,
             "quality": quality, "latency_ms": latency, "latency_batch": latency_batch, "memory": memory,
             "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),

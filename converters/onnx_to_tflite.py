@@ -360,12 +360,7 @@ class _Lowering:
         if a.get("keepdims", 1):
             self._average_over_image(node, x, self.out_name(node.output[0], True))
             return
-        pooled = self._average_over_image(node, x, f"{node.output[0]}/pooled")
-        n, c = self.g.shapes[pooled][0], self.g.shapes[pooled][3]
-        y = self.new(self.out_name(node.output[0], False), [n, c])
-        new_shape = np.array([-1 if n == -1 else n, c], np.int32)
-        self.op("RESHAPE", [pooled, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
-                new_shape=new_shape)
+        self._flatten_to_2d(node, self._average_over_image(node, x, f"{node.output[0]}/pooled"))
 
     def _flatten_to_2d(self, node, x):
         shape = self.g.shapes[x]
