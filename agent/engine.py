@@ -18,19 +18,20 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from .batcher import Batcher
 from .budget import Budget
-from .bundle import REFERENCE, Manifest, read_installed_manifest
+from .bundle import REFERENCE, Manifest, TensorSpec, read_installed_manifest
 from .config import ApiConfig, ServingConfig
 from .errors import BudgetError, EdgewardError, InferenceError, ModelNotFound, WorkerCrashed
 from .modelproc import ModelProcess
 from .protocol import ModelInfo, ModelStats
 from .runtimes import copies_for
 from .stats import Stats
-from .streams import no_stream_state
+from .streams import no_stream_state, runs_row_by_row
 from .tensors import Tensor, check_inputs, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,21 @@ def fixed_batch(manifest: Manifest) -> int | None:
     """The batch size a model's first input is fixed at, or None when its batch axis is dynamic."""
     first = manifest.inputs[0].shape if manifest.inputs else []
     return first[0] if first and first[0] > 0 else None
+
+
+def one_sample_per_call(manifest: Manifest) -> bool:
+    """A stateful model whose worker runs a request's samples one at a time (agent/streams.py)."""
+    return bool(manifest.state) and runs_row_by_row([s for s in manifest.inputs if s.name not in manifest.state],
+                                                    [s for s in manifest.inputs if s.name in manifest.state])
+
+
+def request_specs(manifest: Manifest) -> list[TensorSpec]:
+    """What callers send: the inputs but the recurrent state, which stays in the worker. A stateful
+    model that takes one sample per call takes any number of them per request."""
+    specs = [s for s in manifest.inputs if s.name not in manifest.state]
+    if one_sample_per_call(manifest):
+        specs = [replace(s, shape=[-1, *s.shape[1:]]) if s.shape else s for s in specs]
+    return specs
 
 
 class LoadedModel:
@@ -67,7 +83,7 @@ class LoadedModel:
         self._restart_lock = threading.Lock()
         self._last_restart = 0.0
         # what callers send and get back: the recurrent state stays in the worker (agent/streams.py)
-        self.request_inputs = [s for s in manifest.inputs if s.name not in manifest.state]
+        self.request_inputs = request_specs(manifest)
         self.reply_outputs = [s for s in manifest.outputs if s.name not in manifest.state.values()]
         self.fixed_batch = fixed_batch(manifest)
         self.stateful = bool(manifest.state)
@@ -345,7 +361,7 @@ class Engine:
         load = {"op": "load", "runtime": manifest.runtime, "path": path, "threads": self.threads,
                 "providers": self.providers, "copies": copies}
         if manifest.state:  # the worker keeps each stream's state (agent/streams.py)
-            load.update(state=manifest.state, max_streams=serving.max_streams,
+            load.update(state=manifest.state, max_streams=serving.max_streams, by_row=one_sample_per_call(manifest),
                         state_specs=[{"name": s.name, "dtype": s.dtype, "shape": s.shape}
                                      for s in manifest.inputs if s.name in manifest.state])
 
@@ -367,8 +383,7 @@ class Engine:
                             ", ".join(missing))
             if direct:
                 sock = f"{self.direct_dir}/{uuid.uuid4().hex[:10]}.sock"
-                specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape}
-                         for s in manifest.inputs if s.name not in manifest.state]
+                specs = [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in request_specs(manifest)]
                 batch = None
                 if batched_in_worker:  # local apps' requests are batched in the worker itself
                     batch = {"max_batch": serving.max_batch, "max_delay_ms": serving.max_delay_ms,

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .errors import ProtocolError
-from .tensors import Tensor, zeros
+from .tensors import Tensor, concat, split, zeros
 
 MAX_STREAM_ID = 256  # characters: a stream id is a caller's name for one microphone, camera, ...
 
@@ -42,6 +42,16 @@ def no_stream_state(model: str | None = None) -> ProtocolError:
                          "leave out the stream id")
 
 
+def runs_row_by_row(request_specs: list, state_specs: list) -> bool:
+    """Whether a stateful model takes one sample per call: its state has a per-row axis (a dynamic
+    one, as Silero VAD's [2, batch, 128]) or its input's first axis is fixed at 1. Requests to such
+    a model may still hold several samples: the worker runs them one at a time, in order, each on
+    the state the one before left. A model whose first axis is time (frames [T, 1, F], a state
+    of fixed shape) takes the whole request in one call, which gives the same result."""
+    first = request_specs[0].shape if request_specs else []
+    return any(-1 in s.shape for s in state_specs) or (bool(first) and first[0] == 1)
+
+
 class _Stream:
     def __init__(self, state: list[Tensor]):
         self.lock = threading.Lock()
@@ -50,11 +60,13 @@ class _Stream:
 
 class Streams:
     def __init__(self, state: dict[str, str], specs: list, execute: Callable[[list[Tensor]], list[Tensor]],
-                 max_streams: int):
+                 max_streams: int, by_row: bool = False):
         """`state`: input name -> the output that carries it to the next call; `specs`: the
-        state inputs' specs (name, dtype, shape), whose zeros start a stream."""
+        state inputs' specs (name, dtype, shape), whose zeros start a stream; `by_row`: the
+        model takes one sample per call (runs_row_by_row)."""
         self._execute = execute
         self._max = max_streams
+        self._by_row = by_row
         self._input_of = {o: i for i, o in state.items()}  # output -> input
         self._initial = [zeros(s.name, s.dtype, s.shape) for s in specs if s.name in state]
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
@@ -73,14 +85,27 @@ class Streams:
 
     def run(self, stream_id: str | None, feeds: list[Tensor]) -> list[Tensor]:
         if stream_id is None:
-            out = self._execute(feeds + self._initial)
-            return [t for t in out if t.name not in self._input_of]
+            return self._steps(feeds, self._initial)[0]
         s = self._get(stream_id)
         with s.lock:
-            out = self._execute(feeds + s.state)
-            s.state = [Tensor(self._input_of[t.name], t.dtype, t.shape, bytes(t.data))
-                       for t in out if t.name in self._input_of]
-        return [t for t in out if t.name not in self._input_of]
+            out, s.state = self._steps(feeds, s.state)
+        return out
+
+    def _steps(self, feeds: list[Tensor], state: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(the caller's outputs, the state after): the request on `state`, in one call, or a
+        row at a time for a model that takes one sample per call."""
+        rows = feeds[0].rows if feeds and feeds[0].shape else 1
+        parts = [feeds] if not self._by_row or rows == 1 else \
+            list(zip(*[split(t, [1] * rows) if t.shape else [t] * rows for t in feeds]))
+        replies = []
+        for part in parts:
+            out = self._execute(list(part) + state)
+            state = [Tensor(self._input_of[t.name], t.dtype, t.shape, bytes(t.data))
+                     for t in out if t.name in self._input_of]
+            replies.append([t for t in out if t.name not in self._input_of])
+        if len(replies) == 1:
+            return replies[0], state
+        return [concat([r[i] for r in replies]) for i in range(len(replies[0]))], state
 
     def reset(self, stream_id: str) -> bool:
         with self._lock:

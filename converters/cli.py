@@ -32,6 +32,8 @@ examples:
   edgeward convert model.keras --calibration calib.npz --tflite-io int8 -o net.ewb       # INT8 TFLite
   edgeward convert model.pt2 --calibration calib.npz --prune-channels 0.25 --format tflite -o small.ewb
   edgeward convert mobilenet.onnx --calibration photos/ --eval val/ --preprocess imagenet -o cam.ewb
+  edgeward convert silero_vad.onnx --calibration windows.npz --precision fp32 \
+      --fix-input sr=16000 --state state=stateN -o vad.ewb       # per-stream state on the board
 
 sources, the layers each format maps, install sizes: docs/CONVERTER.md
 """
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-range-weights", action="store_true",
                    help="ONNX: 8-bit weights instead of 7-bit; onnxruntime's x86 kernels without VNNI saturate with "
                         "them, so use it only for boards and hosts with VNNI or ARM dot-product kernels")
+    p.add_argument("--state", action="append", default=[], metavar="IN=OUT",
+                   help="recurrent state (voice activity detection, keyword spotting): on the board each stream "
+                        "feeds input IN what output OUT returned on its last call, zeros at first; the data's "
+                        "samples are then one stream, in order (repeatable; ONNX only)")
+    p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="make an input of fixed shape a constant, e.g. a sample rate: --fix-input sr=16000; "
+                        "callers then leave it out (repeatable; ONNX sources)")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
     p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
                    help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "
@@ -143,6 +152,12 @@ def render_report(r: dict) -> str:
         c = r["channel_pruning"]
         lines.append(f"channel pruning: {len(c['layers'])} convolution(s), {c['channels_before']} -> "
                      f"{c['channels_after']} channels")
+    if r.get("state"):
+        lines.append("state: " + ", ".join(f"{i} <- {o}" for i, o in r["state"].items()) +
+                     " (kept per stream on the board; the data's samples were measured as one stream, in order)")
+    if r.get("fixed_inputs"):
+        lines.append("fixed inputs: " + ", ".join(f"{k} = {v}" for k, v in r["fixed_inputs"].items()) +
+                     " (constants in the shipped model: callers leave them out)")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
     for note in [r.get("latency_note")] + r.get("notes", []):
@@ -168,40 +183,54 @@ def render_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .convert import ConvertOptions, convert_onnx
-
-    opts = ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
-                          exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
-                          precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
-                          prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
-                          format=args.format, tflite_int8_io=args.tflite_io == "int8",
-                          full_range_weights=args.full_range_weights, preprocess=args.preprocess,
-                          max_images=args.max_images)
     try:
-        from .from_tensorflow import convert_tensorflow, is_tensorflow_source
-
-        common = dict(key_path=args.key, evaluation=args.eval, options=opts,
-                      progress=None if args.json else _progress)
-        if args.model.endswith(".tflite"):
-            from .from_tflite import convert_tflite
-
-            report = convert_tflite(args.model, args.calibration, args.output, **common)
-        elif is_tensorflow_source(args.model):
-            report = convert_tensorflow(args.model, args.calibration, args.output, **common)
-        elif args.model.endswith(TORCH_SUFFIXES):
-            from .from_torch import convert_torch, example_from_npz, load_torch_file
-
-            opts.name = opts.name or Path(args.model).stem
-            if Path(args.calibration).is_dir():
-                raise EdgewardError("image folders need the model's input shape, which a PyTorch file does not "
-                                    "give before it is exported",
-                                    "export it to ONNX first (torch.onnx.export), or pass the data as .npz")
-            report = convert_torch(load_torch_file(args.model), example_from_npz(args.calibration), args.calibration,
-                                   args.output, **common)
-        else:
-            report = convert_onnx(args.model, args.calibration, args.output, **common)
+        opts = _options(args)
+        report = _convert(args, opts)
     except EdgewardError as exc:
         print(f"edgeward convert: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else render_report(report))
     return 0
+
+
+def _options(args: argparse.Namespace):
+    from .convert import ConvertOptions
+    from .stateful import parse_pairs
+
+    return ConvertOptions(name=args.name, version=args.version, per_channel=not args.per_tensor, method=args.method,
+                          exclude_nodes=args.exclude_node, threads=args.threads, description=args.description,
+                          precision=args.precision, max_drop=args.max_drop, allow_worse=args.allow_worse,
+                          prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
+                          format=args.format, tflite_int8_io=args.tflite_io == "int8",
+                          full_range_weights=args.full_range_weights, preprocess=args.preprocess,
+                          max_images=args.max_images, state=parse_pairs(args.state, "--state", "h=h_out"),
+                          fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"))
+
+
+def _convert(args: argparse.Namespace, opts) -> dict:
+    """The source's converter, chosen by what the model file is."""
+    from .convert import convert_onnx
+    from .from_tensorflow import convert_tensorflow, is_tensorflow_source
+
+    common = dict(key_path=args.key, evaluation=args.eval, options=opts, progress=None if args.json else _progress)
+    if (opts.state or opts.fixed_inputs) and not args.model.endswith(".onnx"):
+        raise EdgewardError("--state and --fix-input work on ONNX files",
+                            "export the model to ONNX first (torch.onnx.export, tf2onnx) and convert the .onnx file")
+    if args.model.endswith(".tflite"):
+        from .from_tflite import convert_tflite
+
+        return convert_tflite(args.model, args.calibration, args.output, **common)
+    if is_tensorflow_source(args.model):
+        return convert_tensorflow(args.model, args.calibration, args.output, **common)
+    if args.model.endswith(TORCH_SUFFIXES):
+        from .from_torch import convert_torch, example_from_npz, load_torch_file
+
+        opts.name = opts.name or Path(args.model).stem
+        if Path(args.calibration).is_dir():
+            raise EdgewardError("image folders need the model's input shape, which a PyTorch file does not "
+                                "give before it is exported",
+                                "export it to ONNX first (torch.onnx.export), or pass the data as .npz")
+        return convert_torch(load_torch_file(args.model), example_from_npz(args.calibration), args.calibration,
+                             args.output, **common)
+    return convert_onnx(args.model, args.calibration, args.output, **common)
+

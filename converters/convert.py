@@ -23,16 +23,18 @@ from agent.bundle import REFERENCE, Manifest, MemoryCost, SelfTest, write_bundle
 from agent.errors import ConversionError
 from agent.signing import load_private_key
 
-from . import guard, measure
+from . import guard, measure, stateful
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset, preprocessing_of
 from .onnx_graph import lift_constants, model_bytes, name_nodes
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
 from .prune_channels import prune_channels
+from .stateful import check_state
 from .targets import FORMATS, OnnxTarget, TfliteTarget
 
 REFERENCE_SAMPLES = 8
 REFERENCE_MAX_BYTES = 256 * 1024  # self-test data must not outweigh the model: fewer samples for big inputs
+STATEFUL_REFERENCE_STEP = 7  # a stateful model's self-test runs this step of the stream: its state is not zeros
 Progress = Callable[[str, int, int], None]
 
 
@@ -57,6 +59,8 @@ class ConvertOptions:
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
     preprocess: str | None = None    # how image-folder data become input tensors (agent/images.py)
     max_images: int | None = None    # images read from a folder (default: 512 to calibrate, 1000 to evaluate)
+    state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
+    fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -114,14 +118,18 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     model_path, out_path = Path(model_path), Path(out_path)
     _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None
-    model = load_onnx(model_path)
-    inputs, _ = describe(model)
-    calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
     name = _model_name(opts.name, model_path)
     paths = _bundle_paths(out_path, opts.format)
 
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         work = Path(tmp)
+        if opts.fixed_inputs:  # the constant is part of the FP32 model that everything is measured against
+            model_path = _with_fixed_inputs(model_path, opts.fixed_inputs, work / "fixed.onnx")
+        model = load_onnx(model_path)
+        inputs, outputs = describe(model)
+        if opts.state:
+            check_state(opts.state, inputs, outputs)
+        calib, evalset = load_data(calibration, evaluation, [s for s in inputs if s.name not in opts.state], opts, say)
         source = _named_copy(model_path, work / "named.onnx")
         pruning, channels = None, None
         if opts.prune_channels:
@@ -134,7 +142,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             pruning = prune_unstructured(source, work / "pruned.onnx", opts.prune, opts.prune_scope)
             source = work / "pruned.onnx"
             say("pruning", 1, 1)
-        ref_out = measure.run_all(measure.session(model_path, opts.threads), evalset.inputs, what="the FP32 model")
+        ref_out = measure.run_all(as_stream(measure.session(model_path, opts.threads), opts, inputs),
+                                  evalset.inputs, what="the FP32 model")
         reports = {}
         for fmt in ("tflite", "onnx"):
             if fmt not in paths:
@@ -142,7 +151,10 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             sub = work / fmt
             sub.mkdir()
             if fmt == "onnx":
-                target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib.inputs, say,
+                calib_feeds = calib.inputs
+                if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
+                    calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
+                target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib_feeds, say,
                                     reduce_range=not opts.full_range_weights)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
@@ -154,6 +166,25 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     if reports:
         first["also"] = next(iter(reports.values()))
     return first
+
+
+def _with_fixed_inputs(model_path: Path, values: dict[str, str], out: Path) -> Path:
+    """A copy of the model whose named inputs are constants (--fix-input sr=16000)."""
+    import onnx
+
+    from .onnx_graph import fix_inputs
+
+    model = onnx.load(str(model_path))
+    fix_inputs(model, values)
+    onnx.save(model, str(out))
+    return out
+
+
+def as_stream(session, opts: ConvertOptions, inputs: list):
+    """A stateful model's session runs the samples as one stream (converters/stateful.py)."""
+    if not opts.state:
+        return session
+    return stateful.StreamSession(session, opts.state, stateful.zero_state(inputs, opts.state))
 
 
 def load_data(calibration, evaluation, inputs, opts: ConvertOptions, say: Progress):
@@ -185,8 +216,18 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
     for flag, value in (("--prune", opts.prune), ("--prune-channels", opts.prune_channels)):
         if value is not None and not 0 < value < 1:
             raise ConversionError(f"{flag} {value}: give a fraction between 0 and 1, e.g. 0.5")
+    if opts.state and opts.format != "onnx":
+        raise ConversionError("a stateful model (--state) converts to ONNX only: the TFLite writer has no recurrent "
+                              "layers", "use --format onnx")
+    if opts.state and opts.prune_channels:
+        raise ConversionError("--prune-channels does not reach through recurrent state", "leave it out with --state")
     if opts.max_images is not None and opts.max_images < 1:
         raise ConversionError(f"--max-images {opts.max_images}: give a number of images, e.g. 500")
+
+
+def _run_once(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
 
 
 def _latency_note(latency: dict, name: str) -> str:
@@ -205,8 +246,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     """Quantize for one target (searching when asked), measure, and write its bundle."""
     def quality_of(s: guard.Settings) -> dict:
         target.build(opts.precision, s)
-        return measure.compare(ref_out, measure.run_all(target.session(threads=opts.threads), evalset.inputs,
-                                                        what=f"the {opts.precision} model"),
+        candidate = as_stream(target.session(threads=opts.threads), opts, target.specs()[0])
+        return measure.compare(ref_out, measure.run_all(candidate, evalset.inputs, what=f"the {opts.precision} model"),
                                evalset.labels)
 
     settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,
@@ -219,7 +260,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     else:
         target.build(opts.precision, settings)
     q_inputs, q_outputs = target.specs()
-    int8 = target.session(threads=opts.threads)
+    int8_raw = target.session(threads=opts.threads)
+    int8 = as_stream(int8_raw, opts, q_inputs)
     say("measuring quality", 0, 3)
     q_out = measure.run_all(int8, evalset.inputs)
     quality = measure.compare(ref_out, q_out, evalset.labels)
@@ -227,27 +269,35 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     say("measuring latency", 1, 3)
     latency_batch = measure.fixed_batch(int8) or 1  # a model whose batch size is fixed runs whole batches
     sample = {k: np.resize(v[:latency_batch], (latency_batch, *v.shape[1:])) for k, v in evalset.inputs.items()}
-    fp32 = target.fp32_session(opts.threads)
-    latency = measure.latency_ms({"fp32": fp32, "int8": int8}, sample)
+    fp32_raw = target.fp32_session(opts.threads)
+    latency = measure.latency_ms({"fp32": as_stream(fp32_raw, opts, q_inputs), "int8": int8}, sample)
     say("measuring memory", 2, 3)
-    memory = target.memory(sample, opts.threads)
+    memory = target.memory({**sample, **stateful.zero_state(q_inputs, opts.state)}, opts.threads)
     say("measuring memory", 3, 3)
 
-    first_out = q_outputs[0].name
-    row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
-    idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
-    # float inputs the model quantizes first travel as 8-bit codes; the outputs are those on the snapped values
-    stored, snapped = reference.encode({k: v[idx] for k, v in evalset.inputs.items()}, target.input_grids())
-    ref_inputs, expected = target.board_io(int8, snapped, measure.run_all(int8, snapped))
+    first_out = next(s.name for s in q_outputs if s.name not in opts.state.values())
+    if opts.state:  # one step of the stream, fed the state the model had reached by then
+        step = stateful.steps(int8, evalset.take(slice(0, STATEFUL_REFERENCE_STEP + 1)))[-1]
+        stored, snapped = reference.encode(step, target.input_grids())
+        ref_inputs, expected = snapped, _run_once(int8_raw, snapped)
+        fp32_expected = _run_once(fp32_raw, snapped)
+    else:
+        row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
+        idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
+        # float inputs the model quantizes first travel as 8-bit codes; the outputs are those on the snapped values
+        stored, snapped = reference.encode({k: v[idx] for k, v in evalset.inputs.items()}, target.input_grids())
+        ref_inputs, expected = target.board_io(int8, snapped, measure.run_all(int8, snapped))
+        fp32_expected = measure.run_all(fp32_raw, snapped)
     ref_arrays = dict(stored)
     for k, v in ref_inputs.items():
         if f"input_scale.{k}" not in stored:  # no grid: as the board feeds it (int8 for an int8-I/O model)
             ref_arrays[f"input.{k}"] = v
     ref_arrays.update({f"expected.{k}": v for k, v in expected.items()})
-    ref_arrays.update({f"fp32.{k}": v for k, v in measure.run_all(fp32, snapped).items()})
+    ref_arrays.update({f"fp32.{k}": v for k, v in fp32_expected.items()})
     ref_path = target.path.with_name(REFERENCE)
     np.savez(ref_path, **ref_arrays)
-    first = expected[first_out].astype(np.float64)
+    # the tolerance scales with the outputs' range (over the whole stream for a stateful model's one step)
+    first = (q_out if opts.state else expected)[first_out].astype(np.float64)
     atol = max(1e-4, 0.05 * float(first.max() - first.min()))
 
     source_bytes = model_bytes(model_path)
@@ -266,7 +316,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     model_file = f"model{target.suffix}"
     manifest = Manifest(
         name=name, version=opts.version, format=target.format, model_file=model_file, runtime=target.runtime,
-        precision=opts.precision, inputs=q_inputs, outputs=q_outputs,
+        precision=opts.precision, inputs=q_inputs, outputs=q_outputs, state=dict(opts.state),
         memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
                           measured_on=memory["measured_on"]),
         selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
@@ -297,4 +347,5 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
             "data": {"calibration": calib.source, "evaluation": evalset.source},
-            "preprocessing": manifest.preprocessing}
+            "preprocessing": manifest.preprocessing, "state": dict(opts.state),
+            "fixed_inputs": dict(opts.fixed_inputs)}

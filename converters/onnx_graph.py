@@ -75,6 +75,43 @@ def lift_constants(model) -> bool:
     return lifted
 
 
+def fix_inputs(model, values: dict[str, str]) -> None:
+    """Make graph inputs constants: `--fix-input sr=16000` for a model that takes its sample rate
+    (or a mode flag) as an input, which the board would otherwise need sent with every call.
+    Each value fills the input's shape, which must be fixed, in the input's own dtype."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from agent.errors import ConversionError
+
+    initializers = {t.name for t in model.graph.initializer}
+    by_name = {i.name: i for i in model.graph.input if i.name not in initializers}
+    for name, text in values.items():
+        vi = by_name.get(name)
+        if vi is None:
+            raise ConversionError(f"--fix-input {name}={text}: the model has no input {name!r}",
+                                  f"name one of its inputs: {', '.join(by_name)}")
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if -1 in dims:
+            raise ConversionError(f"--fix-input {name}={text}: input {name!r} has dynamic axes {dims}",
+                                  "only an input of fixed shape (a scalar, a flag) can be made a constant")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        try:
+            if dtype.kind == "b":
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            else:
+                value = int(text, 0) if dtype.kind in "iu" else float(text)
+            array = np.full(dims, value, dtype)
+        except (ValueError, OverflowError) as exc:
+            raise ConversionError(f"--fix-input {name}={text}: not a {dtype.name} value",
+                                  f"input {name!r} takes {dtype.name}") from exc
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        model.graph.input.remove(vi)
+
+
 def model_bytes(path) -> int:
     """A model's size on disk. For ONNX, the file and the external data files its tensors name:
     torch.onnx.export writes the weights of every model to NAME.onnx.data by default, so the

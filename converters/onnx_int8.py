@@ -90,6 +90,21 @@ class _Reader:
         self._it = self._batches()
 
 
+class _Steps(_Reader):
+    """The same protocol over whole feeds, one call each: a stateful model's samples, each with
+    the state it runs on (converters/stateful.py)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], progress: Callable[[int, int], None] | None):
+        self.feeds, self.progress, self.n = feeds, progress, len(feeds)
+        self._it = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for i, feed in enumerate(self.feeds):
+            if self.progress:
+                self.progress(i + 1, self.n)
+            yield feed
+
+
 def fixed_batch_of(model_path: str | Path) -> int | None:
     """The batch size the model's first input is fixed at, or None when it is free."""
     import onnx
@@ -110,11 +125,13 @@ def ort_calibration_method(method: str):
             "percentile": CalibrationMethod.Percentile}[method]
 
 
-def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: dict[str, np.ndarray],
+def quantize_static(fp32_path: str | Path, out_path: str | Path,
+                    calibration: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
                     per_channel: bool = True, method: str = "minmax", batch: int = 1,
                     exclude_nodes: list[str] | None = None, reduce_range: bool = True,
                     progress: Callable[[int, int], None] | None = None) -> Path:
-    """Static INT8 QDQ quantization (int8 weights and activations) calibrated on `calibration`.
+    """Static INT8 QDQ quantization (int8 weights and activations) calibrated on `calibration`:
+    arrays with the samples on the first axis, or whole feeds run one at a time (a stateful model).
 
     `reduce_range` keeps weights to 7 bits: onnxruntime's int8 kernels on x86 CPUs without VNNI
     (AVX2's VPMADDUBSW) saturate with full 8-bit weights, which cost the digits CNN 2 points of
@@ -129,7 +146,8 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
         try:
             with quiet_quantizer():
                 ort_quantize_static(
-                    str(prepared), str(out_path), _Reader(calibration, batch, progress, fixed_batch_of(fp32_path)),
+                    str(prepared), str(out_path), _Steps(calibration, progress) if isinstance(calibration, list)
+                    else _Reader(calibration, batch, progress, fixed_batch_of(fp32_path)),
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [],
@@ -139,7 +157,7 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path, calibration: di
             raise
         except Exception as exc:
             raise _failed(out_path, exc, "", ", or report the operator") from exc
-    return Path(out_path)
+    return _checked(out_path, "static INT8")
 
 
 def _pre_process(fp32_path: str | Path, out: Path) -> Path:
@@ -191,6 +209,22 @@ def _failed(out_path: str | Path, exc: Exception, how: str, more_fix: str = "") 
                            f"exclude the failing node with --exclude-node NAME{more_fix}")
 
 
+def _checked(out_path: str | Path, what: str) -> Path:
+    """The quantizer's output, if it is a valid model. onnxruntime's quantizer can write an invalid
+    one for graphs with control flow (If/Loop branches), which should be named as its failure,
+    not as a fault of the user's file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(out_path))  # by path: a model over 2 GB cannot be checked in memory
+    except Exception as exc:
+        Path(out_path).unlink(missing_ok=True)
+        raise ConversionError(f"onnxruntime's quantizer wrote an invalid {what} model ({first_line(exc)[:160]})",
+                              "this happens with If/Loop branches in the graph: ship the float model with "
+                              "--precision fp32, or try the other INT8 precision") from exc
+    return Path(out_path)
+
+
 def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes: list[str] | None = None,
                      reduce_range: bool = True) -> Path:
     """Dynamic INT8: int8 weights, activations quantized at run time (no calibration). For
@@ -204,7 +238,7 @@ def quantize_dynamic(fp32_path: str | Path, out_path: str | Path, exclude_nodes:
                                  nodes_to_exclude=exclude_nodes or [], reduce_range=reduce_range)
     except Exception as exc:
         raise _failed(out_path, exc, " dynamically") from exc
-    return Path(out_path)
+    return _checked(out_path, "dynamic INT8")
 
 
 def quantizable_layers(model) -> list[str]:

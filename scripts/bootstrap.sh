@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares this checkout for the demo and the tests, on a fresh Debian / Raspberry Pi OS machine:
 #   - mosquitto (installed with apt when missing and we are root; otherwise says what to run)
-#   - .venv with edgeward[device,host,torch,tensorflow,dev] (re-installed when pyproject.toml changes)
+#   - .venv with edgeward[device,host,torch,tensorflow,dev,test-models] (re-installed when pyproject.toml changes)
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,10 +42,10 @@ fi
 stamp=.venv/.edgeward-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing edgeward[device,host,torch,tensorflow,dev] into .venv (first run takes a few minutes)"
+  say "installing edgeward[device,host,torch,tensorflow,dev,test-models] into .venv (first run takes a few minutes)"
   log=.venv/install.log
   if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -e ".[device,host,torch,tensorflow,dev]"; } >"$log" 2>&1; then
+         .venv/bin/python -m pip install -e ".[device,host,torch,tensorflow,dev,test-models]"; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     say "installing failed; the whole log is in $log"; exit 1
   fi

@@ -1,0 +1,116 @@
+"""Converting a model that carries recurrent state from one call to the next (`--state IN=OUT`).
+
+Voice activity detection and keyword spotting models take their last hidden state as an
+input and return the next one as an output; on the board the model's worker keeps it per
+stream (agent/streams.py). On the host the converter treats the calibration and evaluation
+samples as one stream, in order: each sample runs alone, fed the state the model returned
+for the sample before it (zeros at first). So the quantizer calibrates on the states the
+model really reaches, and quality is measured as the board will run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.bundle import TensorSpec
+from agent.errors import ConversionError
+
+
+def parse_pairs(pairs: list[str], flag: str, example: str) -> dict[str, str]:
+    """NAME=VALUE pairs from a repeatable command-line flag."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise ConversionError(f"{flag} {pair!r}: expected NAME=VALUE", f"e.g. {flag} {example}")
+        if name in out:
+            raise ConversionError(f"{flag} names {name!r} twice")
+        out[name] = value
+    return out
+
+
+def check_state(state: dict[str, str], inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Each state input exists, is fed by an output of the same dtype and shape, and one request
+    input is left for callers to send."""
+    ins, outs = {s.name: s for s in inputs}, {s.name: s for s in outputs}
+    for i, o in state.items():
+        if i not in ins:
+            raise ConversionError(f"--state {i}={o}: the model has no input {i!r}",
+                                  f"name one of its inputs: {', '.join(ins)}")
+        if o not in outs:
+            raise ConversionError(f"--state {i}={o}: the model has no output {o!r}",
+                                  f"name one of its outputs: {', '.join(outs)}")
+        a, b = ins[i], outs[o]
+        if a.dtype != b.dtype:
+            raise ConversionError(f"--state {i}={o}: input {i!r} is {a.dtype} but output {o!r} is {b.dtype}",
+                                  "pair each state input with the output that returns it")
+        static = -1 not in a.shape and -1 not in b.shape
+        if static and a.shape != b.shape:
+            raise ConversionError(f"--state {i}={o}: input {i!r} is {a.shape} but output {o!r} is {b.shape}",
+                                  "pair each state input with the output that returns it")
+    if len(set(state.values())) != len(state):
+        raise ConversionError("--state names one output for two inputs")
+    if not [s for s in inputs if s.name not in state]:
+        raise ConversionError("--state takes every input of the model: callers would have nothing to send",
+                              "declare only the recurrent inputs as state")
+    if not [s for s in outputs if s.name not in state.values()]:
+        raise ConversionError("--state takes every output of the model: callers would get nothing back",
+                              "declare only the recurrent outputs as state")
+
+
+def zero_state(specs: list[TensorSpec], state: dict[str, str]) -> dict[str, np.ndarray]:
+    """A new stream's state: zeros, dynamic axes taken as 1 (one stream), as the board starts it."""
+    return {s.name: np.zeros([1 if d < 0 else d for d in s.shape], s.dtype) for s in specs if s.name in state}
+
+
+class _Arg:
+    def __init__(self, arg, batch_free: bool):
+        self.name = arg.name
+        self.shape = ["batch", *list(arg.shape)[1:]] if batch_free and arg.shape else list(arg.shape)
+
+
+class StreamSession:
+    """A session whose samples are one stream: each row runs alone on the state the row before
+    it left. It has the few calls of onnxruntime's session that the measurements use, shows only
+    what callers send and get back, and keeps the state across calls until `reset()`."""
+
+    def __init__(self, session, state: dict[str, str], initial: dict[str, np.ndarray]):
+        self.session, self.state, self.initial = session, state, initial
+        self._in = [_Arg(a, True) for a in session.get_inputs() if a.name not in state]
+        self._out = [_Arg(a, False) for a in session.get_outputs() if a.name not in state.values()]
+        self._all_out = [a.name for a in session.get_outputs()]
+        self.current = dict(initial)
+
+    def get_inputs(self):
+        return self._in
+
+    def get_outputs(self):
+        return self._out
+
+    def reset(self) -> None:
+        self.current = dict(self.initial)
+
+    def step(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One sample (a first axis of 1) on the current state; the state moves on."""
+        out = dict(zip(self._all_out, self.session.run(self._all_out, {**row, **self.current})))
+        self.current = {i: out[o] for i, o in self.state.items()}
+        return out
+
+    def run(self, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = names or [a.name for a in self._out]
+        n = len(next(iter(feeds.values())))
+        rows = [self.step({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+        return [np.concatenate([r[k] for r in rows]) for k in names]
+
+
+def steps(session: StreamSession, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Every sample's whole feed, state included, in stream order from a zero state: what the
+    quantizer calibrates on, and where the board's self-test step comes from."""
+    session.reset()
+    n = len(next(iter(inputs.values())))
+    fed = []
+    for i in range(n):
+        row = {k: v[i:i + 1] for k, v in inputs.items()}
+        fed.append({**row, **session.current})
+        session.step(row)
+    return fed

@@ -1,0 +1,218 @@
+"""Stateful models from the converter's command line to a stream on the board: `--state IN=OUT`
+and `--fix-input NAME=VALUE`, on Silero VAD as its PyPI package ships it (the model a user
+would bring for voice activity detection) and on the keyword-spotting-shaped RNN of the zoo.
+
+Silero VAD runs on 512-sample windows of 16 kHz audio, each prefixed by the last 64 samples
+of the window before (576 in all), and carries an LSTM state [2, batch, 128] from call to
+call. Its own Python wrapper (silero_vad.utils_vad.OnnxWrapper) is the reference: what the
+agent answers on a stream must be what that wrapper gives, however the windows are chunked
+into requests.
+"""
+
+import importlib.resources
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.config import ServingConfig
+from agent.engine import Engine
+from agent.signing import load_public_key
+from agent.store import Store
+from converters import zoo
+from converters.stateful import StreamSession
+
+SR, WINDOW, CONTEXT = 16000, 512, 64
+
+
+def _silero(name: str) -> str:
+    return str(importlib.resources.files("silero_vad") / "data" / name)
+
+
+def _convert(*args):
+    return subprocess.run([sys.executable, "-m", "agent.cli", "convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _voice_like(seconds: float, seed: int) -> np.ndarray:
+    """Syllables of a voiced, vowel-like sound (a gliding pitch, two formant bands) between
+    pauses, over faint noise: it moves Silero's speech probability between ~0 and ~0.7."""
+    t = np.arange(int(SR * seconds)) / SR
+    rng = np.random.default_rng(seed)
+    phase = 2 * np.pi * np.cumsum(120 + 30 * np.sin(2 * np.pi * (0.5 + 0.2 * seed) * t)) / SR
+    voiced = sum((1 / k) * np.sin(k * phase) * (1 + (abs(k * 120 - 700) < 300) + (abs(k * 120 - 1200) < 300))
+                 for k in range(1, 30))
+    syllables = (np.sin(2 * np.pi * 3 * t) > 0.2) * ((t % 2) < 1.2)
+    return (0.1 * voiced * syllables + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _windows(audio: np.ndarray) -> np.ndarray:
+    """The model's input rows as Silero's wrapper builds them: 64 samples of context + 512 new."""
+    chunks = audio[: len(audio) // WINDOW * WINDOW].reshape(-1, WINDOW)
+    context = np.concatenate([np.zeros((1, CONTEXT), np.float32), chunks[:-1, -CONTEXT:]])
+    return np.concatenate([context, chunks], axis=1)
+
+
+def _wrapper_probabilities(audio: np.ndarray) -> np.ndarray:
+    """Speech probabilities per window from Silero's own streaming wrapper, on the package's file."""
+    import torch
+    from silero_vad.utils_vad import OnnxWrapper
+
+    model = OnnxWrapper(_silero("silero_vad.onnx"), force_onnx_cpu=True)
+    usable = audio[: len(audio) // WINDOW * WINDOW]
+    return model.audio_forward(torch.from_numpy(usable), SR).numpy().reshape(-1)
+
+
+def _engine(tmp_path, bundle, pub):
+    store = Store(tmp_path / "store")
+    engine = Engine(Budget(8192, reserve_mb=0), serving_for=lambda name: ServingConfig())
+    model = engine.load(store.install(open_bundle(bundle, [load_public_key(pub)])))
+    selftest = model.self_test()
+    engine.activate(model)
+    return engine, model, selftest
+
+
+@pytest.mark.parametrize("source, flags", [
+    ("silero_vad.onnx", ["--fix-input", "sr=16000"]),  # the package's default: input [N, T], state, sr
+    ("silero_vad_openvino_16k.onnx", []),              # a batch fixed at 1: input [1, 576], state [2, 1, 128]
+])
+def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags):
+    audio, other = _voice_like(4.0, 0), _voice_like(4.0, 1)
+    np.savez(tmp_path / "windows.npz", input=_windows(audio))
+    out = tmp_path / "vad.ewb"
+    r = _convert(_silero(source), "--calibration", tmp_path / "windows.npz", "--precision", "fp32",
+                 "--state", "state=stateN", *flags, "--name", "vad", "--key", assets.key, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "state: state <- stateN" in r.stdout
+    m = open_bundle(out, [load_public_key(assets.pub)]).manifest
+    assert m.state == {"state": "stateN"}
+    assert [s.name for s in m.inputs] == ["input", "state"]  # sr is a constant in the shipped model
+    assert m.quality["max_abs_err"] == 0 and m.quality["output_range"] > 0.3  # measured as one stream
+
+    engine, model, selftest = _engine(tmp_path, out, assets.pub)
+    assert selftest["max_abs_err"] <= selftest["atol"]
+    assert [s.name for s in model.request_inputs] == ["input"] and model.request_inputs[0].shape[0] == -1
+    want = _wrapper_probabilities(audio)
+    assert want.max() > 0.3 and want.min() < 0.05  # speech and silence both occur: the state matters
+    windows, others = _windows(audio), _windows(other)
+    run = lambda stream, rows: engine.infer_arrays("vad", {"input": rows}, stream=stream)[1]["output"]  # noqa: E731
+
+    whole = run("mic-0", windows).reshape(-1)  # many windows in one request: stepped in order in the worker
+    np.testing.assert_allclose(whole, want, rtol=0, atol=1e-5)
+    pieces, interleaved, edges = [], [], [0, 1, 6, 7, 30, 61, len(windows)]
+    for lo, hi in zip(edges, edges[1:]):  # another chunking, interleaved with a second microphone
+        pieces.append(run("mic-1", windows[lo:hi]).reshape(-1))
+        interleaved.append(run("mic-2", others[lo:hi]).reshape(-1))
+    np.testing.assert_allclose(np.concatenate(pieces), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(interleaved), _wrapper_probabilities(other), rtol=0, atol=1e-5)
+    # a stream continues where it stopped; a reset starts it over from silence
+    again = run("mic-0", windows[:10]).reshape(-1)
+    assert not np.allclose(again, want[:10], atol=1e-3)
+    assert model.reset_stream("mic-0")
+    np.testing.assert_allclose(run("mic-0", windows[:10]).reshape(-1), want[:10], rtol=0, atol=1e-5)
+    engine.close()
+
+
+def _stream(path, frames: np.ndarray, hidden: int) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    stream = StreamSession(sess, {"h": "h_out"}, {"h": np.zeros((1, 1, hidden), np.float32)})
+    return stream.run(["scores"], {"frames": frames})[0]
+
+
+def test_static_int8_of_a_stateful_model_is_measured_and_served_as_one_stream(tmp_path, assets):
+    """The report's error is the stream's (each sample on the state the one before left), the
+    board's self-test step runs on a state that is not zeros, and the board's stream answers
+    what the host measured."""
+    model = zoo.build_stateful_rnn(tmp_path / "kws.onnx", features=8, hidden=64, classes=4)
+    frames = np.random.default_rng(0).standard_normal((200, 1, 8)).astype(np.float32)
+    held_out = np.random.default_rng(1).standard_normal((120, 1, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", frames=frames)
+    np.savez(tmp_path / "eval.npz", frames=held_out)
+    out = tmp_path / "kws.ewb"
+    r = _convert(model, "--calibration", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                 "--state", "h=h_out", "--allow-worse", "--key", assets.key, "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    report = json.loads(r.stdout)
+    assert report["state"] == {"h": "h_out"} and report["graph"]["ops"].get("QuantizeLinear", 0) >= 2
+
+    engine, loaded, selftest = _engine(tmp_path, out, assets.pub)
+    assert selftest["samples"] == 1 and selftest["max_abs_err"] <= selftest["atol"]
+    shipped = tmp_path / "store" / "models" / "kws" / "v1" / "model.onnx"
+    with np.load(shipped.with_name("reference.npz")) as ref:
+        assert np.abs(ref["input.h"]).max() > 0.1  # the self-test's step starts from a state the stream reached
+    want, got = _stream(model, held_out, 64), _stream(shipped, held_out, 64)
+    error, span = float(np.abs(got - want).max()), float(want.max() - want.min())
+    assert error < 0.04 * span
+    assert report["quality"]["max_abs_err"] == pytest.approx(error, abs=1e-4)  # the report measured the stream
+    # the board's stream gives what the host measured, sample by sample. The board runs the whole
+    # request in one call (time is this model's first axis); the float RNN then differs in the
+    # last bits, which can move a quantized score by one step of its grid, never more
+    import onnx
+
+    step = float(onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(shipped)).graph.initializer if t.name == "scores_scale")))
+    served = engine.infer_arrays("kws", {"frames": held_out}, stream="s")[1]["scores"]
+    assert np.abs(served - got).max() <= 1.01 * step and np.mean(served != got) < 0.1
+    one_by_one = np.concatenate([engine.infer_arrays("kws", {"frames": held_out[i:i + 1]}, stream="t")[1]["scores"]
+                                 for i in range(len(held_out))])
+    np.testing.assert_allclose(one_by_one, got, rtol=0, atol=1e-6)
+    engine.close()
+
+
+def test_calibration_feeds_each_sample_the_state_the_fp32_model_reached(tmp_path):
+    """Static INT8 calibrates on the states a stream really passes through, not on zeros."""
+    from converters.stateful import steps
+
+    model = zoo.build_stateful_rnn(tmp_path / "kws.onnx", hidden=16)
+    frames = np.random.default_rng(2).standard_normal((12, 1, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    fed = steps(StreamSession(sess, {"h": "h_out"}, {"h": np.zeros((1, 1, 16), np.float32)}), {"frames": frames})
+    assert len(fed) == 12 and not fed[0]["h"].any()
+    h = np.zeros((1, 1, 16), np.float32)
+    for i, feed in enumerate(fed):
+        np.testing.assert_array_equal(feed["frames"], frames[i:i + 1])
+        np.testing.assert_allclose(feed["h"], h, rtol=0, atol=1e-6)
+        _, h = sess.run(None, {"frames": frames[i:i + 1], "h": h})
+    assert np.abs(fed[-1]["h"]).max() > 0.1
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--state", "hidden=h_out"], "the model has no input 'hidden'"),
+    (["--state", "h=h_next"], "the model has no output 'h_next'"),
+    (["--state", "h=h_out", "--state", "frames=h_out"], "names one output for two inputs"),
+    (["--state", "h"], "expected NAME=VALUE"),
+    (["--state", "h=h_out", "--format", "tflite"], "converts to ONNX only"),
+    (["--fix-input", "frames=1"], "input 'frames' has dynamic axes"),
+    (["--fix-input", "rate=16000"], "the model has no input 'rate'"),
+])
+def test_bad_state_and_fixed_inputs_give_one_line_and_leave_no_file(tmp_path, flags, fragment):
+    model = zoo.build_stateful_rnn(tmp_path / "kws.onnx")
+    np.savez(tmp_path / "calib.npz", frames=np.zeros((20, 1, 8), np.float32))
+    out = tmp_path / "out.ewb"
+    r = _convert(model, "--calibration", tmp_path / "calib.npz", "--precision", "fp32", *flags, "-o", out)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeward convert: error:"), r.stderr
+    assert fragment in lines[0]
+    assert not out.exists()
+
+
+def test_a_fixed_input_takes_the_inputs_dtype_and_refuses_what_does_not_fit(tmp_path):
+    import onnx
+
+    from agent.errors import ConversionError
+    from converters.onnx_graph import fix_inputs
+
+    model = onnx.load(_silero("silero_vad.onnx"))
+    fix_inputs(model, {"sr": "16000"})
+    assert "sr" not in [i.name for i in model.graph.input]
+    (sr,) = [t for t in model.graph.initializer if t.name == "sr"]
+    assert onnx.numpy_helper.to_array(sr).dtype == np.int64 and int(onnx.numpy_helper.to_array(sr)) == 16000
+    with pytest.raises(ConversionError, match="not a int64 value"):
+        fix_inputs(onnx.load(_silero("silero_vad.onnx")), {"sr": "16 kHz"})
