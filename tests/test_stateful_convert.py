@@ -76,21 +76,29 @@ def _engine(tmp_path, bundle, pub):
     return engine, model, selftest
 
 
-@pytest.mark.parametrize("source, flags", [
-    ("silero_vad.onnx", ["--fix-input", "sr=16000"]),  # the package's default: input [N, T], state, sr
-    ("silero_vad_openvino_16k.onnx", []),              # a batch fixed at 1: input [1, 576], state [2, 1, 128]
+SILERO_STATE = {"state": "stateN"}
+
+
+@pytest.mark.parametrize("source, flags, state", [
+    # the package's default: input [N, T], state [2, N, 128], sr; one window per call, stepped
+    ("silero_vad.onnx", ["--fix-input", "sr=16000"], SILERO_STATE),
+    # a batch fixed at 1: input [1, 576], state [2, 1, 128]; stepped too
+    ("silero_vad_openvino_16k.onnx", [], SILERO_STATE),
+    # windows on the first axis and two LSTM states [1, 1, 128]: a whole request in one call
+    ("silero_vad_16k_sequence.onnx", [], {"h": "hn", "c": "cn"}),
 ])
-def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags):
+def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags, state):
     audio, other = _voice_like(4.0, 0), _voice_like(4.0, 1)
     np.savez(tmp_path / "windows.npz", input=_windows(audio))
     out = tmp_path / "vad.ewb"
+    declared = [f for i, o in state.items() for f in ("--state", f"{i}={o}")]
     r = _convert(_silero(source), "--calibration", tmp_path / "windows.npz", "--precision", "fp32",
-                 "--state", "state=stateN", *flags, "--name", "vad", "--key", assets.key, "-o", out)
+                 *declared, *flags, "--name", "vad", "--key", assets.key, "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "state: state <- stateN" in r.stdout
+    assert "state: " + ", ".join(f"{i} <- {o}" for i, o in state.items()) in r.stdout
     m = open_bundle(out, [load_public_key(assets.pub)]).manifest
-    assert m.state == {"state": "stateN"}
-    assert [s.name for s in m.inputs] == ["input", "state"]  # sr is a constant in the shipped model
+    assert m.state == state
+    assert sorted(s.name for s in m.inputs) == sorted(["input", *state])  # sr is a constant in the shipped model
     assert m.quality["max_abs_err"] == 0 and m.quality["output_range"] > 0.3  # measured as one stream
 
     engine, model, selftest = _engine(tmp_path, out, assets.pub)
@@ -99,7 +107,9 @@ def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, as
     want = _wrapper_probabilities(audio)
     assert want.max() > 0.3 and want.min() < 0.05  # speech and silence both occur: the state matters
     windows, others = _windows(audio), _windows(other)
-    run = lambda stream, rows: engine.infer_arrays("vad", {"input": rows}, stream=stream)[1]["output"]  # noqa: E731
+    def run(stream: str, rows: np.ndarray) -> np.ndarray:
+        (probabilities,) = engine.infer_arrays("vad", {"input": rows}, stream=stream)[1].values()
+        return probabilities
 
     whole = run("mic-0", windows).reshape(-1)  # many windows in one request: stepped in order in the worker
     np.testing.assert_allclose(whole, want, rtol=0, atol=1e-5)
