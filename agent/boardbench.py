@@ -2,8 +2,8 @@
 
 The converter's report times a model on the workstation; what a user flashing a board wants
 to know is how it does there, in the runtime and serving mode the agent gives it, with the
-local API in between. This sends 1-row requests of random data of the model's input shapes
-through agent.client.LocalClient (the path a local app takes) for a few seconds at each
+local API in between. This sends 1-row requests (a sample of the bundle's self-test data, or
+random data of the model's input shapes) through agent.client.LocalClient (the path a local app takes) for a few seconds at each
 number of concurrent callers, and prints rows/s and latency percentiles per step, so the
 gain of a batched mode under load, or the cost of a second caller, can be read off.
 A stateful model gets one stream per caller (reset afterwards). With `--image photo.jpg`
@@ -46,6 +46,24 @@ def random_inputs(specs: list[dict], rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
+def sample_inputs(info: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One sample of what callers send: from the bundle's self-test reference beside the installed
+    model where this process can read it (real shapes and values: a model with other dynamic
+    axes, audio windows of any length say, fails on made-up ones), random data otherwise."""
+    from .bundle import REFERENCE
+
+    ref = os.path.join(os.path.dirname(info["file"]), REFERENCE) if info.get("file") else None
+    if ref and os.access(ref, os.R_OK):
+        from . import reference
+
+        try:
+            fed, _ = reference.load(ref, [s["name"] for s in info["inputs"]], info["name"])
+            return {k: v[:1] if np.ndim(v) else v for k, v in fed.items()}
+        except EdgewardError:  # an unusable reference: the model's own self-test says so elsewhere
+            pass
+    return random_inputs(info["inputs"], rng)
+
+
 def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare: bool = False,
           image: bytes | None = None) -> dict:
     """{"model", "version", "mode", "steps": [{"clients", "requests", "errors", "rows_per_s", "p50_ms", ...}]},
@@ -65,7 +83,7 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
         _check_readable(info)
     stateful = info["mode"] == "stateful"
     rng = np.random.default_rng(0)
-    feeds = random_inputs(info["inputs"], rng)
+    feeds = sample_inputs(info, rng)
     steps = []
     with LocalClient(socket_path) as client:
         if image is not None:

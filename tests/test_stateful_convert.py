@@ -226,3 +226,37 @@ def test_a_fixed_input_takes_the_inputs_dtype_and_refuses_what_does_not_fit(tmp_
     assert onnx.numpy_helper.to_array(sr).dtype == np.int64 and int(onnx.numpy_helper.to_array(sr)) == 16000
     with pytest.raises(ConversionError, match="not a int64 value"):
         fix_inputs(onnx.load(_silero("silero_vad.onnx")), {"sr": "16 kHz"})
+
+
+def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, assets):
+    """Silero VAD takes windows of any length ([N, T]): made-up 1x1 rows fail in its STFT. The
+    board's benchmark sends a sample of the bundle's own self-test data instead."""
+    import json
+
+    from agent.client import LocalClient
+    from mqttkit import RunningAgent, wait_for
+
+    np.savez(tmp_path / "windows.npz", input=_windows(_voice_like(2.0, 0)))
+    bundle = tmp_path / "vad.ewb"
+    r = _convert(_silero("silero_vad.onnx"), "--calibration", tmp_path / "windows.npz", "--precision", "fp32",
+                 "--fix-input", "sr=16000", "--state", "state=stateN", "--name", "vad", "--key", assets.key,
+                 "-o", bundle)
+    assert r.returncode == 0, r.stderr
+    store = tmp_path / "store"
+    ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-vad", "store.path": str(store),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0},
+                      install=[bundle])
+    try:
+        wait_for(lambda: (store / "agent.sock").exists(), what="local API socket")
+        with LocalClient(str(store / "agent.sock")) as client:
+            (model,) = client.models()
+        assert model["mode"] == "stateful" and model["inputs"][0]["shape"] == [-1, -1]
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--socket", str(store / "agent.sock"),
+                            "--model", "vad", "--clients", "1,2", "--seconds", "0.5", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        steps = json.loads(r.stdout)["steps"]
+        assert [s["clients"] for s in steps] == [1, 2]
+        assert all(s["errors"] == 0 and s["requests"] > 10 for s in steps), steps
+    finally:
+        ra.stop()
