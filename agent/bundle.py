@@ -91,6 +91,9 @@ class Manifest:
     sparsity: float = 0.0
     # recurrent state: input name -> the output that carries it to the next call (stateful streams)
     state: dict[str, str] = field(default_factory=dict)
+    # audio context: input name -> how many samples of a stream's last input the worker puts in
+    # front of the next one, along the last axis (windows that overlap, as Silero VAD's do)
+    context: dict[str, int] = field(default_factory=dict)
     description: str = ""
     created: str = ""
     producer: str = ""
@@ -98,8 +101,9 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         d = to_dict(self)
-        if not d["state"]:
-            del d["state"]  # stateless models stay readable by agents that predate stateful streams
+        for key in ("state", "context"):
+            if not d[key]:
+                del d[key]  # models without them stay readable by agents that predate them
         return json.dumps(d, indent=2, sort_keys=True).encode() + b"\n"
 
 
@@ -115,6 +119,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         manifest = from_dict(Manifest, data)
     except SchemaError as exc:
         raise BundleError(f"manifest.json: {exc}") from exc
+    _check_streams(manifest)
     names = [manifest.model_file, REFERENCE]
     for name in names + list(manifest.files):
         if not MEMBER_NAME.fullmatch(name) or name in (MANIFEST, SIGNATURE):
@@ -123,6 +128,20 @@ def parse_manifest(raw: bytes) -> Manifest:
         if name not in manifest.files:
             raise BundleError(f"manifest does not list {name!r} under files")
     return manifest
+
+
+def _check_streams(m: Manifest) -> None:
+    """What a stateful model declares names its own inputs and outputs."""
+    inputs, outputs = {s.name: s for s in m.inputs}, {s.name for s in m.outputs}
+    for i, o in m.state.items():
+        if i not in inputs or o not in outputs:
+            raise BundleError(f"manifest.json: state {i!r} <- {o!r} names no input or output of the model")
+    for name, samples in m.context.items():
+        if not m.state:
+            raise BundleError("manifest.json: context is carried on a stateful model's streams; it declares no state")
+        if name not in inputs or name in m.state or not isinstance(samples, int) or samples < 1 \
+                or not inputs[name].shape or 0 < inputs[name].shape[-1] <= samples:
+            raise BundleError(f"manifest.json: context {name!r}: {samples!r} is not a number of samples of an input")
 
 
 # ---------------------------------------------------------------- writing

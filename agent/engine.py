@@ -57,11 +57,13 @@ def one_sample_per_call(manifest: Manifest) -> bool:
 
 def request_specs(manifest: Manifest) -> list[TensorSpec]:
     """What callers send: the inputs but the recurrent state, which stays in the worker. A stateful
-    model that takes one sample per call takes any number of them per request."""
+    model that takes one sample per call takes any number of them per request; an input with
+    context (agent/streams.py) takes only the new samples of each window."""
     specs = [s for s in manifest.inputs if s.name not in manifest.state]
     if one_sample_per_call(manifest):
         specs = [replace(s, shape=[-1, *s.shape[1:]]) if s.shape else s for s in specs]
-    return specs
+    return [replace(s, shape=[*s.shape[:-1], s.shape[-1] - manifest.context[s.name]])
+            if s.name in manifest.context and s.shape[-1] > 0 else s for s in specs]
 
 
 class LoadedModel:
@@ -361,7 +363,8 @@ class Engine:
         load = {"op": "load", "runtime": manifest.runtime, "path": path, "threads": self.threads,
                 "providers": self.providers, "copies": copies}
         if manifest.state:  # the worker keeps each stream's state (agent/streams.py)
-            load.update(state=manifest.state, max_streams=serving.max_streams, by_row=one_sample_per_call(manifest),
+            load.update(state=manifest.state, context=manifest.context, max_streams=serving.max_streams,
+                        by_row=one_sample_per_call(manifest),
                         state_specs=[{"name": s.name, "dtype": s.dtype, "shape": s.shape}
                                      for s in manifest.inputs if s.name in manifest.state])
 

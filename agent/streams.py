@@ -52,21 +52,57 @@ def runs_row_by_row(request_specs: list, state_specs: list) -> bool:
     return any(-1 in s.shape for s in state_specs) or (bool(first) and first[0] == 1)
 
 
+def with_context(feeds: list[Tensor], context: dict[str, int], tails: dict) -> list[Tensor]:
+    """The request's rows as the model's windows: each row of a context input gets the last
+    `k` samples of the window before it in front, along the last axis (the stream's last
+    window's for the first row, zeros for a new stream), as Silero VAD's own wrapper builds
+    them. `tails` moves on to this request's last window."""
+    if not context:
+        return feeds
+    import numpy as np
+
+    from .tensors import from_numpy
+
+    out = []
+    for t in feeds:
+        k = context.get(t.name)
+        if k is None:
+            out.append(t)
+            continue
+        x = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
+        if not x.ndim or not len(x):
+            out.append(t)  # nothing to put a context in front of: the model's own check answers
+            continue
+        prev = tails.get(t.name)
+        if prev is None or prev.shape != (*x.shape[1:-1], k):
+            prev = np.zeros((*x.shape[1:-1], k), x.dtype)
+        windows = []
+        for row in x:
+            windows.append(np.concatenate([prev, row], axis=-1))
+            prev = windows[-1][..., -k:]
+        tails[t.name] = prev
+        out.append(from_numpy(t.name, np.stack(windows)))
+    return out
+
+
 class _Stream:
     def __init__(self, state: list[Tensor]):
         self.lock = threading.Lock()
         self.state = state
+        self.tails: dict = {}  # input name -> the last samples of its last window (context)
 
 
 class Streams:
     def __init__(self, state: dict[str, str], specs: list, execute: Callable[[list[Tensor]], list[Tensor]],
-                 max_streams: int, by_row: bool = False):
+                 max_streams: int, by_row: bool = False, context: dict[str, int] | None = None):
         """`state`: input name -> the output that carries it to the next call; `specs`: the
         state inputs' specs (name, dtype, shape), whose zeros start a stream; `by_row`: the
-        model takes one sample per call (runs_row_by_row)."""
+        model takes one sample per call (runs_row_by_row); `context`: input name -> how many
+        samples of each window go in front of the next one (with_context)."""
         self._execute = execute
         self._max = max_streams
         self._by_row = by_row
+        self._context = context or {}
         self._input_of = {o: i for i, o in state.items()}  # output -> input
         self._initial = [zeros(s.name, s.dtype, s.shape) for s in specs if s.name in state]
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
@@ -85,10 +121,12 @@ class Streams:
 
     def run(self, stream_id: str | None, feeds: list[Tensor]) -> list[Tensor]:
         if stream_id is None:
-            return self._steps(feeds, self._initial)[0]
+            return self._steps(with_context(feeds, self._context, {}), self._initial)[0]
         s = self._get(stream_id)
-        with s.lock:
-            out, s.state = self._steps(feeds, s.state)
+        with s.lock:  # a request that fails leaves its stream as it was
+            tails = dict(s.tails)
+            out, state = self._steps(with_context(feeds, self._context, tails), s.state)
+            s.state, s.tails = state, tails
         return out
 
     def _steps(self, feeds: list[Tensor], state: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

@@ -64,7 +64,7 @@ class Worker:
 
             specs = [InputSpec(s["name"], s["dtype"], list(s["shape"])) for s in h["state_specs"]]
             self.streams = Streams(h["state"], specs, self.run_tensors, int(h.get("max_streams", 1024)),
-                                   by_row=bool(h.get("by_row")))
+                                   by_row=bool(h.get("by_row")), context=h.get("context") or {})
         return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb(),
                 "providers": getattr(self.runtime, "providers", None)}, []
 

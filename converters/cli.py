@@ -32,8 +32,8 @@ examples:
   edgeward convert model.keras --calibration calib.npz --tflite-io int8 -o net.ewb       # INT8 TFLite
   edgeward convert model.pt2 --calibration calib.npz --prune-channels 0.25 --format tflite -o small.ewb
   edgeward convert mobilenet.onnx --calibration photos/ --eval val/ --preprocess imagenet -o cam.ewb
-  edgeward convert silero_vad.onnx --calibration windows.npz --precision fp32 \
-      --fix-input sr=16000 --state state=stateN -o vad.ewb       # per-stream state on the board
+  edgeward convert silero_vad.onnx --calibration chunks.npz --precision fp32 --fix-input sr=16000 \
+      --state state=stateN --context input=64 -o vad.ewb     # per-stream state on the board
 
 sources, the layers each format maps, install sizes: docs/CONVERTER.md
 """
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recurrent state (voice activity detection, keyword spotting): on the board each stream "
                         "feeds input IN what output OUT returned on its last call, zeros at first; the data's "
                         "samples are then one stream, in order (repeatable; ONNX only)")
+    p.add_argument("--context", action="append", default=[], metavar="NAME=K",
+                   help="audio windows that overlap: on the board each stream puts the last K samples of its "
+                        "last window in front of the next one, along input NAME's last axis, so callers send "
+                        "only new samples (Silero VAD: --context input=64); needs --state (repeatable)")
     p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
                    help="make an input of fixed shape a constant, e.g. a sample rate: --fix-input sr=16000; "
                         "callers then leave it out (repeatable; ONNX sources)")
@@ -155,6 +159,10 @@ def render_report(r: dict) -> str:
     if r.get("state"):
         lines.append("state: " + ", ".join(f"{i} <- {o}" for i, o in r["state"].items()) +
                      " (kept per stream on the board; the data's samples were measured as one stream, in order)")
+    if r.get("context"):
+        lines.append("context: " + ", ".join(f"{k} gets the last {n} samples of its last window in front"
+                                             for k, n in r["context"].items()) +
+                     " (on the board, per stream: callers send only new samples)")
     if r.get("fixed_inputs"):
         lines.append("fixed inputs: " + ", ".join(f"{k} = {v}" for k, v in r["fixed_inputs"].items()) +
                      " (constants in the shipped model: callers leave them out)")
@@ -204,7 +212,8 @@ def _options(args: argparse.Namespace):
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
                           full_range_weights=args.full_range_weights, preprocess=args.preprocess,
                           max_images=args.max_images, state=parse_pairs(args.state, "--state", "h=h_out"),
-                          fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"))
+                          fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"),
+                          context=parse_pairs(args.context, "--context", "input=64"))
 
 
 def _convert(args: argparse.Namespace, opts) -> dict:
@@ -213,8 +222,8 @@ def _convert(args: argparse.Namespace, opts) -> dict:
     from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 
     common = dict(key_path=args.key, evaluation=args.eval, options=opts, progress=None if args.json else _progress)
-    if (opts.state or opts.fixed_inputs) and not args.model.endswith(".onnx"):
-        raise EdgewardError("--state and --fix-input work on ONNX files",
+    if (opts.state or opts.fixed_inputs or opts.context) and not args.model.endswith(".onnx"):
+        raise EdgewardError("--state, --context and --fix-input work on ONNX files",
                             "export the model to ONNX first (torch.onnx.export, tf2onnx) and convert the .onnx file")
     if args.model.endswith(".tflite"):
         from .from_tflite import convert_tflite

@@ -61,6 +61,7 @@ class ConvertOptions:
     max_images: int | None = None    # images read from a folder (default: 512 to calibrate, 1000 to evaluate)
     state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
     fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
+    context: dict[str, int] = field(default_factory=dict)       # samples of a window carried into the next
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -129,7 +130,9 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         inputs, outputs = describe(model)
         if opts.state:
             check_state(opts.state, inputs, outputs)
-        calib, evalset = load_data(calibration, evaluation, [s for s in inputs if s.name not in opts.state], opts, say)
+        opts.context = stateful.check_context(opts.context, opts.state, inputs)
+        calib, evalset = load_data(calibration, evaluation, stateful.data_specs(inputs, opts.state, opts.context),
+                                   opts, say)
         source = _named_copy(model_path, work / "named.onnx")
         pruning, channels = None, None
         if opts.prune_channels:
@@ -184,7 +187,7 @@ def as_stream(session, opts: ConvertOptions, inputs: list):
     """A stateful model's session runs the samples as one stream (converters/stateful.py)."""
     if not opts.state:
         return session
-    return stateful.StreamSession(session, opts.state, stateful.zero_state(inputs, opts.state))
+    return stateful.StreamSession(session, opts.state, stateful.zero_state(inputs, opts.state), opts.context)
 
 
 def load_data(calibration, evaluation, inputs, opts: ConvertOptions, say: Progress):
@@ -272,7 +275,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     fp32_raw = target.fp32_session(opts.threads)
     latency = measure.latency_ms({"fp32": as_stream(fp32_raw, opts, q_inputs), "int8": int8}, sample)
     say("measuring memory", 2, 3)
-    memory = target.memory({**sample, **stateful.zero_state(q_inputs, opts.state)}, opts.threads)
+    memory = target.memory(stateful.steps(int8, sample)[0] if opts.state else sample, opts.threads)
     say("measuring memory", 3, 3)
 
     first_out = next(s.name for s in q_outputs if s.name not in opts.state.values())
@@ -317,6 +320,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     manifest = Manifest(
         name=name, version=opts.version, format=target.format, model_file=model_file, runtime=target.runtime,
         precision=opts.precision, inputs=q_inputs, outputs=q_outputs, state=dict(opts.state),
+        context=dict(opts.context),
         memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
                           measured_on=memory["measured_on"]),
         selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
@@ -347,5 +351,5 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
             "data": {"calibration": calib.source, "evaluation": evalset.source},
-            "preprocessing": manifest.preprocessing, "state": dict(opts.state),
+            "preprocessing": manifest.preprocessing, "state": dict(opts.state), "context": dict(opts.context),
             "fixed_inputs": dict(opts.fixed_inputs)}

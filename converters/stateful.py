@@ -58,6 +58,40 @@ def check_state(state: dict[str, str], inputs: list[TensorSpec], outputs: list[T
                               "declare only the recurrent outputs as state")
 
 
+def check_context(context: dict[str, str | int], state: dict[str, str], inputs: list[TensorSpec]) -> dict[str, int]:
+    """`--context NAME=K` as samples per input: an input callers send, whose last axis (when
+    fixed) is longer than K, on a model that keeps state (the context is carried per stream)."""
+    if context and not state:
+        raise ConversionError("--context carries samples from one call of a stream to the next",
+                              "declare the model's recurrent state with --state IN=OUT as well")
+    ins, out = {s.name: s for s in inputs}, {}
+    for name, text in context.items():
+        text = str(text)
+        spec = ins.get(name)
+        if spec is None or name in state:
+            callers = [s.name for s in inputs if s.name not in state]
+            raise ConversionError(f"--context {name}={text}: {name!r} is not an input callers send",
+                                  f"name one of: {', '.join(callers)}")
+        if not text.isdigit() or int(text) < 1:
+            raise ConversionError(f"--context {name}={text}: give a number of samples, e.g. {name}=64")
+        k = int(text)
+        if len(spec.shape) < 2 or any(d < 0 for d in spec.shape[1:-1]) or 0 < spec.shape[-1] <= k:
+            raise ConversionError(f"--context {name}={k}: input {name!r} is {spec.shape}",
+                                  "context goes in front of the last axis of a [samples, ..., time] input "
+                                  "longer than it")
+        out[name] = k
+    return out
+
+
+def data_specs(inputs: list[TensorSpec], state: dict[str, str], context: dict[str, int]) -> list[TensorSpec]:
+    """What the data files hold: the inputs callers send, as they send them (the new samples of
+    each window only, for an input with context)."""
+    from dataclasses import replace
+
+    return [replace(s, shape=[*s.shape[:-1], s.shape[-1] - context[s.name]])
+            if s.name in context and s.shape[-1] > 0 else s for s in inputs if s.name not in state]
+
+
 def zero_state(specs: list[TensorSpec], state: dict[str, str]) -> dict[str, np.ndarray]:
     """A new stream's state: zeros, dynamic axes taken as 1 (one stream), as the board starts it."""
     return {s.name: np.zeros([1 if d < 0 else d for d in s.shape], s.dtype) for s in specs if s.name in state}
@@ -74,12 +108,13 @@ class StreamSession:
     it left. It has the few calls of onnxruntime's session that the measurements use, shows only
     what callers send and get back, and keeps the state across calls until `reset()`."""
 
-    def __init__(self, session, state: dict[str, str], initial: dict[str, np.ndarray]):
-        self.session, self.state, self.initial = session, state, initial
+    def __init__(self, session, state: dict[str, str], initial: dict[str, np.ndarray],
+                 context: dict[str, int] | None = None):
+        self.session, self.state, self.initial, self.context = session, state, initial, context or {}
         self._in = [_Arg(a, True) for a in session.get_inputs() if a.name not in state]
         self._out = [_Arg(a, False) for a in session.get_outputs() if a.name not in state.values()]
         self._all_out = [a.name for a in session.get_outputs()]
-        self.current = dict(initial)
+        self.current, self.tails = dict(initial), {}
 
     def get_inputs(self):
         return self._in
@@ -88,12 +123,25 @@ class StreamSession:
         return self._out
 
     def reset(self) -> None:
-        self.current = dict(self.initial)
+        self.current, self.tails = dict(self.initial), {}
+
+    def feed(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's whole feed for one sample: the last window's end in front of an input
+        with context (as the board's worker puts it, agent/streams.py), the state beside."""
+        row = dict(row)
+        for name, k in self.context.items():
+            prev = self.tails.get(name)
+            if prev is None:
+                prev = np.zeros((*row[name].shape[:-1], k), row[name].dtype)
+            row[name] = np.concatenate([prev, row[name]], axis=-1)
+        return {**row, **self.current}
 
     def step(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One sample (a first axis of 1) on the current state; the state moves on."""
-        out = dict(zip(self._all_out, self.session.run(self._all_out, {**row, **self.current})))
+        fed = self.feed(row)
+        out = dict(zip(self._all_out, self.session.run(self._all_out, fed)))
         self.current = {i: out[o] for i, o in self.state.items()}
+        self.tails = {name: fed[name][..., -k:] for name, k in self.context.items()}
         return out
 
     def run(self, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -111,6 +159,6 @@ def steps(session: StreamSession, inputs: dict[str, np.ndarray]) -> list[dict[st
     fed = []
     for i in range(n):
         row = {k: v[i:i + 1] for k, v in inputs.items()}
-        fed.append({**row, **session.current})
+        fed.append(session.feed(row))
         session.step(row)
     return fed

@@ -79,34 +79,44 @@ def _engine(tmp_path, bundle, pub):
 SILERO_STATE = {"state": "stateN"}
 
 
-@pytest.mark.parametrize("source, flags, state", [
+@pytest.mark.parametrize("source, flags, state, context", [
     # the package's default: input [N, T], state [2, N, 128], sr; one window per call, stepped
-    ("silero_vad.onnx", ["--fix-input", "sr=16000"], SILERO_STATE),
+    ("silero_vad.onnx", ["--fix-input", "sr=16000"], SILERO_STATE, True),
+    # the same, the client building the 576-sample windows itself
+    ("silero_vad.onnx", ["--fix-input", "sr=16000"], SILERO_STATE, False),
     # a batch fixed at 1: input [1, 576], state [2, 1, 128]; stepped too
-    ("silero_vad_openvino_16k.onnx", [], SILERO_STATE),
+    ("silero_vad_openvino_16k.onnx", [], SILERO_STATE, True),
     # windows on the first axis and two LSTM states [1, 1, 128]: a whole request in one call
-    ("silero_vad_16k_sequence.onnx", [], {"h": "hn", "c": "cn"}),
+    ("silero_vad_16k_sequence.onnx", [], {"h": "hn", "c": "cn"}, True),
 ])
-def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags, state):
+def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags, state,
+                                                                     context):
+    """With `--context input=64` a microphone sends 512 new samples per window, as Silero's
+    wrapper takes them, and the worker puts the last window's 64 in front; without it the
+    client sends the 576-sample windows."""
     audio, other = _voice_like(4.0, 0), _voice_like(4.0, 1)
-    np.savez(tmp_path / "windows.npz", input=_windows(audio))
+    rows = (lambda a: _windows(a)[:, CONTEXT:]) if context else _windows  # what the microphone sends
+    np.savez(tmp_path / "data.npz", input=rows(audio))
     out = tmp_path / "vad.ewb"
     declared = [f for i, o in state.items() for f in ("--state", f"{i}={o}")]
-    r = _convert(_silero(source), "--calibration", tmp_path / "windows.npz", "--precision", "fp32",
-                 *declared, *flags, "--name", "vad", "--key", assets.key, "-o", out)
+    r = _convert(_silero(source), "--calibration", tmp_path / "data.npz", "--precision", "fp32",
+                 *declared, *flags, *(["--context", "input=64"] if context else []),
+                 "--name", "vad", "--key", assets.key, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "state: " + ", ".join(f"{i} <- {o}" for i, o in state.items()) in r.stdout
     m = open_bundle(out, [load_public_key(assets.pub)]).manifest
-    assert m.state == state
+    assert m.state == state and m.context == ({"input": CONTEXT} if context else {})
     assert sorted(s.name for s in m.inputs) == sorted(["input", *state])  # sr is a constant in the shipped model
     assert m.quality["max_abs_err"] == 0 and m.quality["output_range"] > 0.3  # measured as one stream
 
     engine, model, selftest = _engine(tmp_path, out, assets.pub)
     assert selftest["max_abs_err"] <= selftest["atol"]
     assert [s.name for s in model.request_inputs] == ["input"] and model.request_inputs[0].shape[0] == -1
+    if context and m.inputs[0].shape[-1] > 0:
+        assert model.request_inputs[0].shape == [-1, WINDOW]  # callers send the new samples only
     want = _wrapper_probabilities(audio)
     assert want.max() > 0.3 and want.min() < 0.05  # speech and silence both occur: the state matters
-    windows, others = _windows(audio), _windows(other)
+    windows, others = rows(audio), rows(other)
     def run(stream: str, rows: np.ndarray) -> np.ndarray:
         (probabilities,) = engine.infer_arrays("vad", {"input": rows}, stream=stream)[1].values()
         return probabilities
@@ -198,6 +208,10 @@ def test_calibration_feeds_each_sample_the_state_the_fp32_model_reached(tmp_path
     (["--state", "h=h_out", "--state", "frames=h_out"], "names one output for two inputs"),
     (["--state", "h"], "expected NAME=VALUE"),
     (["--state", "h=h_out", "--format", "tflite"], "converts to ONNX only"),
+    (["--context", "frames=2"], "declare the model's recurrent state with --state IN=OUT as well"),
+    (["--state", "h=h_out", "--context", "h=2"], "'h' is not an input callers send"),
+    (["--state", "h=h_out", "--context", "frames=two"], "give a number of samples"),
+    (["--state", "h=h_out", "--context", "frames=8"], "input 'frames' is [-1, 1, 8]"),
     (["--fix-input", "frames=1"], "input 'frames' has dynamic axes"),
     (["--fix-input", "rate=16000"], "the model has no input 'rate'"),
 ])
@@ -259,4 +273,73 @@ def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, a
         assert [s["clients"] for s in steps] == [1, 2]
         assert all(s["errors"] == 0 and s["requests"] > 10 for s in steps), steps
     finally:
+        ra.stop()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (dict(context={"input": 64}), "context is carried on a stateful model's streams"),
+    (dict(state={"state": "stateN"}, context={"sr": 64}), "context 'sr'"),
+    (dict(state={"state": "stateN"}, context={"input": 576}), "context 'input'"),
+    (dict(state={"state": "next"}), "state 'state' <- 'next' names no input or output"),
+])
+def test_a_manifest_whose_streams_name_nothing_real_is_refused(edit, fragment):
+    """A bundle is checked before anything runs: an agent must not serve such a stream wrongly."""
+    from agent.bundle import Manifest, TensorSpec, parse_manifest
+    from agent.errors import BundleError
+
+    m = Manifest(name="vad", version=1, format="onnx", model_file="model.onnx", runtime="onnxruntime",
+                 inputs=[TensorSpec("input", "float32", [-1, 576]), TensorSpec("state", "float32", [2, 1, 128]),
+                         TensorSpec("sr", "int64", [])],
+                 outputs=[TensorSpec("output", "float32", [-1, 1]), TensorSpec("stateN", "float32", [2, 1, 128])],
+                 **edit)
+    with pytest.raises(BundleError, match=fragment):
+        parse_manifest(m.to_bytes())
+
+
+@pytest.mark.integration
+def test_two_microphones_publish_raw_audio_over_mqtt_and_get_silero_s_answers(broker, assets, tmp_path):
+    """The whole path a user builds: Silero VAD from its package converted with --context, a
+    real agent and Mosquitto, and two microcontrollers that publish their 512-sample buffers
+    as raw little-endian float32 to mic/<room>/audio, interleaved. Each topic is a stream
+    (stream_from_topic); each room's answers are what Silero's wrapper gives on its audio."""
+    import json
+
+    from mqttkit import RawClient, RunningAgent, wait_for
+
+    rooms = {"kitchen": _voice_like(2.0, 0), "hall": _voice_like(2.0, 1)}
+    chunks = {room: _windows(audio)[:, CONTEXT:] for room, audio in rooms.items()}
+    np.savez(tmp_path / "chunks.npz", input=chunks["kitchen"])
+    bundle = tmp_path / "vad.ewb"
+    r = _convert(_silero("silero_vad_openvino_16k.onnx"), "--calibration", tmp_path / "chunks.npz",
+                 "--precision", "fp32", "--state", "state=stateN", "--context", "input=64", "--name", "vad",
+                 "--key", assets.key, "-o", bundle)
+    assert r.returncode == 0, r.stderr
+    ra = RunningAgent({"mqtt.url": broker.url, "device.id": "pi-mics", "store.path": str(tmp_path / "store"),
+                       "trust.keys": [str(assets.pub)], "memory.budget_mb": 4096, "memory.reserve_mb": 0,
+                       "pipelines": [{"input_topic": f"mic/{room}/audio", "model": "vad",
+                                      "output_topic": f"results/{room}", "format": "raw", "stream_from_topic": True}
+                                     for room in rooms]},
+                      install=[bundle])
+    raw = RawClient(broker.port)
+    try:
+        wait_for(ra.agent.connected.is_set, what="agent connected")
+        raw.subscribe("results/#")
+        n = len(chunks["kitchen"])
+        for i in range(n):  # interleaved, one buffer per message, as the microphones fill them
+            for room in rooms:
+                raw.publish(f"mic/{room}/audio", chunks[room][i].astype("<f4").tobytes())
+        got: dict = {room: [] for room in rooms}
+
+        def all_answered() -> bool:
+            for m in raw.collect(lambda t: t.startswith("results/"), 0.2):
+                got[m.topic.split("/")[1]].append(json.loads(m.payload))
+            return all(len(v) >= n for v in got.values())
+
+        wait_for(all_answered, what=f"{n} answers per room")
+        for room, audio in rooms.items():
+            assert all(a["status"] == "ok" for a in got[room]), got[room][0]
+            probabilities = np.array([a["outputs"]["output"] for a in got[room]], np.float32).reshape(-1)
+            np.testing.assert_allclose(probabilities, _wrapper_probabilities(audio), rtol=0, atol=1e-5)
+    finally:
+        raw.close()
         ra.stop()
