@@ -48,9 +48,11 @@ def noise(shape):  # uniform [0, 1) from os.urandom: numpy.random would add 6.5 
 given = dict(np.load(a["inputs"])) if a.get("inputs") else {}
 
 def value(name, pos, shape, dtype, rows):
-    shape = [rows if i == 0 and not (isinstance(d, int) and d > 0) else (d if isinstance(d, int) and d > 0 else 1)
-             for i, d in enumerate(shape)] or [1]
     x = given.get(name, list(given.values())[pos] if pos < len(given) else None)  # by name, else by position
+    # a free axis: the rows asked for (the first), else the given array's size (audio of any length), else 1
+    shape = [rows if i == 0 and not (isinstance(d, int) and d > 0) else
+             d if isinstance(d, int) and d > 0 else x.shape[i] if x is not None and i < x.ndim else 1
+             for i, d in enumerate(shape)] or [1]
     if x is not None:
         return np.resize(x.astype(dtype), shape)
     if dtype.kind == "f":

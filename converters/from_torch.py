@@ -78,14 +78,18 @@ def _eval_mode(module):
 
 
 def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
-            opset: int = 17) -> tuple[Path, str | None]:
+            opset: int = 17, state: dict[str, str] | None = None) -> tuple[Path, str | None]:
     """Export `module` called with the example inputs (numpy arrays, in call order) to ONNX, with
     the first axis of every input and output dynamic, and check the export against the module.
 
     Returns the path and a note for the report when the batch could not stay dynamic: a module
     traced at one batch size (torch.export, a traced reshape) can carry that size in its graph,
     and such an export breaks or mixes rows at any other; it is then exported at the example's
-    batch size, as a fixed axis, which the board serves one batch at a time."""
+    batch size, as a fixed axis, which the board serves one batch at a time.
+
+    `state` (input -> output, a recurrent module's hidden state) keeps those tensors' axes as
+    traced ([layers, batch, hidden] has no free first axis), and skips the row check: a
+    stateful module's rows are time steps, or share the state, and are not independent."""
     torch = _torch()
     names = list(example)
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in example.values())
@@ -100,9 +104,15 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
     outputs = ["logits"] if len(want) == 1 else [f"output{i}" for i in range(len(want))]
     from .measure import session
 
-    _export(torch, module, args, out_path, names, outputs, opset, dynamic=True)
+    state = state or {}
+    fixed = set(state) | set(state.values())
+    missing = sorted(fixed - set(names) - set(outputs))
+    if missing:
+        raise ConversionError(f"state {missing[0]!r} names no input or output of the exported model",
+                              f"its inputs: {', '.join(names)}; its outputs: {', '.join(outputs)}")
+    _export(torch, module, args, out_path, names, outputs, opset, dynamic=True, fixed=fixed)
     sess, note = session(out_path), None
-    if not _rows_are_independent(sess, example):
+    if not fixed and not _rows_are_independent(sess, example):
         _export(torch, module, args, out_path, names, outputs, opset, dynamic=False)
         sess, batch = session(out_path), len(next(iter(example.values())))
         note = (f"the exported graph holds the batch size it was traced at, so it is exported with a fixed "
@@ -112,8 +122,9 @@ def to_onnx(module: Any, example: dict[str, np.ndarray], out_path: str | Path,
     return Path(out_path), note
 
 
-def _export(torch, module, args, out_path, names, outputs, opset: int, dynamic: bool) -> None:
-    axes = {n: {0: "batch"} for n in names + outputs} if dynamic else None
+def _export(torch, module, args, out_path, names, outputs, opset: int, dynamic: bool,
+            fixed: set[str] = frozenset()) -> None:
+    axes = {n: {0: "batch"} for n in names + outputs if n not in fixed} if dynamic else None
     try:
         with warnings.catch_warnings(), _stdout_to_nowhere():
             warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's problem
@@ -256,7 +267,7 @@ def convert_torch(module: Any, example: dict[str, np.ndarray] | np.ndarray, cali
         tuned = prune_for_fine_tuning(module, fine_tune, opts.prune, opts.prune_channels, opts.prune_scope)
     _eval_mode(module)
     with tempfile.TemporaryDirectory(prefix="edgeward-torch-") as tmp:
-        onnx_path, note = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx")
+        onnx_path, note = to_onnx(module, example, Path(tmp) / f"{opts.name}.onnx", state=opts.state)
         report = convert_onnx(onnx_path, calibration, out_path, key_path, evaluation, opts, progress)
     report["source"] = "pytorch"
     if note:

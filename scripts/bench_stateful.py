@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Stateful-stream benchmark: a keyword-spotting-shaped RNN served with per-stream state,
-through the agent's local API, beside the bare runtime running the same file.
+"""Stateful-stream benchmark: a keyword-spotting-shaped RNN, or Silero VAD from its PyPI
+package, served with per-stream state through the agent's local API, beside the bare runtime
+running the same file.
 
 What it measures, side by side in one run (issue 4's latency target applies to every model):
   - p50 latency of one frame on one stream, calls one after another, against the bare
@@ -10,7 +11,7 @@ What it measures, side by side in one run (issue 4's latency target applies to e
 
 The agent runs as its own process (`edgeward agent`) with a private Mosquitto, as on a board.
 
-    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64]
+    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64] [--model silero]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,21 @@ from converters import zoo  # noqa: E402
 FEATURES, CLASSES = 8, 4
 
 
-def make_bundle(work: Path, hidden: int) -> tuple[Path, Path, Path]:
-    """The RNN as a signed FP32 bundle with its state declared; also the model file and one frame."""
+@dataclass
+class Case:
+    """A stateful model to time: its bundle, the file the bare script runs and what that script
+    feeds it, and one request as a caller sends it."""
+    title: str
+    name: str
+    bundle: Path
+    pub: Path
+    model_file: Path
+    bare_inputs: Path
+    request: dict
+
+
+def rnn_case(work: Path, hidden: int) -> Case:
+    """The RNN as a signed FP32 bundle with its state declared; one frame per call."""
     import onnxruntime as ort
 
     key, pub, _ = generate_keypair(work / "signing")
@@ -62,25 +77,56 @@ def make_bundle(work: Path, hidden: int) -> tuple[Path, Path, Path]:
     bundle = write_bundle(work / "kws.ewb", manifest, {"model.onnx": path, "reference.npz": ref},
                           load_private_key(key))
     np.savez(work / "frame.npz", frames=frames[:1], h=h)
-    return bundle, pub, path
+    return Case(f"Stateful RNN (hidden {hidden}), FP32 ONNX; one frame per call", "kws", bundle, pub, path,
+                work / "frame.npz", {"frames": frames[:1]})
 
 
-def p50_on_a_stream(socket: str, frame: np.ndarray, seconds: float) -> float:
+def silero_case(work: Path) -> Case:
+    """Silero VAD as its PyPI package ships it (pip install silero-vad), converted by edgeward
+    as a user converts it: FP32, the sample rate fixed, the LSTM state and the 64 samples of
+    context declared. A caller sends 512 new samples; the bare script runs the same file on one
+    576-sample window and a state, as Silero's own wrapper calls it."""
+    import importlib.resources
+
+    import onnx
+
+    from converters.convert import ConvertOptions, convert_onnx
+    from converters.onnx_graph import fix_inputs
+
+    key, pub, _ = generate_keypair(work / "signing")
+    source = str(importlib.resources.files("silero_vad") / "data" / "silero_vad.onnx")
+    chunks = (0.1 * np.random.default_rng(1).standard_normal((64, 512))).astype(np.float32)
+    np.savez(work / "chunks.npz", input=chunks)
+    bundle = work / "vad.ewb"
+    convert_onnx(source, work / "chunks.npz", bundle, key, options=ConvertOptions(
+        name="vad", precision="fp32", fixed_inputs={"sr": "16000"}, state={"state": "stateN"},
+        context={"input": 64}))
+    model = onnx.load(source)
+    fix_inputs(model, {"sr": "16000"})
+    path = work / "vad.onnx"
+    onnx.save(model, str(path))
+    np.savez(work / "window.npz", input=np.concatenate([np.zeros((1, 64), np.float32), chunks[:1]], axis=1),
+             state=np.zeros((2, 1, 128), np.float32))
+    return Case("Silero VAD (silero_vad.onnx from its package, sr fixed), FP32 ONNX; 512 new samples per call",
+                "vad", bundle, pub, path, work / "window.npz", {"input": chunks[:1]})
+
+
+def p50_on_a_stream(socket: str, case: Case, seconds: float) -> float:
     with LocalClient(socket) as c:
         for _ in range(50):
-            c.infer("kws", {"frames": frame}, stream="warm")
+            c.infer(case.name, case.request, stream="warm")
         lat, end = [], time.perf_counter() + seconds
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            c.infer("kws", {"frames": frame}, stream="timed")
+            c.infer(case.name, case.request, stream="timed")
             lat.append((time.perf_counter() - t0) * 1000)
     return float(np.percentile(lat, 50))
 
 
-def frames_per_s(socket: str, frame: np.ndarray, streams: int, seconds: float) -> tuple[float, list]:
-    """Frames/s with `streams` streams at once: one thread each, in 2 client processes."""
+def frames_per_s(socket: str, case: Case, streams: int, seconds: float) -> tuple[float, list]:
+    """Calls/s with `streams` streams at once: one thread each, in 2 client processes."""
     return concurrent_calls_per_s(
-        socket, lambda client, p, i: client.infer("kws", {"frames": frame}, stream=f"mic-{p}-{i}"), seconds,
+        socket, lambda client, p, i: client.infer(case.name, case.request, stream=f"mic-{p}-{i}"), seconds,
         procs=2, threads=max(1, streams // 2))
 
 
@@ -90,22 +136,24 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8,
                     help="streams at once for the throughput row, an even number (default %(default)s)")
     ap.add_argument("--hidden", type=int, default=64, help="the RNN's state size (default %(default)s)")
+    ap.add_argument("--model", choices=["rnn", "silero"], default="rnn",
+                    help="rnn: the zoo's keyword-spotting-shaped RNN; silero: Silero VAD from its PyPI package "
+                         "(edgeward[test-models]) (default %(default)s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-stateful-"))
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        bundle, pub, model_file = make_bundle(work, args.hidden)
-        frame = np.random.default_rng(2).random((1, 1, FEATURES), dtype=np.float32)
+        case = silero_case(work) if args.model == "silero" else rnn_case(work, args.hidden)
         say("bare runtime ...")
-        bare = run_bare("onnxruntime", str(model_file), 1, args.seconds, [1], inputs=str(work / "frame.npz"))
+        bare = run_bare("onnxruntime", str(case.model_file), 1, args.seconds, [1], inputs=str(case.bare_inputs))
         broker = LocalBroker(workdir=work / "broker").start()
         try:
             say("agent ...")
-            agent = AgentProc(work, "kws", broker.url, pub, bundle, {})
+            agent = AgentProc(work, case.name, broker.url, case.pub, case.bundle, {})
             try:
-                p50 = p50_on_a_stream(agent.socket, frame, args.seconds)
+                p50 = p50_on_a_stream(agent.socket, case, args.seconds)
                 rss, pss = tree_memory(agent.proc.pid)
-                rate, errors = frames_per_s(agent.socket, frame, args.streams, args.seconds)
+                rate, errors = frames_per_s(agent.socket, case, args.streams, args.seconds)
             finally:
                 agent.stop()
         finally:
@@ -114,11 +162,10 @@ def main() -> int:
             say(f"  client error: {e}")
         limit = bare["p50_ms"] * 1.10 + 0.2
         bare_rate = bare["batches"]["1"]["rows_per_s"]
-        print(f"Stateful RNN (hidden {args.hidden}), FP32 ONNX in onnxruntime ({bare['package']}), 1 thread; "
-              f"one frame per call.\n")
+        print(f"{case.title}; onnxruntime ({bare['package']}), 1 thread.\n")
         print(format_table(
-            ["bare p50 ms", "agent p50 ms", "ratio", "limit 1.10x+0.2", "met", f"{args.streams} streams frames/s",
-             "bare b=1 frames/s", "agent/bare", "bare RSS", "agent+worker RSS", "ratio"],
+            ["bare p50 ms", "agent p50 ms", "ratio", "limit 1.10x+0.2", "met", f"{args.streams} streams calls/s",
+             "bare b=1 calls/s", "agent/bare", "bare RSS", "agent+worker RSS", "ratio"],
             [[f"{bare['p50_ms']:.3f}", f"{p50:.3f}", f"{p50 / bare['p50_ms']:.2f}x", f"{limit:.3f}",
               "yes" if p50 <= limit else "NO", f"{rate:.0f}", f"{bare_rate:.0f}", f"{rate / bare_rate:.2f}x",
               f"{bare['rss_mb']:.1f}", f"{rss:.1f}", f"{rss / bare['rss_mb']:.2f}x"]], align="rrrrlrrrrrr"))

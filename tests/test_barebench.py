@@ -48,3 +48,24 @@ def test_a_file_the_runtime_cannot_load_is_named_with_the_runtimes_own_words(tmp
     with pytest.raises(EdgewardError) as err:
         run_bare("onnxruntime", str(junk), seconds=0.1)
     assert str(junk) in str(err.value) and "INVALID_PROTOBUF" in str(err.value)
+
+
+def test_a_free_axis_past_the_first_takes_the_given_inputs_length(tmp_path):
+    """Audio of any length ([N, T]): made-up sizes would be 1, which such a model cannot take;
+    the inputs given (a real window) say T, and the rows asked for still say N."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    w = numpy_helper.from_array(np.ones((37, 4), np.float32), "w")  # only a window of 37 samples fits
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "window", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(tmp_path / "window.onnx"))
+    np.savez(tmp_path / "window.npz", x=np.zeros((1, 37), np.float32))
+    ref = run_bare("onnxruntime", str(tmp_path / "window.onnx"), seconds=0.1, batches=[4],
+                   inputs=str(tmp_path / "window.npz"))
+    assert ref["batches"]["4"]["rows"] == 4 and ref["p50_ms"] > 0
+    with pytest.raises(EdgewardError, match="the bare onnxruntime run"):  # without them: t = 1
+        run_bare("onnxruntime", str(tmp_path / "window.onnx"), seconds=0.1)

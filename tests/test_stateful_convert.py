@@ -343,3 +343,47 @@ def test_two_microphones_publish_raw_audio_over_mqtt_and_get_silero_s_answers(br
     finally:
         raw.close()
         ra.stop()
+
+
+def test_a_pytorch_gru_keyword_spotter_converts_with_its_state_and_streams(tmp_path, assets):
+    """Through the Python API, as a PyTorch user brings a keyword spotter: a 2-layer GRU whose
+    hidden state is [layers, batch, hidden]. Its axes stay as traced (the first is the layers,
+    not a batch), the time axis stays free, and the board's stream answers what the module
+    gives on the whole sequence, however it is chunked."""
+    import torch
+
+    from converters.convert import ConvertOptions
+    from converters.from_torch import convert_torch
+
+    class KeywordSpotter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(10, 24, num_layers=2)
+            self.head = torch.nn.Linear(24, 4)
+
+        def forward(self, frames, h):
+            y, h_next = self.gru(frames, h)
+            return self.head(y), h_next
+
+    torch.manual_seed(0)
+    module = KeywordSpotter().eval()
+    frames = np.random.default_rng(3).standard_normal((60, 1, 10)).astype(np.float32)
+    np.savez(tmp_path / "frames.npz", frames=frames)
+    out = tmp_path / "kws.ewb"
+    report = convert_torch(module, {"frames": frames[:5], "h": np.zeros((2, 1, 24), np.float32)},
+                           tmp_path / "frames.npz", out, key_path=assets.key,
+                           options=ConvertOptions(precision="fp32", name="kws", state={"h": "output1"}))
+    assert report["state"] == {"h": "output1"} and not report.get("notes")  # no fixed-batch re-export
+    m = open_bundle(out, [load_public_key(assets.pub)]).manifest
+    specs = {s.name: s.shape for s in m.inputs}
+    assert specs == {"frames": [-1, 1, 10], "h": [2, 1, 24]}
+
+    engine, model, _ = _engine(tmp_path, out, assets.pub)
+    with torch.no_grad():
+        want = module(torch.from_numpy(frames), torch.zeros(2, 1, 24))[0].numpy()
+    whole = engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["output0"]
+    np.testing.assert_allclose(whole, want, rtol=0, atol=1e-5)
+    pieces = [engine.infer_arrays("kws", {"frames": frames[lo:lo + 7]}, stream="b")[1]["output0"]
+              for lo in range(0, len(frames), 7)]
+    np.testing.assert_allclose(np.concatenate(pieces), want, rtol=0, atol=1e-5)
+    engine.close()
