@@ -3,8 +3,9 @@
 The converter's report times a model on the workstation; what a user flashing a board wants
 to know is how it does there, in the runtime and serving mode the agent gives it, with the
 local API in between. This sends 1-row requests (a sample of the bundle's self-test data, or
-random data of the model's input shapes) through agent.client.LocalClient (the path a local app takes) for a few seconds at each
-number of concurrent callers, and prints rows/s and latency percentiles per step, so the
+random data of the model's input shapes) through agent.client.LocalClient (the path a local
+app takes) for a few seconds at each number of concurrent callers, and prints rows/s and
+latency percentiles per step, so the
 gain of a batched mode under load, or the cost of a second caller, can be read off.
 A stateful model gets one stream per caller (reset afterwards). With `--image photo.jpg`
 each request is that photo, decoded and prepared on the board as the bundle says: how many
@@ -21,6 +22,7 @@ the board they matter on.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 
@@ -46,22 +48,39 @@ def random_inputs(specs: list[dict], rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
-def sample_inputs(info: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One sample of what callers send: from the bundle's self-test reference beside the installed
-    model where this process can read it (real shapes and values: a model with other dynamic
-    axes, audio windows of any length say, fails on made-up ones), random data otherwise."""
+def reference_inputs(info: dict) -> dict[str, np.ndarray] | None:
+    """The bundle's self-test inputs as the model takes them (a stateful model's state and whole
+    windows included), where this process can read them beside the installed model."""
+    from . import reference
     from .bundle import REFERENCE
 
-    ref = os.path.join(os.path.dirname(info["file"]), REFERENCE) if info.get("file") else None
-    if ref and os.access(ref, os.R_OK):
-        from . import reference
+    path = os.path.join(os.path.dirname(info["file"]), REFERENCE) if info.get("file") else None
+    if not path or not os.access(path, os.R_OK):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = [k[len("input."):] for k in data.files if k.startswith("input.")]
+        return reference.load(path, names, info["name"])[0]
+    except (OSError, ValueError, EdgewardError):  # unusable: the model's own self-test says so elsewhere
+        return None
 
-        try:
-            fed, _ = reference.load(ref, [s["name"] for s in info["inputs"]], info["name"])
-            return {k: v[:1] if np.ndim(v) else v for k, v in fed.items()}
-        except EdgewardError:  # an unusable reference: the model's own self-test says so elsewhere
-            pass
-    return random_inputs(info["inputs"], rng)
+
+def sample_inputs(info: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One sample of what callers send: the bundle's self-test data where this process can read
+    it (real shapes and values: a model with other free axes, audio of any length say, fails
+    on made-up ones), random data of the input shapes otherwise."""
+    fed = reference_inputs(info)
+    if fed is None or any(s["name"] not in fed for s in info["inputs"]):
+        return random_inputs(info["inputs"], rng)
+    out = {}
+    for spec in info["inputs"]:
+        x = fed[spec["name"]]
+        x = x[:1] if np.ndim(x) else x
+        k = (info.get("context") or {}).get(spec["name"])
+        if k and x.ndim:  # the reference holds whole windows; callers send the new samples
+            x = x[..., k:]
+        out[spec["name"]] = x
+    return out
 
 
 def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare: bool = False,
@@ -114,8 +133,14 @@ def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: floa
     for s in steps:
         s["bare_batch"] = min(s["clients"], info.get("max_batch", 1)) if batched else 1
     agent_mb = {"agent": _rss_mb(agent_pid), "worker": _rss_mb(info.get("pid"))}
-    ref = run_bare(info["runtime"], info["file"], int(info.get("threads", 1)), seconds,
-                   sorted({s["bare_batch"] for s in steps}), providers=info.get("providers") or None)
+    fed = reference_inputs(info)  # real shapes for free axes, and a stateful model's state
+    with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
+        inputs = None
+        if fed:
+            inputs = os.path.join(tmp, "inputs.npz")
+            np.savez(inputs, **fed)
+        ref = run_bare(info["runtime"], info["file"], int(info.get("threads", 1)), seconds,
+                       sorted({s["bare_batch"] for s in steps}), inputs=inputs, providers=info.get("providers") or None)
     for s in steps:
         s["bare_rows_per_s"] = round(ref["batches"][str(s["bare_batch"])]["rows_per_s"], 1)
     compared = ref["batched_rss_mb"] if batched and any(s["bare_batch"] > 1 for s in steps) else ref["rss_mb"]

@@ -116,7 +116,7 @@ class LoadedModel:
                 "pid": self.proc.pid, "providers": list(self.proc.providers or []),
                 "max_batch": self.serving.max_batch if self.mode == "batched" else 1,
                 "max_delay_ms": self.serving.max_delay_ms if self.mode == "batched" else 0.0,
-                "preprocessing": self.manifest.preprocessing}
+                "preprocessing": self.manifest.preprocessing, "context": dict(self.manifest.context)}
 
     # ---------------------------------------------------------------- running
 

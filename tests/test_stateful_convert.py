@@ -244,17 +244,19 @@ def test_a_fixed_input_takes_the_inputs_dtype_and_refuses_what_does_not_fit(tmp_
 
 def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, assets):
     """Silero VAD takes windows of any length ([N, T]): made-up 1x1 rows fail in its STFT. The
-    board's benchmark sends a sample of the bundle's own self-test data instead."""
+    board's benchmark sends a sample of the bundle's own self-test data instead (its new
+    samples, for an input with context), and `--bare` feeds the bare runtime the whole window
+    and the state."""
     import json
 
     from agent.client import LocalClient
     from mqttkit import RunningAgent, wait_for
 
-    np.savez(tmp_path / "windows.npz", input=_windows(_voice_like(2.0, 0)))
+    np.savez(tmp_path / "chunks.npz", input=_windows(_voice_like(2.0, 0))[:, CONTEXT:])
     bundle = tmp_path / "vad.ewb"
-    r = _convert(_silero("silero_vad.onnx"), "--calibration", tmp_path / "windows.npz", "--precision", "fp32",
-                 "--fix-input", "sr=16000", "--state", "state=stateN", "--name", "vad", "--key", assets.key,
-                 "-o", bundle)
+    r = _convert(_silero("silero_vad.onnx"), "--calibration", tmp_path / "chunks.npz", "--precision", "fp32",
+                 "--fix-input", "sr=16000", "--state", "state=stateN", "--context", "input=64", "--name", "vad",
+                 "--key", assets.key, "-o", bundle)
     assert r.returncode == 0, r.stderr
     store = tmp_path / "store"
     ra = RunningAgent({"mqtt.url": "mqtt://127.0.0.1:9", "device.id": "pi-vad", "store.path": str(store),
@@ -265,13 +267,20 @@ def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, a
         with LocalClient(str(store / "agent.sock")) as client:
             (model,) = client.models()
         assert model["mode"] == "stateful" and model["inputs"][0]["shape"] == [-1, -1]
+        assert model["context"] == {"input": CONTEXT}
+        from agent.boardbench import sample_inputs
+
+        (sample,) = sample_inputs(model, np.random.default_rng(0)).values()
+        assert sample.shape == (1, WINDOW)  # the new samples of the reference's window
         r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--socket", str(store / "agent.sock"),
-                            "--model", "vad", "--clients", "1,2", "--seconds", "0.5", "--json"],
+                            "--model", "vad", "--clients", "1,2", "--seconds", "0.5", "--bare", "--json"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        steps = json.loads(r.stdout)["steps"]
+        result = json.loads(r.stdout)
+        steps = result["steps"]
         assert [s["clients"] for s in steps] == [1, 2]
         assert all(s["errors"] == 0 and s["requests"] > 10 for s in steps), steps
+        assert result["bare"]["p50_ms"] > 0 and all(s["bare_rows_per_s"] > 0 for s in steps)
     finally:
         ra.stop()
 
