@@ -25,7 +25,7 @@ from agent.signing import load_private_key
 
 from . import guard, measure, stateful
 from .data import MIN_CALIBRATION_SAMPLES, load_dataset, preprocessing_of
-from .onnx_graph import lift_constants, model_bytes, name_nodes
+from .onnx_graph import lift_constants, model_bytes, name_nodes, upgrade_opset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
 from .prune_channels import prune_channels
@@ -69,13 +69,13 @@ PRECISIONS = ("int8", "int8-dynamic", "fp32")
 
 def _named_copy(model_path: Path, out: Path) -> Path:
     """The FP32 model with every node named (exporters often leave names empty), so layers can
-    be kept in float by name and reports can point at them, and its weights as initializers
-    (which are what the quantizer quantizes)."""
+    be kept in float by name and reports can point at them, its weights as initializers
+    (which are what the quantizer quantizes), and at opset 13 or newer (per-channel QDQ)."""
     import onnx
 
-    model = onnx.load(str(model_path))
+    model, upgraded = upgrade_opset(onnx.load(str(model_path)))
     renamed, lifted = name_nodes(model), lift_constants(model)
-    if not (renamed or lifted):
+    if not (renamed or lifted or upgraded):
         return model_path
     onnx.save(model, str(out))
     return out

@@ -51,6 +51,25 @@ def name_nodes(model) -> bool:
     return renamed
 
 
+QDQ_OPSET = 13  # DequantizeLinear's `axis`, which per-channel weights need, came with opset 13
+
+
+def upgrade_opset(model, least: int = QDQ_OPSET):
+    """(the model at opset `least` where it is older, whether it changed). onnxruntime's quantizer
+    writes per-channel DequantizeLinear nodes (with `axis`) into an opset 11 or 12 model all the
+    same, which onnx's checker and other runtimes refuse; Paddle2ONNX and older tf2onnx export
+    at those opsets. Where onnx's version converter cannot upgrade a model, it stays as it is."""
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= least:
+        return model, False
+    try:
+        return version_converter.convert_version(model, least), True
+    except Exception:  # the converter's own errors: the quantizer then names what fails
+        return model, False
+
+
 def lift_constants(model) -> bool:
     """Move the tensors of top-level Constant nodes into the graph's initializers. Some exporters
     (torch.export programs, whose weights are traced in as constants) write every weight as a

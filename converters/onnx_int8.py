@@ -210,18 +210,24 @@ def _failed(out_path: str | Path, exc: Exception, how: str, more_fix: str = "") 
 
 
 def _checked(out_path: str | Path, what: str) -> Path:
-    """The quantizer's output, if it is a valid model. onnxruntime's quantizer can write an invalid
-    one for graphs with control flow (If/Loop branches), which should be named as its failure,
-    not as a fault of the user's file."""
+    """The quantizer's output, if it is a valid model: onnxruntime's quantizer can write an
+    invalid one (for graphs with If/Loop branches, for one), which is its failure, not a fault
+    of the user's file, and is named as such."""
     import onnx
 
     try:
         onnx.checker.check_model(str(out_path))  # by path: a model over 2 GB cannot be checked in memory
     except Exception as exc:
+        try:
+            branches = any(n.op_type in ("If", "Loop", "Scan")
+                           for n in onnx.load(str(out_path), load_external_data=False).graph.node)
+        except Exception:
+            branches = False
         Path(out_path).unlink(missing_ok=True)
+        why = "its quantizer does not handle this graph's If/Loop branches: " if branches else ""
         raise ConversionError(f"onnxruntime's quantizer wrote an invalid {what} model ({first_line(exc)[:160]})",
-                              "this happens with If/Loop branches in the graph: ship the float model with "
-                              "--precision fp32, or try the other INT8 precision") from exc
+                              why + "ship the float model with --precision fp32, or try the other INT8 "
+                                    "precision") from exc
     return Path(out_path)
 
 

@@ -1,5 +1,6 @@
 """The converter: real INT8 QDQ output, measured against FP32, and clean failures on bad input."""
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -369,3 +370,41 @@ def test_onnxruntime_errors_keep_their_details_on_one_line():
     assert text.startswith("Got invalid dimensions for input: x") and "index: 0 Got: 3 Expected: 1" in text
     assert "\n" not in text and "ONNXRuntimeError" not in text
     assert runtime_message(ValueError("first\nsecond")) == "first"  # other runtimes: their first line
+
+
+def test_a_model_exported_at_opset_11_gets_per_channel_int8(assets, tmp_path):
+    """Paddle2ONNX and older tf2onnx export at opset 11 or 12, before DequantizeLinear had the
+    `axis` that per-channel weights need; onnxruntime's quantizer writes it all the same, which
+    made an invalid model. The converter quantizes such a model at opset 13."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.5, (8, 1, 3, 3)), "b1": rng.normal(0, 0.1, 8),
+               "w2": rng.normal(0, 0.2, (16, 8, 3, 3)), "b2": rng.normal(0, 0.1, 16),
+               "w3": rng.normal(0, 0.3, (16, 10)), "b3": rng.normal(0, 0.1, 10)}
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"])]
+    graph = helper.make_graph(nodes, "cnn11", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.save(model, str(tmp_path / "cnn11.onnx"))
+    out = tmp_path / "cnn11.ewb"
+    r = _convert(tmp_path / "cnn11.onnx", "--calibration", assets.calib, "--eval", assets.eval, "-o", out,
+                 "--key", assets.key, "--allow-worse", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["quality"]["top1_agreement"] >= 0.9
+    with tarfile.open(out) as tar:
+        shipped = onnx.load_from_string(tar.extractfile("model.onnx").read())
+    onnx.checker.check_model(shipped)
+    assert next(o.version for o in shipped.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    axes = [a.i for n in shipped.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes, "per-channel weights carry an axis"

@@ -396,3 +396,17 @@ def test_a_pytorch_gru_keyword_spotter_converts_with_its_state_and_streams(tmp_p
               for lo in range(0, len(frames), 7)]
     np.testing.assert_allclose(np.concatenate(pieces), want, rtol=0, atol=1e-5)
     engine.close()
+
+
+def test_static_int8_of_silero_is_the_quantizers_failure_named_and_leaves_no_file(tmp_path):
+    """onnxruntime's static quantizer writes an invalid model for Silero's If branches: the
+    converter says so, names the float alternative, and leaves nothing behind."""
+    np.savez(tmp_path / "chunks.npz", input=_windows(_voice_like(1.0, 0))[:, CONTEXT:])
+    out = tmp_path / "vad.ewb"
+    r = _convert(_silero("silero_vad.onnx"), "--calibration", tmp_path / "chunks.npz", "--fix-input", "sr=16000",
+                 "--state", "state=stateN", "--context", "input=64", "-o", out)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("edgeward convert: error:")]
+    assert len(errors) == 1 and "onnxruntime's quantizer wrote an invalid static INT8 model" in errors[0], r.stderr
+    assert "If/Loop branches" in errors[0] and "--precision fp32" in errors[0]
+    assert not out.exists()  # (the progress lines before the error are the calibration's)
