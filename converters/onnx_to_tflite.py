@@ -10,8 +10,9 @@ and evaluation data, and the same callers, work for both formats.
 
 Mapped: Conv (plain and depthwise, with folded BatchNormalization), Gemm, MatMul
 (+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
-AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub, Softmax,
-Sigmoid, Tanh, Identity and Dropout.
+AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub (of two tensors
+that broadcast, or with a constant), Div (by a constant), Softmax, Sigmoid, Tanh,
+HardSwish, HardSigmoid, Identity and Dropout.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .tflite_graph import Graph, Op
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 _ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
 _POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
-_BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL"}
+_BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV"}  # DIV: by a constant, as a MUL
 
 
 def _unsupported(node, why: str = "") -> ConversionError:
@@ -59,6 +60,7 @@ class _Lowering:
         self.flat_perm: dict[str, np.ndarray] = {}  # flattened NHWC tensor -> NCHW order of its features
         self.done: set[int] = set()
         self.nonneg: set[str] = set()       # graph tensors that cannot be negative (after ReLU and such)
+        self.from_shape: set[str] = set()   # constants computed from a Shape, the free batch as 0
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -151,7 +153,9 @@ class _Lowering:
             if id(node) in self.done or node.op_type == "Constant":
                 continue
             op = node.op_type
-            if op in _ELEMENTWISE:
+            if any(node.input) and all(i in self.consts for i in node.input if i):
+                self._fold(node)
+            elif op in _ELEMENTWISE:
                 self._unary(node, _ELEMENTWISE[op])
             elif op in _POOLS:
                 self._pool(node, _POOLS[op])
@@ -173,6 +177,34 @@ class _Lowering:
                 self.g.outputs[i] = name
                 self._rename(inner, name)
         return self.g
+
+    def _fold(self, node) -> None:
+        """A node of constants only is a constant: Paddle2ONNX writes each conv bias as
+        Reshape(bias, shape) before its Add, for one. Computed once with onnx's reference
+        evaluator, on the host."""
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            values = ReferenceEvaluator(node).run(None, {i: self.consts[i] for i in node.input if i})
+        except Exception as exc:  # the evaluator's own errors: an operator it does not know
+            raise _unsupported(node, f" of constants that could not be computed ({exc})") from exc
+        self.consts.update({name: np.asarray(v) for name, v in zip(node.output, values) if name})
+        if any(i in self.from_shape for i in node.input):
+            self.from_shape.update(o for o in node.output if o)
+
+    def lower_Shape(self, node):
+        """A tensor's shape is a constant but for a free batch, written as 0: what Reshape reads
+        as "the input's own size" (Paddle2ONNX flattens with Reshape(x, [Shape(x)[0], -1])).
+        A constant made from it may only reach a Reshape's shape (see from_shape)."""
+        x = self.src(node.input[0])
+        shape = self.g.shapes[x]
+        shape = [shape[i] for i in TO_NCHW] if x in self.nhwc else list(shape)
+        if any(d < 0 for d in shape[1:]):
+            raise _unsupported(node, f" of a tensor whose shape {shape} is not fixed")
+        a = node_attrs(node)
+        dims = [0 if d < 0 else d for d in shape][a.get("start", 0):a.get("end", len(shape))]
+        self.consts[node.output[0]] = np.array(dims, np.int64)
+        self.from_shape.add(node.output[0])
 
     def _rename(self, old: str, new: str) -> None:
         for op in self.g.ops:
@@ -389,6 +421,8 @@ class _Lowering:
     def lower_Reshape(self, node):
         x = self.src(node.input[0])
         target = self.const(node.input[1], node).astype(np.int64)
+        if node_attrs(node).get("allowzero", 0) and 0 in target:
+            raise _unsupported(node, " with allowzero and a 0 in its shape")
         if len(target) == 2 and target[1] in (-1, int(np.prod(self.g.shapes[x][1:]))):
             return self._flatten_to_2d(node, x)
         if x in self.nhwc:
@@ -427,16 +461,100 @@ class _Lowering:
             self.nonneg.add(y)
 
     def _binary(self, node, kind):
+        """Two tensors, or a tensor and a constant (x + 3, x / 6, a per-channel scale), where
+        numpy's broadcasting gives the tensor's own shape or one of the two's (a squeeze-excite
+        block's [N, 1, 1, C] times [N, H, W, C])."""
         a, b = node.input[:2]
+        if a in self.consts and b in self.consts:
+            raise _unsupported(node, " of two constants")
+        if a in self.from_shape or b in self.from_shape:
+            raise _unsupported(node, " computed from a tensor's shape")
         if a in self.consts or b in self.consts:
-            raise _unsupported(node, " with a constant operand (other than a MatMul's bias)")
-        x, z = self.src(a), self.src(b)
-        if self.g.shapes[x] != self.g.shapes[z] or (x in self.nhwc) != (z in self.nhwc):
-            raise _unsupported(node, " with broadcasting")
+            const_first = a in self.consts
+            x = self.src(b if const_first else a)
+            c = self.consts[a if const_first else b].astype(np.float32)
+            if kind == "DIV":
+                if const_first or not np.all(c):
+                    raise _unsupported(node, " other than by a non-zero constant")
+                c, kind = (1.0 / c).astype(np.float32), "MUL"
+            c = self.add_const(f"{node.name}/const", self._const_like(node, c, x))
+            pair = [c, x] if const_first else [x, c]
+            shape = self.g.shapes[x]
+        else:
+            if kind == "DIV":
+                raise _unsupported(node, " other than by a non-zero constant")
+            pair = [self.src(a), self.src(b)]
+            x, z = pair
+            if (x in self.nhwc) != (z in self.nhwc):
+                raise _unsupported(node, " of a feature map and a flat tensor")
+            shape = self._broadcast(node, self.g.shapes[x], self.g.shapes[z])
+        nhwc = pair[0] in self.nhwc or pair[1] in self.nhwc
         act, out = self.fuse_activation(node.output[0])
-        y = self.new(self.out_name(out, x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
-        self.op(kind, [x, z], y, name=node.name, activation=act)
+        y = self.new(self.out_name(out, nhwc), shape, nhwc=nhwc)
+        self.op(kind, pair, y, name=node.name, activation=act)
 
+    def _broadcast(self, node, s1: list[int], s2: list[int]) -> list[int]:
+        """The shape two tensors broadcast to (-1, a free batch, broadcasts as itself)."""
+        if len(s1) != len(s2):
+            raise _unsupported(node, f" broadcasting {s1} with {s2}")
+        out = []
+        for d1, d2 in zip(s1, s2):
+            if d1 == d2 or d2 == 1:
+                out.append(d1)
+            elif d1 == 1:
+                out.append(d2)
+            else:
+                raise _unsupported(node, f" broadcasting {s1} with {s2}")
+        return out
+
+    def _const_like(self, node, c: np.ndarray, x: str) -> np.ndarray:
+        """A constant operand of tensor `x` in the graph's layout: rank-matched (NCHW-broadcastable
+        constants of a feature map, such as a [C, 1, 1] scale, go to NHWC as [1, 1, 1, C]), and
+        refused where it would change the tensor's shape."""
+        onnx_shape = self.g.shapes[x] if x not in self.nhwc else [self.g.shapes[x][i] for i in TO_NCHW]
+        if c.ndim > len(onnx_shape):
+            raise _unsupported(node, f" with a constant of rank {c.ndim} on a tensor of rank {len(onnx_shape)}")
+        c = c.reshape((1,) * (len(onnx_shape) - c.ndim) + c.shape)
+        if c.shape[0] != 1 or any(cd not in (1, xd) for cd, xd in zip(c.shape, onnx_shape)):
+            raise _unsupported(node, f" with a constant of shape {list(c.shape)} on {onnx_shape}")
+        return np.ascontiguousarray(c.transpose(TO_NHWC)) if x in self.nhwc else c
+
+    def lower_HardSigmoid(self, node):
+        """max(0, min(1, alpha x + beta)): a MobileNetV3 squeeze-excite block ends in one."""
+        a = node_attrs(node)
+        x = self.src(node.input[0])
+        self._hard_sigmoid(node, x, float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)),
+                           self.out_name(node.output[0], x in self.nhwc))
+
+    def lower_HardSwish(self, node):
+        """x * hard_sigmoid(x) (alpha 1/6, beta 1/2), as a MUL of x and the hard-sigmoid below:
+        TFLite's HARD_SWISH has no int8 kernel in XNNPACK, and seven of them in a small
+        MobileNetV3 made its INT8 model 5x slower than FP32; these ops all run there."""
+        x = self.src(node.input[0])
+        nhwc, shape = x in self.nhwc, self.g.shapes[x]
+        gate = self._hard_sigmoid(node, x, 1 / 6, 0.5, f"{node.output[0]}/gate")
+        y = self.new(self.out_name(node.output[0], nhwc), shape, nhwc=nhwc)
+        self.op("MUL", [x, gate], y, name=node.name, activation="NONE")
+
+    def _hard_sigmoid(self, node, x: str, alpha: float, beta: float, out: str) -> str:
+        """relu6(6 alpha x + 6 beta) / 6 into tensor `out`: TFLite has no hard-sigmoid. The
+        steps have no ONNX tensor to calibrate; their ranges follow from x's (Graph.derived),
+        as does `out`'s where it is not an ONNX tensor either."""
+        nhwc, shape = x in self.nhwc, self.g.shapes[x]
+        scalar = lambda tag, v: self.add_const(f"{node.name}/{tag}", np.array([v], np.float32))  # noqa: E731
+        if abs(6 * alpha - 1) > 1e-6:
+            scaled = self.new(f"{node.output[0]}/scaled", shape, nhwc=nhwc)
+            self.op("MUL", [x, scalar("alpha6", 6 * alpha)], scaled, name=node.name, activation="NONE")
+            self.g.derived[scaled] = (x, 6 * alpha, 0.0, -math.inf, math.inf)
+            x = scaled
+        clipped = self.new(f"{node.output[0]}/relu6", shape, nhwc=nhwc)
+        self.op("ADD", [x, scalar("beta6", 6 * beta)], clipped, name=node.name, activation="RELU6")
+        self.g.derived[clipped] = (x, 1.0, 6 * beta, 0.0, 6.0)
+        y = self.new(out, shape, nhwc=nhwc)
+        self.op("MUL", [clipped, scalar("sixth", 1 / 6)], y, name=node.name, activation="NONE")
+        if onnx_tensor(out) != node.output[0]:
+            self.g.derived[y] = (clipped, 1 / 6, 0.0, 0.0, 1.0)
+        return y
 
 
 def lower(model) -> Graph:
@@ -489,4 +607,5 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
     for name in graph.inputs:  # graph inputs: the data itself (calibrators may leave them out)
         if name not in ranges and name in data:
             ranges[name] = (float(data[name].min()), float(data[name].max()))
+    graph.derive_ranges(ranges)
     return ranges

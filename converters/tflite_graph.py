@@ -10,7 +10,8 @@ or as full-integer INT8 following the TFLite quantization spec:
   fully-connected weights int8 per tensor (the form tflite-runtime 2.14 runs);
 - biases int32 with scale = input scale * weight scale, zero point 0;
 - pooling, reshape, transpose and pad keep their input's scale; softmax and
-  logistic outputs use the fixed 1/256 scale the kernels require.
+  logistic outputs use the fixed 1/256 scale the kernels require;
+- constant operands of elementwise ops (x + 3, x / 6) int8 per tensor, on their own grid.
 
 Ops named in `float_ops` stay in float: their inputs are dequantized and their
 outputs quantized again, so the accuracy guard can keep a sensitive layer in float.
@@ -28,7 +29,7 @@ from agent.errors import ConversionError
 
 # ops that compute new values (their outputs get their own calibrated scale) ...
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB")
+REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH")
 # ... ops whose int8 output must reuse the input's scale and zero point ...
 SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD")
 # ... and ops whose int8 output scale is fixed by the kernel.
@@ -42,7 +43,7 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "RELU": (1, 2), "RELU6": (1, 2), "MEAN": (1, 2), "MUL": (1, 2), "SUB": (1, 2),
              "MAX_POOL_2D": (1, 2), "AVERAGE_POOL_2D": (1, 2), "RESHAPE": (1, 1), "TRANSPOSE": (1, 2),
              "PAD": (1, 2), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
-             "CONCATENATION": (1, 2),
+             "CONCATENATION": (1, 2), "HARD_SWISH": (1, 1),
              "DEQUANTIZE": (2, 2)}
 
 
@@ -69,6 +70,16 @@ class Graph:
     ops: list[Op] = field(default_factory=list)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    # tensors with no counterpart in the source model, whose range follows from another's:
+    # name -> (source, multiplier, offset, floor, ceiling), in order of creation
+    derived: dict[str, tuple[str, float, float, float, float]] = field(default_factory=dict)
+
+    def derive_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
+        """Fill in the derived tensors' ranges from their sources' (calibrated) ones."""
+        for name, (src, mul, add, floor, ceiling) in self.derived.items():
+            if src in ranges:
+                a, b = sorted((ranges[src][0] * mul + add, ranges[src][1] * mul + add))
+                ranges[name] = (min(max(a, floor), ceiling), max(min(b, ceiling), floor))
 
     def activations(self) -> list[str]:
         """Every non-constant tensor, in order of appearance: what calibration must range."""
@@ -332,8 +343,16 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         else:
             inputs = []
             for n in op.inputs:
-                if n in graph.consts and graph.consts[n].dtype != np.int32 and n not in em.index:
-                    em.tensor(n, list(graph.consts[n].shape), f32, data=graph.consts[n].astype(np.float32))
+                if n in graph.consts and graph.consts[n].dtype != np.int32:  # an operand such as x + 3
+                    c = graph.consts[n].astype(np.float32)
+                    if int8:  # int8 per tensor, on a grid of its own (which holds 0 and the values exactly)
+                        if f"{n}/q" not in em.index:
+                            scale, zero = activation_qparams(float(c.min()), float(c.max()))
+                            em.tensor(f"{n}/q", list(c.shape), i8, scale=scale, zero=zero,
+                                      data=np.clip(np.round(c / scale) + zero, -128, 127).astype(np.int8))
+                        n = f"{n}/q"
+                    elif n not in em.index:
+                        em.tensor(n, list(c.shape), f32, data=c)
                 inputs.append(ins.get(n, n))
         out = op.outputs[0]
         if int8 and op.kind == "CONCATENATION":

@@ -319,3 +319,162 @@ def test_a_float_model_with_its_weights_beside_it_ships_as_one_file(assets, tmp_
     model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "f.ewb", [load_public_key(assets.pub)])))
     assert model.self_test()["max_abs_err"] == 0.0
     engine.close()
+
+
+# ------------------------------------------------------------------ MobileNetV3-style layers
+
+def _mobilenet_v3_style(seed: int = 0):
+    """A small MobileNetV3: hard-swish activations, inverted residual blocks with a
+    squeeze-excite gate (hard-sigmoid) that scales each channel, batch norms with statistics
+    that are not the identity."""
+    import torch
+    from torch import nn
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+        def forward(self, x):
+            w = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(w))))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cexp, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, cexp, 1, bias=False), nn.BatchNorm2d(cexp), nn.Hardswish(),
+                nn.Conv2d(cexp, cexp, 3, stride, 1, groups=cexp, bias=False), nn.BatchNorm2d(cexp), nn.Hardswish(),
+                SqueezeExcite(cexp), nn.Conv2d(cexp, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.body(x) if self.residual else self.body(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
+                Block(16, 64, 24, 2), Block(24, 96, 24, 1), nn.Conv2d(24, 96, 1), nn.Hardswish())
+            self.classifier = nn.Sequential(nn.Linear(96, 64), nn.Hardswish(), nn.Linear(64, 10))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    torch.manual_seed(seed)
+    net = Net().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def test_a_mobilenet_v3_style_net_becomes_full_integer_tflite_without_hard_swish_ops(assets, tmp_path):
+    """Hard-swish is x * relu6(x + 3) / 6 in ops that XNNPACK runs in int8 (its HARD_SWISH has
+    no int8 kernel there: seven of them made this net's INT8 model 5x slower than FP32), the
+    hard-sigmoid gate likewise, and the gate scales [N, H, W, C] by [N, 1, 1, C]."""
+    from converters.from_torch import convert_torch, to_onnx
+
+    net = _mobilenet_v3_style()
+    x = np.random.default_rng(0).standard_normal((96, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x[:64])
+    np.savez(tmp_path / "eval.npz", input=x[64:])
+    onnx_path, _ = to_onnx(net, {"input": x[:2]}, tmp_path / "mv3.onnx")
+    ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    assert {"HardSwish", "HardSigmoid", "Mul"} <= ops  # what torch.onnx.export writes for these layers
+
+    graph = lower(onnx.load(str(onnx_path)))  # the float TFLite computes what ONNX computes
+    write_tflite(graph, tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "input", x[64:]),
+                               _onnx_out(onnx_path, "input", x[64:]), rtol=0, atol=1e-4)
+
+    out = tmp_path / "mv3.ewb"
+    report = convert_torch(net, {"input": x[:2]}, tmp_path / "calib.npz", out, assets.key, tmp_path / "eval.npz",
+                           ConvertOptions(name="mv3", format="tflite", allow_worse=True))
+    counts = report["graph"]
+    assert "HARD_SWISH" not in counts["ops"] and counts["ops"]["MUL"] >= 10 and counts["ops"]["ADD"] >= 8
+    assert counts["tensor_dtypes"]["float32"] == 2  # the float I/O: every weight and activation is int8
+    q = report["quality"]
+    assert q["top1_agreement"] >= 0.9 and q["max_abs_err"] <= 0.1 * q["output_range"], q
+
+    store = Store(tmp_path / "store")
+    engine = Engine(Budget(8192, reserve_mb=0))
+    model = engine.load(store.install(open_bundle(out, [load_public_key(assets.pub)])))
+    assert model.self_test()["max_abs_err"] <= model.manifest.selftest.atol
+    engine.close()
+
+
+def _paddle_style(path):
+    """What Paddle2ONNX writes at opset 11 for a MobileNetV3 classifier (the PP-OCR angle
+    classifier that rapidocr-onnxruntime ships is built so): hard-swish as
+    Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6), a conv bias as Add(conv, Reshape(bias, shape)),
+    HardSigmoid(alpha 0.2), and a flatten as Reshape(x, Concat(Shape(x)[0:1], [-1]))."""
+    rng = np.random.default_rng(0)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f"  # noqa: E731
+                                                            else np.int64), name)
+    inits = [c("w1", rng.normal(0, 0.4, (8, 3, 3, 3))), c("three", 3.0), c("six", 6.0), c("zero", 0.0),
+             c("w2", rng.normal(0, 0.4, (8, 8, 1, 1))), c("b2", rng.normal(0, 0.1, 8)), c("b2_shape", [1, 8, 1, 1]),
+             c("fc", rng.normal(0, 0.4, (8, 4))), c("fc_b", rng.normal(0, 0.1, 4)),
+             c("starts", [0]), c("ends", [1]), c("minus_one", [-1])]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             n("Add", ["c1", "three"], ["a1"], name="hs_add"), n("Clip", ["a1", "zero", "six"], ["k1"], name="hs_clip"),
+             n("Mul", ["c1", "k1"], ["m1"], name="hs_mul"), n("Div", ["m1", "six"], ["h1"], name="hs_div"),
+             n("GlobalAveragePool", ["h1"], ["p1"], name="se_pool"),
+             n("Conv", ["p1", "w2"], ["c2"], name="se_conv"),
+             n("Reshape", ["b2", "b2_shape"], ["b2r"], name="bias_reshape"),
+             n("Add", ["c2", "b2r"], ["c2b"], name="se_bias"),
+             n("HardSigmoid", ["c2b"], ["g"], alpha=0.2, beta=0.5, name="se_gate"),
+             n("Mul", ["h1", "g"], ["s1"], name="se_scale"),
+             n("GlobalAveragePool", ["s1"], ["p2"], name="pool"),
+             n("Shape", ["p2"], ["shp"], name="shape"), n("Cast", ["shp"], ["shp64"], to=TensorProto.INT64, name="cast"),
+             n("Slice", ["shp64", "starts", "ends"], ["batch"], name="slice"),
+             n("Concat", ["batch", "minus_one"], ["flat_shape"], axis=0, name="concat"),
+             n("Reshape", ["p2", "flat_shape"], ["flat"], name="flatten"),
+             n("MatMul", ["flat", "fc"], ["mm"], name="fc"), n("Add", ["mm", "fc_b"], ["logits"], name="fc_bias")]
+    graph = helper.make_graph(nodes, "paddle_style", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_paddle_style_opset_11_model_converts_to_tflite(assets, tmp_path):
+    model = _paddle_style(tmp_path / "paddle.onnx")
+    x = np.random.default_rng(1).standard_normal((80, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:48])
+    np.savez(tmp_path / "eval.npz", x=x[48:])
+    from converters.onnx_graph import upgrade_opset
+
+    graph = lower(upgrade_opset(onnx.load(str(model)))[0])
+    write_tflite(graph, tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x[48:]), _onnx_out(model, "x", x[48:]),
+                               rtol=0, atol=1e-4)
+    out = tmp_path / "paddle.ewb"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(model), "--calibration",
+                           str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--format", "tflite",
+                           "--allow-worse", "-o", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.05 * q["output_range"] and q["top1_agreement"] >= 0.9, q
+
+
+def test_a_shape_may_only_reach_a_reshape(tmp_path):
+    """A constant made from a tensor's shape holds 0 for the free batch, which only a Reshape
+    reads right: anything else that computes with it is refused by name."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["x", "sf"], ["y"], name="scale_by_shape")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ConversionError, match="scale_by_shape.* computed from a tensor's shape"):
+        lower(model)
