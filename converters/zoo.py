@@ -260,6 +260,45 @@ def build_mobilenet_like(path: str | Path, size: int = 96, classes: int = 10, se
     return _image_classifier(path, "mobilenet_like", nodes, inits, x, cin, size, classes, rng)
 
 
+def build_mobilenet_v3_like(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
+    """An FP32 MobileNetV3-style CNN: hard-swish activations, inverted residual blocks whose
+    squeeze-excite gate (a hard-sigmoid) scales each channel. Untrained (He-initialised)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, group, name, act="HardSwish"):
+        w = (rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(np.float32)
+        b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c" if act else name],
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        if act:
+            nodes.append(helper.make_node(act, [f"{name}_c"], [name]))
+        return name
+
+    def squeeze_excite(x, c, name):
+        nodes.append(helper.make_node("GlobalAveragePool", [x], [f"{name}_pool"]))
+        r = conv(f"{name}_pool", c, c // 4, 1, 1, 1, f"{name}_reduce", act="Relu")
+        g = conv(r, c // 4, c, 1, 1, 1, f"{name}_expand", act="HardSigmoid")
+        nodes.append(helper.make_node("Mul", [x, g], [name]))
+        return name
+
+    x, cin = conv("image", 3, 16, 3, 2, 1, "stem"), 16
+    for i, (expand, cout, stride) in enumerate([(64, 24, 2), (96, 24, 1), (96, 40, 2)]):
+        y = conv(x, cin, expand, 1, 1, 1, f"b{i}_expand")
+        y = conv(y, expand, expand, 3, stride, expand, f"b{i}_dw")
+        y = squeeze_excite(y, expand, f"b{i}_se")
+        y = conv(y, expand, cout, 1, 1, 1, f"b{i}_project", act=None)
+        if stride == 1 and cin == cout:
+            nodes.append(helper.make_node("Add", [x, y], [f"b{i}"]))
+            y = f"b{i}"
+        x, cin = y, cout
+    x = conv(x, cin, 96, 1, 1, 1, "head")
+    return _image_classifier(path, "mobilenet_v3_like", nodes, inits, x, 96, size, classes, rng)
+
+
 def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channels: int, size: int, classes: int,
                       rng) -> Path:
     """Finish an image model: global average pool, a linear classifier, NCHW image in, logits out."""

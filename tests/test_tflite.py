@@ -188,7 +188,7 @@ def converted(tmp_path_factory):
     return build(tmp_path_factory.mktemp("converted"))
 
 
-@pytest.mark.parametrize("stem", ["digits-int8", "digits-int8io", "mobilenet-int8", "keras-int8", "fire-int8"])
+@pytest.mark.parametrize("stem", ["digits-int8", "digits-int8io", "mobilenet-int8", "keras-int8", "fire-int8", "mv3-int8"])
 def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted, stem, tmp_path):
     """The converter's INT8 .tflite files run in this runtime (tflite-runtime 2.14 or ai-edge-litert):
     self-test passes, and outputs equal what ai-edge-litert gave to a few quantization steps (the
