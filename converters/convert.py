@@ -29,7 +29,6 @@ from .onnx_graph import lift_constants, model_bytes, name_nodes, upgrade_opset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
 from .prune_channels import prune_channels
-from .stateful import check_state
 from .targets import FORMATS, OnnxTarget, TfliteTarget
 
 REFERENCE_SAMPLES = 8
@@ -129,8 +128,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         model = load_onnx(model_path)
         inputs, outputs = describe(model)
         if opts.state:
-            check_state(opts.state, inputs, outputs)
-        opts.context = stateful.check_context(opts.context, opts.state, inputs)
+            stateful.check_state(opts.state, inputs, outputs)
+        opts.context = stateful.check_context(opts.context, opts.state, inputs)  # as numbers of samples
         calib, evalset = load_data(calibration, evaluation, stateful.data_specs(inputs, opts.state, opts.context),
                                    opts, say)
         source = _named_copy(model_path, work / "named.onnx")

@@ -115,6 +115,7 @@ class StreamSession:
         self._out = [_Arg(a, False) for a in session.get_outputs() if a.name not in state.values()]
         self._all_out = [a.name for a in session.get_outputs()]
         self.current, self.tails = dict(initial), {}
+        self.last_feed: dict[str, np.ndarray] = {}
 
     def get_inputs(self):
         return self._in
@@ -138,7 +139,7 @@ class StreamSession:
 
     def step(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One sample (a first axis of 1) on the current state; the state moves on."""
-        fed = self.feed(row)
+        fed = self.last_feed = self.feed(row)
         out = dict(zip(self._all_out, self.session.run(self._all_out, fed)))
         self.current = {i: out[o] for i, o in self.state.items()}
         self.tails = {name: fed[name][..., -k:] for name, k in self.context.items()}
@@ -158,7 +159,6 @@ def steps(session: StreamSession, inputs: dict[str, np.ndarray]) -> list[dict[st
     n = len(next(iter(inputs.values())))
     fed = []
     for i in range(n):
-        row = {k: v[i:i + 1] for k, v in inputs.items()}
-        fed.append(session.feed(row))
-        session.step(row)
+        session.step({k: v[i:i + 1] for k, v in inputs.items()})
+        fed.append(session.last_feed)
     return fed
