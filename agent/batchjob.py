@@ -11,7 +11,8 @@ Files: a .npy holds one input's samples along the first axis (a single sample wi
 that axis is accepted); a .npz holds one array per input name, with the same number of
 samples each. Image files (.jpg, .png, ...) feed a one-input image model, prepared as its
 bundle says (the converter's --preprocess, agent/images.py) or as --preprocess says here;
-where the bundle names its classes, each result gives the class name too.
+where the bundle names its classes, each result gives the class name too. For a stateful
+model each file is one stream, its samples in order, so results do not depend on --batch.
 """
 
 from __future__ import annotations
@@ -110,6 +111,31 @@ def _count(files: list[Path], inputs: list[dict]) -> int:
     return total
 
 
+class _FileStreams:
+    """A stateful model (a voice activity detector over recordings, say) reads each file as one
+    stream, its samples in order, whatever the batch size: the file's batches continue one
+    stream, which is forgotten when the next file starts, and at the end."""
+
+    def __init__(self, client: LocalClient, model: str):
+        self.client, self.model = client, model
+        self.path: str | None = None
+        self.stream: str | None = None
+
+    def of(self, path: str) -> str:
+        if path != self.path:
+            self.close()
+            self.path, self.stream = path, f"infer-{os.getpid()}-{time.monotonic_ns()}"
+        return self.stream
+
+    def close(self) -> None:
+        if self.stream is not None:
+            try:
+                self.client.reset(self.model, self.stream)
+            except (EdgewardError, OSError):  # the job's own error, if any, is the one to report
+                pass
+            self.stream = None
+
+
 def run_job(socket_path: str, model: str, input_path: str, output: str, batch: int = 32,
             progress=sys.stderr, preprocess: str | None = None) -> dict:
     """Run the job; returns a summary (samples, seconds, version)."""
@@ -131,10 +157,12 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         classes = (info.get("preprocessing") or {}).get("classes") or []
         done, t0 = 0, time.monotonic()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+        streams = _FileStreams(client, model) if info.get("mode") == "stateful" else None
         try:
             with open(tmp, "w") as f:
                 for sources, feeds in batches:
-                    outputs = client.infer(model, feeds)
+                    stream = streams.of(sources[0][0]) if streams is not None else None
+                    outputs = client.infer(model, feeds, stream=stream)
                     for row, (source, index) in enumerate(sources):
                         record = {"source": source, "index": index,
                                   "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
@@ -154,6 +182,9 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            if streams is not None:
+                streams.close()
         if progress is not None:
             progress.write("\n")
     return {"samples": done, "seconds": round(time.monotonic() - t0, 2), "model": model, "version": info.get("version")}

@@ -281,6 +281,21 @@ def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, a
         assert [s["clients"] for s in steps] == [1, 2]
         assert all(s["errors"] == 0 and s["requests"] > 10 for s in steps), steps
         assert result["bare"]["p50_ms"] > 0 and all(s["bare_rows_per_s"] > 0 for s in steps)
+
+        # an offline job over recordings: each file is one stream, whatever --batch cuts it into
+        recordings = {"a.npy": _voice_like(2.0, 2), "b.npy": _voice_like(1.5, 3)}
+        (tmp_path / "rec").mkdir()
+        for name, audio in recordings.items():
+            np.save(tmp_path / "rec" / name, _windows(audio)[:, CONTEXT:])
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "infer", "--socket", str(store / "agent.sock"),
+                            "--model", "vad", "--input", str(tmp_path / "rec"), "--batch", "7",
+                            "--output", str(tmp_path / "vad.jsonl")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in (tmp_path / "vad.jsonl").read_text().splitlines()]
+        for name, audio in recordings.items():
+            got = [row["outputs"]["output"][0] for row in rows if row["source"].endswith(name)]
+            np.testing.assert_allclose(got, _wrapper_probabilities(audio), rtol=0, atol=1e-5)
+        assert ra.agent.engine.get("vad").snapshot().streams == 0  # the job's (and the bench's) were forgotten
     finally:
         ra.stop()
 
