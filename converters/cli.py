@@ -32,7 +32,7 @@ examples:
   edgeward convert model.keras --calibration calib.npz --tflite-io int8 -o net.ewb       # INT8 TFLite
   edgeward convert model.pt2 --calibration calib.npz --prune-channels 0.25 --format tflite -o small.ewb
   edgeward convert mobilenet.onnx --calibration photos/ --eval val/ --preprocess imagenet -o cam.ewb
-  edgeward convert silero_vad.onnx --calibration chunks.npz --precision fp32 --fix-input sr=16000 \
+  edgeward convert silero_vad.onnx --calibration chunks.npz --precision fp32 --fix-input sr=16000 \\
       --state state=stateN --context input=64 -o vad.ewb     # per-stream state on the board
 
 sources, the layers each format maps, install sizes: docs/CONVERTER.md
