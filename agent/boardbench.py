@@ -65,11 +65,10 @@ def reference_inputs(info: dict) -> dict[str, np.ndarray] | None:
         return None
 
 
-def sample_inputs(info: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One sample of what callers send: the bundle's self-test data where this process can read
-    it (real shapes and values: a model with other free axes, audio of any length say, fails
-    on made-up ones), random data of the input shapes otherwise."""
-    fed = reference_inputs(info)
+def sample_inputs(info: dict, fed: dict[str, np.ndarray] | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One sample of what callers send: from the bundle's self-test data `fed` (reference_inputs)
+    where this process could read it (real shapes and values: a model with other free axes,
+    audio of any length say, fails on made-up ones), random data of the input shapes otherwise."""
     if fed is None or any(s["name"] not in fed for s in info["inputs"]):
         return random_inputs(info["inputs"], rng)
     out = {}
@@ -102,7 +101,8 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
         _check_readable(info)
     stateful = info["mode"] == "stateful"
     rng = np.random.default_rng(0)
-    feeds = sample_inputs(info, rng)
+    fed = reference_inputs(info)
+    feeds = sample_inputs(info, fed, rng)
     steps = []
     with LocalClient(socket_path) as client:
         if image is not None:
@@ -120,12 +120,15 @@ def bench(socket_path: str, model: str, clients: list[int], seconds: float, bare
     result = {"model": model, "version": info["version"], "mode": info["mode"], "seconds": seconds, "steps": steps,
               "max_delay_ms": info.get("max_delay_ms", 0.0), "image_bytes": len(image) if image is not None else None}
     if bare:
-        result.update(_against_bare(socket_path, info, steps, seconds))
+        result.update(_against_bare(socket_path, info, steps, seconds, fed))
     return result
 
 
-def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: float) -> dict:
-    """The bare runtime on the same file and threads, and both sides' memory (after their runs)."""
+def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: float,
+                  fed: dict[str, np.ndarray] | None) -> dict:
+    """The bare runtime on the same file and threads, and both sides' memory (after their runs);
+    fed with the bundle's self-test inputs `fed` where there are some (real shapes for free
+    axes, and a stateful model's state)."""
     from .barebench import run_bare
 
     agent_pid = _peer_pid(socket_path)
@@ -133,7 +136,6 @@ def _against_bare(socket_path: str, info: dict, steps: list[dict], seconds: floa
     for s in steps:
         s["bare_batch"] = min(s["clients"], info.get("max_batch", 1)) if batched else 1
     agent_mb = {"agent": _rss_mb(agent_pid), "worker": _rss_mb(info.get("pid"))}
-    fed = reference_inputs(info)  # real shapes for free axes, and a stateful model's state
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
         inputs = None
         if fed:

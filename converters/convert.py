@@ -248,7 +248,9 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     """Quantize for one target (searching when asked), measure, and write its bundle."""
     def quality_of(s: guard.Settings) -> dict:
         target.build(opts.precision, s)
-        candidate = as_stream(target.session(threads=opts.threads), opts, target.specs()[0])
+        candidate = target.session(threads=opts.threads)
+        if opts.state:  # (the specs, read from the candidate's file, give the stream's zero state)
+            candidate = as_stream(candidate, opts, target.specs()[0])
         return measure.compare(ref_out, measure.run_all(candidate, evalset.inputs, what=f"the {opts.precision} model"),
                                evalset.labels)
 

@@ -268,9 +268,9 @@ def test_edgeward_bench_sends_samples_a_model_with_free_axes_can_run(tmp_path, a
             (model,) = client.models()
         assert model["mode"] == "stateful" and model["inputs"][0]["shape"] == [-1, -1]
         assert model["context"] == {"input": CONTEXT}
-        from agent.boardbench import sample_inputs
+        from agent.boardbench import reference_inputs, sample_inputs
 
-        (sample,) = sample_inputs(model, np.random.default_rng(0)).values()
+        (sample,) = sample_inputs(model, reference_inputs(model), np.random.default_rng(0)).values()
         assert sample.shape == (1, WINDOW)  # the new samples of the reference's window
         r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--socket", str(store / "agent.sock"),
                             "--model", "vad", "--clients", "1,2", "--seconds", "0.5", "--bare", "--json"],
