@@ -66,6 +66,13 @@ class ConvertOptions:
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
 
 
+def _top1_needed(outputs) -> float:
+    """The board's self-test asks every answer's top class to match where the outputs are class
+    scores ([batch, classes]); a map (a detector's [batch, 1, H, W]) has no top class, and near
+    ties along its last axis would flip between runtimes: its bound is the error tolerance alone."""
+    return 1.0 if all(len(o.shape) == 2 for o in outputs) else 0.0
+
+
 def _named_copy(model_path: Path, out: Path) -> Path:
     """The FP32 model with every node named (exporters often leave names empty), so layers can
     be kept in float by name and reports can point at them, its weights as initializers
@@ -324,7 +331,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         context=dict(opts.context),
         memory=MemoryCost(load_mb=memory["load_mb"], runtime_mb=memory["runtime_mb"],
                           measured_on=memory["measured_on"]),
-        selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=1.0),
+        selftest=SelfTest(atol=round(atol, 6), min_top1_agreement=_top1_needed(q_outputs)),
         quality={**quality, "latency_p50_ms_fp32": latency["fp32"]["p50"],
                  "latency_p50_ms_int8": latency["int8"]["p50"], **sizes,
                  "source_bytes": source_bytes, "peak_rss_mb": memory["peak_mb"],

@@ -8,11 +8,11 @@ operator it cannot map, and keeps the model's I/O exactly as the ONNX file has i
 (NCHW images go through one TRANSPOSE inside the model), so the same calibration
 and evaluation data, and the same callers, work for both formats.
 
-Mapped: Conv (plain and depthwise, with folded BatchNormalization), Gemm, MatMul
-(+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
+Mapped: Conv (plain and depthwise, with folded BatchNormalization), ConvTranspose, Gemm,
+MatMul (+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
 AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub (of two tensors
 that broadcast, or with a constant), Div (by a constant), Softmax, Sigmoid, Tanh,
-HardSwish, HardSigmoid, Identity and Dropout.
+HardSwish, HardSigmoid, Resize (nearest and bilinear, 2-D), Identity and Dropout.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
 from .tflite_graph import Graph, Op
+from .tflite_simplify import simplify
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 _ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
 _POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
 _BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV"}  # DIV: by a constant, as a MUL
+
+
+class _NeedsFixedBatch(Exception):
+    """A layer that needs the batch size fixed met a free one."""
 
 
 def _unsupported(node, why: str = "") -> ConversionError:
@@ -90,7 +95,8 @@ class _Lowering:
     def op(self, kind, inputs, output, name="", **options) -> None:
         self.g.ops.append(Op(kind, inputs, [output], options, name))
         if options.get("activation") in ("RELU", "RELU6") or kind in ("RELU", "RELU6") or \
-                (kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "RESHAPE", "TRANSPOSE") and inputs[0] in self.nonneg):
+                (kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "RESHAPE", "TRANSPOSE", "RESIZE_NEAREST_NEIGHBOR",
+                         "RESIZE_BILINEAR", "SLICE") and inputs[0] in self.nonneg):
             self.nonneg.add(output)  # never negative: zero padding is then as good as -inf for max pooling
 
     def fuse_activation(self, out: str) -> tuple[str, str]:
@@ -229,7 +235,7 @@ class _Lowering:
         cout, cin_g, kh, kw = w.shape
         b = self.const(node.input[2], node).astype(np.float32) if len(node.input) > 2 and node.input[2] \
             else np.zeros(cout, np.float32)
-        w, b, node_out = self.fold_batchnorm(node, w, b)
+        w, b, node_out = self.fold_channel_affine(node, w, b)
         n, h, wd, cin = self.g.shapes[x]
         group = a.get("group", 1)
         stride = tuple(a.get("strides", [1, 1]))
@@ -257,6 +263,151 @@ class _Lowering:
         self.op(kind, [x, wname, bname], y, name=node.name, padding=mode, stride=stride, dilation=dilation,
                 activation=act, **extra)
 
+    def lower_ConvTranspose(self, node):
+        """The learned upsampling of a segmentation or text-detection head (DBNet's, in PP-OCR).
+        A kernel the size of its stride becomes a 1x1 conv and a DEPTH_TO_SPACE; any other is a
+        TRANSPOSE_CONV, whose output shape is a constant input of the op, so a model with one is
+        written with its batch fixed at 1 (see lower())."""
+        a = node_attrs(node)
+        x = self.src(node.input[0])
+        if x not in self.nhwc:
+            raise _unsupported(node, " on a non-4D input")
+        w = self.const(node.input[1], node).astype(np.float32)
+        if w.ndim != 4:
+            raise _unsupported(node, f" with {w.ndim - 2}-D kernels")
+        if a.get("group", 1) != 1:
+            raise _unsupported(node, f" with groups={a['group']}")
+        if list(a.get("dilations", [1, 1])) != [1, 1]:
+            raise _unsupported(node, f" with dilations {list(a['dilations'])}")
+        if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            raise _unsupported(node, " with output_shape or auto_pad (give pads instead)")
+        cin, cout, kh, kw = w.shape
+        w = np.ascontiguousarray(w.transpose(1, 0, 2, 3))                                 # [out, in, kh, kw]
+        b = self.const(node.input[2], node).astype(np.float32) if len(node.input) > 2 and node.input[2] \
+            else np.zeros(cout, np.float32)
+        w, b, node_out = self.fold_channel_affine(node, w, b)
+        n, h, wd, _ = self.g.shapes[x]
+        stride = tuple(a.get("strides", [1, 1]))
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        extra = list(a.get("output_padding", [0, 0]))
+        out = [(size - 1) * s + k - pads[i] - pads[i + 2] + extra[i]
+               for i, (size, s, k) in enumerate(zip((h, wd), stride, (kh, kw)))]
+        if (kh, kw) == stride and all(pads[i] + out[i] <= (h, wd)[i] * stride[i] for i in range(2)):
+            return self._upsample_by_depth_to_space(node, x, w, b, node_out, stride[0] if stride[0] == stride[1] else 0,
+                                                    pads, out)
+        # TFLite pads a transposed conv by its padding type alone: VALID puts nothing in front, SAME
+        # puts half of what the output size leaves over in front (the rest, and output_padding, at the
+        # end). Other paddings (torch's k3 s2 p1 output_padding 1) are a VALID one cropped by a SLICE.
+        full = [(size - 1) * s + k for size, s, k in zip((h, wd), stride, (kh, kw))]
+        crop = None
+        if pads[0] == pads[1] == 0:
+            mode = "VALID"
+        elif all(-(-o // s) == size and pads[i] == ((size - 1) * s + k - o) // 2
+                 for i, (o, s, k, size) in enumerate(zip(out, stride, (kh, kw), (h, wd)))):
+            mode = "SAME"
+        elif all(pads[i] + out[i] <= full[i] for i in range(2)):
+            mode, crop = "VALID", out
+            out = full
+        else:
+            raise _unsupported(node, f" with pads {pads} and output_padding {extra}")
+        if n <= 0:  # TRANSPOSE_CONV's output shape is a constant: lower() tries again with batch 1
+            raise _NeedsFixedBatch()
+        final = self.out_name(node_out, True)
+        y = self.new(f"{node.name}/full" if crop else final, [n, *out, cout], nhwc=True)
+        if crop:  # the full output's values are the cropped one's and its margins: the same range
+            self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)
+        wname = self.add_const(f"{node.name}/weights", np.ascontiguousarray(w.transpose(0, 2, 3, 1)))  # OHWI
+        bname = self.add_const(f"{node.name}/bias", b)
+        shape = self.add_const(f"{node.name}/output_shape", np.array([n, *out, cout], np.int32))
+        self.op("TRANSPOSE_CONV", [x, wname, bname, shape], y, name=node.name, padding=mode, stride=stride)
+        if crop:
+            cropped = self.new(final, [n, *crop, cout], nhwc=True)
+            begin = self.add_const(f"{node.name}/begin", np.array([0, pads[0], pads[1], 0], np.int32))
+            size = self.add_const(f"{node.name}/size", np.array([n, *crop, cout], np.int32))
+            self.op("SLICE", [y, begin, size], cropped, name=node.name)
+
+    def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, pads, out):
+        """A transposed conv whose kernel is its stride (2x2, stride 2: the learned upsampling of
+        DBNet's and U-Net's heads) writes each input pixel into its own s x s block of the output,
+        so it is a 1x1 CONV_2D to s*s*C channels and a DEPTH_TO_SPACE: ops with int8 kernels in
+        XNNPACK, where TRANSPOSE_CONV has float ones only (its int8 form ran 7x slower than FP32),
+        and with no output shape to fix the batch."""
+        if not s:
+            raise _unsupported(node, " with a different stride along height and width")
+        cout, cin = w.shape[:2]
+        n, h, wd, _ = self.g.shapes[x]
+        # 1x1 conv output channel (dy * s + dx) * cout + o holds the block's pixel (dy, dx), channel o
+        w1 = np.ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(s * s * cout, cin)[:, None, None, :])   # OHWI
+        b1 = np.tile(b, s * s).astype(np.float32)
+        final = self.out_name(node_out, True)
+        blocks = self.new(f"{node.name}/blocks", [n, h, wd, s * s * cout], nhwc=True)
+        self.op("CONV_2D", [x, self.add_const(f"{node.name}/weights", w1), self.add_const(f"{node.name}/bias", b1)],
+                blocks, name=node.name, padding="VALID", stride=(1, 1), dilation=(1, 1), activation="NONE")
+        self.g.derived[blocks] = (final, 1.0, 0.0, -math.inf, math.inf)  # the output's values, rearranged
+        cropped = pads[0] or pads[1] or out != [h * s, wd * s]
+        y = self.new(f"{node.name}/full" if cropped else final, [n, h * s, wd * s, cout], nhwc=True)
+        self.op("DEPTH_TO_SPACE", [blocks], y, name=node.name, block_size=s)
+        if cropped:
+            self.new(final, [n, *out, cout], nhwc=True)
+            begin = self.add_const(f"{node.name}/begin", np.array([0, pads[0], pads[1], 0], np.int32))
+            size = self.add_const(f"{node.name}/size", np.array([-1, *out, cout], np.int32))
+            self.op("SLICE", [y, begin, size], final, name=node.name)
+
+    def lower_Resize(self, node):
+        """The 2x/4x upsampling of a feature pyramid (detectors, segmentation):
+        RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR, where ONNX's coordinate mode is one TFLite has."""
+        a = {k: v.decode() if isinstance(v, bytes) else v for k, v in node_attrs(node).items()}
+        x = self.src(node.input[0])
+        if x not in self.nhwc:
+            raise _unsupported(node, " on a non-4D input")
+        n, h, w, c = self.g.shapes[x]
+        if h <= 0 or w <= 0:
+            raise _unsupported(node, " of an input of unknown height/width")
+        if a.get("axes") is not None or a.get("antialias", 0) or \
+                a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise _unsupported(node, " with axes, antialias or keep_aspect_ratio_policy")
+        inputs = list(node.input) + [""] * 4
+        if self.model.opset_import[0].version < 11:              # Resize(X, scales)
+            scales, sizes = inputs[1], ""
+        else:                                                     # Resize(X, roi, scales, sizes)
+            scales, sizes = inputs[2], inputs[3]
+        scales = self.const(scales, node).astype(np.float64) if scales else np.zeros(0)
+        if sizes:
+            size = self.const(sizes, node).astype(np.int64).tolist()
+            if len(size) != 4 or size[1] != c or size[0] not in (n, 1):
+                raise _unsupported(node, f" to sizes {size}")
+            out = size[2:]
+        elif scales.size == 4 and scales[0] == scales[1] == 1:
+            out = [int(math.floor(h * scales[2])), int(math.floor(w * scales[3]))]
+        else:
+            raise _unsupported(node, f" with scales {scales.tolist()} (only height and width may change)")
+        mode = a.get("mode", "nearest")
+        old = self.model.opset_import[0].version < 11  # opset 10's Resize: asymmetric, floor
+        coords = a.get("coordinate_transformation_mode", "asymmetric" if old else "half_pixel")
+        rounding = a.get("nearest_mode", "floor" if old else "round_prefer_floor")
+        if any(float(o) != float(size) * f for o, size, f in zip(out, (h, w), scales[2:])):
+            raise _unsupported(node, f" by a scale that does not give whole sizes ({scales.tolist()})")
+        if mode == "nearest":  # the first TFLite form that picks the same source pixel for every output one
+            kind = "RESIZE_NEAREST_NEIGHBOR"
+            forms = [(align, half) for align in (False, True) for half in (False, True) if not (align and half)
+                     if all(np.array_equal(_onnx_nearest(o, i, coords, rounding), _tflite_nearest(o, i, align, half))
+                            for o, i in zip(out, (h, w)))]
+        elif mode == "linear":
+            kind = "RESIZE_BILINEAR"
+            if coords == "pytorch_half_pixel" and min(out) > 1:
+                coords = "half_pixel"
+            forms = {"asymmetric": [(False, False)], "half_pixel": [(False, True)],
+                     "align_corners": [(True, False)]}.get(coords, [])
+        else:
+            forms = []
+        if not forms:
+            raise _unsupported(node, f" with mode={mode}, coordinate_transformation_mode={coords}"
+                                     + (f", nearest_mode={rounding}" if mode == "nearest" else ""))
+        align, half = forms[0]
+        y = self.new(self.out_name(node.output[0], True), [n, *out, c], nhwc=True)
+        size_name = self.add_const(f"{node.name}/size", np.array(out, np.int32))
+        self.op(kind, [x, size_name], y, name=node.name, align_corners=align, half_pixel_centers=half)
+
     def _explicit_pad(self, node, x: str, pads: list[int]) -> str:
         """A PAD op (zeros) in front of a layer whose ONNX padding is not TF's SAME."""
         n, h, w, c = self.g.shapes[x]
@@ -273,18 +424,38 @@ class _Lowering:
             return -(-size // stride)
         return (size - (k - 1) * dilation - 1) // stride + 1
 
-    def fold_batchnorm(self, node, w, b):
-        """A BatchNormalization that alone consumes the conv is folded into its weights."""
+    def fold_channel_affine(self, node, w, b):
+        """(weights, bias, output tensor) of a conv with the per-channel scale-and-shift layers that
+        alone consume its output folded in: BatchNormalization; Add, Sub, Mul or Div of a per-channel
+        or scalar constant (Paddle2ONNX writes every bias as such an Add, and PP-OCR's blocks end in a
+        learned Mul and Add after each conv). `w` is [out channels, ...]."""
         out = node.output[0]
-        users = self.consumers.get(out, [])
-        if len(users) == 1 and users[0].op_type == "BatchNormalization" and out not in self.graph_outputs:
-            bn = users[0]
-            scale, bias, mean, var = (self.const(bn.input[i], bn).astype(np.float64) for i in range(1, 5))
-            eps = node_attrs(bn).get("epsilon", 1e-5)
-            k = scale / np.sqrt(var + eps)
-            self.done.add(id(bn))
-            return ((w * k[:, None, None, None]).astype(np.float32),
-                    ((b - mean) * k + bias).astype(np.float32), bn.output[0])
+        while len(users := self.consumers.get(out, [])) == 1 and out not in self.graph_outputs:
+            user = users[0]
+            if user.op_type == "BatchNormalization":
+                scale, bias, mean, var = (self.const(user.input[i], user).astype(np.float64) for i in range(1, 5))
+                k = scale / np.sqrt(var + node_attrs(user).get("epsilon", 1e-5))
+                shift = bias - mean * k
+            elif user.op_type in ("Mul", "Add", "Sub", "Div"):
+                other = user.input[1] if user.input[0] == out else user.input[0]
+                if other not in self.consts or other in self.from_shape or \
+                        (user.op_type in ("Sub", "Div") and user.input[1] != other):
+                    break
+                c = self.consts[other].astype(np.float64)
+                if c.ndim > 4 or c.size not in (1, len(b)) or \
+                        c.reshape((1,) * (4 - c.ndim) + c.shape).shape[1] != c.size:
+                    break  # not one value per output channel
+                c = np.broadcast_to(c.reshape(-1), b.shape)
+                if user.op_type == "Div" and not np.all(c):
+                    break
+                k = {"Mul": c, "Div": 1.0 / c}.get(user.op_type, np.ones_like(c))
+                shift = {"Add": c, "Sub": -c}.get(user.op_type, np.zeros_like(c))
+            else:
+                break
+            w = (w * k.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+            b = (b * k + shift).astype(np.float32)
+            self.done.add(id(user))
+            out = user.output[0]
         return w, b, out
 
     def _fully_connected(self, node, x, w_in_out, bias, out_node):
@@ -527,19 +698,26 @@ class _Lowering:
                            self.out_name(node.output[0], x in self.nhwc))
 
     def lower_HardSwish(self, node):
-        """x * hard_sigmoid(x) (alpha 1/6, beta 1/2), as a MUL of x and the hard-sigmoid below:
-        TFLite's HARD_SWISH has no int8 kernel in XNNPACK, and seven of them in a small
-        MobileNetV3 made its INT8 model 5x slower than FP32; these ops all run there."""
+        """x * relu6(x + 3) / 6, as ADD (fused RELU6), MUL and MUL by 1/6: TFLite's HARD_SWISH has
+        no int8 kernel in XNNPACK, and seven of them in a small MobileNetV3 made its INT8 model 5x
+        slower than FP32; these ops all run there, and the next conv absorbs the last one
+        (tflite_simplify)."""
         x = self.src(node.input[0])
         nhwc, shape = x in self.nhwc, self.g.shapes[x]
-        gate = self._hard_sigmoid(node, x, 1 / 6, 0.5, f"{node.output[0]}/gate")
-        y = self.new(self.out_name(node.output[0], nhwc), shape, nhwc=nhwc)
-        self.op("MUL", [x, gate], y, name=node.name, activation="NONE")
+        clipped = self._hard_sigmoid(node, x, 1 / 6, 0.5, None)
+        y = self.out_name(node.output[0], nhwc)
+        product = self.new(f"{node.output[0]}/x6", shape, nhwc=nhwc)
+        self.op("MUL", [x, clipped], product, name=node.name, activation="NONE")
+        self.g.derived[product] = (y, 6.0, 0.0, -math.inf, math.inf)
+        self.new(y, shape, nhwc=nhwc)
+        self.op("MUL", [product, self.add_const(f"{node.name}/sixth_out", np.array([1 / 6], np.float32))], y,
+                name=node.name, activation="NONE")
 
-    def _hard_sigmoid(self, node, x: str, alpha: float, beta: float, out: str) -> str:
-        """relu6(6 alpha x + 6 beta) / 6 into tensor `out`: TFLite has no hard-sigmoid. The
-        steps have no ONNX tensor to calibrate; their ranges follow from x's (Graph.derived),
-        as does `out`'s where it is not an ONNX tensor either."""
+    def _hard_sigmoid(self, node, x: str, alpha: float, beta: float, out: str | None) -> str:
+        """relu6(6 alpha x + 6 beta) / 6 into tensor `out` (TFLite has no hard-sigmoid), or without
+        the / 6 where `out` is None: the tensor then returned holds 6x the hard-sigmoid. The steps
+        have no ONNX tensor to calibrate; their ranges follow from x's (Graph.derived), as does
+        `out`'s where it is not an ONNX tensor either."""
         nhwc, shape = x in self.nhwc, self.g.shapes[x]
         scalar = lambda tag, v: self.add_const(f"{node.name}/{tag}", np.array([v], np.float32))  # noqa: E731
         if abs(6 * alpha - 1) > 1e-6:
@@ -550,11 +728,38 @@ class _Lowering:
         clipped = self.new(f"{node.output[0]}/relu6", shape, nhwc=nhwc)
         self.op("ADD", [x, scalar("beta6", 6 * beta)], clipped, name=node.name, activation="RELU6")
         self.g.derived[clipped] = (x, 1.0, 6 * beta, 0.0, 6.0)
+        if out is None:
+            return clipped
         y = self.new(out, shape, nhwc=nhwc)
         self.op("MUL", [clipped, scalar("sixth", 1 / 6)], y, name=node.name, activation="NONE")
         if onnx_tensor(out) != node.output[0]:
             self.g.derived[y] = (clipped, 1 / 6, 0.0, 0.0, 1.0)
         return y
+
+
+def _onnx_nearest(out: int, size: int, coords: str, rounding: str) -> np.ndarray:
+    """The source index ONNX's Resize (mode nearest) reads for each output index along one axis."""
+    x = np.arange(out, dtype=np.float64)
+    scale = out / size
+    v = {"half_pixel": (x + 0.5) / scale - 0.5,
+         "pytorch_half_pixel": (x + 0.5) / scale - 0.5 if out > 1 else np.zeros_like(x),
+         "asymmetric": x / scale,
+         "tf_half_pixel_for_nn": (x + 0.5) / scale,
+         "align_corners": x * (size - 1) / (out - 1) if out > 1 else np.zeros_like(x)}.get(coords)
+    if v is None:
+        return np.full(out, -1)
+    picked = {"round_prefer_floor": np.ceil(v - 0.5), "round_prefer_ceil": np.floor(v + 0.5),
+              "floor": np.floor(v), "ceil": np.ceil(v)}[rounding]
+    return np.clip(picked, 0, size - 1).astype(np.int64)
+
+
+def _tflite_nearest(out: int, size: int, align: bool, half: bool) -> np.ndarray:
+    """The source index TFLite's RESIZE_NEAREST_NEIGHBOR reads (its reference kernel, in float32)."""
+    x = np.arange(out, dtype=np.float32)
+    scale = np.float32((size - 1) / (out - 1) if align and out > 1 else size / out)
+    v = (x + np.float32(0.5 if half else 0.0)) * scale
+    picked = np.where(v >= 0, np.floor(v + np.float32(0.5)), np.ceil(v - np.float32(0.5))) if align else np.floor(v)
+    return np.clip(picked, 0, size - 1).astype(np.int64)
 
 
 def lower(model) -> Graph:
@@ -563,7 +768,14 @@ def lower(model) -> Graph:
         if vi.type.tensor_type.elem_type != 1 and vi.name not in {i.name for i in model.graph.initializer}:
             raise ConversionError(f"input {vi.name!r} is not float32", "TFLite conversion takes float models")
     name_nodes(model)  # as the converter's named copy names them
-    return _Lowering(model).run()
+    try:
+        return simplify(_Lowering(model).run())
+    except _NeedsFixedBatch:
+        for vi in model.graph.input:  # the model is then written for batches of one (agents run those)
+            dims = vi.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_value = 1
+        return simplify(_Lowering(model).run())
 
 
 def onnx_tensor(name: str) -> str:
@@ -600,7 +812,7 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
     found = {k: (float(np.asarray(v.range_value[0]).min()), float(np.asarray(v.range_value[1]).max()))
              for k, v in computed.items()}
     ranges = {}
-    for name in graph.activations():
+    for name in graph.activations() + [src for src, *_ in graph.derived.values()]:  # sources may be gone
         src = onnx_tensor(name)
         if src in found:
             ranges[name] = found[src]

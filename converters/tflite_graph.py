@@ -6,10 +6,10 @@ Every TFLite path of the converter goes through this graph: the ONNX lowering
 or as full-integer INT8 following the TFLite quantization spec:
 
 - activations int8, per tensor, asymmetric: real = scale * (q - zero_point);
-- conv / depthwise weights int8 per output channel, symmetric (zero point 0);
+- conv / depthwise / transposed-conv weights int8 per output channel, symmetric (zero point 0);
   fully-connected weights int8 per tensor (the form tflite-runtime 2.14 runs);
 - biases int32 with scale = input scale * weight scale, zero point 0;
-- pooling, reshape, transpose and pad keep their input's scale; softmax and
+- pooling, reshape, transpose, pad, slice, depth-to-space and resizing keep their input's scale; softmax and
   logistic outputs use the fixed 1/256 scale the kernels require;
 - constant operands of elementwise ops (x + 3, x / 6) int8 per tensor, on their own grid.
 
@@ -28,10 +28,11 @@ import numpy as np
 from agent.errors import ConversionError
 
 # ops that compute new values (their outputs get their own calibrated scale) ...
-WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH")
 # ... ops whose int8 output must reuse the input's scale and zero point ...
-SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD")
+SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "RESIZE_NEAREST_NEIGHBOR",
+              "RESIZE_BILINEAR", "SLICE", "DEPTH_TO_SPACE")
 # ... and ops whose int8 output scale is fixed by the kernel.
 FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
 # ... and CONCATENATION, whose int8 inputs are brought to its output's scale first (requantized
@@ -44,7 +45,23 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "MAX_POOL_2D": (1, 2), "AVERAGE_POOL_2D": (1, 2), "RESHAPE": (1, 1), "TRANSPOSE": (1, 2),
              "PAD": (1, 2), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
              "CONCATENATION": (1, 2), "HARD_SWISH": (1, 1),
-             "DEQUANTIZE": (2, 2)}
+             "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
+             "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
+             "DEPTH_TO_SPACE": (1, 2)}
+
+
+def _version(kind: str, int8: bool, op: "Op | None") -> int:
+    """The op version a runtime must register for this op (TFLite's op_version rules): newer
+    options need newer kernels, which tflite-runtime 2.14 and ai-edge-litert both have."""
+    version = _VERSIONS.get(kind, (1, 1))[1 if int8 else 0]
+    o = op.options if op is not None else {}
+    if kind == "RESIZE_BILINEAR" and o.get("half_pixel_centers"):
+        return 3
+    if kind == "RESIZE_NEAREST_NEIGHBOR" and (o.get("half_pixel_centers") or o.get("align_corners")):
+        return 3
+    if kind == "TRANSPOSE_CONV" and op is not None and len(op.inputs) > 2 and op.inputs[2]:
+        return 3  # with a bias input
+    return version
 
 
 @dataclass
@@ -164,8 +181,8 @@ class _Emitter:
         self.index[name] = len(self.tensors) - 1
         return self.index[name]
 
-    def code(self, kind: str, int8: bool) -> int:
-        version = _VERSIONS.get(kind, (1, 1))[1 if int8 else 0]
+    def code(self, kind: str, int8: bool, op: Op | None = None) -> int:
+        version = _version(kind, int8, op)
         key = (kind, version)
         if key not in self.code_index:
             c = self.s.OperatorCodeT()
@@ -227,6 +244,21 @@ def _options(s, op: Op):
         return s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()
     if k == "PAD":
         return s.BuiltinOptions.PadOptions, s.PadOptionsT()
+    if k == "SLICE":
+        return s.BuiltinOptions.SliceOptions, s.SliceOptionsT()
+    if k == "DEPTH_TO_SPACE":
+        x = s.DepthToSpaceOptionsT()
+        x.blockSize = int(o["block_size"])
+        return s.BuiltinOptions.DepthToSpaceOptions, x
+    if k in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
+        x = getattr(s, "ResizeNearestNeighborOptionsT" if k == "RESIZE_NEAREST_NEIGHBOR" else "ResizeBilinearOptionsT")()
+        x.alignCorners, x.halfPixelCenters = bool(o.get("align_corners")), bool(o.get("half_pixel_centers"))
+        return getattr(s.BuiltinOptions, "ResizeNearestNeighborOptions" if k == "RESIZE_NEAREST_NEIGHBOR"
+                       else "ResizeBilinearOptions"), x
+    if k == "TRANSPOSE_CONV":
+        x = s.TransposeConvOptionsT()
+        x.padding, (x.strideH, x.strideW) = pad, o["stride"]
+        return s.BuiltinOptions.TransposeConvOptions, x
     return s.BuiltinOptions.NONE, None
 
 
@@ -263,7 +295,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
 
     def emit(kind, inputs, outputs, opts_op=None, int8=False):
         o = s.OperatorT()
-        o.opcodeIndex = em.code(kind, int8)
+        o.opcodeIndex = em.code(kind, int8, opts_op)
         o.inputs = [em.index[n] if n else -1 for n in inputs]
         o.outputs = [em.index[n] for n in outputs]
         if opts_op is not None:
@@ -321,7 +353,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             w = graph.consts[w_name].astype(np.float32)
             wq_name = f"{w_name}/q" if int8 else w_name
             if int8:
-                axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3}.get(op.kind) if per_channel else None
+                axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}.get(op.kind) if per_channel else None
                 scales = _weight_scales(w, axis)
                 em.tensor(wq_name, list(w.shape), i8, data=_quantize_weights(w, scales, axis),
                           scale=scales, zero=np.zeros(len(scales), np.int64), axis=axis or 0)
@@ -340,6 +372,8 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
                     em.tensor(b_name, list(graph.consts[b_name].shape), f32,
                               data=graph.consts[b_name].astype(np.float32))
             inputs = [ins[src], wq_name, b_name]
+            if op.kind == "TRANSPOSE_CONV":  # TFLite's order: output shape, weights, input, bias
+                inputs = [op.inputs[3], wq_name, ins[src], b_name]
         else:
             inputs = []
             for n in op.inputs:

@@ -299,6 +299,86 @@ def build_mobilenet_v3_like(path: str | Path, size: int = 32, classes: int = 10,
     return _image_classifier(path, "mobilenet_v3_like", nodes, inits, x, 96, size, classes, rng)
 
 
+def build_text_detector_like(path: str | Path, size: int = 64, seed: int = 0, last_kernel: int = 2) -> Path:
+    """An FP32 DBNet-style text detector, laid out as Paddle2ONNX writes PP-OCR's: a backbone of
+    stride-2 convs with hard-swish (as Add, Clip, Mul, Div) and a learned scale and shift (Mul,
+    Add) after each conv and activation, a feature pyramid upsampled by Resize (nearest, and one
+    bilinear) and concatenated, and a head of Conv, BatchNormalization and two ConvTranspose that
+    ends in a per-pixel probability map [batch, 1, size, size]. Untrained (He-initialised).
+    `last_kernel` 4 makes the last ConvTranspose torch's kernel 4, stride 2, padding 1 instead
+    of PP-OCR's kernel 2, stride 2 (the two forms the TFLite writer lowers differently)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    n = helper.make_node
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def affine(x, name):  # PP-OCRv4's learnable scale and shift: one value each for the tensor
+        const(f"{name}_s", [1.0 + 0.2 * rng.standard_normal()])
+        const(f"{name}_t", [0.1 * rng.standard_normal()])
+        nodes.extend([n("Mul", [f"{name}_s", x], [f"{name}_m"]), n("Add", [f"{name}_m", f"{name}_t"], [name])])
+        return name
+
+    def hard_swish(x, name):
+        const(f"{name}_3", 3.0), const(f"{name}_0", 0.0), const(f"{name}_6", 6.0)
+        nodes.extend([n("Add", [x, f"{name}_3"], [f"{name}_a"]),
+                      n("Clip", [f"{name}_a", f"{name}_0", f"{name}_6"], [f"{name}_c"]),
+                      n("Mul", [x, f"{name}_c"], [f"{name}_m"]), n("Div", [f"{name}_m", f"{name}_6"], [name])])
+        return name
+
+    def conv(x, cin, cout, k, stride, name, group=1, act=True):
+        w = (rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(np.float32)
+        nodes.append(n("Conv", [x, const(f"{name}_w", w), const(f"{name}_b", 0.05 * rng.standard_normal(cout))],
+                       [f"{name}_c"], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        y = affine(f"{name}_c", f"{name}_aff")
+        return affine(hard_swish(y, f"{name}_hs"), name) if act else y
+
+    def resize(x, factor, name, mode="nearest"):
+        const(f"{name}_roi", np.zeros(0)), const(f"{name}_scales", [1, 1, factor, factor])
+        coords = {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"} if mode == "nearest" \
+            else {"coordinate_transformation_mode": "half_pixel"}
+        nodes.append(n("Resize", [x, f"{name}_roi", f"{name}_scales"], [name], mode=mode, **coords))
+        return name
+
+    def batchnorm(x, c, name):
+        nodes.append(n("BatchNormalization", [x, const(f"{name}_g", 1 + 0.1 * rng.standard_normal(c)),
+                                              const(f"{name}_beta", 0.1 * rng.standard_normal(c)),
+                                              const(f"{name}_mean", 0.1 * rng.standard_normal(c)),
+                                              const(f"{name}_var", 1 + 0.1 * rng.random(c))], [name]))
+        return name
+
+    def transposed(x, cin, cout, name, bias: bool, k: int = 2):
+        w = (rng.standard_normal((cin, cout, k, k)) * np.sqrt(2 / cin)).astype(np.float32)
+        inputs = [x, const(f"{name}_w", w)] + ([const(f"{name}_b", 0.05 * rng.standard_normal(cout))] if bias else [])
+        nodes.append(n("ConvTranspose", inputs, [name], kernel_shape=[k, k], strides=[2, 2], pads=[(k - 2) // 2] * 4))
+        return name
+
+    c2 = conv("image", 3, 8, 3, 2, "stem")                        # 1/2
+    c4 = conv(conv(c2, 8, 8, 3, 2, "dw4", group=8), 8, 16, 1, 1, "pw4")    # 1/4
+    c8 = conv(conv(c4, 16, 16, 3, 2, "dw8", group=16), 16, 24, 1, 1, "pw8")  # 1/8
+    p8 = conv(c8, 24, 16, 1, 1, "lat8", act=False)
+    p4 = conv(c4, 16, 16, 1, 1, "lat4", act=False)
+    nodes.append(n("Add", [p4, resize(p8, 2, "up8")], ["p4"]))
+    fused = [resize(conv(p8, 16, 4, 3, 1, "out8", act=False), 2, "out8_up", mode="linear"),
+             conv("p4", 16, 4, 3, 1, "out4", act=False)]
+    nodes.append(n("Concat", fused, ["fpn"], axis=1))              # 8 channels at 1/4
+    nodes.append(n("Conv", ["fpn", const("head_w", rng.standard_normal((8, 8, 3, 3)) * np.sqrt(2 / 72))],
+                   ["head_c"], kernel_shape=[3, 3], pads=[1] * 4))
+    nodes.append(n("Relu", [batchnorm("head_c", 8, "head_bn")], ["head_r"]))
+    up = transposed("head_r", 8, 8, "head_up1", bias=False)        # 1/2
+    nodes.append(n("Relu", [batchnorm(up, 8, "head_bn2")], ["head_r2"]))
+    nodes.append(n("Sigmoid", [transposed("head_r2", 8, 1, "head_up2", bias=True, k=last_kernel)], [OUTPUT_NAME]))
+    graph = helper.make_graph(nodes, "text_detector_like",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 1, size, size])],
+                              initializer=inits)
+    return _save(graph, path)
+
+
 def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channels: int, size: int, classes: int,
                       rng) -> Path:
     """Finish an image model: global average pool, a linear classifier, NCHW image in, logits out."""

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.budget import Budget
 from agent.bundle import open_bundle
 from agent.engine import Engine
-from agent.errors import ConversionError
+from agent.errors import ConversionError, InferenceError
 from agent.signing import load_public_key
 from agent.store import Store
 from converters import zoo
@@ -34,7 +34,11 @@ def _onnx_out(path, name, x):
 
 
 def _tflite_out(path, name, x):
-    return TfliteSession(path).run(None, {name: x})[0]
+    """The model's first output for all rows, in batches of its fixed size where it has one."""
+    from converters.measure import run_all
+
+    session = TfliteSession(path)
+    return run_all(session, {name: x})[session.get_outputs()[0].name]
 
 
 def _member(bundle: Path, name: str, out: Path) -> Path:
@@ -478,3 +482,182 @@ def test_a_shape_may_only_reach_a_reshape(tmp_path):
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ConversionError, match="scale_by_shape.* computed from a tensor's shape"):
         lower(model)
+
+
+def _upsampler(path, op, **attrs):
+    """A conv, then one upsampling layer (Resize or ConvTranspose) as exporters write it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.4 * rng.standard_normal((6, 3, 3, 3))).astype(np.float32), "w0")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], kernel_shape=[3, 3], pads=[1] * 4, name="conv")]
+    if op == "Resize":
+        scales, sizes = attrs.pop("scales", [1, 1, 2, 2]), attrs.pop("sizes", None)
+        inits += [numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+                  numpy_helper.from_array(np.array(scales if sizes is None else [], np.float32), "scales")]
+        inputs = ["c", "roi", "scales"]
+        if sizes is not None:
+            inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+            inputs.append("sizes")
+        nodes.append(helper.make_node("Resize", inputs, ["y"], name="up", **attrs))
+    else:
+        k = attrs.pop("k")
+        inits += [numpy_helper.from_array((0.4 * rng.standard_normal((6, 4, k, k))).astype(np.float32), "wt"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(4)).astype(np.float32), "bt")]
+        nodes.append(helper.make_node("ConvTranspose", ["c", "wt", "bt"], ["y"], kernel_shape=[k, k], name="up",
+                                      **attrs))
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("attrs,kind", [
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+     "RESIZE_NEAREST_NEIGHBOR"),  # torch's F.interpolate(mode="nearest"), Paddle's nearest_interp
+    ({"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_floor"},
+     "RESIZE_NEAREST_NEIGHBOR"),  # torch's "nearest-exact"
+    ({"mode": "nearest", "coordinate_transformation_mode": "align_corners", "nearest_mode": "round_prefer_ceil",
+      "scales": [1, 1, 3, 2]}, "RESIZE_NEAREST_NEIGHBOR"),
+    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, "RESIZE_BILINEAR"),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel", "sizes": [1, 6, 15, 18]},
+     "RESIZE_BILINEAR"),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, "RESIZE_BILINEAR"),
+    ({"mode": "linear", "coordinate_transformation_mode": "asymmetric", "scales": [1, 1, 4, 4]}, "RESIZE_BILINEAR"),
+])
+def test_resize_lowers_to_the_tflite_op_that_computes_what_onnxruntime_does(tmp_path, attrs, kind):
+    """Each ONNX coordinate mode maps to the TFLite resize with the same sampling grid: every output
+    pixel equals onnxruntime's, in float and (on one int8 grid, as TFLite requires) in INT8."""
+    model = _upsampler(tmp_path / "m.onnx", "Resize", **dict(attrs))
+    rows = attrs["sizes"][0] if "sizes" in attrs else 8  # sizes name the batch too
+    x = np.random.default_rng(1).standard_normal((rows, 3, 10, 12)).astype(np.float32)
+    graph = lower(onnx.load(str(model)))
+    assert [op.kind for op in graph.ops].count(kind) == 1
+    write_tflite(graph, tmp_path / "float.tflite")
+    want = _onnx_out(model, "x", x)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=2e-5)
+    write_tflite(graph, tmp_path / "int8.tflite", calibration_ranges(model, graph, {"x": x}))
+    assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["float32"] == 2
+    err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
+    assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
+
+
+def test_a_resize_tflite_has_no_form_for_is_refused_by_name(tmp_path):
+    model = _upsampler(tmp_path / "m.onnx", "Resize", mode="cubic")
+    with pytest.raises(ConversionError, match="Resize \\(node up\\) with mode=cubic.*--format onnx"):
+        lower(onnx.load(str(model)))
+    model = _upsampler(tmp_path / "m.onnx", "Resize", mode="nearest", scales=[1, 1, 1.3, 1.3])
+    with pytest.raises(ConversionError, match="Resize \\(node up\\) by a scale that does not give whole sizes"):
+        lower(onnx.load(str(model)))
+
+
+@pytest.mark.parametrize("attrs,ops,batch", [
+    ({"k": 2, "strides": [2, 2]}, {"DEPTH_TO_SPACE"}, -1),                            # DBNet's, U-Net's
+    ({"k": 2, "strides": [2, 2], "pads": [1, 0, 0, 1]}, {"DEPTH_TO_SPACE", "SLICE"}, -1),
+    ({"k": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}, {"TRANSPOSE_CONV"}, 1),        # TF's SAME
+    ({"k": 3, "strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"TRANSPOSE_CONV", "SLICE"}, 1),
+    ({"k": 3, "strides": [1, 1]}, {"TRANSPOSE_CONV"}, 1),                              # VALID
+])
+def test_conv_transpose_lowers_to_what_onnxruntime_computes(tmp_path, attrs, ops, batch):
+    """A kernel the size of its stride becomes a 1x1 conv and DEPTH_TO_SPACE (int8 kernels in
+    XNNPACK; the batch stays free); others a TRANSPOSE_CONV, cropped where ONNX's padding is not
+    TF's, in a model for batches of one (its output shape is a constant)."""
+    model = _upsampler(tmp_path / "m.onnx", "ConvTranspose", **dict(attrs))
+    x = np.random.default_rng(2).standard_normal((8, 3, 10, 12)).astype(np.float32)
+    graph = lower(onnx.load(str(model)))
+    kinds = {op.kind for op in graph.ops}
+    assert ops <= kinds and not ({"DEPTH_TO_SPACE", "TRANSPOSE_CONV"} - ops) & kinds, kinds
+    assert graph.shapes["x"][0] == batch
+    write_tflite(graph, tmp_path / "float.tflite")
+    want = _onnx_out(model, "x", x)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=2e-5)
+    if batch == 1:  # the runtime refuses a larger batch rather than answer for its first row only
+        with pytest.raises(InferenceError, match=r"takes shape \[1, 3, 10, 12\], not \[8, 3, 10, 12\]"):
+            TfliteSession(tmp_path / "float.tflite").rt.run({"x": x})
+    write_tflite(graph, tmp_path / "int8.tflite", calibration_ranges(model, graph, {"x": x}))
+    assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["float32"] == 2
+    err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
+    assert err.max() <= 0.05 * (want.max() - want.min()), err.max()
+
+
+def test_scale_and_shift_layers_fold_into_the_convs_around_them(tmp_path):
+    """PP-OCR-style blocks: a conv's bias Add, BatchNormalization and learned Mul/Add fold into its
+    weights; hard-swish's / 6 and the scale and shift after it become one 1x1 depthwise op (the
+    shift cannot cross the next conv's zero padding); the float model still computes what ONNX does."""
+    from converters.tflite_simplify import simplify
+
+    model = zoo.build_text_detector_like(tmp_path / "det.onnx", size=32)
+    ops = [n.op_type for n in onnx.load(str(model)).graph.node]
+    graph = lower(onnx.load(str(model)))
+    kinds = [op.kind for op in graph.ops]
+    # every conv's Mul/Add pair is gone; each hard-swish keeps its ADD(relu6) and MUL
+    assert kinds.count("MUL") == ops.count("Div") and kinds.count("ADD") == ops.count("Div") + 1  # + the FPN's sum
+    assert "BatchNormalization" in ops and kinds.count("DEPTHWISE_CONV_2D") == 2 + ops.count("Div")
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    write_tflite(graph, tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "image", x), _onnx_out(model, "image", x),
+                               rtol=0, atol=1e-5)
+    assert len(simplify(graph).ops) == len(graph.ops)  # nothing left to merge: it was done once
+
+
+def test_a_text_detector_becomes_full_integer_tflite_and_serves(assets, tmp_path):
+    """A DBNet-style detector (PP-OCR's layout) through the CLI: resizes, transposed convs as
+    DEPTH_TO_SPACE, all int8 inside, its probability map close to FP32, and the agent serves it."""
+    model = zoo.build_text_detector_like(tmp_path / "det.onnx", size=64)
+    calib, evaluation = zoo.write_image_npz(tmp_path, size=64, n_calibration=48, n_eval=16)
+    out = tmp_path / "det.ewb"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(model), "--calibration", str(calib),
+                           "--eval", str(evaluation), "--format", "tflite", "--allow-worse", "--key",
+                           str(assets.key), "-o", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    counts = report["graph"]
+    assert counts["ops"]["DEPTH_TO_SPACE"] == 2 and "TRANSPOSE_CONV" not in counts["ops"]
+    assert counts["ops"]["RESIZE_NEAREST_NEIGHBOR"] == 1 and counts["ops"]["RESIZE_BILINEAR"] == 1
+    assert counts["tensor_dtypes"]["float32"] == 2
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.05 and q["mean_abs_err"] <= 0.01, q  # probabilities
+    engine = Engine(Budget(8192, reserve_mb=0))
+    loaded = engine.load(Store(tmp_path / "store").install(open_bundle(out, [load_public_key(assets.pub)])))
+    assert loaded.manifest.inputs[0].shape == [-1, 3, 64, 64]
+    assert loaded.manifest.selftest.min_top1_agreement == 0.0  # a map has no top class; the tolerance holds it
+    assert loaded.self_test()["max_abs_err"] <= loaded.manifest.selftest.atol
+    engine.activate(loaded)
+    with np.load(evaluation) as d:
+        x = d["image"][:5]
+    got = next(iter(engine.infer_arrays("det", {"image": x})[1].values()))
+    assert got.shape == (5, 1, 64, 64) and np.abs(got - _onnx_out(model, "image", x)).max() <= 0.05
+    engine.close()
+
+
+@pytest.mark.parametrize("consumer", ["Conv", "ConvTranspose", "Gemm"])
+def test_a_scale_by_a_constant_folds_into_the_layer_it_feeds(tmp_path, consumer):
+    """x * c (one value per channel) feeding a conv, a transposed conv (through a zero PAD where
+    the padding is not TF's) or a fully-connected layer is folded into that layer's weights: the
+    MUL is gone, and the answers stay what onnxruntime computes."""
+    rng = np.random.default_rng(4)
+    image = consumer != "Gemm"
+    c = rng.uniform(0.5, 2.0, (1, 6, 1, 1) if image else (1, 6)).astype(np.float32)
+    inits = [numpy_helper.from_array(c, "c")]
+    if consumer == "Conv":
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 6, 3, 3)).astype(np.float32), "w"))
+        layer = helper.make_node("Conv", ["s", "w"], ["y"], kernel_shape=[3, 3], pads=[0, 1, 2, 1])  # a PAD first
+    elif consumer == "ConvTranspose":
+        inits.append(numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "w"))
+        layer = helper.make_node("ConvTranspose", ["s", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2])
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w"))
+        layer = helper.make_node("Gemm", ["s", "w"], ["y"])
+    shape = ["n", 6, 9, 9] if image else ["n", 6]
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "c"], ["s"]), layer], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    assert "MUL" not in [op.kind for op in lowered.ops], [op.kind for op in lowered.ops]
+    write_tflite(lowered, tmp_path / "float.tflite")
+    x = rng.standard_normal((1 if consumer == "ConvTranspose" else 4, *[d for d in shape[1:]])).astype(np.float32)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), _onnx_out(tmp_path / "m.onnx", "x", x),
+                               rtol=0, atol=1e-4)

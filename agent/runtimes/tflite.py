@@ -30,6 +30,18 @@ def interpreter_class():
         return Interpreter, "tflite-runtime"
 
 
+def _check_free_axes(d: dict, shape: tuple) -> None:
+    """Only axes the model leaves free (-1 in its shape signature) may be resized: a layer whose
+    output shape is a constant of the model (TRANSPOSE_CONV's) would answer for the first rows
+    of a larger batch only."""
+    sig = d.get("shape_signature")
+    sig = list(sig) if sig is not None and len(sig) else list(d["shape"])
+    if len(sig) != len(shape) or any(want >= 0 and want != got for want, got in zip(sig, shape)):
+        fixed = [int(v) if v >= 0 else "any" for v in sig]
+        raise InferenceError(f"input {d['name']!r} takes shape {fixed}, not {list(shape)}",
+                             "send rows in batches of the model's fixed size")
+
+
 class _Copy:
     """One interpreter of the model, with the input shapes it is allocated for."""
 
@@ -42,6 +54,7 @@ class _Copy:
         for d in self.inputs:
             arr = feeds[d["name"]]
             if tuple(arr.shape) != self.shapes[d["index"]]:
+                _check_free_axes(d, arr.shape)
                 self.it.resize_tensor_input(d["index"], list(arr.shape))
                 self.shapes[d["index"]] = tuple(arr.shape)
                 resized = True

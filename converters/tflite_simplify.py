@@ -1,0 +1,170 @@
+"""Fewer elementwise ops in a lowered TFLite graph: each one an INT8 model runs costs a pass over
+the tensor and a requantization (a rounding step), and the layers small boards run are full of
+them. A MobileNetV3 block ends in x * relu6(x + 3) / 6; PP-OCR's blocks then scale and shift the
+result (Mul, Add) before the next conv. Two rewrites, both exact in float:
+
+- a chain of multiplications and additions by per-channel (or scalar) constants becomes one op:
+  a*x + b as a MUL, an ADD, or a 1x1 DEPTHWISE_CONV_2D that does both;
+- a multiplication by such a constant that feeds a convolution (through a zero PAD or not) is
+  folded into the convolution's weights: scaling commutes with zero padding, shifting does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tflite_graph import Graph, Op
+
+_AFFINE = ("MUL", "ADD", "SUB")
+# conv kinds and the axis of their weights (as the graph holds them) that runs over input channels
+_INPUT_AXIS = {"CONV_2D": 3, "TRANSPOSE_CONV": 3, "FULLY_CONNECTED": 1}
+
+
+def simplify(graph: Graph) -> Graph:
+    """`graph`, rewritten in place (see the module's docstring); returns it."""
+    _merge_affine_chains(graph)
+    _fold_scales_into_convs(graph)
+    return graph
+
+
+def _readers(graph: Graph) -> dict[str, list[Op]]:
+    users: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for name in op.inputs:
+            users.setdefault(name, []).append(op)
+    return users
+
+
+def _affine(graph: Graph, op: Op) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(data input, a, b) where `op` computes a*x + b with a, b one value per channel (the last
+    axis) or one for all, else None."""
+    if op.kind not in _AFFINE or len(op.inputs) != 2:
+        return None
+    consts = [n for n in op.inputs if n in graph.consts and graph.consts[n].dtype != np.int32]
+    data = [n for n in op.inputs if n not in graph.consts]
+    if len(consts) != 1 or len(data) != 1:
+        return None
+    c = graph.consts[consts[0]].astype(np.float64)
+    shape = graph.shapes[data[0]]
+    if c.ndim > len(shape) or any(d != 1 for d in c.shape[:-1]) or (c.ndim and c.shape[-1] not in (1, shape[-1])):
+        return None
+    c = c.reshape(-1)
+    one, zero = np.ones_like(c), np.zeros_like(c)
+    if op.kind == "MUL":
+        return data[0], c, zero
+    if op.kind == "ADD":
+        return data[0], one, c
+    const_first = op.inputs[0] == consts[0]
+    return (data[0], -one, c) if const_first else (data[0], one, -c)
+
+
+def _sources(graph: Graph) -> set[str]:
+    """Derived tensors other tensors' ranges are derived from: they must stay. (A source that
+    is a source-model tensor is ranged by calibration whether or not the graph still holds it.)"""
+    return {src for src, *_ in graph.derived.values() if src in graph.derived}
+
+
+def _merge_affine_chains(graph: Graph) -> None:
+    i = 0
+    while i < len(graph.ops):
+        op = graph.ops[i]
+        first = _affine(graph, op)
+        if first is None or op.options.get("activation", "NONE") != "NONE":
+            i += 1
+            continue
+        users, keep = _readers(graph), _sources(graph)
+        x, a, b = first
+        chain, out = [op], op.outputs[0]
+        while len(users.get(out, [])) == 1 and out not in graph.outputs and out not in keep:
+            nxt = users[out][0]
+            step = _affine(graph, nxt)
+            if step is None or step[0] != out:
+                break
+            a, b = step[1] * a, step[1] * b + step[2]
+            chain.append(nxt)
+            out = nxt.outputs[0]
+            if nxt.options.get("activation", "NONE") != "NONE":
+                break  # a fused activation ends the chain
+        merged = _affine_op(graph, x, a, b, chain[-1]) if len(chain) > 1 else None
+        if merged is None:
+            i += 1
+            continue
+        graph.ops[i] = merged
+        for dropped in chain[1:]:
+            graph.ops.remove(dropped)
+        for op_ in chain[:-1]:
+            graph.shapes.pop(op_.outputs[0], None)
+            graph.derived.pop(op_.outputs[0], None)
+        i += 1
+
+
+def _affine_op(graph: Graph, x: str, a: np.ndarray, b: np.ndarray, last: Op) -> Op | None:
+    """a*x + b as one op (with `last`'s output and activation), or None where TFLite has none
+    (a scale and a shift of a tensor that is not a feature map)."""
+    out, name, act = last.outputs[0], last.name, last.options.get("activation", "NONE")
+    shape = graph.shapes[x]
+    tag = f"{name}/affine"
+    per_channel = (1,) * (len(shape) - 1) + (-1,)
+    if not b.any():
+        graph.consts[f"{tag}/a"] = a.astype(np.float32).reshape(per_channel)
+        return Op("MUL", [x, f"{tag}/a"], [out], {"activation": act}, name)
+    if np.all(a == 1):
+        graph.consts[f"{tag}/b"] = b.astype(np.float32).reshape(per_channel)
+        return Op("ADD", [x, f"{tag}/b"], [out], {"activation": act}, name)
+    if len(shape) != 4 or shape[-1] <= 0:
+        return None
+    graph.consts[f"{tag}/weights"] = np.broadcast_to(a, (shape[-1],)).astype(np.float32).reshape(1, 1, 1, -1)
+    graph.consts[f"{tag}/bias"] = np.broadcast_to(b, (shape[-1],)).astype(np.float32).copy()
+    return Op("DEPTHWISE_CONV_2D", [x, f"{tag}/weights", f"{tag}/bias"], [out],
+              {"padding": "VALID", "stride": (1, 1), "dilation": (1, 1), "depth_multiplier": 1,
+               "activation": act}, name)
+
+
+def _fold_scales_into_convs(graph: Graph) -> None:
+    users, keep = _readers(graph), _sources(graph)
+    for op in list(graph.ops):
+        step = _affine(graph, op)
+        if step is None or op.kind != "MUL" or op.options.get("activation", "NONE") != "NONE":
+            continue
+        x, a, _ = step
+        out = op.outputs[0]
+        path = [out]
+        consumer = users.get(out, [])
+        if len(consumer) == 1 and consumer[0].kind == "PAD" and consumer[0].inputs[0] == out:
+            path.append(consumer[0].outputs[0])
+            consumer = users.get(consumer[0].outputs[0], [])
+        if len(consumer) != 1 or any(t in graph.outputs or t in keep for t in path):
+            continue
+        conv = consumer[0]
+        if conv.kind not in (*_INPUT_AXIS, "DEPTHWISE_CONV_2D"):
+            continue
+        if conv.inputs[0] != path[-1] or not _fold_input_scale(graph, conv, a):  # the data, not the weights
+            continue
+        if len(path) == 2:  # MUL -> PAD -> conv: the PAD now reads x
+            pad = next(p for p in graph.ops if p.outputs[0] == path[1])
+            pad.inputs[0] = x
+        else:
+            conv.inputs[0] = x
+        graph.ops.remove(op)
+        graph.shapes.pop(out, None)
+        graph.derived.pop(out, None)
+        users = _readers(graph)
+
+
+def _fold_input_scale(graph: Graph, conv: Op, a: np.ndarray) -> bool:
+    """Scale `conv`'s weights per input channel by `a` (one value, or one per channel)."""
+    w_name = conv.inputs[1]
+    w = graph.consts.get(w_name)
+    if w is None:
+        return False
+    if conv.kind == "DEPTHWISE_CONV_2D":  # output channel o reads input channel o // multiplier
+        mult = conv.options.get("depth_multiplier", 1)
+        scale = np.repeat(np.broadcast_to(a, (w.shape[3] // mult,)), mult)
+        axis = 3
+    else:
+        axis = _INPUT_AXIS[conv.kind]
+        scale = np.broadcast_to(a, (w.shape[axis],))
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    graph.consts[w_name] = (w * scale.reshape(shape)).astype(np.float32)
+    return True
