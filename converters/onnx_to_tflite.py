@@ -224,17 +224,22 @@ class _Lowering:
         return name
 
     # -- layers ------------------------------------------------------------------------------------
-    def lower_Conv(self, node):
-        a = node_attrs(node)
+    def _conv_operands(self, node, out_axis: int):
+        """(attributes, NHWC input, float 4-D weights as ONNX holds them, bias) of a conv-like layer;
+        its output channels are the weights' axis `out_axis` (a missing bias is zeros)."""
         x = self.src(node.input[0])
         if x not in self.nhwc:
             raise _unsupported(node, " on a non-4D input")
         w = self.const(node.input[1], node).astype(np.float32)
         if w.ndim != 4:
             raise _unsupported(node, f" with {w.ndim - 2}-D kernels")
-        cout, cin_g, kh, kw = w.shape
         b = self.const(node.input[2], node).astype(np.float32) if len(node.input) > 2 and node.input[2] \
-            else np.zeros(cout, np.float32)
+            else np.zeros(w.shape[out_axis], np.float32)
+        return node_attrs(node), x, w, b
+
+    def lower_Conv(self, node):
+        a, x, w, b = self._conv_operands(node, out_axis=0)
+        cout, cin_g, kh, kw = w.shape
         w, b, node_out = self.fold_channel_affine(node, w, b)
         n, h, wd, cin = self.g.shapes[x]
         group = a.get("group", 1)
@@ -268,13 +273,7 @@ class _Lowering:
         A kernel the size of its stride becomes a 1x1 conv and a DEPTH_TO_SPACE; any other is a
         TRANSPOSE_CONV, whose output shape is a constant input of the op, so a model with one is
         written with its batch fixed at 1 (see lower())."""
-        a = node_attrs(node)
-        x = self.src(node.input[0])
-        if x not in self.nhwc:
-            raise _unsupported(node, " on a non-4D input")
-        w = self.const(node.input[1], node).astype(np.float32)
-        if w.ndim != 4:
-            raise _unsupported(node, f" with {w.ndim - 2}-D kernels")
+        a, x, w, b = self._conv_operands(node, out_axis=1)
         if a.get("group", 1) != 1:
             raise _unsupported(node, f" with groups={a['group']}")
         if list(a.get("dilations", [1, 1])) != [1, 1]:
@@ -283,8 +282,6 @@ class _Lowering:
             raise _unsupported(node, " with output_shape or auto_pad (give pads instead)")
         cin, cout, kh, kw = w.shape
         w = np.ascontiguousarray(w.transpose(1, 0, 2, 3))                                 # [out, in, kh, kw]
-        b = self.const(node.input[2], node).astype(np.float32) if len(node.input) > 2 and node.input[2] \
-            else np.zeros(cout, np.float32)
         w, b, node_out = self.fold_channel_affine(node, w, b)
         n, h, wd, _ = self.g.shapes[x]
         stride = tuple(a.get("strides", [1, 1]))
