@@ -113,6 +113,8 @@ def run_all(sess, inputs: dict[str, np.ndarray], batch: int = 64, what: str = "t
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return dict(zip(names, sess.run(names, feeds)))
+        except ConversionError:  # a stream's step that failed, already named (converters/stateful.py)
+            raise
         except Exception as exc:  # the runtime's own types: a model that runs at one batch size but not another, ...
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
             raise ConversionError(f"{what} fails on the data ({shapes}): {runtime_message(exc)}",

@@ -269,10 +269,10 @@ class _Lowering:
                 activation=act, **extra)
 
     def lower_ConvTranspose(self, node):
-        """The learned upsampling of a segmentation or text-detection head (DBNet's, in PP-OCR).
-        A kernel the size of its stride becomes a 1x1 conv and a DEPTH_TO_SPACE; any other is a
-        TRANSPOSE_CONV, whose output shape is a constant input of the op, so a model with one is
-        written with its batch fixed at 1 (see lower())."""
+        """The learned upsampling of a segmentation or text-detection head (DBNet's, in PP-OCR;
+        U-Net's): a sub-pixel convolution (CONV_2D, DEPTH_TO_SPACE). Only strides that differ
+        between height and width take TFLite's TRANSPOSE_CONV, whose output shape is a constant
+        input of the op, so a model with one is written with its batch fixed at 1 (see lower())."""
         a, x, w, b = self._conv_operands(node, out_axis=1)
         if a.get("group", 1) != 1:
             raise _unsupported(node, f" with groups={a['group']}")
@@ -289,12 +289,12 @@ class _Lowering:
         extra = list(a.get("output_padding", [0, 0]))
         out = [(size - 1) * s + k - pads[i] - pads[i + 2] + extra[i]
                for i, (size, s, k) in enumerate(zip((h, wd), stride, (kh, kw)))]
-        if (kh, kw) == stride and all(pads[i] + out[i] <= (h, wd)[i] * stride[i] for i in range(2)):
-            return self._upsample_by_depth_to_space(node, x, w, b, node_out, stride[0] if stride[0] == stride[1] else 0,
-                                                    pads, out)
+        taps = [-(-k // s) for k, s in zip((kh, kw), stride)]  # input pixels one output pixel reads, per axis
+        if stride[0] == stride[1] and all(pads[i] + out[i] <= ((h, wd)[i] + taps[i] - 1) * stride[i] for i in range(2)):
+            return self._upsample_by_depth_to_space(node, x, w, b, node_out, stride[0], taps, pads, out)
         # TFLite pads a transposed conv by its padding type alone: VALID puts nothing in front, SAME
         # puts half of what the output size leaves over in front (the rest, and output_padding, at the
-        # end). Other paddings (torch's k3 s2 p1 output_padding 1) are a VALID one cropped by a SLICE.
+        # end). Other paddings are a VALID one cropped by a SLICE.
         full = [(size - 1) * s + k for size, s, k in zip((h, wd), stride, (kh, kw))]
         crop = None
         if pads[0] == pads[1] == 0:
@@ -323,28 +323,43 @@ class _Lowering:
             size = self.add_const(f"{node.name}/size", np.array([n, *crop, cout], np.int32))
             self.op("SLICE", [y, begin, size], cropped, name=node.name)
 
-    def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, pads, out):
-        """A transposed conv whose kernel is its stride (2x2, stride 2: the learned upsampling of
-        DBNet's and U-Net's heads) writes each input pixel into its own s x s block of the output,
-        so it is a 1x1 CONV_2D to s*s*C channels and a DEPTH_TO_SPACE: ops with int8 kernels in
-        XNNPACK, where TRANSPOSE_CONV has float ones only (its int8 form ran 7x slower than FP32),
-        and with no output shape to fix the batch."""
-        if not s:
-            raise _unsupported(node, " with a different stride along height and width")
-        cout, cin = w.shape[:2]
+    def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, taps, pads, out):
+        """A transposed conv of stride s as the sub-pixel convolution it equals: output pixel
+        q * s + r (phase r) is a plain conv of the input with the kernel taps r, r + s, r + 2s, ...
+        (reversed), so one CONV_2D computes all s*s phases as s*s*C channels and DEPTH_TO_SPACE
+        lays them out (a SLICE crops ONNX's padding). These ops have int8 kernels in XNNPACK, where
+        TRANSPOSE_CONV has float ones only (its int8 form ran 7x slower than FP32), and leave the
+        batch free. A kernel the size of its stride (DBNet's and U-Net's 2x2, stride 2) is a 1x1 conv."""
+        cout, cin, kh, kw = w.shape
         n, h, wd, _ = self.g.shapes[x]
-        # 1x1 conv output channel (dy * s + dx) * cout + o holds the block's pixel (dy, dx), channel o
-        w1 = np.ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(s * s * cout, cin)[:, None, None, :])   # OHWI
-        b1 = np.tile(b, s * s).astype(np.float32)
+        th, tw = taps
+        # conv output channel (rh * s + rw) * cout + o, tap (jh, jw): the kernel's row (th-1-jh)*s + rh, ...
+        wc = np.zeros((s, s, cout, th, tw, cin), np.float32)
+        for rh in range(s):
+            for rw in range(s):
+                for jh in range(th):
+                    for jw in range(tw):
+                        kr, kc = (th - 1 - jh) * s + rh, (tw - 1 - jw) * s + rw
+                        if kr < kh and kc < kw:
+                            wc[rh, rw, :, jh, jw, :] = w[:, :, kr, kc]
         final = self.out_name(node_out, True)
-        blocks = self.new(f"{node.name}/blocks", [n, h, wd, s * s * cout], nhwc=True)
-        self.op("CONV_2D", [x, self.add_const(f"{node.name}/weights", w1), self.add_const(f"{node.name}/bias", b1)],
-                blocks, name=node.name, padding="VALID", stride=(1, 1), dilation=(1, 1), activation="NONE")
-        self.g.derived[blocks] = (final, 1.0, 0.0, -math.inf, math.inf)  # the output's values, rearranged
-        cropped = pads[0] or pads[1] or out != [h * s, wd * s]
-        y = self.new(f"{node.name}/full" if cropped else final, [n, h * s, wd * s, cout], nhwc=True)
-        self.op("DEPTH_TO_SPACE", [blocks], y, name=node.name, block_size=s)
-        if cropped:
+        if th > 1 or tw > 1:  # every tap reads inside the zero-padded input
+            x = self._explicit_pad(node, x, [th - 1, tw - 1, th - 1, tw - 1])
+        grid = [h + th - 1, wd + tw - 1]
+        full = [grid[0] * s, grid[1] * s]
+        cropped = pads[0] or pads[1] or out != full
+        y = f"{node.name}/full" if cropped else final
+        weights = self.add_const(f"{node.name}/weights", wc.reshape(s * s * cout, th, tw, cin))
+        bias = self.add_const(f"{node.name}/bias", np.tile(b, s * s).astype(np.float32))
+        conv_out = self.new(f"{node.name}/phases" if s > 1 else y, [n, *grid, s * s * cout], nhwc=True)
+        self.op("CONV_2D", [x, weights, bias], conv_out, name=node.name, padding="VALID", stride=(1, 1),
+                dilation=(1, 1), activation="NONE")
+        if s > 1:
+            self.g.derived[conv_out] = (final, 1.0, 0.0, -math.inf, math.inf)  # the output's values, rearranged
+            self.op("DEPTH_TO_SPACE", [conv_out], self.new(y, [n, *full, cout], nhwc=True), name=node.name,
+                    block_size=s)
+        if cropped:  # the uncropped output's values are the output's and its margins': the same range
+            self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)
             self.new(final, [n, *out, cout], nhwc=True)
             begin = self.add_const(f"{node.name}/begin", np.array([0, pads[0], pads[1], 0], np.int32))
             size = self.add_const(f"{node.name}/size", np.array([-1, *out, cout], np.int32))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.bundle import TensorSpec
-from agent.errors import ConversionError
+from agent.errors import ConversionError, runtime_message
 
 
 def parse_pairs(pairs: list[str], flag: str, example: str) -> dict[str, str]:
@@ -116,6 +116,7 @@ class StreamSession:
         self._all_out = [a.name for a in session.get_outputs()]
         self.current, self.tails = dict(initial), {}
         self.last_feed: dict[str, np.ndarray] = {}
+        self.position = 0  # samples of the stream run since the last reset
 
     def get_inputs(self):
         return self._in
@@ -124,7 +125,7 @@ class StreamSession:
         return self._out
 
     def reset(self) -> None:
-        self.current, self.tails = dict(self.initial), {}
+        self.current, self.tails, self.position = dict(self.initial), {}, 0
 
     def feed(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's whole feed for one sample: the last window's end in front of an input
@@ -140,7 +141,15 @@ class StreamSession:
     def step(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One sample (a first axis of 1) on the current state; the state moves on."""
         fed = self.last_feed = self.feed(row)
-        out = dict(zip(self._all_out, self.session.run(self._all_out, fed)))
+        self.position += 1
+        try:
+            out = dict(zip(self._all_out, self.session.run(self._all_out, fed)))
+        except Exception as exc:  # the runtime's own types: name the step that failed, as it was fed
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in fed.items())
+            raise ConversionError(f"the model fails on sample {self.position} of the stream ({shapes}): "
+                                  f"{runtime_message(exc)}",
+                                  "check that each --state output has its input's shape and that the data's "
+                                  "samples fit the model's inputs") from exc
         self.current = {i: out[o] for i, o in self.state.items()}
         self.tails = {name: fed[name][..., -k:] for name, k in self.context.items()}
         return out

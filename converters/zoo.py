@@ -306,7 +306,7 @@ def build_text_detector_like(path: str | Path, size: int = 64, seed: int = 0, la
     bilinear) and concatenated, and a head of Conv, BatchNormalization and two ConvTranspose that
     ends in a per-pixel probability map [batch, 1, size, size]. Untrained (He-initialised).
     `last_kernel` 4 makes the last ConvTranspose torch's kernel 4, stride 2, padding 1 instead
-    of PP-OCR's kernel 2, stride 2 (the two forms the TFLite writer lowers differently)."""
+    of PP-OCR's kernel 2, stride 2 (its TFLite form then pads and crops as well)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

@@ -202,6 +202,29 @@ def test_calibration_feeds_each_sample_the_state_the_fp32_model_reached(tmp_path
     assert np.abs(fed[-1]["h"]).max() > 0.1
 
 
+def test_a_step_that_fails_is_named_by_its_place_in_the_stream_and_its_own_shapes(tmp_path):
+    """A model whose state output does not fit its state input runs its first sample and fails on
+    the second: the error names that sample and the one-row feed it got, not the whole batch."""
+    from onnx import TensorProto, helper
+
+    from agent.errors import ConversionError
+    from converters.measure import run_all
+
+    nodes = [helper.make_node("Add", ["x", "h"], ["y"]), helper.make_node("Concat", ["h", "h"], ["h_out"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+                                           helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", "k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    stream = StreamSession(sess, {"h": "h_out"}, {"h": np.zeros((1, 4), np.float32)})
+    with pytest.raises(ConversionError) as err:
+        run_all(stream, {"x": np.ones((16, 4), np.float32)})
+    assert "fails on sample 2 of the stream (x [1, 4], h [1, 8])" in str(err.value)
+    assert "[16, 4]" not in str(err.value) and "each --state output has its input's shape" in str(err.value)
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--state", "hidden=h_out"], "the model has no input 'hidden'"),
     (["--state", "h=h_next"], "the model has no output 'h_next'"),

@@ -554,14 +554,19 @@ def test_a_resize_tflite_has_no_form_for_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("attrs,ops,batch", [
     ({"k": 2, "strides": [2, 2]}, {"DEPTH_TO_SPACE"}, -1),                            # DBNet's, U-Net's
     ({"k": 2, "strides": [2, 2], "pads": [1, 0, 0, 1]}, {"DEPTH_TO_SPACE", "SLICE"}, -1),
-    ({"k": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}, {"TRANSPOSE_CONV"}, 1),        # TF's SAME
-    ({"k": 3, "strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"TRANSPOSE_CONV", "SLICE"}, 1),
-    ({"k": 3, "strides": [1, 1]}, {"TRANSPOSE_CONV"}, 1),                              # VALID
+    ({"k": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}, {"PAD", "DEPTH_TO_SPACE", "SLICE"}, -1),
+    ({"k": 3, "strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"PAD", "DEPTH_TO_SPACE", "SLICE"},
+     -1),
+    ({"k": 5, "strides": [3, 3], "pads": [2, 1, 0, 2]}, {"PAD", "DEPTH_TO_SPACE", "SLICE"}, -1),
+    ({"k": 3, "strides": [1, 1]}, {"PAD"}, -1),                                        # a plain conv, flipped
+    ({"k": 4, "strides": [2, 1], "pads": [1, 1, 1, 1]}, {"TRANSPOSE_CONV"}, 1),        # TF's SAME
+    ({"k": 3, "strides": [2, 1], "pads": [1, 1, 1, 1], "output_padding": [1, 0]}, {"TRANSPOSE_CONV", "SLICE"}, 1),
 ])
 def test_conv_transpose_lowers_to_what_onnxruntime_computes(tmp_path, attrs, ops, batch):
-    """A kernel the size of its stride becomes a 1x1 conv and DEPTH_TO_SPACE (int8 kernels in
-    XNNPACK; the batch stays free); others a TRANSPOSE_CONV, cropped where ONNX's padding is not
-    TF's, in a model for batches of one (its output shape is a constant)."""
+    """A transposed conv becomes the sub-pixel conv it equals (CONV_2D, DEPTH_TO_SPACE: int8
+    kernels in XNNPACK; the batch stays free), cropped by a SLICE to ONNX's padding; only strides
+    that differ between the axes take a TRANSPOSE_CONV, in a model for batches of one (its output
+    shape is a constant)."""
     model = _upsampler(tmp_path / "m.onnx", "ConvTranspose", **dict(attrs))
     x = np.random.default_rng(2).standard_normal((8, 3, 10, 12)).astype(np.float32)
     graph = lower(onnx.load(str(model)))
@@ -661,3 +666,55 @@ def test_a_scale_by_a_constant_folds_into_the_layer_it_feeds(tmp_path, consumer)
     x = rng.standard_normal((1 if consumer == "ConvTranspose" else 4, *[d for d in shape[1:]])).astype(np.float32)
     np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), _onnx_out(tmp_path / "m.onnx", "x", x),
                                rtol=0, atol=1e-4)
+
+
+def test_a_pytorch_unet_becomes_full_integer_tflite_with_a_free_batch(assets, tmp_path):
+    """A U-Net as torch exports it (ConvTranspose2d 2x2 and 4x4 stride 2, bilinear interpolate,
+    skip concatenations, BatchNorm, Hardswish): every upsampling is a sub-pixel conv, all int8
+    inside, close to FP32, and the agent takes any number of images per request."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from converters.from_torch import convert_torch
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.enc2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+            self.enc3 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.Hardswish())
+            self.up3 = nn.ConvTranspose2d(16, 16, 2, stride=2)
+            self.dec2 = nn.Sequential(nn.Conv2d(32, 8, 3, padding=1), nn.ReLU())
+            self.up2 = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            e1 = self.enc1(x)
+            e2 = self.enc2(e1)
+            d2 = self.dec2(torch.cat([self.up3(self.enc3(e2)), e2], 1))
+            y = self.head(torch.cat([self.up2(d2), e1], 1))
+            return torch.sigmoid(y + F.interpolate(F.avg_pool2d(y, 4), scale_factor=4, mode="bilinear"))
+
+    torch.manual_seed(0)
+    net = UNet().eval()
+    x = torch.randn(64, 3, 32, 32).numpy()
+    np.savez(tmp_path / "calib.npz", input=x[:48])
+    np.savez(tmp_path / "eval.npz", input=x[48:])
+    out = tmp_path / "unet.ewb"
+    report = convert_torch(net, {"input": x[:2]}, tmp_path / "calib.npz", out, assets.key, tmp_path / "eval.npz",
+                           ConvertOptions(name="unet", format="tflite", allow_worse=True))
+    ops = report["graph"]["ops"]
+    assert ops["DEPTH_TO_SPACE"] == 2 and ops["RESIZE_BILINEAR"] == 1 and "TRANSPOSE_CONV" not in ops, ops
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.1 * q["output_range"] and q["mean_abs_err"] <= 0.01 * q["output_range"], q
+    engine = Engine(Budget(8192, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(out, [load_public_key(assets.pub)])))
+    assert model.manifest.inputs[0].shape == [-1, 3, 32, 32]
+    engine.activate(model)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x[48:58])).numpy()
+    got = next(iter(engine.infer_arrays("unet", {"input": x[48:58]})[1].values()))
+    assert got.shape == (10, 2, 32, 32) and np.abs(got - want).max() <= 0.1 * q["output_range"]
+    engine.close()

@@ -18,7 +18,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "keras-int8": ("keras", "pixels", False),    # through TensorFlow's float converter: MEAN, SOFTMAX too
     "fire-int8": ("fire", "image", False),        # concatenated branches, requantized to one scale
     "mv3-int8": ("mv3", "image", False),          # hard-swish and squeeze-excite: broadcast MUL, constants
-    "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, TRANSPOSE_CONV
+    "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, PAD, SLICE
 }
 
 
