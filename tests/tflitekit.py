@@ -19,6 +19,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "fire-int8": ("fire", "image", False),        # concatenated branches, requantized to one scale
     "mv3-int8": ("mv3", "image", False),          # hard-swish and squeeze-excite: broadcast MUL, constants
     "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, PAD, SLICE
+    "strip-int8": ("strip", "image", False),      # TRANSPOSE_CONV with a bias, in a model for batches of one
 }
 
 
@@ -60,9 +61,11 @@ def build(folder: str | Path) -> Path:
     zoo.build_fire_cnn(folder / "fire.onnx", size=32)
     zoo.build_mobilenet_v3_like(folder / "mv3.onnx", size=32)
     zoo.build_text_detector_like(folder / "det.onnx", size=32, last_kernel=4)
+    zoo.build_strip_upsampler(folder / "strip.onnx", size=32)
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
-            "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32)}
+            "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
+            "strip": zoo.write_image_npz(folder / "strip", size=32)}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
