@@ -718,3 +718,31 @@ def test_a_pytorch_unet_becomes_full_integer_tflite_with_a_free_batch(assets, tm
     got = next(iter(engine.infer_arrays("unet", {"input": x[48:58]})[1].values()))
     assert got.shape == (10, 2, 32, 32) and np.abs(got - want).max() <= 0.1 * q["output_range"]
     engine.close()
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_an_opset_9_upsample_keeps_its_sampling_when_the_model_is_raised_to_opset_13(tmp_path, mode):
+    """Upsample (opset 9, as older exporters write a feature pyramid) samples at x / scale. onnx's
+    version converter rewrote it as a Resize that samples at half-pixel centres: a bilinear
+    upsampling off by half a pixel, in both formats. The raised model computes what the original
+    does, and so does its TFLite form."""
+    from converters.onnx_graph import upgrade_opset
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Upsample", ["c", "scales"], ["y"], mode=mode)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 20, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    raised, changed = upgrade_opset(onnx.load(str(tmp_path / "old.onnx")))
+    assert changed and raised.opset_import[0].version == 13
+    onnx.save(raised, str(tmp_path / "raised.onnx"))
+    x = rng.standard_normal((4, 3, 10, 12)).astype(np.float32)
+    want = _onnx_out(tmp_path / "old.onnx", "x", x)
+    np.testing.assert_allclose(_onnx_out(tmp_path / "raised.onnx", "x", x), want, rtol=0, atol=1e-5)
+    write_tflite(lower(raised), tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=1e-5)
