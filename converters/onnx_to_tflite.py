@@ -200,8 +200,9 @@ class _Lowering:
 
     def lower_Shape(self, node):
         """A tensor's shape is a constant but for a free batch, written as 0: what Reshape reads
-        as "the input's own size" (Paddle2ONNX flattens with Reshape(x, [Shape(x)[0], -1])).
-        A constant made from it may only reach a Reshape's shape (see from_shape)."""
+        as "the input's own size" (Paddle2ONNX flattens with Reshape(x, [Shape(x)[0], -1])), and
+        Resize's sizes as the input's own batch (torch's F.interpolate(x, size=skip.shape[2:])).
+        A constant made from it may only reach those two (see from_shape)."""
         x = self.src(node.input[0])
         shape = self.g.shapes[x]
         shape = [shape[i] for i in TO_NCHW] if x in self.nhwc else list(shape)
@@ -386,6 +387,8 @@ class _Lowering:
         scales = self.const(scales, node).astype(np.float64) if scales else np.zeros(0)
         if sizes:
             size = self.const(sizes, node).astype(np.int64).tolist()
+            if sizes in self.from_shape and size and size[0] == 0:  # torch's size=skip.shape[2:]: the own batch
+                size[0] = n
             if len(size) != 4 or size[1] != c or size[0] not in (n, 1):
                 raise _unsupported(node, f" to sizes {size}")
             out = size[2:]

@@ -746,3 +746,41 @@ def test_an_opset_9_upsample_keeps_its_sampling_when_the_model_is_raised_to_opse
     np.testing.assert_allclose(_onnx_out(tmp_path / "raised.onnx", "x", x), want, rtol=0, atol=1e-5)
     write_tflite(lower(raised), tmp_path / "float.tflite")
     np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=1e-5)
+
+
+def test_resizing_to_a_skip_connections_size_as_torch_exports_it_converts(assets, tmp_path):
+    """F.interpolate(x, size=skip.shape[2:]) exports as a Resize whose sizes are computed from
+    Shape nodes, the free batch among them: it lowers with the batch left free, and the INT8
+    bundle answers as the module does."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from converters.from_torch import convert_torch, to_onnx
+
+    class FPN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            a = F.relu(self.a(x))
+            return a + F.interpolate(F.relu(self.b(a)), size=a.shape[2:], mode="nearest")
+
+    torch.manual_seed(0)
+    net = FPN().eval()
+    x = torch.randn(48, 3, 16, 16).numpy()
+    path, _ = to_onnx(net, {"input": x[:2]}, tmp_path / "fpn.onnx")
+    assert "Shape" in {n.op_type for n in onnx.load(str(path)).graph.node}  # the sizes are computed
+    graph = lower(onnx.load(str(path)))
+    assert graph.shapes["input"][0] == -1 and "RESIZE_NEAREST_NEIGHBOR" in [op.kind for op in graph.ops]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x[32:])).numpy()
+    write_tflite(graph, tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "input", x[32:]), want, rtol=0, atol=1e-5)
+    np.savez(tmp_path / "calib.npz", input=x[:32])
+    np.savez(tmp_path / "eval.npz", input=x[32:])
+    report = convert_torch(net, {"input": x[:2]}, tmp_path / "calib.npz", tmp_path / "fpn.ewb", assets.key,
+                           tmp_path / "eval.npz", ConvertOptions(name="fpn", format="tflite", allow_worse=True))
+    q = report["quality"]
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2 and q["max_abs_err"] <= 0.05 * q["output_range"], q
