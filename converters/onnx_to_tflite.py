@@ -12,7 +12,7 @@ Mapped: Conv (plain and depthwise, with folded BatchNormalization), ConvTranspos
 MatMul (+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
 AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub (of two tensors
 that broadcast, or with a constant), Div (by a constant), Softmax, Sigmoid, Tanh,
-HardSwish, HardSigmoid, Resize (nearest and bilinear, 2-D), Identity and Dropout.
+HardSwish, HardSigmoid, LeakyRelu, PRelu, Resize (nearest and bilinear, 2-D), Identity and Dropout.
 """
 
 from __future__ import annotations
@@ -517,6 +517,19 @@ class _Lowering:
         x = self.src(node.input[0])
         y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
         self.op(kind, [x], y, name=node.name, **options)
+
+    def lower_LeakyRelu(self, node):
+        """max(x, alpha x) (YOLO's and many detectors' activation): LEAKY_RELU."""
+        self._unary(node, "LEAKY_RELU", alpha=float(node_attrs(node).get("alpha", 0.01)))
+
+    def lower_PRelu(self, node):
+        """max(x, slope x) with a learned slope per channel (face detectors' activation): PRELU,
+        the slope in the tensor's layout (a [C, 1, 1] slope of a feature map as [1, 1, C])."""
+        x = self.src(node.input[0])
+        slope = self._const_like(node, self.const(node.input[1], node).astype(np.float32), x)
+        slope = slope.reshape(slope.shape[1:])  # PRELU's alpha broadcasts against one row
+        y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
+        self.op("PRELU", [x, self.add_const(f"{node.name}/slope", slope)], y, name=node.name)
 
     def lower_Clip(self, node):
         act = self.activation_of(node)

@@ -29,7 +29,7 @@ from agent.errors import ConversionError
 
 # ops that compute new values (their outputs get their own calibrated scale) ...
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
-REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH")
+REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH", "LEAKY_RELU", "PRELU")
 # ... ops whose int8 output must reuse the input's scale and zero point ...
 SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "RESIZE_NEAREST_NEIGHBOR",
               "RESIZE_BILINEAR", "SLICE", "DEPTH_TO_SPACE")
@@ -47,7 +47,7 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "CONCATENATION": (1, 2), "HARD_SWISH": (1, 1),
              "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
              "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
-             "DEPTH_TO_SPACE": (1, 2)}
+             "DEPTH_TO_SPACE": (1, 2), "LEAKY_RELU": (1, 2), "PRELU": (1, 1)}
 
 
 def _version(kind: str, int8: bool, op: "Op | None") -> int:
@@ -246,6 +246,10 @@ def _options(s, op: Op):
         return s.BuiltinOptions.PadOptions, s.PadOptionsT()
     if k == "SLICE":
         return s.BuiltinOptions.SliceOptions, s.SliceOptionsT()
+    if k == "LEAKY_RELU":
+        x = s.LeakyReluOptionsT()
+        x.alpha = float(o["alpha"])
+        return s.BuiltinOptions.LeakyReluOptions, x
     if k == "DEPTH_TO_SPACE":
         x = s.DepthToSpaceOptionsT()
         x.blockSize = int(o["block_size"])

@@ -380,19 +380,22 @@ def build_text_detector_like(path: str | Path, size: int = 64, seed: int = 0, la
 
 
 def build_strip_upsampler(path: str | Path, size: int = 32, seed: int = 0) -> Path:
-    """A conv and a ConvTranspose that doubles the height only (kernel 4x3, strides 2x1, as a
-    text-line or spectrogram decoder might): the one form the TFLite writer keeps as
-    TRANSPOSE_CONV, in a model for batches of one. Out: [batch, 4, 2 * size, size]. Untrained."""
+    """A conv with a PReLU, and a ConvTranspose that doubles the height only (kernel 4x3, strides
+    2x1, as a text-line or spectrogram decoder might) with a LeakyReLU: the one form the TFLite
+    writer keeps as TRANSPOSE_CONV, in a model for batches of one. Out: [batch, 4, 2 * size,
+    size]. Untrained."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "conv_w"),
              numpy_helper.from_array((rng.standard_normal((8, 4, 4, 3)) * 0.3).astype(np.float32), "up_w"),
-             numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "up_b")]
+             numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "up_b"),
+             numpy_helper.from_array(rng.uniform(0.05, 0.3, (8, 1, 1)).astype(np.float32), "slope")]
     nodes = [helper.make_node("Conv", ["image", "conv_w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("ConvTranspose", ["r", "up_w", "up_b"], [OUTPUT_NAME], kernel_shape=[4, 3],
-                              strides=[2, 1], pads=[1, 1, 1, 1])]
+             helper.make_node("PRelu", ["c", "slope"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "up_w", "up_b"], ["up"], kernel_shape=[4, 3],
+                              strides=[2, 1], pads=[1, 1, 1, 1]),
+             helper.make_node("LeakyRelu", ["up"], [OUTPUT_NAME], alpha=0.1)]
     graph = helper.make_graph(nodes, "strip_upsampler",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
                               [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,

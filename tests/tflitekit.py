@@ -19,7 +19,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "fire-int8": ("fire", "image", False),        # concatenated branches, requantized to one scale
     "mv3-int8": ("mv3", "image", False),          # hard-swish and squeeze-excite: broadcast MUL, constants
     "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, PAD, SLICE
-    "strip-int8": ("strip", "image", False),      # TRANSPOSE_CONV with a bias, in a model for batches of one
+    "strip-int8": ("strip", "image", False),      # PRELU, LEAKY_RELU, TRANSPOSE_CONV (batches of one)
 }
 
 
