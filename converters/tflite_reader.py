@@ -140,10 +140,23 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                 options["keep_dims"] = bool(o.keepDims)
             if hasattr(o, "beta"):
                 options["beta"] = o.beta
+            if kind in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
+                options["align_corners"], options["half_pixel_centers"] = bool(o.alignCorners), bool(o.halfPixelCenters)
+            if kind == "DEPTH_TO_SPACE":
+                options["block_size"] = int(o.blockSize)
+            if kind == "LEAKY_RELU":
+                options["alpha"] = float(o.alpha)
             if getattr(o, "keepNumDims", False):
                 raise ConversionError(f"FULLY_CONNECTED op {k} keeps its input's rank (keep_num_dims)",
                                       "ship this model with --precision fp32")
         inputs = [names[i] if i >= 0 else "" for i in op.inputs]
+        if kind in ("LEAKY_RELU", "DEPTH_TO_SPACE") and o is None:
+            raise ConversionError(f"{kind} op {k} has no options", "ship this model with --precision fp32")
+        if kind == "TRANSPOSE_CONV":  # TFLite's order (output shape, weights, input, bias) -> the graph's
+            if options.get("activation", "NONE") != "NONE":
+                raise ConversionError(f"TRANSPOSE_CONV op {k} has a fused activation",
+                                      "ship this model with --precision fp32")
+            inputs = [inputs[2], inputs[1], inputs[3] if len(inputs) > 3 else "", inputs[0]]
         if kind == "RESHAPE":
             shape = graph.consts.get(inputs[1]) if len(inputs) > 1 and inputs[1] else None
             if shape is None and len(inputs) > 1 and inputs[1] in computed_int:
@@ -159,7 +172,7 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                 inputs = [inputs[0], f"op{k}/shape"]
         if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D") and options.get("activation", "NONE") != "NONE":
             raise ConversionError(f"{kind} op {k} has a fused activation", "ship this model with --precision fp32")
-        if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
             if inputs[1] not in graph.consts or (len(inputs) > 2 and inputs[2] and inputs[2] not in graph.consts):
                 raise ConversionError(f"{kind} op {k} has computed (non-constant) weights",
                                       "ship this model with --precision fp32")

@@ -214,3 +214,46 @@ def test_a_float_tflite_can_be_pruned_and_is_measured_against_the_unpruned_model
     with pytest.raises(ConversionError, match="--prune-channels works on ONNX and PyTorch"):
         convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "c.ewb",
                        options=ConvertOptions(prune_channels=0.5))
+
+
+@pytest.mark.parametrize("build", ["text_detector", "strip_upsampler"])
+def test_a_float_tflite_with_resizes_and_upsampling_reads_back_as_it_computes(tmp_path, build):
+    """A float .tflite holding RESIZE_*, DEPTH_TO_SPACE, SLICE, PAD (a text detector) or
+    TRANSPOSE_CONV, PRELU and LEAKY_RELU (written here by edgeward from ONNX) is read with
+    every op's options and TFLite's input order: written again, it computes what it did, and
+    its INT8 form stays close."""
+    import onnx
+
+    from converters import zoo
+    from converters.measure import TfliteSession, run_all
+    from converters.onnx_to_tflite import calibration_ranges as onnx_ranges
+    from converters.onnx_to_tflite import lower
+    from converters.tflite_graph import write_tflite
+    from converters.tflite_reader import calibration_ranges, read_tflite
+
+    model = getattr(zoo, f"build_{build}" if build == "strip_upsampler" else "build_text_detector_like")(
+        tmp_path / "m.onnx", size=32)
+    write_tflite(lower(onnx.load(str(model))), tmp_path / "float.tflite")
+    graph, names = read_tflite(tmp_path / "float.tflite")
+    kinds = {op.kind for op in graph.ops}
+    assert ({"RESIZE_BILINEAR", "DEPTH_TO_SPACE"} if build == "text_detector" else {"TRANSPOSE_CONV", "PRELU",
+                                                                                    "LEAKY_RELU"}) <= kinds
+    write_tflite(graph, tmp_path / "again.tflite")
+    x = np.random.default_rng(7).standard_normal((6, 3, 32, 32)).astype(np.float32)
+
+    def out(path):
+        session = TfliteSession(path)
+        return run_all(session, {"image": x})[session.get_outputs()[0].name]
+
+    want = out(tmp_path / "float.tflite")
+    np.testing.assert_allclose(out(tmp_path / "again.tflite"), want, rtol=0, atol=1e-6)
+    ranges = calibration_ranges(tmp_path / "float.tflite", graph, names, {"image": x})
+    write_tflite(graph, tmp_path / "int8.tflite", ranges)
+    assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["float32"] == 2
+    span = want.max() - want.min()
+    got = out(tmp_path / "int8.tflite")
+    assert np.abs(got - want).max() <= 0.1 * span
+    # the same INT8 model as the ONNX path writes from the same data: the reader lost nothing
+    onnx_graph = lower(onnx.load(str(model)))
+    write_tflite(onnx_graph, tmp_path / "from-onnx.tflite", onnx_ranges(model, onnx_graph, {"image": x}))
+    assert np.abs(got - out(tmp_path / "from-onnx.tflite")).max() <= 0.02 * span
