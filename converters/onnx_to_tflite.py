@@ -312,17 +312,12 @@ class _Lowering:
             raise _NeedsFixedBatch()
         final = self.out_name(node_out, True)
         y = self.new(f"{node.name}/full" if crop else final, [n, *out, cout], nhwc=True)
-        if crop:  # the full output's values are the cropped one's and its margins: the same range
-            self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)
         wname = self.add_const(f"{node.name}/weights", np.ascontiguousarray(w.transpose(0, 2, 3, 1)))  # OHWI
         bname = self.add_const(f"{node.name}/bias", b)
         shape = self.add_const(f"{node.name}/output_shape", np.array([n, *out, cout], np.int32))
         self.op("TRANSPOSE_CONV", [x, wname, bname, shape], y, name=node.name, padding=mode, stride=stride)
         if crop:
-            cropped = self.new(final, [n, *crop, cout], nhwc=True)
-            begin = self.add_const(f"{node.name}/begin", np.array([0, pads[0], pads[1], 0], np.int32))
-            size = self.add_const(f"{node.name}/size", np.array([n, *crop, cout], np.int32))
-            self.op("SLICE", [y, begin, size], cropped, name=node.name)
+            self._crop(node, y, final, pads[:2], [n, *crop, cout])
 
     def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, taps, pads, out):
         """A transposed conv of stride s as the sub-pixel convolution it equals: output pixel
@@ -359,12 +354,17 @@ class _Lowering:
             self.g.derived[conv_out] = (final, 1.0, 0.0, -math.inf, math.inf)  # the output's values, rearranged
             self.op("DEPTH_TO_SPACE", [conv_out], self.new(y, [n, *full, cout], nhwc=True), name=node.name,
                     block_size=s)
-        if cropped:  # the uncropped output's values are the output's and its margins': the same range
-            self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)
-            self.new(final, [n, *out, cout], nhwc=True)
-            begin = self.add_const(f"{node.name}/begin", np.array([0, pads[0], pads[1], 0], np.int32))
-            size = self.add_const(f"{node.name}/size", np.array([-1, *out, cout], np.int32))
-            self.op("SLICE", [y, begin, size], final, name=node.name)
+        if cropped:
+            self._crop(node, y, final, pads[:2], [n, *out, cout])
+
+    def _crop(self, node, y: str, final: str, start: list[int], shape: list[int]) -> None:
+        """`final` (NHWC, of `shape`) as the window of `y` from row start[0], column start[1]:
+        ONNX's padding of a transposed conv, cut from the whole output the TFLite ops make."""
+        self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)  # its values and its margins': one range
+        self.new(final, shape, nhwc=True)
+        begin = self.add_const(f"{node.name}/begin", np.array([0, *start, 0], np.int32))
+        size = self.add_const(f"{node.name}/size", np.array([-1, *shape[1:]], np.int32))
+        self.op("SLICE", [y, begin, size], final, name=node.name)
 
     def lower_Resize(self, node):
         """The 2x/4x upsampling of a feature pyramid (detectors, segmentation):

@@ -65,14 +65,15 @@ def _sources(graph: Graph) -> set[str]:
 
 
 def _merge_affine_chains(graph: Graph) -> None:
-    i = 0
+    i, users, keep = 0, None, set()
     while i < len(graph.ops):
         op = graph.ops[i]
         first = _affine(graph, op)
         if first is None or op.options.get("activation", "NONE") != "NONE":
             i += 1
             continue
-        users, keep = _readers(graph), _sources(graph)
+        if users is None:  # made again only after a merge has changed the graph
+            users, keep = _readers(graph), _sources(graph)
         x, a, b = first
         chain, out = [op], op.outputs[0]
         while len(users.get(out, [])) == 1 and out not in graph.outputs and out not in keep:
@@ -90,6 +91,7 @@ def _merge_affine_chains(graph: Graph) -> None:
             i += 1
             continue
         graph.ops[i] = merged
+        users = None
         for dropped in chain[1:]:
             graph.ops.remove(dropped)
         for op_ in chain[:-1]:
@@ -128,11 +130,12 @@ def _fold_scales_into_convs(graph: Graph) -> None:
             continue
         x, a, _ = step
         out = op.outputs[0]
-        path = [out]
+        path, pad = [out], None
         consumer = users.get(out, [])
         if len(consumer) == 1 and consumer[0].kind == "PAD" and consumer[0].inputs[0] == out:
-            path.append(consumer[0].outputs[0])
-            consumer = users.get(consumer[0].outputs[0], [])
+            pad = consumer[0]
+            path.append(pad.outputs[0])
+            consumer = users.get(pad.outputs[0], [])
         if len(consumer) != 1 or any(t in graph.outputs or t in keep for t in path):
             continue
         conv = consumer[0]
@@ -140,8 +143,7 @@ def _fold_scales_into_convs(graph: Graph) -> None:
             continue
         if conv.inputs[0] != path[-1] or not _fold_input_scale(graph, conv, a):  # the data, not the weights
             continue
-        if len(path) == 2:  # MUL -> PAD -> conv: the PAD now reads x
-            pad = next(p for p in graph.ops if p.outputs[0] == path[1])
+        if pad is not None:  # MUL -> PAD -> conv: the PAD now reads x
             pad.inputs[0] = x
         else:
             conv.inputs[0] = x
