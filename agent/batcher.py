@@ -6,7 +6,9 @@ batch takes whole requests in arrival order. The joined batch is padded with zer
 rows up to the model's fixed batch size, or up to the next `preferred_batch` size
 (for runtimes that prefer a few known shapes), and the outputs are cut back into one
 answer per caller. The queue is bounded in rows: past `max_queue` a caller gets "busy"
-at once instead of the agent growing.
+at once instead of the agent growing. A caller that goes away (its connection closes, or
+is dropped for not reading its answers) takes its queued requests with it (`cancel`):
+nobody waits for their answers, and their rows would keep the others out of the queue.
 
 Up to `in_flight` batches run at once, each on a thread of its own, and one thread at a
 time gathers the next batch while the others run. With one intra-op thread per run, a
@@ -27,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import BusyError, EdgewardError, InferenceError
+from .errors import BusyError, CallerGone, EdgewardError, InferenceError
 from .tensors import Tensor, concat, pad_rows, split
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class _Pending:
     rows: int
     queued_at: float
     on_done: Callable[[list[Tensor] | None, BaseException | None], None]
+    owner: object = None  # the connection it came on: its requests go when it goes
 
 
 class Batcher:
@@ -84,12 +87,14 @@ class Batcher:
         return answer[0]
 
     def submit_async(self, feeds: list[Tensor],
-                     on_done: Callable[[list[Tensor] | None, BaseException | None], None]) -> None:
+                     on_done: Callable[[list[Tensor] | None, BaseException | None], None],
+                     owner: object = None) -> None:
         """Queue one request; the batch thread calls on_done(outputs, None) or on_done(None, error)
         after the batch has run. A caller that can answer from there (agent/direct.py sends the
         reply itself) saves a thread wake-up per request. Refusals (busy, too many rows for a
         fixed batch, unloading) raise here, at once. A request larger than a batch runs now,
-        in the caller's thread, and on_done is called before this returns."""
+        in the caller's thread, and on_done is called before this returns. `owner` names the
+        caller for `cancel`."""
         rows = feeds[0].rows if feeds else 1
         if rows > self.max_batch:
             if self.fixed_batch:
@@ -102,7 +107,7 @@ class Batcher:
             else:
                 on_done(result, None)
             return
-        item = _Pending(feeds, rows, time.monotonic(), on_done)
+        item = _Pending(feeds, rows, time.monotonic(), on_done, owner)
         with self._cv:
             if self._closed:
                 raise InferenceError(f"model {self.name!r} is being unloaded; retry")
@@ -113,6 +118,22 @@ class Batcher:
             self._queued_rows += rows
             self._cv.notify()
 
+    def cancel(self, owner: object) -> int:
+        """Take a departed caller's queued requests out of the queue; the rows taken out. Each
+        is finished with an error, which its answer function (the connection's, now closed)
+        discards while it gives back what the request held."""
+        with self._cv:
+            gone = [item for item in self._queue if item.owner is owner]
+            if not gone:
+                return 0
+            self._queue = deque(item for item in self._queue if item.owner is not owner)
+            rows = sum(item.rows for item in gone)
+            self._queued_rows -= rows
+        error = CallerGone(f"model {self.name!r}: the caller left before its request ran")
+        for item in gone:
+            self._finish(item, None, error)
+        return rows
+
     def _wait_for_turn(self) -> None:
         """Hold back the next batch while one runs, unless batches run long enough to overlap."""
         with self._cv:
@@ -122,24 +143,26 @@ class Batcher:
     def _take(self) -> list[_Pending] | None:
         """Block until a batch is due; return its requests (None once closed and drained)."""
         with self._cv:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cv.wait()
-            deadline = self._queue[0].queued_at + self.max_delay  # the oldest waits at most max_delay
-            while self._queued_rows < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            batch, rows = [], 0
-            while self._queue and rows + self._queue[0].rows <= self.max_batch:
-                item = self._queue.popleft()
-                batch.append(item)
-                rows += item.rows
-            self._queued_rows -= rows
-            self._running += 1
-            return batch
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cv.wait()
+                deadline = self._queue[0].queued_at + self.max_delay  # the oldest waits at most max_delay
+                while self._queued_rows < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                batch, rows = [], 0
+                while self._queue and rows + self._queue[0].rows <= self.max_batch:
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    rows += item.rows
+                if batch:  # empty when the requests it waited for were cancelled meanwhile
+                    self._queued_rows -= rows
+                    self._running += 1
+                    return batch
 
     def _loop(self) -> None:
         while True:

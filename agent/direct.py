@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import protocol, shm, wire
-from .errors import BusyError, EdgewardError, ProtocolError
+from .errors import BusyError, CallerGone, EdgewardError, ProtocolError
 from .localapi import (MAX_MESSAGE, PREFIX_BYTES, Activity, HeldBytes, error_frame, message_length,
                        send_message, serve_connection)
 from .outbox import Drain, Outbox
@@ -64,7 +64,8 @@ class DirectServer:
                  run: Callable[[list[Tensor]], list[Tensor]], max_conns: int = 64, spin_us: int = 0,
                  max_rows: int | None = None, submit: Callable | None = None, reader: bool | None = None,
                  max_message: int = MAX_MESSAGE, max_held: int = 1 << 36,
-                 run_stream: Callable[[list[Tensor], str | None], list[Tensor]] | None = None):
+                 run_stream: Callable[[list[Tensor], str | None], list[Tensor]] | None = None,
+                 cancel: Callable[[object], int] | None = None):
         self.path, self.model, self.version, self.specs = Path(path), model, version, specs
         self.max_rows = max_rows  # a batching worker with a fixed batch size takes 1..max_rows rows
         self.max_message = max_message  # api.max_request_mb: bytes one request may make this worker hold
@@ -74,6 +75,7 @@ class DirectServer:
         self._run = run
         self._run_stream = run_stream  # a stateful model: (inputs, stream id) -> outputs
         self._submit = submit  # a batcher's submit_async: its batch thread sends the answers
+        self._cancel = cancel  # the batcher's cancel: a closed connection's queued requests go with it
         self._drain = Drain() if submit is not None else None  # what a batch thread could not send at once
         self.stats = Stats()
         self._frames = wire.TensorFrames(PLANS)  # each request header's parse and checks, done once
@@ -114,11 +116,16 @@ class DirectServer:
         # is read; a batched request's bytes wait in the batcher's queue, so they get their own
         buffer = None if self._submit else bytearray(1 << 20)
         box = Outbox(conn, self._drain) if self._submit else None
+
+        def handle(msg, answer_later=None, shared=None):
+            return self.handle(msg, answer_later, shared, owner=box)
+
         try:
-            serve_connection(conn, self.handle, self.spin_s, buffer=buffer, activity=self._activity,
+            serve_connection(conn, handle, self.spin_s, buffer=buffer, activity=self._activity,
                              send=box.send if box else None, limit=self.max_message, held=self.held,
                              shared=True)
         finally:
+            self._forget(box)
             (box or conn).close()
             self._slots.release()
 
@@ -146,6 +153,7 @@ class DirectServer:
                         sel.unregister(key.fileobj)
                         conns.discard(key.data)
                         self.held.give(key.data.held)  # a message it did not finish sending
+                        self._forget(key.data)
                         key.data.close()
         finally:
             for c in conns:
@@ -153,6 +161,14 @@ class DirectServer:
             sel.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _forget(self, conn: object) -> None:
+        """A connection has ended: its requests still queued for a batch leave the queue now,
+        so that the callers still here are not refused as busy behind rows nobody waits for."""
+        if self._cancel is not None and conn is not None:
+            rows = self._cancel(conn)
+            if rows:
+                log.info("a caller of %r left with %d rows queued; they were dropped", self.model, rows)
 
     def _accept_one(self, sel: selectors.BaseSelector, conns: set) -> None:
         try:
@@ -222,15 +238,16 @@ class DirectServer:
             finally:
                 self.held.give(size)
 
-        reply = self.handle(msg, answer)
+        reply = self.handle(msg, answer, owner=c)
         if reply is not None:
             answer(reply)
 
-    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None, shared=None) -> bytes | None:
+    def handle(self, msg, answer_later: Callable[[bytes], None] | None = None, shared=None,
+               owner: object = None) -> bytes | None:
         """The answer frame, or None when a batcher will send it through `answer_later`. `shared`
         is the connection's agent.shm.Attachment: with "shm" in its header a request's tensors
         are in its request region, and with "answer_shm" the answer goes to its answer region
-        when it fits there."""
+        when it fits there. `owner` is the connection, for the batcher's cancel."""
         t0 = time.perf_counter()
         answers = None
         try:
@@ -260,7 +277,7 @@ class DirectServer:
             if self._run_stream is not None:
                 out = self._run_stream(feeds, stream)
             elif self._submit is not None and answer_later is not None:
-                self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)))
+                self._submit(feeds, lambda out, error: answer_later(self._answer(t0, out, error, answers)), owner)
                 return None
             else:
                 out = self._run(feeds)
@@ -280,7 +297,8 @@ class DirectServer:
                 error = exc
         if not isinstance(error, EdgewardError):
             log.error("direct request failed", exc_info=error)
-        self.stats.record(None, ok=False)
+        if not isinstance(error, CallerGone):  # nobody asked for it any more: not a failed request
+            self.stats.record(None, ok=False)
         return error_frame(error)
 
     def _ok_frame(self, t0: float, out: list[Tensor], answers=None) -> bytes:

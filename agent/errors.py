@@ -160,6 +160,12 @@ class WorkerCrashed(InferenceError):
     code = "model_crashed"
 
 
+class CallerGone(InferenceError):
+    """The caller closed its connection before its request ran: the request was dropped, unanswered."""
+
+    code = "caller_gone"
+
+
 def _by_code() -> dict[str, type[EdgewardError]]:
     out: dict[str, type[EdgewardError]] = {}
     todo: list[type[EdgewardError]] = [EdgewardError]

@@ -166,7 +166,8 @@ class Worker:
                                    int(h.get("max_conns", 64)), int(h.get("spin_us", 0)), max_rows=max_rows,
                                    submit=submit, max_message=int(h["max_message"]),
                                    max_held=int(h["max_held"]),
-                                   run_stream=on_stream if self.streams is not None else None)
+                                   run_stream=on_stream if self.streams is not None else None,
+                                   cancel=self.batcher.cancel if batch else None)
         return {"path": h["path"]}, []
 
     def stats(self, _h: dict, _body) -> tuple[dict, list]:

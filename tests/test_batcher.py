@@ -127,3 +127,73 @@ def test_a_request_waits_at_most_max_delay_after_it_was_queued_even_while_a_batc
     assert model.sizes == [1, 1]
     assert waited < 0.45, waited
 
+
+
+def test_a_departed_callers_queued_requests_leave_the_queue_and_make_room_for_the_others():
+    """A caller that goes away must not keep the others out: its rows leave the queue at once,
+    each is finished with CallerGone, and none of them runs."""
+    from agent.errors import BusyError, CallerGone
+
+    release = threading.Event()
+    ran: list[float] = []
+
+    def model(feeds):
+        release.wait(10)  # the first batch holds the only batch thread while the rest queue
+        x = to_numpy(feeds[0])
+        ran.extend(x[:, 0].tolist())
+        return [from_numpy("y", x + 1)]
+
+    batcher = Batcher("m", model, max_batch=1, max_delay_ms=0, max_queue=4, in_flight=1)
+    gone, done = object(), []
+    try:
+        first = threading.Thread(target=batcher.submit, args=([from_numpy("x", np.zeros((1, 2), np.float32))],))
+        first.start()
+        deadline = time.monotonic() + 5
+        while batcher._running == 0:  # the first request is running, holding the thread
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        for i in range(4):  # the departing caller fills the queue
+            batcher.submit_async([from_numpy("x", np.full((1, 2), 10 + i, np.float32))],
+                                 lambda out, error: done.append(error), owner=gone)
+        try:
+            batcher.submit_async([from_numpy("x", np.ones((1, 2), np.float32))], lambda *_: None)
+            raise AssertionError("a full queue took another request")
+        except BusyError:
+            pass
+        assert batcher.cancel(gone) == 4
+        assert len(done) == 4 and all(isinstance(e, CallerGone) for e in done)
+        assert batcher.cancel(gone) == 0
+        answers = []
+        stayer = threading.Thread(target=lambda: answers.append(
+            to_numpy(batcher.submit([from_numpy("x", np.full((1, 2), 7, np.float32))])[0])))
+        stayer.start()  # taken at once: the room is back
+        release.set()
+        first.join(5)
+        stayer.join(5)
+        np.testing.assert_array_equal(answers[0], 8)
+    finally:
+        release.set()
+        batcher.close()
+    assert sorted(ran) == [0.0, 7.0]  # the departed caller's rows never ran
+
+
+def test_a_request_cancelled_while_its_batch_is_gathered_never_runs_and_the_next_one_does():
+    """The gathering thread waits out max_delay for the oldest request; cancelled meanwhile,
+    that request is not run, and the thread goes back to waiting for the next one."""
+    from agent.errors import CallerGone
+
+    model = Recorder(run_s=0.0)
+    batcher = Batcher("m", model, max_batch=8, max_delay_ms=200, in_flight=1)
+    gone, errors = object(), []
+    try:
+        batcher.submit_async([from_numpy("x", np.zeros((1, 2), np.float32))],
+                             lambda out, error: errors.append(error), owner=gone)
+        time.sleep(0.05)  # the batch thread is waiting for more rows until 200 ms
+        assert batcher.cancel(gone) == 1
+        time.sleep(0.25)  # past the gone request's deadline
+        out = batcher.submit([from_numpy("x", np.full((1, 2), 4, np.float32))])
+    finally:
+        batcher.close()
+    assert isinstance(errors[0], CallerGone)
+    np.testing.assert_array_equal(to_numpy(out[0]), 5)
+    assert model.sizes == [1]  # only the request still wanted ran; no empty batch
