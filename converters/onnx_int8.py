@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -164,19 +165,34 @@ def _pre_process(fp32_path: str | Path, out: Path) -> Path:
     """onnxruntime's pre-processing (shape inference and graph optimisation, which lets the
     quantizer see fused layers), without its symbolic shape inference where that gives up on
     the model (it asserts on reshapes whose target rank it cannot tell, as in attention blocks).
-    It is an optimisation only: where it fails altogether, the model is quantized as given."""
+    It is an optimisation only: where it fails altogether, the model is quantized as given.
+    It runs inside `out`'s scratch folder: where symbolic inference gives up, onnxruntime saves
+    what it had as "sym_shape_infer_temp.onnx" plus external-data files in the working
+    directory, which would leave them in the user's folder (a segmentation head did)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    source, out = Path(fp32_path).resolve(), out.resolve()
     for skip_symbolic in (False, True):
         try:
-            with quiet_quantizer():
-                quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=skip_symbolic)
+            with quiet_quantizer(), _working_directory(out.parent):
+                quant_pre_process(str(source), str(out), skip_symbolic_shape=skip_symbolic)
             return out
         except Exception as exc:  # its own and onnx's types; the last one is reported below
             failure = exc
     log.warning("onnxruntime's quantization pre-processing failed on this model (%s); quantizing it as given",
                 first_line(failure))
     return Path(fp32_path)
+
+
+@contextlib.contextmanager
+def _working_directory(folder: Path):
+    """contextlib.chdir, which Python 3.10 lacks. The converter runs on one thread."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 @contextlib.contextmanager

@@ -352,6 +352,27 @@ def test_pre_processing_goes_on_without_symbolic_shapes_where_those_give_up(tmp_
     assert (tmp_path / "prepared.onnx").exists() and not caplog.records
 
 
+def test_quantizing_leaves_nothing_in_the_users_working_directory(tmp_path, monkeypatch):
+    """Where its symbolic shape inference gives up (here on a text detector's upsampling head),
+    onnxruntime saves a "sym_shape_infer_temp.onnx" and its external data in the working
+    directory. A user's folder must get the bundle they asked for and nothing else."""
+    import os
+
+    from converters import zoo
+    from converters.onnx_int8 import quantize_static
+
+    source = zoo.build_text_detector_like(tmp_path / "det.onnx", size=32)
+    here = tmp_path / "users-folder"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    rng = np.random.default_rng(0)
+    calibration = {"image": rng.random((8, 3, 32, 32), np.float32)}
+    quantize_static(source, tmp_path / "det-int8.onnx", calibration)
+    assert os.listdir(here) == []
+    assert (tmp_path / "det-int8.onnx").exists()
+    assert os.getcwd() == str(here)  # and the working directory is the user's again
+
+
 def test_onnxruntime_errors_keep_their_details_on_one_line():
     """onnxruntime puts what it got and expected on lines of their own, after a status prefix."""
     from onnx import TensorProto, helper
