@@ -633,6 +633,83 @@ class _Lowering:
         self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
                 new_shape=new_shape)
 
+    def lower_Split(self, node):
+        """A tensor cut into parts along one axis: YOLOv8's C2f blocks split a feature map's
+        channels in two (torch's x.chunk(2, 1)). One SLICE per part: it keeps the input's int8
+        scale and runs in XNNPACK. Sizes come from the `split` input (opset 13+), the attribute
+        (older), or equal parts, the last one smaller where they do not divide (opset 18)."""
+        a = node_attrs(node)
+        x = self.src(node.input[0])
+        axis = self._graph_axis(node, x, a.get("axis", 0))
+        total = self.g.shapes[x][axis]
+        if total <= 0:
+            raise _unsupported(node, " along an axis of unknown size")
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in self.const(node.input[1], node).reshape(-1)]
+        elif "split" in a:
+            sizes = [int(v) for v in a["split"]]
+        else:
+            part = -(-total // len(node.output))
+            sizes = [min(part, total - i * part) for i in range(len(node.output))]
+        if len(sizes) != len(node.output) or sum(sizes) != total or min(sizes) <= 0:
+            raise _unsupported(node, f" into parts {sizes} of an axis of {total}")
+        start = 0
+        for out, size in zip(node.output, sizes):
+            if out:  # an output nobody reads has no name
+                self._window(node, x, {axis: (start, size)}, out)
+            start += size
+
+    def lower_Slice(self, node):
+        """A window of a tensor along non-batch axes with step 1 (a crop; a head's box and class
+        columns): SLICE. Starts, ends and axes must be constants."""
+        a = node_attrs(node)
+        x = self.src(node.input[0])
+        if len(node.input) > 1:  # opset 10 on: inputs
+            def operand(i):
+                return self.const(node.input[i], node).astype(np.int64).reshape(-1).tolist() \
+                    if len(node.input) > i and node.input[i] else None
+            starts, ends, axes, steps = operand(1), operand(2), operand(3), operand(4)
+        else:
+            starts, ends, axes, steps = list(a["starts"]), list(a["ends"]), a.get("axes"), None
+        axes = list(range(len(starts))) if axes is None else list(axes)
+        if any(step != 1 for step in steps or []):
+            raise _unsupported(node, f" with steps {steps}")  # TFLite's STRIDED_SLICE: not mapped yet
+        window = {}
+        for start, end, onnx_axis in zip(starts, ends, axes):
+            axis = self._graph_axis(node, x, onnx_axis)
+            dim = self.g.shapes[x][axis]
+            if dim <= 0:
+                raise _unsupported(node, " along an axis of unknown size")
+            start, end = (min(max(v + dim if v < 0 else v, 0), dim) for v in (start, end))
+            if end <= start:
+                raise _unsupported(node, " that selects nothing")
+            window[axis] = (start, end - start)
+        self._window(node, x, window, node.output[0])
+
+    def _graph_axis(self, node, x: str, axis: int) -> int:
+        """ONNX's axis `axis` of tensor x, as the graph holds x (a feature map's channels are
+        NHWC's last axis). The batch axis stays whole: the batch is the caller's."""
+        rank = len(self.g.shapes[x])
+        axis = axis + rank if axis < 0 else axis
+        if not 0 < axis < rank:
+            raise _unsupported(node, " along the batch axis" if axis == 0 else f" along axis {axis}")
+        if x in self.flat_perm:
+            raise _unsupported(node, " of a flattened feature map")
+        return TO_NHWC.index(axis) if x in self.nhwc else axis
+
+    def _window(self, node, x: str, window: dict[int, tuple[int, int]], onnx_out: str) -> None:
+        """`onnx_out` as a SLICE of x: {graph axis: (start, size)}, the other axes whole."""
+        shape = list(self.g.shapes[x])
+        begin = [0] * len(shape)
+        for axis, (start, size) in window.items():
+            begin[axis], shape[axis] = start, size
+        size = [-1 if i == 0 or d < 0 else d for i, d in enumerate(shape)]
+        nhwc = x in self.nhwc
+        y = self.new(self.out_name(onnx_out, nhwc), shape, nhwc=nhwc)
+        tag = f"{node.name}/{onnx_out}"
+        self.op("SLICE", [x, self.add_const(f"{tag}/begin", np.array(begin, np.int32)),
+                          self.add_const(f"{tag}/size", np.array(size, np.int32))], y, name=node.name)
+
     def lower_Concat(self, node):
         xs = [self.src(n) for n in node.input]
         if any(n in self.consts for n in node.input):

@@ -404,7 +404,7 @@ def build_strip_upsampler(path: str | Path, size: int = 32, seed: int = 0) -> Pa
 
 
 def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channels: int, size: int, classes: int,
-                      rng) -> Path:
+                      rng, opset: int = 17) -> Path:
     """Finish an image model: global average pool, a linear classifier, NCHW image in, logits out."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -416,7 +416,7 @@ def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channel
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
                               [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
                               initializer=inits)
-    return _save(graph, path)
+    return _save(graph, path, opset)
 
 
 def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
@@ -447,6 +447,44 @@ def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: in
             nodes.append(helper.make_node("MaxPool", [x], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]))
             x = f"pool{i}"
     return _image_classifier(path, "fire_cnn", nodes, inits, x, cin, size, classes, rng)
+
+
+def build_c2f_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
+    """An FP32 CNN of YOLOv8's parts: conv + SiLU (Sigmoid, Mul), a C2f block (a 1x1 conv split
+    in two along the channels, a residual bottleneck on one half, the three concatenated),
+    SPPF's 5x5 stride-1 max pools concatenated, and a Slice of the channels, then a global
+    average pool and a classifier. Opset 13 (Split's sizes an input). Untrained."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, name):
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
+        b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+        nodes.extend([helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                       strides=[stride, stride], pads=[k // 2] * 4),
+                      helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_s"]),
+                      helper.make_node("Mul", [f"{name}_c", f"{name}_s"], [name])])
+        return name
+
+    def ints(name, values):
+        inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
+        return name
+
+    x = conv(conv("image", 3, 16, 3, 2, "stem"), 16, 16, 1, 1, "c2f_cv1")
+    nodes.append(helper.make_node("Split", [x, ints("c2f_sizes", [8, 8])], ["c2f_a", "c2f_b"], axis=1))
+    m = conv(conv("c2f_b", 8, 8, 3, 1, "c2f_m1"), 8, 8, 3, 1, "c2f_m2")
+    nodes += [helper.make_node("Add", ["c2f_b", m], ["c2f_res"]),
+              helper.make_node("Concat", ["c2f_a", "c2f_b", "c2f_res"], ["c2f_cat"], axis=1)]
+    x = conv("c2f_cat", 24, 16, 1, 1, "c2f_cv2")
+    nodes += [helper.make_node("MaxPool", [x], ["sppf_1"], kernel_shape=[5, 5], pads=[2] * 4),
+              helper.make_node("MaxPool", ["sppf_1"], ["sppf_2"], kernel_shape=[5, 5], pads=[2] * 4),
+              helper.make_node("Concat", [x, "sppf_1", "sppf_2"], ["sppf"], axis=1),
+              helper.make_node("Slice", ["sppf", ints("cut_start", [4]), ints("cut_end", [44]), ints("cut_axis", [1])],
+                               ["cut"])]
+    return _image_classifier(path, "c2f_cnn", nodes, inits, "cut", 40, size, classes, rng, opset=13)
 
 
 def write_image_npz(folder: str | Path, size: int = 96, n_calibration: int = 64, n_eval: int = 64,

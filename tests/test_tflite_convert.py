@@ -814,3 +814,161 @@ def test_leaky_and_parametric_relus_lower_to_their_tflite_ops(tmp_path, activati
     assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["float32"] == 2
     err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
     assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
+
+
+def _cut_model(case: str):
+    """A conv of 8 channels on [n, 3, 10, 12], then `case`'s Split or Slice, then what joins the parts."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4)]
+    opset = 13
+    i64 = lambda name, v: inits.append(numpy_helper.from_array(np.array(v, np.int64), name))  # noqa: E731
+    if case == "split-input":
+        i64("sizes", [3, 5])
+        nodes += [helper.make_node("Split", ["c", "sizes"], ["p0", "p1"], axis=1),
+                  helper.make_node("Relu", ["p1"], ["r1"]),
+                  helper.make_node("Concat", ["r1", "p0"], ["y"], axis=1)]
+    elif case == "split-attribute":
+        opset = 11
+        nodes += [helper.make_node("Split", ["c"], ["p0", "p1"], axis=-3, split=[2, 6]),
+                  helper.make_node("Sigmoid", ["p0"], ["s0"]),
+                  helper.make_node("Concat", ["p1", "s0"], ["y"], axis=1)]
+    elif case == "split-equal-parts":
+        opset = 18
+        nodes += [helper.make_node("Split", ["c"], ["p0", "p1", "p2"], axis=1, num_outputs=3),  # 3, 3, 2
+                  helper.make_node("Concat", ["p2", "p0", "p1"], ["y"], axis=1)]
+    elif case == "slice-channels":
+        i64("starts", [2]), i64("ends", [-1]), i64("axes", [1])
+        nodes += [helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["y"])]
+    elif case == "slice-crop":
+        i64("starts", [1, -10]), i64("ends", [9, 2**62]), i64("axes", [2, 3]), i64("steps", [1, 1])
+        nodes += [helper.make_node("Slice", ["c", "starts", "ends", "axes", "steps"], ["y"])]
+    elif case == "slice-flat":
+        inits.append(numpy_helper.from_array((rng.standard_normal((8 * 10 * 12, 16)) * 0.05).astype(np.float32), "fc"))
+        i64("starts", [4]), i64("ends", [12]), i64("axes", [-1])
+        nodes += [helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["m"]),
+                  helper.make_node("Slice", ["m", "starts", "ends", "axes"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("case,slices", [("split-input", 2), ("split-attribute", 2), ("split-equal-parts", 3),
+                                         ("slice-channels", 1), ("slice-crop", 1), ("slice-flat", 1)])
+def test_split_and_slice_become_slices_at_the_inputs_scale(tmp_path, case, slices):
+    """Split (sizes as an input, as an attribute, or equal parts) and Slice (channels, a crop of
+    height and width with negative and past-the-end bounds, a flat tensor's features): one
+    SLICE per part. The float model computes what onnxruntime does, the INT8 one within 3 % of
+    the range with every tensor int8 inside, and the batch stays free."""
+    onnx.save(_cut_model(case), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(8).standard_normal((16, 3, 10, 12)).astype(np.float32)
+    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    assert [op.kind for op in lowered.ops].count("SLICE") == slices and lowered.shapes["x"][0] == -1
+    want = _onnx_out(tmp_path / "m.onnx", "x", x)
+    write_tflite(lowered, tmp_path / "float.tflite")
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=1e-5)
+    write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(tmp_path / "m.onnx", lowered, {"x": x}))
+    assert op_counts(tmp_path / "int8.tflite")["tensor_dtypes"]["float32"] == 2
+    err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
+    assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps,why", [
+    ([0], [1], [0], [1], "along the batch axis"),
+    ([0], [8], [1], [2], "with steps \\[2\\]"),
+    ([5], [2], [1], [1], "that selects nothing"),
+])
+def test_slices_it_cannot_map_are_refused_by_name(tmp_path, starts, ends, axes, steps, why):
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w")]
+    for name, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps)):
+        inits.append(numpy_helper.from_array(np.array(v, np.int64), name))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Slice", ["c", "starts", "ends", "axes", "steps"], ["y"], name="cut")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    with pytest.raises(ConversionError, match=f"Slice \\(node cut\\) {why} has no TFLite mapping"):
+        lower(model)
+
+
+def test_a_yolov8_style_backbone_and_neck_from_pytorch_becomes_full_integer_tflite(assets, tmp_path):
+    """The layers of a YOLOv8 up to its detection outputs, as torch exports them: conv, batch
+    norm and SiLU (x * sigmoid(x)); C2f blocks, whose x.chunk(2, 1) exports as Slices with bounds
+    computed from Shape; residual adds; SPPF (three 5x5 max pools, stride 1, concatenated);
+    nearest upsampling and a skip concatenation; box and class convs. Int8 inside, close to
+    FP32, and the agent answers a request of ten images as the module does."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from converters.from_torch import convert_torch
+
+    def conv(ci, co, k=3, s=1):
+        return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.SiLU())
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = conv(c, c), conv(c, c)
+
+        def forward(self, x):
+            return x + self.b(self.a(x))
+
+    class C2f(nn.Module):
+        def __init__(self, ci, co):
+            super().__init__()
+            self.cv1, self.cv2, self.m = conv(ci, co, 1), conv(3 * (co // 2), co, 1), Bottleneck(co // 2)
+
+        def forward(self, x):
+            a, b = self.cv1(x).chunk(2, 1)
+            return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.cv1, self.cv2, self.pool = conv(c, c // 2, 1), conv(2 * c, c, 1), nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x):
+            x = self.cv1(x)
+            y1 = self.pool(x)
+            y2 = self.pool(y1)
+            return self.cv2(torch.cat([x, y1, y2, self.pool(y2)], 1))
+
+    class TinyYolo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p3 = nn.Sequential(conv(3, 8, 3, 2), conv(8, 16, 3, 2), C2f(16, 16))
+            self.p4 = nn.Sequential(conv(16, 32, 3, 2), C2f(32, 32), SPPF(32))
+            self.neck = C2f(48, 16)
+            self.box, self.cls = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 3, 1)
+
+        def forward(self, x):
+            p3 = self.p3(x)
+            f = self.neck(torch.cat([F.interpolate(self.p4(p3), scale_factor=2.0, mode="nearest"), p3], 1))
+            return torch.cat([self.box(f), self.cls(f).sigmoid()], 1)
+
+    torch.manual_seed(0)
+    net = TinyYolo().eval()
+    x = torch.randn(64, 3, 64, 64).numpy()
+    np.savez(tmp_path / "calib.npz", input=x[:48])
+    np.savez(tmp_path / "eval.npz", input=x[48:])
+    out = tmp_path / "yolo.ewb"
+    report = convert_torch(net, {"input": x[:2]}, tmp_path / "calib.npz", out, assets.key, tmp_path / "eval.npz",
+                           ConvertOptions(name="yolo", format="tflite", allow_worse=True))
+    ops = report["graph"]["ops"]
+    assert ops["SLICE"] == 6 and ops["MAX_POOL_2D"] == 3 and ops["LOGISTIC"] == 18, ops
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.02 * q["output_range"] and q["mean_abs_err"] <= 0.005 * q["output_range"], q
+    engine = Engine(Budget(8192, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(out, [load_public_key(assets.pub)])))
+    engine.activate(model)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x[48:58])).numpy()
+    got = next(iter(engine.infer_arrays("yolo", {"input": x[48:58]})[1].values()))
+    assert got.shape == (10, 19, 16, 16) and np.abs(got - want).max() <= 0.02 * q["output_range"]
+    engine.close()

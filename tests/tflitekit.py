@@ -20,6 +20,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "mv3-int8": ("mv3", "image", False),          # hard-swish and squeeze-excite: broadcast MUL, constants
     "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, PAD, SLICE
     "strip-int8": ("strip", "image", False),      # PRELU, LEAKY_RELU, TRANSPOSE_CONV (batches of one)
+    "c2f-int8": ("c2f", "image", False),          # YOLOv8's parts: SiLU, Split and Slice as SLICE, SAME max pools
 }
 
 
@@ -62,10 +63,12 @@ def build(folder: str | Path) -> Path:
     zoo.build_mobilenet_v3_like(folder / "mv3.onnx", size=32)
     zoo.build_text_detector_like(folder / "det.onnx", size=32, last_kernel=4)
     zoo.build_strip_upsampler(folder / "strip.onnx", size=32)
+    zoo.build_c2f_cnn(folder / "c2f.onnx", size=32)
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
             "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
-            "strip": zoo.write_image_npz(folder / "strip", size=32)}
+            "strip": zoo.write_image_npz(folder / "strip", size=32),
+            "c2f": zoo.write_image_npz(folder / "c2f", size=32)}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
