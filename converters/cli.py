@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
                    help="make an input of fixed shape a constant, e.g. a sample rate: --fix-input sr=16000; "
                         "callers then leave it out (repeatable; ONNX sources)")
+    p.add_argument("--cut-at", action="append", default=[], metavar="TENSOR",
+                   help="end the model at this tensor, which becomes an output; what follows it is dropped: a "
+                        "detector's box decoding the TFLite writer does not map, left for the board to do "
+                        "(repeatable, one per output; ONNX sources)")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
     p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
                    help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "
@@ -213,7 +217,7 @@ def _options(args: argparse.Namespace):
                           full_range_weights=args.full_range_weights, preprocess=args.preprocess,
                           max_images=args.max_images, state=parse_pairs(args.state, "--state", "h=h_out"),
                           fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"),
-                          context=parse_pairs(args.context, "--context", "input=64"))
+                          context=parse_pairs(args.context, "--context", "input=64"), cut_at=args.cut_at)
 
 
 def _convert(args: argparse.Namespace, opts) -> dict:
@@ -222,8 +226,8 @@ def _convert(args: argparse.Namespace, opts) -> dict:
     from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 
     common = dict(key_path=args.key, evaluation=args.eval, options=opts, progress=None if args.json else _progress)
-    if (opts.state or opts.fixed_inputs or opts.context) and not args.model.endswith(".onnx"):
-        raise EdgewardError("--state, --context and --fix-input work on ONNX files",
+    if (opts.state or opts.fixed_inputs or opts.context or opts.cut_at) and not args.model.endswith(".onnx"):
+        raise EdgewardError("--state, --context, --fix-input and --cut-at work on ONNX files",
                             "export the model to ONNX first (torch.onnx.export, tf2onnx) and convert the .onnx file")
     if args.model.endswith(".tflite"):
         from .from_tflite import convert_tflite

@@ -61,6 +61,7 @@ class ConvertOptions:
     state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
     fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
     context: dict[str, int] = field(default_factory=dict)       # samples of a window carried into the next
+    cut_at: list[str] = field(default_factory=list)  # tensors the model ends at (a detector before its decoding)
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")
@@ -130,8 +131,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
 
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         work = Path(tmp)
-        if opts.fixed_inputs:  # the constant is part of the FP32 model that everything is measured against
-            model_path = _with_fixed_inputs(model_path, opts.fixed_inputs, work / "fixed.onnx")
+        if opts.fixed_inputs or opts.cut_at:  # part of the FP32 model that everything is measured against
+            model_path = _edited(model_path, opts, work / "edited.onnx")
         model = load_onnx(model_path)
         inputs, outputs = describe(model)
         if opts.state:
@@ -177,14 +178,18 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     return first
 
 
-def _with_fixed_inputs(model_path: Path, values: dict[str, str], out: Path) -> Path:
-    """A copy of the model whose named inputs are constants (--fix-input sr=16000)."""
+def _edited(model_path: Path, opts: ConvertOptions, out: Path) -> Path:
+    """A copy of the model whose named inputs are constants (--fix-input sr=16000) and which
+    ends at the tensors named (--cut-at)."""
     import onnx
 
-    from .onnx_graph import fix_inputs
+    from .onnx_graph import cut_at, fix_inputs
 
     model = onnx.load(str(model_path))
-    fix_inputs(model, values)
+    if opts.fixed_inputs:
+        fix_inputs(model, opts.fixed_inputs)
+    if opts.cut_at:
+        cut_at(model, opts.cut_at)
     onnx.save(model, str(out))
     return out
 

@@ -151,6 +151,72 @@ def fix_inputs(model, values: dict[str, str]) -> None:
         model.graph.input.remove(vi)
 
 
+def cut_at(model, names: list[str]) -> None:
+    """End the model at tensors `names` (`--cut-at`): they become its outputs, and the nodes,
+    weights and inputs that only led elsewhere are dropped. For a detector whose box decoding
+    (reshapes of its feature maps, anchor grids) the TFLite writer does not map: the maps are
+    converted, the decoding is left to the board. Outputs keep the types shape inference gives."""
+    import difflib
+
+    from onnx import shape_inference
+
+    from agent.errors import ConversionError
+
+    g = model.graph
+    weights = {t.name for t in g.initializer}
+    producers = {o: node for node in g.node for o in node.output if o}
+    inputs = [i for i in g.input if i.name not in weights]
+    known = set(producers) | {i.name for i in inputs}
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+            raise ConversionError(f"--cut-at {name}: the model has no tensor {name!r}",
+                                  f"name a node's output{' such as ' + ', '.join(near) if near else ''} "
+                                  "(Netron shows them)")
+    kept, needed, todo = set(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is not None and id(node) not in kept:
+            kept.add(id(node))
+            todo.extend(_reads(node))
+    typed = {vi.name: vi for vi in (*shape_inference.infer_shapes(model, strict_mode=False).graph.value_info,
+                                    *g.input, *g.output)}
+    missing = [n for n in names if n not in typed]
+    if missing:
+        raise ConversionError(f"--cut-at {missing[0]}: shape inference cannot tell this tensor's type",
+                              "cut at a tensor nearer the input, or export the model with static shapes")
+    outputs = [typed[n] for n in names]
+    nodes = [node for node in g.node if id(node) in kept]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = set().union(*(_reads(node) for node in nodes)) | set(names)
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    for i in [i for i in g.input if i.name not in used]:
+        g.input.remove(i)
+    del g.output[:]
+    g.output.extend(outputs)
+    for vi in [vi for vi in g.value_info if vi.name not in used]:
+        g.value_info.remove(vi)
+
+
+def _reads(node) -> set[str]:
+    """The tensors a node reads, with those its subgraphs (If, Loop) read from outside them."""
+    from onnx import AttributeProto
+
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        graphs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+        for sub in graphs:
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
+
+
 def model_bytes(path) -> int:
     """A model's size on disk. For ONNX, the file and the external data files its tensors name:
     torch.onnx.export writes the weights of every model to NAME.onnx.data by default, so the

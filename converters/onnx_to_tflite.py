@@ -41,8 +41,8 @@ class _NeedsFixedBatch(Exception):
 
 def _unsupported(node, why: str = "") -> ConversionError:
     return ConversionError(f"ONNX operator {node.op_type} (node {node.name or '?'}){why} has no TFLite mapping "
-                           "in edgeward", "convert with --format onnx, or replace the layer with a supported one "
-                                          "(see docs/CONVERTER.md)")
+                           "in edgeward", "convert with --format onnx, end the model before it with --cut-at TENSOR, "
+                                          "or replace the layer with a supported one (see docs/CONVERTER.md)")
 
 
 class _Lowering:

@@ -972,3 +972,80 @@ def test_a_yolov8_style_backbone_and_neck_from_pytorch_becomes_full_integer_tfli
     got = next(iter(engine.infer_arrays("yolo", {"input": x[48:58]})[1].values()))
     assert got.shape == (10, 19, 16, 16) and np.abs(got - want).max() <= 0.02 * q["output_range"]
     engine.close()
+
+
+def _detector_with_decoding(path: Path) -> Path:
+    """Two conv heads (boxes, scores) on a shared stem, then a box decoding of the kind
+    ultralytics exports: each map reshaped to [N, C, H*W], concatenated, transposed. An unused
+    second input feeds only the decoding."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.4).astype(np.float32), "wb"),
+             numpy_helper.from_array((rng.standard_normal((2, 8, 1, 1)) * 0.4).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.array([0, 4, -1], np.int64), "flat4"),
+             numpy_helper.from_array(np.array([0, 2, -1], np.int64), "flat2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["stem"]),
+             helper.make_node("Conv", ["stem", "wb"], ["boxes"], kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["stem", "ws"], ["s"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["s"], ["scores"]),
+             helper.make_node("Reshape", ["boxes", "flat4"], ["boxes_flat"]),
+             helper.make_node("Mul", ["boxes_flat", "stride"], ["boxes_px"]),
+             helper.make_node("Reshape", ["scores", "flat2"], ["scores_flat"]),
+             helper.make_node("Concat", ["boxes_px", "scores_flat"], ["cat"], axis=1),
+             helper.make_node("Transpose", ["cat"], ["detections"], perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16]),
+                                           helper.make_tensor_value_info("stride", TensorProto.FLOAT, ["n", 1, 1])],
+                              [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["n", 256, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cut_at_ends_the_model_before_a_decoding_tflite_cannot_map(assets, tmp_path):
+    """A detector whose box decoding reshapes its feature maps is refused for TFLite, naming
+    --cut-at. Cut at the heads' outputs, it converts: the bundle's outputs are those maps, the
+    input the decoding alone used is gone, and the agent answers what the FP32 heads compute."""
+    source = _detector_with_decoding(tmp_path / "det.onnx")
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((48, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:32], stride=np.ones((32, 1, 1), np.float32))
+    with pytest.raises(ConversionError, match="Reshape .* of a feature map .*--cut-at TENSOR"):
+        convert_onnx(source, tmp_path / "calib.npz", tmp_path / "whole.ewb", assets.key,
+                     options=ConvertOptions(name="det", format="tflite", allow_worse=True))
+    assert not (tmp_path / "whole.ewb").exists()
+    np.savez(tmp_path / "calib-x.npz", x=x[:32])
+    np.savez(tmp_path / "eval-x.npz", x=x[32:])
+    out = tmp_path / "heads.ewb"
+    report = convert_onnx(source, tmp_path / "calib-x.npz", out, assets.key, tmp_path / "eval-x.npz",
+                          ConvertOptions(name="det", format="tflite", allow_worse=True, cut_at=["boxes", "scores"]))
+    assert report["graph"]["tensor_dtypes"]["float32"] == 3  # the image in, two maps out
+    bundle = open_bundle(out, [load_public_key(assets.pub)])
+    assert [s.name for s in bundle.manifest.inputs] == ["x"]
+    assert [(s.name, s.shape) for s in bundle.manifest.outputs] == [("boxes", [-1, 4, 16, 16]),
+                                                                    ("scores", [-1, 2, 16, 16])]
+    engine = Engine(Budget(8192, reserve_mb=0))
+    engine.activate(engine.load(Store(tmp_path / "store").install(bundle)))
+    got = engine.infer_arrays("det", {"x": x[32:42]})[1]
+    whole = onnx.load(str(source))  # the heads' FP32 values: the whole model, with them as outputs too
+    whole.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("boxes", "scores"))
+    heads = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["boxes", "scores"], {"x": x[32:42], "stride": np.ones((10, 1, 1), np.float32)})
+    for name, want in zip(("boxes", "scores"), heads):
+        err, span = np.abs(got[name] - want), want.max() - want.min()
+        assert err.max() <= 0.05 * span and err.mean() <= 0.01 * span, (name, err.max(), err.mean(), span)
+    engine.close()
+
+
+def test_cut_at_a_tensor_the_model_lacks_is_one_line_naming_the_near_ones(tmp_path):
+    source = _detector_with_decoding(tmp_path / "det.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((16, 3, 16, 16), np.float32))
+    out = tmp_path / "out.ewb"
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(source), "--calibration",
+                        str(tmp_path / "calib.npz"), "-o", str(out), "--format", "tflite", "--cut-at", "boxs"],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "--cut-at boxs: the model has no tensor 'boxs'" in lines[0] and "such as boxes" in lines[0]
+    assert not out.exists()
