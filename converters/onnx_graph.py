@@ -189,7 +189,9 @@ def cut_at(model, names: list[str]) -> None:
     if missing:
         raise ConversionError(f"--cut-at {missing[0]}: shape inference cannot tell this tensor's type",
                               "cut at a tensor nearer the input, or export the model with static shapes")
-    outputs = [typed[n] for n in names]
+    outputs = [type(typed[n])() for n in names]  # copies: the originals may sit in g.output, emptied below
+    for out, name in zip(outputs, names):
+        out.CopyFrom(typed[name])
     nodes = [node for node in g.node if id(node) in kept]
     del g.node[:]
     g.node.extend(nodes)
