@@ -429,3 +429,34 @@ def test_a_model_exported_at_opset_11_gets_per_channel_int8(assets, tmp_path):
     assert next(o.version for o in shipped.opset_import if o.domain in ("", "ai.onnx")) >= 13
     axes = [a.i for n in shipped.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axes, "per-channel weights carry an axis"
+
+
+def test_cut_at_keeps_what_the_named_tensors_need_and_nothing_else():
+    """Cut at an existing output and an inner tensor: the model computes those two, the nodes,
+    weights and input that only led elsewhere are gone, and the outputs keep their types."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.onnx_graph import cut_at
+
+    w = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4) / 10, "w")
+    unused = numpy_helper.from_array(np.ones(4, np.float32), "bias_of_z")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Relu", ["a"], ["y"]),
+             helper.make_node("Add", ["y", "bias_of_z"], ["b"]), helper.make_node("Mul", ["b", "scale"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+                                           helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])], [w, unused])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    cut_at(model, ["y", "a"])
+    onnx.checker.check_model(model)
+    g = model.graph
+    assert [o.name for o in g.output] == ["y", "a"]
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in g.output)
+    assert [n.op_type for n in g.node] == ["MatMul", "Relu"]
+    assert [i.name for i in g.input] == ["x"] and [t.name for t in g.initializer] == ["w"]
+    x = np.array([[1, -2, 3, -4]], np.float32)
+    y, a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(a, x @ (np.arange(16, dtype=np.float32).reshape(4, 4) / 10), rtol=1e-6)
+    np.testing.assert_allclose(y, np.maximum(a, 0))
