@@ -40,8 +40,9 @@ class _NeedsFixedBatch(Exception):
 
 
 def _unsupported(node, why: str = "") -> ConversionError:
+    before = node.input[0] if node.input and node.input[0] else "TENSOR"  # what the layer reads: a place to end
     return ConversionError(f"ONNX operator {node.op_type} (node {node.name or '?'}){why} has no TFLite mapping "
-                           "in edgeward", "convert with --format onnx, end the model before it with --cut-at TENSOR, "
+                           "in edgeward", f"convert with --format onnx, end the model before it with --cut-at {before}, "
                                           "or replace the layer with a supported one (see docs/CONVERTER.md)")
 
 
