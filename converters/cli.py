@@ -139,8 +139,9 @@ def render_report(r: dict) -> str:
              f"{'signed' if r['signed'] else 'UNSIGNED: boards refuse it unless allow_unsigned'})", "", table, ""]
     if "top1_agreement" in q:
         lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {q['samples']} samples ({q['evaluated_on']})")
+    worst = f"; the worst of the outputs: {q['worst_output']}" if q.get("worst_output") else ""
     lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
-                 f"(output range {q['output_range']:.4g})")
+                 f"(output range {q['output_range']:.4g}{worst})")
     lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB "
                  f"(peak RSS of a process that loads and runs it: {r['memory'].get('peak_mb', 0):.1f} MB)")
     if (r.get("preprocessing") or {}).get("image"):

@@ -139,6 +139,42 @@ def _weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
     return np.where(scales > 0, scales, scales.max()).astype(np.float64)
 
 
+BIAS_LIMIT = 2**31 - 1
+"""An int8 layer's bias is an int32 on the grid of input scale x weight scale."""
+
+
+def _bias_fitting(scales: np.ndarray, bias: np.ndarray, in_scale: float) -> np.ndarray:
+    """Weight scales widened where the bias would not fit its int32 on the grid in_scale x
+    scale. A layer whose input calibration saw (almost) all zero has a tiny input scale (down
+    to MIN_ACTIVATION_RANGE / 255): a bias of 2.0 then needs ~5e11 steps, and clipped to int32
+    the layer put out 0.008 where it should put out 2.0. Its input being ~0, its weights add
+    little, and coarser steps for them cost little; the bias is kept exact."""
+    need = np.abs(bias.astype(np.float64)) / (in_scale * BIAS_LIMIT * 0.99)
+    if len(scales) == 1:
+        need = np.array([need.max(initial=0.0)])
+    return np.maximum(scales, need)
+
+
+REQUANTIZE_MAX = 128.0
+"""The largest input x weight / output scale ratio written for a weighted layer. XNNPACK refuses
+a model whose ratio reaches 256 ("failed to prepare")."""
+
+
+def _output_qparams(lo_hi: tuple[float, float], product_scale: float) -> tuple[float, int]:
+    """A weighted layer's output scale and zero point, its range widened where calibration saw it
+    (almost) constant: a layer whose output is dead on all the data (a ReLU of negatives) would
+    get the narrowest scale, a ratio of thousands, and a model the runtime will not load."""
+    scale, zero = activation_qparams(*lo_hi)
+    floor = product_scale / REQUANTIZE_MAX
+    if scale >= floor:
+        return scale, zero
+    lo, hi = min(float(lo_hi[0]), 0.0), max(float(lo_hi[1]), 0.0)
+    if hi - lo < MIN_ACTIVATION_RANGE:  # all zero: a range above it
+        return activation_qparams(0.0, floor * 255.0)
+    grow = floor * 255.0 / (hi - lo)  # the same range, stretched about 0
+    return activation_qparams(lo * grow, hi * grow)
+
+
 def _quantize_weights(w: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
     shape = [1] * w.ndim
     if axis is not None:
@@ -359,13 +395,15 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             if int8:
                 axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}.get(op.kind) if per_channel else None
                 scales = _weight_scales(w, axis)
+                if b_name:
+                    scales = _bias_fitting(scales, graph.consts[b_name], qp[ins[src]][0])
                 em.tensor(wq_name, list(w.shape), i8, data=_quantize_weights(w, scales, axis),
                           scale=scales, zero=np.zeros(len(scales), np.int64), axis=axis or 0)
                 if b_name:
                     in_scale = qp[ins[src]][0]
                     b_scales = in_scale * scales
                     b = graph.consts[b_name].astype(np.float64)
-                    bq = np.clip(np.round(b / b_scales), -2**31, 2**31 - 1).astype(np.int32)
+                    bq = np.clip(np.round(b / b_scales), -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32)
                     em.tensor(f"{b_name}/q", list(b.shape), i32, data=bq, scale=b_scales,
                               zero=np.zeros(len(b_scales), np.int64), axis=0)
                     b_name = f"{b_name}/q"
@@ -401,6 +439,8 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             activation(out, True, qp[ins[src]])
         elif int8 and op.kind in FIXED_SCALE:
             activation(out, True, FIXED_SCALE[op.kind])
+        elif int8 and op.kind in WEIGHTED:
+            activation(out, True, _output_qparams(rng(out), qp[ins[src]][0] * float(scales.max())))
         else:
             activation(out, int8)
         emit(op.kind, inputs, [out], op, int8=int8)

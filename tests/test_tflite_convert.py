@@ -1049,3 +1049,44 @@ def test_cut_at_a_tensor_the_model_lacks_is_one_line_naming_the_near_ones(tmp_pa
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "--cut-at boxs: the model has no tensor 'boxs'" in lines[0] and "such as boxes" in lines[0]
     assert not out.exists()
+
+
+def test_a_bias_behind_an_input_calibration_saw_as_zero_stays_exact(assets, tmp_path):
+    """A conv whose input is dead on all the calibration data (a ReLU of negatives) gets the
+    narrowest input scale; its bias of 2.0 then needed ~5e11 int32 steps, was clipped, and the
+    INT8 layer put out ~0.01 where FP32 puts out its bias. Its weight scales widen so the bias
+    fits, and the answers stay exact."""
+    rng = np.random.default_rng(13)
+    bias = np.array([2.0, -1.5, 0.75, 3.0], np.float32)
+    inits = [numpy_helper.from_array(np.abs(rng.standard_normal((4, 3, 3, 3))).astype(np.float32) * 0.1, "w1"),
+             numpy_helper.from_array(np.full(4, -100.0, np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(bias, "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["dead"]),
+             helper.make_node("Conv", ["dead", "w2", "b2"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = rng.random((16, 3, 8, 8)).astype(np.float32)
+    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(tmp_path / "m.onnx", lowered, {"x": x}))
+    got = _tflite_out(tmp_path / "int8.tflite", "x", x)
+    np.testing.assert_allclose(got, np.broadcast_to(bias[None, :, None, None], got.shape), rtol=0, atol=0.02)
+
+
+def test_quality_is_that_of_the_output_that_lost_most_and_the_self_test_tolerates_the_widest():
+    """Of a detector's outputs, the one that broke is reported, not the first; and the board's one
+    tolerance follows the widest output (boxes in pixels), so rounding there cannot fail it."""
+    from converters.measure import compare
+
+    rng = np.random.default_rng(14)
+    boxes, scores = rng.random((8, 4)) * 640, rng.random((8, 3))
+    q = compare({"boxes": boxes, "scores": scores}, {"boxes": boxes + 0.5, "scores": scores + 0.2})
+    assert q["worst_output"] == "scores" and q["max_abs_err"] == pytest.approx(0.2)
+    assert q["output_range"] == pytest.approx(scores.max() - scores.min(), abs=1e-5)
+    q = compare({"boxes": boxes, "scores": scores}, {"boxes": boxes + 50, "scores": scores})
+    assert q["worst_output"] == "boxes" and q["max_abs_err"] == pytest.approx(50)
+    assert "worst_output" not in compare({"scores": scores}, {"scores": scores})
