@@ -1019,12 +1019,16 @@ def test_cut_at_ends_the_model_before_a_decoding_tflite_cannot_map(assets, tmp_p
     np.savez(tmp_path / "eval-x.npz", x=x[32:])
     out = tmp_path / "heads.ewb"
     report = convert_onnx(source, tmp_path / "calib-x.npz", out, assets.key, tmp_path / "eval-x.npz",
-                          ConvertOptions(name="det", format="tflite", allow_worse=True, cut_at=["boxes", "scores"]))
+                          ConvertOptions(name="det", format="tflite", allow_worse=True, cut_at=["scores", "boxes"]))
     assert report["graph"]["tensor_dtypes"]["float32"] == 3  # the image in, two maps out
     bundle = open_bundle(out, [load_public_key(assets.pub)])
     assert [s.name for s in bundle.manifest.inputs] == ["x"]
-    assert [(s.name, s.shape) for s in bundle.manifest.outputs] == [("boxes", [-1, 4, 16, 16]),
-                                                                    ("scores", [-1, 2, 16, 16])]
+    assert [(s.name, s.shape) for s in bundle.manifest.outputs] == [("scores", [-1, 2, 16, 16]),
+                                                                    ("boxes", [-1, 4, 16, 16])]
+    with np.load(_member(out, "reference.npz", tmp_path / "reference.npz")) as ref:  # one tolerance: the widest's
+        spans = {n: float(ref[f"expected.{n}"].max() - ref[f"expected.{n}"].min()) for n in ("boxes", "scores")}
+    assert spans["boxes"] > 2 * spans["scores"]
+    assert bundle.manifest.selftest.atol == pytest.approx(0.05 * spans["boxes"], rel=1e-4)
     engine = Engine(Budget(8192, reserve_mb=0))
     engine.activate(engine.load(Store(tmp_path / "store").install(bundle)))
     got = engine.infer_arrays("det", {"x": x[32:42]})[1]
