@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy guard: search calibration settings and layers kept in float until top-1 accuracy "
                         "(or agreement with FP32, without labels) drops by at most this, e.g. 0.01; fail otherwise")
     p.add_argument("--allow-worse", action="store_true",
-                   help="ship INT8 even when it is larger or slower than FP32 here (refused by default)")
+                   help="ship INT8 even when it is larger or slower than FP32 here, or its answers are off by more "
+                        "than a tenth of the output's range on average (refused by default)")
     p.add_argument("--prune", type=float, metavar="SPARSITY",
                    help="zero this share of the smallest weights before quantizing (e.g. 0.5); the bundle is then "
                         "xz-compressed, where the zeros cost next to nothing")
@@ -171,6 +172,8 @@ def render_report(r: dict) -> str:
     if r.get("fixed_inputs"):
         lines.append("fixed inputs: " + ", ".join(f"{k} = {v}" for k, v in r["fixed_inputs"].items()) +
                      " (constants in the shipped model: callers leave them out)")
+    if r.get("broken"):
+        lines.append(f"WARNING: shipped although {r['broken']} (--allow-worse)")
     if r.get("worse_than_fp32"):
         lines.append(f"WARNING: shipped although it is {r['worse_than_fp32']} than FP32 (--allow-worse)")
     for note in [r.get("latency_note")] + r.get("notes", []):

@@ -322,6 +322,11 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     source_bytes = model_bytes(model_path)
     sizes = {"fp32_bytes": model_bytes(target.fp32_path), "int8_bytes": target.path.stat().st_size}
     sizes["int8_vs_fp32"] = round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4)
+    wrong = guard.broken(quality) if opts.precision != "fp32" else None
+    if wrong and not opts.allow_worse:
+        raise ConversionError(f"the {opts.precision} {target.format} model is broken, so it is not shipped: {wrong}",
+                              "look for a layer whose output calibration saw as all zero, keep it in float with "
+                              "--exclude-node, ship --precision fp32, or pass --allow-worse")
     worse = guard.worse_than_fp32(sizes, latency, judge_latency=target.judges_latency()) \
         if opts.precision != "fp32" else None
     if worse and not opts.allow_worse:
@@ -346,7 +351,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
                  "calibration": f"{settings.label()}, {len(calib)} samples"
                                 if opts.precision == "int8" else opts.precision,
                  **({"accuracy_search": search} if search else {}),
-                 **({"shipped_although": worse} if worse else {})},
+                 **({"shipped_although": " and ".join(w for w in (wrong, worse) if w)} if wrong or worse else {})},
         description=opts.description, preprocessing=preprocessing_of(evalset, calib),
         sparsity=pruning["sparsity"] if pruning else 0.0,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -359,7 +364,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     say("packing", 1, 1)
     return {"bundle": str(out_path), "name": name, "version": opts.version, "signed": key is not None,
             "format": target.format, "runtime": target.runtime,
-            "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
+            "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse, "broken": wrong,
             "latency_note": latency_note, "pruning": pruning,
             "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
             "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": source_bytes,

@@ -121,6 +121,23 @@ def report(attempts: list[Attempt], max_drop: float) -> str:
     return format_table(["#", "settings", "drop", ""], rows, align="rlrl")
 
 
+BROKEN_MEAN_ERROR = 0.1
+"""A quantized model whose mean error passes this share of its output's range is broken, not
+merely less precise: its answers are not the float model's (the digits CNN's INT8 errs by
+under 1 %; a YOLOv8n's heads, of random weights, by 1.7 %)."""
+
+
+def broken(quality: dict) -> str | None:
+    """Why the quantized model's answers are wrong rather than rounded, or None. onnxruntime's
+    quantizer, for one, drops a ReLU into the next quantization's range even where calibration
+    saw that range as all zero, and the layer after it then reads the ReLU's negative input."""
+    mean, span = quality.get("mean_abs_err", 0.0), quality.get("output_range", 0.0)
+    if mean <= BROKEN_MEAN_ERROR * span or (span == 0 and mean <= 1e-6):
+        return None
+    where = f" on output {quality['worst_output']}" if quality.get("worst_output") else ""
+    return f"its answers are off by {mean:.4g} on average{where}, against an output range of {span:.4g}"
+
+
 def worse_than_fp32(sizes: dict, latency: dict, judge_latency: bool = True) -> str | None:
     """Why this INT8 model is not worth shipping over FP32 (larger, or meaningfully slower), or None.
     `judge_latency=False` when this host's timing says nothing of the board's (see targets)."""

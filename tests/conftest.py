@@ -170,3 +170,31 @@ def flip_byte_in_member(src: Path, out: Path, member: str) -> Path:
 
 if __name__ == "__main__":
     build_assets(Path(sys.argv[1]))
+
+
+DEAD_RELU_BIAS = np.array([2.0, -1.5, 0.75, 3.0], np.float32)
+
+
+@pytest.fixture
+def dead_relu_onnx(tmp_path) -> tuple[Path, np.ndarray]:
+    """A conv whose ReLU is dead on every input in [0, 1) (its bias is -100), then a 1x1 conv
+    that therefore puts out its own bias, DEAD_RELU_BIAS; and 48 such inputs (calibration: the
+    first 32). The degenerate case of quantization: an activation range of exactly zero."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx
+
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array(np.abs(rng.standard_normal((4, 3, 3, 3))).astype(np.float32) * 0.1, "w1"),
+             numpy_helper.from_array(np.full(4, -100.0, np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(DEAD_RELU_BIAS, "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["dead"]),
+             helper.make_node("Conv", ["dead", "w2", "b2"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "dead.onnx"))
+    return tmp_path / "dead.onnx", rng.random((48, 3, 8, 8)).astype(np.float32)

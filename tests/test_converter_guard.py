@@ -151,3 +151,36 @@ def test_max_drop_on_the_digits_cnn_records_its_search_in_the_manifest(tmp_path,
     search = open_bundle(tmp_path / "g.ewb", verify_signature=False).manifest.quality["accuracy_search"]
     assert search["max_drop"] == 0.005 and search["chosen"] == report["settings"]
     assert search["attempts"][0]["settings"] == "percentile, per-tensor" and search["attempts"][-1]["drop"] <= 0.005
+
+
+def test_a_quantized_model_whose_answers_are_wrong_is_refused_and_ships_only_when_allowed(assets, dead_relu_onnx,
+                                                                                          tmp_path):
+    """onnxruntime's quantizer folds a ReLU into the next quantization even where calibration saw
+    its range as all zero: the next conv then reads the ReLU's negative input, and its answers
+    are wrong (not rounded). The converter measures that and does not ship it; --allow-worse
+    ships it with the reason in the report and the manifest."""
+    source, x = dead_relu_onnx
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    np.savez(tmp_path / "eval.npz", x=x[32:])
+    with pytest.raises(ConversionError, match="model is broken, so it is not shipped: its answers are off by"):
+        convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead.ewb", assets.key, tmp_path / "eval.npz",
+                     ConvertOptions(name="dead", allow_worse=False))
+    assert not (tmp_path / "dead.ewb").exists()
+    report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead.ewb", assets.key, tmp_path / "eval.npz",
+                          ConvertOptions(name="dead", allow_worse=True))
+    assert report["broken"].startswith("its answers are off by")
+    bundle = open_bundle(tmp_path / "dead.ewb", [load_public_key(assets.pub)])
+    assert "its answers are off by" in bundle.manifest.quality["shipped_although"]
+    # the same model in TFLite, whose writer keeps the dead layer's bias exact, is not broken
+    # (--allow-worse: at 2 kB of weights, the INT8 file's scales make it larger than FP32's)
+    ok = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead-tflite.ewb", assets.key, tmp_path / "eval.npz",
+                      ConvertOptions(name="dead", format="tflite", allow_worse=True))
+    assert ok["broken"] is None and ok["quality"]["max_abs_err"] <= 0.02
+
+
+def test_broken_is_judged_on_the_mean_error_against_the_outputs_range():
+    assert guard.broken({"mean_abs_err": 0.05, "output_range": 1.0}) is None
+    assert "off by 0.2 on average" in guard.broken({"mean_abs_err": 0.2, "output_range": 1.0})
+    assert "on output scores" in guard.broken({"mean_abs_err": 0.2, "output_range": 1.0, "worst_output": "scores"})
+    assert guard.broken({"mean_abs_err": 0.0, "output_range": 0.0}) is None  # a constant, kept
+    assert guard.broken({"mean_abs_err": 2.0, "output_range": 0.0})  # a constant, lost

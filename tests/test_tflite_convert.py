@@ -1055,30 +1055,19 @@ def test_cut_at_a_tensor_the_model_lacks_is_one_line_naming_the_near_ones(tmp_pa
     assert not out.exists()
 
 
-def test_a_bias_behind_an_input_calibration_saw_as_zero_stays_exact(assets, tmp_path):
+def test_a_bias_behind_an_input_calibration_saw_as_zero_stays_exact(dead_relu_onnx, tmp_path):
     """A conv whose input is dead on all the calibration data (a ReLU of negatives) gets the
     narrowest input scale; its bias of 2.0 then needed ~5e11 int32 steps, was clipped, and the
     INT8 layer put out ~0.01 where FP32 puts out its bias. Its weight scales widen so the bias
-    fits, and the answers stay exact."""
-    rng = np.random.default_rng(13)
-    bias = np.array([2.0, -1.5, 0.75, 3.0], np.float32)
-    inits = [numpy_helper.from_array(np.abs(rng.standard_normal((4, 3, 3, 3))).astype(np.float32) * 0.1, "w1"),
-             numpy_helper.from_array(np.full(4, -100.0, np.float32), "b1"),
-             numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32), "w2"),
-             numpy_helper.from_array(bias, "b2")]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Relu", ["c1"], ["dead"]),
-             helper.make_node("Conv", ["dead", "w2", "b2"], ["y"], kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "m.onnx"))
-    x = rng.random((16, 3, 8, 8)).astype(np.float32)
-    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
-    write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(tmp_path / "m.onnx", lowered, {"x": x}))
-    got = _tflite_out(tmp_path / "int8.tflite", "x", x)
-    np.testing.assert_allclose(got, np.broadcast_to(bias[None, :, None, None], got.shape), rtol=0, atol=0.02)
+    fits (and the dead layer's output range so that XNNPACK takes the model), and the answers
+    stay exact."""
+    from conftest import DEAD_RELU_BIAS
+
+    source, x = dead_relu_onnx
+    lowered = lower(onnx.load(str(source)))
+    write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(source, lowered, {"x": x[:32]}))
+    got = _tflite_out(tmp_path / "int8.tflite", "x", x[32:])
+    np.testing.assert_allclose(got, np.broadcast_to(DEAD_RELU_BIAS[None, :, None, None], got.shape), rtol=0, atol=0.02)
 
 
 def test_quality_is_that_of_the_output_that_lost_most_and_the_self_test_tolerates_the_widest():
