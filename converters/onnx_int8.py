@@ -152,7 +152,11 @@ def quantize_static(fp32_path: str | Path, out_path: str | Path,
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=calibrate_method, nodes_to_exclude=exclude_nodes or [],
-                    reduce_range=reduce_range, extra_options={"CalibTensorRangeSymmetric": False},
+                    reduce_range=reduce_range,
+                    # keep ReLU/Clip in the graph: folded into a range calibration saw as all zero (written
+                    # as scale 1, zero point 0), a dead ReLU let negatives through; onnxruntime still
+                    # drops them at run time where the next quantization clamps the same
+                    extra_options={"CalibTensorRangeSymmetric": False, "QDQKeepRemovableActivations": True},
                 )
         except ConversionError:
             raise

@@ -153,29 +153,51 @@ def test_max_drop_on_the_digits_cnn_records_its_search_in_the_manifest(tmp_path,
     assert search["attempts"][0]["settings"] == "percentile, per-tensor" and search["attempts"][-1]["drop"] <= 0.005
 
 
-def test_a_quantized_model_whose_answers_are_wrong_is_refused_and_ships_only_when_allowed(assets, dead_relu_onnx,
-                                                                                          tmp_path):
-    """onnxruntime's quantizer folds a ReLU into the next quantization even where calibration saw
-    its range as all zero: the next conv then reads the ReLU's negative input, and its answers
-    are wrong (not rounded). The converter measures that and does not ship it; --allow-worse
-    ships it with the reason in the report and the manifest."""
+def test_a_quantized_model_whose_answers_are_wrong_is_refused_and_ships_only_when_allowed(assets, tmp_path):
+    """Calibration data unlike the real inputs (here a hundredth of their scale) gives ranges the
+    real activations overrun: the INT8 model's answers saturate, wrong rather than rounded. The
+    converter measures that on the evaluation data and does not ship it; --allow-worse ships it
+    with the reason in the report and the manifest."""
+    from converters import zoo
+
+    source = zoo.build_mobilenet_like(tmp_path / "m.onnx", size=32)
+    calib, evaluation = zoo.write_image_npz(tmp_path, size=32)
+    with np.load(calib) as d:
+        np.savez(tmp_path / "tiny-calib.npz", image=d["image"] * 0.01)
+    with pytest.raises(ConversionError, match="model is broken, so it is not shipped: its answers are off by"):
+        convert_onnx(source, tmp_path / "tiny-calib.npz", tmp_path / "m.ewb", assets.key, evaluation,
+                     ConvertOptions(name="m"))
+    assert not (tmp_path / "m.ewb").exists()
+    report = convert_onnx(source, tmp_path / "tiny-calib.npz", tmp_path / "m.ewb", assets.key, evaluation,
+                          ConvertOptions(name="m", allow_worse=True))
+    assert report["broken"].startswith("its answers are off by")
+    bundle = open_bundle(tmp_path / "m.ewb", [load_public_key(assets.pub)])
+    assert "its answers are off by" in bundle.manifest.quality["shipped_although"]
+    fine = convert_onnx(source, calib, tmp_path / "fine.ewb", assets.key, evaluation, ConvertOptions(name="m"))
+    assert fine["broken"] is None
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_layer_behind_a_relu_dead_on_all_the_data_keeps_its_answers(assets, dead_relu_onnx, tmp_path, fmt):
+    """A ReLU dead on all the calibration data has a quantization range of zero. onnxruntime's
+    quantizer folded it into that range (written as scale 1, zero point 0: negatives pass), so
+    the next conv read -100s and answered -1.5 where FP32 answers 2.0; the converter now keeps
+    the ReLU in the QDQ model (onnxruntime drops it at run time where that is safe). The TFLite
+    writer keeps the next conv's bias exact. Both formats answer as FP32 does."""
+    from conftest import DEAD_RELU_BIAS
+
     source, x = dead_relu_onnx
     np.savez(tmp_path / "calib.npz", x=x[:32])
     np.savez(tmp_path / "eval.npz", x=x[32:])
-    with pytest.raises(ConversionError, match="model is broken, so it is not shipped: its answers are off by"):
-        convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead.ewb", assets.key, tmp_path / "eval.npz",
-                     ConvertOptions(name="dead", allow_worse=False))
-    assert not (tmp_path / "dead.ewb").exists()
     report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead.ewb", assets.key, tmp_path / "eval.npz",
-                          ConvertOptions(name="dead", allow_worse=True))
-    assert report["broken"].startswith("its answers are off by")
-    bundle = open_bundle(tmp_path / "dead.ewb", [load_public_key(assets.pub)])
-    assert "its answers are off by" in bundle.manifest.quality["shipped_although"]
-    # the same model in TFLite, whose writer keeps the dead layer's bias exact, is not broken
-    # (--allow-worse: at 2 kB of weights, the INT8 file's scales make it larger than FP32's)
-    ok = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "dead-tflite.ewb", assets.key, tmp_path / "eval.npz",
-                      ConvertOptions(name="dead", format="tflite", allow_worse=True))
-    assert ok["broken"] is None and ok["quality"]["max_abs_err"] <= 0.02
+                          ConvertOptions(name="dead", format=fmt, allow_worse=True))  # 2 kB of weights: INT8 is larger
+    assert report["broken"] is None and report["quality"]["max_abs_err"] <= 0.02, report["quality"]
+    engine = Engine(Budget(4096, reserve_mb=0))
+    engine.activate(engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "dead.ewb",
+                                                                                [load_public_key(assets.pub)]))))
+    got = next(iter(engine.infer_arrays("dead", {"x": x[32:36]})[1].values()))
+    np.testing.assert_allclose(got, np.broadcast_to(DEAD_RELU_BIAS[None, :, None, None], got.shape), atol=0.02)
+    engine.close()
 
 
 def test_broken_is_judged_on_the_mean_error_against_the_outputs_range():
