@@ -419,22 +419,35 @@ def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channel
     return _save(graph, path, opset)
 
 
+def _conv_act(rng, nodes: list, inits: list, x: str, cin: int, cout: int, k: int, stride: int, name: str,
+              act: str) -> str:
+    """A He-initialised conv with a small bias and "same" padding, then ReLU or SiLU (Sigmoid
+    and Mul, as torch exports it), added to `nodes` and `inits`; its output is named `name`."""
+    from onnx import helper, numpy_helper
+
+    w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
+    b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
+    inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+    nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
+                                  strides=[stride, stride], pads=[k // 2] * 4))
+    if act == "relu":
+        nodes.append(helper.make_node("Relu", [f"{name}_c"], [name]))
+    else:
+        nodes.extend([helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_s"]),
+                      helper.make_node("Mul", [f"{name}_c", f"{name}_s"], [name])])
+    return name
+
+
 def build_fire_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
     """An FP32 SqueezeNet-style CNN: a stem, then "fire" modules whose 1x1 and 3x3 expand branches
     are concatenated along the channels, a global average pool and a classifier. Untrained."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
 
     def conv(x, cin, cout, k, stride, name):
-        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
-        b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
-                                      strides=[stride, stride], pads=[k // 2] * 4))
-        nodes.append(helper.make_node("Relu", [f"{name}_c"], [name]))
-        return name
+        return _conv_act(rng, nodes, inits, x, cin, cout, k, stride, name, "relu")
 
     x = conv("image", 3, 16, 3, 2, "stem")
     cin = 16
@@ -460,14 +473,7 @@ def build_c2f_cnn(path: str | Path, size: int = 32, classes: int = 10, seed: int
     nodes, inits = [], []
 
     def conv(x, cin, cout, k, stride, name):
-        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
-        b = (0.05 * rng.standard_normal(cout)).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
-        nodes.extend([helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
-                                       strides=[stride, stride], pads=[k // 2] * 4),
-                      helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_s"]),
-                      helper.make_node("Mul", [f"{name}_c", f"{name}_s"], [name])])
-        return name
+        return _conv_act(rng, nodes, inits, x, cin, cout, k, stride, name, "silu")
 
     def ints(name, values):
         inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
