@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "callers then leave it out (repeatable; ONNX sources)")
     p.add_argument("--cut-at", action="append", default=[], metavar="TENSOR",
                    help="end the model at this tensor, which becomes an output; what follows it is dropped: a "
-                        "detector's box decoding the TFLite writer does not map, left for the board to do "
-                        "(repeatable, one per output; ONNX sources)")
+                        "tail the TFLite writer does not map (TopK, non-maximum suppression), left for the board "
+                        "to do (repeatable, one per output; ONNX sources)")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
     p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
                    help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "

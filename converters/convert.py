@@ -61,7 +61,7 @@ class ConvertOptions:
     state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
     fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
     context: dict[str, int] = field(default_factory=dict)       # samples of a window carried into the next
-    cut_at: list[str] = field(default_factory=list)  # tensors the model ends at (a detector before its decoding)
+    cut_at: list[str] = field(default_factory=list)  # tensors the model ends at (before a tail TFLite cannot map)
 
 
 PRECISIONS = ("int8", "int8-dynamic", "fp32")

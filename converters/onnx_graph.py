@@ -153,9 +153,9 @@ def fix_inputs(model, values: dict[str, str]) -> None:
 
 def cut_at(model, names: list[str]) -> None:
     """End the model at tensors `names` (`--cut-at`): they become its outputs, and the nodes,
-    weights and inputs that only led elsewhere are dropped. For a detector whose box decoding
-    (reshapes of its feature maps, anchor grids) the TFLite writer does not map: the maps are
-    converted, the decoding is left to the board. Outputs keep the types shape inference gives."""
+    weights and inputs that only led elsewhere are dropped. For a model whose tail the TFLite
+    writer does not map (a TopK, non-maximum suppression): the rest is converted, the tail is
+    left to the board. Outputs keep the types shape inference gives."""
     import difflib
 
     from onnx import shape_inference

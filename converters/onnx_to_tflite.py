@@ -225,13 +225,37 @@ class _Lowering:
         self.alias[onnx_name] = name
         return name
 
+    def in_onnx_layout(self, x: str) -> str:
+        """Tensor x as ONNX lays it out: a feature map (NHWC inside) transposed back to NCHW, once,
+        for the layers that read its axes as ONNX numbers them (a detector's decoding reshapes
+        its maps to [N, C, H*W]). A TRANSPOSE keeps its input's int8 scale and runs in XNNPACK."""
+        if x not in self.nhwc:
+            return x
+        plain = f"{x}/nchw"
+        if plain not in self.g.shapes:
+            self.new(plain, [self.g.shapes[x][i] for i in TO_NCHW])
+            self.op("TRANSPOSE", [x, self.add_const("perm/nchw", np.array(TO_NCHW, np.int32))], plain)
+        return plain
+
+    def in_nhwc(self, x: str) -> str:
+        """A 4-D tensor held as ONNX lays it out (NCHW), transposed once to NHWC for a conv."""
+        if x in self.nhwc:
+            return x
+        inner = f"{x}/as_nhwc"
+        if inner not in self.g.shapes:
+            self.new(inner, [self.g.shapes[x][i] for i in TO_NHWC], nhwc=True)
+            self.op("TRANSPOSE", [x, self.add_const("perm/nhwc", np.array(TO_NHWC, np.int32))], inner)
+        return inner
+
     # -- layers ------------------------------------------------------------------------------------
     def _conv_operands(self, node, out_axis: int):
         """(attributes, NHWC input, float 4-D weights as ONNX holds them, bias) of a conv-like layer;
         its output channels are the weights' axis `out_axis` (a missing bias is zeros)."""
         x = self.src(node.input[0])
         if x not in self.nhwc:
-            raise _unsupported(node, " on a non-4D input")
+            if len(self.g.shapes[x]) != 4:
+                raise _unsupported(node, " on a non-4D input")
+            x = self.in_nhwc(x)  # a map a decoding reshaped (YOLOv8's DFL: a 1x1 conv over [N, 16, 4, A])
         w = self.const(node.input[1], node).astype(np.float32)
         if w.ndim != 4:
             raise _unsupported(node, f" with {w.ndim - 2}-D kernels")
@@ -539,12 +563,46 @@ class _Lowering:
         self._unary(node, act)
 
     def lower_Softmax(self, node):
+        """SOFTMAX works over the last axis: a feature map's channels are that axis already
+        (NHWC); another axis of a plain tensor (YOLOv8's DFL: axis 1 of [N, 16, 4, A]) is moved
+        there and back by TRANSPOSEs."""
         x = self.src(node.input[0])
         rank = len(self.g.shapes[x])
         axis = node_attrs(node).get("axis", -1 if self.model.opset_import[0].version >= 13 else 1)
-        if x in self.nhwc or axis not in (-1, rank - 1):
-            raise _unsupported(node, " over an axis other than the last")
-        self._unary(node, "SOFTMAX", beta=1.0)
+        axis = axis + rank if axis < 0 else axis
+        if self.model.opset_import[0].version < 13 and axis != rank - 1:
+            raise _unsupported(node, " of opset < 13 over an axis other than the last (it flattens the axes after it)")
+        if x in self.nhwc and axis != 1:
+            x = self.in_onnx_layout(x)
+        if x in self.nhwc or axis == rank - 1:
+            y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
+            return self.op("SOFTMAX", [x], y, name=node.name, beta=1.0)
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        back = [perm.index(i) for i in range(rank)]
+        shape = self.g.shapes[x]
+        moved = self.new(f"{node.output[0]}/moved", [shape[i] for i in perm])
+        self.op("TRANSPOSE", [x, self.add_const(f"{node.name}/perm", np.array(perm, np.int32))], moved, name=node.name)
+        soft = self.new(f"{node.output[0]}/softmax", self.g.shapes[moved])
+        self.op("SOFTMAX", [moved], soft, name=node.name, beta=1.0)
+        y = self.new(self.out_name(node.output[0], False), list(shape))
+        self.op("TRANSPOSE", [soft, self.add_const(f"{node.name}/back", np.array(back, np.int32))], y, name=node.name)
+
+    def lower_Transpose(self, node):
+        """A permutation of a tensor's axes as ONNX numbers them: TRANSPOSE (a feature map is
+        first read in ONNX's layout, the two permutations made one)."""
+        x = self.src(node.input[0])
+        rank = len(self.g.shapes[x])
+        perm = list(node_attrs(node).get("perm", list(range(rank))[::-1]))
+        if perm[0] != 0:
+            raise _unsupported(node, f" with perm {perm}, which moves the batch axis")
+        if x in self.nhwc:  # ONNX's axis i of x is the graph's axis TO_NHWC.index(i)
+            perm_inner = [TO_NHWC.index(p) for p in perm]
+        else:
+            perm_inner = perm
+        shape = [self.g.shapes[x][i] for i in perm_inner]
+        y = self.new(self.out_name(node.output[0], False), shape)
+        self.op("TRANSPOSE", [x, self.add_const(f"{node.name}/perm", np.array(perm_inner, np.int32))], y,
+                name=node.name)
 
     def _pool(self, node, kind):
         a = node_attrs(node)
@@ -595,22 +653,28 @@ class _Lowering:
         self._flatten_to_2d(node, self._average_over_image(node, x, f"{node.output[0]}/pooled"))
 
     def _flatten_to_2d(self, node, x):
+        """[N, features]. A feature map's features come in NHWC order: where only Gemm/MatMul
+        layers read them, their weights are permuted to match (flat_perm); elsewhere the map
+        is transposed back to ONNX's NCHW first."""
         shape = self.g.shapes[x]
         batch = shape[0]
         feats = int(np.prod([d for d in shape[1:]]))
         if any(d <= 0 for d in shape[1:]):
             raise _unsupported(node, " of an input with unknown dimensions")
+        perm = None
+        if x in self.nhwc and shape[1] * shape[2] > 1:
+            _, h, w, c = shape
+            users = self.consumers.get(node.output[0], [])
+            if users and all(u.op_type in ("Gemm", "MatMul") and u.input[0] == node.output[0] for u in users) \
+                    and node.output[0] not in self.graph_outputs:
+                perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+            else:
+                x = self.in_onnx_layout(x)
         y = self.new(self.out_name(node.output[0], False), [batch, feats])
         new_shape = np.array([-1 if batch == -1 else batch, feats], np.int32)
         self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
                 new_shape=new_shape)
-        if x in self.nhwc and shape[1] * shape[2] > 1:
-            _, h, w, c = shape
-            perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
-            users = self.consumers.get(node.output[0], [])
-            if not users or any(u.op_type not in ("Gemm", "MatMul") or u.input[0] != node.output[0] for u in users) \
-                    or node.output[0] in self.graph_outputs:
-                raise _unsupported(node, " of an NCHW feature map that does not feed a Gemm/MatMul")
+        if perm is not None:
             self.flat_perm[y] = perm
 
     def lower_Flatten(self, node):
@@ -625,9 +689,15 @@ class _Lowering:
             raise _unsupported(node, " with allowzero and a 0 in its shape")
         if len(target) == 2 and target[1] in (-1, int(np.prod(self.g.shapes[x][1:]))):
             return self._flatten_to_2d(node, x)
-        if x in self.nhwc:
-            raise _unsupported(node, f" of a feature map to {target.tolist()}")
+        x = self.in_onnx_layout(x)
         shape = [int(d) for d in target]
+        if any(d < 0 for d in self.g.shapes[x][1:]) and (-1 in shape[1:] or 0 in shape[1:]):
+            raise _unsupported(node, f" to {target.tolist()} of a tensor whose shape {self.g.shapes[x]} is not fixed")
+        if 0 in shape[1:]:  # ONNX's 0: the input's own size on that axis
+            shape = [self.g.shapes[x][i] if d == 0 and i else d for i, d in enumerate(shape)]
+        if -1 in shape[1:]:
+            known = int(np.prod([d for d in shape[1:] if d != -1]))
+            shape[shape.index(-1, 1)] = int(np.prod(self.g.shapes[x][1:])) // known
         shape[0] = self.g.shapes[x][0] if shape[0] in (0, -1) else shape[0]
         y = self.new(self.out_name(node.output[0], False), shape)
         new_shape = np.array([-1 if shape[0] == -1 else shape[0]] + shape[1:], np.int32)

@@ -155,6 +155,11 @@ def _bias_fitting(scales: np.ndarray, bias: np.ndarray, in_scale: float) -> np.n
     return np.maximum(scales, need)
 
 
+MIXED_OUTPUT_SPANS = 8.0
+"""A model output concatenated from parts whose ranges differ by more than this is joined in
+float: one int8 scale for all of YOLOv8's [boxes in pixels (0..700), class scores (0..1)]
+made every score 0 or 2.9. Each part keeps its own int8 scale up to the DEQUANTIZE before it."""
+
 REQUANTIZE_MAX = 128.0
 """The largest input x weight / output scale ratio written for a weighted layer. XNNPACK refuses
 a model whose ratio reaches 256 ("failed to prepare")."""
@@ -386,6 +391,10 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             int8 = quant and (is_int8[src] or src in graph.inputs)
         else:
             int8 = quant and op.name not in float_ops
+        if int8 and op.kind == "CONCATENATION" and op.outputs[0] in graph.outputs:
+            spans = [qp[n][0] * 255 if is_int8.get(n) else float(np.subtract(*rng(n)[::-1])) for n in op.inputs]
+            if max(spans) > MIXED_OUTPUT_SPANS * max(min(spans), MIN_ACTIVATION_RANGE):
+                int8 = False  # see MIXED_OUTPUT_SPANS
         data_inputs = [n for n in op.inputs if n and n not in graph.consts]
         ins = {n: as_dtype(n, int8) for n in data_inputs}
         if op.kind in WEIGHTED:

@@ -669,10 +669,12 @@ def test_a_scale_by_a_constant_folds_into_the_layer_it_feeds(tmp_path, consumer)
 
 
 def _serve_torch_as_tflite(net, x: np.ndarray, name: str, tmp_path: Path, assets, max_share: float,
-                           mean_share: float):
+                           mean_share: float, float_tensors: int = 2):
     """A PyTorch module as an INT8 TFLite bundle (x[:48] calibrates, x[48:] evaluates), int8
-    inside and within the given shares of the output range, then serving x[48:58] in one
-    request through the agent's engine as the module answers them: (report, manifest)."""
+    inside (but for `float_tensors`: the float input and output) and within the given shares of
+    the output range, then serving x[48:58] in one
+    request through the agent's engine as the module answers them: (report, manifest, the
+    engine's answer, the module's)."""
     import torch
 
     from converters.from_torch import convert_torch
@@ -682,7 +684,7 @@ def _serve_torch_as_tflite(net, x: np.ndarray, name: str, tmp_path: Path, assets
     out = tmp_path / f"{name}.ewb"
     report = convert_torch(net, {"input": x[:2]}, tmp_path / "calib.npz", out, assets.key, tmp_path / "eval.npz",
                            ConvertOptions(name=name, format="tflite", allow_worse=True))
-    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    assert report["graph"]["tensor_dtypes"]["float32"] == float_tensors
     q = report["quality"]
     assert q["max_abs_err"] <= max_share * q["output_range"] and q["mean_abs_err"] <= mean_share * q["output_range"], q
     engine = Engine(Budget(8192, reserve_mb=0))
@@ -693,7 +695,7 @@ def _serve_torch_as_tflite(net, x: np.ndarray, name: str, tmp_path: Path, assets
     got = next(iter(engine.infer_arrays(name, {"input": x[48:58]})[1].values()))
     engine.close()
     assert got.shape == want.shape and np.abs(got - want).max() <= max_share * q["output_range"]
-    return report, model.manifest
+    return report, model.manifest, got, want
 
 
 def test_a_pytorch_unet_becomes_full_integer_tflite_with_a_free_batch(assets, tmp_path):
@@ -724,8 +726,8 @@ def test_a_pytorch_unet_becomes_full_integer_tflite_with_a_free_batch(assets, tm
 
     torch.manual_seed(0)
     net = UNet().eval()
-    report, manifest = _serve_torch_as_tflite(net, torch.randn(64, 3, 32, 32).numpy(), "unet", tmp_path, assets,
-                                              max_share=0.1, mean_share=0.01)
+    report, manifest, _, _ = _serve_torch_as_tflite(net, torch.randn(64, 3, 32, 32).numpy(), "unet", tmp_path,
+                                                    assets, max_share=0.1, mean_share=0.01)
     ops = report["graph"]["ops"]
     assert ops["DEPTH_TO_SPACE"] == 2 and ops["RESIZE_BILINEAR"] == 1 and "TRANSPOSE_CONV" not in ops, ops
     assert manifest.inputs[0].shape == [-1, 3, 32, 32] and manifest.outputs[0].shape == [-1, 2, 32, 32]
@@ -963,17 +965,81 @@ def test_a_yolov8_style_backbone_and_neck_from_pytorch_becomes_full_integer_tfli
 
     torch.manual_seed(0)
     net = TinyYolo().eval()
-    report, manifest = _serve_torch_as_tflite(net, torch.randn(64, 3, 64, 64).numpy(), "yolo", tmp_path, assets,
-                                              max_share=0.02, mean_share=0.005)
+    report, manifest, _, _ = _serve_torch_as_tflite(net, torch.randn(64, 3, 64, 64).numpy(), "yolo", tmp_path,
+                                                    assets, max_share=0.02, mean_share=0.005)
     ops = report["graph"]["ops"]
     assert ops["SLICE"] == 6 and ops["MAX_POOL_2D"] == 3 and ops["LOGISTIC"] == 18, ops
     assert manifest.outputs[0].shape == [-1, 19, 16, 16]
 
 
+def test_a_yolov8_detect_head_with_its_box_decoding_becomes_full_integer_tflite(assets, tmp_path):
+    """YOLOv8's Detect head as ultralytics writes it, decoding included: each scale's box and class
+    maps concatenated and reshaped to [N, C, H*W], joined along the anchors, split into the box
+    distributions and class logits, the DFL (a reshape to [N, 4, 16, A], a transpose, a softmax over
+    the bins, a 1x1 conv of weights 0..15), the anchor grid and strides, and [boxes, scores] out.
+    The float TFLite computes what the module does; in INT8 the boxes stay within a pixel or two,
+    and the scores, joined to the boxes in float (one int8 scale for pixels and probabilities
+    would zero them), within a step of their own."""
+    import torch
+    from torch import nn
+
+    def conv(ci, co, k=3, s=1):
+        return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.SiLU())
+
+    class DecodedYolo(nn.Module):
+        def __init__(self, nc=3, reg_max=8, size=32):
+            super().__init__()
+            self.nc, self.reg_max, self.no = nc, reg_max, nc + 4 * reg_max
+            self.p3, self.p4 = nn.Sequential(conv(3, 8, 3, 2), conv(8, 16, 3, 2)), conv(16, 32, 3, 2)
+            self.cv2 = nn.ModuleList(nn.Sequential(conv(c, 16), nn.Conv2d(16, 4 * reg_max, 1)) for c in (16, 32))
+            self.cv3 = nn.ModuleList(nn.Sequential(conv(c, 16), nn.Conv2d(16, nc, 1)) for c in (16, 32))
+            self.dfl = nn.Conv2d(reg_max, 1, 1, bias=False).requires_grad_(False)
+            self.dfl.weight.data[:] = torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1)
+            anchors, strides = [], []
+            for stride in (4, 8):
+                n = size // stride
+                ys, xs = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")
+                anchors.append(torch.stack((xs, ys), 0).view(2, -1))
+                strides.append(torch.full((1, n * n), float(stride)))
+            self.register_buffer("anchors", torch.cat(anchors, 1).unsqueeze(0))
+            self.register_buffer("strides", torch.cat(strides, 1))
+
+        def forward(self, x):
+            p3 = self.p3(x)
+            maps = [p3, self.p4(p3)]
+            outs = [torch.cat((self.cv2[i](m), self.cv3[i](m)), 1) for i, m in enumerate(maps)]
+            x_cat = torch.cat([o.view(maps[0].shape[0], self.no, -1) for o in outs], 2)
+            box, cls = x_cat.split((4 * self.reg_max, self.nc), 1)
+            b, _, a = box.shape
+            d = self.dfl(box.view(b, 4, self.reg_max, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+            lt, rb = d.chunk(2, 1)
+            x1y1, x2y2 = self.anchors - lt, self.anchors + rb
+            dbox = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * self.strides
+            return torch.cat((dbox, cls.sigmoid()), 1)
+
+    from converters.from_torch import to_onnx
+
+    torch.manual_seed(0)
+    net = DecodedYolo().eval()
+    x = torch.rand(64, 3, 32, 32).numpy()
+    path, _ = to_onnx(net, {"input": x[:2]}, tmp_path / "decoded.onnx")
+    write_tflite(lower(onnx.load(str(path))), tmp_path / "float.tflite")
+    with torch.no_grad():
+        np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "input", x[48:]),
+                                   net(torch.from_numpy(x[48:])).numpy(), rtol=0, atol=1e-4)
+    report, manifest, got, want = _serve_torch_as_tflite(net, x, "decoded", tmp_path, assets, max_share=0.03,
+                                                         mean_share=0.005, float_tensors=4)  # + boxes, scores
+    ops = report["graph"]["ops"]
+    assert ops["SOFTMAX"] == 1 and ops["RESHAPE"] >= 3 and ops["DEQUANTIZE"] == 2, ops  # the last concat in float
+    assert manifest.outputs[0].shape == [-1, 7, 80]
+    assert np.abs(got[:, :4] - want[:, :4]).max() <= 2.0  # pixels, in a 32x32 image
+    assert np.abs(got[:, 4:] - want[:, 4:]).max() <= 1.5 / 256  # probabilities
+
+
 def _detector_with_decoding(path: Path) -> Path:
-    """Two conv heads (boxes, scores) on a shared stem, then a box decoding of the kind
-    ultralytics exports: each map reshaped to [N, C, H*W], concatenated, transposed. An unused
-    second input feeds only the decoding."""
+    """Two conv heads (boxes, scores) on a shared stem, then a decoding that ends in a selection
+    TFLite's builtins lack: each map reshaped to [N, C, H*W], the boxes scaled by a second
+    input (which feeds only the decoding), the 5 best scores picked by TopK."""
     rng = np.random.default_rng(11)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w"),
              numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.4).astype(np.float32), "wb"),
@@ -988,11 +1054,12 @@ def _detector_with_decoding(path: Path) -> Path:
              helper.make_node("Reshape", ["boxes", "flat4"], ["boxes_flat"]),
              helper.make_node("Mul", ["boxes_flat", "stride"], ["boxes_px"]),
              helper.make_node("Reshape", ["scores", "flat2"], ["scores_flat"]),
-             helper.make_node("Concat", ["boxes_px", "scores_flat"], ["cat"], axis=1),
-             helper.make_node("Transpose", ["cat"], ["detections"], perm=[0, 2, 1])]
+             helper.make_node("TopK", ["scores_flat", "k"], ["best", "best_at"], axis=2)]
+    inits.append(numpy_helper.from_array(np.array([5], np.int64), "k"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16]),
                                            helper.make_tensor_value_info("stride", TensorProto.FLOAT, ["n", 1, 1])],
-                              [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["n", 256, 6])], inits)
+                              [helper.make_tensor_value_info("boxes_px", TensorProto.FLOAT, ["n", 4, 256]),
+                               helper.make_tensor_value_info("best", TensorProto.FLOAT, ["n", 2, 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -1000,14 +1067,14 @@ def _detector_with_decoding(path: Path) -> Path:
 
 
 def test_cut_at_ends_the_model_before_a_decoding_tflite_cannot_map(assets, tmp_path):
-    """A detector whose box decoding reshapes its feature maps is refused for TFLite, naming
+    """A detector whose decoding ends in a TopK is refused for TFLite, naming the tensor to
     --cut-at. Cut at the heads' outputs, it converts: the bundle's outputs are those maps, the
     input the decoding alone used is gone, and the agent answers what the FP32 heads compute."""
     source = _detector_with_decoding(tmp_path / "det.onnx")
     rng = np.random.default_rng(12)
     x = rng.standard_normal((48, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x[:32], stride=np.ones((32, 1, 1), np.float32))
-    with pytest.raises(ConversionError, match="Reshape .* of a feature map .*--cut-at boxes,"):
+    with pytest.raises(ConversionError, match="TopK .* has no TFLite mapping .*--cut-at scores_flat,"):
         convert_onnx(source, tmp_path / "calib.npz", tmp_path / "whole.ewb", assets.key,
                      options=ConvertOptions(name="det", format="tflite", allow_worse=True))
     assert not (tmp_path / "whole.ewb").exists()
@@ -1079,3 +1146,38 @@ def test_quality_is_that_of_the_output_that_lost_most_and_the_self_test_tolerate
     q = compare({"boxes": boxes, "scores": scores}, {"boxes": boxes + 50, "scores": scores})
     assert q["worst_output"] == "boxes" and q["max_abs_err"] == pytest.approx(50)
     assert "worst_output" not in compare({"scores": scores}, {"scores": scores})
+
+
+@pytest.mark.parametrize("case", ["transpose-map", "softmax-over-channels", "softmax-over-width", "flatten-map-out",
+                                  "reshape-map-to-3d"])
+def test_a_feature_map_read_in_onnx_layout_lowers_through_transposes(tmp_path, case):
+    """Layers that read a feature map's axes as ONNX numbers them (NCHW) get it transposed back from
+    NHWC once: Transpose, a Softmax over an axis that is not the channels, a Flatten whose features
+    feed no Gemm, a Reshape to [N, C, H*W]. A Softmax over the channels runs on NHWC as it is. The
+    float model answers as onnxruntime does, the INT8 one within 3 % with every tensor int8."""
+    rng = np.random.default_rng(15)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4)]
+    if case == "transpose-map":
+        nodes.append(helper.make_node("Transpose", ["c"], ["y"], perm=[0, 3, 2, 1]))
+    elif case == "softmax-over-channels":
+        nodes.append(helper.make_node("Softmax", ["c"], ["y"], axis=1))
+    elif case == "softmax-over-width":
+        nodes.append(helper.make_node("Softmax", ["c"], ["y"], axis=3))
+    elif case == "flatten-map-out":
+        nodes.append(helper.make_node("Flatten", ["c"], ["y"]))
+    else:
+        inits.append(numpy_helper.from_array(np.array([0, 8, -1], np.int64), "shape"))
+        nodes += [helper.make_node("Reshape", ["c", "shape"], ["r"]),
+                  helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    kinds = [op.kind for op in lowered.ops]
+    # the input's to NHWC, then one to ONNX's layout (or, for a map out, the output's back to NCHW)
+    assert kinds.count("TRANSPOSE") == (3 if case == "reshape-map-to-3d" else 2), kinds
+    _float_and_int8_answer_as_onnx(tmp_path / "m.onnx", lowered,
+                                   rng.standard_normal((16, 3, 10, 12)).astype(np.float32), tmp_path)
