@@ -364,7 +364,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     say("packing", 1, 1)
     return {"bundle": str(out_path), "name": name, "version": opts.version, "signed": key is not None,
             "format": target.format, "runtime": target.runtime,
-            "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse, "broken": wrong,
+            "precision": opts.precision, "settings": settings.label(), "search": search, "worse_than_fp32": worse,
+            "broken": wrong,
             "latency_note": latency_note, "pruning": pruning,
             "bundle_vs_fp32": round(out_path.stat().st_size / sizes["fp32_bytes"], 4),
             "bundle_bytes": out_path.stat().st_size, **sizes, "source_bytes": source_bytes,

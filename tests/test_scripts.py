@@ -52,3 +52,14 @@ def test_install_board_help_teaches_every_flag():
     for flag in ("--device-id", "--broker", "--trust-key", "--budget-mb", "--root", "--uninstall", "--purge",
                  "--reconfigure", "--no-start", "--source"):
         assert flag in r.stdout, flag
+
+
+def test_the_yolo_benchmark_says_what_it_needs_where_ultralytics_is_missing():
+    """scripts/bench_yolo.py measures with ultralytics, which edgeward does not depend on: without it,
+    one line names the package and where the set-up is written, and the exit code says it did not run."""
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_yolo.py")], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "bench_yolo: the ultralytics package is not installed; see this script's docstring for how"
