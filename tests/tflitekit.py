@@ -21,6 +21,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "det-int8": ("det", "image", False),          # a text detector: RESIZE_*, DEPTH_TO_SPACE, PAD, SLICE
     "strip-int8": ("strip", "image", False),      # PRELU, LEAKY_RELU, TRANSPOSE_CONV (batches of one)
     "c2f-int8": ("c2f", "image", False),          # YOLOv8's parts: SiLU, Split and Slice as SLICE, SAME max pools
+    "yolo-int8": ("yolo", "input", False),        # YOLOv8's decoding: TRANSPOSE, RESHAPE, SOFTMAX, a float output concat
 }
 
 
@@ -48,6 +49,20 @@ def _keras_model(folder: Path):
     return folder / "keras-calib.npz", folder / "keras-eval.npz"
 
 
+def _decoded_yolo(folder: Path):
+    """tests/yolokit.py's YOLOv8 head and decoding exported to ONNX, with its data files."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from yolokit import decoded_yolo
+
+    from converters.from_torch import to_onnx
+
+    x = np.random.default_rng(0).random((64, 3, 32, 32)).astype(np.float32)
+    to_onnx(decoded_yolo(), {"input": x[:2]}, folder / "yolo.onnx")
+    np.savez(folder / "yolo-calib.npz", input=x[:48])
+    np.savez(folder / "yolo-eval.npz", input=x[48:])
+    return folder / "yolo-calib.npz", folder / "yolo-eval.npz"
+
+
 def build(folder: str | Path) -> Path:
     from agent.signing import generate_keypair
     from converters import zoo
@@ -68,7 +83,7 @@ def build(folder: str | Path) -> Path:
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
             "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
             "strip": zoo.write_image_npz(folder / "strip", size=32),
-            "c2f": zoo.write_image_npz(folder / "c2f", size=32)}
+            "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder)}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
@@ -90,9 +105,11 @@ def build(folder: str | Path) -> Path:
         expected[f"{stem}.input"] = x[name]
         out_name, out = next(iter(session.raw_run(x).items()))
         expected[f"{stem}.output"] = out
-        # one quantization step of the output: the int8 tensor the float output is dequantized from
+        # one quantization step of the output: the int8 tensor the float output is dequantized from, or,
+        # for an output joined in float from parts of different scales, one int8 step of its range
         details = {d["name"]: d for d in session.rt.tensor_details()}
-        expected[f"{stem}.step"] = np.float64((details.get(f"{out_name}/int8") or details[out_name])["quantization"][0])
+        step = (details.get(f"{out_name}/int8") or details[out_name])["quantization"][0]
+        expected[f"{stem}.step"] = np.float64(step or (out.max() - out.min()) / 255)
     np.savez(folder / "converted.npz", **expected)
     return folder
 
