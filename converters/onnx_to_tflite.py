@@ -30,6 +30,7 @@ from .tflite_graph import Graph, Op
 from .tflite_simplify import simplify
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+BATCH_PROBE = 7  # a free batch's stand-in when a constant made from a Shape is computed again (see _fold)
 _ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
 _POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
 _BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV"}  # DIV: by a constant, as a MUL
@@ -67,6 +68,7 @@ class _Lowering:
         self.done: set[int] = set()
         self.nonneg: set[str] = set()       # graph tensors that cannot be negative (after ReLU and such)
         self.from_shape: set[str] = set()   # constants computed from a Shape, the free batch as 0
+        self.batch_probe: dict[str, np.ndarray] = {}  # ... and computed again with the batch as BATCH_PROBE
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -191,13 +193,25 @@ class _Lowering:
         evaluator, on the host."""
         from onnx.reference import ReferenceEvaluator
 
+        evaluator = ReferenceEvaluator(node)
         try:
-            values = ReferenceEvaluator(node).run(None, {i: self.consts[i] for i in node.input if i})
+            values = evaluator.run(None, {i: self.consts[i] for i in node.input if i})
         except Exception as exc:  # the evaluator's own errors: an operator it does not know
             raise _unsupported(node, f" of constants that could not be computed ({exc})") from exc
         self.consts.update({name: np.asarray(v) for name, v in zip(node.output, values) if name})
-        if any(i in self.from_shape for i in node.input):
-            self.from_shape.update(o for o in node.output if o)
+        if not any(i in self.from_shape for i in node.input):
+            return
+        # from a Shape: computed again with the batch as another number, it depends on the batch
+        # only where it changes (an anchor grid made of the height and width does not)
+        try:
+            probed = evaluator.run(None, {i: self.batch_probe.get(i, self.consts[i]) for i in node.input if i})
+        except Exception:  # the probe made no sense to the operator: count it as depending on the batch
+            probed = None
+        for k, (name, v) in enumerate(zip(node.output, values)):
+            if name and (probed is None or not np.array_equal(np.asarray(v), np.asarray(probed[k]))):
+                self.from_shape.add(name)
+                if probed is not None:
+                    self.batch_probe[name] = np.asarray(probed[k])
 
     def lower_Shape(self, node):
         """A tensor's shape is a constant but for a free batch, written as 0: what Reshape reads
@@ -210,9 +224,11 @@ class _Lowering:
         if any(d < 0 for d in shape[1:]):
             raise _unsupported(node, f" of a tensor whose shape {shape} is not fixed")
         a = node_attrs(node)
-        dims = [0 if d < 0 else d for d in shape][a.get("start", 0):a.get("end", len(shape))]
-        self.consts[node.output[0]] = np.array(dims, np.int64)
-        self.from_shape.add(node.output[0])
+        span = slice(a.get("start", 0), a.get("end", len(shape)))
+        self.consts[node.output[0]] = np.array([0 if d < 0 else d for d in shape][span], np.int64)
+        if shape[0] < 0 and span.indices(len(shape))[0] == 0:  # the free batch is in it
+            self.from_shape.add(node.output[0])
+            self.batch_probe[node.output[0]] = np.array([BATCH_PROBE if d < 0 else d for d in shape][span], np.int64)
 
     def _rename(self, old: str, new: str) -> None:
         for op in self.g.ops:
