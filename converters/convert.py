@@ -316,8 +316,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     # the widest output's, as one tolerance serves all (a detector's boxes in pixels beside its scores in 0..1,
     # whose few steps of rounding on another CPU must not fail the board's self-test)
     outs = q_out if opts.state else expected
-    atol = max(1e-4, 0.05 * max(float(v.astype(np.float64).max() - v.astype(np.float64).min())
-                               for v in outs.values() if v.size))
+    atol = max(1e-4, 0.05 * max(float(np.ptp(v.astype(np.float64))) for v in outs.values() if v.size))
 
     source_bytes = model_bytes(model_path)
     sizes = {"fp32_bytes": model_bytes(target.fp32_path), "int8_bytes": target.path.stat().st_size}

@@ -195,14 +195,13 @@ def cut_at(model, names: list[str]) -> None:
     nodes = [node for node in g.node if id(node) in kept]
     del g.node[:]
     g.node.extend(nodes)
-    used = set().union(*(_reads(node) for node in nodes)) | set(names)
-    for t in [t for t in g.initializer if t.name not in used]:
+    for t in [t for t in g.initializer if t.name not in needed]:  # needed: the names and all the kept nodes read
         g.initializer.remove(t)
-    for i in [i for i in g.input if i.name not in used]:
+    for i in [i for i in g.input if i.name not in needed]:
         g.input.remove(i)
     del g.output[:]
     g.output.extend(outputs)
-    for vi in [vi for vi in g.value_info if vi.name not in used]:
+    for vi in [vi for vi in g.value_info if vi.name not in needed]:
         g.value_info.remove(vi)
 
 

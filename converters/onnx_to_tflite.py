@@ -67,8 +67,9 @@ class _Lowering:
         self.flat_perm: dict[str, np.ndarray] = {}  # flattened NHWC tensor -> NCHW order of its features
         self.done: set[int] = set()
         self.nonneg: set[str] = set()       # graph tensors that cannot be negative (after ReLU and such)
-        self.from_shape: set[str] = set()   # constants computed from a Shape, the free batch as 0
-        self.batch_probe: dict[str, np.ndarray] = {}  # ... and computed again with the batch as BATCH_PROBE
+        # constants computed from a Shape that depend on the free batch (written as 0 in them) -> the
+        # same computed with the batch as BATCH_PROBE (None where that could not be computed)
+        self.from_shape: dict[str, np.ndarray | None] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -155,9 +156,7 @@ class _Lowering:
             shape = self.shape(name)
             self.g.shapes[name] = shape
             if len(shape) == 4:  # NCHW in, NHWC inside
-                inner = self.new(f"{name}/nhwc", [shape[i] for i in TO_NHWC], nhwc=True)
-                self.op("TRANSPOSE", [name, self.add_const("perm/nhwc", np.array(TO_NHWC, np.int32))], inner)
-                self.alias[name] = inner
+                self.alias[name] = self.transpose(name, TO_NHWC, f"{name}/nhwc", nhwc=True)
         for node in self.model.graph.node:
             if id(node) in self.done or node.op_type == "Constant":
                 continue
@@ -179,9 +178,7 @@ class _Lowering:
         for i, name in enumerate(self.g.outputs):
             inner = self.src(name)
             if inner in self.nhwc:
-                shape = self.g.shapes[inner]
-                self.new(name, [shape[j] for j in TO_NCHW])
-                self.op("TRANSPOSE", [inner, self.add_const("perm/nchw", np.array(TO_NCHW, np.int32))], name)
+                self.transpose(inner, TO_NCHW, name)
             elif inner != name:
                 self.g.outputs[i] = name
                 self._rename(inner, name)
@@ -203,15 +200,16 @@ class _Lowering:
             return
         # from a Shape: computed again with the batch as another number, it depends on the batch
         # only where it changes (an anchor grid made of the height and width does not)
-        try:
-            probed = evaluator.run(None, {i: self.batch_probe.get(i, self.consts[i]) for i in node.input if i})
-        except Exception:  # the probe made no sense to the operator: count it as depending on the batch
-            probed = None
+        probe = {i: self.from_shape.get(i, self.consts[i]) for i in node.input if i}
+        probed = None
+        if all(v is not None for v in probe.values()):
+            try:
+                probed = evaluator.run(None, probe)
+            except Exception:  # the probe made no sense to the operator: count it as depending on the batch
+                pass
         for k, (name, v) in enumerate(zip(node.output, values)):
             if name and (probed is None or not np.array_equal(np.asarray(v), np.asarray(probed[k]))):
-                self.from_shape.add(name)
-                if probed is not None:
-                    self.batch_probe[name] = np.asarray(probed[k])
+                self.from_shape[name] = None if probed is None else np.asarray(probed[k])
 
     def lower_Shape(self, node):
         """A tensor's shape is a constant but for a free batch, written as 0: what Reshape reads
@@ -227,8 +225,7 @@ class _Lowering:
         span = slice(a.get("start", 0), a.get("end", len(shape)))
         self.consts[node.output[0]] = np.array([0 if d < 0 else d for d in shape][span], np.int64)
         if shape[0] < 0 and span.indices(len(shape))[0] == 0:  # the free batch is in it
-            self.from_shape.add(node.output[0])
-            self.batch_probe[node.output[0]] = np.array([BATCH_PROBE if d < 0 else d for d in shape][span], np.int64)
+            self.from_shape[node.output[0]] = np.array([BATCH_PROBE if d < 0 else d for d in shape][span], np.int64)
 
     def _rename(self, old: str, new: str) -> None:
         for op in self.g.ops:
@@ -241,6 +238,13 @@ class _Lowering:
         self.alias[onnx_name] = name
         return name
 
+    def transpose(self, x: str, perm: list[int], y: str, nhwc: bool = False, name: str = "") -> str:
+        """y: x with its axes in the order `perm`, by one TRANSPOSE (which keeps x's int8 scale)."""
+        self.new(y, [self.g.shapes[x][i] for i in perm], nhwc=nhwc)
+        self.op("TRANSPOSE", [x, self.add_const(f"perm/{''.join(map(str, perm))}", np.array(perm, np.int32))], y,
+                name=name)
+        return y
+
     def in_onnx_layout(self, x: str) -> str:
         """Tensor x as ONNX lays it out: a feature map (NHWC inside) transposed back to NCHW, once,
         for the layers that read its axes as ONNX numbers them (a detector's decoding reshapes
@@ -248,20 +252,14 @@ class _Lowering:
         if x not in self.nhwc:
             return x
         plain = f"{x}/nchw"
-        if plain not in self.g.shapes:
-            self.new(plain, [self.g.shapes[x][i] for i in TO_NCHW])
-            self.op("TRANSPOSE", [x, self.add_const("perm/nchw", np.array(TO_NCHW, np.int32))], plain)
-        return plain
+        return plain if plain in self.g.shapes else self.transpose(x, TO_NCHW, plain)
 
     def in_nhwc(self, x: str) -> str:
         """A 4-D tensor held as ONNX lays it out (NCHW), transposed once to NHWC for a conv."""
         if x in self.nhwc:
             return x
         inner = f"{x}/as_nhwc"
-        if inner not in self.g.shapes:
-            self.new(inner, [self.g.shapes[x][i] for i in TO_NHWC], nhwc=True)
-            self.op("TRANSPOSE", [x, self.add_const("perm/nhwc", np.array(TO_NHWC, np.int32))], inner)
-        return inner
+        return inner if inner in self.g.shapes else self.transpose(x, TO_NHWC, inner, nhwc=True)
 
     # -- layers ------------------------------------------------------------------------------------
     def _conv_operands(self, node, out_axis: int):
@@ -402,10 +400,7 @@ class _Lowering:
         """`final` (NHWC, of `shape`) as the window of `y` from row start[0], column start[1]:
         ONNX's padding of a transposed conv, cut from the whole output the TFLite ops make."""
         self.g.derived[y] = (final, 1.0, 0.0, -math.inf, math.inf)  # its values and its margins': one range
-        self.new(final, shape, nhwc=True)
-        begin = self.add_const(f"{node.name}/begin", np.array([0, *start, 0], np.int32))
-        size = self.add_const(f"{node.name}/size", np.array([-1, *shape[1:]], np.int32))
-        self.op("SLICE", [y, begin, size], final, name=node.name)
+        self.slice(node, y, [0, *start, 0], shape, final, node.name)
 
     def lower_Resize(self, node):
         """The 2x/4x upsampling of a feature pyramid (detectors, segmentation):
@@ -594,14 +589,10 @@ class _Lowering:
             y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
             return self.op("SOFTMAX", [x], y, name=node.name, beta=1.0)
         perm = [i for i in range(rank) if i != axis] + [axis]
-        back = [perm.index(i) for i in range(rank)]
-        shape = self.g.shapes[x]
-        moved = self.new(f"{node.output[0]}/moved", [shape[i] for i in perm])
-        self.op("TRANSPOSE", [x, self.add_const(f"{node.name}/perm", np.array(perm, np.int32))], moved, name=node.name)
+        moved = self.transpose(x, perm, f"{node.output[0]}/moved", name=node.name)
         soft = self.new(f"{node.output[0]}/softmax", self.g.shapes[moved])
         self.op("SOFTMAX", [moved], soft, name=node.name, beta=1.0)
-        y = self.new(self.out_name(node.output[0], False), list(shape))
-        self.op("TRANSPOSE", [soft, self.add_const(f"{node.name}/back", np.array(back, np.int32))], y, name=node.name)
+        self.transpose(soft, [perm.index(i) for i in range(rank)], self.out_name(node.output[0], False), name=node.name)
 
     def lower_Transpose(self, node):
         """A permutation of a tensor's axes as ONNX numbers them: TRANSPOSE (a feature map is
@@ -612,13 +603,8 @@ class _Lowering:
         if perm[0] != 0:
             raise _unsupported(node, f" with perm {perm}, which moves the batch axis")
         if x in self.nhwc:  # ONNX's axis i of x is the graph's axis TO_NHWC.index(i)
-            perm_inner = [TO_NHWC.index(p) for p in perm]
-        else:
-            perm_inner = perm
-        shape = [self.g.shapes[x][i] for i in perm_inner]
-        y = self.new(self.out_name(node.output[0], False), shape)
-        self.op("TRANSPOSE", [x, self.add_const(f"{node.name}/perm", np.array(perm_inner, np.int32))], y,
-                name=node.name)
+            perm = [TO_NHWC.index(p) for p in perm]
+        self.transpose(x, perm, self.out_name(node.output[0], False), name=node.name)
 
     def _pool(self, node, kind):
         a = node_attrs(node)
@@ -790,10 +776,13 @@ class _Lowering:
         begin = [0] * len(shape)
         for axis, (start, size) in window.items():
             begin[axis], shape[axis] = start, size
+        self.slice(node, x, begin, shape, self.out_name(onnx_out, x in self.nhwc), f"{node.name}/{onnx_out}")
+
+    def slice(self, node, x: str, begin: list[int], shape: list[int], y: str, tag: str) -> None:
+        """y, of `shape`, as the window of x from `begin`: one SLICE (which keeps x's int8 scale),
+        the batch and unknown sizes written as -1 ("to the end")."""
+        self.new(y, shape, nhwc=x in self.nhwc)
         size = [-1 if i == 0 or d < 0 else d for i, d in enumerate(shape)]
-        nhwc = x in self.nhwc
-        y = self.new(self.out_name(onnx_out, nhwc), shape, nhwc=nhwc)
-        tag = f"{node.name}/{onnx_out}"
         self.op("SLICE", [x, self.add_const(f"{tag}/begin", np.array(begin, np.int32)),
                           self.add_const(f"{tag}/size", np.array(size, np.int32))], y, name=node.name)
 

@@ -403,13 +403,13 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             wq_name = f"{w_name}/q" if int8 else w_name
             if int8:
                 axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}.get(op.kind) if per_channel else None
+                in_scale = qp[ins[src]][0]
                 scales = _weight_scales(w, axis)
                 if b_name:
-                    scales = _bias_fitting(scales, graph.consts[b_name], qp[ins[src]][0])
+                    scales = _bias_fitting(scales, graph.consts[b_name], in_scale)
                 em.tensor(wq_name, list(w.shape), i8, data=_quantize_weights(w, scales, axis),
                           scale=scales, zero=np.zeros(len(scales), np.int64), axis=axis or 0)
                 if b_name:
-                    in_scale = qp[ins[src]][0]
                     b_scales = in_scale * scales
                     b = graph.consts[b_name].astype(np.float64)
                     bq = np.clip(np.round(b / b_scales), -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32)
@@ -449,7 +449,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         elif int8 and op.kind in FIXED_SCALE:
             activation(out, True, FIXED_SCALE[op.kind])
         elif int8 and op.kind in WEIGHTED:
-            activation(out, True, _output_qparams(rng(out), qp[ins[src]][0] * float(scales.max())))
+            activation(out, True, _output_qparams(rng(out), in_scale * float(scales.max())))
         else:
             activation(out, int8)
         emit(op.kind, inputs, [out], op, int8=int8)
