@@ -167,6 +167,8 @@ class _Lowering:
                 self._unary(node, _ELEMENTWISE[op])
             elif op in _POOLS:
                 self._pool(node, _POOLS[op])
+            elif op in ("Div", "Mul") and self._gelu_from_erf(node):
+                continue
             elif op in _BINARY:
                 self._binary(node, _BINARY[op])
             elif op in ("Identity", "Dropout"):
@@ -512,15 +514,17 @@ class _Lowering:
     def _fully_connected(self, node, x, w_in_out, bias, out_node):
         """FULLY_CONNECTED from a [in, out] weight (ONNX's layout), permuted for NHWC flattening."""
         x_shape = self.g.shapes[x]
-        if len(x_shape) != 2:
-            raise _unsupported(node, f" on a {len(x_shape)}-D input")
+        if len(x_shape) < 2 or x in self.nhwc:
+            raise _unsupported(node, f" on a {len(x_shape)}-D {'feature map' if x in self.nhwc else 'input'}")
         if x in self.flat_perm:
             w_in_out = w_in_out[self.flat_perm[x]]
         act, out = self.fuse_activation(out_node.output[0])
-        y = self.new(self.out_name(out, False), [x_shape[0], w_in_out.shape[1]])
+        y = self.new(self.out_name(out, False), x_shape[:-1] + [w_in_out.shape[1]])
         wname = self.add_const(f"{node.name}/weights", np.ascontiguousarray(w_in_out.T.astype(np.float32)))
         bname = self.add_const(f"{node.name}/bias", bias.astype(np.float32)) if bias is not None else ""
-        self.op("FULLY_CONNECTED", [x, wname, bname], y, name=node.name, activation=act)
+        # a sequence's tokens ([N, T, D] @ [D, E]) keep their axes: keep_num_dims
+        self.op("FULLY_CONNECTED", [x, wname, bname], y, name=node.name, activation=act,
+                keep_num_dims=len(x_shape) > 2)
 
     def lower_Gemm(self, node):
         a = node_attrs(node)
@@ -536,6 +540,8 @@ class _Lowering:
         self._fully_connected(node, self.src(node.input[0]), w, bias, node)
 
     def lower_MatMul(self, node):
+        if node.input[1] not in self.consts:
+            return self._batch_matmul(node)
         w = self.const(node.input[1], node).astype(np.float32)
         if w.ndim != 2:
             raise _unsupported(node, " with a non-2-D weight")
@@ -549,8 +555,109 @@ class _Lowering:
                 self.done.add(id(add))
         self._fully_connected(node, self.src(node.input[0]), w, bias, out_node)
 
-    def _unary(self, node, kind, **options):
-        x = self.src(node.input[0])
+    def _batch_matmul(self, node):
+        """Two activations multiplied (attention's Q Kᵀ and its weights times V): BATCH_MATMUL, int8
+        on both sides with its own output scale. Both as ONNX lays them out, of one rank (3 or 4)
+        and the same leading axes: the [N, heads, T, d] of multi-head attention."""
+        a, b = (self.in_onnx_layout(self.src(n)) for n in node.input[:2])
+        sa, sb = self.g.shapes[a], self.g.shapes[b]
+        if len(sa) != len(sb) or len(sa) not in (3, 4) or sa[1:-2] != sb[1:-2] or sa[-1] != sb[-2] \
+                or (sa[0] != sb[0] and -1 not in (sa[0], sb[0])):
+            raise _unsupported(node, f" of two tensors shaped {sa} and {sb}")
+        y = self.new(self.out_name(node.output[0], False), sa[:-1] + [sb[-1]])
+        self.op("BATCH_MATMUL", [a, b], y, name=node.name)
+
+    def lower_LayerNormalization(self, node):
+        """(x - mean) / sqrt(var + eps) * scale + bias over the last axes, kept in float inside an
+        INT8 model (Graph.float_layers): MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, then the scale
+        and the bias. Its input is dequantized once, its output quantized for the next layer."""
+        a = node_attrs(node)
+        x = self.in_onnx_layout(self.src(node.input[0]))
+        shape = self.g.shapes[x]
+        rank = len(shape)
+        axis = a.get("axis", -1)
+        axis = axis + rank if axis < 0 else axis
+        if axis < 1 or any(d <= 0 for d in shape[axis:]):
+            raise _unsupported(node, f" over axis {axis} of a tensor shaped {shape}")
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise _unsupported(node, " with its mean or inverse deviation as outputs (training graphs)")
+        name, inner = node.name, shape[axis:]
+        self.g.float_layers.add(name)
+        axes = self.add_const(f"{name}/axes", np.arange(axis, rank, dtype=np.int32))
+        kept = shape[:axis] + [1] * (rank - axis)
+
+        def step(kind, inputs, tag, out_shape=shape, **options) -> str:
+            out = self.new(f"{node.output[0]}/{tag}", out_shape)
+            self.op(kind, inputs, out, name=name, **options)
+            return out
+
+        def const(tag, value):
+            return self.add_const(f"{name}/{tag}", np.asarray(value, np.float32))
+
+        mean = step("MEAN", [x, axes], "mean", kept, keep_dims=True)
+        centred = step("SUB", [x, mean], "centred", activation="NONE")
+        square = step("MUL", [centred, centred], "square", activation="NONE")
+        var = step("MEAN", [square, axes], "var", kept, keep_dims=True)
+        shifted = step("ADD", [var, const("epsilon", [a.get("epsilon", 1e-5)])], "var_eps", kept, activation="NONE")
+        inverse = step("RSQRT", [shifted], "rsqrt", kept)
+        scale = self.const(node.input[1], node).astype(np.float32).reshape(inner)
+        bias = self.const(node.input[2], node).astype(np.float32).reshape(inner) \
+            if len(node.input) > 2 and node.input[2] else np.zeros(inner, np.float32)
+        normed = step("MUL", [centred, inverse], "normed", activation="NONE")
+        scaled = step("MUL", [normed, const("scale", scale)], "scaled", activation="NONE")
+        y = self.new(self.out_name(node.output[0], False), shape)
+        self.op("ADD", [scaled, const("bias", bias)], y, name=name, activation="NONE")
+
+    def _gelu_from_erf(self, node) -> bool:
+        """x * 0.5 * (1 + erf(x / sqrt 2)), as torch exports nn.GELU (Div, Erf, Add, Mul, Mul; or a
+        Mul by 1/sqrt 2): one GELU op, which has an int8 kernel. False where `node` starts no such
+        chain."""
+        def sole_user(name, op_type):
+            users = self.consumers.get(name, [])
+            ok = len(users) == 1 and users[0].op_type == op_type and name not in self.graph_outputs
+            return users[0] if ok else None
+
+        def scalar(n, name):
+            return len(n.input) == 2 and name in n.input and self.consts.get(name) is not None \
+                and np.asarray(self.consts[name]).size == 1
+
+        def other(n, name):
+            return n.input[1] if n.input[0] == name else n.input[0]
+
+        x = node.input[0]
+        c = node.input[1]
+        if c not in self.consts or np.asarray(self.consts[c]).size != 1:
+            return False
+        k = float(np.asarray(self.consts[c]).reshape(()))
+        if not np.isclose(k, math.sqrt(2) if node.op_type == "Div" else 1 / math.sqrt(2), rtol=1e-4):
+            return False
+        erf = sole_user(node.output[0], "Erf")
+        plus = erf and sole_user(erf.output[0], "Add")
+        if not plus or not scalar(plus, other(plus, erf.output[0])) or \
+                not np.isclose(float(np.asarray(self.consts[other(plus, erf.output[0])]).reshape(())), 1.0):
+            return False
+        chain, last = [], plus.output[0]
+        for _ in range(2):  # times x and times 0.5, in either order
+            nxt = sole_user(last, "Mul")
+            if nxt is None:
+                return False
+            chain.append(nxt)
+            last = nxt.output[0]
+        factors = [other(n, prev) for n, prev in zip(chain, [plus.output[0], chain[0].output[0]])]
+        half = [f for f in factors if f in self.consts]
+        if len(half) != 1 or np.asarray(self.consts[half[0]]).size != 1 or \
+                not np.isclose(float(np.asarray(self.consts[half[0]]).reshape(())), 0.5) or x not in factors:
+            return False
+        self.done.update(id(n) for n in (erf, plus, *chain))
+        self._unary(chain[-1], "GELU", source=x, approximate=False)
+        return True
+
+    def lower_Gelu(self, node):
+        """GELU (ONNX opset 20), exact or by its tanh approximation."""
+        self._unary(node, "GELU", approximate=node_attrs(node).get("approximate", "none") == "tanh")
+
+    def _unary(self, node, kind, source: str | None = None, **options):
+        x = self.src(source or node.input[0])
         y = self.new(self.out_name(node.output[0], x in self.nhwc), self.g.shapes[x], nhwc=x in self.nhwc)
         self.op(kind, [x], y, name=node.name, **options)
 
@@ -648,11 +755,26 @@ class _Lowering:
             axes = self.const(node.input[1], node).astype(np.int64).tolist()
         x = self.src(node.input[0])
         if x not in self.nhwc or axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
-            raise _unsupported(node, " other than over an image's height and width")
+            return self._mean(node, x, axes, bool(a.get("keepdims", 1)))
         if a.get("keepdims", 1):
             self._average_over_image(node, x, self.out_name(node.output[0], True))
             return
         self._flatten_to_2d(node, self._average_over_image(node, x, f"{node.output[0]}/pooled"))
+
+    def _mean(self, node, x: str, axes: list[int] | None, keep: bool) -> None:
+        """The mean over any other axes (a transformer's tokens: [N, T, D] -> [N, D]) as ONNX numbers
+        them: MEAN, int8 with its own output scale. Not over the batch."""
+        x = self.in_onnx_layout(x)
+        shape = self.g.shapes[x]
+        rank = len(shape)
+        axes = sorted({int(v) % rank for v in (range(rank) if axes is None else axes)})
+        if 0 in axes or any(shape[i] <= 0 for i in axes):
+            raise _unsupported(node, f" over axes {axes} of a tensor shaped {shape}")
+        out_shape = [1 if i in axes else d for i, d in enumerate(shape)] if keep else \
+            [d for i, d in enumerate(shape) if i not in axes]
+        y = self.new(self.out_name(node.output[0], False), out_shape)
+        self.op("MEAN", [x, self.add_const(f"{node.name}/axes", np.array(axes, np.int32))], y, name=node.name,
+                keep_dims=keep)
 
     def _flatten_to_2d(self, node, x):
         """[N, features]. A feature map's features come in NHWC order: where only Gemm/MatMul

@@ -127,6 +127,9 @@ class TfliteTarget:
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
+        if graph.float_layers:  # not full-integer: say which layers are not, and why
+            self.producers = {**self.producers, "int8": f"edgeward TFLite writer, INT8 with its "
+                              f"{len(graph.float_layers)} LayerNorm layer(s) in float"}
         write_tflite(baseline or graph, self.fp32_path, description="edgeward fp32")
         self.pruned_fp32 = self.fp32_path  # the float model of what is quantized: pruned, if it was
         if baseline is not None and baseline is not graph:

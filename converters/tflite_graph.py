@@ -29,7 +29,8 @@ from agent.errors import ConversionError
 
 # ops that compute new values (their outputs get their own calibrated scale) ...
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
-REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH", "LEAKY_RELU", "PRELU")
+REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH", "LEAKY_RELU", "PRELU",
+                           "GELU", "BATCH_MATMUL")
 # ... ops whose int8 output must reuse the input's scale and zero point ...
 SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "RESIZE_NEAREST_NEIGHBOR",
               "RESIZE_BILINEAR", "SLICE", "DEPTH_TO_SPACE")
@@ -37,7 +38,9 @@ SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "
 FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
 # ... and CONCATENATION, whose int8 inputs are brought to its output's scale first (requantized
 # with an int8 -> int8 QUANTIZE where they differ), the form every runtime and XNNPACK take.
-SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + ("CONCATENATION",)
+# ... and ops written in float only, with their inputs dequantized (an INT8 model's LayerNorm).
+FLOAT_ONLY = ("RSQRT",)
+SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + FLOAT_ONLY + ("CONCATENATION",)
 
 # op versions the runtimes register for these kernels: (float, int8)
 _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 4), "ADD": (1, 2),
@@ -47,7 +50,8 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "CONCATENATION": (1, 2), "HARD_SWISH": (1, 1),
              "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
              "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
-             "DEPTH_TO_SPACE": (1, 2), "LEAKY_RELU": (1, 2), "PRELU": (1, 1)}
+             "DEPTH_TO_SPACE": (1, 2), "LEAKY_RELU": (1, 2), "PRELU": (1, 1), "GELU": (1, 2),
+             "BATCH_MATMUL": (1, 2), "RSQRT": (1, 1)}
 
 
 def _version(kind: str, int8: bool, op: "Op | None") -> int:
@@ -61,6 +65,8 @@ def _version(kind: str, int8: bool, op: "Op | None") -> int:
         return 3
     if kind == "TRANSPOSE_CONV" and op is not None and len(op.inputs) > 2 and op.inputs[2]:
         return 3  # with a bias input
+    if kind == "FULLY_CONNECTED" and o.get("keep_num_dims"):
+        return 5
     return version
 
 
@@ -87,6 +93,10 @@ class Graph:
     ops: list[Op] = field(default_factory=list)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    # layers kept in float in an INT8 model whatever the user asks: LayerNorm, whose variance and
+    # 1/sqrt span decades that one int8 scale per tensor cannot hold (a token of variance 0.01
+    # beside one of 10 would read as 0, and its 1/sqrt as 316)
+    float_layers: set[str] = field(default_factory=set)
     # tensors with no counterpart in the source model, whose range follows from another's:
     # name -> (source, multiplier, offset, floor, ceiling), in order of creation
     derived: dict[str, tuple[str, float, float, float, float]] = field(default_factory=dict)
@@ -254,7 +264,7 @@ def _options(s, op: Op):
         return s.BuiltinOptions.DepthwiseConv2DOptions, x
     if k == "FULLY_CONNECTED":
         x = s.FullyConnectedOptionsT()
-        x.fusedActivationFunction = act
+        x.fusedActivationFunction, x.keepNumDims = act, bool(o.get("keep_num_dims"))
         return s.BuiltinOptions.FullyConnectedOptions, x
     if k in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
         x = s.Pool2DOptionsT()
@@ -273,6 +283,14 @@ def _options(s, op: Op):
         x = getattr(s, f"{k.title()}OptionsT")()
         x.fusedActivationFunction = act
         return getattr(s.BuiltinOptions, f"{k.title()}Options"), x
+    if k == "GELU":
+        x = s.GeluOptionsT()
+        x.approximate = bool(o.get("approximate"))
+        return s.BuiltinOptions.GeluOptions, x
+    if k == "BATCH_MATMUL":
+        x = s.BatchMatMulOptionsT()
+        x.adjX, x.adjY = bool(o.get("adj_x")), bool(o.get("adj_y"))
+        return s.BuiltinOptions.BatchMatMulOptions, x
     if k == "MEAN":
         x = s.ReducerOptionsT()
         x.keepDims = bool(o.get("keep_dims", True))
@@ -317,7 +335,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
     em = _Emitter(s)
     shapes = dict(graph.shapes)  # plus the tensors this writing adds (conversions); the graph stays as it is
     quant = ranges is not None
-    float_ops = float_ops or set()
+    float_ops = set(float_ops or ()) | graph.float_layers
     qp: dict[str, tuple[float, int]] = {}      # int8 activation tensors' (scale, zero point)
     is_int8: dict[str, bool] = {}               # each activation's dtype as produced
     ops_out = []
@@ -390,7 +408,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         if op.kind in SAME_SCALE:          # follows its input's dtype and scale (inputs: quantized at once)
             int8 = quant and (is_int8[src] or src in graph.inputs)
         else:
-            int8 = quant and op.name not in float_ops
+            int8 = quant and op.name not in float_ops and op.kind not in FLOAT_ONLY
         if int8 and op.kind == "CONCATENATION" and op.outputs[0] in graph.outputs:
             spans = [qp[n][0] * 255 if is_int8.get(n) else float(np.subtract(*rng(n)[::-1])) for n in op.inputs]
             if max(spans) > MIXED_OUTPUT_SPANS * max(min(spans), MIN_ACTIVATION_RANGE):

@@ -38,8 +38,8 @@ def _readers(graph: Graph) -> dict[str, list[Op]]:
 def _affine(graph: Graph, op: Op) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(data input, a, b) where `op` computes a*x + b with a, b one value per channel (the last
     axis) or one for all, else None."""
-    if op.kind not in _AFFINE or len(op.inputs) != 2:
-        return None
+    if op.kind not in _AFFINE or len(op.inputs) != 2 or op.name in graph.float_layers:
+        return None  # (a float layer's inner tensors have no int8 range: they must stay inside it)
     consts = [n for n in op.inputs if n in graph.consts and graph.consts[n].dtype != np.int32]
     data = [n for n in op.inputs if n not in graph.consts]
     if len(consts) != 1 or len(data) != 1:

@@ -567,3 +567,65 @@ def build_tflite_mlp(path: str | Path, features: int = 64, hidden: int = 32, cla
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(builder.Output()))
     return path, weights
+
+
+def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, width: int = 32,
+                             heads: int = 2) -> float:
+    """Train and write a small transformer on the digits; return its FP32 test accuracy.
+
+    Each of the 8 image rows is a token of 8 pixels: an embedding and a learned position, one
+    pre-norm encoder block (multi-head self-attention written out as q, k, v projections,
+    Q Kᵀ / √d, softmax, × V; then a GELU MLP), a final LayerNorm, the tokens' mean and a
+    classifier. It is the shape of a keyword-spotting or small ViT-style model, exported by
+    torch.onnx.export as users export theirs (LayerNormalization, GELU as Erf, MatMul of two
+    activations), and it takes the digits CNN's [N, 1, 8, 8] input. Needs torch (edgeward[torch])."""
+    import torch
+    from torch import nn
+
+    from .from_torch import to_onnx
+
+    torch.manual_seed(seed)
+    head_dim = width // heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.q, self.k, self.v, self.proj = (nn.Linear(width, width) for _ in range(4))
+            self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            h = self.norm1(x)
+            q, k, v = (f(h).reshape(n, t, heads, head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+            attention = torch.softmax(q @ k.transpose(2, 3) / head_dim ** 0.5, dim=-1)
+            x = x + self.proj((attention @ v).transpose(1, 2).reshape(n, t, width))
+            return x + self.mlp(self.norm2(x))
+
+    class DigitsTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, width)
+            self.position = nn.Parameter(torch.randn(1, 8, width) * 0.1)
+            self.block, self.norm, self.head = Block(), nn.LayerNorm(width), nn.Linear(width, 10)
+
+        def forward(self, image):
+            x = self.embed(image.reshape(image.shape[0], 8, 8)) + self.position
+            return self.head(self.norm(self.block(x)).mean(dim=1))
+
+    x_tr, y_tr, x_te, y_te = digits_dataset()
+    model = DigitsTransformer()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=g).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
+    to_onnx(model, {INPUT_NAME: x_tr[:4]}, path)
+    return accuracy

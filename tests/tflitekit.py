@@ -22,6 +22,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "strip-int8": ("strip", "image", False),      # PRELU, LEAKY_RELU, TRANSPOSE_CONV (batches of one)
     "c2f-int8": ("c2f", "image", False),          # YOLOv8's parts: SiLU, Split and Slice as SLICE, SAME max pools
     "yolo-int8": ("yolo", "input", False),        # YOLOv8's decoding: TRANSPOSE, RESHAPE, SOFTMAX, a float output concat
+    "transformer-int8": ("transformer", "input", False),  # attention (BATCH_MATMUL), GELU, LayerNorm in float
 }
 
 
@@ -79,11 +80,13 @@ def build(folder: str | Path) -> Path:
     zoo.build_text_detector_like(folder / "det.onnx", size=32, last_kernel=4)
     zoo.build_strip_upsampler(folder / "strip.onnx", size=32)
     zoo.build_c2f_cnn(folder / "c2f.onnx", size=32)
+    zoo.build_digits_transformer(folder / "transformer.onnx", epochs=8)
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
             "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
             "strip": zoo.write_image_npz(folder / "strip", size=32),
-            "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder)}
+            "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder),
+            "transformer": zoo.write_digits_npz(folder / "transformer")}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
