@@ -26,7 +26,7 @@ import numpy as np
 from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
-from .tflite_graph import Graph, Op
+from .tflite_graph import SAME_SCALE, Graph, Op
 from .tflite_simplify import simplify
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
@@ -168,6 +168,8 @@ class _Lowering:
             elif op in _POOLS:
                 self._pool(node, _POOLS[op])
             elif op in ("Div", "Mul") and self._gelu_from_erf(node):
+                continue
+            elif op == "ReduceMean" and self._layer_norm_from_parts(node):
                 continue
             elif op in _BINARY:
                 self._binary(node, _BINARY[op])
@@ -568,28 +570,40 @@ class _Lowering:
         self.op("BATCH_MATMUL", [a, b], y, name=node.name)
 
     def lower_LayerNormalization(self, node):
-        """(x - mean) / sqrt(var + eps) * scale + bias over the last axes, kept in float inside an
-        INT8 model (Graph.float_layers): MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, then the scale
-        and the bias. Its input is dequantized once, its output quantized for the next layer."""
+        """LayerNormalization (opset 17): see _layer_norm."""
         a = node_attrs(node)
-        x = self.in_onnx_layout(self.src(node.input[0]))
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise _unsupported(node, " with its mean or inverse deviation as outputs (training graphs)")
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        self._layer_norm(node, self.src(node.input[0]), a.get("axis", -1), a.get("epsilon", 1e-5),
+                         self.const(node.input[1], node), bias and self.const(bias, node), node.output[0])
+
+    def _layer_norm(self, node, x: str, axis: int, epsilon: float, scale, bias, out: str) -> None:
+        """(x - mean) / sqrt(var + eps) * scale + bias over the axes from `axis` on, kept in float
+        inside an INT8 model (Graph.float_layers): MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, then the
+        scale and the bias where given. Its input is dequantized once, its output quantized for
+        the next layer."""
+        x = self.in_onnx_layout(x)
         shape = self.g.shapes[x]
         rank = len(shape)
-        axis = a.get("axis", -1)
         axis = axis + rank if axis < 0 else axis
         if axis < 1 or any(d <= 0 for d in shape[axis:]):
             raise _unsupported(node, f" over axis {axis} of a tensor shaped {shape}")
-        if len(node.output) > 1 and any(node.output[1:]):
-            raise _unsupported(node, " with its mean or inverse deviation as outputs (training graphs)")
         name, inner = node.name, shape[axis:]
         self.g.float_layers.add(name)
         axes = self.add_const(f"{name}/axes", np.arange(axis, rank, dtype=np.int32))
         kept = shape[:axis] + [1] * (rank - axis)
+        steps = [("normed", "MUL")]
+        if scale is not None:
+            steps.append(("scaled", "MUL"))
+        if bias is not None:
+            steps.append(("shifted", "ADD"))
+        last = steps[-1][0]
 
         def step(kind, inputs, tag, out_shape=shape, **options) -> str:
-            out = self.new(f"{node.output[0]}/{tag}", out_shape)
-            self.op(kind, inputs, out, name=name, **options)
-            return out
+            y = self.new(self.out_name(out, False) if tag == last else f"{out}/{tag}", out_shape)
+            self.op(kind, inputs, y, name=name, **options)
+            return y
 
         def const(tag, value):
             return self.add_const(f"{name}/{tag}", np.asarray(value, np.float32))
@@ -598,15 +612,81 @@ class _Lowering:
         centred = step("SUB", [x, mean], "centred", activation="NONE")
         square = step("MUL", [centred, centred], "square", activation="NONE")
         var = step("MEAN", [square, axes], "var", kept, keep_dims=True)
-        shifted = step("ADD", [var, const("epsilon", [a.get("epsilon", 1e-5)])], "var_eps", kept, activation="NONE")
+        shifted = step("ADD", [var, const("epsilon", [epsilon])], "var_eps", kept, activation="NONE")
         inverse = step("RSQRT", [shifted], "rsqrt", kept)
-        scale = self.const(node.input[1], node).astype(np.float32).reshape(inner)
-        bias = self.const(node.input[2], node).astype(np.float32).reshape(inner) \
-            if len(node.input) > 2 and node.input[2] else np.zeros(inner, np.float32)
-        normed = step("MUL", [centred, inverse], "normed", activation="NONE")
-        scaled = step("MUL", [normed, const("scale", scale)], "scaled", activation="NONE")
-        y = self.new(self.out_name(node.output[0], False), shape)
-        self.op("ADD", [scaled, const("bias", bias)], y, name=name, activation="NONE")
+        y = step("MUL", [centred, inverse], "normed", activation="NONE")
+        if scale is not None:
+            y = step("MUL", [y, const("scale", np.asarray(scale, np.float32).reshape(inner))], "scaled",
+                     activation="NONE")
+        if bias is not None:
+            step("ADD", [y, const("bias", np.asarray(bias, np.float32).reshape(inner))], "shifted",
+                 activation="NONE")
+
+    def _layer_norm_from_parts(self, node) -> bool:
+        """LayerNorm as older exporters write it (torch below opset 17, tf2onnx, Paddle2ONNX's
+        PP-OCR recognisers): ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, and the
+        Mul and Add of a scale and a bias where they follow. Lowered as _layer_norm; False where
+        the ReduceMean at `node` starts no such chain."""
+        def users(name):
+            return [] if name in self.graph_outputs else self.consumers.get(name, [])
+
+        def sole(name, op_type):
+            u = users(name)
+            return u[0] if len(u) == 1 and u[0].op_type == op_type else None
+
+        def constant(n, data):
+            c = [i for i in n.input if i != data]
+            return self.consts.get(c[0]) if len(c) == 1 and len(n.input) == 2 else None
+
+        def axes_of(n):
+            a = node_attrs(n)
+            if "axes" in a:
+                return sorted(int(v) for v in a["axes"])
+            return sorted(int(v) for v in self.consts[n.input[1]]) if len(n.input) > 1 and n.input[1] in self.consts \
+                else None
+
+        x, mean = node.input[0], node.output[0]
+        shape = self.g.shapes.get(self.src(x), [])  # as lowered: known where ONNX's inference gave up
+        if self.src(x) in self.nhwc:
+            shape = [shape[i] for i in TO_NCHW]
+        axes, rank = axes_of(node), len(shape)
+        if not rank or axes is None or not node_attrs(node).get("keepdims", 1) or \
+                [v % rank for v in axes] != list(range(rank - len(axes), rank)):
+            return False
+        sub = sole(mean, "Sub")
+        if sub is None or list(sub.input) != [x, mean]:
+            return False
+        d = sub.output[0]
+        pow_ = next((u for u in users(d) if u.op_type == "Pow"), None)
+        div = next((u for u in users(d) if u.op_type == "Div" and list(u.input[:1]) == [d]), None)
+        if pow_ is None or div is None or len(users(d)) != 2 or constant(pow_, d) is None \
+                or float(np.asarray(constant(pow_, d)).reshape(-1)[0]) != 2.0:
+            return False
+        var = sole(pow_.output[0], "ReduceMean")
+        add = var is not None and axes_of(var) == axes and sole(var.output[0], "Add")
+        eps = add and constant(add, var.output[0])
+        sqrt = eps is not None and add and sole(add.output[0], "Sqrt")
+        if not sqrt or np.asarray(eps).size != 1 or sole(sqrt.output[0], "Div") is not div:
+            return False
+        chain, out, scale, bias = [node, sub, pow_, var, add, sqrt, div], div.output[0], None, None
+        mul = sole(out, "Mul")
+        if mul is not None and constant(mul, out) is not None:
+            scale, out = constant(mul, out), mul.output[0]
+            chain.append(mul)
+        plus = sole(out, "Add")
+        if plus is not None and constant(plus, out) is not None:
+            bias, out = constant(plus, out), plus.output[0]
+            chain.append(plus)
+        inner = shape[rank - len(axes):]
+        for c in (scale, bias):  # one value per normalised element, or one for all
+            if c is not None and np.asarray(c).size not in (1, int(np.prod(inner))):
+                return False
+        self.done.update(id(n) for n in chain)
+        size = int(np.prod(inner))
+        fit = lambda c: None if c is None else np.broadcast_to(np.asarray(c, np.float32).reshape(-1), (size,))  # noqa: E731
+        self._layer_norm(node, self.src(x), rank - len(axes), float(np.asarray(eps).reshape(-1)[0]), fit(scale),
+                         fit(bias), out)
+        return True
 
     def _gelu_from_erf(self, node) -> bool:
         """x * 0.5 * (1 + erf(x / sqrt 2)), as torch exports nn.GELU (Div, Erf, Add, Mul, Mul; or a
@@ -701,17 +781,96 @@ class _Lowering:
         self.op("SOFTMAX", [moved], soft, name=node.name, beta=1.0)
         self.transpose(soft, [perm.index(i) for i in range(rank)], self.out_name(node.output[0], False), name=node.name)
 
+    def _softmax_of_an_old_opset(self, node) -> bool:
+        """Flatten(x, axis) -> Softmax -> Reshape back to Shape(x): how onnx's version converter
+        writes an opset 11/12 Softmax (which flattened the axes from `axis` on) at opset 13. Over the
+        last axis, as attention's is, it is one SOFTMAX of x; False for any other form."""
+        x = self.src(node.input[0])
+        rank, axis = len(self.g.shapes[x]), node_attrs(node).get("axis", 1)
+        users = self.consumers.get(node.output[0], [])
+        soft = users[0] if len(users) == 1 and users[0].op_type == "Softmax" else None
+        after = soft and self.consumers.get(soft.output[0], [])
+        back = after[0] if after and len(after) == 1 and after[0].op_type == "Reshape" else None
+        shape_of = back and next((n for n in self.model.graph.node if back.input[1] in n.output), None)
+        if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != node.input[0] or \
+                axis % rank != rank - 1 or node_attrs(soft).get("axis", 1) % 2 != 1 or \
+                {node.output[0], soft.output[0]} & self.graph_outputs:
+            return False
+        x = self.in_onnx_layout(x)
+        self.done.update((id(soft), id(back)))
+        y = self.new(self.out_name(back.output[0], False), self.g.shapes[x])
+        self.op("SOFTMAX", [x], y, name=soft.name, beta=1.0)
+        return True
+
     def lower_Transpose(self, node):
         """A permutation of a tensor's axes as ONNX numbers them: TRANSPOSE (a feature map is
         first read in ONNX's layout, the two permutations made one)."""
         x = self.src(node.input[0])
         rank = len(self.g.shapes[x])
         perm = list(node_attrs(node).get("perm", list(range(rank))[::-1]))
+        if perm[0] != 0 and x not in self.nhwc and self._unbind_after_transpose(node, x, perm):
+            return
         if perm[0] != 0:
             raise _unsupported(node, f" with perm {perm}, which moves the batch axis")
         if x in self.nhwc:  # ONNX's axis i of x is the graph's axis TO_NHWC.index(i)
             perm = [TO_NHWC.index(p) for p in perm]
         self.transpose(x, perm, self.out_name(node.output[0], False), name=node.name)
+
+    def _unbind_after_transpose(self, node, x: str, perm: list[int]) -> bool:
+        """A transpose that brings an axis to the front only to take its parts one by one (timm's
+        and PP-OCR's attention: qkv reshaped to [N, T, 3, heads, d], permuted [2, 0, 3, 1, 4], then
+        q, k, v taken at index 0, 1, 2 of the new first axis, by Slice and Squeeze or by Gather):
+        each part is cut from x along that axis instead (SLICE), the axis dropped (RESHAPE) and the
+        rest permuted with the batch first (TRANSPOSE). False where the consumers differ."""
+        axis, parts = perm[0], []
+        for user in self.consumers.get(node.output[0], []):
+            index = self._taken_index(user, node.output[0])
+            if index is None:
+                return False
+            parts.append(index)
+        rest = [p - (p > axis) for p in perm[1:]]
+        shape = self.g.shapes[x]
+        if not parts or node.output[0] in self.graph_outputs or rest[0] != 0 or shape[axis] <= 0:
+            return False
+        for first, last, index, tag in parts:
+            self.done.update((id(first), id(last)))
+            begin = [0] * len(shape)
+            begin[axis] = index
+            part = f"{node.output[0]}/{tag}"
+            self.slice(node, x, begin, [1 if i == axis else d for i, d in enumerate(shape)], part, part)
+            flat_shape = [d for i, d in enumerate(shape) if i != axis]
+            flat = self.new(f"{part}/squeezed", flat_shape)
+            target = np.array([-1 if flat_shape[0] < 0 else flat_shape[0]] + flat_shape[1:], np.int32)
+            self.op("RESHAPE", [part, self.add_const(f"{part}/shape", target)], flat, name=node.name,
+                    new_shape=target)
+            self.transpose(flat, rest, self.out_name(last.output[0], False), name=node.name)
+        return True
+
+    def _taken_index(self, user, t: str) -> tuple[object, object, int, str] | None:
+        """(`user`, the node that ends the taking, index, a tag) where `user` takes one index of tensor t's first axis
+        and drops that axis: Slice [i, i+1) on axis 0 then Squeeze of axis 0, or Gather of a scalar."""
+        if user.op_type == "Gather" and node_attrs(user).get("axis", 0) == 0 and user.input[0] == t:
+            i = self.consts.get(user.input[1])
+            return (user, user, int(i), f"part{int(i)}") if i is not None and np.ndim(i) == 0 else None
+        if user.op_type != "Slice" or len(user.input) < 3:
+            return None
+        ops = [self.consts.get(n) if n else None for n in list(user.input[1:]) + [""] * (5 - len(user.input))]
+        starts, ends, axes, steps = ops
+        if starts is None or ends is None or np.size(starts) != 1 or (axes is not None and int(np.reshape(axes, -1)[0]) != 0) \
+                or (steps is not None and int(np.reshape(steps, -1)[0]) != 1):
+            return None
+        start, end = int(np.reshape(starts, -1)[0]), int(np.reshape(ends, -1)[0])
+        users = self.consumers.get(user.output[0], [])
+        if end != start + 1 or start < 0 or len(users) != 1 or users[0].op_type != "Squeeze" \
+                or user.output[0] in self.graph_outputs:
+            return None
+        squeeze = users[0]
+        axes_sq = node_attrs(squeeze).get("axes")
+        if axes_sq is None and len(squeeze.input) > 1:
+            axes_sq = self.consts.get(squeeze.input[1])
+        if axes_sq is None or [int(v) for v in np.reshape(axes_sq, -1)] != [0]:
+            return None
+        return user, squeeze, start, f"part{start}"
 
     def _pool(self, node, kind):
         a = node_attrs(node)
@@ -802,6 +961,8 @@ class _Lowering:
             self.flat_perm[y] = perm
 
     def lower_Flatten(self, node):
+        if node_attrs(node).get("axis", 1) != 1 and self._softmax_of_an_old_opset(node):
+            return
         if node_attrs(node).get("axis", 1) != 1:
             raise _unsupported(node, " with axis other than 1")
         self._flatten_to_2d(node, self.src(node.input[0]))
@@ -823,10 +984,44 @@ class _Lowering:
             known = int(np.prod([d for d in shape[1:] if d != -1]))
             shape[shape.index(-1, 1)] = int(np.prod(self.g.shapes[x][1:])) // known
         shape[0] = self.g.shapes[x][0] if shape[0] in (0, -1) else shape[0]
+        self._reshape(node, x, shape)
+
+    def _reshape(self, node, x: str, shape: list[int]) -> None:
+        """node's output as x (in ONNX's layout) reshaped to `shape`, the batch kept free (-1)."""
         y = self.new(self.out_name(node.output[0], False), shape)
         new_shape = np.array([-1 if shape[0] == -1 else shape[0]] + shape[1:], np.int32)
         self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
                 new_shape=new_shape)
+
+    def _squeeze_axes(self, node, rank: int) -> list[int] | None:
+        axes = node_attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1], node).reshape(-1).tolist()
+        return None if axes is None else sorted(int(a) % rank for a in axes)
+
+    def lower_Squeeze(self, node):
+        """Axes of size 1 dropped (a recogniser's [N, C, 1, W] map to [N, C, W]): RESHAPE in ONNX's
+        layout, which keeps the int8 scale. Not the batch axis."""
+        x = self.in_onnx_layout(self.src(node.input[0]))
+        shape = self.g.shapes[x]
+        axes = self._squeeze_axes(node, len(shape))
+        if axes is None:
+            axes = [i for i, d in enumerate(shape) if d == 1 and i]
+        if 0 in axes or any(shape[i] != 1 for i in axes):
+            raise _unsupported(node, f" of axes {axes} of a tensor shaped {shape}")
+        self._reshape(node, x, [d for i, d in enumerate(shape) if i not in axes])
+
+    def lower_Unsqueeze(self, node):
+        """Axes of size 1 put in: RESHAPE in ONNX's layout. Not before the batch axis."""
+        x = self.in_onnx_layout(self.src(node.input[0]))
+        shape = list(self.g.shapes[x])
+        axes = self._squeeze_axes(node, len(shape) + (len(node_attrs(node).get("axes", [])) or
+                                                      (self.const(node.input[1], node).size if len(node.input) > 1 else 0)))
+        if not axes or 0 in axes:
+            raise _unsupported(node, f" of axes {axes}")
+        for a in axes:
+            shape.insert(a, 1)
+        self._reshape(node, x, shape)
 
     def lower_Split(self, node):
         """A tensor cut into parts along one axis: YOLOv8's C2f blocks split a feature map's
@@ -1123,4 +1318,7 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
         if name not in ranges and name in data:
             ranges[name] = (float(data[name].min()), float(data[name].max()))
     graph.derive_ranges(ranges)
+    for op in graph.ops:  # tensors a layout op made (a reshape of a float LayerNorm's output): their input's
+        if op.kind in SAME_SCALE and op.outputs[0] not in ranges and op.inputs[0] in ranges:
+            ranges[op.outputs[0]] = ranges[op.inputs[0]]
     return ranges

@@ -1299,3 +1299,105 @@ def test_an_erf_that_is_not_part_of_a_gelu_is_refused_by_name(tmp_path):
     source = _tokens_model(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["h"])] + nodes, inits)
     with pytest.raises(ConversionError, match="ONNX operator Erf .*--cut-at s"):
         lower(onnx.load(str(source)))
+
+
+def _ppocr_style_encoder(path: Path) -> Path:
+    """A recogniser's encoder as Paddle2ONNX writes PP-OCRv4's (opset 12): a conv map squeezed to a
+    sequence, LayerNorm in parts (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add), qkv
+    reshaped to [N, T, 3, heads, d] and permuted [2, 0, 3, 1, 4] to take q, k, v by Slice and Squeeze
+    or Gather, and a Softmax of opset 12 (which onnx's version converter rewrites with a Flatten)."""
+    rng = np.random.default_rng(8)
+    w = lambda *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32))  # noqa: E731
+    inits = []
+
+    def init(name, arr):
+        arr.name = name
+        inits.append(arr)
+        return name
+
+    def const(name, values, dtype=np.int64):
+        return init(name, numpy_helper.from_array(np.array(values, dtype)))
+
+    nodes = [
+        helper.make_node("Conv", ["x", init("cw", w(16, 3, 4, 1))], ["c"], kernel_shape=[4, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Squeeze", ["r"], ["sq"], axes=[2]),
+        helper.make_node("Transpose", ["sq"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("ReduceMean", ["t"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["t", "mean"], ["d"]),
+        helper.make_node("Pow", ["d", const("two", 2.0, np.float32)], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", const("eps", 1e-5, np.float32)], ["var_eps"]),
+        helper.make_node("Sqrt", ["var_eps"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["normed"]),
+        helper.make_node("Mul", ["normed", init("gamma", numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32)))], ["scaled"]),
+        helper.make_node("Add", ["scaled", init("beta", w(16))], ["ln"]),
+        helper.make_node("MatMul", ["ln", init("wqkv", w(16, 48))], ["qkv0"]),
+        helper.make_node("Add", ["qkv0", init("bqkv", w(48))], ["qkv1"]),
+        helper.make_node("Reshape", ["qkv1", const("qkv_shape", [0, 8, 3, 2, 8])], ["qkv2"]),
+        helper.make_node("Transpose", ["qkv2"], ["qkv"], perm=[2, 0, 3, 1, 4]),
+        helper.make_node("Slice", ["qkv", const("s0", [0]), const("e0", [1]), const("a0", [0])], ["q5"]),
+        helper.make_node("Squeeze", ["q5"], ["q"], axes=[0]),
+        helper.make_node("Slice", ["qkv", const("s1", [1]), const("e1", [2]), const("a1", [0])], ["k5"]),
+        helper.make_node("Squeeze", ["k5"], ["k"], axes=[0]),
+        helper.make_node("Gather", ["qkv", const("i2", 2)], ["v"], axis=0),
+        helper.make_node("Mul", ["q", const("dk", 0.35, np.float32)], ["qs"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["qs", "kt"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["attention"], axis=-1),
+        helper.make_node("MatMul", ["attention", "v"], ["mixed"]),
+        helper.make_node("Transpose", ["mixed"], ["mixed_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["mixed_t", const("out_shape", [0, 8, 16])], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_ppocr_style_encoder_of_opset_12_converts_to_int8_tflite(tmp_path):
+    source = _ppocr_style_encoder(tmp_path / "m.onnx")
+    x = np.random.default_rng(9).standard_normal((48, 3, 4, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = convert_onnx(source, tmp_path / "calib.npz", tmp_path / "m.ewb", None, None,
+                          ConvertOptions(name="m", format="tflite", allow_worse=True))
+    model = _member(tmp_path / "m.ewb", "model.tflite", tmp_path / "m.tflite")
+    from converters.onnx_graph import upgrade_opset
+
+    lowered = lower(upgrade_opset(onnx.load(str(source)))[0])
+    kinds = [op.kind for op in lowered.ops]
+    assert lowered.float_layers and kinds.count("RSQRT") == 1 and kinds.count("BATCH_MATMUL") == 2
+    assert kinds.count("SOFTMAX") == 1 and "Flatten" not in str(kinds)
+    write_tflite(lowered, tmp_path / "float.tflite")
+    want = _onnx_out(source, "x", x)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=1e-5)
+    dtypes = _op_dtypes(model)
+    assert dtypes["BATCH_MATMUL"] == dtypes["SOFTMAX"] == dtypes["FULLY_CONNECTED"] == {"int8"}
+    assert dtypes["RSQRT"] == {"float32"}
+    err = np.abs(_tflite_out(model, "x", x) - want)
+    assert err.max() <= 0.05 * (want.max() - want.min()), err.max()
+    assert report["quality"]["max_abs_err"] == pytest.approx(err.max(), rel=0.05, abs=1e-3)
+
+
+def test_a_float_layer_norms_output_reshaped_into_a_conv_is_quantized_on_its_own_range(tmp_path):
+    """The NHWC copy a conv needs of a LayerNorm's (float) output has no tensor in the ONNX model to
+    calibrate: it takes the range of the tensor it was transposed from."""
+    rng = np.random.default_rng(10)
+    inits = [numpy_helper.from_array(np.ones(16, np.float32), "gamma"),
+             numpy_helper.from_array(np.array([0, 6, 4, 4], np.int64), "shape"),
+             numpy_helper.from_array((rng.standard_normal((8, 6, 1, 1)) * 0.5).astype(np.float32), "w")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma"], ["n"], axis=-1, name="ln"),
+             helper.make_node("Reshape", ["n", "shape"], ["map"]),
+             helper.make_node("Conv", ["map", "w"], ["y"], kernel_shape=[1, 1])]
+    source = _tokens_model(tmp_path, nodes, inits)
+    x = rng.standard_normal((32, 6, 16)).astype(np.float32)
+    lowered = lower(onnx.load(str(source)))
+    ranges = calibration_ranges(source, lowered, {"x": x})
+    assert ranges["map/as_nhwc"] == ranges["map"]
+    write_tflite(lowered, tmp_path / "int8.tflite", ranges)
+    assert _op_dtypes(tmp_path / "int8.tflite")["CONV_2D"] == {"int8"}
+    want = _onnx_out(source, "x", x)
+    err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
+    assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
