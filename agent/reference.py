@@ -2,7 +2,14 @@
 run (a model whose batch size is fixed takes the samples that many at a time).
 
 Keys: ``input.NAME`` (what the model is fed), ``expected.NAME`` (the quantized model's outputs
-on the host) and ``fp32.NAME`` (the FP32 model's, for people who inspect a bundle).
+on the host), ``atol.NAME`` (how far the board's output NAME may stray from it) and
+``fp32.NAME`` (the FP32 model's, for people who inspect a bundle).
+
+Each output has its own tolerance because a detector's outputs differ in scale: one tolerance
+for boxes in pixels (0..700) and scores (0..1) let a board whose scores were all wrong pass
+its self-test. They travel here, not in the manifest, whose schema is strict: an agent that
+predates them reads this file as before and holds every output to the manifest's one
+tolerance (the widest output's).
 
 A float input that the model quantizes first thing (onnxruntime QDQ's QuantizeLinear, a
 TFLite model's QUANTIZE op) only ever sees values on that op's grid. The converter snaps
@@ -54,6 +61,27 @@ def encode(inputs: dict[str, np.ndarray], grids: dict[str, Grid]) -> tuple[dict,
         stored[f"input_zero_point.{name}"] = np.int32(grid[1])
         fed[name] = values(codes, grid[0], grid[1])
     return stored, fed
+
+
+TOLERANCE_OF_SPAN = 0.05       # of the output's range on the reference inputs
+TOLERANCE_OF_MAGNITUDE = 0.01  # of its largest magnitude: room for a rounding step where the range is ~0
+TOLERANCE_FLOOR = 1e-4
+
+
+def tolerance(expected: np.ndarray) -> float:
+    """How far a board's output may stray from the host's: 5 % of the output's span, or 1 % of its
+    largest magnitude where that is more (an output that is (nearly) constant on the reference
+    inputs still gets room for a rounding step of another CPU's kernels)."""
+    if not expected.size:
+        return TOLERANCE_FLOOR
+    v = expected.astype(np.float64)
+    return max(TOLERANCE_FLOOR, TOLERANCE_OF_SPAN * float(np.ptp(v)), TOLERANCE_OF_MAGNITUDE * float(np.abs(v).max()))
+
+
+def tolerances(path: str | Path) -> dict[str, float]:
+    """The per-output tolerances a bundle's reference data holds (none in bundles made before them)."""
+    with np.load(path, allow_pickle=False) as ref:
+        return {k[len("atol."):]: float(ref[k]) for k in ref.files if k.startswith("atol.") and ref[k].size == 1}
 
 
 def load(path: str | Path, input_names: list[str], what: str) -> tuple[dict, dict]:

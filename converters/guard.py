@@ -53,7 +53,8 @@ def quality_drop(quality: dict) -> float:
         return quality["accuracy_drop_pp"] / 100
     if "top1_agreement" in quality:
         return 1 - quality["top1_agreement"]
-    raise ConversionError("--max-drop needs a classifier (2-D outputs) or evaluation labels to measure a drop",
+    raise ConversionError("--max-drop needs a classifier or a sequence of classes ([N, classes] or [N, T, classes] "
+                          "as the first output) or evaluation labels to measure a drop",
                           "leave out --max-drop and read the error figures in the report")
 
 

@@ -206,3 +206,20 @@ def test_broken_is_judged_on_the_mean_error_against_the_outputs_range():
     assert "on output scores" in guard.broken({"mean_abs_err": 0.2, "output_range": 1.0, "worst_output": "scores"})
     assert guard.broken({"mean_abs_err": 0.0, "output_range": 0.0}) is None  # a constant, kept
     assert guard.broken({"mean_abs_err": 2.0, "output_range": 0.0})  # a constant, lost
+
+
+def test_a_sequence_of_classes_is_compared_position_by_position_and_can_be_searched():
+    """A recogniser's [N, T, classes] output (OCR's CTC, per-frame keyword spotting): top-1 agreement
+    is the share of positions whose class stays, so --max-drop can search for it; a map still cannot."""
+    from converters.guard import quality_drop
+    from converters.measure import compare
+
+    rng = np.random.default_rng(15)
+    ref = rng.standard_normal((4, 10, 6))
+    cand = ref.copy()
+    cand[0, :3] = -ref[0, :3]  # 3 positions of 40 change class
+    q = compare({"seq": ref}, {"seq": cand})
+    assert q["top1_agreement"] == pytest.approx(37 / 40)
+    assert quality_drop(q) == pytest.approx(3 / 40)
+    with pytest.raises(ConversionError, match="--max-drop needs a classifier or a sequence"):
+        quality_drop(compare({"map": ref[:, None]}, {"map": cand[:, None]}))

@@ -1101,9 +1101,9 @@ def test_a_bias_behind_an_input_calibration_saw_as_zero_stays_exact(dead_relu_on
     np.testing.assert_allclose(got, np.broadcast_to(DEAD_RELU_BIAS[None, :, None, None], got.shape), rtol=0, atol=0.02)
 
 
-def test_quality_is_that_of_the_output_that_lost_most_and_the_self_test_tolerates_the_widest():
-    """Of a detector's outputs, the one that broke is reported, not the first; and the board's one
-    tolerance follows the widest output (boxes in pixels), so rounding there cannot fail it."""
+def test_quality_is_that_of_the_output_that_lost_most():
+    """Of a detector's outputs, the one that broke is reported, not the first (each output's own
+    self-test tolerance: tests/test_store_engine.py)."""
     from converters.measure import compare
 
     rng = np.random.default_rng(14)
