@@ -1107,14 +1107,13 @@ class _Lowering:
         xs = [self.src(n) for n in node.input]
         if any(n in self.consts for n in node.input):
             raise _unsupported(node, " with a constant input")
-        layouts = {x in self.nhwc for x in xs}
+        if len({x in self.nhwc for x in xs}) != 1:  # maps beside tensors in ONNX's layout: all in ONNX's
+            xs = [self.in_onnx_layout(x) for x in xs]
         shape0 = self.g.shapes[xs[0]]
         rank = len(shape0)
         axis = node_attrs(node).get("axis", 1)
         axis = axis + rank if axis < 0 else axis
-        if len(layouts) != 1:
-            raise _unsupported(node, " of feature maps and flat tensors together")
-        nhwc = layouts.pop()
+        nhwc = xs[0] in self.nhwc
         if nhwc:
             if axis != 1:
                 raise _unsupported(node, " of feature maps along an axis other than channels")
@@ -1153,9 +1152,9 @@ class _Lowering:
             if kind == "DIV":
                 raise _unsupported(node, " other than by a non-zero constant")
             pair = [self.src(a), self.src(b)]
+            if (pair[0] in self.nhwc) != (pair[1] in self.nhwc):  # a map and a tensor in ONNX's layout
+                pair = [self.in_onnx_layout(t) for t in pair]
             x, z = pair
-            if (x in self.nhwc) != (z in self.nhwc):
-                raise _unsupported(node, " of a feature map and a flat tensor")
             shape = self._broadcast(node, self.g.shapes[x], self.g.shapes[z])
         nhwc = pair[0] in self.nhwc or pair[1] in self.nhwc
         act, out = self.fuse_activation(node.output[0])

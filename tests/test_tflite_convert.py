@@ -1401,3 +1401,29 @@ def test_a_float_layer_norms_output_reshaped_into_a_conv_is_quantized_on_its_own
     want = _onnx_out(source, "x", x)
     err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
     assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
+
+
+@pytest.mark.parametrize("join", ["Concat", "Add"])
+def test_a_feature_map_joined_with_a_tensor_in_onnx_layout_is_joined_in_onnx_layout(tmp_path, join):
+    """A conv's map (NHWC inside) beside a tensor a Reshape made (as ONNX lays it out): the map is
+    transposed back once and the two are joined as ONNX numbers their axes."""
+    rng = np.random.default_rng(16)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0, 8, 4, 16], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0, 8, 8, 8], np.int64), "back")]
+    joined = helper.make_node("Concat", ["a", "b"], ["y"], axis=1) if join == "Concat" else \
+        helper.make_node("Add", ["a", "b"], ["y"])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["x", "w2"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]), helper.make_node("Reshape", ["r", "back"], ["b"]),
+             joined]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    assert {"Concat": "CONCATENATION", "Add": "ADD"}[join] in [op.kind for op in lowered.ops]
+    _float_and_int8_answer_as_onnx(tmp_path / "m.onnx", lowered, rng.standard_normal((16, 3, 8, 8)).astype(np.float32),
+                                   tmp_path)
