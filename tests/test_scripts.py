@@ -63,3 +63,15 @@ def test_the_yolo_benchmark_says_what_it_needs_where_ultralytics_is_missing():
                        timeout=120, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "bench_yolo: the ultralytics package is not installed; see this script's docstring for how"
+
+
+def test_the_ocr_benchmark_says_what_it_needs_where_the_recogniser_is_missing(tmp_path):
+    """scripts/bench_ocr.py reads PP-OCRv4's recogniser from rapidocr-onnxruntime, which edgeward does
+    not depend on: with a --model that is not there (or without the package), one line says how to get it."""
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ocr.py"), "--model", str(tmp_path / "no.onnx")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == ("bench_ocr: no ch_PP-OCRv4_rec_infer.onnx: install rapidocr-onnxruntime (see this "
+                                "script's docstring) or pass --model")

@@ -1138,12 +1138,7 @@ def test_a_feature_map_read_in_onnx_layout_lowers_through_transposes(tmp_path, c
         inits.append(numpy_helper.from_array(np.array([0, 8, -1], np.int64), "shape"))
         nodes += [helper.make_node("Reshape", ["c", "shape"], ["r"]),
                   helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 1])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "m.onnx"))
-    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    lowered = lower(onnx.load(str(_onnx_file(tmp_path, nodes, inits, ["n", 3, 10, 12], opset=13))))
     kinds = [op.kind for op in lowered.ops]
     # the input's to NHWC, then one to ONNX's layout (or, for a map out, the output's back to NCHW)
     assert kinds.count("TRANSPOSE") == (3 if case == "reshape-map-to-3d" else 2), kinds
@@ -1227,13 +1222,18 @@ def test_a_small_transformer_becomes_int8_tflite_with_its_layer_norms_in_float(t
     assert manifest["producer"].endswith("INT8 with its 3 LayerNorm layer(s) in float)")
 
 
-def _tokens_model(tmp_path: Path, nodes, inits, tokens: int = 6, width: int = 16, opset: int = 17) -> Path:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", tokens, width])],
+def _onnx_file(tmp_path: Path, nodes, inits, x_shape: list, opset: int = 17) -> Path:
+    """m.onnx: the nodes between input "x" of `x_shape` and output "y"."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset < 20 else 9
     onnx.save(model, str(tmp_path / "m.onnx"))
     return tmp_path / "m.onnx"
+
+
+def _tokens_model(tmp_path: Path, nodes, inits, tokens: int = 6, width: int = 16, opset: int = 17) -> Path:
+    return _onnx_file(tmp_path, nodes, inits, ["n", tokens, width], opset)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -1418,12 +1418,7 @@ def test_a_feature_map_joined_with_a_tensor_in_onnx_layout_is_joined_in_onnx_lay
              helper.make_node("Conv", ["x", "w2"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
              helper.make_node("Reshape", ["c", "shape"], ["r"]), helper.make_node("Reshape", ["r", "back"], ["b"]),
              joined]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "m.onnx"))
-    lowered = lower(onnx.load(str(tmp_path / "m.onnx")))
+    lowered = lower(onnx.load(str(_onnx_file(tmp_path, nodes, inits, ["n", 3, 8, 8]))))
     assert {"Concat": "CONCATENATION", "Add": "ADD"}[join] in [op.kind for op in lowered.ops]
     _float_and_int8_answer_as_onnx(tmp_path / "m.onnx", lowered, rng.standard_normal((16, 3, 8, 8)).astype(np.float32),
                                    tmp_path)
