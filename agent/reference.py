@@ -78,10 +78,20 @@ def tolerance(expected: np.ndarray) -> float:
     return max(TOLERANCE_FLOOR, TOLERANCE_OF_SPAN * float(np.ptp(v)), TOLERANCE_OF_MAGNITUDE * float(np.abs(v).max()))
 
 
-def tolerances(path: str | Path) -> dict[str, float]:
-    """The per-output tolerances a bundle's reference data holds (none in bundles made before them)."""
-    with np.load(path, allow_pickle=False) as ref:
-        return {k[len("atol."):]: float(ref[k]) for k in ref.files if k.startswith("atol.") and ref[k].size == 1}
+def tolerances(path: str | Path, what: str) -> dict[str, float]:
+    """The per-output tolerances a bundle's reference data holds (none in bundles made before them);
+    SelfTestError where one is not a single non-negative number."""
+    try:
+        with np.load(path, allow_pickle=False) as ref:
+            found = {k[len("atol."):]: ref[k] for k in ref.files if k.startswith("atol.")}
+    except (OSError, ValueError) as exc:
+        raise SelfTestError(f"{what}: reference data unreadable ({exc})") from exc
+    out = {}
+    for name, v in found.items():
+        if v.size != 1 or v.dtype.kind not in "fiu" or not np.isfinite(v).all() or float(v.reshape(())) < 0:
+            raise SelfTestError(f"{what}: reference data's tolerance for output {name!r} is not a number >= 0")
+        out[name] = float(v.reshape(()))
+    return out
 
 
 def load(path: str | Path, input_names: list[str], what: str) -> tuple[dict, dict]:

@@ -197,7 +197,7 @@ class Worker:
             got = reference.run_in_batches(self.runtime.run, feeds, h.get("batch"))
         except Exception as exc:
             raise SelfTestError(f"{what} crashed on its reference inputs: {runtime_message(exc)}") from exc
-        allowed = {name: min(h["atol"], tol) for name, tol in reference.tolerances(h["reference"]).items()}
+        allowed = {name: min(h["atol"], tol) for name, tol in reference.tolerances(h["reference"], what).items()}
         worst, agreement, failed = 0.0, 1.0, None
         for name in h["outputs"]:
             want, have = data.get(name), got.get(name)

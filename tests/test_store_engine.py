@@ -235,7 +235,7 @@ def test_each_output_is_held_to_a_tolerance_of_its_own_range(assets, tmp_path):
     good = _boxes_and_scores_bundle(tmp_path, assets.key)
     with tarfile.open(good) as tar:
         (tmp_path / "reference.npz").write_bytes(tar.extractfile("reference.npz").read())
-    allowed = tolerances(tmp_path / "reference.npz")
+    allowed = tolerances(tmp_path / "reference.npz", "det")
     manifest_atol = open_bundle(good, [load_public_key(assets.pub)]).manifest.selftest.atol
     assert allowed["scores"] <= 0.05 < 0.3 < manifest_atol == pytest.approx(allowed["boxes"], rel=1e-5)
     engine = Engine(Budget(2048))
@@ -253,4 +253,10 @@ def test_each_output_is_held_to_a_tolerance_of_its_own_range(assets, tmp_path):
         arrays["expected.scores"] = np.clip(arrays["expected.scores"] + 0.3, 0, 1.3)
     old = repack(good, tmp_path / "old.ewb", assets.key, reference_edit=as_before)
     assert engine.load(_install(Store(tmp_path / "c"), old, assets.pub)).self_test()["max_abs_err"] >= 0.29
+
+    def garbled(arrays):
+        arrays["atol.scores"] = np.array(["wide"])
+    bad = repack(good, tmp_path / "garbled.ewb", assets.key, reference_edit=garbled)
+    with pytest.raises(SelfTestError, match="tolerance for output 'scores' is not a number"):
+        engine.load(_install(Store(tmp_path / "d"), bad, assets.pub)).self_test()
     engine.close()
