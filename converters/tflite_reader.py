@@ -17,6 +17,7 @@ import numpy as np
 from agent.errors import ConversionError, first_line
 
 from .tflite_graph import SUPPORTED, Graph, Op
+from .tflite_simplify import simplify
 
 PERCENTILE = 99.999  # the share of values the percentile method keeps inside the range
 _SAMPLES_PER_TENSOR = 200_000
@@ -88,19 +89,25 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         taken[name] = i
         names[i] = name
         kind = types[t.type]
-        if kind not in ("FLOAT32", "INT32"):
+        has_data = t.buffer < len(model.buffers) and model.buffers[t.buffer].data is not None \
+            and len(model.buffers[t.buffer].data)
+        if kind not in ("FLOAT32", "INT32") and not (kind == "FLOAT16" and has_data):
             raise ConversionError(f"{path.name} is already quantized or holds {kind.lower()} tensors ({name!r})",
                                   "give the float (FP32) .tflite model; edgeward quantizes it itself")
 
     graph = Graph(inputs=[names[i] for i in sub.inputs], outputs=[names[i] for i in sub.outputs])
+    dtypes = {"FLOAT32": np.float32, "INT32": np.int32, "FLOAT16": np.float16}
     for i, t in enumerate(sub.tensors):
         data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
         shape = list(t.shapeSignature) if t.shapeSignature is not None and len(t.shapeSignature) else list(t.shape)
         if data is not None and len(data):
-            dtype = np.float32 if types[t.type] == "FLOAT32" else np.int32
-            graph.consts[names[i]] = np.frombuffer(bytes(np.asarray(data, np.uint8)), dtype).reshape(t.shape).copy()
+            raw = np.frombuffer(bytes(np.asarray(data, np.uint8)), dtypes[types[t.type]]).reshape(t.shape)
+            graph.consts[names[i]] = raw.astype(np.float32) if raw.dtype == np.float16 else raw.copy()
         else:
             graph.shapes[names[i]] = [int(d) for d in shape]
+    # float16 weights (TFLite's "float16 quantization": MediaPipe's models, for one) reach their
+    # layers through a DEQUANTIZE each: its output is that constant in float32
+    halves = {names[i] for i, t in enumerate(sub.tensors) if types[t.type] == "FLOAT16"}
 
     # Shape arithmetic (SHAPE -> STRIDED_SLICE -> PACK, as Keras' Flatten writes it for a dynamic
     # batch) only feeds RESHAPE's shape input: it is dropped, and RESHAPE takes its output's static
@@ -111,6 +118,11 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         code = model.operatorCodes[op.opcodeIndex]  # files from older converters fill only the deprecated field
         kind = ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
         if op.outputs is not None and len(op.outputs) and all(names[i] in computed_int for i in op.outputs):
+            continue
+        if kind == "DEQUANTIZE" and op.inputs is not None and len(op.inputs) == 1 and names[op.inputs[0]] in halves:
+            out = names[op.outputs[0]]
+            graph.consts[out] = graph.consts[names[op.inputs[0]]]
+            graph.shapes.pop(out, None)
             continue
         for pos, i in enumerate(op.inputs if op.inputs is not None else []):
             if i >= 0 and names[i] in computed_int and not (kind == "RESHAPE" and pos == 1):
@@ -163,7 +175,8 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                 static = graph.shapes[names[op.outputs[0]]]
                 shape = np.array(static, np.int32) if sum(d == -1 for d in static) <= 1 else None
                 inputs = inputs[:1]
-            new_shape = shape if shape is not None else np.array(getattr(o, "newShape", None) or [], np.int32)
+            written = getattr(o, "newShape", None)  # a numpy array when the file has one
+            new_shape = shape if shape is not None else np.array([] if written is None else written, np.int32)
             if not len(new_shape):
                 raise ConversionError(f"RESHAPE op {k} has a computed shape", "ship this model with --precision fp32")
             options["new_shape"] = np.asarray(new_shape, np.int32)
@@ -177,7 +190,7 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                 raise ConversionError(f"{kind} op {k} has computed (non-constant) weights",
                                       "ship this model with --precision fp32")
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
-    return graph, names
+    return simplify(graph), names
 
 
 def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],

@@ -24,7 +24,35 @@ def simplify(graph: Graph) -> Graph:
     """`graph`, rewritten in place (see the module's docstring); returns it."""
     _merge_affine_chains(graph)
     _fold_scales_into_convs(graph)
+    _fuse_activations(graph)
     return graph
+
+
+# ops whose options carry a fused activation, as the writer writes them
+_FUSING = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "CONCATENATION")
+
+
+def _fuse_activations(graph: Graph) -> None:
+    """A RELU or RELU6 that alone reads a layer's output becomes that layer's fused activation (a
+    float TFLite source writes BlazeFace's residual ADD, then RELU): one op fewer, and XNNPACK
+    takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL)."""
+    users = _readers(graph)
+    producer = {out: op for op in graph.ops for out in op.outputs}
+    keep = _sources(graph)
+    for op in list(graph.ops):
+        if op.kind not in ("RELU", "RELU6") or op.name in graph.float_layers:
+            continue
+        x = op.inputs[0]
+        prev = producer.get(x)
+        if prev is None or prev.kind not in _FUSING or prev.options.get("activation", "NONE") != "NONE" \
+                or len(users.get(x, [])) != 1 or x in graph.outputs or x in keep or prev.name in graph.float_layers:
+            continue
+        prev.options = {**prev.options, "activation": op.kind}
+        prev.outputs = list(op.outputs)
+        producer[op.outputs[0]] = prev
+        graph.ops.remove(op)
+        graph.shapes.pop(x, None)
+        graph.derived.pop(x, None)
 
 
 def _readers(graph: Graph) -> dict[str, list[Op]]:

@@ -51,6 +51,9 @@ def keras_digits(tmp_path_factory):
     model.save(tmp / "k.keras")
     model.export(tmp / "saved", verbose=False)
     (tmp / "k.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    half = tf.lite.TFLiteConverter.from_keras_model(model)  # float16 weights, as MediaPipe ships its models
+    half.optimizations, half.target_spec.supported_types = [tf.lite.Optimize.DEFAULT], [tf.float16]
+    (tmp / "k16.tflite").write_bytes(half.convert())
     np.savez(tmp / "calib.npz", pixels=x[:300])
     np.savez(tmp / "eval.npz", pixels=x[1200:], labels=y[1200:])
     return tmp, model
@@ -124,6 +127,18 @@ def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
                             folder / "eval.npz", ConvertOptions(name="tdigits", method="percentile"))
     assert report["source"] == "tflite" and report["format"] == "tflite"
     _check_bundle(report, tmp_path / "t.ewb", keras_model, folder, keys, tmp_path)
+
+
+def test_a_tflite_with_float16_weights_is_quantized_and_serves(keras_digits, keys, tmp_path):
+    """TFLite's float16 form (weights stored as float16, each through a DEQUANTIZE): the weights are
+    read as float32 constants and the DEQUANTIZEs drop out."""
+    folder, keras_model = keras_digits
+    counts = op_counts(folder / "k16.tflite")
+    assert counts["tensor_dtypes"]["float16"] >= 6 and counts["ops"]["DEQUANTIZE"] >= 6
+    report = convert_tflite(folder / "k16.tflite", folder / "calib.npz", tmp_path / "h.ewb", keys[0],
+                            folder / "eval.npz", ConvertOptions(name="hdigits"))
+    assert report["graph"]["ops"]["DEQUANTIZE"] == 1 and "float16" not in report["graph"]["tensor_dtypes"]  # its output's
+    _check_bundle(report, tmp_path / "h.ewb", keras_model, folder, keys, tmp_path)
 
 
 def test_the_cli_takes_a_keras_file_and_prints_only_the_report_with_json(keras_digits, keys, tmp_path):
