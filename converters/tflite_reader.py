@@ -72,6 +72,11 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
     def decode(b):
         return b.decode() if isinstance(b, bytes) else str(b)
 
+    # constants stored sparse, and what a DENSIFY makes of them, are constants too
+    densified = {op.outputs[0] for op in sub.operators if op.inputs is not None and len(op.inputs) == 1
+                 and ops_by_code.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                                         model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)) == "DENSIFY"
+                 and sub.tensors[op.inputs[0]].sparsity is not None}
     taken: dict[str, int] = {}
     names: dict[int, str] = {}
     for sig in (model.signatureDefs or [])[:1]:  # I/O named as the signature names them ("pixels", not
@@ -91,7 +96,7 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         kind = types[t.type]
         has_data = t.buffer < len(model.buffers) and model.buffers[t.buffer].data is not None \
             and len(model.buffers[t.buffer].data)
-        if kind not in ("FLOAT32", "INT32") and not (kind == "FLOAT16" and has_data):
+        if kind not in ("FLOAT32", "INT32") and not (kind == "FLOAT16" and (has_data or i in densified)):
             raise ConversionError(f"{path.name} is already quantized or holds {kind.lower()} tensors ({name!r})",
                                   "give the float (FP32) .tflite model; edgeward quantizes it itself")
 
@@ -101,7 +106,8 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
         shape = list(t.shapeSignature) if t.shapeSignature is not None and len(t.shapeSignature) else list(t.shape)
         if data is not None and len(data):
-            raw = np.frombuffer(bytes(np.asarray(data, np.uint8)), dtypes[types[t.type]]).reshape(t.shape)
+            raw = np.frombuffer(bytes(np.asarray(data, np.uint8)), dtypes[types[t.type]])
+            raw = _densify(raw, list(t.shape), t.sparsity, names[i]) if t.sparsity is not None else raw.reshape(t.shape)
             graph.consts[names[i]] = raw.astype(np.float32) if raw.dtype == np.float16 else raw.copy()
         else:
             graph.shapes[names[i]] = [int(d) for d in shape]
@@ -119,8 +125,9 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         kind = ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
         if op.outputs is not None and len(op.outputs) and all(names[i] in computed_int for i in op.outputs):
             continue
-        if kind == "DEQUANTIZE" and op.inputs is not None and len(op.inputs) == 1 and names[op.inputs[0]] in halves:
-            out = names[op.outputs[0]]
+        if kind in ("DEQUANTIZE", "DENSIFY") and op.inputs is not None and len(op.inputs) == 1 \
+                and names[op.inputs[0]] in graph.consts and (kind == "DENSIFY" or names[op.inputs[0]] in halves):
+            out = names[op.outputs[0]]  # a constant's float32 or dense form: the constant itself
             graph.consts[out] = graph.consts[names[op.inputs[0]]]
             graph.shapes.pop(out, None)
             continue
@@ -128,6 +135,9 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
             if i >= 0 and names[i] in computed_int and not (kind == "RESHAPE" and pos == 1):
                 raise ConversionError(f"TFLite op {kind} (op {k}) takes a computed integer tensor",
                                       "ship this model as it is with --precision fp32")
+        if kind == "STRIDED_SLICE":  # with steps of 1 it is a SLICE (MediaPipe crops channels so)
+            graph.ops.append(_strided_as_slice(graph, op, names, k))
+            continue
         if kind not in SUPPORTED:
             raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
                                   "ship this model as it is with --precision fp32, or replace the layer")
@@ -191,6 +201,73 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
                                       "ship this model with --precision fp32")
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
     return simplify(graph), names
+
+
+def _strided_as_slice(graph: Graph, op, names: dict[int, str], k: int) -> Op:
+    """A STRIDED_SLICE whose strides are all 1, with no axes added, dropped or elided, as the SLICE
+    it is: begin and size constants (begin_mask: from 0; end_mask: to the end)."""
+    x, y = names[op.inputs[0]], names[op.outputs[0]]
+    parts = [graph.consts.get(names[i]) for i in op.inputs[1:4]]
+    o = op.builtinOptions
+    if any(p is None for p in parts) or o is None or o.ellipsisMask or o.newAxisMask or o.shrinkAxisMask \
+            or getattr(o, "offset", False) or np.any(parts[2] != 1):
+        raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) is not a plain slice (steps other than 1, or axes "
+                              "added, dropped or elided)", "ship this model as it is with --precision fp32")
+    shape = graph.shapes[x]
+    begin, size = [], []
+    for axis, (b, e) in enumerate(zip(parts[0].tolist(), parts[1].tolist())):
+        dim = shape[axis]
+        b = 0 if o.beginMask >> axis & 1 else b
+        if axis == 0 and dim < 0 and b != 0:
+            raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) slices the free batch axis",
+                                  "ship this model as it is with --precision fp32")
+        if o.endMask >> axis & 1 or (dim > 0 and e >= dim) or (axis == 0 and dim < 0):  # the batch: whole
+            end = -1
+        elif dim > 0 or e >= 0:
+            end = e + dim if e < 0 else e
+        else:
+            raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) ends relative to an axis of unknown size",
+                                  "ship this model as it is with --precision fp32")
+        b = b + dim if b < 0 and dim > 0 else b
+        begin.append(b)
+        size.append(-1 if end == -1 else end - b)
+    graph.consts[f"op{k}/begin"], graph.consts[f"op{k}/size"] = np.array(begin, np.int32), np.array(size, np.int32)
+    return Op("SLICE", [x, f"op{k}/begin", f"op{k}/size"], [y], {}, name=f"strided_slice_{k}")
+
+
+def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.ndarray:
+    """A constant TFLite stores sparse (its non-zero values, and per dimension in traversal order
+    either a dense size or CSR segments and indices) as the dense array it stands for. Blocked
+    sparsity (a block map) is refused by name."""
+    if sparsity.blockMap is not None and len(sparsity.blockMap):
+        raise ConversionError(f"constant {name!r} is stored block-sparse", "ship this model with --precision fp32")
+    order = [int(v) for v in sparsity.traversalOrder] if sparsity.traversalOrder is not None else list(range(len(shape)))
+    dims = list(sparsity.dimMetadata or [])
+    if sorted(order) != list(range(len(shape))) or len(dims) != len(shape):
+        raise ConversionError(f"constant {name!r} has sparsity metadata that does not match its shape {shape}",
+                              "give a .tflite file written by a TFLite converter")
+    dense = np.zeros(shape, values.dtype)
+    flat_index = [0]
+
+    def walk(level: int, position: int, coords: list[int]) -> None:
+        if level == len(dims):
+            dense[tuple(coords[order.index(axis)] for axis in range(len(shape)))] = values[flat_index[0]]
+            flat_index[0] += 1
+            return
+        d = dims[level]
+        if d.format == 0:  # DENSE
+            for i in range(int(d.denseSize)):
+                walk(level + 1, position * int(d.denseSize) + i, coords + [i])
+        else:  # SPARSE_CSR
+            segments, indices = d.arraySegments.values, d.arrayIndices.values
+            for j in range(int(segments[position]), int(segments[position + 1])):
+                walk(level + 1, j, coords + [int(indices[j])])
+
+    walk(0, 0, [])
+    if flat_index[0] != len(values):
+        raise ConversionError(f"constant {name!r} holds {len(values)} values where its sparsity metadata "
+                              f"places {flat_index[0]}", "give a .tflite file written by a TFLite converter")
+    return dense
 
 
 def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],

@@ -460,3 +460,71 @@ def test_cut_at_keeps_what_the_named_tensors_need_and_nothing_else():
     y, a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(a, x @ (np.arange(16, dtype=np.float32).reshape(4, 4) / 10), rtol=1e-6)
     np.testing.assert_allclose(y, np.maximum(a, 0))
+
+
+def _boxes_and_scores_bundle(tmp_path, key):
+    """A detector-shaped bundle: boxes in pixels (0..~600) and scores in 0..1, converted for real."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.convert import ConvertOptions, convert_onnx
+
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.float32(100.0), "pixels"),
+             numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "ws")]
+    nodes = [helper.make_node("MatMul", ["x", "wb"], ["b"]), helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Mul", ["br", "pixels"], ["boxes"]),
+             helper.make_node("MatMul", ["x", "ws"], ["s"]), helper.make_node("Sigmoid", ["s"], ["scores"])]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "det.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 16)).astype(np.float32))
+    convert_onnx(tmp_path / "det.onnx", tmp_path / "calib.npz", tmp_path / "det.ewb", key, tmp_path / "calib.npz",
+                 ConvertOptions(name="det", allow_worse=True))
+    return tmp_path / "det.ewb"
+
+
+def test_each_output_is_held_to_a_tolerance_of_its_own_range(assets, tmp_path):
+    """Scores all 0.3 off would pass a tolerance made for boxes in pixels: the self-test holds
+    each output to its own, and names the one that strayed."""
+    import tarfile
+
+    from agent.budget import Budget
+    from agent.engine import Engine
+    from agent.errors import SelfTestError
+    from agent.reference import tolerances
+    from agent.store import Store
+    from conftest import repack
+
+    good = _boxes_and_scores_bundle(tmp_path, assets.key)
+    with tarfile.open(good) as tar:
+        (tmp_path / "reference.npz").write_bytes(tar.extractfile("reference.npz").read())
+    allowed = tolerances(tmp_path / "reference.npz", "det")
+    manifest_atol = open_bundle(good, [load_public_key(assets.pub)]).manifest.selftest.atol
+    assert allowed["scores"] <= 0.05 < 0.3 < manifest_atol == pytest.approx(allowed["boxes"], rel=1e-5)
+    engine = Engine(Budget(2048))
+    assert engine.load(Store(tmp_path / "a").install(open_bundle(good, [load_public_key(assets.pub)]))).self_test()["max_abs_err"] < 0.05
+
+    def scores_off(arrays):
+        arrays["expected.scores"] = np.clip(arrays["expected.scores"] + 0.3, 0, 1.3)
+    bad = repack(good, tmp_path / "bad.ewb", assets.key, reference_edit=scores_off)
+    with pytest.raises(SelfTestError, match=r"output 'scores' strays 0\.3 from the host's \(allowed 0\.0"):
+        engine.load(Store(tmp_path / "b").install(open_bundle(bad, [load_public_key(assets.pub)]))).self_test()
+
+    def as_before(arrays):  # a bundle made before per-output tolerances: the manifest's one holds
+        for k in [k for k in arrays if k.startswith("atol.")]:
+            del arrays[k]
+        arrays["expected.scores"] = np.clip(arrays["expected.scores"] + 0.3, 0, 1.3)
+    old = repack(good, tmp_path / "old.ewb", assets.key, reference_edit=as_before)
+    assert engine.load(Store(tmp_path / "c").install(open_bundle(old, [load_public_key(assets.pub)]))).self_test()["max_abs_err"] >= 0.29
+
+    def garbled(arrays):
+        arrays["atol.scores"] = np.array(["wide"])
+    bad = repack(good, tmp_path / "garbled.ewb", assets.key, reference_edit=garbled)
+    with pytest.raises(SelfTestError, match="tolerance for output 'scores' is not a number"):
+        engine.load(Store(tmp_path / "d").install(open_bundle(bad, [load_public_key(assets.pub)]))).self_test()
+    engine.close()

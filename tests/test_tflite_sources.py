@@ -141,6 +141,69 @@ def test_a_tflite_with_float16_weights_is_quantized_and_serves(keras_digits, key
     _check_bundle(report, tmp_path / "h.ewb", keras_model, folder, keys, tmp_path)
 
 
+def test_a_tflite_with_sparse_weights_reads_back_as_it_computes(keras_digits, keys, tmp_path):
+    """Weights TFLite stores sparse (TensorFlow's EXPERIMENTAL_SPARSITY on a pruned model, float16 here
+    too: MediaPipe's pose and face detectors) are read dense: the float model written back answers
+    exactly as the file does, and it quantizes with no DENSIFY left."""
+    import tensorflow as tf
+
+    from converters.measure import TfliteSession
+    from converters.tflite_graph import write_tflite
+    from converters.tflite_reader import read_tflite
+
+    folder, keras_model = keras_digits
+    pruned = tf.keras.models.clone_model(keras_model)
+    pruned.set_weights([np.where(np.abs(w) < np.median(np.abs(w)), 0, w) if w.ndim > 1 else w
+                        for w in keras_model.get_weights()])
+    conv = tf.lite.TFLiteConverter.from_keras_model(pruned)
+    conv.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY, tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf.float16]
+    (tmp_path / "sparse.tflite").write_bytes(conv.convert())
+    assert op_counts(tmp_path / "sparse.tflite")["ops"]["DENSIFY"] >= 2
+    graph, _ = read_tflite(tmp_path / "sparse.tflite")
+    write_tflite(graph, tmp_path / "dense.tflite")
+    with np.load(folder / "eval.npz") as d:
+        x = d["pixels"][:64]
+    source, dense = TfliteSession(tmp_path / "sparse.tflite"), TfliteSession(tmp_path / "dense.tflite")
+    want = source.run(None, {source.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(dense.run(None, {"pixels": x})[0], want, rtol=0, atol=1e-6)
+    report = convert_tflite(tmp_path / "sparse.tflite", folder / "calib.npz", tmp_path / "s.ewb", keys[0],
+                            folder / "eval.npz", ConvertOptions(name="sdigits"))
+    assert "DENSIFY" not in report["graph"]["ops"] and report["quality"]["top1_agreement"] >= 0.97
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_strided_slice_with_steps_of_one_reads_as_a_slice_and_others_are_refused(tmp_path, step):
+    """TensorFlow writes x[:, 1:7, :, :4] as STRIDED_SLICE (masks for the whole axes): with steps of 1
+    it is a SLICE, computed as the file does; with other steps it is refused by name."""
+    import tensorflow as tf
+
+    from converters.measure import TfliteSession
+    from converters.tflite_graph import write_tflite
+    from converters.tflite_reader import read_tflite
+
+    tf.keras.utils.set_random_seed(1)
+    layers = tf.keras.layers
+    inp = tf.keras.Input((8, 8, 3), name="pixels")
+    x = layers.Conv2D(8, 3, padding="same")(inp)
+    x = layers.Lambda(lambda t: t[:, 1:7:step, :, :4])(x)
+    model = tf.keras.Model(inp, layers.Dense(5)(layers.Flatten()(x)))
+    (tmp_path / "s.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    assert op_counts(tmp_path / "s.tflite")["ops"]["STRIDED_SLICE"] >= 1
+    if step != 1:
+        with pytest.raises(ConversionError, match=r"STRIDED_SLICE \(op \d+\) is not a plain slice"):
+            read_tflite(tmp_path / "s.tflite")
+        return
+    graph, _ = read_tflite(tmp_path / "s.tflite")
+    assert "SLICE" in [op.kind for op in graph.ops]
+    write_tflite(graph, tmp_path / "again.tflite")
+    x = np.random.default_rng(2).random((4, 8, 8, 3)).astype(np.float32)
+    source = TfliteSession(tmp_path / "s.tflite")
+    want = source.run(None, {source.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(TfliteSession(tmp_path / "again.tflite").run(None, {"pixels": x})[0], want,
+                               rtol=0, atol=1e-5)
+
+
 def test_the_cli_takes_a_keras_file_and_prints_only_the_report_with_json(keras_digits, keys, tmp_path):
     folder, _ = keras_digits
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "convert", str(folder / "k.keras"), "--calibration",
