@@ -139,7 +139,8 @@ def render_report(r: dict) -> str:
     lines = [f"{r['name']} v{r['version']} -> {r['bundle']} ({r['bundle_bytes'] / 1024:.1f} kB, "
              f"{'signed' if r['signed'] else 'UNSIGNED: boards refuse it unless allow_unsigned'})", "", table, ""]
     if "top1_agreement" in q:
-        lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {q['samples']} samples ({q['evaluated_on']})")
+        where = f"{q['positions']} positions of {q['samples']} samples" if "positions" in q else f"{q['samples']} samples"
+        lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {where} ({q['evaluated_on']})")
     worst = f"; the worst of the outputs: {q['worst_output']}" if q.get("worst_output") else ""
     lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
                  f"(output range {q['output_range']:.4g}{worst})")

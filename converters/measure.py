@@ -166,6 +166,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     ref, cand = reference[first].astype(np.float64), candidate[first].astype(np.float64)
     if ref.ndim in (2, 3) and ref.shape[-1] > 1:  # a class per sample, or per position of a sequence (OCR's CTC)
         out["top1_agreement"] = round(float((ref.argmax(-1) == cand.argmax(-1)).mean()), 5)
+        if ref.ndim == 3:
+            out["positions"] = int(ref.shape[0] * ref.shape[1])
         if labels is not None and ref.ndim == 2:
             n = len(ref)
             out["accuracy_fp32"] = round(float((ref.argmax(1) == labels[:n]).mean()), 5)

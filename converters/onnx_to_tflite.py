@@ -237,6 +237,18 @@ class _Lowering:
             op.outputs = [new if n == old else n for n in op.outputs]
         self.g.shapes[new] = self.g.shapes.pop(old)
 
+    def reader_of(self, name: str, op_type: str):
+        """The one node that reads tensor `name`, where it is of `op_type` and `name` is no model
+        output; else None. (The patterns matched here are chains of such nodes.)"""
+        users = self.consumers.get(name, [])
+        ok = len(users) == 1 and users[0].op_type == op_type and name not in self.graph_outputs
+        return users[0] if ok else None
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element constant, else None."""
+        c = self.consts.get(name)
+        return float(np.asarray(c).reshape(-1)[0]) if c is not None and np.asarray(c).size == 1 else None
+
     def out_name(self, onnx_name: str, nhwc: bool) -> str:
         name = f"{onnx_name}/nhwc" if nhwc else onnx_name
         self.alias[onnx_name] = name
@@ -593,12 +605,7 @@ class _Lowering:
         self.g.float_layers.add(name)
         axes = self.add_const(f"{name}/axes", np.arange(axis, rank, dtype=np.int32))
         kept = shape[:axis] + [1] * (rank - axis)
-        steps = [("normed", "MUL")]
-        if scale is not None:
-            steps.append(("scaled", "MUL"))
-        if bias is not None:
-            steps.append(("shifted", "ADD"))
-        last = steps[-1][0]
+        last = "shifted" if bias is not None else "scaled" if scale is not None else "normed"  # writes `out`
 
         def step(kind, inputs, tag, out_shape=shape, **options) -> str:
             y = self.new(self.out_name(out, False) if tag == last else f"{out}/{tag}", out_shape)
@@ -630,9 +637,7 @@ class _Lowering:
         def users(name):
             return [] if name in self.graph_outputs else self.consumers.get(name, [])
 
-        def sole(name, op_type):
-            u = users(name)
-            return u[0] if len(u) == 1 and u[0].op_type == op_type else None
+        sole = self.reader_of
 
         def constant(n, data):
             c = [i for i in n.input if i != data]
@@ -659,8 +664,7 @@ class _Lowering:
         d = sub.output[0]
         pow_ = next((u for u in users(d) if u.op_type == "Pow"), None)
         div = next((u for u in users(d) if u.op_type == "Div" and list(u.input[:1]) == [d]), None)
-        if pow_ is None or div is None or len(users(d)) != 2 or constant(pow_, d) is None \
-                or float(np.asarray(constant(pow_, d)).reshape(-1)[0]) != 2.0:
+        if pow_ is None or div is None or len(users(d)) != 2 or self.scalar(pow_.input[1]) != 2.0:
             return False
         var = sole(pow_.output[0], "ReduceMean")
         add = var is not None and axes_of(var) == axes and sole(var.output[0], "Add")
@@ -692,41 +696,27 @@ class _Lowering:
         """x * 0.5 * (1 + erf(x / sqrt 2)), as torch exports nn.GELU (Div, Erf, Add, Mul, Mul; or a
         Mul by 1/sqrt 2): one GELU op, which has an int8 kernel. False where `node` starts no such
         chain."""
-        def sole_user(name, op_type):
-            users = self.consumers.get(name, [])
-            ok = len(users) == 1 and users[0].op_type == op_type and name not in self.graph_outputs
-            return users[0] if ok else None
-
-        def scalar(n, name):
-            return len(n.input) == 2 and name in n.input and self.consts.get(name) is not None \
-                and np.asarray(self.consts[name]).size == 1
-
-        def other(n, name):
+        def other(n, name):  # a two-input node's input that is not `name`
             return n.input[1] if n.input[0] == name else n.input[0]
 
+        def near(value, want):
+            return value is not None and bool(np.isclose(value, want, rtol=1e-4))
+
         x = node.input[0]
-        c = node.input[1]
-        if c not in self.consts or np.asarray(self.consts[c]).size != 1:
+        if not near(self.scalar(node.input[1]), math.sqrt(2) if node.op_type == "Div" else 1 / math.sqrt(2)):
             return False
-        k = float(np.asarray(self.consts[c]).reshape(()))
-        if not np.isclose(k, math.sqrt(2) if node.op_type == "Div" else 1 / math.sqrt(2), rtol=1e-4):
+        erf = self.reader_of(node.output[0], "Erf")
+        plus = erf and self.reader_of(erf.output[0], "Add")
+        if not plus or not near(self.scalar(other(plus, erf.output[0])), 1.0):
             return False
-        erf = sole_user(node.output[0], "Erf")
-        plus = erf and sole_user(erf.output[0], "Add")
-        if not plus or not scalar(plus, other(plus, erf.output[0])) or \
-                not np.isclose(float(np.asarray(self.consts[other(plus, erf.output[0])]).reshape(())), 1.0):
+        first = self.reader_of(plus.output[0], "Mul")  # then times x and times 0.5, in either order
+        second = first and self.reader_of(first.output[0], "Mul")
+        if not second:
             return False
-        chain, last = [], plus.output[0]
-        for _ in range(2):  # times x and times 0.5, in either order
-            nxt = sole_user(last, "Mul")
-            if nxt is None:
-                return False
-            chain.append(nxt)
-            last = nxt.output[0]
-        factors = [other(n, prev) for n, prev in zip(chain, [plus.output[0], chain[0].output[0]])]
-        half = [f for f in factors if f in self.consts]
-        if len(half) != 1 or np.asarray(self.consts[half[0]]).size != 1 or \
-                not np.isclose(float(np.asarray(self.consts[half[0]]).reshape(())), 0.5) or x not in factors:
+        chain = [first, second]
+        factors = [other(first, plus.output[0]), other(second, first.output[0])]
+        halves = [f for f in factors if f in self.consts]
+        if len(halves) != 1 or not near(self.scalar(halves[0]), 0.5) or x not in factors:
             return False
         self.done.update(id(n) for n in (erf, plus, *chain))
         self._unary(chain[-1], "GELU", source=x, approximate=False)
@@ -787,14 +777,11 @@ class _Lowering:
         last axis, as attention's is, it is one SOFTMAX of x; False for any other form."""
         x = self.src(node.input[0])
         rank, axis = len(self.g.shapes[x]), node_attrs(node).get("axis", 1)
-        users = self.consumers.get(node.output[0], [])
-        soft = users[0] if len(users) == 1 and users[0].op_type == "Softmax" else None
-        after = soft and self.consumers.get(soft.output[0], [])
-        back = after[0] if after and len(after) == 1 and after[0].op_type == "Reshape" else None
+        soft = self.reader_of(node.output[0], "Softmax")
+        back = soft and self.reader_of(soft.output[0], "Reshape")
         shape_of = back and next((n for n in self.model.graph.node if back.input[1] in n.output), None)
-        if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != node.input[0] or \
-                axis % rank != rank - 1 or node_attrs(soft).get("axis", 1) % 2 != 1 or \
-                {node.output[0], soft.output[0]} & self.graph_outputs:
+        if not shape_of or shape_of.op_type != "Shape" or shape_of.input[0] != node.input[0] or \
+                axis % rank != rank - 1 or node_attrs(soft).get("axis", 1) % 2 != 1:
             return False
         x = self.in_onnx_layout(x)
         self.done.update((id(soft), id(back)))
@@ -854,17 +841,15 @@ class _Lowering:
             return (user, user, int(i), f"part{int(i)}") if i is not None and np.ndim(i) == 0 else None
         if user.op_type != "Slice" or len(user.input) < 3:
             return None
-        ops = [self.consts.get(n) if n else None for n in list(user.input[1:]) + [""] * (5 - len(user.input))]
-        starts, ends, axes, steps = ops
+        operands = [self.consts.get(n) if n else None for n in list(user.input[1:]) + [""] * (5 - len(user.input))]
+        starts, ends, axes, steps = operands
         if starts is None or ends is None or np.size(starts) != 1 or (axes is not None and int(np.reshape(axes, -1)[0]) != 0) \
                 or (steps is not None and int(np.reshape(steps, -1)[0]) != 1):
             return None
         start, end = int(np.reshape(starts, -1)[0]), int(np.reshape(ends, -1)[0])
-        users = self.consumers.get(user.output[0], [])
-        if end != start + 1 or start < 0 or len(users) != 1 or users[0].op_type != "Squeeze" \
-                or user.output[0] in self.graph_outputs:
+        squeeze = self.reader_of(user.output[0], "Squeeze")
+        if end != start + 1 or start < 0 or squeeze is None:
             return None
-        squeeze = users[0]
         axes_sq = node_attrs(squeeze).get("axes")
         if axes_sq is None and len(squeeze.input) > 1:
             axes_sq = self.consts.get(squeeze.input[1])

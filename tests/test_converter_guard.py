@@ -219,7 +219,7 @@ def test_a_sequence_of_classes_is_compared_position_by_position_and_can_be_searc
     cand = ref.copy()
     cand[0, :3] = -ref[0, :3]  # 3 positions of 40 change class
     q = compare({"seq": ref}, {"seq": cand})
-    assert q["top1_agreement"] == pytest.approx(37 / 40)
+    assert q["top1_agreement"] == pytest.approx(37 / 40) and q["positions"] == 40 and q["samples"] == 4
     assert quality_drop(q) == pytest.approx(3 / 40)
     with pytest.raises(ConversionError, match="--max-drop needs a classifier or a sequence"):
         quality_drop(compare({"map": ref[:, None]}, {"map": cand[:, None]}))
