@@ -138,6 +138,12 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
         if kind == "STRIDED_SLICE":  # with steps of 1 it is a SLICE (MediaPipe crops channels so)
             graph.ops.append(_strided_as_slice(graph, op, names, k))
             continue
+        if kind == "CUSTOM":  # named by its code: MediaPipe's Convolution2DTransposeBias, for one
+            custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
+            raise ConversionError(f"TFLite custom op {custom or '?'} (op {k}) is no LiteRT builtin: neither "
+                                  "edgeward's writer nor the board's runtime has it",
+                                  "run this model with the framework that defines the op (MediaPipe's own, for "
+                                  "its ops)")
         if kind not in SUPPORTED:
             raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
                                   "ship this model as it is with --precision fp32, or replace the layer")

@@ -167,3 +167,23 @@ def test_standalone_relus_and_prelus_become_ops_xnnpack_runs_in_int8(tmp_path):
     want = TfliteSession(tmp_path / "source.tflite").run(None, {"x": x})[0]
     got = TfliteSession(tmp_path / "int8.tflite").run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min()), np.abs(got - want).max()
+
+
+def test_a_custom_op_is_refused_by_its_name_with_where_it_can_run(tmp_path):
+    """MediaPipe's models hold ops of its own (Convolution2DTransposeBias): no LiteRT builtin, so
+    neither the writer nor the board's runtime has them; the error names the op."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    from converters.tflite_reader import read_tflite
+
+    write_tflite(_fc_graph(np.eye(4), np.zeros(4)), tmp_path / "m.tflite")
+    model = s.ModelT.InitFromPackedBuf((tmp_path / "m.tflite").read_bytes(), 0)
+    code = model.operatorCodes[0]
+    code.builtinCode, code.deprecatedBuiltinCode, code.customCode = s.BuiltinOperator.CUSTOM, 32, \
+        "Convolution2DTransposeBias"
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    (tmp_path / "custom.tflite").write_bytes(bytes(builder.Output()))
+    with pytest.raises(ConversionError, match=r"custom op Convolution2DTransposeBias \(op 0\) is no LiteRT builtin"):
+        read_tflite(tmp_path / "custom.tflite")
