@@ -9,10 +9,13 @@ operator it cannot map, and keeps the model's I/O exactly as the ONNX file has i
 and evaluation data, and the same callers, work for both formats.
 
 Mapped: Conv (plain and depthwise, with folded BatchNormalization), ConvTranspose, Gemm,
-MatMul (+ Add as its bias), Relu and Clip(0, 6) (fused where they follow a layer), MaxPool,
-AveragePool, GlobalAveragePool, Flatten, Reshape, Concat, Add, Mul, Sub (of two tensors
-that broadcast, or with a constant), Div (by a constant), Softmax, Sigmoid, Tanh,
-HardSwish, HardSigmoid, LeakyRelu, PRelu, Resize (nearest and bilinear, 2-D), Identity and Dropout.
+MatMul (+ Add as its bias; of two activations as BATCH_MATMUL), Relu and Clip(0, 6) (fused where
+they follow a layer), MaxPool, AveragePool, GlobalAveragePool, ReduceMean, Flatten, Reshape,
+Squeeze, Unsqueeze, Transpose, Split, Slice, Pad, Concat, Add, Mul, Sub (of two tensors that
+broadcast, or with a constant), Div (by a constant), Max (with a constant), BatchNormalization,
+LayerNormalization (kept in float), Softmax, Sigmoid, Tanh, GELU, HardSwish, HardSigmoid,
+LeakyRelu, PRelu, Resize (nearest and bilinear, 2-D), Identity and Dropout. docs/CONVERTER.md
+has the table, with the forms each takes.
 """
 
 from __future__ import annotations
@@ -482,6 +485,66 @@ class _Lowering:
         paddings = np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]], np.int32)
         self.op("PAD", [x, self.add_const(f"{node.name}/paddings", paddings)], padded)
         return padded
+
+    def lower_Pad(self, node):
+        """Zeros around a tensor (tf2onnx writes Keras' ZeroPadding2D so): PAD, at the input's int8
+        scale (its grid holds 0 exactly). Constant mode with 0 only, not along the batch axis."""
+        a = node_attrs(node)
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        pads = a.get("pads")
+        if pads is None and len(node.input) > 1 and node.input[1]:
+            pads = self.const(node.input[1], node).astype(np.int64).reshape(-1).tolist()
+        value = self.scalar(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("value", 0.0)
+        if len(node.input) > 3 and node.input[3]:
+            raise _unsupported(node, " with axes")
+        x = self.src(node.input[0])
+        rank = len(self.g.shapes[x])
+        if mode != "constant" or value != 0.0 or pads is None or len(pads) != 2 * rank or min(pads) < 0 \
+                or pads[0] or pads[rank]:
+            raise _unsupported(node, f" of mode {mode}, value {value}, pads {pads} (zeros around non-batch axes only)")
+        onnx_pairs = list(zip(pads[:rank], pads[rank:]))
+        pairs = [onnx_pairs[TO_NHWC[i]] for i in range(rank)] if x in self.nhwc else onnx_pairs  # graph axis i: ONNX's TO_NHWC[i]
+        shape = [d if d < 0 else d + b + e for d, (b, e) in zip(self.g.shapes[x], pairs)]
+        y = self.new(self.out_name(node.output[0], x in self.nhwc), shape, nhwc=x in self.nhwc)
+        self.op("PAD", [x, self.add_const(f"{node.name}/paddings", np.array(pairs, np.int32))], y, name=node.name)
+
+    def lower_BatchNormalization(self, node):
+        """A batch norm no conv before it could take (after a ReLU, say) on a feature map: its scale
+        and shift per channel as a 1x1 DEPTHWISE_CONV_2D, one int8 op (as tflite_simplify writes
+        such pairs). On other tensors it is refused."""
+        a = node_attrs(node)
+        x = self.src(node.input[0])
+        if x not in self.nhwc:
+            raise _unsupported(node, " of a tensor that is not a feature map")
+        gamma, beta, mean, var = (self.const(n, node).astype(np.float64) for n in node.input[1:5])
+        scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+        shift = beta - mean * scale
+        act, out = self.fuse_activation(node.output[0])
+        y = self.new(self.out_name(out, True), self.g.shapes[x], nhwc=True)
+        weights = self.add_const(f"{node.name}/scale", scale.astype(np.float32).reshape(1, 1, 1, -1))
+        self.op("DEPTHWISE_CONV_2D", [x, weights, self.add_const(f"{node.name}/shift", shift.astype(np.float32))], y,
+                name=node.name, padding="VALID", stride=(1, 1), dilation=(1, 1), depth_multiplier=1,
+                activation=act)
+
+    def lower_Max(self, node):
+        """max(x, c) for a constant c (a clamp from below: tf2onnx's tf.maximum(x, -0.4)) as
+        relu(x - c) + c: an ADD with a fused RELU and an ADD, both of which XNNPACK runs in int8.
+        The max of two tensors is refused."""
+        if len(node.input) != 2 or sum(i in self.consts for i in node.input) != 1:
+            raise _unsupported(node, " other than of a tensor and one constant")
+        c = self.scalar(node.input[1] if node.input[1] in self.consts else node.input[0])
+        if c is None:
+            raise _unsupported(node, " with a constant of more than one value")
+        x = self.src(node.input[0] if node.input[1] in self.consts else node.input[1])
+        nhwc, shape = x in self.nhwc, self.g.shapes[x]
+        lifted = self.new(f"{node.output[0]}/lifted", shape, nhwc=nhwc)
+        self.op("ADD", [x, self.add_const(f"{node.name}/minus_c", np.array([-c], np.float32))], lifted,
+                name=node.name, activation="RELU")
+        y = self.new(self.out_name(node.output[0], nhwc), shape, nhwc=nhwc)
+        self.g.derived[lifted] = (onnx_tensor(y), 1.0, -c, 0.0, math.inf)
+        self.op("ADD", [lifted, self.add_const(f"{node.name}/c", np.array([c], np.float32))], y, name=node.name,
+                activation="NONE")
 
     @staticmethod
     def _out_dim(size, k, stride, dilation, mode):

@@ -77,13 +77,13 @@ def test_the_ocr_benchmark_says_what_it_needs_where_the_recogniser_is_missing(tm
                                 "script's docstring) or pass --model")
 
 
-def test_the_mediapipe_benchmark_says_what_it_needs_where_the_models_are_missing(tmp_path):
-    """scripts/bench_mediapipe.py reads the .tflite files MediaPipe 0.10.14 ships, which edgeward does
-    not depend on: given a folder without any, one line says how to get them."""
+def test_the_public_models_benchmark_says_what_it_needs_where_the_models_are_missing(tmp_path):
+    """scripts/bench_public_models.py reads the models MediaPipe and openWakeWord ship, which edgeward
+    does not depend on: given a folder without any, one line says how to get them."""
     import sys
 
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_mediapipe.py"), "--models", str(tmp_path)],
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_public_models.py"), "--models", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == ("bench_mediapipe: no .tflite models: install mediapipe==0.10.14 (see this script's "
-                                "docstring) or pass --models DIR")
+    assert r.stderr.strip() == ("bench_public_models: no .tflite or .onnx models: install mediapipe==0.10.14 and "
+                                "openwakeword==0.4.0 (see this script's docstring) or pass --models DIR")

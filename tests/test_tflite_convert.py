@@ -1422,3 +1422,47 @@ def test_a_feature_map_joined_with_a_tensor_in_onnx_layout_is_joined_in_onnx_lay
     assert {"Concat": "CONCATENATION", "Add": "ADD"}[join] in [op.kind for op in lowered.ops]
     _float_and_int8_answer_as_onnx(tmp_path / "m.onnx", lowered, rng.standard_normal((16, 3, 8, 8)).astype(np.float32),
                                    tmp_path)
+
+
+def _wake_word_style(tmp_path: Path, pad_mode: str = "constant", max_of_two: bool = False) -> Path:
+    """The layers openWakeWord's speech embedding holds as tf2onnx writes it: zeros padded around one
+    axis (Pad), a batch norm after a ReLU (no conv before it to fold into), LeakyRelu, and a clamp
+    from below as Max(x, -0.4)."""
+    rng = np.random.default_rng(19)
+    c = 6
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 1, 0], np.int64), "pads"),
+             numpy_helper.from_array((rng.standard_normal((c, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.2, "beta"),
+             numpy_helper.from_array(rng.uniform(0, 0.5, c).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
+             numpy_helper.from_array(np.array(-0.4, np.float32), "floor")]
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode=pad_mode),
+             helper.make_node("Conv", ["p", "w1"], ["c1"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("BatchNormalization", ["r1", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+             helper.make_node("LeakyRelu", ["bn"], ["lr"], alpha=0.2),
+             helper.make_node("Max", ["lr", "lr" if max_of_two else "floor"], ["m"]),
+             helper.make_node("Conv", ["m", "w2"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
+    return _onnx_file(tmp_path, nodes, inits, ["n", 3, 10, 12], opset=13)
+
+
+def test_a_wake_word_embeddings_pad_batch_norm_and_clamp_lower_to_int8_ops(tmp_path):
+    """Pad becomes PAD (in the map's NHWC axes), the batch norm one 1x1 DEPTHWISE_CONV_2D, Max(x, c)
+    an ADD with a fused RELU and an ADD: the float model answers as onnxruntime does, the INT8 one
+    within 3 % of its range, every tensor int8."""
+    source = _wake_word_style(tmp_path)
+    lowered = lower(onnx.load(str(source)))
+    kinds = [op.kind for op in lowered.ops]
+    assert kinds.count("PAD") == 1 and kinds.count("DEPTHWISE_CONV_2D") == 1 and kinds.count("ADD") == 2
+    x = np.random.default_rng(20).standard_normal((16, 3, 10, 12)).astype(np.float32)
+    _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
+
+
+@pytest.mark.parametrize("case,why", [("reflect", "of mode reflect"), ("max-of-two", "other than of a tensor and one")])
+def test_pads_and_maxima_it_cannot_map_are_refused_by_name(tmp_path, case, why):
+    source = _wake_word_style(tmp_path, pad_mode="reflect" if case == "reflect" else "constant",
+                              max_of_two=case == "max-of-two")
+    with pytest.raises(ConversionError, match=f"ONNX operator (Pad|Max) .*{why}"):
+        lower(onnx.load(str(source)))
