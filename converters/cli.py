@@ -43,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeward convert", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Quantize an FP32 model to INT8 ONNX (static QDQ with per-channel weights, or dynamic) "
-                    "and/or full-integer INT8 TFLite, "
+                    "and/or INT8 TFLite (full-integer but for a transformer's LayerNorms, kept in float), "
                     "measure it against the original, and pack a signed bundle for the agent. A quantized model "
                     "that is larger or slower than FP32 is refused unless --allow-worse; --max-drop searches "
                     "for settings that keep the accuracy.")
     p.add_argument("model", help="FP32 model: .onnx; PyTorch as TorchScript (.pt/.pth/.ts) or an exported "
                                  "program (.pt2), inputs named like the calibration arrays; Keras (.keras/.h5) or a "
-                                 "SavedModel folder (needs edgeward[tensorflow]); a float .tflite. Keras, SavedModel "
+                                 "SavedModel folder (needs edgeward[tensorflow]); a float .tflite (float32 or float16 "
+                                 "weights, dense or sparse). Keras, SavedModel "
                                  "and .tflite sources become TFLite")
     p.add_argument("--calibration", required=True, metavar="NPZ|DIR",
                    help="representative inputs (>= 16; a few hundred is better): an .npz, or a folder of images")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name on the device (default: the file name)")
     p.add_argument("--version", type=int, default=1, help="model version; each deploy must be newer (default %(default)s)")
     p.add_argument("--format", choices=["onnx", "tflite", "both"], default="onnx",
-                   help="onnx: INT8 ONNX for onnxruntime (default); tflite: full-integer INT8 TFLite for "
+                   help="onnx: INT8 ONNX for onnxruntime (default); tflite: INT8 TFLite for "
                         "ai-edge-litert / tflite-runtime; both: one bundle of each (NAME-onnx.ewb, NAME-tflite.ewb)")
     p.add_argument("--tflite-io", choices=["float", "int8"], default="float",
                    help="TFLite model inputs/outputs: float (quantized inside the model; default) or int8 "
