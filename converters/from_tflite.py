@@ -1,4 +1,4 @@
-"""Float .tflite in: quantized to full-integer INT8 TFLite by edgeward's writer, measured against
+"""Float .tflite in: quantized to INT8 TFLite by edgeward's writer, measured against
 the float model in the same runtime, packed like every other bundle.
 
 The same steps as `convert_onnx` (checks first, a temporary folder, the bundle written last);
@@ -41,6 +41,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
     _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None
     graph, names = read_tflite(model_path)
+    source_names = names  # the file's tensor indices -> graph names (names is None once a pruned copy is calibrated)
     name = _model_name(opts.name, model_path)
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         original, calibrated_file, pruning = graph, model_path, None
@@ -65,7 +66,53 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs, what="the float model")
+        _check_read_back(model_path, source_names, evalset.inputs, ref_out)
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                          model_path, out_path, key, say)
     report["source"] = source_label
     return report
+
+
+READ_BACK_SAMPLES = 8
+READ_BACK_TOLERANCE = 1e-3  # of the output's largest magnitude (at least 1): float32 rounding, not a different model
+
+
+def _check_read_back(model_path: Path, names: dict[int, str], inputs: dict, written: dict) -> None:
+    """The float model edgeward writes from the graph it read (the FP32 reference every INT8 number
+    is measured against) must compute what the source file computes: a misread layer would
+    otherwise pass unseen, its INT8 model compared with a float model just as wrong. Checked on a
+    few samples where LiteRT runs the source itself (a file with ops it lacks is not checked)."""
+    import numpy as np
+
+    from agent.runtimes.tflite import interpreter_class
+
+    cls, _ = interpreter_class()
+    try:
+        it = cls(model_path=str(model_path), num_threads=1)
+        ins, outs = it.get_input_details(), it.get_output_details()
+        n = min(READ_BACK_SAMPLES, len(next(iter(inputs.values()))))
+        fixed = int(ins[0]["shape"][0]) if ins[0]["shape_signature"][0] != -1 else None
+        step = fixed or n
+        got: dict[str, list] = {names[d["index"]]: [] for d in outs}
+        for start in range(0, n - (n % step if fixed else 0), step):
+            for d in ins:
+                it.resize_tensor_input(d["index"], [step, *inputs[names[d["index"]]].shape[1:]])
+            it.allocate_tensors()
+            for d in ins:
+                it.set_tensor(d["index"], inputs[names[d["index"]]][start:start + step].astype(d["dtype"]))
+            it.invoke()
+            for d in outs:
+                got[names[d["index"]]].append(it.get_tensor(d["index"]).copy())
+    except (RuntimeError, ValueError, KeyError):  # LiteRT cannot run the source (an op it lacks): nothing to check
+        return
+    for name, parts in got.items():
+        if not parts or name not in written:
+            continue
+        source = np.concatenate(parts).astype(np.float64)
+        ours = written[name][:len(source)].astype(np.float64)
+        err = float(np.abs(source - ours).max()) if source.size else 0.0
+        if err > READ_BACK_TOLERANCE * max(1.0, float(np.abs(source).max(initial=0.0))):
+            raise ConversionError(f"edgeward's reading of {model_path.name} computes something else than the file: "
+                                  f"output {name!r} differs by {err:.4g} on the data",
+                                  "report this model (its float TFLite and a sample); ship it with --format onnx "
+                                  "from its original, if you have one")

@@ -335,3 +335,24 @@ def test_a_float_tflite_with_resizes_and_upsampling_reads_back_as_it_computes(tm
     onnx_graph = lower(onnx.load(str(model)))
     write_tflite(onnx_graph, tmp_path / "from-onnx.tflite", onnx_ranges(model, onnx_graph, {"image": x}))
     assert np.abs(got - out(tmp_path / "from-onnx.tflite")).max() <= 0.02 * span
+
+
+def test_a_float_model_that_reads_back_differently_from_its_file_is_refused(keras_digits, monkeypatch, tmp_path):
+    """Every INT8 number of a TFLite source is measured against the float model edgeward writes from
+    what it read; so that a misread layer cannot hide there, that model must answer as the file
+    does. A reader that got one weight wrong is caught, and nothing is written."""
+    import converters.from_tflite as from_tflite
+
+    folder, _ = keras_digits
+    real = from_tflite.read_tflite
+
+    def misread(path):
+        graph, names = real(path)
+        weights = next(op.inputs[1] for op in graph.ops if op.kind == "FULLY_CONNECTED")
+        graph.consts[weights] = graph.consts[weights] * 1.5
+        return graph, names
+
+    monkeypatch.setattr(from_tflite, "read_tflite", misread)
+    with pytest.raises(ConversionError, match="reading of k.tflite computes something else than the file: output"):
+        convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "m.ewb", None, folder / "eval.npz")
+    assert not list(tmp_path.iterdir())
