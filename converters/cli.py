@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cut-at", action="append", default=[], metavar="TENSOR",
                    help="end the model at this tensor, which becomes an output; what follows it is dropped: a "
                         "tail the TFLite writer does not map (TopK, non-maximum suppression), left for the board "
-                        "to do (repeatable, one per output; ONNX sources)")
+                        "to do (repeatable, one per output; ONNX and TFLite sources)")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="keep this node in float (repeatable)")
     p.add_argument("--precision", choices=["int8", "int8-dynamic", "fp32"], default="int8",
                    help="int8: static, calibrated (default); int8-dynamic: int8 weights, activations quantized at "
@@ -232,9 +232,12 @@ def _convert(args: argparse.Namespace, opts) -> dict:
     from .from_tensorflow import convert_tensorflow, is_tensorflow_source
 
     common = dict(key_path=args.key, evaluation=args.eval, options=opts, progress=None if args.json else _progress)
-    if (opts.state or opts.fixed_inputs or opts.context or opts.cut_at) and not args.model.endswith(".onnx"):
-        raise EdgewardError("--state, --context, --fix-input and --cut-at work on ONNX files",
+    if (opts.state or opts.fixed_inputs or opts.context) and not args.model.endswith(".onnx"):
+        raise EdgewardError("--state, --context and --fix-input work on ONNX files",
                             "export the model to ONNX first (torch.onnx.export, tf2onnx) and convert the .onnx file")
+    if opts.cut_at and not args.model.endswith((".onnx", ".tflite")):
+        raise EdgewardError("--cut-at works on ONNX and TFLite files",
+                            "convert the model to .tflite or .onnx first and cut that file")
     if args.model.endswith(".tflite"):
         from .from_tflite import convert_tflite
 

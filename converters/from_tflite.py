@@ -40,11 +40,13 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
                               "remove channels before exporting to TFLite, or use --prune (unstructured)")
     _check_options(opts, out_path)
     key = load_private_key(key_path) if key_path else None
-    graph, names = read_tflite(model_path)
-    source_names = names  # the file's tensor indices -> graph names (names is None once a pruned copy is calibrated)
+    graph, names = read_tflite(model_path, opts.cut_at)
+    source_names = names  # the file's tensor indices -> graph names (names is None once a copy is calibrated)
     name = _model_name(opts.name, model_path)
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         original, calibrated_file, pruning = graph, model_path, None
+        if opts.cut_at:  # calibrated as kept: the file's own tail may hold ops LiteRT lacks
+            calibrated_file, names = write_tflite(graph, Path(tmp) / "cut-float.tflite"), None
         if opts.prune:  # unstructured: the smallest weights of the weighted layers, calibrated as pruned
             say("pruning", 0, 1)
             graph = copy.deepcopy(graph)
@@ -66,7 +68,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs, what="the float model")
-        _check_read_back(model_path, source_names, evalset.inputs, ref_out)
+        _check_read_back(model_path, source_names, evalset.inputs, ref_out, graph.outputs)
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                          model_path, out_path, key, say)
     report["source"] = source_label
@@ -77,19 +79,29 @@ READ_BACK_SAMPLES = 8
 READ_BACK_TOLERANCE = 1e-3  # of the output's largest magnitude (at least 1): float32 rounding, not a different model
 
 
-def _check_read_back(model_path: Path, names: dict[int, str], inputs: dict, written: dict) -> None:
+def _check_read_back(model_path: Path, names: dict[int, str], inputs: dict, written: dict,
+                     outputs: list[str]) -> None:
     """The float model edgeward writes from the graph it read (the FP32 reference every INT8 number
     is measured against) must compute what the source file computes: a misread layer would
     otherwise pass unseen, its INT8 model compared with a float model just as wrong. Checked on a
-    few samples where LiteRT runs the source itself (a file with ops it lacks is not checked)."""
+    few samples where LiteRT runs the source itself (a file with ops it lacks is not checked), on
+    the graph's outputs as the file holds them (the tensors of --cut-at, kept for the check)."""
+    import sys
+    import warnings
+
     import numpy as np
 
     from agent.runtimes.tflite import interpreter_class
 
     cls, _ = interpreter_class()
+    index = {name: i for i, name in names.items()}
+    resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        it = cls(model_path=str(model_path), num_threads=1)
-        ins, outs = it.get_input_details(), it.get_output_details()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            it = cls(model_path=str(model_path), num_threads=1, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=resolver)
+        ins, outs = it.get_input_details(), [{"index": index[name]} for name in outputs]
         n = min(READ_BACK_SAMPLES, len(next(iter(inputs.values()))))
         fixed = int(ins[0]["shape"][0]) if ins[0]["shape_signature"][0] != -1 else None
         step = fixed or n

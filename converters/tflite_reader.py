@@ -33,11 +33,13 @@ def _names(obj) -> dict[int, str]:
     return {v: k for k, v in vars(obj).items() if not k.startswith("_")}
 
 
-def read_tflite(path: str | Path) -> tuple[Graph, dict[int, str]]:
-    """(graph, tensor index -> graph name) for a float .tflite model. A file whose structure is
-    damaged (indices out of range, missing fields) is one ConversionError, never a traceback."""
+def read_tflite(path: str | Path, cut_at: list[str] | None = None) -> tuple[Graph, dict[int, str]]:
+    """(graph, tensor index -> graph name) for a float .tflite model, ending at the tensors
+    `cut_at` names where given (`--cut-at`: they become its outputs, what only led elsewhere is
+    dropped, a detector's post-processing op among it). A file whose structure is damaged
+    (indices out of range, missing fields) is one ConversionError, never a traceback."""
     try:
-        return _read(path)
+        return _read(path, cut_at or [])
     except ConversionError:
         raise
     except Exception as exc:  # a flatbuffer parses lazily: damage shows up wherever it is read
@@ -45,7 +47,27 @@ def read_tflite(path: str | Path) -> tuple[Graph, dict[int, str]]:
                               f"{first_line(exc)})", "give a .tflite file written by a TFLite converter") from exc
 
 
-def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
+def _needed_ops(sub, names: dict[int, str], cut_at: list[str]) -> set[int]:
+    """The indices of the ops the tensors `cut_at` are computed from."""
+    import difflib
+
+    index = {name: i for i, name in names.items()}
+    for name in cut_at:
+        if name not in index:
+            near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
+            raise ConversionError(f"--cut-at {name}: the model has no tensor {name!r}",
+                                  f"name a tensor{' such as ' + ', '.join(near) if near else ''} (Netron shows them)")
+    producer = {t: k for k, op in enumerate(sub.operators) for t in (op.outputs if op.outputs is not None else [])}
+    needed, todo = set(), [index[name] for name in cut_at]
+    while todo:
+        k = producer.get(todo.pop())
+        if k is not None and k not in needed:
+            needed.add(k)
+            todo.extend(i for i in (sub.operators[k].inputs if sub.operators[k].inputs is not None else []) if i >= 0)
+    return needed
+
+
+def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
     s = _schema()
     path = Path(path)
     try:
@@ -100,7 +122,8 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
             raise ConversionError(f"{path.name} is already quantized or holds {kind.lower()} tensors ({name!r})",
                                   "give the float (FP32) .tflite model; edgeward quantizes it itself")
 
-    graph = Graph(inputs=[names[i] for i in sub.inputs], outputs=[names[i] for i in sub.outputs])
+    graph = Graph(inputs=[names[i] for i in sub.inputs], outputs=list(cut_at) or [names[i] for i in sub.outputs])
+    needed = _needed_ops(sub, names, cut_at) if cut_at else None
     dtypes = {"FLOAT32": np.float32, "INT32": np.int32, "FLOAT16": np.float16}
     for i, t in enumerate(sub.tensors):
         data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
@@ -123,6 +146,8 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
     for k, op in enumerate(sub.operators):
         code = model.operatorCodes[op.opcodeIndex]  # files from older converters fill only the deprecated field
         kind = ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        if needed is not None and k not in needed:  # past --cut-at
+            continue
         if op.outputs is not None and len(op.outputs) and all(names[i] in computed_int for i in op.outputs):
             continue
         if kind in ("DEQUANTIZE", "DENSIFY") and op.inputs is not None and len(op.inputs) == 1 \
@@ -140,10 +165,12 @@ def _read(path: str | Path) -> tuple[Graph, dict[int, str]]:
             continue
         if kind == "CUSTOM":  # named by its code: MediaPipe's Convolution2DTransposeBias, for one
             custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
-            raise ConversionError(f"TFLite custom op {custom or '?'} (op {k}) is no LiteRT builtin: neither "
-                                  "edgeward's writer nor the board's runtime has it",
-                                  "run this model with the framework that defines the op (MediaPipe's own, for "
-                                  "its ops)")
+            before = " ".join(f"--cut-at {names[i]}" for i in (op.inputs if op.inputs is not None else [])
+                              if i >= 0 and names[i] not in graph.consts)
+            raise ConversionError(f"TFLite custom op {custom or '?'} (op {k}) has no form in edgeward's writer (and "
+                                  "most custom ops, MediaPipe's among them, none in stock LiteRT either)",
+                                  f"end the model before it with {before} and do its work on the board, or run the "
+                                  "model with the framework that defines the op")
         if kind not in SUPPORTED:
             raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
                                   "ship this model as it is with --precision fp32, or replace the layer")

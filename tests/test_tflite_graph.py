@@ -169,21 +169,65 @@ def test_standalone_relus_and_prelus_become_ops_xnnpack_runs_in_int8(tmp_path):
     assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min()), np.abs(got - want).max()
 
 
-def test_a_custom_op_is_refused_by_its_name_with_where_it_can_run(tmp_path):
-    """MediaPipe's models hold ops of its own (Convolution2DTransposeBias): no LiteRT builtin, so
-    neither the writer nor the board's runtime has them; the error names the op."""
+def _with_custom_tail(tmp_path):
+    """A float .tflite whose last op is a custom one (as an SSD detector ends in its post-processing
+    op, or MediaPipe's segmenter in Convolution2DTransposeBias): x -> FC -> h -> custom -> y."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
-    from converters.tflite_reader import read_tflite
-
-    write_tflite(_fc_graph(np.eye(4), np.zeros(4)), tmp_path / "m.tflite")
+    rng = np.random.default_rng(21)
+    g = Graph(inputs=["x"], outputs=["y"])
+    g.shapes.update({"x": [-1, 8], "h": [-1, 6], "y": [-1, 4]})
+    g.consts.update({"w1": rng.standard_normal((6, 8)).astype(np.float32), "b1": np.zeros(6, np.float32),
+                     "w2": rng.standard_normal((4, 6)).astype(np.float32), "b2": np.zeros(4, np.float32)})
+    g.ops = [Op("FULLY_CONNECTED", ["x", "w1", "b1"], ["h"], {"activation": "NONE"}, "fc1"),
+             Op("FULLY_CONNECTED", ["h", "w2", "b2"], ["y"], {"activation": "NONE"}, "fc2")]
+    write_tflite(g, tmp_path / "m.tflite")
     model = s.ModelT.InitFromPackedBuf((tmp_path / "m.tflite").read_bytes(), 0)
-    code = model.operatorCodes[0]
-    code.builtinCode, code.deprecatedBuiltinCode, code.customCode = s.BuiltinOperator.CUSTOM, 32, \
+    custom = s.OperatorCodeT()
+    custom.builtinCode, custom.deprecatedBuiltinCode, custom.customCode = s.BuiltinOperator.CUSTOM, 32, \
         "Convolution2DTransposeBias"
+    model.operatorCodes.append(custom)
+    model.subgraphs[0].operators[-1].opcodeIndex = len(model.operatorCodes) - 1
+    model.subgraphs[0].operators[-1].builtinOptionsType, model.subgraphs[0].operators[-1].builtinOptions = 0, None
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     (tmp_path / "custom.tflite").write_bytes(bytes(builder.Output()))
-    with pytest.raises(ConversionError, match=r"custom op Convolution2DTransposeBias \(op 0\) is no LiteRT builtin"):
-        read_tflite(tmp_path / "custom.tflite")
+    return tmp_path / "custom.tflite", g
+
+
+def test_a_custom_op_is_refused_by_its_name_with_where_to_cut(tmp_path):
+    """MediaPipe's models hold ops of its own, SSD detectors a post-processing op: the writer has no
+    form for them; the error names the op and the --cut-at that ends the model before it."""
+    from converters.tflite_reader import read_tflite
+
+    path, _ = _with_custom_tail(tmp_path)
+    with pytest.raises(ConversionError, match=r"custom op Convolution2DTransposeBias \(op 1\) has no form") as caught:
+        read_tflite(path)
+    assert caught.value.fix.startswith("end the model before it with --cut-at h and do its work on the board")
+
+
+def test_cut_at_ends_a_tflite_source_before_an_op_it_cannot_map(tmp_path):
+    """`--cut-at h` converts what leads to h (calibrated on the float model as kept: LiteRT cannot
+    even load the file whole), and the bundle's output is h, within 3 % of its float range."""
+    from converters.convert import ConvertOptions
+    from converters.from_tflite import convert_tflite
+
+    path, g = _with_custom_tail(tmp_path)
+    x = np.random.default_rng(22).standard_normal((64, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = convert_tflite(path, tmp_path / "calib.npz", tmp_path / "cut.ewb", None, None,
+                            ConvertOptions(name="cut", cut_at=["h"], allow_worse=True))
+    assert report["graph"]["ops"]["FULLY_CONNECTED"] == 1
+    import tarfile
+
+    with tarfile.open(tmp_path / "cut.ewb") as tar:
+        (tmp_path / "cut.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    session = TfliteSession(tmp_path / "cut.tflite")
+    assert [o.name for o in session.get_outputs()] == ["h"]
+    want = x @ g.consts["w1"].T
+    got = session.run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min())
+    with pytest.raises(ConversionError, match="--cut-at hh: the model has no tensor 'hh'.*such as h"):
+        convert_tflite(path, tmp_path / "calib.npz", tmp_path / "no.ewb", None, None,
+                       ConvertOptions(name="cut", cut_at=["hh"]))

@@ -346,8 +346,8 @@ def test_a_float_model_that_reads_back_differently_from_its_file_is_refused(kera
     folder, _ = keras_digits
     real = from_tflite.read_tflite
 
-    def misread(path):
-        graph, names = real(path)
+    def misread(path, cut_at=None):
+        graph, names = real(path, cut_at)
         weights = next(op.inputs[1] for op in graph.ops if op.kind == "FULLY_CONNECTED")
         graph.consts[weights] = graph.consts[weights] * 1.5
         return graph, names
