@@ -1170,9 +1170,9 @@ class _Lowering:
             raise _unsupported(node, " along the batch axis")
         shape = list(shape0)
         shape[axis] = sum(self.g.shapes[x][axis] for x in xs)
-        act, out = self.fuse_activation(node.output[0])
-        y = self.new(self.out_name(out, nhwc), shape, nhwc=nhwc)
-        self.op("CONCATENATION", xs, y, name=node.name, axis=axis, activation=act)
+        # no fused activation: TFLite's CONCATENATION kernels ignore it (a Relu after it is its own op)
+        y = self.new(self.out_name(node.output[0], nhwc), shape, nhwc=nhwc)
+        self.op("CONCATENATION", xs, y, name=node.name, axis=axis, activation="NONE")
         if all(x in self.nonneg for x in xs):
             self.nonneg.add(y)
 

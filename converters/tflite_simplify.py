@@ -28,14 +28,15 @@ def simplify(graph: Graph) -> Graph:
     return graph
 
 
-# ops whose options carry a fused activation, as the writer writes them
-_FUSING = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "CONCATENATION")
+# ops whose kernels apply a fused activation (CONCATENATION's options carry one, which its float
+# kernels ignore: a RELU fused into it was lost)
+_FUSING = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL")
 
 
 def _fuse_activations(graph: Graph) -> None:
-    """A RELU or RELU6 that alone reads a layer's output becomes that layer's fused activation (a
-    float TFLite source writes BlazeFace's residual ADD, then RELU): one op fewer, and XNNPACK
-    takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL)."""
+    """A RELU or RELU6 that alone reads a conv's, ADD's, SUB's or MUL's output becomes its fused
+    activation (a float TFLite source writes BlazeFace's residual ADD, then RELU): one op fewer,
+    and XNNPACK takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL)."""
     users = _readers(graph)
     producer = {out: op for op in graph.ops for out in op.outputs}
     keep = _sources(graph)

@@ -1466,3 +1466,21 @@ def test_pads_and_maxima_it_cannot_map_are_refused_by_name(tmp_path, case, why):
                               max_of_two=case == "max-of-two")
     with pytest.raises(ConversionError, match=f"ONNX operator (Pad|Max) .*{why}"):
         lower(onnx.load(str(source)))
+
+
+def test_a_relu_after_a_concat_stays_its_own_op(tmp_path):
+    """TFLite's CONCATENATION kernels ignore a fused activation: a Relu fused into one was lost in
+    the float model (negatives through) and held only by the int8 output range. It stays a RELU
+    (written in int8 as a MUL with the RELU fused), and both models answer as onnxruntime does."""
+    rng = np.random.default_rng(23)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((5, 7, 1, 1)) * 0.5).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Concat", ["c", "x"], ["cat"], axis=1), helper.make_node("Relu", ["cat"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[1, 1])]
+    source = _onnx_file(tmp_path, nodes, inits, ["n", 3, 6, 6])
+    lowered = lower(onnx.load(str(source)))
+    concat = next(op for op in lowered.ops if op.kind == "CONCATENATION")
+    assert concat.options["activation"] == "NONE" and "RELU" in [op.kind for op in lowered.ops]
+    _float_and_int8_answer_as_onnx(source, lowered, rng.standard_normal((16, 3, 6, 6)).astype(np.float32), tmp_path)
+    assert "RELU" not in op_counts(tmp_path / "int8.tflite")["ops"]
