@@ -25,7 +25,18 @@ def simplify(graph: Graph) -> Graph:
     _merge_affine_chains(graph)
     _fold_scales_into_convs(graph)
     _fuse_activations(graph)
+    _one_slope_prelus_as_leaky(graph)
     return graph
+
+
+def _one_slope_prelus_as_leaky(graph: Graph) -> None:
+    """A PRELU whose slope is one value for all channels (torch's nn.PReLU() by default) is a
+    LEAKY_RELU, one op XNNPACK runs in int8, where an int8 PRELU is written as four."""
+    for i, op in enumerate(graph.ops):
+        slope = graph.consts.get(op.inputs[1]) if op.kind == "PRELU" and len(op.inputs) > 1 else None
+        if slope is not None and slope.size and np.all(slope == slope.reshape(-1)[0]):
+            graph.ops[i] = Op("LEAKY_RELU", [op.inputs[0]], list(op.outputs), {"alpha": float(slope.reshape(-1)[0])},
+                              op.name)
 
 
 # ops whose kernels apply a fused activation (CONCATENATION's options carry one, which its float
