@@ -19,6 +19,11 @@ from agent.errors import ConversionError, first_line
 from .tflite_graph import SUPPORTED, Graph, Op
 from .tflite_simplify import simplify
 
+UNREAD_FIX = ("export the model from its framework to ONNX and convert that (--format onnx or tflite), or replace "
+              "the layer")
+"""What a user can do about a TFLite source edgeward cannot read: every form of it, --precision fp32
+included, is written from the graph read, so only another source helps."""
+
 PERCENTILE = 99.999  # the share of values the percentile method keeps inside the range
 _SAMPLES_PER_TENSOR = 200_000
 
@@ -86,7 +91,7 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                               "give a .tflite file written by a TFLite converter")
     if len(model.subgraphs) != 1:
         raise ConversionError(f"{path.name} has {len(model.subgraphs)} subgraphs (control flow)",
-                              "edgeward quantizes single-graph models; convert this one with --precision fp32")
+                              "edgeward reads single-graph models; " + UNREAD_FIX)
     sub = model.subgraphs[0]
     ops_by_code, types = _names(s.BuiltinOperator), _names(s.TensorType)
     pads, acts = _names(s.Padding), _names(s.ActivationFunctionType)
@@ -159,7 +164,7 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
         for pos, i in enumerate(op.inputs if op.inputs is not None else []):
             if i >= 0 and names[i] in computed_int and not (kind == "RESHAPE" and pos == 1):
                 raise ConversionError(f"TFLite op {kind} (op {k}) takes a computed integer tensor",
-                                      "ship this model as it is with --precision fp32")
+                                      UNREAD_FIX)
         if kind == "STRIDED_SLICE":  # with steps of 1 it is a SLICE (MediaPipe crops channels so)
             graph.ops.append(_strided_as_slice(graph, op, names, k))
             continue
@@ -173,7 +178,7 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                                   "model with the framework that defines the op")
         if kind not in SUPPORTED:
             raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
-                                  "ship this model as it is with --precision fp32, or replace the layer")
+                                  UNREAD_FIX)
         o = op.builtinOptions
         options: dict = {}
         if o is not None:
@@ -203,14 +208,14 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                 options["alpha"] = float(o.alpha)
             if getattr(o, "keepNumDims", False):
                 raise ConversionError(f"FULLY_CONNECTED op {k} keeps its input's rank (keep_num_dims)",
-                                      "ship this model with --precision fp32")
+                                      UNREAD_FIX)
         inputs = [names[i] if i >= 0 else "" for i in op.inputs]
         if kind in ("LEAKY_RELU", "DEPTH_TO_SPACE") and o is None:
-            raise ConversionError(f"{kind} op {k} has no options", "ship this model with --precision fp32")
+            raise ConversionError(f"{kind} op {k} has no options", UNREAD_FIX)
         if kind == "TRANSPOSE_CONV":  # TFLite's order (output shape, weights, input, bias) -> the graph's
             if options.get("activation", "NONE") != "NONE":
                 raise ConversionError(f"TRANSPOSE_CONV op {k} has a fused activation",
-                                      "ship this model with --precision fp32")
+                                      UNREAD_FIX)
             inputs = [inputs[2], inputs[1], inputs[3] if len(inputs) > 3 else "", inputs[0]]
         if kind == "RESHAPE":
             shape = graph.consts.get(inputs[1]) if len(inputs) > 1 and inputs[1] else None
@@ -221,17 +226,17 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
             written = getattr(o, "newShape", None)  # a numpy array when the file has one
             new_shape = shape if shape is not None else np.array([] if written is None else written, np.int32)
             if not len(new_shape):
-                raise ConversionError(f"RESHAPE op {k} has a computed shape", "ship this model with --precision fp32")
+                raise ConversionError(f"RESHAPE op {k} has a computed shape", UNREAD_FIX)
             options["new_shape"] = np.asarray(new_shape, np.int32)
             if len(inputs) < 2 or not inputs[1]:
                 graph.consts[f"op{k}/shape"] = options["new_shape"]
                 inputs = [inputs[0], f"op{k}/shape"]
         if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D") and options.get("activation", "NONE") != "NONE":
-            raise ConversionError(f"{kind} op {k} has a fused activation", "ship this model with --precision fp32")
+            raise ConversionError(f"{kind} op {k} has a fused activation", UNREAD_FIX)
         if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
             if inputs[1] not in graph.consts or (len(inputs) > 2 and inputs[2] and inputs[2] not in graph.consts):
                 raise ConversionError(f"{kind} op {k} has computed (non-constant) weights",
-                                      "ship this model with --precision fp32")
+                                      UNREAD_FIX)
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
     return simplify(graph), names
 
@@ -245,7 +250,7 @@ def _strided_as_slice(graph: Graph, op, names: dict[int, str], k: int) -> Op:
     if any(p is None for p in parts) or o is None or o.ellipsisMask or o.newAxisMask or o.shrinkAxisMask \
             or getattr(o, "offset", False) or np.any(parts[2] != 1):
         raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) is not a plain slice (steps other than 1, or axes "
-                              "added, dropped or elided)", "ship this model as it is with --precision fp32")
+                              "added, dropped or elided)", UNREAD_FIX)
     shape = graph.shapes[x]
     begin, size = [], []
     for axis, (b, e) in enumerate(zip(parts[0].tolist(), parts[1].tolist())):
@@ -253,14 +258,14 @@ def _strided_as_slice(graph: Graph, op, names: dict[int, str], k: int) -> Op:
         b = 0 if o.beginMask >> axis & 1 else b
         if axis == 0 and dim < 0 and b != 0:
             raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) slices the free batch axis",
-                                  "ship this model as it is with --precision fp32")
+                                  UNREAD_FIX)
         if o.endMask >> axis & 1 or (dim > 0 and e >= dim) or (axis == 0 and dim < 0):  # the batch: whole
             end = -1
         elif dim > 0 or e >= 0:
             end = e + dim if e < 0 else e
         else:
             raise ConversionError(f"TFLite op STRIDED_SLICE (op {k}) ends relative to an axis of unknown size",
-                                  "ship this model as it is with --precision fp32")
+                                  UNREAD_FIX)
         b = b + dim if b < 0 and dim > 0 else b
         begin.append(b)
         size.append(-1 if end == -1 else end - b)
@@ -273,7 +278,7 @@ def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.nd
     either a dense size or CSR segments and indices) as the dense array it stands for. Blocked
     sparsity (a block map) is refused by name."""
     if sparsity.blockMap is not None and len(sparsity.blockMap):
-        raise ConversionError(f"constant {name!r} is stored block-sparse", "ship this model with --precision fp32")
+        raise ConversionError(f"constant {name!r} is stored block-sparse", UNREAD_FIX)
     order = [int(v) for v in sparsity.traversalOrder] if sparsity.traversalOrder is not None else list(range(len(shape)))
     dims = list(sparsity.dimMetadata or [])
     if sorted(order) != list(range(len(shape))) or len(dims) != len(shape):
