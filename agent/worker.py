@@ -205,8 +205,9 @@ class Worker:
                 raise SelfTestError(f"{what}: output {name!r} missing or of the wrong shape")
             err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
             worst = max(worst, err)
-            if not err <= allowed.get(name, h["atol"]) and failed is None:
-                failed = f"output {name!r} strays {err:.4g} from the host's (allowed {allowed.get(name, h['atol']):.4g})"
+            limit = allowed.get(name, h["atol"])
+            if not err <= limit and failed is None:
+                failed = f"output {name!r} strays {err:.4g} from the host's (allowed {limit:.4g})"
             if want.ndim >= 2 and want.shape[-1] > 1:
                 agreement = min(agreement, float(np.mean(have.argmax(-1) == want.argmax(-1))))
         result = {"max_abs_err": round(worst, 6), "top1_agreement": round(agreement, 4), "atol": h["atol"],

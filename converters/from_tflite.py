@@ -86,39 +86,21 @@ def _check_read_back(model_path: Path, names: dict[int, str], inputs: dict, writ
     otherwise pass unseen, its INT8 model compared with a float model just as wrong. Checked on a
     few samples where LiteRT runs the source itself (a file with ops it lacks is not checked), on
     the graph's outputs as the file holds them (the tensors of --cut-at, kept for the check)."""
-    import sys
-    import warnings
-
     import numpy as np
 
-    from agent.runtimes.tflite import interpreter_class
+    from .tflite_reader import run_keeping_tensors
 
-    cls, _ = interpreter_class()
-    index = {name: i for i, name in names.items()}
-    resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    wanted = lambda file_names: {i: name for i, name in file_names.items() if name in outputs}  # noqa: E731
+    got: dict[str, list] = {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            it = cls(model_path=str(model_path), num_threads=1, experimental_preserve_all_tensors=True,
-                     experimental_op_resolver_type=resolver)
-        ins, outs = it.get_input_details(), [{"index": index[name]} for name in outputs]
-        n = min(READ_BACK_SAMPLES, len(next(iter(inputs.values()))))
-        fixed = int(ins[0]["shape"][0]) if ins[0]["shape_signature"][0] != -1 else None
-        step = fixed or n
-        got: dict[str, list] = {names[d["index"]]: [] for d in outs}
-        for start in range(0, n - (n % step if fixed else 0), step):
-            for d in ins:
-                it.resize_tensor_input(d["index"], [step, *inputs[names[d["index"]]].shape[1:]])
-            it.allocate_tensors()
-            for d in ins:
-                it.set_tensor(d["index"], inputs[names[d["index"]]][start:start + step].astype(d["dtype"]))
-            it.invoke()
-            for d in outs:
-                got[names[d["index"]]].append(it.get_tensor(d["index"]).copy())
+        for _, _, _, tensors in run_keeping_tensors(model_path, names, inputs, wanted, READ_BACK_SAMPLES,
+                                                    limit=READ_BACK_SAMPLES):
+            for name, v in tensors.items():
+                got.setdefault(name, []).append(v)
     except (RuntimeError, ValueError, KeyError):  # LiteRT cannot run the source (an op it lacks): nothing to check
         return
     for name, parts in got.items():
-        if not parts or name not in written:
+        if name not in written:
             continue
         source = np.concatenate(parts).astype(np.float64)
         ours = written[name][:len(source)].astype(np.float64)

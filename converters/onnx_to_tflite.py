@@ -247,6 +247,14 @@ class _Lowering:
         ok = len(users) == 1 and users[0].op_type == op_type and name not in self.graph_outputs
         return users[0] if ok else None
 
+    def axes_of(self, node) -> list[int] | None:
+        """A node's axes as ONNX numbers them: its attribute (older opsets) or its second input
+        (opset 13 on for Squeeze, 18 on for ReduceMean), which must be a constant; None if it has none."""
+        axes = node_attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1], node).reshape(-1)
+        return None if axes is None else [int(v) for v in axes]
+
     def scalar(self, name: str) -> float | None:
         """The value of a one-element constant, else None."""
         c = self.consts.get(name)
@@ -533,10 +541,11 @@ class _Lowering:
         The max of two tensors is refused."""
         if len(node.input) != 2 or sum(i in self.consts for i in node.input) != 1:
             raise _unsupported(node, " other than of a tensor and one constant")
-        c = self.scalar(node.input[1] if node.input[1] in self.consts else node.input[0])
+        data, const = node.input if node.input[1] in self.consts else node.input[::-1]
+        c = self.scalar(const)
         if c is None:
             raise _unsupported(node, " with a constant of more than one value")
-        x = self.src(node.input[0] if node.input[1] in self.consts else node.input[1])
+        x = self.src(data)
         nhwc, shape = x in self.nhwc, self.g.shapes[x]
         lifted = self.new(f"{node.output[0]}/lifted", shape, nhwc=nhwc)
         self.op("ADD", [x, self.add_const(f"{node.name}/minus_c", np.array([-c], np.float32))], lifted,
@@ -706,20 +715,13 @@ class _Lowering:
             c = [i for i in n.input if i != data]
             return self.consts.get(c[0]) if len(c) == 1 and len(n.input) == 2 else None
 
-        def axes_of(n):
-            a = node_attrs(n)
-            if "axes" in a:
-                return sorted(int(v) for v in a["axes"])
-            return sorted(int(v) for v in self.consts[n.input[1]]) if len(n.input) > 1 and n.input[1] in self.consts \
-                else None
-
         x, mean = node.input[0], node.output[0]
         shape = self.g.shapes.get(self.src(x), [])  # as lowered: known where ONNX's inference gave up
         if self.src(x) in self.nhwc:
             shape = [shape[i] for i in TO_NCHW]
-        axes, rank = axes_of(node), len(shape)
+        axes, rank = self.axes_of(node), len(shape)
         if not rank or axes is None or not node_attrs(node).get("keepdims", 1) or \
-                [v % rank for v in axes] != list(range(rank - len(axes), rank)):
+                sorted(v % rank for v in axes) != list(range(rank - len(axes), rank)):
             return False
         sub = sole(mean, "Sub")
         if sub is None or list(sub.input) != [x, mean]:
@@ -730,7 +732,7 @@ class _Lowering:
         if pow_ is None or div is None or len(users(d)) != 2 or self.scalar(pow_.input[1]) != 2.0:
             return False
         var = sole(pow_.output[0], "ReduceMean")
-        add = var is not None and axes_of(var) == axes and sole(var.output[0], "Add")
+        add = var is not None and sorted(self.axes_of(var) or []) == sorted(axes) and sole(var.output[0], "Add")
         eps = add and constant(add, var.output[0])
         sqrt = eps is not None and add and sole(add.output[0], "Sqrt")
         if not sqrt or np.asarray(eps).size != 1 or sole(sqrt.output[0], "Div") is not div:
@@ -913,10 +915,7 @@ class _Lowering:
         squeeze = self.reader_of(user.output[0], "Squeeze")
         if end != start + 1 or start < 0 or squeeze is None:
             return None
-        axes_sq = node_attrs(squeeze).get("axes")
-        if axes_sq is None and len(squeeze.input) > 1:
-            axes_sq = self.consts.get(squeeze.input[1])
-        if axes_sq is None or [int(v) for v in np.reshape(axes_sq, -1)] != [0]:
+        if self.axes_of(squeeze) != [0]:
             return None
         return user, squeeze, start, f"part{start}"
 
@@ -957,11 +956,9 @@ class _Lowering:
         as exporters write them): a global average pool, then [N, C] unless keepdims. The axes are
         an attribute up to opset 17 and an input from opset 18 (torch.onnx.export's default now)."""
         a = node_attrs(node)
-        axes = a.get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = self.const(node.input[1], node).astype(np.int64).tolist()
+        axes = self.axes_of(node)
         x = self.src(node.input[0])
-        if x not in self.nhwc or axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
+        if x not in self.nhwc or axes is None or sorted(v % 4 for v in axes) != [2, 3]:
             return self._mean(node, x, axes, bool(a.get("keepdims", 1)))
         if a.get("keepdims", 1):
             self._average_over_image(node, x, self.out_name(node.output[0], True))
@@ -1041,20 +1038,13 @@ class _Lowering:
         self.op("RESHAPE", [x, self.add_const(f"{node.name}/shape", new_shape)], y, name=node.name,
                 new_shape=new_shape)
 
-    def _squeeze_axes(self, node, rank: int) -> list[int] | None:
-        axes = node_attrs(node).get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = self.const(node.input[1], node).reshape(-1).tolist()
-        return None if axes is None else sorted(int(a) % rank for a in axes)
-
     def lower_Squeeze(self, node):
         """Axes of size 1 dropped (a recogniser's [N, C, 1, W] map to [N, C, W]): RESHAPE in ONNX's
         layout, which keeps the int8 scale. Not the batch axis."""
         x = self.in_onnx_layout(self.src(node.input[0]))
         shape = self.g.shapes[x]
-        axes = self._squeeze_axes(node, len(shape))
-        if axes is None:
-            axes = [i for i, d in enumerate(shape) if d == 1 and i]
+        axes = self.axes_of(node)
+        axes = [i for i, d in enumerate(shape) if d == 1 and i] if axes is None else sorted(a % len(shape) for a in axes)
         if 0 in axes or any(shape[i] != 1 for i in axes):
             raise _unsupported(node, f" of axes {axes} of a tensor shaped {shape}")
         self._reshape(node, x, [d for i, d in enumerate(shape) if i not in axes])
@@ -1063,8 +1053,8 @@ class _Lowering:
         """Axes of size 1 put in: RESHAPE in ONNX's layout. Not before the batch axis."""
         x = self.in_onnx_layout(self.src(node.input[0]))
         shape = list(self.g.shapes[x])
-        axes = self._squeeze_axes(node, len(shape) + (len(node_attrs(node).get("axes", [])) or
-                                                      (self.const(node.input[1], node).size if len(node.input) > 1 else 0)))
+        axes = self.axes_of(node) or []
+        axes = sorted(a % (len(shape) + len(axes)) for a in axes)
         if not axes or 0 in axes:
             raise _unsupported(node, f" of axes {axes}")
         for a in axes:

@@ -99,11 +99,13 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
     def decode(b):
         return b.decode() if isinstance(b, bytes) else str(b)
 
+    def kind_of(op) -> str:  # files from older converters fill only the deprecated field
+        code = model.operatorCodes[op.opcodeIndex]
+        return ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+
     # constants stored sparse, and what a DENSIFY makes of them, are constants too
     densified = {op.outputs[0] for op in sub.operators if op.inputs is not None and len(op.inputs) == 1
-                 and ops_by_code.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                                         model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)) == "DENSIFY"
-                 and sub.tensors[op.inputs[0]].sparsity is not None}
+                 and kind_of(op) == "DENSIFY" and sub.tensors[op.inputs[0]].sparsity is not None}
     taken: dict[str, int] = {}
     names: dict[int, str] = {}
     for sig in (model.signatureDefs or [])[:1]:  # I/O named as the signature names them ("pixels", not
@@ -149,8 +151,7 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
     computed_int = {names[i] for i, t in enumerate(sub.tensors)
                     if types[t.type] == "INT32" and names[i] not in graph.consts}
     for k, op in enumerate(sub.operators):
-        code = model.operatorCodes[op.opcodeIndex]  # files from older converters fill only the deprecated field
-        kind = ops_by_code.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        kind = kind_of(op)
         if needed is not None and k not in needed:  # past --cut-at
             continue
         if op.outputs is not None and len(op.outputs) and all(names[i] in computed_int for i in op.outputs):
@@ -169,7 +170,8 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
             graph.ops.append(_strided_as_slice(graph, op, names, k))
             continue
         if kind == "CUSTOM":  # named by its code: MediaPipe's Convolution2DTransposeBias, for one
-            custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
+            custom = model.operatorCodes[op.opcodeIndex].customCode
+            custom = custom.decode() if isinstance(custom, bytes) else custom
             before = " ".join(f"--cut-at {names[i]}" for i in (op.inputs if op.inputs is not None else [])
                               if i >= 0 and names[i] not in graph.consts)
             raise ConversionError(f"TFLite custom op {custom or '?'} (op {k}) has no form in edgeward's writer (and "
@@ -308,52 +310,64 @@ def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.nd
     return dense
 
 
-def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],
-                       method: str = "minmax", batch: int = 16,
-                       progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
-    """Activation ranges for every tensor, seen by running the float model in LiteRT with every
-    intermediate tensor kept. minmax: the extremes; percentile: the central 99.999 % of values.
-    `names` maps the file's tensor indices to graph names (None: a file edgeward wrote from the
-    graph, whose tensors carry the graph's names)."""
-    from agent.runtimes.tflite import interpreter_class
-
-    if method not in ("minmax", "percentile"):
-        raise ConversionError(f"calibration method {method!r} is not available for TFLite sources",
-                              "use --method minmax or percentile")
+def run_keeping_tensors(path: str | Path, names: dict[int, str] | None, data: dict[str, np.ndarray],
+                        wanted: Callable[[dict[int, str]], dict[int, str]], batch: int = 16, limit: int | None = None):
+    """Run a float .tflite file in LiteRT over `data` (graph input name -> array), `batch` rows at a
+    time (or the file's own fixed batch), every intermediate tensor kept and no delegate to hide
+    them, and yield (first row, rows a run takes, rows in all, {graph name: array}) for each run,
+    with the tensors `wanted` picks from the file's tensor index -> graph name map. `names` is that
+    map (None: a file edgeward wrote, whose tensors carry the graph's names); `limit` stops after
+    that many rows. Calibration and the read-back check of a TFLite source both run files so."""
     import sys
     import warnings
 
+    from agent.runtimes.tflite import interpreter_class
+
     cls, _ = interpreter_class()
     resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    with warnings.catch_warnings():  # keeping every tensor is what calibration is for; no delegate hides them
+    with warnings.catch_warnings():  # keeping every tensor is the point; no delegate hides them
         warnings.simplefilter("ignore")
         it = cls(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
                  experimental_op_resolver_type=resolver)
     inputs = it.get_input_details()
     if names is None:
         names = {d["index"]: d["name"] for d in it.get_tensor_details()}
-    by_name = {v: k for k, v in names.items()}
-    wanted = {by_name[n]: n for n in graph.activations() if n in by_name}
+    picked = wanted(names)
     n = len(next(iter(data.values())))
+    n = min(n, limit) if limit else n
     fixed = int(inputs[0]["shape"][0]) if inputs[0]["shape_signature"][0] != -1 else None
     step = fixed or batch
+    shape_of = None
+    for start in range(0, n - (n % step if fixed else 0), step):
+        feeds = {d["index"]: data[names[d["index"]]][start:start + step].astype(d["dtype"]) for d in inputs}
+        shapes = tuple(v.shape for v in feeds.values())
+        if shapes != shape_of:
+            for index, v in feeds.items():
+                it.resize_tensor_input(index, list(v.shape))
+            it.allocate_tensors()
+            shape_of = shapes
+        for index, v in feeds.items():
+            it.set_tensor(index, v)
+        it.invoke()
+        yield start, step, n, {name: it.get_tensor(index) for index, name in picked.items()}
+
+
+def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],
+                       method: str = "minmax", batch: int = 16,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
+    """Activation ranges for every tensor, seen by running the float model in LiteRT with every
+    intermediate tensor kept (run_keeping_tensors). minmax: the extremes; percentile: the central
+    99.999 % of values."""
+    if method not in ("minmax", "percentile"):
+        raise ConversionError(f"calibration method {method!r} is not available for TFLite sources",
+                              "use --method minmax or percentile")
+    activations = set(graph.activations())
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
     samples: dict[str, list[np.ndarray]] = {}
-    shape_of = None
-    for start in range(0, n - (n % step if fixed else 0), step):
-        feeds = {d["name"]: data[names[d["index"]]][start:start + step] for d in inputs}
-        shapes = tuple(v.shape for v in feeds.values())
-        if shapes != shape_of:
-            for d in inputs:
-                it.resize_tensor_input(d["index"], list(feeds[d["name"]].shape))
-            it.allocate_tensors()
-            shape_of = shapes
-        for d in inputs:
-            it.set_tensor(d["index"], feeds[d["name"]])
-        it.invoke()
-        for idx, name in wanted.items():
-            v = it.get_tensor(idx)
+    wanted = lambda names: {i: name for i, name in names.items() if name in activations}  # noqa: E731
+    for start, step, n, tensors in run_keeping_tensors(path, names, data, wanted, batch):
+        for name, v in tensors.items():
             lo[name] = min(lo.get(name, np.inf), float(v.min()))
             hi[name] = max(hi.get(name, -np.inf), float(v.max()))
             if method == "percentile":
