@@ -34,8 +34,10 @@ def _tf():
     return tf
 
 
-def to_float_tflite(path: str | Path, out: str | Path) -> Path:
-    """Write the Keras or SavedModel model as a float .tflite with TensorFlow's converter."""
+def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = False) -> Path:
+    """Write the Keras or SavedModel model as a float .tflite with TensorFlow's converter; with
+    `batch_of_one`, a Keras model is written for batches of one row, which lets the converter
+    fold the shape arithmetic its layers do for a batch of any size."""
     tf = _tf()
     path = Path(path)
     if not path.exists():
@@ -46,6 +48,8 @@ def to_float_tflite(path: str | Path, out: str | Path) -> Path:
                 converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
             else:
                 model = tf.keras.models.load_model(str(path), compile=False)
+                if batch_of_one:
+                    model = _for_batches_of_one(tf, model)
                 converter = tf.lite.TFLiteConverter.from_keras_model(model)
             flat = converter.convert()
     except ConversionError:
@@ -57,6 +61,33 @@ def to_float_tflite(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.write_bytes(flat)
     return out
+
+
+def _for_batches_of_one(tf, model):
+    """The Keras model called on inputs of batch size 1 (same names, same weights)."""
+    inputs = [tf.keras.Input(batch_shape=(1, *i.shape[1:]), dtype=i.dtype, name=i.name) for i in model.inputs]
+    return tf.keras.Model(inputs, model(inputs if len(inputs) > 1 else inputs[0]), name=model.name)
+
+
+def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> Path:
+    """TensorFlow's float .tflite of the model, for a batch of any size where edgeward can read that
+    one, else for batches of one: a Keras Dense on a sequence ([N, T, D], a transformer's) computes
+    its reshapes from the batch size at run time, which a batch of one makes constants."""
+    from .tflite_reader import read_tflite
+
+    flat = to_float_tflite(path, out)
+    try:
+        read_tflite(flat)
+        return flat
+    except ConversionError as exc:
+        if path.is_dir():  # a SavedModel's signature fixes its shapes
+            raise ConversionError(exc.message, "save the model with a fixed batch size (1), or "
+                                  "convert it from its Keras file") from exc
+    flat = to_float_tflite(path, out, batch_of_one=True)
+    read_tflite(flat)  # what still fails says why, in the reader's words
+    say("TensorFlow float conversion, for batches of one row (the model computes shapes from its batch size)",
+        1, 1)
+    return flat
 
 
 def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, evaluation=None, options=None,
@@ -71,7 +102,8 @@ def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, e
     with tempfile.TemporaryDirectory(prefix="edgeward-tf-") as tmp:
         if progress:
             progress("TensorFlow float conversion", 0, 1)
-        flat = to_float_tflite(path, Path(tmp) / f"{opts.name}.tflite")
+        flat = _float_tflite_edgeward_reads(path, Path(tmp) / f"{opts.name}.tflite",
+                                            progress or (lambda *a: None))
         if progress:
             progress("TensorFlow float conversion", 1, 1)
         return convert_tflite(flat, calibration, out_path, key_path, evaluation, opts, progress, source_label=label)

@@ -208,9 +208,12 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                 options["block_size"] = int(o.blockSize)
             if kind == "LEAKY_RELU":
                 options["alpha"] = float(o.alpha)
-            if getattr(o, "keepNumDims", False):
-                raise ConversionError(f"FULLY_CONNECTED op {k} keeps its input's rank (keep_num_dims)",
-                                      UNREAD_FIX)
+            if kind == "BATCH_MATMUL":  # Q Kᵀ may be written with K's transpose as an option
+                options["adj_x"], options["adj_y"] = bool(o.adjX), bool(o.adjY)
+            if kind == "GELU":
+                options["approximate"] = bool(o.approximate)
+            if getattr(o, "keepNumDims", False):  # a Keras Dense on tokens: [N, T, D] -> [N, T, E]
+                options["keep_num_dims"] = True
         inputs = [names[i] if i >= 0 else "" for i in op.inputs]
         if kind in ("LEAKY_RELU", "DEPTH_TO_SPACE") and o is None:
             raise ConversionError(f"{kind} op {k} has no options", UNREAD_FIX)
@@ -240,7 +243,44 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                 raise ConversionError(f"{kind} op {k} has computed (non-constant) weights",
                                       UNREAD_FIX)
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
+    _layer_norms_in_float(graph)
     return simplify(graph), names
+
+
+def _layer_norms_in_float(graph: Graph) -> None:
+    """Keep each LayerNorm in float (Graph.float_layers), as the ONNX path does, in the form
+    TensorFlow writes it: mean = MEAN(x); var = MEAN(SQUARED_DIFFERENCE(x, mean));
+    RSQRT(var + eps); then MULs, a NEG and ADDs that scale, centre and shift.
+    The layer is every op from the first MEAN on that reads only x, constants and the layer's
+    own tensors; its ops share one name, so the manifest counts it once."""
+    producer = {out: op for op in graph.ops for out in op.outputs}
+
+    def made_by(name: str, *kinds: str):
+        op = producer.get(name)
+        return op if op is not None and op.kind in kinds else None
+
+    def data_inputs(op: Op) -> list[str]:
+        return [n for n in op.inputs if n and n not in graph.consts]
+
+    for n, rsqrt in enumerate([op for op in graph.ops if op.kind == "RSQRT"]):
+        shift = made_by(rsqrt.inputs[0], "ADD")
+        var = shift and len(data_inputs(shift)) == 1 and made_by(data_inputs(shift)[0], "MEAN")
+        square = var and made_by(var.inputs[0], "SQUARED_DIFFERENCE")
+        mean = square and made_by(square.inputs[1], "MEAN")
+        if not mean or mean.inputs[0] != square.inputs[0]:
+            continue
+        x, steps = square.inputs[0], [mean, square, var, shift, rsqrt]
+        inside = {out for op in steps for out in op.outputs}
+        for op in graph.ops[graph.ops.index(mean):]:
+            ins = data_inputs(op)
+            if op not in steps and op.kind in ("MUL", "ADD", "SUB", "NEG") and ins and \
+                    set(ins) <= inside | {x} and set(ins) & inside:
+                steps.append(op)
+                inside.update(op.outputs)
+        name = f"layer_norm_{n}"
+        for op in steps:
+            op.name = name
+        graph.float_layers.add(name)
 
 
 def _strided_as_slice(graph: Graph, op, names: dict[int, str], k: int) -> Op:

@@ -569,6 +569,34 @@ def build_tflite_mlp(path: str | Path, features: int = 64, hidden: int = 32, cla
     return path, weights
 
 
+def build_keras_digits_transformer(path: str | Path, epochs: int = 20, seed: int = 0, width: int = 32,
+                                   heads: int = 4) -> float:
+    """Train and save (.keras) a small Keras transformer on the digits; return its FP32 test
+    accuracy. The Keras counterpart of build_digits_transformer, built from Keras' own layers as
+    Keras users build theirs: Dense on the 8 row tokens, MultiHeadAttention, post-norm
+    LayerNormalization, a GELU Dense MLP, GlobalAveragePooling1D. TensorFlow's TFLite converter
+    writes its LayerNorms as MEAN, SQUARED_DIFFERENCE, RSQRT, NEG and MULs, and its Dense layers
+    on tokens as FULLY_CONNECTED with keep_num_dims. Takes the digits CNN's [N, 1, 8, 8] input.
+    Needs TensorFlow (edgeward[tensorflow])."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    keras, layers = tf.keras, tf.keras.layers
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((1, 8, 8), name=INPUT_NAME)
+    x = layers.Dense(width)(layers.Reshape((8, 8))(image))
+    x = layers.LayerNormalization()(x + layers.MultiHeadAttention(heads, width // heads)(x, x))
+    x = layers.LayerNormalization()(x + layers.Dense(width)(layers.Dense(2 * width, activation="gelu")(x)))
+    model = keras.Model(image, layers.Dense(10)(layers.GlobalAveragePooling1D()(x)))
+    x_tr, y_tr, x_te, y_te = digits_dataset()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_tr, y_tr, epochs=epochs, batch_size=64, verbose=0)
+    model.save(path)
+    return float((model.predict(x_te, verbose=0).argmax(1) == y_te).mean())
+
+
 def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, width: int = 32,
                              heads: int = 2) -> float:
     """Train and write a small transformer on the digits; return its FP32 test accuracy.

@@ -27,6 +27,7 @@ from converters.convert import ConvertOptions, convert_onnx
 from converters.measure import TfliteSession
 from converters.onnx_to_tflite import calibration_ranges, lower
 from converters.tflite_graph import op_counts, write_tflite
+from tflitekit import op_dtypes
 
 
 def _onnx_out(path, name, x):
@@ -301,7 +302,7 @@ def test_a_model_as_torch_exports_it_by_default_converts_to_both_formats(assets,
     assert report["fp32_bytes"] == fp32_file and report["int8_vs_fp32"] < 0.4
     assert report["quality"]["samples"] == 37 and report["quality"]["top1_agreement"] >= 0.9
     if fmt == "tflite":
-        assert report["graph"]["ops"]["AVERAGE_POOL_2D"] == 1 and report["graph"]["tensor_dtypes"]["float32"] == 2
+        assert report["graph"]["ops"]["MEAN"] == 1 and report["graph"]["tensor_dtypes"]["float32"] == 2
     engine = Engine(Budget(4096, reserve_mb=0))
     model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "m.ewb", [load_public_key(assets.pub)])))
     assert model.manifest.inputs[0].shape == [1, 3, 16, 16] and model.self_test()["top1_agreement"] == 1.0
@@ -401,6 +402,11 @@ def test_a_mobilenet_v3_style_net_becomes_full_integer_tflite_without_hard_swish
     counts = report["graph"]
     assert "HARD_SWISH" not in counts["ops"] and counts["ops"]["MUL"] >= 10 and counts["ops"]["ADD"] >= 8
     assert counts["tensor_dtypes"]["float32"] == 2  # the float I/O: every weight and activation is int8
+    # the three global pools (two squeeze-excite gates, the classifier's) are int8 MEANs, which
+    # XNNPACK takes: the whole model runs as one XNNPACK partition (an int8 AVERAGE_POOL_2D would
+    # split it at each pool)
+    assert counts["ops"]["MEAN"] == 3 and "AVERAGE_POOL_2D" not in counts["ops"]
+    assert _xnnpack_partitions(_member(out, "model.tflite", tmp_path / "mv3.tflite")) == 1
     q = report["quality"]
     assert q["top1_agreement"] >= 0.9 and q["max_abs_err"] <= 0.1 * q["output_range"], q
 
@@ -1177,19 +1183,14 @@ def test_a_constant_made_from_a_shape_is_used_where_it_does_not_depend_on_the_fr
                                    rng.standard_normal((16, 3, 8, 10)).astype(np.float32), tmp_path)
 
 
-def _op_dtypes(path: Path) -> dict[str, set[str]]:
-    """Each op kind in a .tflite file -> the dtypes of the tensors its ops put out."""
-    from ai_edge_litert import schema_py_generated as s
+def _xnnpack_partitions(path: Path) -> int:
+    """How many parts of the model XNNPACK takes, as LiteRT plans it: each op XNNPACK cannot run
+    in the middle of a model splits it into one more."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    model = s.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
-    sub = model.subgraphs[0]
-    kinds = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
-    found: dict[str, set[str]] = {}
-    for op in sub.operators:
-        kind = kinds[model.operatorCodes[op.opcodeIndex].builtinCode]
-        found.setdefault(kind, set()).add(types[sub.tensors[op.outputs[0]].type])
-    return found
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    return sum(o["op_name"] == "DELEGATE" for o in it._get_ops_details())  # the model's ops, then the delegate's
 
 
 def test_a_small_transformer_becomes_int8_tflite_with_its_layer_norms_in_float(tmp_path):
@@ -1208,7 +1209,7 @@ def test_a_small_transformer_becomes_int8_tflite_with_its_layer_norms_in_float(t
     write_tflite(lower(onnx.load(str(tmp_path / "t.onnx"))), tmp_path / "float.tflite")
     want = _onnx_out(tmp_path / "t.onnx", "input", x)
     np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "input", x), want, rtol=0, atol=1e-4)
-    dtypes = _op_dtypes(model)
+    dtypes = op_dtypes(model)
     ops = op_counts(model)["ops"]
     assert ops["BATCH_MATMUL"] == 2 and ops["GELU"] == 1 and ops["FULLY_CONNECTED"] == 8 and ops["RSQRT"] == 3
     for kind in ("BATCH_MATMUL", "GELU", "FULLY_CONNECTED", "SOFTMAX"):
@@ -1259,7 +1260,7 @@ def test_layer_normalization_lowers_to_float_ops_that_compute_what_onnxruntime_d
     np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0,
                                atol=1e-5 * float(np.abs(want).max()))
     write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(source, lowered, {"x": x}))
-    dtypes = _op_dtypes(tmp_path / "int8.tflite")
+    dtypes = op_dtypes(tmp_path / "int8.tflite")
     assert dtypes["FULLY_CONNECTED"] == {"int8"} and dtypes["RSQRT"] == {"float32"} and dtypes["MEAN"] == {"float32"}
     err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
     assert err.max() <= 0.03 * (want.max() - want.min()), err.max()
@@ -1375,7 +1376,7 @@ def test_a_ppocr_style_encoder_of_opset_12_converts_to_int8_tflite(tmp_path):
     write_tflite(lowered, tmp_path / "float.tflite")
     want = _onnx_out(source, "x", x)
     np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0, atol=1e-5)
-    dtypes = _op_dtypes(model)
+    dtypes = op_dtypes(model)
     assert dtypes["BATCH_MATMUL"] == dtypes["SOFTMAX"] == dtypes["FULLY_CONNECTED"] == {"int8"}
     assert dtypes["RSQRT"] == {"float32"}
     err = np.abs(_tflite_out(model, "x", x) - want)
@@ -1399,7 +1400,7 @@ def test_a_float_layer_norms_output_reshaped_into_a_conv_is_quantized_on_its_own
     ranges = calibration_ranges(source, lowered, {"x": x})
     assert ranges["map/as_nhwc"] == ranges["map"]
     write_tflite(lowered, tmp_path / "int8.tflite", ranges)
-    assert _op_dtypes(tmp_path / "int8.tflite")["CONV_2D"] == {"int8"}
+    assert op_dtypes(tmp_path / "int8.tflite")["CONV_2D"] == {"int8"}
     want = _onnx_out(source, "x", x)
     err = np.abs(_tflite_out(tmp_path / "int8.tflite", "x", x) - want)
     assert err.max() <= 0.03 * (want.max() - want.min()), err.max()

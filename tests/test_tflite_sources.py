@@ -121,6 +121,52 @@ def test_a_keras_model_with_a_fixed_batch_size_is_measured_on_every_sample_and_s
     engine.close()
 
 
+def test_a_keras_transformer_converts_with_its_layer_norms_in_float_and_serves(keys, tmp_path):
+    """Keras' Dense on a sequence computes its reshapes from the batch size at run time, which
+    edgeward cannot read: the model is written again for batches of one, where they are constants.
+    TensorFlow writes LayerNormalization as MEAN, SQUARED_DIFFERENCE, RSQRT, NEG and MULs: those stay
+    float, as the ONNX path keeps its LayerNorms; attention and the Dense layers are int8."""
+    import tensorflow as tf
+
+    from converters import zoo
+    from tflitekit import op_dtypes
+
+    accuracy = zoo.build_keras_digits_transformer(tmp_path / "t.keras", epochs=20)
+    calib, evaluation = zoo.write_digits_npz(tmp_path)
+    steps = []
+    report = convert_tensorflow(tmp_path / "t.keras", calib, tmp_path / "t.ewb", keys[0], evaluation,
+                                ConvertOptions(name="kt"), progress=lambda label, done, total: steps.append(label))
+    assert accuracy >= 0.8 and report["quality"]["accuracy_fp32"] == pytest.approx(accuracy, abs=0.005)
+    assert any("batches of one" in label for label in steps)
+    assert report["quality"]["accuracy_drop_pp"] <= 2.0
+    with tarfile.open(tmp_path / "t.ewb") as tar:
+        (tmp_path / "t.tflite").write_bytes(tar.extractfile("model.tflite").read())
+        manifest = json.load(tar.extractfile("manifest.json"))
+    dtypes = op_dtypes(tmp_path / "t.tflite")
+    assert dtypes["FULLY_CONNECTED"] == dtypes["BATCH_MATMUL"] == dtypes["SOFTMAX"] == {"int8"}
+    assert dtypes["RSQRT"] == dtypes["SQUARED_DIFFERENCE"] == dtypes["NEG"] == {"float32"}
+    assert dtypes["MEAN"] == {"float32", "int8"}  # the LayerNorms' means in float, the tokens' mean in int8
+    assert "2 LayerNorm layer(s) in float" in manifest["producer"]
+
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "t.ewb", [load_public_key(keys[1])])))
+    assert model.manifest.inputs[0].shape == [1, 1, 8, 8]
+    model.self_test()
+    engine.activate(model)
+    with np.load(evaluation) as d:
+        x = d["input"][:40]
+    out = np.concatenate([next(iter(engine.infer_arrays("kt", {"input": row[None]})[1].values())) for row in x])
+    keras_out = tf.keras.models.load_model(tmp_path / "t.keras", compile=False).predict(x, verbose=0)
+    assert (out.argmax(1) == keras_out.argmax(1)).mean() >= 0.95
+    engine.close()
+
+    # a SavedModel's signature fixes its shapes: it cannot be written again for batches of one
+    tf.keras.models.load_model(tmp_path / "t.keras", compile=False).export(tmp_path / "saved", verbose=False)
+    with pytest.raises(ConversionError, match="computed shape: save the model with a fixed batch size"):
+        convert_tensorflow(tmp_path / "saved", calib, tmp_path / "s.ewb", keys[0], evaluation, ConvertOptions(name="s"))
+    assert not (tmp_path / "s.ewb").exists()
+
+
 def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
     folder, keras_model = keras_digits
     report = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "t.ewb", keys[0],

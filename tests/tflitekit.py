@@ -23,7 +23,23 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "c2f-int8": ("c2f", "image", False),          # YOLOv8's parts: SiLU, Split and Slice as SLICE, SAME max pools
     "yolo-int8": ("yolo", "input", False),        # YOLOv8's decoding: TRANSPOSE, RESHAPE, SOFTMAX, a float output concat
     "transformer-int8": ("transformer", "input", False),  # attention (BATCH_MATMUL), GELU, LayerNorm in float
+    "keras-transformer-int8": ("ktransformer", "input", False),  # TensorFlow's LayerNorm: NEG, SQUARED_DIFFERENCE
 }
+
+
+def op_dtypes(path: str | Path) -> dict[str, set[str]]:
+    """Each op kind in a .tflite file -> the dtypes of the tensors its ops put out."""
+    from ai_edge_litert import schema_py_generated as s
+
+    model = s.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    sub = model.subgraphs[0]
+    kinds = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k.lower() for k, v in vars(s.TensorType).items() if not k.startswith("_")}
+    found: dict[str, set[str]] = {}
+    for op in sub.operators:
+        kind = kinds[model.operatorCodes[op.opcodeIndex].builtinCode]
+        found.setdefault(kind, set()).add(types[sub.tensors[op.outputs[0]].type])
+    return found
 
 
 def _keras_model(folder: Path):
@@ -81,21 +97,23 @@ def build(folder: str | Path) -> Path:
     zoo.build_strip_upsampler(folder / "strip.onnx", size=32)
     zoo.build_c2f_cnn(folder / "c2f.onnx", size=32)
     zoo.build_digits_transformer(folder / "transformer.onnx", epochs=8)
+    zoo.build_keras_digits_transformer(folder / "ktransformer.keras", epochs=8)
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
             "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
             "strip": zoo.write_image_npz(folder / "strip", size=32),
             "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder),
-            "transformer": zoo.write_digits_npz(folder / "transformer")}
+            "transformer": zoo.write_digits_npz(folder / "transformer"),
+            "ktransformer": zoo.write_digits_npz(folder / "ktransformer")}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
         bundle = folder / f"{stem}.ewb"
         options = ConvertOptions(name=stem, format="tflite", tflite_int8_io=int8_io, allow_worse=True)
-        if model == "keras":
+        if model in ("keras", "ktransformer"):
             from converters.from_tensorflow import convert_tensorflow
 
-            convert_tensorflow(folder / "keras.keras", calib, bundle, key, evaluation, options)
+            convert_tensorflow(folder / f"{model}.keras", calib, bundle, key, evaluation, options)
         else:
             convert_onnx(folder / f"{model}.onnx", calib, bundle, key, evaluation, options)
         import tarfile
