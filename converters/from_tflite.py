@@ -19,7 +19,7 @@ from .convert import ConvertOptions, Progress, _check_options, _finish, _model_n
 from .prune import prune_arrays
 from .targets import TfliteTarget
 from .tflite_graph import WEIGHTED, write_tflite
-from .tflite_reader import calibration_ranges, read_tflite
+from .tflite_reader import calibration_ranges, litert_runs, read_tflite
 
 
 def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: str | Path,
@@ -45,8 +45,8 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
     name = _model_name(opts.name, model_path)
     with tempfile.TemporaryDirectory(prefix="edgeward-convert-") as tmp:
         original, calibrated_file, pruning = graph, model_path, None
-        if opts.cut_at:  # calibrated as kept: the file's own tail may hold ops LiteRT lacks
-            calibrated_file, names = write_tflite(graph, Path(tmp) / "cut-float.tflite"), None
+        if opts.cut_at or not litert_runs(model_path):  # calibrated as read: the file (or its tail) holds
+            calibrated_file, names = write_tflite(graph, Path(tmp) / "read-float.tflite"), None  # ops LiteRT lacks
         if opts.prune:  # unstructured: the smallest weights of the weighted layers, calibrated as pruned
             say("pruning", 0, 1)
             graph = copy.deepcopy(graph)

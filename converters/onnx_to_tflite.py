@@ -29,6 +29,7 @@ import numpy as np
 from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
+from .subpixel import subpixel_weights
 from .tflite_graph import SAME_SCALE, Graph, Op
 from .tflite_simplify import simplify
 
@@ -358,7 +359,7 @@ class _Lowering:
                for i, (size, s, k) in enumerate(zip((h, wd), stride, (kh, kw)))]
         taps = [-(-k // s) for k, s in zip((kh, kw), stride)]  # input pixels one output pixel reads, per axis
         if stride[0] == stride[1] and all(pads[i] + out[i] <= ((h, wd)[i] + taps[i] - 1) * stride[i] for i in range(2)):
-            return self._upsample_by_depth_to_space(node, x, w, b, node_out, stride[0], taps, pads, out)
+            return self._upsample_by_depth_to_space(node, x, w, b, node_out, stride[0], pads, out)
         # TFLite pads a transposed conv by its padding type alone: VALID puts nothing in front, SAME
         # puts half of what the output size leaves over in front (the rest, and output_padding, at the
         # end). Other paddings are a VALID one cropped by a SLICE.
@@ -385,25 +386,13 @@ class _Lowering:
         if crop:
             self._crop(node, y, final, pads[:2], [n, *crop, cout])
 
-    def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, taps, pads, out):
-        """A transposed conv of stride s as the sub-pixel convolution it equals: output pixel
-        q * s + r (phase r) is a plain conv of the input with the kernel taps r, r + s, r + 2s, ...
-        (reversed), so one CONV_2D computes all s*s phases as s*s*C channels and DEPTH_TO_SPACE
-        lays them out (a SLICE crops ONNX's padding). These ops have int8 kernels in XNNPACK, where
-        TRANSPOSE_CONV has float ones only (its int8 form ran 7x slower than FP32), and leave the
-        batch free. A kernel the size of its stride (DBNet's and U-Net's 2x2, stride 2) is a 1x1 conv."""
-        cout, cin, kh, kw = w.shape
+    def _upsample_by_depth_to_space(self, node, x, w, b, node_out, s, pads, out):
+        """A transposed conv of stride s as the sub-pixel convolution it equals (converters/subpixel.py):
+        CONV_2D, DEPTH_TO_SPACE, and a SLICE that crops ONNX's padding. These ops have int8
+        kernels in XNNPACK, where TRANSPOSE_CONV has float ones only, and leave the batch free."""
+        cout = w.shape[0]
         n, h, wd, _ = self.g.shapes[x]
-        th, tw = taps
-        # conv output channel (rh * s + rw) * cout + o, tap (jh, jw): the kernel's row (th-1-jh)*s + rh, ...
-        wc = np.zeros((s, s, cout, th, tw, cin), np.float32)
-        for rh in range(s):
-            for rw in range(s):
-                for jh in range(th):
-                    for jw in range(tw):
-                        kr, kc = (th - 1 - jh) * s + rh, (tw - 1 - jw) * s + rw
-                        if kr < kh and kc < kw:
-                            wc[rh, rw, :, jh, jw, :] = w[:, :, kr, kc]
+        wc, (th, tw) = subpixel_weights(w, s)
         final = self.out_name(node_out, True)
         if th > 1 or tw > 1:  # every tap reads inside the zero-padded input
             x = self._explicit_pad(node, x, [th - 1, tw - 1, th - 1, tw - 1])
@@ -411,7 +400,7 @@ class _Lowering:
         full = [grid[0] * s, grid[1] * s]
         cropped = pads[0] or pads[1] or out != full
         y = f"{node.name}/full" if cropped else final
-        weights = self.add_const(f"{node.name}/weights", wc.reshape(s * s * cout, th, tw, cin))
+        weights = self.add_const(f"{node.name}/weights", wc)
         bias = self.add_const(f"{node.name}/bias", np.tile(b, s * s).astype(np.float32))
         conv_out = self.new(f"{node.name}/phases" if s > 1 else y, [n, *grid, s * s * cout], nhwc=True)
         self.op("CONV_2D", [x, weights, bias], conv_out, name=node.name, padding="VALID", stride=(1, 1),

@@ -51,7 +51,8 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
              "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
              "DEPTH_TO_SPACE": (1, 2), "LEAKY_RELU": (1, 2), "PRELU": (1, 1), "GELU": (1, 2),
-             "BATCH_MATMUL": (1, 2), "RSQRT": (1, 1), "NEG": (1, 1), "SQUARED_DIFFERENCE": (1, 1)}
+             "BATCH_MATMUL": (1, 2), "RSQRT": (1, 1), "NEG": (1, 1), "SQUARED_DIFFERENCE": (1, 1),
+             "STRIDED_SLICE": (1, 2)}
 
 
 def _version(kind: str, int8: bool, op: "Op | None") -> int:
@@ -305,6 +306,10 @@ def _options(s, op: Op):
         return s.BuiltinOptions.PadOptions, s.PadOptionsT()
     if k == "SLICE":
         return s.BuiltinOptions.SliceOptions, s.SliceOptionsT()
+    if k == "STRIDED_SLICE":
+        x = s.StridedSliceOptionsT()
+        x.endMask = int(o.get("end_mask", 0))
+        return s.BuiltinOptions.StridedSliceOptions, x
     if k == "LEAKY_RELU":
         x = s.LeakyReluOptionsT()
         x.alpha = float(o["alpha"])
@@ -408,6 +413,20 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         emit("MUL", [x, const_int8("relu/one", np.array([1.0], np.float32))], [y],
              Op("MUL", [], [], {"activation": kind}), int8=True)
 
+    def slice_to_the_end(op: Op) -> tuple:
+        """(kind, inputs, outputs, options) of a SLICE whose size runs to the end of an axis (-1:
+        the batch, whatever its size) as the STRIDED_SLICE it is, with that axis's end masked:
+        XNNPACK takes no SLICE with a -1 size, and each one split a model between it and TFLite's
+        own kernels (YOLOv8's C2f blocks split their channels so: a part per block)."""
+        x, begin, size = op.inputs
+        b, n = graph.consts[begin].astype(np.int64), graph.consts[size].astype(np.int64)
+        end, strides = f"{op.outputs[0]}/end", f"{op.outputs[0]}/strides"
+        em.tensor(end, [len(n)], i32, data=np.where(n < 0, 0, b + n).astype(np.int32))
+        em.tensor(strides, [len(n)], i32, data=np.ones(len(n), np.int32))
+        mask = sum(1 << i for i, v in enumerate(n) if v < 0)
+        return ("STRIDED_SLICE", [ins.get(x, x), begin, end, strides], list(op.outputs),
+                Op("STRIDED_SLICE", [], [], {"end_mask": mask}))
+
     def global_pool_int8(op: Op, x: str) -> bool:
         """An AVERAGE_POOL_2D over the whole image (a classifier's global pool, a squeeze-excite
         block's) as MEAN over height and width at the same scale: XNNPACK takes no int8
@@ -425,17 +444,50 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         emit("MEAN", [x, "mean/hw"], op.outputs, Op("MEAN", [], [], {"keep_dims": True}), int8=True)
         return True
 
+    def hard_swish_int8(op: Op, x: str) -> None:
+        """HARD_SWISH as x * relu6(x + 3) / 6: ADD with RELU6 fused, MUL, MUL by 1/6, as the ONNX
+        path lowers it. XNNPACK has no int8 HARD_SWISH: MediaPipe's selfie segmenter, whose float
+        file holds eleven, ran at 1.78x its FP32 time in INT8 with them. The steps' ranges follow
+        from x's grid; the output keeps its calibrated one."""
+        scale, zero = qp[x]
+        grid = np.append(np.linspace(scale * (-128 - zero), scale * (127 - zero), 256), -1.5)
+        product = grid * np.clip(grid + 3, 0, 6)  # x * relu6(x + 3) over x's range (its least at x = -1.5)
+        tag = f"{op.outputs[0]}/hard_swish"
+        parts = {f"{tag}/relu6": (0.0, 6.0), f"{tag}/x6": (float(product.min()), float(product.max()))}
+        for name, (a, b) in parts.items():
+            shapes[name] = shapes[x]
+            activation(name, True, activation_qparams(a, b))
+        clipped, product_name = parts
+        emit("ADD", [x, const_int8(f"{tag}/three", np.array([3.0], np.float32))], [clipped],
+             Op("ADD", [], [], {"activation": "RELU6"}), int8=True)
+        emit("MUL", [x, clipped], [product_name], Op("MUL", [], [], {"activation": "NONE"}), int8=True)
+        activation(op.outputs[0], True)
+        emit("MUL", [product_name, const_int8("hard_swish/sixth", np.array([1 / 6], np.float32))], op.outputs,
+             Op("MUL", [], [], {"activation": "NONE"}), int8=True)
+
     def prelu_int8(op: Op, x: str) -> None:
-        """PRELU as relu(x) + slope * min(x, 0): the RELU as above, MUL by -1 with a fused RELU,
-        MUL by -slope, ADD. XNNPACK has no int8 PRELU: eight conv + PRELU layers ran at 1.64x their
-        FP32 time, and at 0.36x in this form (MediaPipe's face and palm models are full of them).
-        The steps' ranges follow from x's grid; the output keeps its calibrated one."""
+        """PRELU in ops XNNPACK runs in int8 (it has no int8 PRELU: eight conv + PRELU layers ran
+        at 1.64x their FP32 time, and at 0.36x in the four-op form; MediaPipe's face and palm
+        models are full of them). With every slope at most 1 (as trained slopes are), two ops:
+        x + (1 - slope) * relu(-x), the second term one MUL by -(1 - slope) with a RELU fused.
+        Otherwise relu(x) + slope * min(x, 0): the RELU as above, MUL by -1 with a fused RELU,
+        MUL by -slope, ADD. The steps' ranges follow from x's grid; the output keeps its
+        calibrated one."""
         scale, zero = qp[x]
         lo, hi = scale * (-128 - zero), scale * (127 - zero)
         slope = graph.consts[op.inputs[1]].astype(np.float32)
         rank = len(shapes[x])
         slope = slope.reshape((1,) * (rank - slope.ndim) + slope.shape) if slope.ndim < rank else slope
         tag = f"{op.outputs[0]}/prelu"
+        if float(slope.max()) <= 1.0:
+            gap = f"{tag}/lifted"  # (1 - slope) * relu(-x): what takes x's negative part to slope * x
+            shapes[gap] = shapes[x]
+            activation(gap, True, activation_qparams(0.0, max(0.0, -lo) * float((1 - slope).max())))
+            emit("MUL", [x, const_int8(f"{tag}/minus_gap", slope - 1)], [gap],
+                 Op("MUL", [], [], {"activation": "RELU"}), int8=True)
+            activation(op.outputs[0], True)
+            emit("ADD", [x, gap], op.outputs, Op("ADD", [], [], {"activation": "NONE"}), int8=True)
+            return
         ends = (lo * float(slope.max()), lo * float(slope.min()))  # slope * min(x, 0) at x's lowest
         parts = {f"{tag}/positive": (0.0, hi), f"{tag}/negated": (0.0, -lo),
                  f"{tag}/negative": (min(0.0, *ends), max(0.0, *ends))}
@@ -509,6 +561,9 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             if int8 and op.kind == "PRELU":
                 prelu_int8(op, ins[src])
                 continue
+            if int8 and op.kind == "HARD_SWISH":
+                hard_swish_int8(op, ins[src])
+                continue
             if int8 and op.kind in ("RELU", "RELU6"):
                 activation(op.outputs[0], True)
                 relu_int8(ins[src], op.outputs[0], op.kind)
@@ -535,6 +590,9 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             activation(out, True, _output_qparams(rng(out), in_scale * float(scales.max())))
         else:
             activation(out, int8)
+        if op.kind == "SLICE" and op.inputs[2] in graph.consts and np.any(graph.consts[op.inputs[2]] < 0):
+            emit(*slice_to_the_end(op), int8=int8)
+            continue
         emit(op.kind, inputs, [out], op, int8=int8)
 
     outputs = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.errors import ConversionError, first_line
 
+from .subpixel import transpose_convs_as_subpixel
 from .tflite_graph import SUPPORTED, Graph, Op
 from .tflite_simplify import simplify
 
@@ -172,6 +173,9 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
         if kind == "CUSTOM":  # named by its code: MediaPipe's Convolution2DTransposeBias, for one
             custom = model.operatorCodes[op.opcodeIndex].customCode
             custom = custom.decode() if isinstance(custom, bytes) else custom
+            if custom == "Convolution2DTransposeBias" and op.customOptions is not None:
+                graph.ops.append(_transpose_conv_bias(graph, op, names, k))
+                continue
             before = " ".join(f"--cut-at {names[i]}" for i in (op.inputs if op.inputs is not None else [])
                               if i >= 0 and names[i] not in graph.consts)
             raise ConversionError(f"TFLite custom op {custom or '?'} (op {k}) has no form in edgeward's writer (and "
@@ -244,7 +248,29 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                                       UNREAD_FIX)
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
     _layer_norms_in_float(graph)
+    transpose_convs_as_subpixel(graph)
     return simplify(graph), names
+
+
+def _transpose_conv_bias(graph: Graph, op, names: dict[int, str], k: int) -> Op:
+    """MediaPipe's custom Convolution2DTransposeBias (its selfie segmenter's last upsampling) as
+    the TRANSPOSE_CONV with a bias it is: inputs (x, weights [cout, kh, kw, cin], bias); its
+    options are a C struct of padding (1 SAME, 2 VALID), stride width, stride height."""
+    import struct
+
+    raw = bytes(np.asarray(op.customOptions, np.uint8))
+    if len(raw) < 12 or op.inputs is None or len(op.inputs) != 3:
+        raise ConversionError(f"custom op Convolution2DTransposeBias (op {k}) is not in MediaPipe's form", UNREAD_FIX)
+    padding, stride_w, stride_h = struct.unpack("<iii", raw[:12])
+    x, w, b = (names[i] for i in op.inputs)
+    y = names[op.outputs[0]]
+    if w not in graph.consts or b not in graph.consts or padding not in (1, 2) or min(graph.shapes[y][1:3]) <= 0:
+        raise ConversionError(f"custom op Convolution2DTransposeBias (op {k}) has computed weights or shapes",
+                              UNREAD_FIX)
+    shape = f"op{k}/output_shape"
+    graph.consts[shape] = np.array([max(graph.shapes[y][0], 1), *graph.shapes[y][1:]], np.int32)
+    return Op("TRANSPOSE_CONV", [x, w, b, shape], [y], {"padding": "SAME" if padding == 1 else "VALID",
+                                                        "stride": (stride_h, stride_w)}, name=f"transpose_conv_{k}")
 
 
 def _layer_norms_in_float(graph: Graph) -> None:
@@ -350,6 +376,32 @@ def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.nd
     return dense
 
 
+def litert_runs(path: str | Path) -> bool:
+    """Whether LiteRT runs the file as run_keeping_tensors does (its own kernels, no delegate):
+    not one with an op of MediaPipe's own, which edgeward reads as builtins (its float write is
+    then what calibration runs)."""
+    try:
+        _interpreter_keeping_tensors(path).allocate_tensors()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _interpreter_keeping_tensors(path: str | Path):
+    """A LiteRT interpreter of the file that keeps every tensor, with no delegate to hide them."""
+    import sys
+    import warnings
+
+    from agent.runtimes.tflite import interpreter_class
+
+    cls, _ = interpreter_class()
+    resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    with warnings.catch_warnings():  # keeping every tensor is the point
+        warnings.simplefilter("ignore")
+        return cls(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
+                   experimental_op_resolver_type=resolver)
+
+
 def run_keeping_tensors(path: str | Path, names: dict[int, str] | None, data: dict[str, np.ndarray],
                         wanted: Callable[[dict[int, str]], dict[int, str]], batch: int = 16, limit: int | None = None):
     """Run a float .tflite file in LiteRT over `data` (graph input name -> array), `batch` rows at a
@@ -358,17 +410,7 @@ def run_keeping_tensors(path: str | Path, names: dict[int, str] | None, data: di
     with the tensors `wanted` picks from the file's tensor index -> graph name map. `names` is that
     map (None: a file edgeward wrote, whose tensors carry the graph's names); `limit` stops after
     that many rows. Calibration and the read-back check of a TFLite source both run files so."""
-    import sys
-    import warnings
-
-    from agent.runtimes.tflite import interpreter_class
-
-    cls, _ = interpreter_class()
-    resolver = sys.modules[cls.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    with warnings.catch_warnings():  # keeping every tensor is the point; no delegate hides them
-        warnings.simplefilter("ignore")
-        it = cls(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
-                 experimental_op_resolver_type=resolver)
+    it = _interpreter_keeping_tensors(path)
     inputs = it.get_input_details()
     if names is None:
         names = {d["index"]: d["name"] for d in it.get_tensor_details()}
@@ -423,4 +465,6 @@ def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | N
             allv = np.concatenate(parts)
             lo[name] = float(np.percentile(allv, 100 - PERCENTILE))
             hi[name] = float(np.percentile(allv, PERCENTILE))
-    return {name: (lo[name], hi[name]) for name in lo}
+    ranges = {name: (lo[name], hi[name]) for name in lo}
+    graph.derive_ranges(ranges)  # tensors the source file lacks (a rewritten TRANSPOSE_CONV's conv)
+    return ranges

@@ -27,7 +27,7 @@ from converters.convert import ConvertOptions, convert_onnx
 from converters.measure import TfliteSession
 from converters.onnx_to_tflite import calibration_ranges, lower
 from converters.tflite_graph import op_counts, write_tflite
-from tflitekit import op_dtypes
+from tflitekit import op_dtypes, xnnpack_partitions
 
 
 def _onnx_out(path, name, x):
@@ -406,7 +406,7 @@ def test_a_mobilenet_v3_style_net_becomes_full_integer_tflite_without_hard_swish
     # XNNPACK takes: the whole model runs as one XNNPACK partition (an int8 AVERAGE_POOL_2D would
     # split it at each pool)
     assert counts["ops"]["MEAN"] == 3 and "AVERAGE_POOL_2D" not in counts["ops"]
-    assert _xnnpack_partitions(_member(out, "model.tflite", tmp_path / "mv3.tflite")) == 1
+    assert xnnpack_partitions(_member(out, "model.tflite", tmp_path / "mv3.tflite")) == 1
     q = report["quality"]
     assert q["top1_agreement"] >= 0.9 and q["max_abs_err"] <= 0.1 * q["output_range"], q
 
@@ -978,7 +978,12 @@ def test_a_yolov8_style_backbone_and_neck_from_pytorch_becomes_full_integer_tfli
     report, manifest, _, _ = _serve_torch_as_tflite(net, torch.randn(64, 3, 64, 64).numpy(), "yolo", tmp_path,
                                                     assets, max_share=0.02, mean_share=0.005)
     ops = report["graph"]["ops"]
-    assert ops["SLICE"] == 6 and ops["MAX_POOL_2D"] == 3 and ops["LOGISTIC"] == 18, ops
+    # the batch is free, so each slice runs to its end: STRIDED_SLICE with that axis masked, which
+    # XNNPACK takes (a SLICE of size -1 it does not)
+    assert ops["STRIDED_SLICE"] == 6 and "SLICE" not in ops and ops["MAX_POOL_2D"] == 3 and ops["LOGISTIC"] == 18, ops
+    # and the model is two XNNPACK parts, split only by the neck's nearest 2x upsampling, which XNNPACK
+    # runs in float only (as SLICEs of size -1, each C2f block's split cut it once more)
+    assert xnnpack_partitions(_member(tmp_path / "yolo.ewb", "model.tflite", tmp_path / "yolo.tflite")) == 2
     assert manifest.outputs[0].shape == [-1, 19, 16, 16]
 
 
@@ -1181,16 +1186,6 @@ def test_a_constant_made_from_a_shape_is_used_where_it_does_not_depend_on_the_fr
     assert lowered.shapes["x"][0] == -1
     _float_and_int8_answer_as_onnx(tmp_path / "m.onnx", lowered,
                                    rng.standard_normal((16, 3, 8, 10)).astype(np.float32), tmp_path)
-
-
-def _xnnpack_partitions(path: Path) -> int:
-    """How many parts of the model XNNPACK takes, as LiteRT plans it: each op XNNPACK cannot run
-    in the middle of a model splits it into one more."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path), num_threads=1)
-    it.allocate_tensors()
-    return sum(o["op_name"] == "DELEGATE" for o in it._get_ops_details())  # the model's ops, then the delegate's
 
 
 def test_a_small_transformer_becomes_int8_tflite_with_its_layer_norms_in_float(tmp_path):

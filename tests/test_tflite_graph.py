@@ -119,7 +119,7 @@ def test_a_dead_layer_with_a_fused_relu6_still_loads_without_xnnpack(tmp_path):
     assert np.abs(it.get_tensor(it.get_output_details()[0]["index"])).max() == 0.0
 
 
-def _activations_graph(channels: int = 8) -> Graph:
+def _activations_graph(channels: int = 8, steepest: float = 0.6) -> Graph:
     """Layers as a float TFLite source holds them: ADD then a standalone RELU (BlazeFace's residual),
     a RELU6 after a max pool (no layer to fuse it into), a conv then PRELU (MediaPipe's face
     models), and a RESHAPE whose shape is an option only."""
@@ -132,7 +132,7 @@ def _activations_graph(channels: int = 8) -> Graph:
     for w in ("w1", "w2", "w3"):
         g.consts[w] = (rng.standard_normal((c, 3, 3, c)) * 0.3).astype(np.float32)
         g.consts[f"{w}b"] = rng.standard_normal(c).astype(np.float32) * 0.1
-    g.consts["slope"] = rng.uniform(-0.2, 0.6, (1, 1, c)).astype(np.float32)
+    g.consts["slope"] = rng.uniform(-0.2, steepest, (1, 1, c)).astype(np.float32)
     conv = {"padding": "SAME", "stride": (1, 1), "activation": "NONE"}
     g.ops = [Op("CONV_2D", ["x", "w1", "w1b"], ["a"], dict(conv), "conv1"),
              Op("CONV_2D", ["x", "w2", "w2b"], ["b"], dict(conv), "conv2"),
@@ -146,14 +146,17 @@ def _activations_graph(channels: int = 8) -> Graph:
     return g
 
 
-def test_standalone_relus_and_prelus_become_ops_xnnpack_runs_in_int8(tmp_path):
+@pytest.mark.parametrize("steepest,muls", [(0.6, 2), (1.5, 4)])
+def test_standalone_relus_and_prelus_become_ops_xnnpack_runs_in_int8(tmp_path, steepest, muls):
     """XNNPACK takes no int8 RELU, RELU6 or PRELU of their own (eight conv + RELU layers ran at 1.45x
     their FP32 time, at 0.28x fused): a RELU that alone reads an ADD is fused into it when the file
-    is read; the rest are written as MUL (a fused activation) and ADD. The INT8 model answers as the
-    float one does, within 3 % of the output's range."""
+    is read; the rest are written as MUL (a fused activation) and ADD: a PRELU whose slopes are at
+    most 1 as x + (1 - slope) * relu(-x), one MUL and an ADD, one with a steeper slope as
+    relu(x) + slope * min(x, 0), three MULs and an ADD. The INT8 model answers as the float one
+    does, within 3 % of the output's range."""
     from converters.tflite_reader import calibration_ranges, read_tflite
 
-    write_tflite(_activations_graph(), tmp_path / "source.tflite")
+    write_tflite(_activations_graph(steepest=steepest), tmp_path / "source.tflite")
     graph, names = read_tflite(tmp_path / "source.tflite")
     kinds = [op.kind for op in graph.ops]
     assert "RELU" not in kinds and kinds.count("RELU6") == 1 and kinds.count("PRELU") == 1
@@ -163,15 +166,15 @@ def test_standalone_relus_and_prelus_become_ops_xnnpack_runs_in_int8(tmp_path):
     write_tflite(graph, tmp_path / "int8.tflite", ranges)
     ops = op_counts(tmp_path / "int8.tflite")["ops"]
     assert not {"RELU", "RELU6", "PRELU"} & set(ops), ops
-    assert ops["MUL"] == 4 and ops["ADD"] == 2  # RELU6 as MUL; PRELU as MUL, MUL, MUL and ADD
+    assert ops["MUL"] == muls and ops["ADD"] == 2  # RELU6 as a MUL; the PRELU as above; the residual ADD
     want = TfliteSession(tmp_path / "source.tflite").run(None, {"x": x})[0]
     got = TfliteSession(tmp_path / "int8.tflite").run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min()), np.abs(got - want).max()
 
 
 def _with_custom_tail(tmp_path):
-    """A float .tflite whose last op is a custom one (as an SSD detector ends in its post-processing
-    op, or MediaPipe's segmenter in Convolution2DTransposeBias): x -> FC -> h -> custom -> y."""
+    """A float .tflite whose last op is a custom one (as MediaPipe's face landmarker with attention
+    ends in its Landmarks2TransformMatrix): x -> FC -> h -> custom -> y."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
@@ -186,7 +189,7 @@ def _with_custom_tail(tmp_path):
     model = s.ModelT.InitFromPackedBuf((tmp_path / "m.tflite").read_bytes(), 0)
     custom = s.OperatorCodeT()
     custom.builtinCode, custom.deprecatedBuiltinCode, custom.customCode = s.BuiltinOperator.CUSTOM, 32, \
-        "Convolution2DTransposeBias"
+        "Landmarks2TransformMatrix"
     model.operatorCodes.append(custom)
     model.subgraphs[0].operators[-1].opcodeIndex = len(model.operatorCodes) - 1
     model.subgraphs[0].operators[-1].builtinOptionsType, model.subgraphs[0].operators[-1].builtinOptions = 0, None
@@ -202,7 +205,7 @@ def test_a_custom_op_is_refused_by_its_name_with_where_to_cut(tmp_path):
     from converters.tflite_reader import read_tflite
 
     path, _ = _with_custom_tail(tmp_path)
-    with pytest.raises(ConversionError, match=r"custom op Convolution2DTransposeBias \(op 1\) has no form") as caught:
+    with pytest.raises(ConversionError, match=r"custom op Landmarks2TransformMatrix \(op 1\) has no form") as caught:
         read_tflite(path)
     assert caught.value.fix.startswith("end the model before it with --cut-at h and do its work on the board")
 

@@ -4,6 +4,7 @@ Softmax), checked op by op, measured against the Keras model itself, and served 
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -138,6 +139,7 @@ def test_a_keras_transformer_converts_with_its_layer_norms_in_float_and_serves(k
                                 ConvertOptions(name="kt"), progress=lambda label, done, total: steps.append(label))
     assert accuracy >= 0.8 and report["quality"]["accuracy_fp32"] == pytest.approx(accuracy, abs=0.005)
     assert any("batches of one" in label for label in steps)
+    assert any(note.startswith("written for batches of one row") for note in report["notes"])
     assert report["quality"]["accuracy_drop_pp"] <= 2.0
     with tarfile.open(tmp_path / "t.ewb") as tar:
         (tmp_path / "t.tflite").write_bytes(tar.extractfile("model.tflite").read())
@@ -165,6 +167,111 @@ def test_a_keras_transformer_converts_with_its_layer_norms_in_float_and_serves(k
     with pytest.raises(ConversionError, match="computed shape: save the model with a fixed batch size"):
         convert_tensorflow(tmp_path / "saved", calib, tmp_path / "s.ewb", keys[0], evaluation, ConvertOptions(name="s"))
     assert not (tmp_path / "s.ewb").exists()
+
+
+def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
+    """Keras' Conv2DTranspose is TFLite's TRANSPOSE_CONV, which XNNPACK runs in float only, and its
+    hard_swish TFLite's HARD_SWISH, likewise: the INT8 model has neither. Each transposed conv
+    becomes the sub-pixel conv it equals (PAD, CONV_2D, DEPTH_TO_SPACE, and a slice where TFLite's
+    padding crops: kernel 3 SAME and kernel 4 VALID here), hard-swish x * relu6(x + 3) / 6, and the
+    whole model is one XNNPACK partition. The float model written from it answers as the file
+    does (the converter's read-back check), and the INT8 one close to it."""
+    import tensorflow as tf
+
+    from tflitekit import xnnpack_partitions
+
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    image = tf.keras.Input((16, 16, 3), name="image")
+    x = layers.Activation("hard_swish")(layers.Conv2D(16, 3, strides=2, padding="same")(image))
+    x = layers.ReLU()(layers.Conv2DTranspose(8, 3, strides=2, padding="same")(x))
+    x = layers.Conv2DTranspose(4, 4, strides=2, padding="valid")(x)
+    model = tf.keras.Model(image, layers.Conv2D(1, 1)(x))
+    model.save(tmp_path / "up.keras")
+    x = np.random.default_rng(0).random((48, 16, 16, 3)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", image=x[:32])
+    np.savez(tmp_path / "eval.npz", image=x[32:])
+    report = convert_tensorflow(tmp_path / "up.keras", tmp_path / "calib.npz", tmp_path / "up.ewb", keys[0],
+                                tmp_path / "eval.npz", ConvertOptions(name="up", allow_worse=True))
+    ops = report["graph"]["ops"]
+    assert "TRANSPOSE_CONV" not in ops and "HARD_SWISH" not in ops
+    assert ops["DEPTH_TO_SPACE"] == 2 and ops["CONV_2D"] == 4 and ops["STRIDED_SLICE"] == 1
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2  # float I/O: every layer is int8
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.05 * q["output_range"], q
+    with tarfile.open(tmp_path / "up.ewb") as tar:
+        (tmp_path / "up.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    assert xnnpack_partitions(tmp_path / "up.tflite") == 1
+
+    engine = Engine(Budget(4096, reserve_mb=0))
+    served = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "up.ewb", [load_public_key(keys[1])])))
+    served.self_test()
+    engine.activate(served)
+    out = next(iter(engine.infer_arrays("up", {"image": x[32:33]})[1].values()))
+    assert out.shape == (1, 34, 34, 1)  # 8 -> 16 (SAME) -> 34 (VALID, kernel 4)
+    assert np.abs(out - model.predict(x[32:33], verbose=0)).max() <= 0.05 * q["output_range"]
+    engine.close()
+
+
+def _mediapipe_transpose_conv(path, w, b, stride: int):
+    """A float .tflite of one MediaPipe custom op, Convolution2DTransposeBias (its selfie
+    segmenter's last layer): x [1, 4, 4, cin] -> [1, 4 s, 4 s, cout], weights [cout, k, k, cin]."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    def tensor(name, shape, buffer):
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, shape, s.TensorType.FLOAT32, buffer
+        return t
+
+    def buffer(data=None):
+        b_ = s.BufferT()
+        b_.data = None if data is None else np.frombuffer(data.astype(np.float32).tobytes(), np.uint8)
+        return b_
+
+    cout, cin = w.shape[0], w.shape[3]
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.CUSTOM
+    code.customCode, code.version = "Convolution2DTransposeBias", 1
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.customOptions = np.frombuffer(struct.pack("<iii", 1, stride, stride), np.uint8)  # SAME, stride w, stride h
+    sub = s.SubGraphT()
+    sub.tensors = [tensor("x", [1, 4, 4, cin], 0), tensor("w", list(w.shape), 1), tensor("b", [cout], 2),
+                   tensor("y", [1, 4 * stride, 4 * stride, cout], 0)]
+    sub.operators, sub.inputs, sub.outputs = [op], [0], [3]
+    model = s.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [sub]
+    model.buffers = [buffer(), buffer(w), buffer(b)]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def test_mediapipes_transposed_conv_custom_op_is_read_as_the_conv_it_is(keys, tmp_path):
+    """LiteRT's own kernels lack MediaPipe's Convolution2DTransposeBias, so calibration runs the
+    float model edgeward writes from it (a sub-pixel CONV_2D and DEPTH_TO_SPACE), and the INT8
+    model computes the transposed conv: each input pixel spreads its kernel over a stride x
+    stride block of the output (kernel = stride, as MediaPipe writes it), plus the bias."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 2, 2, 5)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    source = _mediapipe_transpose_conv(tmp_path / "mp.tflite", w, b, stride=2)
+    x = rng.standard_normal((40, 4, 4, 5)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    np.savez(tmp_path / "eval.npz", x=x[32:])
+    report = convert_tflite(source, tmp_path / "calib.npz", tmp_path / "mp.ewb", keys[0], tmp_path / "eval.npz",
+                            ConvertOptions(name="mp", allow_worse=True))
+    assert report["graph"]["ops"]["CONV_2D"] == 1 and report["graph"]["ops"]["DEPTH_TO_SPACE"] == 1
+    expected = np.einsum("nijc,okmc->nikjmo", x[32:], w).reshape(8, 8, 8, 3) + b  # [n, i, k, j, m, o]: pixel (2i+k, 2j+m)
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "mp.ewb", [load_public_key(keys[1])])))
+    engine.activate(model)
+    out = np.concatenate([next(iter(engine.infer_arrays("mp", {"x": row[None]})[1].values())) for row in x[32:]])
+    span = float(expected.max() - expected.min())
+    assert np.abs(out - expected).max() <= 0.03 * span  # a few int8 steps of the output's range
+    engine.close()
 
 
 def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):

@@ -42,6 +42,16 @@ def op_dtypes(path: str | Path) -> dict[str, set[str]]:
     return found
 
 
+def xnnpack_partitions(path: str | Path) -> int:
+    """How many parts of the model XNNPACK takes, as LiteRT plans it: each op XNNPACK cannot run
+    in the middle of a model splits it into one more."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    return sum(o["op_name"] == "DELEGATE" for o in it._get_ops_details())  # the model's ops, then the delegate's
+
+
 def _keras_model(folder: Path):
     """A small Keras CNN (NHWC) trained briefly on the digits, saved as .keras, with its data files."""
     import os
