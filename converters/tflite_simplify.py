@@ -44,27 +44,47 @@ def _one_slope_prelus_as_leaky(graph: Graph) -> None:
 _FUSING = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL")
 
 
+# ops that only move values, which an activation commutes with (a sub-pixel upsampling's)
+_MOVES = ("DEPTH_TO_SPACE", "SLICE")
+
+
 def _fuse_activations(graph: Graph) -> None:
     """A RELU or RELU6 that alone reads a conv's, ADD's, SUB's or MUL's output becomes its fused
     activation (a float TFLite source writes BlazeFace's residual ADD, then RELU): one op fewer,
-    and XNNPACK takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL)."""
+    and XNNPACK takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL).
+    So does one after a transposed conv written as a sub-pixel conv: through its DEPTH_TO_SPACE
+    and SLICE, which move values only, into the conv (a U-Net decoder's ReLU, at the upsampled
+    size); the moved tensors' ranges then follow the activation's output."""
     users = _readers(graph)
     producer = {out: op for op in graph.ops for out in op.outputs}
     keep = _sources(graph)
+
+    def alone(t: str) -> bool:  # read by one op only, and by nothing outside the graph
+        return len(users.get(t, [])) == 1 and t not in graph.outputs and t not in keep
+
     for op in list(graph.ops):
         if op.kind not in ("RELU", "RELU6") or op.name in graph.float_layers:
             continue
-        x = op.inputs[0]
-        prev = producer.get(x)
+        x = t = op.inputs[0]
+        moves = []  # the value-moving ops between the layer and the activation, last first
+        prev = producer.get(t)
+        while prev is not None and prev.kind in _MOVES and alone(t):
+            moves.append(prev)
+            t = prev.inputs[0]
+            prev = producer.get(t)
         if prev is None or prev.kind not in _FUSING or prev.options.get("activation", "NONE") != "NONE" \
-                or len(users.get(x, [])) != 1 or x in graph.outputs or x in keep or prev.name in graph.float_layers:
+                or not alone(t) or prev.name in graph.float_layers:
             continue
         prev.options = {**prev.options, "activation": op.kind}
-        prev.outputs = list(op.outputs)
-        producer[op.outputs[0]] = prev
+        last = moves[0] if moves else prev
+        last.outputs = list(op.outputs)
+        producer[op.outputs[0]] = last
         graph.ops.remove(op)
         graph.shapes.pop(x, None)
         graph.derived.pop(x, None)
+        for name, (src, *rest) in list(graph.derived.items()):  # they now hold the activation's values
+            if src == x:
+                graph.derived[name] = (op.outputs[0], *rest)
 
 
 def _readers(graph: Graph) -> dict[str, list[Op]]:

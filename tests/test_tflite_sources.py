@@ -173,7 +173,8 @@ def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
     """Keras' Conv2DTranspose is TFLite's TRANSPOSE_CONV, which XNNPACK runs in float only, and its
     hard_swish TFLite's HARD_SWISH, likewise: the INT8 model has neither. Each transposed conv
     becomes the sub-pixel conv it equals (PAD, CONV_2D, DEPTH_TO_SPACE, and a slice where TFLite's
-    padding crops: kernel 3 SAME and kernel 4 VALID here), hard-swish x * relu6(x + 3) / 6, and the
+    padding crops: kernel 3 SAME and kernel 4 VALID here; the ReLU after one is fused into its
+    conv, through the ops that only move values), hard-swish x * relu6(x + 3) / 6, and the
     whole model is one XNNPACK partition. The float model written from it answers as the file
     does (the converter's read-back check), and the INT8 one close to it."""
     import tensorflow as tf
@@ -196,6 +197,7 @@ def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
     ops = report["graph"]["ops"]
     assert "TRANSPOSE_CONV" not in ops and "HARD_SWISH" not in ops
     assert ops["DEPTH_TO_SPACE"] == 2 and ops["CONV_2D"] == 4 and ops["STRIDED_SLICE"] == 1
+    assert ops["MUL"] == 2 and "RELU" not in ops  # hard-swish's; the ReLU went into the sub-pixel conv before it
     assert report["graph"]["tensor_dtypes"]["float32"] == 2  # float I/O: every layer is int8
     q = report["quality"]
     assert q["max_abs_err"] <= 0.05 * q["output_range"], q
