@@ -69,25 +69,27 @@ def _for_batches_of_one(tf, model):
     return tf.keras.Model(inputs, model(inputs if len(inputs) > 1 else inputs[0]), name=model.name)
 
 
-def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> tuple[Path, bool]:
-    """TensorFlow's float .tflite of the model, for a batch of any size where edgeward can read that
-    one, else for batches of one: a Keras Dense on a sequence ([N, T, D], a transformer's) computes
-    its reshapes from the batch size at run time, which a batch of one makes constants."""
+def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> tuple[Path, str | None]:
+    """(TensorFlow's float .tflite of the model, None) for a batch of any size where edgeward can
+    read that one, else (the one for batches of one, why): a Keras Dense on a sequence ([N, T, D],
+    a transformer's) computes its reshapes from the batch size at run time, a Conv1D expands its
+    input's dims, a dilated one moves space to the batch; for a batch of one TensorFlow folds
+    them into constants and plain convs."""
     from .tflite_reader import read_tflite
 
     flat = to_float_tflite(path, out)
     try:
         read_tflite(flat)
-        return flat, False
+        return flat, None
     except ConversionError as exc:
         if path.is_dir():  # a SavedModel's signature fixes its shapes
             raise ConversionError(exc.message, "save the model with a fixed batch size (1), or "
                                   "convert it from its Keras file") from exc
+        why = exc.message
     flat = to_float_tflite(path, out, batch_of_one=True)
     read_tflite(flat)  # what still fails says why, in the reader's words
-    say("TensorFlow float conversion, for batches of one row (the model computes shapes from its batch size)",
-        1, 1)
-    return flat, True
+    say("TensorFlow float conversion, for batches of one row", 1, 1)
+    return flat, why
 
 
 def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, evaluation=None, options=None,
@@ -102,13 +104,12 @@ def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, e
     with tempfile.TemporaryDirectory(prefix="edgeward-tf-") as tmp:
         if progress:
             progress("TensorFlow float conversion", 0, 1)
-        flat, batch_of_one = _float_tflite_edgeward_reads(path, Path(tmp) / f"{opts.name}.tflite",
-                                                          progress or (lambda *a: None))
+        flat, why = _float_tflite_edgeward_reads(path, Path(tmp) / f"{opts.name}.tflite", progress or (lambda *a: None))
         if progress:
             progress("TensorFlow float conversion", 1, 1)
         report = convert_tflite(flat, calibration, out_path, key_path, evaluation, opts, progress, source_label=label)
-    if batch_of_one:
+    if why:
         report.setdefault("notes", []).append(
-            "written for batches of one row: the model computes shapes from its batch size (a Dense on a "
-            "sequence); the agent runs it a row at a time")
+            f"written for batches of one row, where TensorFlow folds what edgeward cannot read for a batch of any "
+            f"size ({why}); the agent runs it a row at a time")
     return report

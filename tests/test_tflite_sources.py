@@ -215,6 +215,49 @@ def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
     engine.close()
 
 
+def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path):
+    """Sensor and audio models are Conv1D stacks: TensorFlow writes Conv1D for a batch of any size
+    with EXPAND_DIMS (and a dilated one with SPACE_TO_BATCH_ND), which edgeward does not read; for
+    a batch of one they are plain CONV_2Ds. Trained here to tell four tones apart in noise, the
+    INT8 model keeps its accuracy, and the report says why it takes one row at a time."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 600)
+    t = np.arange(128) / 128
+    x = np.stack([np.sin(2 * np.pi * (3 + 4 * y)[:, None] * t + c) for c in range(3)], -1)
+    x = (x + 0.5 * rng.standard_normal(x.shape)).astype(np.float32)       # [600, 128 steps, 3 axes]
+    signal = tf.keras.Input((128, 3), name="signal")
+    h = layers.Conv1D(16, 5, padding="same", activation="relu")(signal)
+    h = layers.MaxPooling1D(2)(layers.BatchNormalization()(h))
+    h = layers.SeparableConv1D(32, 3, padding="same", activation="relu")(h)
+    h = layers.Conv1D(32, 3, dilation_rate=2, padding="causal", activation="relu")(layers.AveragePooling1D(2)(h))
+    model = tf.keras.Model(signal, layers.Dense(4)(layers.GlobalAveragePooling1D()(h)))
+    model.compile(tf.keras.optimizers.Adam(3e-3),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:400], y[:400], epochs=8, batch_size=32, verbose=0)
+    model.save(tmp_path / "c1d.keras")
+    np.savez(tmp_path / "calib.npz", signal=x[:200])
+    np.savez(tmp_path / "eval.npz", signal=x[400:], labels=y[400:])
+    report = convert_tensorflow(tmp_path / "c1d.keras", tmp_path / "calib.npz", tmp_path / "c1d.ewb", keys[0],
+                                tmp_path / "eval.npz", ConvertOptions(name="c1d"))
+    q = report["quality"]
+    assert q["accuracy_fp32"] >= 0.9 and q["accuracy_drop_pp"] <= 2.0, q
+    assert report["graph"]["ops"]["CONV_2D"] >= 3 and report["graph"]["tensor_dtypes"]["float32"] == 2
+    assert any("EXPAND_DIMS" in note and "batches of one row" in note for note in report["notes"])
+    engine = Engine(Budget(4096, reserve_mb=0))
+    served = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "c1d.ewb", [load_public_key(keys[1])])))
+    assert served.manifest.inputs[0].shape == [1, 128, 3]
+    served.self_test()
+    engine.activate(served)
+    out = np.concatenate([next(iter(engine.infer_arrays("c1d", {"signal": row[None]})[1].values()))
+                          for row in x[400:440]])
+    assert (out.argmax(1) == model.predict(x[400:440], verbose=0).argmax(1)).mean() >= 0.95
+    engine.close()
+
+
 def _mediapipe_transpose_conv(path, w, b, stride: int):
     """A float .tflite of one MediaPipe custom op, Convolution2DTransposeBias (its selfie
     segmenter's last layer): x [1, 4, 4, cin] -> [1, 4 s, 4 s, cout], weights [cout, k, k, cin]."""
