@@ -465,6 +465,25 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         emit("MUL", [product_name, const_int8("hard_swish/sixth", np.array([1 / 6], np.float32))], op.outputs,
              Op("MUL", [], [], {"activation": "NONE"}), int8=True)
 
+    def average_pool_int8(op: Op, x: str) -> bool:
+        """A VALID AVERAGE_POOL_2D over a window (Keras' AveragePooling1D/2D) as the depthwise conv
+        it is, each weight 1/(window size), at the input's scale: XNNPACK runs no int8
+        AVERAGE_POOL_2D, and each one split the model. A SAME pool averages over the window's
+        inside only, which a conv over zero padding does not: it stays as it is (False)."""
+        o = op.options
+        if o.get("padding") != "VALID" or o.get("activation", "NONE") != "NONE":
+            return False
+        (kh, kw), c, tag = o["filter"], shapes[x][3], f"{op.outputs[0]}/average"
+        w_scale = 1.0 / (kh * kw) / 127  # every weight is 127 steps: 1/(kh kw) exactly
+        em.tensor(f"{tag}/weights", [1, kh, kw, c], i8, data=np.full((1, kh, kw, c), 127, np.int8),
+                  scale=[w_scale], zero=[0], axis=3)
+        em.tensor(f"{tag}/bias", [c], i32, data=np.zeros(c, np.int32), scale=[qp[x][0] * w_scale], zero=[0])
+        activation(op.outputs[0], True, qp[x])
+        emit("DEPTHWISE_CONV_2D", [x, f"{tag}/weights", f"{tag}/bias"], op.outputs,
+             Op("DEPTHWISE_CONV_2D", [], [], {"padding": "VALID", "stride": o["stride"], "depth_multiplier": 1,
+                                              "activation": "NONE"}), int8=True)
+        return True
+
     def prelu_int8(op: Op, x: str) -> None:
         """PRELU in ops XNNPACK runs in int8 (it has no int8 PRELU: eight conv + PRELU layers ran
         at 1.64x their FP32 time, and at 0.36x in the four-op form; MediaPipe's face and palm
@@ -556,7 +575,8 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             if op.kind == "TRANSPOSE_CONV":  # TFLite's order: output shape, weights, input, bias
                 inputs = [op.inputs[3], wq_name, ins[src], b_name]
         else:
-            if int8 and op.kind == "AVERAGE_POOL_2D" and global_pool_int8(op, ins[src]):
+            if int8 and op.kind == "AVERAGE_POOL_2D" and (global_pool_int8(op, ins[src]) or
+                                                          average_pool_int8(op, ins[src])):
                 continue
             if int8 and op.kind == "PRELU":
                 prelu_int8(op, ins[src])

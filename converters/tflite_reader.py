@@ -167,6 +167,9 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
             if i >= 0 and names[i] in computed_int and not (kind == "RESHAPE" and pos == 1):
                 raise ConversionError(f"TFLite op {kind} (op {k}) takes a computed integer tensor",
                                       UNREAD_FIX)
+        if kind in ("EXPAND_DIMS", "SQUEEZE"):  # a RESHAPE to the output's shape (Keras' Conv1D expands so)
+            graph.ops.append(_as_reshape(graph, names[op.inputs[0]], names[op.outputs[0]], kind, k))
+            continue
         if kind == "STRIDED_SLICE":  # with steps of 1 it is a SLICE (MediaPipe crops channels so)
             graph.ops.append(_strided_as_slice(graph, op, names, k))
             continue
@@ -250,6 +253,17 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
     _layer_norms_in_float(graph)
     transpose_convs_as_subpixel(graph)
     return simplify(graph), names
+
+
+def _as_reshape(graph: Graph, x: str, y: str, kind: str, k: int) -> Op:
+    """EXPAND_DIMS or SQUEEZE as the RESHAPE it is: to y's shape as the file holds it, the batch
+    (or any one free axis) as -1."""
+    shape = graph.shapes[y]
+    if sum(d < 0 for d in shape) > 1:
+        raise ConversionError(f"{kind} op {k} has more than one free axis in its output {shape}", UNREAD_FIX)
+    graph.consts[f"op{k}/shape"] = np.array(shape, np.int32)
+    return Op("RESHAPE", [x, f"op{k}/shape"], [y], {"new_shape": np.array(shape, np.int32)},
+              name=f"{kind.lower()}_{k}")
 
 
 def _transpose_conv_bias(graph: Graph, op, names: dict[int, str], k: int) -> Op:

@@ -22,11 +22,40 @@ _INPUT_AXIS = {"CONV_2D": 3, "TRANSPOSE_CONV": 3, "FULLY_CONNECTED": 1}
 
 def simplify(graph: Graph) -> Graph:
     """`graph`, rewritten in place (see the module's docstring); returns it."""
+    _collapse_reshapes(graph)
     _merge_affine_chains(graph)
     _fold_scales_into_convs(graph)
     _fuse_activations(graph)
     _one_slope_prelus_as_leaky(graph)
     return graph
+
+
+def _collapse_reshapes(graph: Graph) -> None:
+    """A RESHAPE of a RESHAPE's output (read by it alone) is one RESHAPE, and one back to its
+    input's shape is none: TensorFlow writes a Keras Conv1D stack as each layer's squeeze to
+    [N, T, C], then the next one's expand to [N, 1, T, C], two copies of the tensor per layer."""
+    while True:
+        users, keep = _readers(graph), _sources(graph)
+        producer = {out: op for op in graph.ops for out in op.outputs}
+        for op in graph.ops:
+            t = op.inputs[0] if op.kind == "RESHAPE" else None
+            prev = producer.get(t)
+            if prev is not None and prev.kind == "RESHAPE" and len(users.get(t, [])) == 1 \
+                    and t not in graph.outputs and t not in keep:
+                break
+        else:
+            return
+        x, y = prev.inputs[0], op.outputs[0]
+        op.inputs = [x, *op.inputs[1:]]
+        graph.ops.remove(prev)
+        graph.shapes.pop(t, None)
+        graph.derived.pop(t, None)
+        if graph.shapes.get(y) == graph.shapes.get(x) and y not in graph.outputs and y not in keep:
+            for reader in graph.ops:  # the identity: its readers read its input
+                reader.inputs = [x if n == y else n for n in reader.inputs]
+            graph.ops.remove(op)
+            graph.shapes.pop(y, None)
+            graph.derived.pop(y, None)
 
 
 def _one_slope_prelus_as_leaky(graph: Graph) -> None:

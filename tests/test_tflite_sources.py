@@ -215,12 +215,18 @@ def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
     engine.close()
 
 
-def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path):
-    """Sensor and audio models are Conv1D stacks: TensorFlow writes Conv1D for a batch of any size
-    with EXPAND_DIMS (and a dilated one with SPACE_TO_BATCH_ND), which edgeward does not read; for
-    a batch of one they are plain CONV_2Ds. Trained here to tell four tones apart in noise, the
-    INT8 model keeps its accuracy, and the report says why it takes one row at a time."""
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path, dilation):
+    """Sensor and audio models are Conv1D stacks, which TensorFlow writes as EXPAND_DIMS, the conv
+    in 2D and a squeeze (RESHAPE) per layer: read as RESHAPEs, the squeeze-then-expand between two
+    layers cancels, an AveragePooling1D is an int8 depthwise conv (XNNPACK runs no int8
+    AVERAGE_POOL_2D), and the whole model is one XNNPACK part with its batch free. A dilated
+    Conv1D TensorFlow writes with SPACE_TO_BATCH_ND for a batch of any size, and as a plain conv
+    for a batch of one: that model takes one row at a time, and the report says why. Trained
+    here to tell four tones apart in noise, the INT8 model keeps its accuracy."""
     import tensorflow as tf
+
+    from tflitekit import xnnpack_partitions
 
     layers = tf.keras.layers
     tf.keras.utils.set_random_seed(0)
@@ -233,7 +239,7 @@ def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path):
     h = layers.Conv1D(16, 5, padding="same", activation="relu")(signal)
     h = layers.MaxPooling1D(2)(layers.BatchNormalization()(h))
     h = layers.SeparableConv1D(32, 3, padding="same", activation="relu")(h)
-    h = layers.Conv1D(32, 3, dilation_rate=2, padding="causal", activation="relu")(layers.AveragePooling1D(2)(h))
+    h = layers.Conv1D(32, 3, dilation_rate=dilation, padding="causal", activation="relu")(layers.AveragePooling1D(2)(h))
     model = tf.keras.Model(signal, layers.Dense(4)(layers.GlobalAveragePooling1D()(h)))
     model.compile(tf.keras.optimizers.Adam(3e-3),
                   tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -243,17 +249,25 @@ def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path):
     np.savez(tmp_path / "eval.npz", signal=x[400:], labels=y[400:])
     report = convert_tensorflow(tmp_path / "c1d.keras", tmp_path / "calib.npz", tmp_path / "c1d.ewb", keys[0],
                                 tmp_path / "eval.npz", ConvertOptions(name="c1d"))
-    q = report["quality"]
+    q, ops = report["quality"], report["graph"]["ops"]
     assert q["accuracy_fp32"] >= 0.9 and q["accuracy_drop_pp"] <= 2.0, q
-    assert report["graph"]["ops"]["CONV_2D"] >= 3 and report["graph"]["tensor_dtypes"]["float32"] == 2
-    assert any("EXPAND_DIMS" in note and "batches of one row" in note for note in report["notes"])
+    assert ops["CONV_2D"] == 3 and ops["DEPTHWISE_CONV_2D"] == 3 and "AVERAGE_POOL_2D" not in ops, ops  # and BN as 1x1
+    assert report["graph"]["tensor_dtypes"]["float32"] == 2
+    notes = [n for n in report.get("notes", []) if "batches of one row" in n]
+    if dilation == 1:
+        assert ops["RESHAPE"] == 4 and not notes, ops  # of ten: the first expand, around the causal PAD, the last squeeze
+        with tarfile.open(tmp_path / "c1d.ewb") as tar:
+            (tmp_path / "c1d.tflite").write_bytes(tar.extractfile("model.tflite").read())
+        assert xnnpack_partitions(tmp_path / "c1d.tflite") == 1
+    else:
+        assert len(notes) == 1 and "SPACE_TO_BATCH_ND" in notes[0]
     engine = Engine(Budget(4096, reserve_mb=0))
     served = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "c1d.ewb", [load_public_key(keys[1])])))
-    assert served.manifest.inputs[0].shape == [1, 128, 3]
+    assert served.manifest.inputs[0].shape == [-1 if dilation == 1 else 1, 128, 3]
     served.self_test()
     engine.activate(served)
-    out = np.concatenate([next(iter(engine.infer_arrays("c1d", {"signal": row[None]})[1].values()))
-                          for row in x[400:440]])
+    rows = [x[400:440]] if dilation == 1 else [row[None] for row in x[400:440]]  # a free batch takes them at once
+    out = np.concatenate([next(iter(engine.infer_arrays("c1d", {"signal": r})[1].values())) for r in rows])
     assert (out.argmax(1) == model.predict(x[400:440], verbose=0).argmax(1)).mean() >= 0.95
     engine.close()
 
