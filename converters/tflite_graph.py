@@ -431,7 +431,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         """An AVERAGE_POOL_2D over the whole image (a classifier's global pool, a squeeze-excite
         block's) as MEAN over height and width at the same scale: XNNPACK takes no int8
         AVERAGE_POOL_2D, and each one split a MobileNetV3-style model between XNNPACK and
-        TFLite's own kernels (five partitions for four pools; one this way, 0.70x -> 0.67x its
+        TFLite's own kernels (five partitions for four pools; one this way, 0.70x -> 0.68x its
         FP32 time). Other pools stay as they are; False where this one is not global."""
         n, h, w, c = shapes[x]
         o = op.options

@@ -1,12 +1,14 @@
 """Fewer elementwise ops in a lowered TFLite graph: each one an INT8 model runs costs a pass over
 the tensor and a requantization (a rounding step), and the layers small boards run are full of
 them. A MobileNetV3 block ends in x * relu6(x + 3) / 6; PP-OCR's blocks then scale and shift the
-result (Mul, Add) before the next conv. Two rewrites, both exact in float:
+result (Mul, Add) before the next conv. The rewrites, all exact in float:
 
 - a chain of multiplications and additions by per-channel (or scalar) constants becomes one op:
   a*x + b as a MUL, an ADD, or a 1x1 DEPTHWISE_CONV_2D that does both;
 - a multiplication by such a constant that feeds a convolution (through a zero PAD or not) is
-  folded into the convolution's weights: scaling commutes with zero padding, shifting does not.
+  folded into the convolution's weights: scaling commutes with zero padding, shifting does not;
+- a lone RELU or RELU6 becomes the fused activation of the layer before it;
+- a RESHAPE of a RESHAPE becomes one, or none; a one-slope PRELU becomes a LEAKY_RELU.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _collapse_reshapes(graph: Graph) -> None:
 
 def _one_slope_prelus_as_leaky(graph: Graph) -> None:
     """A PRELU whose slope is one value for all channels (torch's nn.PReLU() by default) is a
-    LEAKY_RELU, one op XNNPACK runs in int8, where an int8 PRELU is written as four."""
+    LEAKY_RELU, one op XNNPACK runs in int8, where an int8 PRELU is written as two ops or four."""
     for i, op in enumerate(graph.ops):
         slope = graph.consts.get(op.inputs[1]) if op.kind == "PRELU" and len(op.inputs) > 1 else None
         if slope is not None and slope.size and np.all(slope == slope.reshape(-1)[0]):
