@@ -50,7 +50,8 @@ def transpose_convs_as_subpixel(graph: Graph) -> None:
         x, w_name, b_name, shape_name = op.inputs
         sh, sw = op.options["stride"]
         out_shape = graph.consts.get(shape_name)
-        if sh != sw or out_shape is None or w_name not in graph.consts or op.options.get("activation", "NONE") != "NONE":
+        if sh != sw or sh < 1 or out_shape is None or w_name not in graph.consts or \
+                op.options.get("activation", "NONE") != "NONE":
             continue
         s, (n, h, wd, _) = sh, graph.shapes[x]
         w = graph.consts[w_name].astype(np.float32)                            # [cout, kh, kw, cin]

@@ -471,7 +471,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         AVERAGE_POOL_2D, and each one split the model. A SAME pool averages over the window's
         inside only, which a conv over zero padding does not: it stays as it is (False)."""
         o = op.options
-        if o.get("padding") != "VALID" or o.get("activation", "NONE") != "NONE":
+        if o.get("padding") != "VALID" or o.get("activation", "NONE") != "NONE" or min(o["filter"]) < 1:
             return False
         (kh, kw), c, tag = o["filter"], shapes[x][3], f"{op.outputs[0]}/average"
         w_scale = 1.0 / (kh * kw) / 127  # every weight is 127 steps: 1/(kh kw) exactly

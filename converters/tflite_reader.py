@@ -278,6 +278,9 @@ def _transpose_conv_bias(graph: Graph, op, names: dict[int, str], k: int) -> Op:
     padding, stride_w, stride_h = struct.unpack("<iii", raw[:12])
     x, w, b = (names[i] for i in op.inputs)
     y = names[op.outputs[0]]
+    if min(stride_w, stride_h) < 1:
+        raise ConversionError(f"custom op Convolution2DTransposeBias (op {k}) has strides {stride_h}x{stride_w}",
+                              UNREAD_FIX)
     if w not in graph.consts or b not in graph.consts or padding not in (1, 2) or min(graph.shapes[y][1:3]) <= 0:
         raise ConversionError(f"custom op Convolution2DTransposeBias (op {k}) has computed weights or shapes",
                               UNREAD_FIX)

@@ -272,7 +272,7 @@ def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path, di
     engine.close()
 
 
-def _mediapipe_transpose_conv(path, w, b, stride: int):
+def _mediapipe_transpose_conv(path, w, b, stride: int, stride_option: int | None = None):
     """A float .tflite of one MediaPipe custom op, Convolution2DTransposeBias (its selfie
     segmenter's last layer): x [1, 4, 4, cin] -> [1, 4 s, 4 s, cout], weights [cout, k, k, cin]."""
     import flatbuffers
@@ -294,7 +294,8 @@ def _mediapipe_transpose_conv(path, w, b, stride: int):
     code.customCode, code.version = "Convolution2DTransposeBias", 1
     op = s.OperatorT()
     op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
-    op.customOptions = np.frombuffer(struct.pack("<iii", 1, stride, stride), np.uint8)  # SAME, stride w, stride h
+    written = stride if stride_option is None else stride_option
+    op.customOptions = np.frombuffer(struct.pack("<iii", 1, written, written), np.uint8)  # SAME, stride w, stride h
     sub = s.SubGraphT()
     sub.tensors = [tensor("x", [1, 4, 4, cin], 0), tensor("w", list(w.shape), 1), tensor("b", [cout], 2),
                    tensor("y", [1, 4 * stride, 4 * stride, cout], 0)]
@@ -331,6 +332,12 @@ def test_mediapipes_transposed_conv_custom_op_is_read_as_the_conv_it_is(keys, tm
     span = float(expected.max() - expected.min())
     assert np.abs(out - expected).max() <= 0.03 * span  # a few int8 steps of the output's range
     engine.close()
+
+    # the options are bytes from the file: a stride of 0 is one clear error, not a division by zero
+    bad = _mediapipe_transpose_conv(tmp_path / "bad.tflite", w, b, stride=2, stride_option=0)
+    with pytest.raises(ConversionError, match=r"Convolution2DTransposeBias \(op 0\) has strides 0x0"):
+        convert_tflite(bad, tmp_path / "calib.npz", tmp_path / "bad.ewb", keys[0], None, ConvertOptions(name="bad"))
+    assert not (tmp_path / "bad.ewb").exists()
 
 
 def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
