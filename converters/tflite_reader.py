@@ -185,6 +185,9 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                                   "most custom ops, MediaPipe's among them, none in stock LiteRT either)",
                                   f"end the model before it with {before} and do its work on the board, or run the "
                                   "model with the framework that defines the op")
+        if kind in _DILATION_STEPS:  # a dilated Conv1D's, for a batch of any size: read, then rewritten
+            graph.ops.append(Op(kind, [names[i] for i in op.inputs], [names[op.outputs[0]]], {}, f"{kind.lower()}_{k}"))
+            continue
         if kind not in SUPPORTED:
             raise ConversionError(f"TFLite op {kind} (op {k}) is not supported by edgeward's INT8 writer",
                                   UNREAD_FIX)
@@ -252,7 +255,84 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
         graph.ops.append(Op(kind, inputs, [names[i] for i in op.outputs], options, name=f"{kind.lower()}_{k}"))
     _layer_norms_in_float(graph)
     transpose_convs_as_subpixel(graph)
+    _dilated_conv1ds(graph)
+    left = next((op for op in graph.ops if op.kind in _DILATION_STEPS), None)
+    if left is not None:
+        raise ConversionError(f"TFLite op {left.kind} ({left.name}) is not supported by edgeward's INT8 writer "
+                              "(only as a dilated Conv1D's)", UNREAD_FIX)
     return simplify(graph), names
+
+
+_DILATION_STEPS = ("SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND")
+
+
+def _dilated_conv1ds(graph: Graph) -> None:
+    """A dilated Conv1D as TensorFlow writes it for a batch of any size (WaveNet-style and TCN
+    audio models): SPACE_TO_BATCH_ND by the dilation, the conv as a plain 1xk CONV_2D between
+    two RESHAPEs, BATCH_TO_SPACE_ND back. It is the conv with that dilation, after a PAD by the
+    first op's paddings, and a crop by the last one's: written so, the batch stays free and every
+    op runs in XNNPACK. Each tensor kept holds the values it held (rearranged), so its range from
+    the source file still holds; the rest are refused (read_tflite)."""
+    readers: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+
+    def only_reader(t: str, kind: str) -> Op | None:
+        found = readers.get(t, [])
+        return found[0] if len(found) == 1 and found[0].kind == kind and t not in graph.outputs else None
+
+    for s2b in [op for op in graph.ops if op.kind == "SPACE_TO_BATCH_ND"]:
+        x, block, pads = s2b.inputs
+        expand = only_reader(s2b.outputs[0], "RESHAPE")
+        conv = expand and only_reader(expand.outputs[0], "CONV_2D")
+        squeeze = conv and only_reader(conv.outputs[0], "RESHAPE")
+        b2s = squeeze and only_reader(squeeze.outputs[0], "BATCH_TO_SPACE_ND")
+        shape = graph.shapes.get(x, [])
+        if not b2s or len(shape) != 3 or block not in graph.consts or pads not in graph.consts \
+                or b2s.inputs[1] not in graph.consts or b2s.inputs[2] not in graph.consts:
+            continue
+        b, (p0, p1) = graph.consts[block].reshape(-1), graph.consts[pads].reshape(-1)
+        crops = graph.consts[b2s.inputs[2]].reshape(-1)
+        kh, kw = graph.consts[conv.inputs[1]].shape[1:3]
+        o = conv.options
+        if b.size != 1 or crops.size != 2 or np.any(graph.consts[b2s.inputs[1]].reshape(-1) != b) or kh != 1 \
+                or o.get("padding") != "VALID" or tuple(o.get("stride", (1, 1))) != (1, 1) \
+                or tuple(o.get("dilation", (1, 1))) != (1, 1) or graph.shapes[expand.outputs[0]][1] != 1:
+            continue
+        n, t, c = shape
+        b, tp = int(b[0]), t + int(p0) + int(p1)
+        tq, out_c = tp - (kw - 1) * b, graph.consts[conv.inputs[1]].shape[0]
+        ops: list[Op] = []
+        if p0 or p1:
+            graph.consts[f"{conv.name}/dilated/paddings"] = np.array([[0, 0], [p0, p1], [0, 0]], np.int32)
+            graph.shapes[f"{conv.name}/dilated/padded"] = [n, tp, c]
+            ops.append(Op("PAD", [x, f"{conv.name}/dilated/paddings"], [f"{conv.name}/dilated/padded"], {}, conv.name))
+            x = f"{conv.name}/dilated/padded"
+        y = b2s.outputs[0]
+        cropped = bool(crops[0] or crops[1])
+        for name, new_shape in ((expand.outputs[0], [n, 1, tp, c]), (conv.outputs[0], [n, 1, tq, out_c]),
+                                (squeeze.outputs[0] if cropped else y, [n, tq, out_c])):
+            graph.shapes[name] = new_shape
+        for r, target in ((expand, [n, 1, tp, c]), (squeeze, [n, tq, out_c])):
+            graph.consts[f"{r.name}/dilated/shape"] = np.array(target, np.int32)
+            r.inputs = [r.inputs[0], f"{r.name}/dilated/shape"]
+            r.options = {"new_shape": np.array(target, np.int32)}
+        expand.inputs[0] = x
+        conv.options = {**o, "dilation": (1, b)}
+        if cropped:
+            graph.consts[f"{conv.name}/dilated/begin"] = np.array([0, crops[0], 0], np.int32)
+            graph.consts[f"{conv.name}/dilated/size"] = np.array([-1, tq - crops[0] - crops[1], out_c], np.int32)
+            crop = Op("SLICE", [squeeze.outputs[0], f"{conv.name}/dilated/begin", f"{conv.name}/dilated/size"], [y],
+                      {}, conv.name)
+        else:
+            graph.shapes.pop(squeeze.outputs[0], None)
+            squeeze.outputs = [y]
+        graph.shapes.pop(s2b.outputs[0], None)
+        at = graph.ops.index(s2b)
+        graph.ops[at:at + 1] = ops
+        at = graph.ops.index(b2s)
+        graph.ops[at:at + 1] = [crop] if cropped else []
 
 
 def _as_reshape(graph: Graph, x: str, y: str, kind: str, k: int) -> Op:

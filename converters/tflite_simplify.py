@@ -75,17 +75,18 @@ def _one_slope_prelus_as_leaky(graph: Graph) -> None:
 _FUSING = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL")
 
 
-# ops that only move values, which an activation commutes with (a sub-pixel upsampling's)
-_MOVES = ("DEPTH_TO_SPACE", "SLICE")
+# ops that only move values, which an activation commutes with (a sub-pixel upsampling's, a
+# Conv1D's squeeze)
+_MOVES = ("DEPTH_TO_SPACE", "SLICE", "RESHAPE", "TRANSPOSE")
 
 
 def _fuse_activations(graph: Graph) -> None:
     """A RELU or RELU6 that alone reads a conv's, ADD's, SUB's or MUL's output becomes its fused
     activation (a float TFLite source writes BlazeFace's residual ADD, then RELU): one op fewer,
     and XNNPACK takes no standalone int8 RELU (the writer's fallback for the rest costs a MUL).
-    So does one after a transposed conv written as a sub-pixel conv: through its DEPTH_TO_SPACE
-    and SLICE, which move values only, into the conv (a U-Net decoder's ReLU, at the upsampled
-    size); the moved tensors' ranges then follow the activation's output."""
+    So does one after ops that only move values (a sub-pixel conv's DEPTH_TO_SPACE and SLICE, a
+    Conv1D's squeeze to [N, T, C]): into the conv before them (a U-Net decoder's ReLU, at the
+    upsampled size); the moved tensors' ranges then follow the activation's output."""
     users = _readers(graph)
     producer = {out: op for op in graph.ops for out in op.outputs}
     keep = _sources(graph)

@@ -215,14 +215,14 @@ def test_a_keras_upsampler_becomes_int8_ops_that_xnnpack_runs(keys, tmp_path):
     engine.close()
 
 
-@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2, 4])
 def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path, dilation):
     """Sensor and audio models are Conv1D stacks, which TensorFlow writes as EXPAND_DIMS, the conv
     in 2D and a squeeze (RESHAPE) per layer: read as RESHAPEs, the squeeze-then-expand between two
     layers cancels, an AveragePooling1D is an int8 depthwise conv (XNNPACK runs no int8
     AVERAGE_POOL_2D), and the whole model is one XNNPACK part with its batch free. A dilated
-    Conv1D TensorFlow writes with SPACE_TO_BATCH_ND for a batch of any size, and as a plain conv
-    for a batch of one: that model takes one row at a time, and the report says why. Trained
+    Conv1D TensorFlow writes as SPACE_TO_BATCH_ND, a plain conv and BATCH_TO_SPACE_ND: it is read
+    as the conv with that dilation (exact: the converter's read-back check runs both). Trained
     here to tell four tones apart in noise, the INT8 model keeps its accuracy."""
     import tensorflow as tf
 
@@ -253,22 +253,51 @@ def test_a_keras_conv1d_signal_classifier_converts_and_serves(keys, tmp_path, di
     assert q["accuracy_fp32"] >= 0.9 and q["accuracy_drop_pp"] <= 2.0, q
     assert ops["CONV_2D"] == 3 and ops["DEPTHWISE_CONV_2D"] == 3 and "AVERAGE_POOL_2D" not in ops, ops  # and BN as 1x1
     assert report["graph"]["tensor_dtypes"]["float32"] == 2
-    notes = [n for n in report.get("notes", []) if "batches of one row" in n]
-    if dilation == 1:
-        assert ops["RESHAPE"] == 4 and not notes, ops  # of ten: the first expand, around the causal PAD, the last squeeze
-        with tarfile.open(tmp_path / "c1d.ewb") as tar:
-            (tmp_path / "c1d.tflite").write_bytes(tar.extractfile("model.tflite").read())
-        assert xnnpack_partitions(tmp_path / "c1d.tflite") == 1
-    else:
-        assert len(notes) == 1 and "SPACE_TO_BATCH_ND" in notes[0]
+    assert ops["RESHAPE"] == 4 and "MUL" not in ops, ops  # of ten: the first expand, around the causal PAD, the last squeeze
+    assert not [n for n in report.get("notes", []) if "batches of one row" in n]
+    with tarfile.open(tmp_path / "c1d.ewb") as tar:
+        (tmp_path / "c1d.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    assert xnnpack_partitions(tmp_path / "c1d.tflite") == 1
     engine = Engine(Budget(4096, reserve_mb=0))
     served = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "c1d.ewb", [load_public_key(keys[1])])))
-    assert served.manifest.inputs[0].shape == [-1 if dilation == 1 else 1, 128, 3]
+    assert served.manifest.inputs[0].shape == [-1, 128, 3]
     served.self_test()
     engine.activate(served)
-    rows = [x[400:440]] if dilation == 1 else [row[None] for row in x[400:440]]  # a free batch takes them at once
-    out = np.concatenate([next(iter(engine.infer_arrays("c1d", {"signal": r})[1].values())) for r in rows])
+    out = next(iter(engine.infer_arrays("c1d", {"signal": x[400:440]})[1].values()))  # 40 rows at once
     assert (out.argmax(1) == model.predict(x[400:440], verbose=0).argmax(1)).mean() >= 0.95
+    engine.close()
+
+
+def test_dilated_conv1ds_that_pad_and_crop_are_read_as_the_convs_they_are(keys, tmp_path):
+    """A 'same' dilated Conv1D over a length its dilation does not divide: TensorFlow pads before
+    SPACE_TO_BATCH_ND (4 and 6 steps) and crops after BATCH_TO_SPACE_ND (2). Read as a PAD, the
+    dilated conv and a slice, the float model answers as the file does (the converter's read-back
+    check would refuse it otherwise) and the batch stays free."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    signal = tf.keras.Input((30, 3), name="signal")
+    h = layers.Conv1D(8, 3, dilation_rate=4, padding="same", activation="relu")(signal)
+    h = layers.Conv1D(8, 2, dilation_rate=3, padding="valid")(h)
+    model = tf.keras.Model(signal, layers.Dense(4)(layers.Flatten()(h)))
+    model.save(tmp_path / "d.keras")
+    x = np.random.default_rng(0).standard_normal((80, 30, 3)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", signal=x[:64])
+    np.savez(tmp_path / "eval.npz", signal=x[64:])
+    report = convert_tensorflow(tmp_path / "d.keras", tmp_path / "calib.npz", tmp_path / "d.ewb", keys[0],
+                                tmp_path / "eval.npz", ConvertOptions(name="d", allow_worse=True))
+    ops = report["graph"]["ops"]
+    assert ops["CONV_2D"] == 2 and ops["PAD"] == 1 and ops["STRIDED_SLICE"] == 1, ops  # the crop, batch free
+    assert not report.get("notes") or not any("batches of one" in n for n in report["notes"])
+    q = report["quality"]
+    assert q["max_abs_err"] <= 0.03 * q["output_range"], q
+    engine = Engine(Budget(4096, reserve_mb=0))
+    served = engine.load(Store(tmp_path / "store").install(open_bundle(tmp_path / "d.ewb", [load_public_key(keys[1])])))
+    assert served.manifest.inputs[0].shape == [-1, 30, 3]
+    engine.activate(served)
+    out = next(iter(engine.infer_arrays("d", {"signal": x[64:]})[1].values()))
+    assert np.abs(out - model.predict(x[64:], verbose=0)).max() <= 0.03 * q["output_range"]
     engine.close()
 
 
