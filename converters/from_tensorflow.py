@@ -36,15 +36,17 @@ def _tf():
 
 def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = False) -> Path:
     """Write the Keras or SavedModel model as a float .tflite with TensorFlow's converter; with
-    `batch_of_one`, a Keras model is written for batches of one row, which lets the converter
-    fold the shape arithmetic its layers do for a batch of any size."""
+    `batch_of_one`, for batches of one row, which lets the converter fold the shape arithmetic
+    its layers do for a batch of any size."""
     tf = _tf()
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
     try:  # Keras prints its export steps to stdout, which belongs to the report (--json)
         with contextlib.redirect_stdout(io.StringIO()):
-            if path.is_dir():
+            if path.is_dir() and batch_of_one:
+                converter = _saved_model_for_batches_of_one(tf, path)
+            elif path.is_dir():
                 converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
             else:
                 model = tf.keras.models.load_model(str(path), compile=False)
@@ -69,6 +71,21 @@ def _for_batches_of_one(tf, model):
     return tf.keras.Model(inputs, model(inputs if len(inputs) > 1 else inputs[0]), name=model.name)
 
 
+def _saved_model_for_batches_of_one(tf, path: Path):
+    """TensorFlow's converter for the SavedModel's serving signature called on inputs of batch
+    size 1 (same names; the loaded model's variables become constants)."""
+    loaded = tf.saved_model.load(str(path))
+    signatures = dict(loaded.signatures)
+    signature = signatures.get("serving_default") or next(iter(signatures.values()), None)
+    if signature is None:
+        raise ConversionError(f"the SavedModel {path.name} has no signature to convert",
+                              "export it with a serving signature (model.export(path) in Keras)")
+    fixed = {name: tf.TensorSpec([1, *spec.shape[1:]], spec.dtype, name=name)
+             for name, spec in signature.structured_input_signature[1].items()}
+    concrete = tf.function(lambda **feeds: signature(**feeds)).get_concrete_function(**fixed)
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
+
+
 def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> tuple[Path, str | None]:
     """(TensorFlow's float .tflite of the model, None) for a batch of any size where edgeward can
     read that one, else (the one for batches of one, why): a Keras Dense on a sequence ([N, T, D],
@@ -82,9 +99,6 @@ def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> tuple[Path, str 
         read_tflite(flat)
         return flat, None
     except ConversionError as exc:
-        if path.is_dir():  # a SavedModel's signature fixes its shapes
-            raise ConversionError(exc.message, "save the model with a fixed batch size (1), or "
-                                  "convert it from its Keras file") from exc
         why = exc.message
     flat = to_float_tflite(path, out, batch_of_one=True)
     read_tflite(flat)  # what still fails says why, in the reader's words
