@@ -296,8 +296,8 @@ class LocalApi:
         tmp.unlink(missing_ok=True)
         sock.bind(str(tmp))
         os.chmod(tmp, self.mode)
-        os.replace(tmp, self.path)  # the socket appears with its final permissions
         sock.listen(128)
+        os.replace(tmp, self.path)  # the socket appears with its final permissions, already listening
         self._sock = sock
         threading.Thread(target=self._accept_loop, name="local-api", daemon=True).start()
         log.info("local API listening on %s", self.path)

@@ -29,6 +29,7 @@ import numpy as np
 from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
+from .conv1d import lift_conv1d
 from .subpixel import subpixel_weights
 from .tflite_graph import SAME_SCALE, Graph, Op
 from .tflite_simplify import simplify
@@ -1292,6 +1293,7 @@ def lower(model) -> Graph:
         if vi.type.tensor_type.elem_type != 1 and vi.name not in {i.name for i in model.graph.initializer}:
             raise ConversionError(f"input {vi.name!r} is not float32", "TFLite conversion takes float models")
     name_nodes(model)  # as the converter's named copy names them
+    model = lift_conv1d(model)  # Conv1d stacks as the 2-D ones they equal
     try:
         return simplify(_Lowering(model).run())
     except _NeedsFixedBatch:

@@ -1,6 +1,7 @@
 """The local client's wait for an answer: it polls only when an answer is expected soon,
 and sleeps in recv() otherwise (unit test against a socket server in this process)."""
 
+import os
 import socket
 import threading
 import time
@@ -17,8 +18,9 @@ from agent.polling import linger
 
 def _server(path, delay_s, busy: bool = False):
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
-    srv.listen(4)
+    srv.bind(f"{path}.binding")  # the socket appears at `path` only once it listens: a test that waits
+    srv.listen(4)                # for the file would otherwise connect between bind and listen
+    os.rename(f"{path}.binding", str(path))
 
     def serve():
         conn, _ = srv.accept()
