@@ -58,8 +58,10 @@ def lift_conv1d(model):
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     weights = {i.name: i for i in g.initializer}
 
-    def const(name: str, array: np.ndarray) -> str:
-        g.initializer.append(numpy_helper.from_array(array, name))
+    def const(name: str, array: np.ndarray) -> str:  # once: two convs may share one weight
+        if name not in weights:
+            weights[name] = numpy_helper.from_array(array, name)
+            g.initializer.append(weights[name])
         return name
 
     def attr(node, name: str, value) -> None:
