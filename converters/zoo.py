@@ -403,6 +403,46 @@ def build_strip_upsampler(path: str | Path, size: int = 32, seed: int = 0) -> Pa
     return _save(graph, path)
 
 
+def build_conv1d_kws(path: str | Path, features: int = 40, frames: int = 98, classes: int = 12, seed: int = 0) -> Path:
+    """An FP32 keyword spotter of TC-ResNet's shape: a second of audio as MFCC frames
+    [N, features, frames], the features as channels, 1-D convs along time (a 3-tap stem, then
+    three residual blocks of two 9-tap convs, the first of stride 2 with a 1x1 shortcut), ReLU,
+    the mean over time and a classifier. Untrained (He-initialised): a board's always-on audio
+    workload, and the 1-D conv path PyTorch's Conv1d exports take (converters/conv1d.py)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, name, relu=True):
+        w = (rng.standard_normal((cout, cin, k)) * np.sqrt(2 / (cin * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array((0.05 * rng.standard_normal(cout)).astype(np.float32), f"{name}_b")])
+        out = f"{name}_c" if relu else name
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [out], kernel_shape=[k],
+                                      strides=[stride], pads=[k // 2, k // 2]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [out], [name]))
+        return name
+
+    x, cin = conv("mfcc", features, 16, 3, 1, "stem"), 16
+    for i, cout in enumerate((24, 32, 48)):
+        y = conv(conv(x, cin, cout, 9, 2, f"b{i}_a"), cout, cout, 9, 1, f"b{i}_b", relu=False)
+        shortcut = conv(x, cin, cout, 1, 2, f"b{i}_s", relu=False)
+        nodes += [helper.make_node("Add", [y, shortcut], [f"b{i}_sum"]), helper.make_node("Relu", [f"b{i}_sum"], [f"b{i}"])]
+        x, cin = f"b{i}", cout
+    inits += [numpy_helper.from_array(np.array([2], np.int64), "time"),
+              numpy_helper.from_array((rng.standard_normal((cin, classes)) * np.sqrt(1 / cin)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
+    nodes += [helper.make_node("ReduceMean", [x, "time"], ["pooled"], keepdims=0),
+              helper.make_node("Gemm", ["pooled", "fc_w", "fc_b"], [OUTPUT_NAME])]
+    graph = helper.make_graph(nodes, "conv1d_kws",
+                              [helper.make_tensor_value_info("mfcc", TensorProto.FLOAT, ["batch", features, frames])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
+                              initializer=inits)
+    return _save(graph, path, opset=18)
+
+
 def _image_classifier(path, name: str, nodes: list, inits: list, x: str, channels: int, size: int, classes: int,
                       rng, opset: int = 17) -> Path:
     """Finish an image model: global average pool, a linear classifier, NCHW image in, logits out."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Converter benchmark: six model families built in code (a small CNN, MobileNet- and
-MobileNetV3-style CNNs, an MLP, a DBNet-style text detector, a transformer block), each converted
+"""Converter benchmark: seven model families built in code (a small CNN, MobileNet- and
+MobileNetV3-style CNNs, an MLP, a DBNet-style text detector, a transformer block, a 1-D conv
+keyword spotter), each converted
 by the real converter to INT8 ONNX (static QDQ, per-channel) and INT8 TFLite in one run, then
 pruned (50 % unstructured, and 50 % of the conv channels removed), measured side by side.
 
@@ -22,6 +23,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +77,9 @@ def main() -> int:
         img_calib, img_eval = zoo.write_image_npz(work / "images", size=128)
         zoo.build_digits_cnn(work / "digits.onnx")
         zoo.build_digits_transformer(work / "transformer.onnx", width=64, heads=4)
+        rng = np.random.default_rng(0)  # MFCC-like frames: the keyword spotter is untrained, measured by agreement
+        np.savez(work / "mfcc-calib.npz", mfcc=rng.standard_normal((64, 40, 98)).astype(np.float32))
+        np.savez(work / "mfcc-eval.npz", mfcc=rng.standard_normal((64, 40, 98)).astype(np.float32))
         families = [
             ("small CNN (digits, trained)", "cnn", work / "digits.onnx", digits_calib, digits_eval),
             ("MobileNet-style CNN (128x128)", "cnn",
@@ -86,6 +92,8 @@ def main() -> int:
              zoo.build_text_detector_like(work / "text_detector.onnx", size=128), img_calib, img_eval),
             ("transformer block (digits rows as tokens, trained)", "tfm", work / "transformer.onnx", digits_calib,
              digits_eval),
+            ("1-D conv keyword spotter (40 MFCC x 98 frames)", "cnn", zoo.build_conv1d_kws(work / "kws.onnx"),
+             work / "mfcc-calib.npz", work / "mfcc-eval.npz"),
         ]
         sizes, latency, pruning = [], [], []
         for label, kind, model, calib, evaluation in families:
