@@ -2,8 +2,8 @@
 lifted to the 2-D one it equals, for the TFLite writer, whose layers are 2-D.
 
 Every [N, C, T] tensor becomes [N, C, 1, T]: convs and pools take a 1 x k window, constants
-that broadcast against such a tensor take the new axis, reductions and concatenations their
-axes renumbered. The model's inputs stay [N, C, T] (an Unsqueeze lifts them) and every tensor
+that broadcast against such a tensor take the new axis, pads (a causal conv's F.pad) none
+along it, reductions, concatenations and slices (a TCN's chomp) their axes renumbered. The model's inputs stay [N, C, T] (an Unsqueeze lifts them) and every tensor
 keeps its name, so the calibration ranges onnxruntime measures on the user's file still hold.
 A model with any other op on a 1-D map, or a 1-D map as an output, is left as it is (and the
 lowering then names the layer it cannot map).
@@ -22,7 +22,7 @@ _AS_THEY_ARE = {"BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "H
 # ... windows to widen to 1 x k, axes to renumber
 _WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 _REDUCING = {"ReduceMean", "ReduceMax", "ReduceSum"}
-_LIFTABLE = _AS_THEY_ARE | _WINDOWED | _REDUCING | {"Concat", "Flatten"}
+_LIFTABLE = _AS_THEY_ARE | _WINDOWED | _REDUCING | {"Concat", "Flatten", "Pad", "Slice"}
 
 
 def _axis(a: int) -> int:
@@ -37,24 +37,24 @@ def lift_conv1d(model):
     import onnx
     from onnx import helper, numpy_helper
 
+    if not any(n.op_type == "Conv" for n in model.graph.node):
+        return model
+    original, model = model, _constants_folded(model)
     g = model.graph
     inits = {i.name for i in g.initializer}
     rank: dict[str, int] = {i.name: len(i.dims) for i in g.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - onnx raises its own types; an unreadable model stays as it is
-        return model
+        return original
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.tensor_type.HasField("shape"):
             rank.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
     maps = {name for name, r in rank.items() if r == 3 and name not in inits}
     if not any(n.op_type == "Conv" and n.input[0] in maps for n in g.node):
-        return model
+        return original
     if any(o.name in maps for o in g.output) or not _liftable(g, maps, inits, rank):
-        return model
-
-    model = copy.deepcopy(model)
-    g = model.graph
+        return original
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     weights = {i.name: i for i in g.initializer}
 
@@ -96,6 +96,25 @@ def lift_conv1d(model):
                     node.input[1] = const(f"{node.input[1]}/{node.output[0]}/lifted", np.array(lifted, np.int64))
         elif node.op_type == "Concat":
             attr(node, "axis", _axis(a["axis"]))
+        elif node.op_type == "Pad":  # a causal conv's padding (F.pad): none along the new axis
+            if len(node.input) > 3 and node.input[3]:  # opset 18's axes: renumbered
+                axes = numpy_helper.to_array(weights[node.input[3]]).reshape(-1)
+                node.input[3] = const(f"{node.input[3]}/{node.output[0]}/lifted",
+                                      np.array([_axis(int(v)) for v in axes], np.int64))
+            elif "pads" in a:
+                attr(node, "pads", _lift_pads(a["pads"]))
+            else:
+                pads = numpy_helper.to_array(weights[node.input[1]]).reshape(-1).tolist()
+                node.input[1] = const(f"{node.input[1]}/{node.output[0]}/lifted", np.array(_lift_pads(pads), np.int64))
+        elif node.op_type == "Slice":  # a TCN's chomp, x[:, :, :-p]: its axes renumbered
+            starts = numpy_helper.to_array(weights[node.input[1]]).reshape(-1)
+            axes = numpy_helper.to_array(weights[node.input[3]]).reshape(-1).tolist() \
+                if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+            lifted = const(f"{node.output[0]}/lift_axes", np.array([_axis(int(v)) for v in axes], np.int64))
+            if len(node.input) > 3:
+                node.input[3] = lifted
+            else:
+                node.input.append(lifted)
         elif node.op_type in ("Add", "Sub", "Mul", "Div", "PRelu"):
             for i, name in enumerate(node.input):
                 if name in weights and len(weights[name].dims) >= 1:  # broadcast from the right: a 1 before T
@@ -115,6 +134,42 @@ def lift_conv1d(model):
         g.node.insert(0, unsqueeze)
     del g.value_info[:]  # the inferred shapes were of the 1-D model
     return model
+
+
+def _constants_folded(model):
+    """A copy of the model with every node of constants only computed into an initializer: torch
+    writes F.pad's pads and a chomp's bounds as small graphs of Constant nodes (the lowering
+    folds them alike, later)."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    kept = []
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        if node.op_type != "Constant" and not (ins and all(i in values for i in ins)):
+            kept.append(node)
+            continue
+        try:
+            outs = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+        except Exception:  # noqa: BLE001 - an operator the evaluator does not know stays a node
+            kept.append(node)
+            continue
+        for name, v in zip(node.output, outs):
+            if name:
+                values[name] = np.asarray(v)
+                g.initializer.append(numpy_helper.from_array(values[name], name))
+    del g.node[:]
+    g.node.extend(kept)
+    return model
+
+
+def _lift_pads(pads: list[int]) -> list[int]:
+    """ONNX pads of a [N, C, T] tensor (begins, then ends) for [N, C, 1, T]."""
+    begins, ends = list(pads[:3]), list(pads[3:])
+    return [*begins[:2], 0, begins[2], *ends[:2], 0, ends[2]]
 
 
 def _reduce_axes(node, weights: dict) -> list[int] | None:
@@ -153,6 +208,11 @@ def _liftable(g, maps: set[str], inits: set[str], rank: dict[str, int]) -> bool:
                 return False  # [N, C, T] -> [N, T] would keep the 1 the lift put in
         if node.op_type in _WINDOWED and node.input[0] not in maps:
             return False
+        if node.op_type == "Pad" and ("pads" not in a and (len(node.input) < 2 or node.input[1] not in inits)
+                                      or len(node.input) > 3 and node.input[3] and node.input[3] not in inits):
+            return False  # computed pads or axes
+        if node.op_type == "Slice" and (len(node.input) < 3 or any(n and n not in inits for n in node.input[1:])):
+            return False  # computed bounds (or opset 1's attributes)
         if any(o in maps for o in node.output) and not any(i in maps for i in node.input):
             return False  # a 1-D map made from something else (an Unsqueeze of [N, T], a Reshape)
     return True

@@ -1566,3 +1566,44 @@ def test_the_zoo_keyword_spotter_lowers_with_its_residual_1d_blocks(tmp_path):
                                atol=1e-5 * max(1.0, float(np.abs(want).max())))
     write_tflite(lowered, tmp_path / "int8.tflite", calibration_ranges(source, lowered, {"mfcc": x}))
     assert np.abs(_tflite_out(tmp_path / "int8.tflite", "mfcc", x) - want).max() <= 0.03 * (want.max() - want.min())
+
+
+def test_a_pytorch_tcn_with_its_chomp_and_causal_pad_lowers_as_the_2d_model_it_equals(tmp_path):
+    """A temporal convolutional network as its reference code writes it: each dilated Conv1d padded
+    on both sides, then chomped (x[:, :, :-p], a Slice), or padded in front only (F.pad, a Pad),
+    with a 1x1 residual. Lifted to 2-D, the float TFLite answers as onnxruntime does and the INT8
+    one within 3 %."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from converters.from_torch import to_onnx
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, k, d):
+            super().__init__()
+            self.pad = (k - 1) * d
+            self.c1 = nn.Conv1d(cin, cout, k, padding=self.pad, dilation=d)
+            self.c2, self.down = nn.Conv1d(cout, cout, k, dilation=d), nn.Conv1d(cin, cout, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x)[:, :, :-self.pad])
+            y = torch.relu(self.c2(F.pad(y, (self.pad, 0))))
+            return torch.relu(y + self.down(x))
+
+    class Tcn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.fc = nn.Sequential(Block(3, 16, 3, 1), Block(16, 16, 3, 2), Block(16, 16, 3, 4)), \
+                nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.blocks(x).mean(-1))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(34).standard_normal((32, 3, 50)).astype(np.float32)
+    source, _ = to_onnx(Tcn().eval(), {"x": x[:2]}, tmp_path / "tcn.onnx")
+    assert {"Pad", "Slice", "Conv"} <= {n.op_type for n in onnx.load(str(source)).graph.node}
+    lowered = lower(onnx.load(str(source)))
+    assert [op.kind for op in lowered.ops].count("CONV_2D") == 9 and lowered.shapes["x"] == [-1, 3, 50]
+    _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
