@@ -104,6 +104,22 @@ def _batches(files: list[Path], inputs: list[dict], batch: int) -> Iterator[tupl
             yield [(str(path), i) for i in range(lo, hi)], {k: v[lo:hi] for k, v in arrays.items()}
 
 
+def fixed_batch(inputs: list[dict]) -> int | None:
+    """The batch size a model takes, where its first input's first axis is fixed (a model written
+    for batches of one, as a Keras transformer is), else None."""
+    shape = (inputs[0].get("shape") or []) if inputs else []
+    return int(shape[0]) if len(shape) > 1 and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def padded(batches, rows: int):
+    """Batches of exactly `rows` samples, a short last one padded with copies of its last sample
+    (whose answers are not written: each batch's sources name its real samples only)."""
+    for sources, feeds in batches:
+        if len(sources) < rows:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], rows - len(sources), axis=0)]) for k, v in feeds.items()}
+        yield sources, feeds
+
+
 def _count(files: list[Path], inputs: list[dict]) -> int:
     total = 0
     for path in files:
@@ -146,6 +162,11 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         if info is None:
             raise EdgewardError(f"no model named {model!r} is serving on this board",
                                 "see `edgeward agent status` for what is loaded")
+        fixed = fixed_batch(info["inputs"])
+        if fixed is not None and fixed != batch:  # the model takes that many rows a request, no other number
+            if progress is not None:
+                progress.write(f"  {model} takes batches of {fixed} sample(s): --batch {batch} becomes {fixed}\n")
+            batch = fixed
         if is_image(files[0]):
             spec = _image_spec(info, preprocess)
             total, batches = len(files), _image_batches(files, info["inputs"][0]["name"], spec, batch)
@@ -158,6 +179,8 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
         done, t0 = 0, time.monotonic()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
         streams = _FileStreams(client, model) if info.get("mode") == "stateful" else None
+        if fixed is not None and streams is None:  # a stream's padding rows would move its state on
+            batches = padded(batches, fixed)
         try:
             with open(tmp, "w") as f:
                 for sources, feeds in batches:

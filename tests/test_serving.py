@@ -467,3 +467,23 @@ def test_an_offline_batch_job_writes_one_line_per_sample_and_nothing_on_failure(
     r = subprocess.run(cmd[:-3] + [str(out2), "--socket", path], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "shape" in r.stderr and len(r.stderr.strip().splitlines()[-1]) < 300
     assert sorted(p.name for p in tmp_path.iterdir() if "results2" in p.name) == []
+
+
+def test_a_batch_job_sends_a_fixed_batch_model_its_own_batch_size_and_pads_the_last(tmp_path):
+    """A model written for batches of a fixed size (a Keras transformer converted for batches of
+    one) takes that many rows a request and no other number: the job cuts the samples so, pads a
+    short last batch with copies of its last sample, and names only the real samples."""
+    from agent.batchjob import _batches, fixed_batch, padded
+
+    inputs = [{"name": "input", "shape": [4, 3], "dtype": "float32"}]
+    assert fixed_batch(inputs) == 4
+    assert fixed_batch([{"name": "input", "shape": [-1, 3], "dtype": "float32"}]) is None  # a free batch
+    assert fixed_batch([{"name": "input", "shape": [5], "dtype": "float32"}]) is None      # no batch axis
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    np.save(tmp_path / "a.npy", x)
+    got = list(padded(_batches([tmp_path / "a.npy"], inputs, 4), 4))
+    assert [len(sources) for sources, _ in got] == [4, 4, 2]
+    assert all(feeds["input"].shape == (4, 3) for _, feeds in got)
+    last_sources, last = got[-1]
+    assert [i for _, i in last_sources] == [8, 9]
+    np.testing.assert_array_equal(last["input"], x[[8, 9, 9, 9]])
