@@ -13,6 +13,8 @@ samples each. Image files (.jpg, .png, ...) feed a one-input image model, prepar
 bundle says (the converter's --preprocess, agent/images.py) or as --preprocess says here;
 where the bundle names its classes, each result gives the class name too. For a stateful
 model each file is one stream, its samples in order, so results do not depend on --batch.
+A model written for a fixed batch size gets exactly that many samples a request, whatever
+--batch says (a short last batch padded, the padding's answers not written).
 """
 
 from __future__ import annotations
