@@ -3,9 +3,10 @@ lifted to the 2-D one it equals, for the TFLite writer, whose layers are 2-D.
 
 Every [N, C, T] tensor becomes [N, C, 1, T]: convs and pools take a 1 x k window, constants
 that broadcast against such a tensor take the new axis, pads (a causal conv's F.pad) none
-along it, reductions, concatenations and slices (a TCN's chomp) their axes renumbered. The model's inputs stay [N, C, T] (an Unsqueeze lifts them) and every tensor
-keeps its name, so the calibration ranges onnxruntime measures on the user's file still hold.
-A model with any other op on a 1-D map, or a 1-D map as an output, is left as it is (and the
+along it, reductions, concatenations and slices (a TCN's chomp) their axes renumbered. The model's inputs and outputs stay [N, C, T] (an Unsqueeze lifts an input,
+a Squeeze brings a frame-wise output back) and every other tensor keeps its name, so the
+calibration ranges onnxruntime measures on the user's file still hold (an input's or output's
+lifted copy takes its own). A model with any other op on a 1-D map is left as it is (and the
 lowering then names the layer it cannot map).
 """
 
@@ -23,6 +24,9 @@ _AS_THEY_ARE = {"BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "H
 _WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 _REDUCING = {"ReduceMean", "ReduceMax", "ReduceSum"}
 _LIFTABLE = _AS_THEY_ARE | _WINDOWED | _REDUCING | {"Concat", "Flatten", "Pad", "Slice"}
+
+
+LIFTED = "/lifted"  # the suffix of a model input's or output's lifted copy (onnx_to_tflite.onnx_tensor)
 
 
 def _axis(a: int) -> int:
@@ -53,7 +57,7 @@ def lift_conv1d(model):
     maps = {name for name, r in rank.items() if r == 3 and name not in inits}
     if not any(n.op_type == "Conv" and n.input[0] in maps for n in g.node):
         return original
-    if any(o.name in maps for o in g.output) or not _liftable(g, maps, inits, rank):
+    if not _liftable(g, maps, inits, rank):
         return original
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     weights = {i.name: i for i in g.initializer}
@@ -125,13 +129,23 @@ def lift_conv1d(model):
     for vi in g.input:
         if vi.name not in maps:
             continue
-        lifted = f"{vi.name}/lifted"
+        lifted = f"{vi.name}{LIFTED}"
         for node in g.node:
             node.input[:] = [lifted if n == vi.name else n for n in node.input]
         inputs = [vi.name] if opset < 13 else [vi.name, const(f"{vi.name}/lift_axes", np.array([2], np.int64))]
         unsqueeze = helper.make_node("Unsqueeze", inputs, [lifted], name=f"{vi.name}/lift",
                                      **({"axes": [2]} if opset < 13 else {}))
         g.node.insert(0, unsqueeze)
+    for vo in g.output:  # a frame-wise output: made lifted, squeezed back to [N, C, T] at the end
+        if vo.name not in maps:
+            continue
+        lifted = f"{vo.name}{LIFTED}"
+        for node in g.node:
+            node.input[:] = [lifted if n == vo.name else n for n in node.input]
+            node.output[:] = [lifted if n == vo.name else n for n in node.output]
+        inputs = [lifted] if opset < 13 else [lifted, const(f"{vo.name}/unlift_axes", np.array([2], np.int64))]
+        g.node.append(helper.make_node("Squeeze", inputs, [vo.name], name=f"{vo.name}/unlift",
+                                       **({"axes": [2]} if opset < 13 else {})))
     del g.value_info[:]  # the inferred shapes were of the 1-D model
     return model
 

@@ -29,7 +29,7 @@ import numpy as np
 from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
-from .conv1d import lift_conv1d
+from .conv1d import LIFTED, lift_conv1d
 from .subpixel import subpixel_weights
 from .tflite_graph import SAME_SCALE, Graph, Op
 from .tflite_simplify import simplify
@@ -1305,8 +1305,10 @@ def lower(model) -> Graph:
 
 
 def onnx_tensor(name: str) -> str:
-    """The ONNX tensor a graph tensor was made from (the NHWC copy holds the same values)."""
-    return name[: -len("/nhwc")] if name.endswith("/nhwc") else name
+    """The ONNX tensor a graph tensor was made from (the NHWC copy, and a 1-D model's input or
+    output lifted to 2-D, hold the same values)."""
+    name = name[: -len("/nhwc")] if name.endswith("/nhwc") else name
+    return name[: -len(LIFTED)] if name.endswith(LIFTED) else name
 
 
 def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.ndarray], method: str = "minmax",

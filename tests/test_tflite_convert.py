@@ -1607,3 +1607,24 @@ def test_a_pytorch_tcn_with_its_chomp_and_causal_pad_lowers_as_the_2d_model_it_e
     lowered = lower(onnx.load(str(source)))
     assert [op.kind for op in lowered.ops].count("CONV_2D") == 9 and lowered.shapes["x"] == [-1, 3, 50]
     _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
+
+
+def test_a_frame_wise_conv1d_model_keeps_its_1d_output(tmp_path):
+    """A model that answers per frame ([N, classes, T]: a voice-activity or event detector) is
+    lifted too: its output is squeezed back to [N, classes, T], and its lifted copy takes the
+    output's calibrated range. The float TFLite answers as onnxruntime does, the INT8 one within
+    3 %, with its batch and shapes as the module's."""
+    import torch
+    from torch import nn
+
+    from converters.from_torch import to_onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(3, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=2, dilation=2),
+                        nn.ReLU(), nn.Conv1d(16, 4, 1)).eval()
+    x = np.random.default_rng(35).standard_normal((32, 3, 40)).astype(np.float32)
+    source, _ = to_onnx(net, {"x": x[:2]}, tmp_path / "frames.onnx")
+    lowered = lower(onnx.load(str(source)))
+    assert [op.kind for op in lowered.ops].count("CONV_2D") == 3
+    assert lowered.shapes["x"] == [-1, 3, 40] and lowered.shapes[lowered.outputs[0]] == [-1, 4, 40]
+    _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
