@@ -200,6 +200,7 @@ def _reduce_axes(node, weights: dict) -> list[int] | None:
 
 def _liftable(g, maps: set[str], inits: set[str], rank: dict[str, int]) -> bool:
     """Whether every op that reads or writes a 1-D map is one this module lifts, and lifts exactly."""
+    weights = {i.name: i for i in g.initializer}
     for node in g.node:
         touched = [n for n in list(node.input) + list(node.output) if n in maps]
         if not touched:
@@ -216,7 +217,7 @@ def _liftable(g, maps: set[str], inits: set[str], rank: dict[str, int]) -> bool:
         if node.op_type in _REDUCING:
             if len(node.input) > 1 and node.input[1] and node.input[1] not in inits:
                 return False  # computed axes
-            axes = _reduce_axes(node, {i.name: i for i in g.initializer})
+            axes = _reduce_axes(node, weights)
             keep = a["keepdims"].i if "keepdims" in a else 1
             if axes is not None and 2 not in [v % 3 for v in axes] and not keep:
                 return False  # [N, C, T] -> [N, T] would keep the 1 the lift put in

@@ -18,7 +18,7 @@ from agent.errors import ConversionError, first_line
 
 from .subpixel import transpose_convs_as_subpixel
 from .tflite_graph import SUPPORTED, Graph, Op
-from .tflite_simplify import simplify
+from .tflite_simplify import readers, simplify
 
 UNREAD_FIX = ("export the model from its framework to ONNX and convert that (--format onnx or tflite), or replace "
               "the layer")
@@ -273,13 +273,10 @@ def _dilated_conv1ds(graph: Graph) -> None:
     first op's paddings, and a crop by the last one's: written so, the batch stays free and every
     op runs in XNNPACK. Each tensor kept holds the values it held (rearranged), so its range from
     the source file still holds; the rest are refused (read_tflite)."""
-    readers: dict[str, list[Op]] = {}
-    for op in graph.ops:
-        for name in op.inputs:
-            readers.setdefault(name, []).append(op)
+    users = readers(graph)
 
     def only_reader(t: str, kind: str) -> Op | None:
-        found = readers.get(t, [])
+        found = users.get(t, [])
         return found[0] if len(found) == 1 and found[0].kind == kind and t not in graph.outputs else None
 
     for s2b in [op for op in graph.ops if op.kind == "SPACE_TO_BATCH_ND"]:

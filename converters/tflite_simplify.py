@@ -37,7 +37,7 @@ def _collapse_reshapes(graph: Graph) -> None:
     input's shape is none: TensorFlow writes a Keras Conv1D stack as each layer's squeeze to
     [N, T, C], then the next one's expand to [N, 1, T, C], two copies of the tensor per layer."""
     while True:
-        users, keep = _readers(graph), _sources(graph)
+        users, keep = readers(graph), _sources(graph)
         producer = {out: op for op in graph.ops for out in op.outputs}
         for op in graph.ops:
             t = op.inputs[0] if op.kind == "RESHAPE" else None
@@ -87,7 +87,7 @@ def _fuse_activations(graph: Graph) -> None:
     So does one after ops that only move values (a sub-pixel conv's DEPTH_TO_SPACE and SLICE, a
     Conv1D's squeeze to [N, T, C]): into the conv before them (a U-Net decoder's ReLU, at the
     upsampled size); the moved tensors' ranges then follow the activation's output."""
-    users = _readers(graph)
+    users = readers(graph)
     producer = {out: op for op in graph.ops for out in op.outputs}
     keep = _sources(graph)
 
@@ -119,7 +119,8 @@ def _fuse_activations(graph: Graph) -> None:
                 graph.derived[name] = (op.outputs[0], *rest)
 
 
-def _readers(graph: Graph) -> dict[str, list[Op]]:
+def readers(graph: Graph) -> dict[str, list[Op]]:
+    """Each tensor -> the ops that read it."""
     users: dict[str, list[Op]] = {}
     for op in graph.ops:
         for name in op.inputs:
@@ -165,7 +166,7 @@ def _merge_affine_chains(graph: Graph) -> None:
             i += 1
             continue
         if users is None:  # made again only after a merge has changed the graph
-            users, keep = _readers(graph), _sources(graph)
+            users, keep = readers(graph), _sources(graph)
         x, a, b = first
         chain, out = [op], op.outputs[0]
         while len(users.get(out, [])) == 1 and out not in graph.outputs and out not in keep:
@@ -215,7 +216,7 @@ def _affine_op(graph: Graph, x: str, a: np.ndarray, b: np.ndarray, last: Op) -> 
 
 
 def _fold_scales_into_convs(graph: Graph) -> None:
-    users, keep = _readers(graph), _sources(graph)
+    users, keep = readers(graph), _sources(graph)
     for op in list(graph.ops):
         step = _affine(graph, op)
         if step is None or op.kind != "MUL" or op.options.get("activation", "NONE") != "NONE":
@@ -242,7 +243,7 @@ def _fold_scales_into_convs(graph: Graph) -> None:
         graph.ops.remove(op)
         graph.shapes.pop(out, None)
         graph.derived.pop(out, None)
-        users = _readers(graph)
+        users = readers(graph)
 
 
 def _fold_input_scale(graph: Graph, conv: Op, a: np.ndarray) -> bool:
