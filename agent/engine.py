@@ -361,7 +361,7 @@ class Engine:
         path = str(folder / manifest.model_file)
 
         load = {"op": "load", "runtime": manifest.runtime, "path": path, "threads": self.threads,
-                "providers": self.providers, "copies": copies}
+                "providers": self.providers, "copies": copies, "reference": str(folder / REFERENCE)}
         if manifest.state:  # the worker keeps each stream's state (agent/streams.py)
             load.update(state=manifest.state, context=manifest.context, max_streams=serving.max_streams,
                         by_row=one_sample_per_call(manifest),

@@ -3,7 +3,9 @@ run (a model whose batch size is fixed takes the samples that many at a time).
 
 Keys: ``input.NAME`` (what the model is fed), ``expected.NAME`` (the quantized model's outputs
 on the host), ``atol.NAME`` (how far the board's output NAME may stray from it) and
-``fp32.NAME`` (the FP32 model's, for people who inspect a bundle).
+``fp32.NAME`` (the FP32 model's, for people who inspect a bundle); a detector's also
+``detections``, the names of its boxes, classes, scores and count outputs, which the self-test
+matches as detections (agent/detections.py) rather than element by element.
 
 Each output has its own tolerance because a detector's outputs differ in scale: one tolerance
 for boxes in pixels (0..700) and scores (0..1) let a board whose scores were all wrong pass
@@ -92,6 +94,28 @@ def tolerances(path: str | Path, what: str) -> dict[str, float]:
             raise SelfTestError(f"{what}: reference data's tolerance for output {name!r} is not a number >= 0")
         out[name] = float(v.reshape(()))
     return out
+
+
+def detection_outputs(path: str | Path, outputs: list[str], what: str) -> tuple[list[str], float | None]:
+    """(the four outputs a detector's reference data names: boxes, classes, scores, count; the op's
+    score threshold), agent/detections.py; ([], None) for other models. SelfTestError where they
+    are not four of the model's outputs."""
+    from .detections import KEY, THRESHOLD_KEY
+
+    try:
+        with np.load(path, allow_pickle=False) as ref:
+            if KEY not in ref.files:
+                return [], None
+            raw = ref[KEY]
+            threshold = ref[THRESHOLD_KEY] if THRESHOLD_KEY in ref.files else None
+    except (OSError, ValueError) as exc:
+        raise SelfTestError(f"{what}: reference data unreadable ({exc})") from exc
+    names = [str(n) for n in raw.reshape(-1)] if raw.dtype.kind == "U" else []
+    if len(names) != 4 or len(set(names)) != 4 or not set(names) <= set(outputs):
+        raise SelfTestError(f"{what}: reference data's detection outputs {names} are not four of the model's outputs")
+    if threshold is not None and (threshold.size != 1 or threshold.dtype.kind != "f" or not np.isfinite(threshold).all()):
+        raise SelfTestError(f"{what}: reference data's detection score threshold is not a number")
+    return names, None if threshold is None else float(threshold.reshape(()))
 
 
 def load(path: str | Path, input_names: list[str], what: str) -> tuple[dict, dict]:

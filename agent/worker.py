@@ -47,6 +47,10 @@ class Worker:
         self._image_specs: dict = {}  # how pipeline images become the input, by what the agent sent
         self._lock = None  # set for runtimes that must not run from two threads at once
         self.threads = 1
+        # a detector's boxes, classes, scores and count (agent/detections.py): the rows past each
+        # image's count are whatever the runtime's buffer held (an earlier image's detections), so
+        # callers get them as zeros
+        self.detections: list[str] = []
 
 
     def load(self, h: dict, _body) -> tuple[dict, list]:
@@ -56,6 +60,10 @@ class Worker:
         self.runtime = runtimes.open_model(h["runtime"], h["path"], threads=self.threads,
                                            providers=h.get("providers") or None, copies=int(h.get("copies", 1)))
         self.inputs, self.outputs = self.runtime.input_names(), self.runtime.output_names()
+        if h.get("reference") and os.path.exists(h["reference"]):  # a detector: its unwritten rows zeroed
+            from . import reference
+
+            self.detections = reference.detection_outputs(h["reference"], self.outputs, "the model")[0]
         if not getattr(self.runtime, "thread_safe", False):
             self._lock = threading.Lock()
         if h.get("state"):
@@ -134,6 +142,10 @@ class Worker:
                 out = self.runtime.run(feeds)
         except Exception as exc:  # the runtime's own exception types
             raise InferenceError(f"the runtime failed: {runtime_message(exc)}") from exc
+        if self.detections:
+            from .detections import cleaned
+
+            out = cleaned(out, self.detections)
         return [from_numpy(name, np.asarray(arr)) for name, arr in out.items()]
 
     def serve(self, h: dict, _body) -> tuple[dict, list]:
@@ -198,11 +210,18 @@ class Worker:
         except Exception as exc:
             raise SelfTestError(f"{what} crashed on its reference inputs: {runtime_message(exc)}") from exc
         allowed = {name: min(h["atol"], tol) for name, tol in reference.tolerances(h["reference"], what).items()}
+        found, threshold = reference.detection_outputs(h["reference"], h["outputs"], what)
         worst, agreement, failed = 0.0, 1.0, None
+        if found:  # a detector's detections: matched as a set (agent/detections.py)
+            from .detections import mismatch
+
+            failed = mismatch(data, got, found, allowed.get(found[2], h["atol"]), threshold)
         for name in h["outputs"]:
             want, have = data.get(name), got.get(name)
             if want is None or have is None or have.shape != want.shape:
                 raise SelfTestError(f"{what}: output {name!r} missing or of the wrong shape")
+            if name in found:
+                continue
             err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
             worst = max(worst, err)
             limit = allowed.get(name, h["atol"])

@@ -142,9 +142,16 @@ def render_report(r: dict) -> str:
     if "top1_agreement" in q:
         where = f"{q['positions']} positions of {q['samples']} samples" if "positions" in q else f"{q['samples']} samples"
         lines.append(f"top-1 agreement with FP32: {q['top1_agreement']:.2%} of {where} ({q['evaluated_on']})")
-    worst = f"; the worst of the outputs: {q['worst_output']}" if q.get("worst_output") else ""
-    lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
-                 f"(output range {q['output_range']:.4g}{worst})")
+    if "detection_agreement" in q:
+        lines.append(f"detections matching FP32's (same class, IoU >= 0.5): {q['detection_agreement']:.2%} "
+                     f"({q['detections_matched']} matched; FP32 found {q['detections_fp32']}, "
+                     f"{label} {q['detections_int8']} in {q['samples']} images, {q['evaluated_on']})")
+        lines.append(f"matched detections: mean IoU {q['matched_iou_mean']:.3f}, "
+                     f"scores within {q['matched_score_max_err']:.4g}")
+    else:
+        worst = f"; the worst of the outputs: {q['worst_output']}" if q.get("worst_output") else ""
+        lines.append(f"output error vs FP32: max {q['max_abs_err']:.4g}, mean {q['mean_abs_err']:.4g} "
+                     f"(output range {q['output_range']:.4g}{worst})")
     lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB "
                  f"(peak RSS of a process that loads and runs it: {r['memory'].get('peak_mb', 0):.1f} MB)")
     if (r.get("preprocessing") or {}).get("image"):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent import __version__, reference
+from agent import __version__, detections, reference
 from agent.bundle import REFERENCE, Manifest, MemoryCost, SelfTest, write_bundle
 from agent.errors import ConversionError
 from agent.signing import load_private_key
@@ -264,7 +264,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         if opts.state:  # (the specs, read from the candidate's file, give the stream's zero state)
             candidate = as_stream(candidate, opts, target.specs()[0])
         return measure.compare(ref_out, measure.run_all(candidate, evalset.inputs, what=f"the {opts.precision} model"),
-                               evalset.labels)
+                               evalset.labels, target.detections)
 
     settings = guard.Settings(opts.per_channel, "dynamic" if opts.precision == "int8-dynamic" else opts.method,
                               list(opts.exclude_nodes))
@@ -280,7 +280,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     int8 = as_stream(int8_raw, opts, q_inputs)
     say("measuring quality", 0, 3)
     q_out = measure.run_all(int8, evalset.inputs)
-    quality = measure.compare(ref_out, q_out, evalset.labels)
+    quality = measure.compare(ref_out, q_out, evalset.labels, target.detections)
     quality["evaluated_on"] = "evaluation data" if held_out else "calibration data (pass --eval for held-out data)"
     say("measuring latency", 1, 3)
     latency_batch = measure.fixed_batch(int8) or 1  # a model whose batch size is fixed runs whole batches
@@ -299,12 +299,20 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         fp32_expected = _run_once(fp32_raw, snapped)
     else:
         row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
-        idx = _reference_indices(q_out[first_out], max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes)))
+        k = max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes))
+        idx = _reference_indices(q_out[first_out], k) if not target.detections else \
+            np.argsort(-q_out[target.detections[3]].reshape(len(q_out[first_out]), -1)[:, 0], kind="stable")[:k]
         # float inputs the model quantizes first travel as 8-bit codes; the outputs are those on the snapped values
         stored, snapped = reference.encode({k: v[idx] for k, v in evalset.inputs.items()}, target.input_grids())
         ref_inputs, expected = target.board_io(int8, snapped, measure.run_all(int8, snapped))
         fp32_expected = measure.run_all(fp32_raw, snapped)
+    if target.detections:  # the rows past each image's count are unwritten: stored as zeros, and named
+        expected = detections.cleaned(expected, target.detections)
+        fp32_expected = detections.cleaned(fp32_expected, target.detections)
     ref_arrays = dict(stored)
+    if target.detections:
+        ref_arrays[detections.KEY] = np.array(target.detections)
+        ref_arrays[detections.THRESHOLD_KEY] = np.float32(target.detection_threshold)
     for k, v in ref_inputs.items():
         if f"input_scale.{k}" not in stored:  # no grid: as the board feeds it (int8 for an int8-I/O model)
             ref_arrays[f"input.{k}"] = v

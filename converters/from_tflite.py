@@ -68,7 +68,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs, what="the float model")
-        _check_read_back(model_path, source_names, evalset.inputs, target.fp32_path, graph.outputs)
+        _check_read_back(model_path, source_names, evalset.inputs, target.fp32_path, graph.compared_outputs())
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
                          model_path, out_path, key, say)
     report["source"] = source_label
@@ -87,7 +87,8 @@ def _check_read_back(model_path: Path, names: dict[int, str], inputs: dict, writ
     few samples where LiteRT runs the source itself (a file with ops it lacks is not checked), on
     the graph's outputs as the file holds them (the tensors of --cut-at, kept for the check). Both
     run on LiteRT's own kernels: XNNPACK's float kernels round otherwise, and a sensitive model
-    (MediaPipe's pose landmarker) answered 0.3 % apart through them, its reading exact."""
+    (MediaPipe's pose landmarker) answered 0.3 % apart through them, its reading exact. A detector
+    is checked on what its post-processing reads (Graph.compared_outputs)."""
     import numpy as np
 
     from .tflite_reader import run_keeping_tensors

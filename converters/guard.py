@@ -53,8 +53,10 @@ def quality_drop(quality: dict) -> float:
         return quality["accuracy_drop_pp"] / 100
     if "top1_agreement" in quality:
         return 1 - quality["top1_agreement"]
+    if "detection_agreement" in quality:  # a detector's: FP32's detections missed or added
+        return 1 - quality["detection_agreement"]
     raise ConversionError("--max-drop needs a classifier or a sequence of classes ([N, classes] or [N, T, classes] "
-                          "as the first output) or evaluation labels to measure a drop",
+                          "as the first output), a detector's detections or evaluation labels to measure a drop",
                           "leave out --max-drop and read the error figures in the report")
 
 
@@ -127,11 +129,21 @@ BROKEN_MEAN_ERROR = 0.1
 merely less precise: its answers are not the float model's (the digits CNN's INT8 errs by
 under 1 %; a YOLOv8n's heads, of random weights, by 1.7 %)."""
 
+BROKEN_DETECTION_AGREEMENT = 0.5
+"""A detector whose INT8 model finds under half the float model's detections (or twice as many) is
+broken: rounding moves boxes and scores a little, it does not replace the answer."""
+
 
 def broken(quality: dict) -> str | None:
     """Why the quantized model's answers are wrong rather than rounded, or None. onnxruntime's
     quantizer, for one, drops a ReLU into the next quantization's range even where calibration
     saw that range as all zero, and the layer after it then reads the ReLU's negative input."""
+    if "detection_agreement" in quality:
+        if quality["detection_agreement"] >= BROKEN_DETECTION_AGREEMENT:
+            return None
+        return (f"only {quality['detection_agreement']:.0%} of its detections match the float model's "
+                f"({quality['detections_matched']} of FP32's {quality['detections_fp32']}, with "
+                f"{quality['detections_int8']} found)")
     mean, span = quality.get("mean_abs_err", 0.0), quality.get("output_range", 0.0)
     if mean <= BROKEN_MEAN_ERROR * span or (span == 0 and mean <= 1e-6):
         return None

@@ -140,11 +140,17 @@ def fixed_batch(sess) -> int | None:
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            labels: np.ndarray | None = None) -> dict:
+            labels: np.ndarray | None = None, detections: list[str] | None = None) -> dict:
     """Agreement of top-1 with the FP32 model, max/mean abs error, and accuracy when labels are given.
     The errors are those of the output that lost most (its max error the largest share of its
     range), named as `worst_output` where there are several: a detector's scores can break while
-    its boxes, listed first, hold. Top-1 and accuracy are the first output's (a classifier's scores)."""
+    its boxes, listed first, hold. Top-1 and accuracy are the first output's (a classifier's scores).
+    A detector's final detections (`detections`: its boxes, classes, scores and count outputs) are
+    matched as detections instead (agent/detections.py), with the errors those of matched scores."""
+    if detections:
+        from agent.detections import agreement
+
+        return {**agreement(reference, candidate, detections), "samples": int(len(reference[detections[3]]))}
     out: dict = {}
 
     def lost(name: str) -> float:

@@ -47,6 +47,8 @@ class OnnxTarget:
         self.reduce_range = reduce_range
         self.calib, self.say = calib, say
         self.fp32_path = original
+        self.detections: list[str] = []  # ONNX detectors end in their own NMS (or are cut before it)
+        self.detection_threshold: float | None = None
 
     def layers(self) -> list[str]:
         from .onnx_int8 import load_onnx, quantizable_layers
@@ -127,6 +129,8 @@ class TfliteTarget:
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
+        self.detections = graph.detections()  # an SSD's boxes, classes, scores, count: compared as detections
+        self.detection_threshold = graph.detection_threshold()
         if graph.float_layers:  # not full-integer: say which layers are not, and why
             self.producers = {**self.producers, "int8": f"edgeward TFLite writer, INT8 with its "
                               f"{len(graph.float_layers)} LayerNorm layer(s) in float"}

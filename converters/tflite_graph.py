@@ -40,7 +40,11 @@ FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": 
 # with an int8 -> int8 QUANTIZE where they differ), the form every runtime and XNNPACK take.
 # ... and ops written in float only, with their inputs dequantized (an INT8 model's LayerNorm).
 FLOAT_ONLY = ("RSQRT", "NEG", "SQUARED_DIFFERENCE")  # the last two: LayerNorm as TensorFlow writes it
-SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + FLOAT_ONLY + ("CONCATENATION",)
+# ... and custom ops that stock LiteRT and tflite-runtime register, written in float with their
+# options as read: an SSD's box decoding and non-max suppression, whose outputs (boxes, classes,
+# scores, count) stay float in an INT8 model and with int8 I/O alike
+CUSTOM = {"DETECTION_POSTPROCESS": "TFLite_Detection_PostProcess"}
+SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + FLOAT_ONLY + ("CONCATENATION",) + tuple(CUSTOM)
 
 # op versions the runtimes register for these kernels: (float, int8)
 _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 4), "ADD": (1, 2),
@@ -110,11 +114,31 @@ class Graph:
                 ranges[name] = (min(max(a, floor), ceiling), max(min(b, ceiling), floor))
 
     def activations(self) -> list[str]:
-        """Every non-constant tensor, in order of appearance: what calibration must range."""
+        """Every non-constant tensor, in order of appearance: what calibration must range (not the
+        detections, which stay float: their rows past the count hold whatever the buffer held)."""
         seen = dict.fromkeys(self.inputs)
         for op in self.ops:
-            seen.update(dict.fromkeys(op.outputs))
+            if op.kind not in CUSTOM:
+                seen.update(dict.fromkeys(op.outputs))
         return list(seen)
+
+    def detections(self) -> list[str]:
+        """A detector's four final outputs (boxes, classes, scores, count), or [] for other models."""
+        return next((list(op.outputs) for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), [])
+
+    def detection_threshold(self) -> float | None:
+        """The score below which a detector's post-processing drops a detection (None: no detector)."""
+        return next((op.options["score_threshold"] for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), None)
+
+    def compared_outputs(self) -> list[str]:
+        """The tensors that say whether two readings of the model compute the same: its outputs, or
+        for a detector the scores and box encodings its post-processing op reads (that op's own
+        outputs list the same detections in an order a rounding step can change)."""
+        post = next((op for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), None)
+        if post is None:
+            return list(self.outputs)
+        return [n for n in post.inputs if n not in self.consts] + \
+            [n for n in self.outputs if n not in post.outputs]
 
     def layers(self) -> list[str]:
         """Names of the weighted layers, as the accuracy guard may keep them in float."""
@@ -238,9 +262,11 @@ class _Emitter:
         key = (kind, version)
         if key not in self.code_index:
             c = self.s.OperatorCodeT()
-            c.builtinCode = getattr(self.s.BuiltinOperator, kind)
+            c.builtinCode = getattr(self.s.BuiltinOperator, "CUSTOM" if kind in CUSTOM else kind)
             c.deprecatedBuiltinCode = min(c.builtinCode, 127)
             c.version = version
+            if kind in CUSTOM:
+                c.customCode = CUSTOM[kind]
             self.codes.append(c)
             self.code_index[key] = len(self.codes) - 1
         return self.code_index[key]
@@ -366,7 +392,10 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         o.opcodeIndex = em.code(kind, int8, opts_op)
         o.inputs = [em.index[n] if n else -1 for n in inputs]
         o.outputs = [em.index[n] for n in outputs]
-        if opts_op is not None:
+        if kind in CUSTOM:
+            o.customOptions = np.frombuffer(opts_op.options["custom"], np.uint8)
+            o.customOptionsFormat = s.CustomOptionsFormat.FLEXBUFFERS
+        elif opts_op is not None:
             o.builtinOptionsType, o.builtinOptions = _options(s, opts_op)
         ops_out.append(o)
 
@@ -539,7 +568,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         if op.kind in SAME_SCALE:          # follows its input's dtype and scale (inputs: quantized at once)
             int8 = quant and (is_int8[src] or src in graph.inputs)
         else:
-            int8 = quant and op.name not in float_ops and op.kind not in FLOAT_ONLY
+            int8 = quant and op.name not in float_ops and op.kind not in FLOAT_ONLY and op.kind not in CUSTOM
         if int8 and op.kind == "CONCATENATION" and op.outputs[0] in graph.outputs:
             spans = [qp[n][0] * 255 if is_int8.get(n) else float(np.subtract(*rng(n)[::-1])) for n in op.inputs]
             if max(spans) > MIXED_OUTPUT_SPANS * max(min(spans), MIN_ACTIVATION_RANGE):
@@ -598,6 +627,11 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
                         em.tensor(n, list(c.shape), f32, data=c)
                 inputs.append(ins.get(n, n))
         out = op.outputs[0]
+        if op.kind in CUSTOM:
+            for name in op.outputs:
+                activation(name, False)
+            emit(op.kind, inputs, op.outputs, op)
+            continue
         if int8 and op.kind == "CONCATENATION":
             params = activation_qparams(*rng(out))
             inputs = [at_scale(n, params) for n in inputs]
@@ -617,7 +651,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
 
     outputs = []
     for name in graph.outputs:
-        want_int8 = quant and int8_io
+        want_int8 = quant and int8_io and name not in graph.detections()
         if is_int8[name] != want_int8:  # the model's output in the dtype promised: rename, then convert
             inner = f"{name}/{'int8' if is_int8[name] else 'float'}"
             em.tensors[em.index[name]].name = inner
@@ -689,7 +723,8 @@ def _aligned_builder(size: int):
 
 
 def op_counts(path: str | Path) -> dict:
-    """What a .tflite file holds: ops by kind and tensors by dtype (how INT8 it really is)."""
+    """What a .tflite file holds: ops by kind (a custom op by its name) and tensors by dtype (how
+    INT8 it really is)."""
     from ai_edge_litert import schema_py_generated as s
 
     model = s.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
@@ -699,7 +734,10 @@ def op_counts(path: str | Path) -> dict:
     dtypes: dict[str, int] = {}
     for sub in model.subgraphs:
         for op in sub.operators:
-            kind = names[model.operatorCodes[op.opcodeIndex].builtinCode]
+            code = model.operatorCodes[op.opcodeIndex]
+            kind = names[code.builtinCode]
+            if kind == "CUSTOM" and code.customCode:  # by its name: TFLite_Detection_PostProcess
+                kind = code.customCode.decode() if isinstance(code.customCode, bytes) else str(code.customCode)
             ops[kind] = ops.get(kind, 0) + 1
         for t in sub.tensors:
             dtypes[types[t.type]] = dtypes.get(types[t.type], 0) + 1

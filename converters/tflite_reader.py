@@ -17,7 +17,7 @@ import numpy as np
 from agent.errors import ConversionError, first_line
 
 from .subpixel import transpose_convs_as_subpixel
-from .tflite_graph import SUPPORTED, Graph, Op
+from .tflite_graph import CUSTOM, SUPPORTED, Graph, Op
 from .tflite_simplify import readers, simplify
 
 UNREAD_FIX = ("export the model from its framework to ONNX and convert that (--format onnx or tflite), or replace "
@@ -178,6 +178,9 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
             custom = custom.decode() if isinstance(custom, bytes) else custom
             if custom == "Convolution2DTransposeBias" and op.customOptions is not None:
                 graph.ops.append(_transpose_conv_bias(graph, op, names, k))
+                continue
+            if custom == CUSTOM["DETECTION_POSTPROCESS"] and op.customOptions is not None:
+                graph.ops.append(_detection_postprocess(graph, sub, op, names, k))
                 continue
             before = " ".join(f"--cut-at {names[i]}" for i in (op.inputs if op.inputs is not None else [])
                               if i >= 0 and names[i] not in graph.consts)
@@ -365,6 +368,43 @@ def _transpose_conv_bias(graph: Graph, op, names: dict[int, str], k: int) -> Op:
     graph.consts[shape] = np.array([max(graph.shapes[y][0], 1), *graph.shapes[y][1:]], np.int32)
     return Op("TRANSPOSE_CONV", [x, w, b, shape], [y], {"padding": "SAME" if padding == 1 else "VALID",
                                                         "stride": (stride_h, stride_w)}, name=f"transpose_conv_{k}")
+
+
+def _detection_postprocess(graph: Graph, sub, op, names: dict[int, str], k: int) -> Op:
+    """An SSD's TFLite_Detection_PostProcess (box decoding against its anchors, then non-max
+    suppression), which stock LiteRT and tflite-runtime register: kept as it is, in float, at the
+    end of the INT8 model, so a bundle answers with boxes, classes, scores and their count as the
+    float model did. Its options (a flexbuffer of thresholds and scales) travel as read. It must
+    end the model: its inputs are the box encodings, the class scores and constant anchors, and
+    only the model's outputs read what it writes."""
+    ins = [names[i] for i in (op.inputs if op.inputs is not None else [])]
+    outs = [names[i] for i in (op.outputs if op.outputs is not None else [])]
+    name = CUSTOM["DETECTION_POSTPROCESS"]
+    if len(ins) != 3 or len(outs) != 4 or ins[2] not in graph.consts or ins[0] in graph.consts \
+            or ins[1] in graph.consts:
+        raise ConversionError(f"custom op {name} (op {k}) is not in the form TensorFlow writes (box encodings, "
+                              "class scores, constant anchors in; boxes, classes, scores, count out)", UNREAD_FIX)
+    read = {names[i] for o in sub.operators if o is not op for i in (o.inputs if o.inputs is not None else [])
+            if i >= 0}
+    model_outputs = {names[i] for i in sub.outputs}
+    if any(t in read or t not in model_outputs for t in outs):
+        raise ConversionError(f"custom op {name} (op {k}) does not end the model: other ops read its detections",
+                              f"end the model before it with --cut-at {ins[0]} --cut-at {ins[1]} and decode the "
+                              "boxes on the board")
+    if any(graph.shapes.get(n, [0])[0] not in (1, -1) for n in ins[:2]):
+        raise ConversionError(f"custom op {name} (op {k}) reads a batch of more than one image",
+                              "export the detector for batches of one image, as TensorFlow's detection API does")
+    raw = bytes(np.asarray(op.customOptions, np.uint8))
+    try:
+        from flatbuffers import flexbuffers
+
+        options = flexbuffers.Loads(raw)
+        threshold = float(options["nms_score_threshold"])
+    except Exception as exc:  # bytes from the file
+        raise ConversionError(f"custom op {name} (op {k}) has options edgeward cannot read ({first_line(exc)})",
+                              UNREAD_FIX) from exc
+    return Op("DETECTION_POSTPROCESS", ins, outs, {"custom": raw, "score_threshold": threshold},
+              name=f"detection_postprocess_{k}")
 
 
 def _layer_norms_in_float(graph: Graph) -> None:

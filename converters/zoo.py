@@ -697,3 +697,81 @@ def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, 
         accuracy = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
     to_onnx(model, {INPUT_NAME: x_tr[:4]}, path)
     return accuracy
+
+
+SSD_OPTIONS = {"max_detections": 10, "max_classes_per_detection": 1, "detections_per_class": 100,
+               "use_regular_nms": False, "nms_score_threshold": 0.3, "nms_iou_threshold": 0.6,
+               "y_scale": 10.0, "x_scale": 10.0, "h_scale": 5.0, "w_scale": 5.0}
+
+
+def build_ssd_tflite(path: str | Path, size: int = 32, classes: int = 3, width: int = 32, seed: int = 0,
+                     class_bias: float = -2.0, colour_gain: float = 8.0, **options) -> Path:
+    """A float .tflite SSD-style detector as TensorFlow's object detection API exports one: a
+    depthwise-separable backbone on [1, size, size, 3] images, box and class heads for 2 anchors
+    on each cell of a size/4 grid, sigmoid scores (a background column first), and
+    TFLite_Detection_PostProcess at the end: boxes [1, 10, 4], classes, scores [1, 10] and the
+    count [1]. The converter fuses the op from a function marked with its name and options, as
+    the API's export does. The box encodings come from random (He-initialised) weights; the class
+    scores from each 4x4 cell's mean colour: class k where colour channel k stands out (by
+    `colour_gain`, against `class_bias`), so an image of coloured blocks gets detections of
+    each class where its blocks are. Needs TensorFlow (edgeward[tensorflow])."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    opts = {**SSD_OPTIONS, **options, "num_classes": classes}
+
+    def attr(key, value):
+        kind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
+        text = str(value).lower() if isinstance(value, bool) else f"{value:f}" if kind == "f" else str(value)
+        return f'attr {{ key: "{key}" value {{ {kind}: {text} }} }}'
+
+    implements = " ".join(['name: "TFLite_Detection_PostProcess"', *(attr(k, v) for k, v in opts.items())])
+    rng = np.random.default_rng(seed)
+    grid = size // 4
+    centres = (np.arange(grid) + 0.5) / grid
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    anchors = np.concatenate([np.stack([ys.ravel(), xs.ravel(), np.full(grid * grid, s), np.full(grid * grid, s)], 1)
+                              for s in (0.2, 0.4)]).astype(np.float32)
+    anchors = anchors.reshape(2, grid * grid, 4).transpose(1, 0, 2).reshape(-1, 4)  # cell by cell, as the heads
+
+    def he(*shape, fan_in):
+        return tf.constant(rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32))
+
+    def bias(n):
+        return tf.constant(rng.normal(0, 0.1, n).astype(np.float32))
+
+    stem, stem_b = he(3, 3, 3, width // 2, fan_in=27), bias(width // 2)
+    dw, dw_b = he(3, 3, width // 2, 1, fan_in=9), bias(width // 2)
+    pw, pw_b = he(1, 1, width // 2, width, fan_in=width // 2), bias(width)
+    box_w, box_b = he(1, 1, width, 2 * 4, fan_in=width), bias(2 * 4)
+    # class k (of 3) is a cell whose colour channel k stands out: the scores read each cell's mean colour
+    colour = np.zeros((1, 1, 3, 2, classes + 1), np.float32)
+    for k in range(classes):
+        colour[0, 0, :, :, k + 1] = colour_gain * (np.eye(3)[k % 3] - 1 / 3)[:, None] * (1 + 0.25 * np.arange(2))
+    cls_w = tf.constant(colour.reshape(1, 1, 3, 2 * (classes + 1)))
+    cls_b = tf.constant(np.tile(np.r_[0.0, np.full(classes, class_bias)], 2).astype(np.float32))
+
+    @tf.function(experimental_implements=implements)
+    def post_process(box_encodings, class_scores, anchor_boxes):  # replaced by the op when converted
+        return (tf.constant(0.0, name="boxes"), tf.constant(0.0, name="classes"),
+                tf.constant(0.0, name="scores"), tf.constant(0.0, name="num_detections"))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="image")])
+    def detect(image):
+        x = tf.nn.relu6(tf.nn.conv2d(image, stem, 2, "SAME") + stem_b)
+        x = tf.nn.relu6(tf.nn.depthwise_conv2d(x, dw, [1, 2, 2, 1], "SAME") + dw_b)
+        x = tf.nn.relu6(tf.nn.conv2d(x, pw, 1, "SAME") + pw_b)
+        boxes = tf.reshape(tf.nn.conv2d(x, box_w, 1, "SAME") + box_b, [1, -1, 4])
+        cells = tf.nn.avg_pool2d(image, 4, 4, "VALID")
+        scores = tf.sigmoid(tf.reshape(tf.nn.conv2d(cells, cls_w, 1, "VALID") + cls_b, [1, -1, classes + 1]))
+        return post_process(boxes, scores, tf.constant(anchors))
+
+    holder = tf.Module()
+    holder.detect = detect
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], holder)
+    converter.allow_custom_ops = True
+    path = Path(path)
+    path.write_bytes(converter.convert())
+    return path

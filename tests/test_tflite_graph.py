@@ -200,8 +200,8 @@ def _with_custom_tail(tmp_path):
 
 
 def test_a_custom_op_is_refused_by_its_name_with_where_to_cut(tmp_path):
-    """MediaPipe's models hold ops of its own, SSD detectors a post-processing op: the writer has no
-    form for them; the error names the op and the --cut-at that ends the model before it."""
+    """MediaPipe's models hold ops of its own: the writer has no form for them; the error names the
+    op and the --cut-at that ends the model before it."""
     from converters.tflite_reader import read_tflite
 
     path, _ = _with_custom_tail(tmp_path)

@@ -15,7 +15,7 @@ import pytest
 from agent.budget import Budget
 from agent.bundle import open_bundle
 from agent.engine import Engine
-from agent.errors import ConversionError
+from agent.errors import ConversionError, SelfTestError
 from agent.signing import load_public_key
 from agent.store import Store
 from converters.convert import ConvertOptions
@@ -370,6 +370,128 @@ def test_mediapipes_transposed_conv_custom_op_is_read_as_the_conv_it_is(keys, tm
     with pytest.raises(ConversionError, match=r"Convolution2DTransposeBias \(op 0\) has strides 0x0"):
         convert_tflite(bad, tmp_path / "calib.npz", tmp_path / "bad.ewb", keys[0], None, ConvertOptions(name="bad"))
     assert not (tmp_path / "bad.ewb").exists()
+
+
+def _smooth_images(rng, n: int, size: int = 32) -> np.ndarray:
+    """NHWC images of 4x4-pixel blocks with a little noise: textures a detector's heads respond to."""
+    low = rng.random((n, size // 4, size // 4, 3)).astype(np.float32)
+    return np.repeat(np.repeat(low, 4, 1), 4, 2) + 0.05 * rng.standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("int8_io", [False, True], ids=["float-io", "int8-io"])
+def test_an_ssd_detector_keeps_its_post_processing_and_its_detections(keys, tmp_path, int8_io):
+    """An SSD exported as TensorFlow's detection API does (TFLite_Detection_PostProcess at the end)
+    becomes an INT8 backbone and heads with the op kept in float behind them: the bundle answers
+    with boxes, classes, scores and a count, as the float file did, also with int8 I/O. Its
+    detections are measured, self-tested and served as detections: matched by class and overlap,
+    the rows past the count (which the op leaves unwritten) ignored."""
+    from agent.detections import agreement
+    from ai_edge_litert.interpreter import Interpreter
+    from converters.measure import TfliteSession
+    from converters.zoo import build_ssd_tflite
+    from tflitekit import op_dtypes
+
+    source = build_ssd_tflite(tmp_path / "ssd.tflite", width=64, nms_score_threshold=0.9)  # lists of 0..10
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", image=_smooth_images(rng, 64))
+    x = _smooth_images(rng, 48)
+    np.savez(tmp_path / "eval.npz", image=x)
+    report = convert_tflite(source, tmp_path / "calib.npz", tmp_path / "ssd.ewb", keys[0], tmp_path / "eval.npz",
+                            ConvertOptions(name="ssd", tflite_int8_io=int8_io))
+    assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
+    with tarfile.open(tmp_path / "ssd.ewb") as tar:
+        (tmp_path / "int8.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    dtypes = op_dtypes(tmp_path / "int8.tflite")
+    assert dtypes["CONV_2D"] == {"int8"} and dtypes["DEPTHWISE_CONV_2D"] == {"int8"}
+    assert dtypes["CUSTOM"] == {"float32"} and dtypes["DEQUANTIZE"] == {"float32"}  # its two inputs, dequantized
+    q = report["quality"]
+    assert q["detections_fp32"] >= 5 * len(x) and q["detection_agreement"] >= 0.9, q
+    assert q["matched_iou_mean"] >= 0.95 and q["matched_score_max_err"] <= 0.05, q
+    assert report["broken"] is None and report["int8_vs_fp32"] < 0.7
+
+    # the source file's own detections, run in LiteRT, against the agent's (one image a request)
+    it = Interpreter(model_path=str(source))
+    run = it.get_signature_runner()
+    fp32 = [run(image=row[None]) for row in x]
+    order = _detection_names(tmp_path / "ssd.ewb")
+    bundle = open_bundle(tmp_path / "ssd.ewb", [load_public_key(keys[1])])
+    assert sorted(o.name for o in bundle.manifest.outputs) == sorted(order) == sorted(fp32[0])  # the file's names
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(bundle))
+    assert model.manifest.inputs[0].dtype == ("int8" if int8_io else "float32")
+    assert {o.dtype for o in model.manifest.outputs} == {"float32"}  # detections stay float with int8 I/O
+    model.self_test()
+    _a_board_that_orders_detections_otherwise_passes_one_that_loses_one_fails(model)
+    engine.activate(model)
+    feed = model.manifest.inputs[0].name
+    grid = TfliteSession(tmp_path / "int8.tflite")  # an int8-I/O model is fed its own input grid's codes
+    served = [engine.infer_arrays("ssd", {feed: grid.quantize_inputs({feed: row[None]})[feed]})[1] for row in x]
+    stack = lambda runs: {k: np.concatenate([r[k] for r in runs]) for k in order}  # noqa: E731
+    served_q = agreement(stack(fp32), stack(served), order)
+    assert served_q["detection_agreement"] >= 0.9, served_q
+    boxes, classes, scores, count = (stack(served)[n] for n in order)
+    assert set(count.astype(int)) & set(range(1, 10))  # lists the op did not fill (threshold 0.9)
+    for i, n in enumerate(count.astype(int)):  # past the count: zeros, not an earlier image's detections
+        assert scores[i, :n].min() >= 0.9 and not scores[i, n:].any() and not boxes[i, n:].any()
+        assert not classes[i, n:].any()
+    engine.close()
+
+
+def test_a_detection_post_process_whose_options_are_damaged_is_one_clear_error(keys, tmp_path):
+    """Its options are bytes from the file (a flexbuffer): unreadable ones are refused while
+    reading, before LiteRT runs anything, and no bundle is written."""
+    from ai_edge_litert import schema_py_generated as s
+
+    from converters.tflite_reader import read_tflite
+    from converters.zoo import build_ssd_tflite
+
+    source = build_ssd_tflite(tmp_path / "ssd.tflite")
+    graph, _ = read_tflite(source)
+    post = [op for op in graph.ops if op.kind == "DETECTION_POSTPROCESS"]
+    assert len(post) == 1 and post[0].options["score_threshold"] == pytest.approx(0.3)
+    assert graph.detections() == post[0].outputs and set(graph.detections()) == set(graph.outputs)
+    model = s.ModelT.InitFromPackedBuf(source.read_bytes(), 0)
+    op = next(o for o in model.subgraphs[0].operators if o.customOptions is not None)
+    op.customOptions = np.frombuffer(b"\xff" * 12, np.uint8)
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    (tmp_path / "bad.tflite").write_bytes(bytes(builder.Output()))
+    np.savez(tmp_path / "calib.npz", image=np.zeros((32, 32, 32, 3), np.float32))
+    with pytest.raises(ConversionError, match=r"custom op TFLite_Detection_PostProcess \(op \d+\) has options "
+                                              r"edgeward cannot read"):
+        convert_tflite(tmp_path / "bad.tflite", tmp_path / "calib.npz", tmp_path / "bad.ewb", keys[0], None,
+                       ConvertOptions(name="bad"))
+    assert not (tmp_path / "bad.ewb").exists()
+
+
+def _a_board_that_orders_detections_otherwise_passes_one_that_loses_one_fails(model):
+    """The self-test on reference data as another runtime might have answered: the same detections
+    in reverse order (ties sorted otherwise) pass; the best detection of an image moved away fails."""
+    from agent.bundle import REFERENCE
+
+    path = model.folder / REFERENCE
+    with np.load(path) as ref:
+        data = {k: ref[k] for k in ref.files}
+    boxes, classes, scores, count = (f"expected.{n}" for n in data["detections"])
+    n = int(data[count][0])
+    assert n >= 2
+    for key in (boxes, classes, scores):
+        data[key][0, :n] = data[key][0, :n][::-1].copy()
+    np.savez(path, **data)
+    model.self_test()  # compared element by element, the reversed rows would differ by whole classes
+    data[boxes][0, 0] += 2.0  # the worst and (last, now) the best detection of image 0 elsewhere
+    data[boxes][0, n - 1] += 2.0
+    np.savez(path, **data)
+    with pytest.raises(SelfTestError, match=r"image 0: a class \d detection \(score .*\) is (missing|extra)"):
+        model.self_test()
+
+
+def _detection_names(bundle) -> list[str]:
+    """The detector's outputs in the op's order, as the bundle's reference data names them."""
+    with tarfile.open(bundle) as tar, np.load(tar.extractfile("reference.npz")) as ref:
+        return [str(n) for n in ref["detections"]]
 
 
 def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):

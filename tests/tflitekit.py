@@ -24,7 +24,9 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "yolo-int8": ("yolo", "input", False),        # YOLOv8's decoding: TRANSPOSE, RESHAPE, SOFTMAX, a float output concat
     "transformer-int8": ("transformer", "input", False),  # attention (BATCH_MATMUL), GELU, LayerNorm in float
     "keras-transformer-int8": ("ktransformer", "input", False),  # TensorFlow's LayerNorm: NEG, SQUARED_DIFFERENCE
+    "ssd-int8": ("ssd", "image", False),          # a float .tflite SSD: TFLite_Detection_PostProcess kept in float
 }
+DETECTORS = {"ssd-int8"}  # answers compared as detections (agent/detections.py), one image a request
 
 
 def op_dtypes(path: str | Path) -> dict[str, set[str]]:
@@ -90,6 +92,19 @@ def _decoded_yolo(folder: Path):
     return folder / "yolo-calib.npz", folder / "yolo-eval.npz"
 
 
+def _ssd(folder: Path):
+    """converters.zoo's SSD-style float .tflite detector, with images of coloured blocks to detect."""
+    from converters.zoo import build_ssd_tflite
+
+    build_ssd_tflite(folder / "ssd.tflite", width=64, nms_score_threshold=0.9)
+    rng = np.random.default_rng(4)
+    low = rng.random((96, 8, 8, 3)).astype(np.float32)
+    x = np.repeat(np.repeat(low, 4, 1), 4, 2)
+    np.savez(folder / "ssd-calib.npz", image=x[:64])
+    np.savez(folder / "ssd-eval.npz", image=x[64:])
+    return folder / "ssd-calib.npz", folder / "ssd-eval.npz"
+
+
 def build(folder: str | Path) -> Path:
     from agent.signing import generate_keypair
     from converters import zoo
@@ -114,7 +129,7 @@ def build(folder: str | Path) -> Path:
             "strip": zoo.write_image_npz(folder / "strip", size=32),
             "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder),
             "transformer": zoo.write_digits_npz(folder / "transformer"),
-            "ktransformer": zoo.write_digits_npz(folder / "ktransformer")}
+            "ktransformer": zoo.write_digits_npz(folder / "ktransformer"), "ssd": _ssd(folder)}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
@@ -124,6 +139,10 @@ def build(folder: str | Path) -> Path:
             from converters.from_tensorflow import convert_tensorflow
 
             convert_tensorflow(folder / f"{model}.keras", calib, bundle, key, evaluation, options)
+        elif model == "ssd":
+            from converters.from_tflite import convert_tflite
+
+            convert_tflite(folder / "ssd.tflite", calib, bundle, key, evaluation, options)
         else:
             convert_onnx(folder / f"{model}.onnx", calib, bundle, key, evaluation, options)
         import tarfile
@@ -134,6 +153,13 @@ def build(folder: str | Path) -> Path:
         with np.load(evaluation) as d:
             x = session.quantize_inputs({name: d[name][:16]})
         expected[f"{stem}.input"] = x[name]
+        if stem in DETECTORS:  # every output, an image at a time (the op takes batches of one)
+            runs = [session.raw_run({name: row[None]}) for row in x[name]]
+            for out_name in runs[0]:
+                expected[f"{stem}.out.{out_name}"] = np.concatenate([r[out_name] for r in runs])
+            with tarfile.open(bundle) as tar, np.load(tar.extractfile("reference.npz")) as ref:
+                expected[f"{stem}.detections"] = ref["detections"]
+            continue
         out_name, out = next(iter(session.raw_run(x).items()))
         expected[f"{stem}.output"] = out
         # one quantization step of the output: the int8 tensor the float output is dequantized from, or,
