@@ -5,7 +5,9 @@ Keys: ``input.NAME`` (what the model is fed), ``expected.NAME`` (the quantized m
 on the host), ``atol.NAME`` (how far the board's output NAME may stray from it) and
 ``fp32.NAME`` (the FP32 model's, for people who inspect a bundle); a detector's also
 ``detections``, the names of its boxes, classes, scores and count outputs, which the self-test
-matches as detections (agent/detections.py) rather than element by element.
+matches as detections (agent/detections.py) rather than element by element, and
+``detections_score_threshold``, its post-processing's score threshold. (The images with the
+most detections are the reference samples.)
 
 Each output has its own tolerance because a detector's outputs differ in scale: one tolerance
 for boxes in pixels (0..700) and scores (0..1) let a board whose scores were all wrong pass

@@ -299,9 +299,9 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
         fp32_expected = _run_once(fp32_raw, snapped)
     else:
         row_bytes = sum(v[:1].nbytes for v in evalset.inputs.values()) + 2 * sum(v[:1].nbytes for v in q_out.values())
-        k = max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes))
-        idx = _reference_indices(q_out[first_out], k) if not target.detections else \
-            np.argsort(-q_out[target.detections[3]].reshape(len(q_out[first_out]), -1)[:, 0], kind="stable")[:k]
+        n_ref = max(1, min(REFERENCE_SAMPLES, REFERENCE_MAX_BYTES // row_bytes))
+        idx = _reference_indices(q_out[first_out], n_ref) if not target.detections else \
+            np.argsort(-q_out[target.detections[3]].reshape(len(q_out[first_out]), -1)[:, 0], kind="stable")[:n_ref]
         # float inputs the model quantizes first travel as 8-bit codes; the outputs are those on the snapped values
         stored, snapped = reference.encode({k: v[idx] for k, v in evalset.inputs.items()}, target.input_grids())
         ref_inputs, expected = target.board_io(int8, snapped, measure.run_all(int8, snapped))

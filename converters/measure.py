@@ -146,7 +146,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     range), named as `worst_output` where there are several: a detector's scores can break while
     its boxes, listed first, hold. Top-1 and accuracy are the first output's (a classifier's scores).
     A detector's final detections (`detections`: its boxes, classes, scores and count outputs) are
-    matched as detections instead (agent/detections.py), with the errors those of matched scores."""
+    matched as detections instead (agent/detections.py): the share matched, their mean IoU and
+    their scores' largest error."""
     if detections:
         from agent.detections import agreement
 
