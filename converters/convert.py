@@ -271,7 +271,8 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
     attempts: list[guard.Attempt] = []
     if opts.max_drop is not None and opts.precision != "fp32":
         settings, _, attempts = guard.search(settings, quality_of, opts.max_drop, target.layers(),
-                                             calibrated=opts.precision == "int8", progress=say)
+                                             calibrated=opts.precision == "int8", methods=target.methods,
+                                             progress=say)
         # the search returns on the attempt that succeeded: the target's file already holds that model
     else:
         target.build(opts.precision, settings)

@@ -19,7 +19,7 @@ from .convert import ConvertOptions, Progress, _check_options, _finish, _model_n
 from .prune import prune_arrays
 from .targets import TfliteTarget
 from .tflite_graph import WEIGHTED, write_tflite
-from .tflite_reader import calibration_ranges, litert_runs, read_tflite
+from .tflite_reader import CALIBRATION_METHODS, calibration_ranges, litert_runs, read_tflite
 
 
 def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: str | Path,
@@ -63,7 +63,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
 
         # the float model as edgeward writes it (I/O named by the signature) is the FP32 reference
         target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
-                              graph=graph, ranges_fn=ranges, baseline=original)
+                              graph=graph, ranges_fn=ranges, baseline=original, methods=CALIBRATION_METHODS)
         inputs, _ = target.fp32_session().specs()
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)

@@ -62,12 +62,14 @@ def quality_drop(quality: dict) -> float:
 
 def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: float, candidates: list[str],
            max_float_layers: int = 3, max_attempts: int = 24, calibrated: bool = True,
+           methods: tuple[str, ...] = METHODS,
            progress: Callable[[str, int, int], None] | None = None) -> tuple[Settings, dict, list[Attempt]]:
     """Return (settings, quality, attempts) for the first quantization within `max_drop`.
 
     `try_settings` quantizes and measures (raising ConversionError if it cannot); `candidates`
     are the layers that may be kept in float, most promising first. Without calibration
-    (dynamic quantization) only keeping layers in float is searched.
+    (dynamic quantization) only keeping layers in float is searched; `methods` are the calibration
+    methods the target can use (a TFLite source has no entropy calibration).
     """
     say = progress or (lambda *a: None)
     attempts: list[Attempt] = []
@@ -87,7 +89,7 @@ def search(first: Settings, try_settings: Callable[[Settings], dict], max_drop: 
         results[s.label()] = quality
         return drop
 
-    order = [first] + [Settings(pc, m, list(first.exclude)) for pc in (True, False) for m in METHODS
+    order = [first] + [Settings(pc, m, list(first.exclude)) for pc in (True, False) for m in methods
                        if (pc, m) != (first.per_channel, first.method) and calibrated]
     for s in order:
         drop = attempt(s)

@@ -17,7 +17,7 @@ from typing import Callable
 from agent.errors import ConversionError
 
 from . import measure
-from .guard import Settings
+from .guard import METHODS, Settings
 
 FORMATS = ("onnx", "tflite", "both")
 Say = Callable[[str, int, int], None]
@@ -47,6 +47,7 @@ class OnnxTarget:
         self.reduce_range = reduce_range
         self.calib, self.say = calib, say
         self.fp32_path = original
+        self.methods = METHODS  # the calibration methods the accuracy search may try
         self.detections: list[str] = []  # ONNX detectors end in their own NMS (or are cut before it)
         self.detection_threshold: float | None = None
 
@@ -112,10 +113,12 @@ class TfliteTarget:
     producers = {"int8": "edgeward TFLite writer, full-integer INT8", "fp32": "edgeward TFLite writer, FP32"}
 
     def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
-                 graph=None, ranges_fn=None, original: Path | None = None, baseline=None):
+                 graph=None, ranges_fn=None, original: Path | None = None, baseline=None,
+                 methods: tuple[str, ...] = METHODS):
         """`source` is the ONNX model to quantize; `original`, when given, the user's FP32 model
         before pruning, lowered as it is for the FP32 baseline. For a TFLite source: `graph` and
-        `ranges_fn` instead, with `baseline` the graph before pruning."""
+        `ranges_fn` instead, with `baseline` the graph before pruning and `methods` the calibration
+        methods `ranges_fn` knows."""
         from .tflite_graph import write_tflite
 
         self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
@@ -128,7 +131,7 @@ class TfliteTarget:
             baseline = lower(fix_dims(load_onnx(original), calib)) if original else None
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
-        self.graph, self.ranges_fn, self._ranges = graph, ranges_fn, {}
+        self.graph, self.ranges_fn, self._ranges, self.methods = graph, ranges_fn, {}, methods
         self.detections = graph.detections()  # an SSD's boxes, classes, scores, count: compared as detections
         self.detection_threshold = graph.detection_threshold()
         if graph.float_layers:  # not full-integer: say which layers are not, and why

@@ -122,19 +122,25 @@ class Graph:
                 seen.update(dict.fromkeys(op.outputs))
         return list(seen)
 
+    def detector(self) -> Op | None:
+        """A detector's post-processing op (TFLite_Detection_PostProcess), or None for other models."""
+        return next((op for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), None)
+
     def detections(self) -> list[str]:
         """A detector's four final outputs (boxes, classes, scores, count), or [] for other models."""
-        return next((list(op.outputs) for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), [])
+        post = self.detector()
+        return list(post.outputs) if post else []
 
     def detection_threshold(self) -> float | None:
         """The score below which a detector's post-processing drops a detection (None: no detector)."""
-        return next((op.options["score_threshold"] for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), None)
+        post = self.detector()
+        return post.options["score_threshold"] if post else None
 
     def compared_outputs(self) -> list[str]:
         """The tensors that say whether two readings of the model compute the same: its outputs, or
         for a detector the scores and box encodings its post-processing op reads (that op's own
         outputs list the same detections in an order a rounding step can change)."""
-        post = next((op for op in self.ops if op.kind == "DETECTION_POSTPROCESS"), None)
+        post = self.detector()
         if post is None:
             return list(self.outputs)
         return [n for n in post.inputs if n not in self.consts] + \
@@ -649,9 +655,9 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             continue
         emit(op.kind, inputs, [out], op, int8=int8)
 
-    outputs = []
+    outputs, detections = [], set(graph.detections())
     for name in graph.outputs:
-        want_int8 = quant and int8_io and name not in graph.detections()
+        want_int8 = quant and int8_io and name not in detections
         if is_int8[name] != want_int8:  # the model's output in the dtype promised: rename, then convert
             inner = f"{name}/{'int8' if is_int8[name] else 'float'}"
             em.tensors[em.index[name]].name = inner

@@ -568,13 +568,17 @@ def run_keeping_tensors(path: str | Path, names: dict[int, str] | None, data: di
         yield start, step, n, {name: it.get_tensor(index) for index, name in picked.items()}
 
 
+CALIBRATION_METHODS = ("minmax", "percentile")
+"""What a TFLite source can be calibrated with (entropy needs onnxruntime's histogram collector)."""
+
+
 def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],
                        method: str = "minmax", batch: int = 16,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
     """Activation ranges for every tensor, seen by running the float model in LiteRT with every
     intermediate tensor kept (run_keeping_tensors). minmax: the extremes; percentile: the central
     99.999 % of values."""
-    if method not in ("minmax", "percentile"):
+    if method not in CALIBRATION_METHODS:
         raise ConversionError(f"calibration method {method!r} is not available for TFLite sources",
                               "use --method minmax or percentile")
     activations = set(graph.activations())

@@ -56,6 +56,13 @@ def test_a_budget_that_cannot_be_met_fails_with_every_attempt_listed():
     assert text.count("20.00 %") == len(tried) == 7  # six settings, then one layer kept in float
 
 
+def test_the_search_tries_only_the_calibration_methods_the_target_has():
+    fn, tried = _fake({})  # a TFLite source: no entropy calibration, so no attempt that can only fail
+    with pytest.raises(ConversionError):
+        guard.search(guard.Settings(), fn, 0.01, [], methods=("minmax", "percentile"))
+    assert tried == ["minmax, per-channel", "percentile, per-channel", "minmax, per-tensor", "percentile, per-tensor"]
+
+
 def test_dynamic_quantization_searches_only_layers_kept_in_float():
     fn, tried = _fake({"dynamic, float: fc": 0.0})
     s, _, _ = guard.search(guard.Settings(method="dynamic"), fn, 0.0, ["fc"], calibrated=False)

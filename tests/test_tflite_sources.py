@@ -502,6 +502,22 @@ def test_a_float_tflite_is_quantized_and_serves(keras_digits, keys, tmp_path):
     _check_bundle(report, tmp_path / "t.ewb", keras_model, folder, keys, tmp_path)
 
 
+def test_the_accuracy_search_on_a_float_tflite_tries_only_what_it_can_calibrate(keras_digits, keys, tmp_path,
+                                                                                  monkeypatch):
+    from converters import guard
+
+    real = guard.quality_drop  # every setting misses the budget until a layer is kept in float
+    drops = []
+    monkeypatch.setattr(guard, "quality_drop", lambda q: drops.append(real(q)) or (0.5 if len(drops) < 5 else 0.0))
+    folder, _ = keras_digits
+    report = convert_tflite(folder / "k.tflite", folder / "calib.npz", tmp_path / "s.ewb", keys[0],
+                            folder / "eval.npz", ConvertOptions(name="tdigits", max_drop=0.01))
+    tried = [(a["settings"], a["note"]) for a in report["search"]["attempts"]]
+    assert [t for t, _ in tried[:4]] == ["minmax, per-channel", "percentile, per-channel",
+                                         "minmax, per-tensor", "percentile, per-tensor"]
+    assert "float: " in tried[4][0] and len(tried) == 5 and not any(note for _, note in tried)
+
+
 def test_a_tflite_with_float16_weights_is_quantized_and_serves(keras_digits, keys, tmp_path):
     """TFLite's float16 form (weights stored as float16, each through a DEQUANTIZE): the weights are
     read as float32 constants and the DEQUANTIZEs drop out."""
