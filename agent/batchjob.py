@@ -3,7 +3,7 @@
 `edgeward infer --model NAME --input DIR --batch 32 --output results.jsonl` reads every
 .npy / .npz file under DIR (or one file), cuts the samples into batches, sends them to the
 agent's local API and writes one JSON line per sample: where it came from, the outputs
-and, for classifiers, the top-1 class. Progress goes to stderr. The results file appears
+and, for classifiers, the top-1 class (for detectors, the list of detections). Progress goes to stderr. The results file appears
 only when the job has finished (written beside it, then renamed): a failed job leaves
 nothing half-written.
 
@@ -31,6 +31,7 @@ import numpy as np
 from .client import LocalClient
 from .errors import EdgewardError
 from .images import is_image
+from .tensors import detection_list
 
 
 NUMPY_SUFFIXES = (".npy", ".npz")
@@ -178,6 +179,7 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                                     "drop --preprocess, or point --input at images")
             total, batches = _count(files, info["inputs"]), _batches(files, info["inputs"], batch)
         classes = (info.get("preprocessing") or {}).get("classes") or []
+        detections = info.get("detections") or []  # a detector's four outputs: each record lists its detections
         done, t0 = 0, time.monotonic()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
         streams = _FileStreams(client, model) if info.get("mode") == "stateful" else None
@@ -192,7 +194,10 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                         record = {"source": source, "index": index,
                                   "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
                         first = next(iter(outputs.values()))
-                        if first.ndim == 2 and first.shape[1] > 1:
+                        if len(detections) == 4 and all(n in outputs for n in detections):
+                            record["detections"] = detection_list(*(outputs[n][row].tolist() for n in detections),
+                                                                  classes)
+                        elif first.ndim == 2 and first.shape[1] > 1:
                             record["top1"] = top1 = int(first[row].argmax())
                             if top1 < len(classes) and classes[top1]:
                                 record["class"] = classes[top1]

@@ -356,6 +356,7 @@ def cmd_infer(args) -> int:
         print(f"{summary['samples']} samples through {summary['model']} v{summary['version']} in "
               f"{summary['seconds']} s -> {args.output}")
         return 0
+    from . import protocol
     from .fleet import Fleet
     from .images import is_image
 
@@ -388,18 +389,32 @@ def cmd_infer(args) -> int:
         np.savez(args.output, **outputs)
     if args.json:
         print(json.dumps({"model": result["model"], "version": result["version"], "round_trip_ms": round(rtt, 2),
-                          **{k: result[k] for k in ("top1", "class") if k in result},
+                          **{k: result[k] for k in protocol.ANSWER_LABELS if k in result},
                           "outputs": {k: v.tolist() for k, v in outputs.items()}}))
         return 0
     print(f"{args.device}/{result['model']} v{result['version']} answered in {rtt:.1f} ms")
     if "top1" in result:
         print(f"  class: {result.get('class', result['top1'])}")
+    if "detections" in result:
+        print(detection_table(result["detections"]))
     for name, arr in outputs.items():
         line = f"  {name}: {arr.dtype} {list(arr.shape)}"
-        if arr.ndim == 2 and arr.shape[1] > 1:
+        if arr.ndim == 2 and arr.shape[1] > 1 and "detections" not in result:  # a detector's rows are not scores
             line += f"  top-1 per row: {arr.argmax(1).tolist()}"
         print(line)
     return 0
+
+
+def detection_table(found: list[dict]) -> str:
+    """A detector's answer as a person reads it: one row per detection, best first."""
+    from .tables import format_table
+
+    if not found:
+        return "  no detections"
+    rows = [[d.get("class", d["class_id"]), f"{d['score']:.3f}", " ".join(f"{v:.3f}" for v in d["box"])]
+            for d in found]
+    return "\n".join("  " + line for line in format_table(["class", "score", "box (ymin xmin ymax xmax)"], rows,
+                                                          align="lrl").splitlines())
 
 
 def cmd_bench(args) -> int:

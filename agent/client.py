@@ -178,15 +178,16 @@ class LocalClient:
     def infer_image(self, model: str, image: bytes | str | os.PathLike, preprocess: str | None = None) -> dict:
         """Run `model` on one encoded image (JPEG, PNG, ...: its bytes, or a file's path). The
         agent prepares it as the model's bundle says (or as `preprocess` says), so the caller
-        needs no image library. Returns {"outputs": {name: array}, "top1", "class"}, the last
-        two for a classifier (class where the bundle names its classes)."""
+        needs no image library. Returns {"outputs": {name: array}}, with "top1" and "class" for a
+        classifier (class where the bundle names its classes) or "detections" for a detector
+        ([{"box": [ymin, xmin, ymax, xmax], "class_id", "class", "score"}], best first)."""
         data = image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
         extra = {"preprocess": preprocess} if preprocess else {}
         header, body, key = self._call(wire.frame_parts({"image": np.frombuffer(bytes(data), np.uint8)}, None,
                                                         v=protocol.VERSION, op="infer", model=model, image=True,
                                                         **extra))
         return {"outputs": {t.name: to_numpy(t) for t in self._frames.tensors(header, body, key)},
-                **{k: header[k] for k in ("top1", "class") if k in header}}
+                **{k: header[k] for k in protocol.ANSWER_LABELS if k in header}}
 
     # -- shared memory on a worker's socket (agent/shm.py) -------------------------------------------
     def _request(self, path: str, model: str, feeds: dict, extra: dict) -> bytes | list:

@@ -47,7 +47,7 @@ from .status import write_status
 from .streams import stream_id
 from .store import Store
 from .systemd import Notifier
-from .tensors import encoded_image, from_frame, to_frame, top1
+from .tensors import encoded_image, from_frame, labels, to_frame
 from .transfer import Transfer, resume_all
 from .updater import Trust, Updater
 
@@ -666,7 +666,7 @@ class Agent:
             extra = {"corr": target.corr_text} if target is not None and target.legacy else {}
             if request.image:  # an encoded image, decoded in the model's worker
                 model, outputs = self.engine.run_image(model_name, encoded_image(tensors), request.preprocess)
-                extra.update(top1(outputs, model.classes))
+                extra.update(labels(outputs, model.classes, model.detections))
             else:
                 model, outputs = self.engine.infer(model_name, tensors, stream_id(request.stream))
             specs, out = to_frame(outputs)

@@ -116,7 +116,8 @@ class LoadedModel:
                 "pid": self.proc.pid, "providers": list(self.proc.providers or []),
                 "max_batch": self.serving.max_batch if self.mode == "batched" else 1,
                 "max_delay_ms": self.serving.max_delay_ms if self.mode == "batched" else 0.0,
-                "preprocessing": self.manifest.preprocessing, "context": dict(self.manifest.context)}
+                "preprocessing": self.manifest.preprocessing, "context": dict(self.manifest.context),
+                "detections": self.detections}
 
     # ---------------------------------------------------------------- running
 
@@ -151,6 +152,12 @@ class LoadedModel:
     def classes(self) -> list:
         """Class names by output index, where the bundle names them (image folders' sub-folders)."""
         return self.manifest.preprocessing.get("classes") or []
+
+    @property
+    def detections(self) -> list[str]:
+        """A detector's boxes, classes, scores and count outputs (its worker read them from the
+        bundle's reference data), so answers can list its detections; [] for other models."""
+        return list(self.proc.detections) if self.proc else []
 
     def _execute(self, feeds: list[Tensor], stream: str | None = None) -> list[Tensor]:
         out = self._in_worker({"op": "run", "stream": stream} if stream is not None else {"op": "run"}, feeds)
@@ -378,6 +385,7 @@ class Engine:
                 raise
             proc.rss_mb = float(reply.get("rss_mb", 0.0))
             proc.providers = reply.get("providers")
+            proc.detections = [str(n) for n in reply.get("detections") or []]
             missing = [p for p in self.providers if proc.providers is not None and p not in proc.providers]
             if missing:
                 log.warning("%s v%d runs on %s: inference.providers asks for %s, which this onnxruntime build does "

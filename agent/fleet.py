@@ -168,7 +168,7 @@ class Fleet:
         """Run `model` on a device: on named arrays (on a stateful model's `stream`, if named),
         or on one encoded image (JPEG, PNG, ...) that the device prepares as the model's bundle
         says (or as `preprocess` says). The answer: {"model", "version", "outputs"}, and for an
-        image "top1" and "class"."""
+        image "top1" and "class" (a classifier) or "detections" (a detector)."""
         if image is not None:
             payload = wire.pack_tensors({"image": np.frombuffer(image, np.uint8)}, v=protocol.VERSION, image=True,
                                         **({"preprocess": preprocess} if preprocess else {}))
@@ -182,7 +182,7 @@ class Fleet:
         if header.get("status") != "ok":
             raise FleetError(f"{device} refused the request: {header.get('error', 'no reason given')}")
         return {"model": header.get("model"), "version": header.get("version"), "outputs": outputs,
-                **{k: header[k] for k in ("top1", "class") if k in header}}
+                **{k: header[k] for k in protocol.ANSWER_LABELS if k in header}}
 
     def deploy(self, bundle_path: str | os.PathLike, device: str, chunk_size: int = 256 * 1024,
                timeout: float = 120.0, progress: Callable[[str, int, int], None] | None = None,

@@ -4,7 +4,8 @@ The agent publishes retained discovery configs under `<prefix>/<component>/edgew
 so the board appears in Home Assistant as a device with sensors read straight from the
 agent's own state and telemetry topics (no extra messages, nothing HA-specific in the
 protocol), each model's version as an `update` entity, and for each camera pipeline
-(`format: image`) a sensor whose state is the class it last saw.
+(`format: image`) a sensor whose state is the class it last saw (a detector's: the class of
+its best detection, with the count and every class as attributes).
 """
 
 from __future__ import annotations
@@ -77,11 +78,21 @@ def discovery_messages(state: State, prefix: str = "homeassistant", pipelines: l
         out[f"{prefix}/sensor/{node}/seen_{pid}/config"] = {
             "name": f"{pipe.model} on {pipe.input_topic}", "unique_id": f"{node}_seen_{pid}",
             "state_topic": pipe.output_topic, "icon": "mdi:camera-iris",
-            "value_template": ("{{ (value_json['class'] if 'class' in value_json else value_json.top1) "
-                               "if value_json.status == 'ok' else 'error' }}"),
+            # a classifier's class; a detector's best detection ("nothing" when it found none)
+            "value_template": ("{% if value_json.status != 'ok' %}error"
+                               "{% elif 'detections' in value_json %}{% set d = value_json.detections %}"
+                               "{{ (d[0]['class'] if 'class' in d[0] else d[0].class_id) if d else 'nothing' }}"
+                               "{% else %}{{ value_json['class'] if 'class' in value_json else value_json.top1 }}"
+                               "{% endif %}"),
             "json_attributes_topic": pipe.output_topic,
-            "json_attributes_template": ("{{ {'model_version': value_json.get('version'), "
-                                         "'ts': value_json.get('ts')} | tojson }}"),
+            # and for a detector how many it found and their classes (no dict.update: HA's
+            # templates run in Jinja's immutable sandbox)
+            "json_attributes_template": ("{% set v, t = value_json.get('version'), value_json.get('ts') %}"
+                                         "{{ ({'model_version': v, 'ts': t, "
+                                         "'count': value_json.detections | length, "
+                                         "'classes': value_json.detections | map(attribute='class', default='') "
+                                         "| list} if value_json.get('detections') is not none "
+                                         "else {'model_version': v, 'ts': t}) | tojson }}"),
             "availability": [availability], "device": device,
         }
     return {topic: json.dumps(cfg, separators=(",", ":")).encode() for topic, cfg in out.items()}

@@ -40,7 +40,7 @@ from . import protocol, wire
 from .errors import BusyError, EdgewardError, ProtocolError
 from .polling import linger
 from .streams import stream_id
-from .tensors import encoded_image, from_frame, to_frame, top1
+from .tensors import encoded_image, from_frame, labels, to_frame
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class LocalApi:
         try:
             if image is not None:
                 model, outputs = self.engine.run_image(name, image, preprocess)
-                extra = top1(outputs, model.classes)
+                extra = labels(outputs, model.classes, model.detections)
             else:
                 model, outputs = self.engine.infer(name, tensors, stream)
                 extra = {}

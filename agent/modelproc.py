@@ -72,6 +72,7 @@ class ModelProcess:
         self.rss_mb = self.base_rss_mb  # updated by the engine after the model loads
         self.direct_path: str | None = None  # the worker's own socket for local apps, if it has one
         self.providers: list[str] | None = None  # the execution providers its runtime runs on (onnxruntime)
+        self.detections: list[str] = []  # a detector's boxes, classes, scores and count outputs, as it read them
 
     # ---------------------------------------------------------------- requests
 

@@ -9,6 +9,8 @@ published on `output_topic`. Payloads are JSON or binary frames:
     binary: in  an EWF1 frame of tensors (agent/wire.py); out the same, header as above
     image:  in  one encoded image (JPEG, PNG, WebP, BMP, PPM), as cameras publish them
             out as json, plus "top1" and "class" for a classifier whose bundle names its classes
+A detector's answers (an SSD's boxes, classes, scores and count) also list its detections, in
+any format: "detections": [{"box": [ymin, xmin, ymax, xmax], "class_id", "class", "score"}].
     raw:    in  the bytes of the model's one input, little-endian, N rows (a microcontroller's
                 buffer: no framing to build); out as json
 
@@ -39,7 +41,7 @@ from .config import PipelineConfig
 from .errors import EdgewardError, InferenceError, ProtocolError
 from .schema import load_json
 from .streams import stream_id
-from .tensors import ITEMSIZE, Tensor, from_frame, from_json, to_frame, to_json, top1
+from .tensors import ITEMSIZE, Tensor, detected, from_frame, from_json, labels, to_frame, to_json
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,13 @@ class Pipelines:
             extra = {}
             if cfg.format == "image":  # decoded and prepared in the model's worker
                 model, outputs = self.engine.run_image(cfg.model, payload, cfg.preprocess)
-                extra = top1(outputs, model.classes)
+                extra = labels(outputs, model.classes, model.detections)
             else:
                 tensors, stream = self._raw(cfg, payload) if cfg.format == "raw" else self._decode(cfg, payload)
                 if stream is None and cfg.stream_from_topic and topic:
                     stream = stream_id(topic)
                 model, outputs = self.engine.infer(cfg.model, tensors, stream)
+                extra = detected(outputs, model.detections, model.classes)
             head = {"v": protocol.VERSION, "status": "ok", "model": model.name, "version": model.version,
                     "ts": time.time(), **extra}
             if cfg.format == "binary":

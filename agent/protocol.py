@@ -299,12 +299,21 @@ class ChunkHeader:
     v: int = VERSION
 
 
+ANSWER_LABELS = ("top1", "class", "detections")
+"""What an answer to an image adds in words (agent/tensors.py's `labels`): a classifier's top
+index and class name, or a detector's list of {"box", "class_id", "class", "score"}. Pipelines'
+JSON answers carry a detector's "detections" for any input format."""
+
+
 @dataclass
 class InferHeader:
     """Frame header of an inference request; tensors follow in the frame body. With `image`, the
     body is one uint8 tensor holding an encoded image (JPEG, PNG, ...), which the board
     prepares as the bundle says, or as `preprocess` says. `stream` names a stateful model's
-    stream (its calls run in the order they arrive)."""
+    stream (its calls run in the order they arrive). The answer's header has `status`,
+    `model`, `version` and the output tensors, and for an image a classifier's `top1` and
+    `class` or a detector's `detections`, a list of {`box` [ymin, xmin, ymax, xmax],
+    `class_id`, `class`, `score`}, best first (ANSWER_LABELS)."""
     tensors: list[dict[str, Any]] = field(default_factory=list)
     v: int = VERSION
     reply_to: Optional[str] = None

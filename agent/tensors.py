@@ -9,6 +9,7 @@ numbers are looked at.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple
 
@@ -222,6 +223,41 @@ def encoded_image(tensors: list[Tensor]) -> bytes:
         raise ProtocolError("an image request carries one 1-D uint8 tensor: the file's bytes",
                             "send the JPEG or PNG file as it is, as a uint8 tensor of its length")
     return bytes(tensors[0].data)
+
+
+def labels(outputs: list[Tensor], classes: list, detections: list[str]) -> dict:
+    """What an answer to one image says in words (protocol.ANSWER_LABELS): a detector's
+    "detections" (`detections` names its boxes, classes, scores and count outputs), else a
+    classifier's "top1" and "class"."""
+    return detected(outputs, detections, classes) or top1(outputs, classes)
+
+
+def detected(outputs: list[Tensor], detections: list[str], classes: list) -> dict:
+    """A detector's answer to one image as {"detections": [{"box", "class_id", "class"?, "score"}]},
+    best first: the first `count` rows of its outputs ({} for other models or other batches)."""
+    by_name = {t.name: t for t in outputs}
+    if len(detections) != 4 or any(n not in by_name for n in detections) or by_name[detections[3]].rows != 1:
+        return {}
+    try:
+        boxes, ids, scores, count = (to_json(by_name[n])[0] for n in detections)
+    except (InferenceError, TypeError, IndexError):  # a dtype JSON cannot carry, or not a detector's shapes
+        return {}
+    return {"detections": detection_list(boxes, ids, scores, count, classes)}
+
+
+def detection_list(boxes: list, ids: list, scores: list, count, classes: list) -> list[dict]:
+    """One image's detections from its rows of a detector's four outputs (nested lists): box as
+    [ymin, xmin, ymax, xmax] in the image's 0..1 coordinates, class by index and, where the
+    bundle names its classes, by name."""
+    n = float(count if isinstance(count, (int, float)) else (count[0] if count else 0))
+    n = int(min(max(n, 0.0), len(scores))) if math.isfinite(n) else 0  # NaN or inf from a model: none
+    found = []
+    for box, cls, score in zip(boxes[:n], ids[:n], scores[:n]):
+        i = int(cls)
+        found.append({"box": [round(float(v), 5) for v in box], "class_id": i,
+                      **({"class": classes[i]} if 0 <= i < len(classes) and classes[i] else {}),
+                      "score": round(float(score), 5)})
+    return found
 
 
 def top1(outputs: list[Tensor], classes: list) -> dict:

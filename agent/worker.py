@@ -74,7 +74,7 @@ class Worker:
             self.streams = Streams(h["state"], specs, self.run_tensors, int(h.get("max_streams", 1024)),
                                    by_row=bool(h.get("by_row")), context=h.get("context") or {})
         return {"inputs": self.inputs, "outputs": self.outputs, "rss_mb": rss_mb(),
-                "providers": getattr(self.runtime, "providers", None)}, []
+                "providers": getattr(self.runtime, "providers", None), "detections": self.detections}, []
 
     def auto_in_flight(self) -> int:
         """Batches to run at once: one per core the runtime's threads leave. A runtime that runs

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, metavar="N",
                    help="read at most N images of a folder, evenly spread over it (default: 512 for calibration, "
                         "1000 for evaluation)")
+    p.add_argument("--labels", metavar="TXT",
+                   help="class names by output index, one per line or \"INDEX NAME\" lines (a detector's label map, "
+                        "e.g. labelmap.txt); answers on the board then name the class. An image folder's "
+                        "sub-folders name them otherwise")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
@@ -161,6 +165,9 @@ def render_report(r: dict) -> str:
                      " (stored in the bundle: the board prepares images the same way)")
         if r.get("data"):
             lines.append(f"data: calibration {r['data']['calibration']}, evaluation {r['data']['evaluation']}")
+    elif (r.get("preprocessing") or {}).get("classes"):  # --labels without image data
+        named = [c for c in r["preprocessing"]["classes"] if c]
+        lines.append(f"classes: {len(named)} named ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''})")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")
@@ -228,7 +235,7 @@ def _options(args: argparse.Namespace):
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
                           full_range_weights=args.full_range_weights, preprocess=args.preprocess,
-                          max_images=args.max_images, state=parse_pairs(args.state, "--state", "h=h_out"),
+                          max_images=args.max_images, labels=args.labels, state=parse_pairs(args.state, "--state", "h=h_out"),
                           fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"),
                           context=parse_pairs(args.context, "--context", "input=64"), cut_at=args.cut_at)
 

@@ -24,7 +24,7 @@ from agent.errors import ConversionError
 from agent.signing import load_private_key
 
 from . import guard, measure, stateful
-from .data import MIN_CALIBRATION_SAMPLES, load_dataset, preprocessing_of
+from .data import MIN_CALIBRATION_SAMPLES, check_labels, load_dataset, preprocessing_of, read_labels
 from .onnx_graph import lift_constants, model_bytes, name_nodes, upgrade_opset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
@@ -58,6 +58,7 @@ class ConvertOptions:
     tflite_int8_io: bool = False     # TFLite: int8 model inputs/outputs instead of float ones
     preprocess: str | None = None    # how image-folder data become input tensors (agent/images.py)
     max_images: int | None = None    # images read from a folder (default: 512 to calibrate, 1000 to evaluate)
+    labels: str | None = None        # a label file naming the classes by output index (data.read_labels)
     state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
     fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
     context: dict[str, int] = field(default_factory=dict)       # samples of a window carried into the next
@@ -237,6 +238,8 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
         raise ConversionError("--prune-channels does not reach through recurrent state", "leave it out with --state")
     if opts.max_images is not None and opts.max_images < 1:
         raise ConversionError(f"--max-images {opts.max_images}: give a number of images, e.g. 500")
+    if opts.labels:
+        read_labels(opts.labels)  # a label file that cannot be read fails before any model is loaded
 
 
 def _run_once(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -258,6 +261,11 @@ def _latency_note(latency: dict, name: str) -> str:
 def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,
             model_path: Path, out_path: Path, key, say: Progress) -> dict:
     """Quantize for one target (searching when asked), measure, and write its bundle."""
+    preprocessing = preprocessing_of(evalset, calib)
+    if opts.labels:  # checked against what the float model answers before any quantizing
+        preprocessing["classes"] = read_labels(opts.labels)
+        check_labels(preprocessing["classes"], ref_out, target.detections, opts.labels)
+
     def quality_of(s: guard.Settings) -> dict:
         target.build(opts.precision, s)
         candidate = target.session(threads=opts.threads)
@@ -362,7 +370,7 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
                                 if opts.precision == "int8" else opts.precision,
                  **({"accuracy_search": search} if search else {}),
                  **({"shipped_although": " and ".join(w for w in (wrong, worse) if w)} if wrong or worse else {})},
-        description=opts.description, preprocessing=preprocessing_of(evalset, calib),
+        description=opts.description, preprocessing=preprocessing,
         sparsity=pruning["sparsity"] if pruning else 0.0,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         producer=f"edgeward {__version__} ({target.producers[opts.precision]})",

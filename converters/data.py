@@ -108,6 +108,62 @@ def _load_images(folder: Path, specs: list[TensorSpec], what: str, min_samples: 
     return Dataset({specs[0].name: samples}, labels, source, image=spec.to_dict(), classes=classes or None)
 
 
+MAX_LABELS = 100_000
+UNKNOWN_FIRST_LABEL = "???"
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names by output index from a label file (--labels): one name per line, or lines of
+    "INDEX NAME" (as Coral's and MediaPipe's label maps are written), where indices not listed
+    stay unnamed. A first line of "???" (the background placeholder in the label map that ships
+    with TensorFlow's SSD examples, whose class outputs count from the first real class) is
+    dropped, as TensorFlow's own example code drops it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"cannot read the label file {path}: {getattr(exc, 'strerror', None) or exc}",
+                              "give a UTF-8 text file with one class name per line") from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not any(lines):
+        raise ConversionError(f"the label file {path} names no classes", "write one class name per line")
+    indexed = [line.split(None, 1) for line in lines if line]
+    if all(len(p) == 2 and p[0].rstrip(":").isdigit() for p in indexed):  # "0 person" / "0: person"
+        by_index = {int(p[0].rstrip(":")): p[1].strip() for p in indexed}
+        if len(by_index) != len(indexed):
+            raise ConversionError(f"the label file {path} gives one index twice", "give each class index once")
+        if max(by_index) >= MAX_LABELS:
+            raise ConversionError(f"the label file {path} names class {max(by_index)}, over {MAX_LABELS - 1}")
+        names = [""] * (max(by_index) + 1)
+        for i, name in by_index.items():
+            names[i] = name
+        return names
+    if lines[0] == UNKNOWN_FIRST_LABEL:
+        lines = lines[1:]
+    if len(lines) > MAX_LABELS:
+        raise ConversionError(f"the label file {path} names {len(lines)} classes, over {MAX_LABELS}")
+    return lines
+
+
+def check_labels(names: list[str], outputs: dict[str, np.ndarray], detections: list[str], path) -> None:
+    """Refuse a label file that cannot be this model's: a classifier's (first output [N, C]) must
+    name C classes, a detector's must name every class its detections use."""
+    if detections:
+        from agent.detections import per_image
+
+        used = max((cls for image in per_image(outputs, detections) for _, cls, _ in image), default=0)
+        if used >= len(names):
+            raise ConversionError(f"the label file {path} names {len(names)} classes, and the detector finds class "
+                                  f"{used} in the evaluation data", "give the label map the model was trained with")
+        return
+    first = next(iter(outputs.values()))
+    if first.ndim == 2 and first.shape[1] > 1 and first.shape[1] != len(names):
+        raise ConversionError(f"the label file {path} names {len(names)} classes, and the model scores "
+                              f"{first.shape[1]}", "give the label map the model was trained with")
+
+
 def preprocessing_of(*datasets: Dataset) -> dict:
     """What the bundle's manifest says of how its inputs were prepared: the image spec and
     class names of whichever data came from image files ({} for .npz data)."""

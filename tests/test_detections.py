@@ -86,3 +86,30 @@ def test_a_count_past_the_slots_or_not_a_number_reads_as_what_the_outputs_hold()
     assert len(detections.per_image(bad, NAMES)[0]) == 4
     bad["count"][:] = np.nan
     assert detections.per_image(bad, NAMES) == [[]]
+
+
+def test_an_answer_lists_the_detections_up_to_the_count_named_by_the_bundles_classes():
+    """What pipelines, the local API and devices add to a detector's answer (agent/tensors.py):
+    the first `count` rows as {box, class_id, class, score}; the garbage past them never read."""
+    from agent.tensors import from_numpy, labels
+
+    out = [from_numpy(k, v) for k, v in _outputs([[A, B]]).items()]
+    got = labels(out, ["", "cat"], NAMES)  # class 2 has no name in this bundle
+    assert got == {"detections": [{"box": [0.1, 0.1, 0.5, 0.5], "class_id": 1, "class": "cat", "score": 0.9},
+                                  {"box": [0.5, 0.5, 0.9, 0.9], "class_id": 2, "score": 0.8}]}
+    assert labels(out, [], []) == {}  # not known as a detector: its [1, 4, 4] boxes are no classifier's scores
+
+
+@pytest.mark.parametrize("count", [np.nan, np.inf, -3.0])
+def test_a_count_a_model_cannot_mean_lists_no_detections(count):
+    from agent.tensors import from_numpy, labels
+
+    arrays = _outputs([[A, B]])
+    arrays["count"][0] = count
+    assert labels([from_numpy(k, v) for k, v in arrays.items()], [], NAMES) == {"detections": []}
+
+
+def test_a_batch_of_images_is_not_listed_as_one_images_detections():
+    from agent.tensors import from_numpy, labels
+
+    assert labels([from_numpy(k, v) for k, v in _outputs([[A], [B]]).items()], [], NAMES) == {}

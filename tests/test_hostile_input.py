@@ -138,6 +138,7 @@ def test_json_tensors_of_any_shape_and_value_fail_only_with_inference_errors(val
 
 class _Model:
     name, version, mode = "m", 1, "streaming"
+    classes, detections = [], []
     request_inputs = [TensorSpec("x", "float32", [-1, 2])]
     reply_outputs = [TensorSpec("y", "float32", [-1, 2])]
     direct_socket = None
