@@ -97,6 +97,10 @@ def cmd_inspect(args) -> int:
             print(f"  images: {describe(m.preprocessing['image'], m.preprocessing.get('classes'))}")
         except EdgewardError as exc:
             print(f"  images: {exc}")
+    elif m.preprocessing.get("classes"):  # named by --labels
+        from .images import describe_classes
+
+        print(f"  labels: {describe_classes(m.preprocessing['classes'])}")
     print()
     rows = [["input", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.inputs]
     rows += [["output", s.name, s.dtype, "x".join("N" if d == -1 else str(d) for d in s.shape)] for s in m.outputs]

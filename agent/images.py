@@ -388,10 +388,15 @@ def describe(spec: dict, classes: list | None = None) -> str:
     if s.jpeg_scaling:
         line += ", JPEGs decoded at a reduced scale"
     if classes:
-        named = [c for c in classes if c]
-        shown = ", ".join(named[:4]) + (f", ... {named[-1]}" if len(named) > 4 else "")
-        line += f"; {len(named)} classes ({shown})"
+        line += f"; {describe_classes(classes)}"
     return line
+
+
+def describe_classes(classes: list) -> str:
+    """The bundle's class names in a few words: "3 classes (red, green, blue)"."""
+    named = [c for c in classes if c]
+    shown = ", ".join(named[:4]) + (f", ... {named[-1]}" if len(named) > 4 else "")
+    return f"{len(named)} classes ({shown})"
 
 
 def _short(values: list[float]) -> str:

@@ -166,8 +166,9 @@ def render_report(r: dict) -> str:
         if r.get("data"):
             lines.append(f"data: calibration {r['data']['calibration']}, evaluation {r['data']['evaluation']}")
     elif (r.get("preprocessing") or {}).get("classes"):  # --labels without image data
-        named = [c for c in r["preprocessing"]["classes"] if c]
-        lines.append(f"classes: {len(named)} named ({', '.join(named[:4])}{', ...' if len(named) > 4 else ''})")
+        from agent.images import describe_classes
+
+        lines.append(f"labels: {describe_classes(r['preprocessing']['classes'])} (stored in the bundle)")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")

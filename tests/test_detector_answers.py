@@ -212,6 +212,18 @@ def test_a_label_file_that_cannot_be_read_is_one_clear_error(tmp_path, text, fra
         read_labels(path)
 
 
+def test_a_classifiers_label_file_goes_into_the_bundle_and_the_reports(assets, tmp_path):
+    names = "zero one two three four five six seven eight nine".split()
+    (tmp_path / "digits.txt").write_text("\n".join(f"{i}: {n}" for i, n in enumerate(names)) + "\n")
+    r = _cli("convert", assets.fp32_v1, "--calibration", assets.calib, "-o", tmp_path / "d.ewb",
+             "--labels", tmp_path / "digits.txt", "--name", "digits")
+    assert r.returncode == 0, r.stderr
+    assert "labels: 10 classes (zero, one, two, three, ... nine) (stored in the bundle)" in r.stdout
+    assert open_bundle(tmp_path / "d.ewb", verify_signature=False).manifest.preprocessing == {"classes": names}
+    r = _cli("inspect", tmp_path / "d.ewb")
+    assert r.returncode == 0 and "labels: 10 classes (zero, one, two, three, ... nine)" in r.stdout, r.stdout
+
+
 def test_labels_that_cannot_be_the_models_are_refused_and_nothing_is_written(assets, detector, tmp_path):
     """A classifier's label file must name as many classes as it scores; a detector's every
     class it finds. Checked against the float model before quantizing; no bundle is left."""
