@@ -158,17 +158,18 @@ def render_report(r: dict) -> str:
                      f"(output range {q['output_range']:.4g}{worst})")
     lines.append(f"memory on load: {r['memory']['load_mb']:.1f} MB + runtime import {r['memory']['runtime_mb']:.1f} MB "
                  f"(peak RSS of a process that loads and runs it: {r['memory'].get('peak_mb', 0):.1f} MB)")
-    if (r.get("preprocessing") or {}).get("image"):
+    pre = r.get("preprocessing") or {}
+    if pre.get("image"):
         from agent.images import describe
 
-        lines.append("images: " + describe(r["preprocessing"]["image"], r["preprocessing"].get("classes")) +
+        lines.append("images: " + describe(pre["image"], None if r.get("labels_from") else pre.get("classes")) +
                      " (stored in the bundle: the board prepares images the same way)")
         if r.get("data"):
             lines.append(f"data: calibration {r['data']['calibration']}, evaluation {r['data']['evaluation']}")
-    elif (r.get("preprocessing") or {}).get("classes"):  # --labels without image data
+    if r.get("labels_from"):  # a label map rather than image sub-folders
         from agent.images import describe_classes
 
-        lines.append(f"labels: {describe_classes(r['preprocessing']['classes'])} (stored in the bundle)")
+        lines.append(f"labels: {describe_classes(pre['classes'])}, from {r['labels_from']} (stored in the bundle)")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")

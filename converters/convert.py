@@ -24,7 +24,7 @@ from agent.errors import ConversionError
 from agent.signing import load_private_key
 
 from . import guard, measure, stateful
-from .data import MIN_CALIBRATION_SAMPLES, check_labels, load_dataset, preprocessing_of, read_labels
+from .data import MIN_CALIBRATION_SAMPLES, Labels, check_labels, load_dataset, preprocessing_of, read_labels
 from .onnx_graph import lift_constants, model_bytes, name_nodes, upgrade_opset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
@@ -259,12 +259,14 @@ def _latency_note(latency: dict, name: str) -> str:
 
 
 def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: bool, ref_out: dict, pruning,
-            model_path: Path, out_path: Path, key, say: Progress) -> dict:
-    """Quantize for one target (searching when asked), measure, and write its bundle."""
+            model_path: Path, out_path: Path, key, say: Progress, labels: Labels | None = None) -> dict:
+    """Quantize for one target (searching when asked), measure, and write its bundle. `labels`:
+    class names the model file itself carries (--labels, if given, wins)."""
     preprocessing = preprocessing_of(evalset, calib)
-    if opts.labels:  # checked against what the float model answers before any quantizing
-        preprocessing["classes"] = read_labels(opts.labels)
-        check_labels(preprocessing["classes"], ref_out, target.detections, opts.labels)
+    labels = read_labels(opts.labels) if opts.labels else labels
+    if labels:  # checked against what the float model answers before any quantizing
+        check_labels(labels, ref_out, target.detections)
+        preprocessing["classes"] = labels.names
 
     def quality_of(s: guard.Settings) -> dict:
         target.build(opts.precision, s)
@@ -391,5 +393,6 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "graph": target.summary(),
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
             "data": {"calibration": calib.source, "evaluation": evalset.source},
-            "preprocessing": manifest.preprocessing, "state": dict(opts.state), "context": dict(opts.context),
+            "preprocessing": manifest.preprocessing, "labels_from": labels.source if labels else None,
+            "state": dict(opts.state), "context": dict(opts.context),
             "fixed_inputs": dict(opts.fixed_inputs)}

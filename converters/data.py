@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -109,59 +109,70 @@ def _load_images(folder: Path, specs: list[TensorSpec], what: str, min_samples: 
 
 
 MAX_LABELS = 100_000
-UNKNOWN_FIRST_LABEL = "???"
+UNKNOWN_LABEL = "???"
 
 
-def read_labels(path: str | Path) -> list[str]:
-    """Class names by output index from a label file (--labels): one name per line, or lines of
-    "INDEX NAME" (as Coral's and MediaPipe's label maps are written), where indices not listed
-    stay unnamed. A first line of "???" (the background placeholder in the label map that ships
-    with TensorFlow's SSD examples, whose class outputs count from the first real class) is
-    dropped, as TensorFlow's own example code drops it."""
+class Labels(NamedTuple):
+    """Class names by output index, and where they came from (for reports and errors)."""
+    names: list[str]
+    source: str
+
+
+def read_labels(path: str | Path) -> Labels:
+    """The label file given with --labels."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConversionError(f"cannot read the label file {path}: {getattr(exc, 'strerror', None) or exc}",
                               "give a UTF-8 text file with one class name per line") from None
+    return Labels(parse_labels(text, f"the label file {path}"), f"the label file {path}")
+
+
+def parse_labels(text: str, where: str) -> list[str]:
+    """Class names by output index: one name per line, or lines of "INDEX NAME" (as Coral's and
+    MediaPipe's label maps are written), where indices not listed stay unnamed. "???" names no
+    class; a first line of "???" (the background placeholder in the label maps that ship with
+    TensorFlow's SSD examples, whose class outputs count from the first real class) is dropped,
+    as TensorFlow's own example code drops it."""
     lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not any(lines):
-        raise ConversionError(f"the label file {path} names no classes", "write one class name per line")
+        raise ConversionError(f"{where} names no classes", "write one class name per line")
     indexed = [line.split(None, 1) for line in lines if line]
     if all(len(p) == 2 and p[0].rstrip(":").isdigit() for p in indexed):  # "0 person" / "0: person"
         by_index = {int(p[0].rstrip(":")): p[1].strip() for p in indexed}
         if len(by_index) != len(indexed):
-            raise ConversionError(f"the label file {path} gives one index twice", "give each class index once")
+            raise ConversionError(f"{where} gives one index twice", "give each class index once")
         if max(by_index) >= MAX_LABELS:
-            raise ConversionError(f"the label file {path} names class {max(by_index)}, over {MAX_LABELS - 1}")
+            raise ConversionError(f"{where} names class {max(by_index)}, over {MAX_LABELS - 1}")
         names = [""] * (max(by_index) + 1)
         for i, name in by_index.items():
             names[i] = name
-        return names
-    if lines[0] == UNKNOWN_FIRST_LABEL:
-        lines = lines[1:]
-    if len(lines) > MAX_LABELS:
-        raise ConversionError(f"the label file {path} names {len(lines)} classes, over {MAX_LABELS}")
-    return lines
+    else:
+        names = lines[1:] if lines[0] == UNKNOWN_LABEL else lines
+        if len(names) > MAX_LABELS:
+            raise ConversionError(f"{where} names {len(names)} classes, over {MAX_LABELS}")
+    return ["" if n == UNKNOWN_LABEL else n for n in names]
 
 
-def check_labels(names: list[str], outputs: dict[str, np.ndarray], detections: list[str], path) -> None:
-    """Refuse a label file that cannot be this model's: a classifier's (first output [N, C]) must
+def check_labels(labels: Labels, outputs: dict[str, np.ndarray], detections: list[str]) -> None:
+    """Refuse a label map that cannot be this model's: a classifier's (first output [N, C]) must
     name C classes, a detector's must name every class its detections use."""
+    names, where = labels
     if detections:
         from agent.detections import per_image
 
         used = max((cls for image in per_image(outputs, detections) for _, cls, _ in image), default=0)
         if used >= len(names):
-            raise ConversionError(f"the label file {path} names {len(names)} classes, and the detector finds class "
-                                  f"{used} in the evaluation data", "give the label map the model was trained with")
+            raise ConversionError(f"{where} names {len(names)} classes, and the detector finds class {used} in "
+                                  "the evaluation data", "give the label map the model was trained with (--labels)")
         return
     first = next(iter(outputs.values()))
     if first.ndim == 2 and first.shape[1] > 1 and first.shape[1] != len(names):
-        raise ConversionError(f"the label file {path} names {len(names)} classes, and the model scores "
-                              f"{first.shape[1]}", "give the label map the model was trained with")
+        raise ConversionError(f"{where} names {len(names)} classes, and the model scores {first.shape[1]}",
+                              "give the label map the model was trained with (--labels)")
 
 
 def preprocessing_of(*datasets: Dataset) -> dict:

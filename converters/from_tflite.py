@@ -19,7 +19,7 @@ from .convert import ConvertOptions, Progress, _check_options, _finish, _model_n
 from .prune import prune_arrays
 from .targets import TfliteTarget
 from .tflite_graph import WEIGHTED, write_tflite
-from .tflite_reader import CALIBRATION_METHODS, calibration_ranges, litert_runs, read_tflite
+from .tflite_reader import CALIBRATION_METHODS, calibration_ranges, embedded_labels, litert_runs, read_tflite
 
 
 def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: str | Path,
@@ -70,7 +70,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         ref_out = measure.run_all(target.fp32_session(opts.threads), evalset.inputs, what="the float model")
         _check_read_back(model_path, source_names, evalset.inputs, target.fp32_path, graph.compared_outputs())
         report = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
-                         model_path, out_path, key, say)
+                         model_path, out_path, key, say, labels=embedded_labels(model_path))
     report["source"] = source_label
     return report
 

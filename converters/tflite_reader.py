@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.errors import ConversionError, first_line
 
+from .data import Labels, parse_labels
 from .subpixel import transpose_convs_as_subpixel
 from .tflite_graph import CUSTOM, SUPPORTED, Graph, Op
 from .tflite_simplify import readers, simplify
@@ -508,6 +509,32 @@ def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.nd
         raise ConversionError(f"constant {name!r} holds {len(values)} values where its sparsity metadata "
                               f"places {flat_index[0]}", "give a .tflite file written by a TFLite converter")
     return dense
+
+
+MAX_LABEL_MAP_BYTES = 4 << 20
+
+
+def embedded_labels(path: str | Path) -> Labels | None:
+    """The label map a .tflite carries among its metadata's associated files (TFLite and
+    MediaPipe Model Maker exports, TF Hub's *_metadata_* models: a zip appended to the
+    flatbuffer), or None. Only a text file named like a label map is taken."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as z:
+            found = sorted((i for i in z.infolist() if "label" in i.filename.lower()
+                            and i.filename.lower().endswith(".txt") and i.file_size <= MAX_LABEL_MAP_BYTES),
+                           key=lambda i: i.filename)
+            if not found:
+                return None
+            text = z.read(found[0]).decode("utf-8")
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError, RuntimeError):
+        return None  # metadata that cannot be read names nothing: the model converts without names
+    where = f"the label map in {path.name} ({found[0].filename})"
+    return Labels(parse_labels(text, where), where)
 
 
 def litert_runs(path: str | Path) -> bool:

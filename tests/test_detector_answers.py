@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -35,8 +36,8 @@ def _blocks(rng, n: int, size: int = 32) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    """(bundle, public key, photo folder, detection output names): the zoo's SSD converted from
-    a folder of PNG photos with --preprocess unit and a TensorFlow-style label map."""
+    """(bundle, public key, photo folder, detection output names): the zoo's SSD, its label map
+    embedded as TFLite metadata does it, converted from a folder of PNG photos (--preprocess unit)."""
     from agent.signing import generate_keypair
     from converters.from_tflite import convert_tflite
     from converters.zoo import build_ssd_tflite
@@ -47,11 +48,13 @@ def detector(tmp_path_factory):
     photos.mkdir()
     for i, pixels in enumerate(_blocks(np.random.default_rng(5), 40)):
         Image.fromarray(pixels).save(photos / f"{i:03d}.png")
-    (tmp / "labelmap.txt").write_text("???\n" + "\n".join(NAMES) + "\n")  # as TensorFlow's SSD examples ship it
+    (tmp / "plain.tflite").write_bytes(source.read_bytes())
+    with zipfile.ZipFile(source, "a") as z:  # the label map as model metadata carries it: a zip after the model
+        z.writestr("labelmap.txt", "???\n" + "\n".join(NAMES) + "\n")  # TensorFlow's SSD examples' form
     key, pub, _ = generate_keypair(tmp / "signing")
-    report = convert_tflite(source, photos, tmp / "ssd.ewb", key, None,
-                            ConvertOptions(name="ssd", preprocess="unit", labels=str(tmp / "labelmap.txt")))
+    report = convert_tflite(source, photos, tmp / "ssd.ewb", key, None, ConvertOptions(name="ssd", preprocess="unit"))
     assert report["preprocessing"]["classes"] == NAMES
+    assert report["labels_from"] == "the label map in ssd.tflite (labelmap.txt)"
     with np.load(_reference(tmp / "ssd.ewb")) as ref:
         order = [str(n) for n in ref["detections"]]
     return tmp / "ssd.ewb", pub, photos, order
@@ -190,10 +193,11 @@ def test_a_local_app_and_a_batch_job_get_the_detections(detector, tmp_path):
     ("0  person\n2  car\n", ["person", "", "car"]),  # Coral's: "INDEX NAME", gaps unnamed
     ("0: cat\n1: dog\n", ["cat", "dog"]),
     ("cat\n\ndog\n", ["cat", "", "dog"]),  # a blank line is an unnamed class, not a shift
+    ("???\nperson\n???\ncar\n", ["person", "", "car"]),  # COCO's unused ids: unnamed
 ])
 def test_label_files_are_read_as_the_common_label_maps_write_them(tmp_path, text, names):
     (tmp_path / "labels.txt").write_text(text)
-    assert read_labels(tmp_path / "labels.txt") == names
+    assert read_labels(tmp_path / "labels.txt").names == names
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -218,7 +222,8 @@ def test_a_classifiers_label_file_goes_into_the_bundle_and_the_reports(assets, t
     r = _cli("convert", assets.fp32_v1, "--calibration", assets.calib, "-o", tmp_path / "d.ewb",
              "--labels", tmp_path / "digits.txt", "--name", "digits")
     assert r.returncode == 0, r.stderr
-    assert "labels: 10 classes (zero, one, two, three, ... nine) (stored in the bundle)" in r.stdout
+    assert f"labels: 10 classes (zero, one, two, three, ... nine), from the label file {tmp_path / 'digits.txt'} " \
+           "(stored in the bundle)" in r.stdout
     assert open_bundle(tmp_path / "d.ewb", verify_signature=False).manifest.preprocessing == {"classes": names}
     r = _cli("inspect", tmp_path / "d.ewb")
     assert r.returncode == 0 and "labels: 10 classes (zero, one, two, three, ... nine)" in r.stdout, r.stdout
@@ -240,6 +245,18 @@ def test_labels_that_cannot_be_the_models_are_refused_and_nothing_is_written(ass
         convert_tflite(detector[0].parent / "ssd.tflite", detector[2], tmp_path / "s.ewb", None, None,
                        ConvertOptions(name="ssd", preprocess="unit", labels=str(tmp_path / "two.txt")))
     assert not (tmp_path / "s.ewb").exists()
+    plain = detector[0].parent / "plain.tflite"  # a model whose own label map is short: named, with the fix
+    (tmp_path / "short.tflite").write_bytes(plain.read_bytes())
+    with zipfile.ZipFile(tmp_path / "short.tflite", "a") as z:
+        z.writestr("labels.txt", "red\n")
+    with pytest.raises(ConversionError, match=r"the label map in short.tflite \(labels.txt\) names 1 classes") as err:
+        convert_tflite(tmp_path / "short.tflite", detector[2], tmp_path / "s.ewb", None, None,
+                       ConvertOptions(name="ssd", preprocess="unit"))
+    assert "--labels" in err.value.fix and not (tmp_path / "s.ewb").exists()
+    (tmp_path / "three.txt").write_text("\n".join(NAMES))  # --labels wins over the file's own
+    report = convert_tflite(tmp_path / "short.tflite", detector[2], tmp_path / "s.ewb", None, None,
+                            ConvertOptions(name="ssd", preprocess="unit", labels=str(tmp_path / "three.txt")))
+    assert report["preprocessing"]["classes"] == NAMES and "three.txt" in report["labels_from"]
     r = _cli("convert", assets.fp32_v1, "--calibration", assets.calib, "-o", tmp_path / "m.ewb",
              "--labels", tmp_path / "missing.txt")
     assert r.returncode != 0 and "cannot read the label file" in r.stderr and "Traceback" not in r.stderr
