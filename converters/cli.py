@@ -170,6 +170,8 @@ def render_report(r: dict) -> str:
         from agent.images import describe_classes
 
         lines.append(f"labels: {describe_classes(pre['classes'])}, from {r['labels_from']} (stored in the bundle)")
+    if r.get("labels_note"):
+        lines.append(f"labels: {r['labels_note']}")
     if r.get("search"):
         lines.append(f"accuracy search (--max-drop {r['search']['max_drop']:g}): chose {r['search']['chosen']} "
                      f"after {len(r['search']['attempts'])} attempt(s)")

@@ -262,10 +262,16 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             model_path: Path, out_path: Path, key, say: Progress, labels: Labels | None = None) -> dict:
     """Quantize for one target (searching when asked), measure, and write its bundle. `labels`:
     class names the model file itself carries (--labels, if given, wins)."""
-    preprocessing = preprocessing_of(evalset, calib)
-    labels = read_labels(opts.labels) if opts.labels else labels
-    if labels:  # checked against what the float model answers before any quantizing
+    preprocessing, labels_note = preprocessing_of(evalset, calib), None
+    if opts.labels:  # checked against what the float model answers before any quantizing
+        labels = read_labels(opts.labels)
         check_labels(labels, ref_out, target.detections)
+    elif labels:  # the model file's own: where they do not fit, the model converts unnamed
+        try:
+            check_labels(labels, ref_out, target.detections)
+        except ConversionError as exc:
+            labels, labels_note = None, f"{exc.message}: not used (name the classes with --labels)"
+    if labels:
         preprocessing["classes"] = labels.names
 
     def quality_of(s: guard.Settings) -> dict:
@@ -394,5 +400,6 @@ def _finish(target, name: str, opts: ConvertOptions, calib, evalset, held_out: b
             "calibration_samples": len(calib), "evaluation_samples": len(evalset),
             "data": {"calibration": calib.source, "evaluation": evalset.source},
             "preprocessing": manifest.preprocessing, "labels_from": labels.source if labels else None,
+            "labels_note": labels_note,
             "state": dict(opts.state), "context": dict(opts.context),
             "fixed_inputs": dict(opts.fixed_inputs)}

@@ -229,9 +229,10 @@ def test_a_classifiers_label_file_goes_into_the_bundle_and_the_reports(assets, t
     assert r.returncode == 0 and "labels: 10 classes (zero, one, two, three, ... nine)" in r.stdout, r.stdout
 
 
-def test_labels_that_cannot_be_the_models_are_refused_and_nothing_is_written(assets, detector, tmp_path):
+def test_labels_that_cannot_be_the_models_are_refused_or_left_out(assets, detector, tmp_path):
     """A classifier's label file must name as many classes as it scores; a detector's every
-    class it finds. Checked against the float model before quantizing; no bundle is left."""
+    class it finds. Checked against the float model before quantizing: a --labels file that
+    does not fit is refused and no bundle is left; a model's own map is left out, and said."""
     from converters.convert import convert_onnx
     from converters.from_tflite import convert_tflite
 
@@ -245,14 +246,16 @@ def test_labels_that_cannot_be_the_models_are_refused_and_nothing_is_written(ass
         convert_tflite(detector[0].parent / "ssd.tflite", detector[2], tmp_path / "s.ewb", None, None,
                        ConvertOptions(name="ssd", preprocess="unit", labels=str(tmp_path / "two.txt")))
     assert not (tmp_path / "s.ewb").exists()
-    plain = detector[0].parent / "plain.tflite"  # a model whose own label map is short: named, with the fix
+    plain = detector[0].parent / "plain.tflite"  # a model whose own label map is short: converted unnamed
     (tmp_path / "short.tflite").write_bytes(plain.read_bytes())
     with zipfile.ZipFile(tmp_path / "short.tflite", "a") as z:
         z.writestr("labels.txt", "red\n")
-    with pytest.raises(ConversionError, match=r"the label map in short.tflite \(labels.txt\) names 1 classes") as err:
-        convert_tflite(tmp_path / "short.tflite", detector[2], tmp_path / "s.ewb", None, None,
-                       ConvertOptions(name="ssd", preprocess="unit"))
-    assert "--labels" in err.value.fix and not (tmp_path / "s.ewb").exists()
+    report = convert_tflite(tmp_path / "short.tflite", detector[2], tmp_path / "s.ewb", None, None,
+                            ConvertOptions(name="ssd", preprocess="unit"))
+    assert "classes" not in report["preprocessing"] and report["labels_from"] is None
+    assert report["labels_note"].startswith("the label map in short.tflite (labels.txt) names 1 classes, and the "
+                                            "detector finds class ") and "(name the classes with --labels)" in \
+        report["labels_note"]
     (tmp_path / "three.txt").write_text("\n".join(NAMES))  # --labels wins over the file's own
     report = convert_tflite(tmp_path / "short.tflite", detector[2], tmp_path / "s.ewb", None, None,
                             ConvertOptions(name="ssd", preprocess="unit", labels=str(tmp_path / "three.txt")))
