@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class names by output index, one per line or \"INDEX NAME\" lines (a detector's label map, "
                         "e.g. labelmap.txt); answers on the board then name the class. An image folder's "
                         "sub-folders name them otherwise")
+    p.add_argument("--nms", metavar="SPEC",
+                   help="append non-maximum suppression to a YOLO detector (YOLOv8/v5u/v11 as ultralytics exports "
+                        "it), so the board answers with boxes, classes and scores: yolo, or yolo,score=0.25,iou=0.7,"
+                        "max=100 (TFLite only)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
@@ -239,7 +243,7 @@ def _options(args: argparse.Namespace):
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
                           full_range_weights=args.full_range_weights, preprocess=args.preprocess,
-                          max_images=args.max_images, labels=args.labels, state=parse_pairs(args.state, "--state", "h=h_out"),
+                          max_images=args.max_images, labels=args.labels, nms=args.nms, state=parse_pairs(args.state, "--state", "h=h_out"),
                           fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"),
                           context=parse_pairs(args.context, "--context", "input=64"), cut_at=args.cut_at)
 

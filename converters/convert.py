@@ -25,6 +25,7 @@ from agent.signing import load_private_key
 
 from . import guard, measure, stateful
 from .data import MIN_CALIBRATION_SAMPLES, Labels, check_labels, load_dataset, preprocessing_of, read_labels
+from .nms import check_feed, parse_nms
 from .onnx_graph import lift_constants, model_bytes, name_nodes, upgrade_opset
 from .onnx_int8 import describe, load_onnx
 from .prune import prune_unstructured
@@ -59,6 +60,7 @@ class ConvertOptions:
     preprocess: str | None = None    # how image-folder data become input tensors (agent/images.py)
     max_images: int | None = None    # images read from a folder (default: 512 to calibrate, 1000 to evaluate)
     labels: str | None = None        # a label file naming the classes by output index (data.read_labels)
+    nms: str | None = None           # append non-maximum suppression to a YOLO detector (converters/nms.py)
     state: dict[str, str] = field(default_factory=dict)         # recurrent state: input -> the output feeding it
     fixed_inputs: dict[str, str] = field(default_factory=dict)  # inputs made constants (a sample rate, a flag)
     context: dict[str, int] = field(default_factory=dict)       # samples of a window carried into the next
@@ -169,8 +171,14 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                                     reduce_range=not opts.full_range_weights)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
-                                      original=model_path if pruning or channels else None)
-            reports[fmt] = _finish(target, name, opts, calib, evalset, evaluation is not None, ref_out, pruning,
+                                      original=model_path if pruning or channels else None,
+                                      nms=parse_nms(opts.nms) if opts.nms else None)
+            target_ref = ref_out
+            if fmt == "tflite" and opts.nms:  # measured against the float model with the same suppression
+                check_feed(next(iter(ref_out.values())), target.fp32_path, target.graph, evalset.inputs)
+                target_ref = measure.run_all(target.fp32_session(opts.threads), evalset.inputs,
+                                             what="the float model with --nms")
+            reports[fmt] = _finish(target, name, opts, calib, evalset, evaluation is not None, target_ref, pruning,
                                    model_path, paths[fmt], key, say)
             reports[fmt]["channel_pruning"] = channels
     first = reports.pop("tflite") if "tflite" in reports else reports.pop("onnx")
@@ -240,6 +248,11 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
         raise ConversionError(f"--max-images {opts.max_images}: give a number of images, e.g. 500")
     if opts.labels:
         read_labels(opts.labels)  # a label file that cannot be read fails before any model is loaded
+    if opts.nms:
+        parse_nms(opts.nms)
+        if opts.format != "tflite":
+            raise ConversionError(f"--nms appends TFLite's detection post-processing, and --format {opts.format} "
+                                  "asks for ONNX", "add --format tflite")
 
 
 def _run_once(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from agent.signing import load_private_key
 
 from . import measure
 from .convert import ConvertOptions, Progress, _check_options, _finish, _model_name, load_data
+from .nms import parse_nms
 from .prune import prune_arrays
 from .targets import TfliteTarget
 from .tflite_graph import WEIGHTED, write_tflite
@@ -63,7 +64,8 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
 
         # the float model as edgeward writes it (I/O named by the signature) is the FP32 reference
         target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
-                              graph=graph, ranges_fn=ranges, baseline=original, methods=CALIBRATION_METHODS)
+                              graph=graph, ranges_fn=ranges, baseline=original, methods=CALIBRATION_METHODS,
+                              nms=parse_nms(opts.nms) if opts.nms else None)
         inputs, _ = target.fp32_session().specs()
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)

@@ -114,11 +114,12 @@ class TfliteTarget:
 
     def __init__(self, work: Path, source: Path, calib: dict, say: Say, int8_io: bool = False,
                  graph=None, ranges_fn=None, original: Path | None = None, baseline=None,
-                 methods: tuple[str, ...] = METHODS):
+                 methods: tuple[str, ...] = METHODS, nms=None):
         """`source` is the ONNX model to quantize; `original`, when given, the user's FP32 model
         before pruning, lowered as it is for the FP32 baseline. For a TFLite source: `graph` and
         `ranges_fn` instead, with `baseline` the graph before pruning and `methods` the calibration
-        methods `ranges_fn` knows."""
+        methods `ranges_fn` knows. `nms` (converters.nms.NmsSpec): a YOLO detector gets its
+        non-maximum suppression appended, in both the INT8 and the float model."""
         from .tflite_graph import write_tflite
 
         self.path, self.fp32_path = work / "model.tflite", work / "fp32.tflite"
@@ -131,6 +132,11 @@ class TfliteTarget:
             baseline = lower(fix_dims(load_onnx(original), calib)) if original else None
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
+        if nms is not None:
+            from .nms import append_nms
+
+            for g in {id(g): g for g in (graph, baseline) if g is not None}.values():
+                append_nms(g, nms)
         self.graph, self.ranges_fn, self._ranges, self.methods = graph, ranges_fn, {}, methods
         self.detections = graph.detections()  # an SSD's boxes, classes, scores, count: compared as detections
         self.detection_threshold = graph.detection_threshold()

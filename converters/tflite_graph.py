@@ -39,7 +39,8 @@ FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": 
 # ... and CONCATENATION, whose int8 inputs are brought to its output's scale first (requantized
 # with an int8 -> int8 QUANTIZE where they differ), the form every runtime and XNNPACK take.
 # ... and ops written in float only, with their inputs dequantized (an INT8 model's LayerNorm).
-FLOAT_ONLY = ("RSQRT", "NEG", "SQUARED_DIFFERENCE")  # the last two: LayerNorm as TensorFlow writes it
+FLOAT_ONLY = ("RSQRT", "NEG", "SQUARED_DIFFERENCE",  # these two: LayerNorm as TensorFlow writes it
+              "LOG")  # --nms: a YOLO box's log size, as the post-processing's decoding takes it (converters/nms.py)
 # ... and custom ops that stock LiteRT and tflite-runtime register, written in float with their
 # options as read: an SSD's box decoding and non-max suppression, whose outputs (boxes, classes,
 # scores, count) stay float in an INT8 model and with int8 I/O alike
@@ -55,7 +56,7 @@ _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": 
              "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
              "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
              "DEPTH_TO_SPACE": (1, 2), "LEAKY_RELU": (1, 2), "PRELU": (1, 1), "GELU": (1, 2),
-             "BATCH_MATMUL": (1, 2), "RSQRT": (1, 1), "NEG": (1, 1), "SQUARED_DIFFERENCE": (1, 1),
+             "BATCH_MATMUL": (1, 2), "RSQRT": (1, 1), "NEG": (1, 1), "SQUARED_DIFFERENCE": (1, 1), "LOG": (1, 1),
              "STRIDED_SLICE": (1, 2)}
 
 
@@ -105,6 +106,9 @@ class Graph:
     # tensors with no counterpart in the source model, whose range follows from another's:
     # name -> (source, multiplier, offset, floor, ceiling), in order of creation
     derived: dict[str, tuple[str, float, float, float, float]] = field(default_factory=dict)
+    # for a detector whose post-processing edgeward appended (--nms, converters/nms.py): the
+    # source model's tensors it was fed from, which the source's own runs can be compared on
+    nms_from: list[str] = field(default_factory=list)
 
     def derive_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
         """Fill in the derived tensors' ranges from their sources' (calibrated) ones."""
@@ -143,6 +147,8 @@ class Graph:
         post = self.detector()
         if post is None:
             return list(self.outputs)
+        if self.nms_from:
+            return list(self.nms_from)
         return [n for n in post.inputs if n not in self.consts] + \
             [n for n in self.outputs if n not in post.outputs]
 

@@ -193,7 +193,7 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("stem", ["digits-int8", "digits-int8io", "mobilenet-int8", "keras-int8", "fire-int8", "mv3-int8",
                                   "det-int8", "strip-int8", "c2f-int8", "yolo-int8", "transformer-int8",
-                                  "keras-transformer-int8", "ssd-int8"])
+                                  "keras-transformer-int8", "ssd-int8", "yolo-nms-int8"])
 def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted, stem, tmp_path):
     """The converter's INT8 .tflite files run in this runtime (tflite-runtime 2.14 or ai-edge-litert):
     self-test passes, and outputs equal what ai-edge-litert gave to a few quantization steps (the
@@ -207,7 +207,7 @@ def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted,
     if EXPECT_PACKAGE:
         worker, _ = model.proc.call({"op": "inspect"})
         assert EXPECT_PACKAGE in worker["modules"]
-    if stem == "ssd-int8":  # detections, matched as the self-test matches them, an image a request
+    if stem in ("ssd-int8", "yolo-nms-int8"):  # detections, matched as the self-test matches them, an image a request
         from agent.detections import agreement
 
         with np.load(converted / "converted.npz") as d:

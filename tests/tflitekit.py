@@ -25,8 +25,9 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "transformer-int8": ("transformer", "input", False),  # attention (BATCH_MATMUL), GELU, LayerNorm in float
     "keras-transformer-int8": ("ktransformer", "input", False),  # TensorFlow's LayerNorm: NEG, SQUARED_DIFFERENCE
     "ssd-int8": ("ssd", "image", False),          # a float .tflite SSD: TFLite_Detection_PostProcess kept in float
+    "yolo-nms-int8": ("yolo", "input", False),    # --nms: the decoding, LOG, then TFLite_Detection_PostProcess
 }
-DETECTORS = {"ssd-int8"}  # answers compared as detections (agent/detections.py), one image a request
+DETECTORS = {"ssd-int8", "yolo-nms-int8"}  # answers compared as detections (agent/detections.py), one image a request
 
 
 def op_dtypes(path: str | Path) -> dict[str, set[str]]:
@@ -134,7 +135,8 @@ def build(folder: str | Path) -> Path:
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
         bundle = folder / f"{stem}.ewb"
-        options = ConvertOptions(name=stem, format="tflite", tflite_int8_io=int8_io, allow_worse=True)
+        options = ConvertOptions(name=stem, format="tflite", tflite_int8_io=int8_io, allow_worse=True,
+                                 nms="yolo,score=0.5,max=20" if "nms" in stem else None)
         if model in ("keras", "ktransformer"):
             from converters.from_tensorflow import convert_tensorflow
 

@@ -1,0 +1,162 @@
+"""--nms: a YOLO detector converted with TFLite's detection post-processing appended
+(converters/nms.py), so the bundle answers with detections. The float model's detections are
+checked against a non-maximum suppression written here in numpy on the PyTorch module's own
+output; the INT8 bundle is served and self-tested by the real agent in LiteRT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.budget import Budget
+from agent.bundle import open_bundle
+from agent.detections import agreement
+from agent.engine import Engine
+from agent.errors import ConversionError
+from agent.signing import load_public_key
+from agent.store import Store
+from agent.tensors import from_numpy, labels
+from converters.convert import ConvertOptions, convert_onnx
+from converters.nms import NmsSpec, parse_nms
+
+SIZE, SCORE, IOU, MAX = 32, 0.5, 0.7, 20
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory):
+    """(onnx path, calibration, evaluation, PyTorch's raw outputs for the evaluation images)."""
+    import torch
+
+    from converters.from_torch import to_onnx
+
+    from yolokit import decoded_yolo
+
+    tmp = tmp_path_factory.mktemp("yolo")
+    net = decoded_yolo()
+    x = torch.rand(96, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
+    path, _ = to_onnx(net, {"input": x[:2]}, tmp / "yolo.onnx")
+    np.savez(tmp / "calib.npz", input=x[:64])
+    np.savez(tmp / "eval.npz", input=x[64:])
+    with torch.no_grad():
+        raw = net(torch.from_numpy(x[64:])).numpy()
+    return path, tmp / "calib.npz", tmp / "eval.npz", x[64:], raw
+
+
+def _suppressed(raw: np.ndarray) -> dict[str, np.ndarray]:
+    """TFLite's fast non-maximum suppression, written out: each anchor's best class, kept from
+    SCORE up, greedily best first, dropping any box that overlaps a kept one by more than IOU
+    (whatever its class); at most MAX. Boxes as fractions of the image, (ymin, xmin, ymax, xmax)."""
+    n = len(raw)
+    boxes, classes, scores, count = np.zeros((n, MAX, 4)), np.zeros((n, MAX)), np.zeros((n, MAX)), np.zeros(n)
+    for i, rows in enumerate(raw):
+        cx, cy, w, h = rows[:4]
+        corners = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1) / SIZE
+        best, cls = rows[4:].max(0), rows[4:].argmax(0)
+        kept: list[int] = []
+        for a in np.argsort(-best, kind="stable"):
+            if best[a] < SCORE or len(kept) == MAX:
+                break
+            if all(_iou(corners[a], corners[k]) <= IOU for k in kept):
+                kept.append(a)
+        count[i] = len(kept)
+        for j, a in enumerate(kept):
+            boxes[i, j], classes[i, j], scores[i, j] = corners[a], cls[a], best[a]
+    return {"boxes": boxes, "classes": classes, "scores": scores, "count": count}
+
+
+def _iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _serve(bundle, assets, tmp_path, x):
+    """(model, the detections it answers for each image of x, one request each, as four arrays)."""
+    engine = Engine(Budget(4096, reserve_mb=0))
+    model = engine.load(Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(assets.pub)])))
+    model.self_test()
+    engine.activate(model)
+    order = model.detections
+    runs = [engine.infer_arrays(model.name, {"input": row[None]})[1] for row in x]
+    engine.close()
+    return model, order, runs
+
+
+def test_the_float_model_with_nms_answers_what_the_suppression_written_out_gives(yolo, assets, tmp_path):
+    path, calib, evaluation, x, raw = yolo
+    report = convert_onnx(path, calib, tmp_path / "f.ewb", assets.key, evaluation,
+                          ConvertOptions(name="yolo", format="tflite", precision="fp32",
+                                         nms=f"yolo,score={SCORE},iou={IOU},max={MAX}"))
+    assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
+    model, order, runs = _serve(tmp_path / "f.ewb", assets, tmp_path, x)
+    assert [o.shape for o in model.manifest.outputs] == [[1, MAX, 4], [1, MAX], [1, MAX], [1]]
+    assert model.manifest.inputs[0].shape == [1, 3, SIZE, SIZE]  # one image a call: the op's batch
+    served = {k: np.concatenate([r[k] for r in runs]) for k in order}
+    want = _suppressed(raw)
+    q = agreement(dict(zip(order, want.values())), served, order)
+    assert q["detections_fp32"] >= 3 * len(x) and q["detection_agreement"] >= 0.99, q
+    assert q["matched_iou_mean"] >= 0.999 and q["matched_score_max_err"] <= 1e-4, q
+
+
+def test_an_int8_yolo_with_nms_is_measured_self_tested_and_answers_with_detections(yolo, assets, tmp_path):
+    from tflitekit import op_dtypes
+
+    path, calib, evaluation, x, _ = yolo
+    report = convert_onnx(path, calib, tmp_path / "q.ewb", assets.key, evaluation,
+                          ConvertOptions(name="yolo", format="tflite", nms=f"yolo,score={SCORE},max={MAX}"))
+    q = report["quality"]
+    assert q["detections_fp32"] >= 3 * len(x) and q["detection_agreement"] >= 0.6, q  # random weights: near ties
+    assert report["broken"] is None
+    model, order, runs = _serve(tmp_path / "q.ewb", assets, tmp_path, x)
+    import tarfile
+
+    with tarfile.open(tmp_path / "q.ewb") as tar:
+        (tmp_path / "q.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    dtypes = op_dtypes(tmp_path / "q.tflite")
+    assert dtypes["CONV_2D"] == {"int8"} and dtypes["CUSTOM"] == {"float32"} and dtypes["LOG"] == {"float32"}
+    listed = labels([from_numpy(k, v) for k, v in runs[0].items()], [], order)["detections"]
+    n = int(runs[0][order[3]][0])
+    assert len(listed) == n >= 1 and [d["score"] for d in listed] == sorted((d["score"] for d in listed),
+                                                                             reverse=True)
+    assert all(d["score"] >= SCORE and 0 <= d["class_id"] < 3 for d in listed)
+
+
+def test_nms_specs_are_read_and_refused_with_the_form_to_use():
+    assert parse_nms("yolo") == NmsSpec()
+    assert parse_nms("yolo, score=0.4, iou=0.5, max=50") == NmsSpec(0.4, 0.5, 50)
+    for text, fragment in (("ssd", "'ssd' is not a detector layout"), ("yolo,score=2", "out of range"),
+                           ("yolo,max=0", "out of range"), ("yolo,top=3", "unknown setting 'top'"),
+                           ("yolo,iou=x", "out of range")):
+        with pytest.raises(ConversionError, match=fragment) as err:
+            parse_nms(text)
+        assert "yolo" in err.value.fix
+
+
+def test_nms_on_a_model_that_is_no_yolo_or_for_onnx_is_one_clear_error(assets, tmp_path):
+    with pytest.raises(ConversionError, match=r"--nms takes a YOLO output \[1, 4 \+ classes, anchors\]"):
+        convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
+                     ConvertOptions(name="digits", format="tflite", nms="yolo"))
+    with pytest.raises(ConversionError, match="add --format tflite"):
+        convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
+                     ConvertOptions(name="digits", nms="yolo"))
+    assert not (tmp_path / "d.ewb").exists()
+
+
+def test_a_float_tflite_yolo_takes_nms_too(yolo, assets, tmp_path):
+    """A YOLO already in float TFLite (as ultralytics' TFLite export gives it): the same
+    suppression, and the boxes and scores it is fed checked against the file's own."""
+    import onnx
+
+    from converters.from_tflite import convert_tflite
+    from converters.onnx_to_tflite import lower
+    from converters.tflite_graph import write_tflite
+
+    path, calib, evaluation, x, raw = yolo
+    write_tflite(lower(onnx.load(str(path))), tmp_path / "yolo.tflite")
+    report = convert_tflite(tmp_path / "yolo.tflite", calib, tmp_path / "t.ewb", assets.key, evaluation,
+                            ConvertOptions(name="yolo", precision="fp32", nms=f"yolo,score={SCORE},iou={IOU},max={MAX}"))
+    assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
+    _, order, runs = _serve(tmp_path / "t.ewb", assets, tmp_path, x)
+    q = agreement(dict(zip(order, _suppressed(raw).values())),
+                  {k: np.concatenate([r[k] for r in runs]) for k in order}, order)
+    assert q["detection_agreement"] >= 0.99 and q["matched_iou_mean"] >= 0.999, q
