@@ -106,10 +106,10 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
         graph.consts[f"nms/{name}"] = value
         return f"nms/{name}"
 
-    def op(kind: str, inputs: list[str], out: str, shape: list[int], **options) -> str:
-        graph.shapes[f"nms/{out}"] = shape
-        new.append(Op(kind, inputs, [f"nms/{out}"], options, name=f"nms/{out}"))
-        return f"nms/{out}"
+    def op(kind: str, inputs: list[str], name: str, shape: list[int], **options) -> str:
+        graph.shapes[f"nms/{name}"] = shape
+        new.append(Op(kind, inputs, [f"nms/{name}"], options, name=f"nms/{name}"))
+        return f"nms/{name}"
 
     perm = const("perm", np.array([0, 2, 1], np.int32))
     box_rows = op("TRANSPOSE", [boxes, perm], "boxes", [1, anchors, 4])

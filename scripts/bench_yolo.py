@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""YOLOv8n through the converter, whole and cut at its heads, both formats, side by side.
+"""YOLOv8n through the converter, whole and cut at its heads, both formats, side by side; then
+with its non-maximum suppression appended (--nms yolo), what that costs and what it finds.
 
 The numbers in docs/CONVERTER.md ("YOLOv8 detectors, whole") come from this script. It needs
 the `ultralytics` package, which edgeward does not depend on: install it into a separate
@@ -113,15 +114,29 @@ def main() -> int:
                         ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
                     got = np.concatenate([int8.run(None, {"images": x[None]})[0] for x in evaluation])
                     errors = _errors(want, got)
+                if what == "whole" and fmt == "tflite":
+                    whole_int8_ms = lat["int8"]["p50"]
                 rows.append([what, fmt, f"{r['fp32_bytes'] / 1024:.0f}", f"{r['int8_bytes'] / 1024:.0f}",
                              f"{r['int8_bytes'] / r['fp32_bytes']:.2f}x", f"{lat['fp32']['p50']:.2f}",
                              f"{lat['int8']['p50']:.2f}", f"{lat['int8']['p50'] / lat['fp32']['p50']:.2f}x",
                              f"{q['max_abs_err']:.3g} / {q['mean_abs_err']:.3g}", *errors.values()])
+        nms_rows = []
+        for spec in ("yolo", "yolo,score=0.1"):
+            r = convert_onnx(source, work / "calib.npz", work / "nms.ewb", key, work / "eval.npz",
+                             ConvertOptions(name="yolov8n", format="tflite", allow_worse=True, nms=spec))
+            q, lat = r["quality"], r["latency_ms"]
+            nms_rows.append([f"whole, --nms {spec}", f"{r['int8_bytes'] / 1024:.0f}", f"{lat['fp32']['p50']:.2f}",
+                             f"{lat['int8']['p50']:.2f}", f"{lat['int8']['p50'] / lat['fp32']['p50']:.2f}x",
+                             f"{lat['int8']['p50'] - whole_int8_ms:+.2f}", q["detections_fp32"], q["detections_int8"],
+                             f"{q['detection_agreement']:.1%}", f"{q['matched_iou_mean']:.3f}"])
     print(f"YOLOv8n (ultralytics {ultralytics.__version__}, random weights), {args.size}x{args.size}, batch 1, "
           "1 thread; calibrated on 32 images, measured on 8\n")
     print(format_table(["model", "format", "FP32 kB", "INT8 kB", "size", "FP32 ms", "INT8 ms", "latency",
                         "worst output max / mean err", "x, y px mean / p99", "w, h px mean / p99",
                         "scores mean / p99"], rows))
+    print("\nWith the suppression appended (TFLite; FP32 is the float model with the same suppression):\n")
+    print(format_table(["model", "INT8 kB", "FP32 ms", "INT8 ms", "latency", "INT8 ms vs whole",
+                        "FP32 detections", "INT8 detections", "matched", "matched IoU"], nms_rows))
     return 0
 
 
