@@ -3,9 +3,10 @@
 `edgeward infer --model NAME --input DIR --batch 32 --output results.jsonl` reads every
 .npy / .npz file under DIR (or one file), cuts the samples into batches, sends them to the
 agent's local API and writes one JSON line per sample: where it came from, the outputs
-and, for classifiers, the top-1 class (for detectors, the list of detections). Progress goes to stderr. The results file appears
-only when the job has finished (written beside it, then renamed): a failed job leaves
-nothing half-written.
+and, for classifiers, the top-1 class; for detectors, the list of detections, their boxes on
+the photo as it is (a letterbox's bars or a crop's edges undone). Progress goes to stderr.
+The results file appears only when the job has finished (written beside it, then renamed):
+a failed job leaves nothing half-written.
 
 Files: a .npy holds one input's samples along the first axis (a single sample without
 that axis is accepted); a .npz holds one array per input name, with the same number of
@@ -59,12 +60,17 @@ def _image_spec(info: dict, preprocess: str | None):
                            preprocess)
 
 
-def _image_batches(files: list[Path], name: str, spec, batch: int):
+def _image_batches(files: list[Path], name: str, spec, batch: int, box_maps: dict | None = None):
+    """Batches of prepared images; with `box_maps`, each photo's images.photo_box by its path
+    (a detector's boxes are given on the photo, as the agent gives them for one image)."""
     from . import images
 
     for lo in range(0, len(files), batch):
         chunk = files[lo:lo + batch]
-        yield [(str(p), 0) for p in chunk], {name: np.stack([images.load(p, spec) for p in chunk])}
+        photos = [images.load_photo(p, spec) for p in chunk]
+        if box_maps is not None:
+            box_maps.update((str(p), images.photo_box(size, spec)) for p, (_, size) in zip(chunk, photos))
+        yield [(str(p), 0) for p in chunk], {name: np.stack([x for x, _ in photos])}
 
 
 def _samples(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
@@ -170,16 +176,18 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
             if progress is not None:
                 progress.write(f"  {model} takes batches of {fixed} sample(s): --batch {batch} becomes {fixed}\n")
             batch = fixed
+        detections = info.get("detections") or []  # a detector's four outputs: each record lists its detections
+        box_maps: dict = {}
         if is_image(files[0]):
             spec = _image_spec(info, preprocess)
-            total, batches = len(files), _image_batches(files, info["inputs"][0]["name"], spec, batch)
+            total, batches = len(files), _image_batches(files, info["inputs"][0]["name"], spec, batch,
+                                                        box_maps if detections else None)
         else:
             if preprocess:
                 raise EdgewardError("--preprocess describes image files, but the inputs are arrays",
                                     "drop --preprocess, or point --input at images")
             total, batches = _count(files, info["inputs"]), _batches(files, info["inputs"], batch)
         classes = (info.get("preprocessing") or {}).get("classes") or []
-        detections = info.get("detections") or []  # a detector's four outputs: each record lists its detections
         done, t0 = 0, time.monotonic()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
         streams = _FileStreams(client, model) if info.get("mode") == "stateful" else None
@@ -191,6 +199,13 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                     stream = streams.of(sources[0][0]) if streams is not None else None
                     outputs = client.infer(model, feeds, stream=stream)
                     for row, (source, index) in enumerate(sources):
+                        if box_maps.get(source):  # boxes on the photo, not on its letterboxed or cropped input
+                            from .detections import in_photo
+
+                            boxes = np.array(outputs[detections[0]])  # (the client's arrays are read-only)
+                            boxes[row:row + 1] = in_photo(boxes[row:row + 1], outputs[detections[3]][row:row + 1],
+                                                          box_maps[source])
+                            outputs[detections[0]] = boxes
                         record = {"source": source, "index": index,
                                   "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
                         first = next(iter(outputs.values()))

@@ -49,6 +49,18 @@ def cleaned(outputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.nd
     return out
 
 
+def in_photo(boxes: np.ndarray, count: np.ndarray, box_map: tuple[float, float, float, float]) -> np.ndarray:
+    """Boxes as fractions of the photo an image was prepared from instead of the model's input
+    (images.photo_box's (ky, oy, kx, ox)), clipped to it; rows past each count stay as they are."""
+    ky, oy, kx, ox = box_map
+    out = np.array(boxes, dtype=np.float32, copy=True)
+    counts = np.asarray(count).reshape(len(out), -1)[:, 0]
+    for i, n in enumerate(np.clip(np.nan_to_num(counts), 0, out.shape[1]).astype(int)):
+        out[i, :n, 0::2] = np.clip(out[i, :n, 0::2] * ky + oy, 0.0, 1.0)
+        out[i, :n, 1::2] = np.clip(out[i, :n, 1::2] * kx + ox, 0.0, 1.0)
+    return out
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two (ymin, xmin, ymax, xmax) boxes."""
     h = min(a[2], b[2]) - max(a[0], b[0])

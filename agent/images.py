@@ -204,18 +204,51 @@ def _pillow():
 
 def load(path: str | Path, spec: ImageSpec) -> np.ndarray:
     """One image file as one sample of the model's input (no batch axis), in its layout and dtype."""
+    return load_photo(path, spec)[0]
+
+
+def load_photo(path: str | Path, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """load(), and the photo's (width, height) as it stands upright (for photo_box)."""
     Image, ImageOps = _pillow()
     try:
         with Image.open(path) as im:
             im = _upright(im, spec, ImageOps)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}", "remove or replace that file") from None
-    return _prepared(im, spec, Image)
+    return _prepared(im, spec, Image), im.size
+
+
+def photo_box(size: tuple[int, int], spec: ImageSpec) -> tuple[float, float, float, float] | None:
+    """How a point's place in the model's input (a detector's box, as fractions of the input)
+    becomes its place in the photo of `size` (width, height, upright) it was prepared from:
+    (ky, oy, kx, ox) with photo y = y * ky + oy and x = x * kx + ox, as fractions of the photo.
+    None where they are the same (a stretch, or a photo of the input's size): letterbox's black
+    bars and crop's cut edges are undone, so boxes can be drawn on the photo as it was sent."""
+    iw, ih = size
+    h, w = spec.height, spec.width
+    if (iw, ih) == (w, h) or spec.resize == "stretch" or not iw or not ih:
+        return None
+    if spec.resize == "crop":
+        k = max(w / iw, h / ih)
+        nw, nh = max(w, round(iw * k)), max(h, round(ih * k))
+        found = (h / nh, ((nh - h) // 2) / nh, w / nw, ((nw - w) // 2) / nw)
+    else:  # letterbox
+        k = min(w / iw, h / ih)
+        nw, nh = max(1, round(iw * k)), max(1, round(ih * k))
+        found = (h / nh, -((h - nh) // 2) / nh, w / nw, -((w - nw) // 2) / nw)
+    return None if found == (1.0, 0.0, 1.0, 0.0) else found
 
 
 def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: int = MAX_MESSAGE_PIXELS) -> np.ndarray:
+    """An encoded image received from outside as one sample of the model's input (decode_photo)."""
+    return decode_photo(data, spec, what, max_pixels)[0]
+
+
+def decode_photo(data: bytes, spec: ImageSpec, what: str = "the image",
+                 max_pixels: int = MAX_MESSAGE_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """An encoded image received from outside (a camera pipeline's message, a fleet request, a
-    local app's) as one sample, prepared as load() prepares a file.
+    local app's) as one sample, prepared as load() prepares a file, and the photo's upright
+    (width, height).
     Only the common camera formats are opened (NETWORK_FORMATS: fewer decoders, less attack
     surface), and an image that says it is larger than `max_pixels` is refused before its
     pixels are decoded: a few kB of PNG can claim gigabytes. The size it is prepared at is
@@ -244,7 +277,7 @@ def decode(data: bytes, spec: ImageSpec, what: str = "the image", max_pixels: in
             first = "not an image in a format this agent opens"
         raise ImageError(f"{what} cannot be decoded: {first}",
                          f"send one encoded image ({', '.join(NETWORK_FORMATS)}) per message") from None
-    return _prepared(im, spec, Image)
+    return _prepared(im, spec, Image), im.size  # (a JPEG decoded at a reduced scale keeps its proportions)
 
 
 def _upright(im, spec: ImageSpec, ImageOps):

@@ -22,7 +22,7 @@ import threading
 import numpy as np  # the base cost of every worker, reported before any runtime loads
 
 from .errors import InferenceError, runtime_message
-from .tensors import from_numpy, pad_rows, split
+from .tensors import from_numpy, pad_rows, split, to_numpy
 
 
 def rss_mb() -> float:
@@ -117,12 +117,21 @@ class Worker:
             if len(self._image_specs) >= 8:  # one per image pipeline on this model: a few at most
                 self._image_specs.clear()
             self._image_specs[key] = spec
-        x = images.decode(bytes(blob.data), spec, what=f"the image for {h['what']}",
-                          max_pixels=int(h.get("max_pixels", images.MAX_MESSAGE_PIXELS)))
+        x, size = images.decode_photo(bytes(blob.data), spec, what=f"the image for {h['what']}",
+                                      max_pixels=int(h.get("max_pixels", images.MAX_MESSAGE_PIXELS)))
         rows = int(h.get("fixed_batch") or 1)  # a model whose batch size is fixed: zero rows after the image
         feed = pad_rows(from_numpy(h["inputs"][0]["name"], x[None]), rows)
         out = self.run_on([feed], None)
-        return {}, [split(t, [1])[0] for t in out] if rows > 1 else out
+        out = [split(t, [1])[0] for t in out] if rows > 1 else out
+        box_map = images.photo_box(size, spec) if self.detections else None
+        if box_map:  # a detector's boxes on the photo as sent, not on the letterboxed or cropped input
+            from .detections import in_photo
+
+            by_name = {t.name: t for t in out}
+            boxes, count = (to_numpy(by_name[n]) for n in (self.detections[0], self.detections[3]))
+            moved = from_numpy(self.detections[0], in_photo(boxes, count, box_map))
+            out = [moved if t.name == self.detections[0] else t for t in out]
+        return {}, out
 
     def reset(self, h: dict, _body) -> tuple[dict, list]:
         """Forget one stream's state; says whether there was one."""

@@ -183,8 +183,44 @@ def test_a_local_app_and_a_batch_job_get_the_detections(detector, tmp_path):
             if name in by_photo:  # the batch job prepares photos as the local API does
                 assert r["detections"] == by_photo[name]
         assert sum(len(r["detections"]) for r in records) >= 20
+        _wide_photos_are_answered_on_the_photo(sock, order, tmp_path)
     finally:
         ra.stop()
+
+
+def _wide_photos_are_answered_on_the_photo(sock, order, tmp_path):
+    """A 64x32 photo letterboxed into the 32x32 input: its boxes come back as fractions of the
+    photo (the black bars undone), from the local API and from a batch job alike."""
+    from agent.batchjob import run_job
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    rng = np.random.default_rng(9)
+    for i in range(4):  # blocks of 8x8 pixels: the input's 4x4 cells once the photo is halved
+        low = (rng.random((4, 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(np.repeat(np.repeat(low, 8, 0), 8, 1)).save(wide / f"{i}.png")
+    letterbox = "unit,resize=letterbox"
+    spec = images.parse(letterbox, [1, 32, 32, 3])
+    with LocalClient(sock) as client:
+        answers = {}
+        for path in images.files_in(wide):
+            x, size = images.load_photo(path, spec)
+            ky, oy, kx, ox = images.photo_box(size, spec)
+            assert (ky, oy, kx, ox) == (2.0, -0.5, 1.0, 0.0)  # 16 rows of image between 8-row bars
+            on_input = _listed(client.infer("ssd", x[None]), order)
+            got = client.infer_image("ssd", path, preprocess=letterbox)
+            assert len(got["detections"]) == len(on_input)
+            for d, e in zip(got["detections"], on_input):
+                y0, x0, y1, x1 = e["box"]
+                want = np.clip([y0 * ky + oy, x0 * kx + ox, y1 * ky + oy, x1 * kx + ox], 0, 1)
+                np.testing.assert_allclose(d["box"], want, atol=2e-5)
+                assert (d["class"], d["score"]) == (e["class"], e["score"])
+            answers[path.name] = got["detections"]
+        assert sum(len(a) for a in answers.values()) >= 4
+    run_job(sock, "ssd", str(wide), str(tmp_path / "wide.jsonl"), preprocess=letterbox, progress=None)
+    for line in (tmp_path / "wide.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["detections"] == answers[r["source"].rsplit("/", 1)[-1]]
 
 
 @pytest.mark.parametrize("text, names", [

@@ -83,6 +83,30 @@ def test_resize_modes_keep_what_each_promises(tmp_path):
     assert (stretch[:, :4, 0] > 200).all() and (stretch[:, 6:, 2] > 200).all() and (stretch[0] > 0).any()
 
 
+@pytest.mark.parametrize("resize", ["letterbox", "crop", "stretch"])
+@pytest.mark.parametrize("photo_w, photo_h", [(120, 60), (60, 120), (90, 90)])
+def test_a_place_in_the_prepared_input_maps_back_to_the_same_place_in_the_photo(tmp_path, resize, photo_w, photo_h):
+    """photo_box: a detector's box on the model's input, as fractions of the photo it came from.
+    A white block is found in the prepared input and mapped back onto the photo, where it was drawn."""
+    photo = np.zeros((photo_h, photo_w, 3))
+    top, left, bottom, right = photo_h * 3 // 8, photo_w * 3 // 8, photo_h * 5 // 8, photo_w * 5 // 8
+    photo[top:bottom, left:right] = 255  # inside any crop's window: the centre of the photo
+    path = _png(tmp_path / "p.png", photo)
+    spec = images.parse(f"raw,resize={resize}", [-1, 48, 48, 3], "uint8")
+    x, size = images.load_photo(path, spec)
+    assert size == (photo_w, photo_h)
+    rows, cols = np.nonzero(x[:, :, 0] > 127)
+    found = np.array([rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]) / 48  # ymin, xmin, ymax, xmax
+    box_map = images.photo_box(size, spec)
+    if resize == "stretch" or photo_w == photo_h:
+        assert box_map is None  # the input's fractions are the photo's
+        box_map = (1.0, 0.0, 1.0, 0.0)
+    ky, oy, kx, ox = box_map
+    on_photo = found * [ky, kx, ky, kx] + [oy, ox, oy, ox]
+    drawn = np.array([top / photo_h, left / photo_w, bottom / photo_h, right / photo_w])
+    assert np.abs(on_photo - drawn).max() <= 2 / 48 * max(photo_w, photo_h) / min(photo_w, photo_h), (on_photo, drawn)
+
+
 def test_the_camera_orientation_in_exif_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to view": a portrait photo stored landscape
