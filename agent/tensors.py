@@ -252,11 +252,12 @@ def detection_list(boxes: list, ids: list, scores: list, count, classes: list) -
     n = float(count if isinstance(count, (int, float)) else (count[0] if count else 0))
     n = int(min(max(n, 0.0), len(scores))) if math.isfinite(n) else 0  # NaN or inf from a model: none
     found = []
+    finite = lambda v: float(v) if math.isfinite(v) else 0.0  # noqa: E731  (a model's garbage stays valid JSON)
     for box, cls, score in zip(boxes[:n], ids[:n], scores[:n]):
-        i = int(cls)
-        found.append({"box": [round(float(v), 5) for v in box], "class_id": i,
+        i = int(cls) if math.isfinite(cls) else -1
+        found.append({"box": [round(finite(v), 5) for v in box], "class_id": i,
                       **({"class": classes[i]} if 0 <= i < len(classes) and classes[i] else {}),
-                      "score": round(float(score), 5)})
+                      "score": round(finite(score), 5)})
     return found
 
 

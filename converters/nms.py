@@ -28,6 +28,7 @@ from agent.errors import ConversionError
 
 from .tflite_graph import CUSTOM, Graph, Op
 
+PREFIX = "nms/"  # the names of the tensors and ops appended
 HOW = "yolo, optionally with score=0.25, iou=0.7 and max=100 (e.g. --nms yolo,score=0.4)"
 
 
@@ -89,6 +90,12 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
         raise ConversionError(f"--nms takes a YOLO output [1, 4 + classes, anchors] joined from boxes and scores; "
                               f"this model's output {out!r} is {shape} made by {join.kind if join else 'nothing'}",
                               "export the model with its Detect head (yolo export format=onnx), or drop --nms")
+    if shape[0] not in (1, -1):
+        raise ConversionError(f"--nms takes one image a call (the post-processing's batch); this model's output "
+                              f"is {shape}", "export the detector for a batch of 1, or with a dynamic batch")
+    if any(out in o.inputs for o in graph.ops):
+        raise ConversionError(f"--nms needs the model to end at its output {out!r}, and the model reads it further",
+                              "drop --nms")
     image = graph.shapes[graph.inputs[0]]
     if len(image) != 4:
         raise ConversionError(f"--nms takes a model of images; its input is {image}")
@@ -103,13 +110,13 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
     new: list[Op] = []
 
     def const(name: str, value) -> str:
-        graph.consts[f"nms/{name}"] = value
-        return f"nms/{name}"
+        graph.consts[PREFIX + name] = value
+        return PREFIX + name
 
     def op(kind: str, inputs: list[str], name: str, shape: list[int], **options) -> str:
-        graph.shapes[f"nms/{name}"] = shape
-        new.append(Op(kind, inputs, [f"nms/{name}"], options, name=f"nms/{name}"))
-        return f"nms/{name}"
+        graph.shapes[PREFIX + name] = shape
+        new.append(Op(kind, inputs, [PREFIX + name], options, name=PREFIX + name))
+        return PREFIX + name
 
     perm = const("perm", np.array([0, 2, 1], np.int32))
     box_rows = op("TRANSPOSE", [boxes, perm], "boxes", [1, anchors, 4])

@@ -18,6 +18,8 @@ from agent.errors import ConversionError
 
 from . import measure
 from .guard import METHODS, Settings
+from .nms import PREFIX as NMS_PREFIX
+from .nms import append_nms
 
 FORMATS = ("onnx", "tflite", "both")
 Say = Callable[[str, int, int], None]
@@ -133,16 +135,17 @@ class TfliteTarget:
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         if nms is not None:
-            from .nms import append_nms
-
             for g in {id(g): g for g in (graph, baseline) if g is not None}.values():
                 append_nms(g, nms)
         self.graph, self.ranges_fn, self._ranges, self.methods = graph, ranges_fn, {}, methods
         self.detections = graph.detections()  # an SSD's boxes, classes, scores, count: compared as detections
         self.detection_threshold = graph.detection_threshold()
-        if graph.float_layers:  # not full-integer: say which layers are not, and why
+        norms = [n for n in graph.float_layers if not n.startswith(NMS_PREFIX)]  # (--nms's few ops: said below)
+        if norms:  # not full-integer: say which layers are not, and why
             self.producers = {**self.producers, "int8": f"edgeward TFLite writer, INT8 with its "
-                              f"{len(graph.float_layers)} LayerNorm layer(s) in float"}
+                              f"{len(norms)} LayerNorm layer(s) in float"}
+        if nms is not None:
+            self.producers = {k: f"{v}, with non-maximum suppression appended" for k, v in self.producers.items()}
         write_tflite(baseline or graph, self.fp32_path, description="edgeward fp32")
         self.pruned_fp32 = self.fp32_path  # the float model of what is quantized: pruned, if it was
         if baseline is not None and baseline is not graph:

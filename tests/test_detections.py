@@ -109,6 +109,18 @@ def test_a_count_a_model_cannot_mean_lists_no_detections(count):
     assert labels([from_numpy(k, v) for k, v in arrays.items()], [], NAMES) == {"detections": []}
 
 
+def test_values_a_model_cannot_mean_in_a_listed_row_stay_valid_json():
+    import json
+
+    from agent.tensors import from_numpy, labels
+
+    arrays = _outputs([[A, B]])
+    arrays["classes"][0, 0], arrays["scores"][0, 1], arrays["boxes"][0, 1, 2] = np.nan, np.inf, np.nan
+    got = labels([from_numpy(k, v) for k, v in arrays.items()], ["", "cat"], NAMES)["detections"]
+    assert got[0]["class_id"] == -1 and "class" not in got[0] and got[1]["score"] == 0.0 and got[1]["box"][2] == 0.0
+    json.loads(json.dumps(got, allow_nan=False))
+
+
 def test_a_batch_of_images_is_not_listed_as_one_images_detections():
     from agent.tensors import from_numpy, labels
 

@@ -107,7 +107,8 @@ def test_an_int8_yolo_with_nms_is_measured_self_tested_and_answers_with_detectio
     q = report["quality"]
     assert q["detections_fp32"] >= 3 * len(x) and q["detection_agreement"] >= 0.6, q  # random weights: near ties
     assert report["broken"] is None
-    model, order, runs = _serve(tmp_path / "q.ewb", assets, tmp_path, x)
+    model, order, runs = _serve(tmp_path / "q.ewb", assets, tmp_path, x)  # (no LayerNorm: said as it is)
+    assert model.manifest.producer.endswith("full-integer INT8, with non-maximum suppression appended)")
     import tarfile
 
     with tarfile.open(tmp_path / "q.ewb") as tar:
