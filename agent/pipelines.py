@@ -9,10 +9,12 @@ published on `output_topic`. Payloads are JSON or binary frames:
     binary: in  an EWF1 frame of tensors (agent/wire.py); out the same, header as above
     image:  in  one encoded image (JPEG, PNG, WebP, BMP, PPM), as cameras publish them
             out as json, plus "top1" and "class" for a classifier whose bundle names its classes
-A detector's answers (an SSD's boxes, classes, scores and count) also list its detections, in
-any format: "detections": [{"box": [ymin, xmin, ymax, xmax], "class_id", "class", "score"}].
     raw:    in  the bytes of the model's one input, little-endian, N rows (a microcontroller's
                 buffer: no framing to build); out as json
+
+A detector's answers (an SSD's, or a YOLO's converted with --nms: boxes, classes, scores and a
+count) also list its detections, in any format: "detections": [{"box": [ymin, xmin, ymax,
+xmax], "class_id", "class", "score"}], best first, boxes as fractions of the photo as sent.
 
 An image is decoded and prepared in the model's worker, as the bundle's preprocessing says
 (the converter's --preprocess) or as the pipeline's `preprocess` says, by the same code the

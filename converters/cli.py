@@ -243,7 +243,8 @@ def _options(args: argparse.Namespace):
                           prune=args.prune, prune_scope=args.prune_scope, prune_channels=args.prune_channels, compress=args.compress,
                           format=args.format, tflite_int8_io=args.tflite_io == "int8",
                           full_range_weights=args.full_range_weights, preprocess=args.preprocess,
-                          max_images=args.max_images, labels=args.labels, nms=args.nms, state=parse_pairs(args.state, "--state", "h=h_out"),
+                          max_images=args.max_images, labels=args.labels, nms=args.nms,
+                          state=parse_pairs(args.state, "--state", "h=h_out"),
                           fixed_inputs=parse_pairs(args.fix_input, "--fix-input", "sr=16000"),
                           context=parse_pairs(args.context, "--context", "input=64"), cut_at=args.cut_at)
 
