@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms", metavar="SPEC",
                    help="append non-maximum suppression to a YOLO detector (YOLOv8/v5u/v11 as ultralytics exports "
                         "it), so the board answers with boxes, classes and scores: yolo, or yolo,score=0.25,iou=0.7,"
-                        "max=100 (TFLite only)")
+                        "max=100")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")

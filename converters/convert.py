@@ -136,6 +136,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         work = Path(tmp)
         if opts.fixed_inputs or opts.cut_at:  # part of the FP32 model that everything is measured against
             model_path = _edited(model_path, opts, work / "edited.onnx")
+        if opts.nms and opts.format == "onnx":  # the FP32 model with the same suppression is the reference
+            model_path = _with_nms(model_path, parse_nms(opts.nms), work / "nms.onnx")
         model = load_onnx(model_path)
         inputs, outputs = describe(model)
         if opts.state:
@@ -168,7 +170,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                 if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
                     calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
                 target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib_feeds, say,
-                                    reduce_range=not opts.full_range_weights)
+                                    reduce_range=not opts.full_range_weights,
+                                    nms=parse_nms(opts.nms) if opts.nms else None)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
                                       original=model_path if pruning or channels else None,
@@ -185,6 +188,16 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     if reports:
         first["also"] = next(iter(reports.values()))
     return first
+
+
+def _with_nms(model_path: Path, spec, out: Path) -> Path:
+    """A copy of a YOLO ONNX model ending in non-maximum suppression (converters/nms.py)."""
+    import onnx
+
+    from .nms import append_to_onnx
+
+    onnx.save(append_to_onnx(onnx.load(str(model_path)), spec), str(out))
+    return out
 
 
 def _edited(model_path: Path, opts: ConvertOptions, out: Path) -> Path:
@@ -250,9 +263,9 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
         read_labels(opts.labels)  # a label file that cannot be read fails before any model is loaded
     if opts.nms:
         parse_nms(opts.nms)
-        if opts.format != "tflite":
-            raise ConversionError(f"--nms appends TFLite's detection post-processing, and --format {opts.format} "
-                                  "asks for ONNX", "add --format tflite")
+        if opts.format == "both":
+            raise ConversionError("--nms appends another suppression to each format's model: convert once per "
+                                  "format", "run edgeward convert with --format tflite, then with --format onnx")
 
 
 def _run_once(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

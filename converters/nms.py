@@ -29,6 +29,7 @@ from agent.errors import ConversionError
 from .tflite_graph import CUSTOM, Graph, Op
 
 PREFIX = "nms/"  # the names of the tensors and ops appended
+OUTPUTS = ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]  # as SSD exports name them
 HOW = "yolo, optionally with score=0.25, iou=0.7 and max=100 (e.g. --nms yolo,score=0.4)"
 
 
@@ -132,7 +133,7 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
     from flatbuffers import flexbuffers
 
     options = spec.options(classes, height, width)
-    outs = ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]
+    outs = list(OUTPUTS)
     new.append(Op("DETECTION_POSTPROCESS",
                   [encodings, score_rows, const("anchors", np.tile(np.array([[0, 0, 1, 1]], np.float32),
                                                                    (anchors, 1)))],
@@ -169,3 +170,103 @@ def check_feed(source_output: np.ndarray, written, graph: Graph, inputs: dict[st
             raise ConversionError(f"edgeward's TFLite reading of the model computes other {what} than the model: "
                                   f"they differ by {err:.4g} on the data",
                                   "report this model; convert it without --nms, or with --format onnx")
+
+
+def _output_dims(model, image: list[int]) -> list[int]:
+    """The output's shape for one image, as onnxruntime computes it (exporters often leave it
+    symbolic: torch.onnx names every axis of a decoded output)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0]
+        dtype = np.uint8 if "uint8" in feed.type else np.float32
+        return list(session.run(None, {feed.name: np.zeros(image, dtype)})[0].shape)
+    except Exception:  # onnxruntime's own types: a model that does not run on one image has no YOLO output
+        return []
+
+
+def append_to_onnx(model, spec: NmsSpec):
+    """The same for an ONNX YOLO (--format onnx): ONNX's own NonMaxSuppression on each anchor's
+    best class, its picks gathered and padded to `max` rows, so the ONNX bundle answers with the
+    same four outputs as the TFLite one (boxes as fractions of the image, ymin first). The model
+    is fixed to batches of one image; the appended nodes (named nms/...) stay in float."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    if len(g.output) != 1 or len(g.input) - len({i.name for i in g.initializer} & {i.name for i in g.input}) != 1:
+        raise ConversionError("--nms takes a YOLO detector: one image in, one [1, 4 + classes, anchors] out",
+                              "export the model with its Detect head (yolo export format=onnx), or drop --nms")
+    out = g.output[0]
+    image = next(i for i in g.input if i.name not in {t.name for t in g.initializer})
+    idims = [d.dim_value if d.HasField("dim_value") else -1 for d in image.type.tensor_type.shape.dim]
+    dims = _output_dims(model, [1, *idims[1:]]) if len(idims) == 4 and min(idims[1:]) > 0 else []
+    if len(dims) != 3 or dims[1] < 5 or dims[2] < 1 or dims[0] not in (1, -1) or len(idims) != 4 \
+            or idims[2] < 1 or idims[3] < 1:
+        raise ConversionError(f"--nms takes a YOLO output [1, 4 + classes, anchors] from images [1, 3, H, W]; this "
+                              f"model's output {out.name!r} is {dims}, its input {idims}",
+                              "export the model with its Detect head and a fixed image size, or drop --nms")
+    classes, height, width = dims[1] - 4, idims[2], idims[3]
+    for vi in (image, out):  # one image a call
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    nodes, consts = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        consts.append(numpy_helper.from_array(value, PREFIX + name))
+        return PREFIX + name
+
+    def node(kind: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(kind, inputs, [PREFIX + name], name=PREFIX + name, **attrs))
+        return PREFIX + name
+
+    y = out.name
+    boxes = node("Slice", [y, const("b0", np.array([0], np.int64)), const("b1", np.array([4], np.int64)),
+                           const("axis1", np.array([1], np.int64))], "boxes")
+    scores = node("Slice", [y, const("s0", np.array([4], np.int64)), const("s1", np.array([4 + classes], np.int64)),
+                            const("axis1b", np.array([1], np.int64))], "scores")
+    rows = node("Transpose", [boxes], "box_rows", perm=[0, 2, 1])  # [1, A, 4]: cx, cy, w, h
+    corners = np.array([[0, 1, 0, 1], [1, 0, 1, 0], [0, -0.5, 0, 0.5], [-0.5, 0, 0.5, 0]], np.float32)
+    corners = corners * np.array([1 / height, 1 / width, 1 / height, 1 / width], np.float32)
+    boxes_yx = node("MatMul", [rows, const("to_corners", corners)], "corners")  # ymin, xmin, ymax, xmax
+    if opset >= 18:
+        best = node("ReduceMax", [scores, const("axes", np.array([1], np.int64))], "best", keepdims=1)
+    else:
+        best = node("ReduceMax", [scores], "best", axes=[1], keepdims=1)  # [1, 1, A]
+    cls = node("ArgMax", [scores], "class", axis=1, keepdims=0)  # [1, A]
+    picked = node("NonMaxSuppression", [boxes_yx, best, const("max", np.array([spec.max], np.int64)),
+                                        const("iou", np.array([spec.iou], np.float32)),
+                                        const("score", np.array([spec.score], np.float32))], "picked")
+    index = node("Gather", [picked, const("col2", np.array(2, np.int64))], "index", axis=1)  # [K]
+    zero = const("zero", np.array(0, np.int64))
+    kept_boxes = node("Gather", [node("Gather", [boxes_yx, zero], "boxes0", axis=0), index], "kept_boxes", axis=0)
+    flat_best = node("Reshape", [best, const("flat", np.array([-1], np.int64))], "best_flat")
+    kept_scores = node("Gather", [flat_best, index], "kept_scores", axis=0)
+    kept_class = node("Cast", [node("Gather", [node("Gather", [cls, zero], "class0", axis=0), index],
+                                    "kept_class_i", axis=0)], "kept_class", to=TensorProto.FLOAT)
+    count = node("Shape", [index], "count_i")  # [1]: K
+    missing = node("Sub", [const("max_rows", np.array([spec.max], np.int64)), count], "missing")
+    z1 = const("z1", np.array([0], np.int64))
+    pads2 = node("Concat", [z1, z1, missing, z1], "pads2", axis=0)  # [K, 4] -> [max, 4]
+    pads1 = node("Concat", [z1, missing], "pads1", axis=0)  # [K] -> [max]
+    unsqueeze = (lambda x, name: node("Unsqueeze", [x, const(f"{name}_axes", np.array([0], np.int64))], name)) \
+        if opset >= 13 else (lambda x, name: node("Unsqueeze", [x], name, axes=[0]))
+    finals = [unsqueeze(node("Pad", [kept_boxes, pads2], "boxes_padded"), "detection_boxes"),
+              unsqueeze(node("Pad", [kept_class, pads1], "classes_padded"), "detection_classes"),
+              unsqueeze(node("Pad", [kept_scores, pads1], "scores_padded"), "detection_scores"),
+              node("Cast", [count], "num_detections", to=TensorProto.FLOAT)]
+    for name, final in zip(OUTPUTS, finals):  # the outputs by the names the TFLite form gives them
+        for n in nodes:
+            if final in n.output:
+                n.output[:] = [name if o == final else o for o in n.output]
+    g.node.extend(nodes)
+    g.initializer.extend(consts)
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("detection_boxes", TensorProto.FLOAT, [1, spec.max, 4]),
+                     helper.make_tensor_value_info("detection_classes", TensorProto.FLOAT, [1, spec.max]),
+                     helper.make_tensor_value_info("detection_scores", TensorProto.FLOAT, [1, spec.max]),
+                     helper.make_tensor_value_info("num_detections", TensorProto.FLOAT, [1])])
+    del g.value_info[:]  # shapes inferred for a free batch no longer hold
+    onnx.checker.check_model(model)
+    return model

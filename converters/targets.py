@@ -18,6 +18,7 @@ from agent.errors import ConversionError
 
 from . import measure
 from .guard import METHODS, Settings
+from .nms import OUTPUTS as NMS_OUTPUTS
 from .nms import PREFIX as NMS_PREFIX
 from .nms import append_nms
 
@@ -44,19 +45,23 @@ class OnnxTarget:
                  "fp32": "FP32, not quantized"}
 
     def __init__(self, work: Path, source: Path, original: Path, pruned: bool, calib: dict, say: Say,
-                 reduce_range: bool = True):
+                 reduce_range: bool = True, nms=None):
+        """`nms`: the source ends in the suppression converters/nms.py appended, which stays float."""
         self.path, self.source, self.original, self.pruned = work / "model.onnx", source, original, pruned
         self.reduce_range = reduce_range
         self.calib, self.say = calib, say
         self.fp32_path = original
         self.methods = METHODS  # the calibration methods the accuracy search may try
-        self.detections: list[str] = []  # ONNX detectors end in their own NMS (or are cut before it)
-        self.detection_threshold: float | None = None
+        # a YOLO's detections with --nms; other ONNX detectors end in their own NMS (or are cut before it)
+        self.detections: list[str] = list(NMS_OUTPUTS) if nms else []
+        self.detection_threshold: float | None = nms.score if nms else None
+        if nms:
+            self.producers = {k: f"{v}, with non-maximum suppression appended" for k, v in self.producers.items()}
 
     def layers(self) -> list[str]:
         from .onnx_int8 import load_onnx, quantizable_layers
 
-        return quantizable_layers(load_onnx(self.source))
+        return [n for n in quantizable_layers(load_onnx(self.source)) if not n.startswith(NMS_PREFIX)]
 
     def build(self, precision: str, s: Settings) -> None:
         from .onnx_graph import stamp_file_for_old_runtimes
@@ -65,12 +70,26 @@ class OnnxTarget:
         if precision == "fp32":  # the user's file as it is, unless it was pruned
             _self_contained_copy(self.source if self.pruned else self.original, self.path)
         elif precision == "int8-dynamic":
-            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude, reduce_range=self.reduce_range)
+            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude + self._float_nodes(),
+                             reduce_range=self.reduce_range)
         else:
             quantize_static(self.source, self.path, self.calib, per_channel=s.per_channel, method=s.method,
-                            exclude_nodes=s.exclude, reduce_range=self.reduce_range,
+                            exclude_nodes=s.exclude + self._float_nodes(), reduce_range=self.reduce_range,
                             progress=lambda d, t: self.say("calibrating", d, t))
         stamp_file_for_old_runtimes(self.path)  # boards run older onnxruntimes than the workstation
+
+    def _float_nodes(self) -> list[str]:
+        """Nodes never quantized: the suppression --nms appended (boxes, scores and indices), and
+        the node joining YOLO's boxes (in pixels) and scores (0..1), which one int8 scale would
+        make all 0 (as the TFLite writer joins it in float)."""
+        if not self.detections:
+            return []
+        from .onnx_int8 import load_onnx
+
+        nodes = load_onnx(self.source).graph.node
+        appended = [n for n in nodes if n.name.startswith(NMS_PREFIX)]
+        joined = {n.input[0] for n in appended if n.name == f"{NMS_PREFIX}boxes"}
+        return [n.name for n in appended] + [n.name for n in nodes if set(n.output) & joined]
 
     def session(self, path: Path | None = None, threads: int = 1):
         return measure.session(path or self.path, threads)

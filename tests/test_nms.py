@@ -1,5 +1,6 @@
-"""--nms: a YOLO detector converted with TFLite's detection post-processing appended
-(converters/nms.py), so the bundle answers with detections. The float model's detections are
+"""--nms: a YOLO detector converted with non-maximum suppression appended (TFLite's detection
+post-processing, or ONNX's NonMaxSuppression; converters/nms.py), so the bundle answers with
+detections. The float model's detections are
 checked against a non-maximum suppression written here in numpy on the PyTorch module's own
 output; the INT8 bundle is served and self-tested by the real agent in LiteRT."""
 
@@ -82,14 +83,18 @@ def _serve(bundle, assets, tmp_path, x):
     return model, order, runs
 
 
-def test_the_float_model_with_nms_answers_what_the_suppression_written_out_gives(yolo, assets, tmp_path):
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_the_float_model_with_nms_answers_what_the_suppression_written_out_gives(yolo, assets, tmp_path, fmt):
+    """TFLite's TFLite_Detection_PostProcess and ONNX's NonMaxSuppression, each fed as
+    converters/nms.py feeds it, give the same detections as the suppression written out."""
     path, calib, evaluation, x, raw = yolo
     report = convert_onnx(path, calib, tmp_path / "f.ewb", assets.key, evaluation,
-                          ConvertOptions(name="yolo", format="tflite", precision="fp32",
+                          ConvertOptions(name="yolo", format=fmt, precision="fp32",
                                          nms=f"yolo,score={SCORE},iou={IOU},max={MAX}"))
-    assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
+    if fmt == "tflite":
+        assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
     model, order, runs = _serve(tmp_path / "f.ewb", assets, tmp_path, x)
-    assert [o.shape for o in model.manifest.outputs] == [[1, MAX, 4], [1, MAX], [1, MAX], [1]]
+    assert sorted(o.shape for o in model.manifest.outputs) == sorted([[1, MAX, 4], [1, MAX], [1, MAX], [1]])
     assert model.manifest.inputs[0].shape == [1, 3, SIZE, SIZE]  # one image a call: the op's batch
     served = {k: np.concatenate([r[k] for r in runs]) for k in order}
     want = _suppressed(raw)
@@ -122,6 +127,23 @@ def test_an_int8_yolo_with_nms_is_measured_self_tested_and_answers_with_detectio
     assert all(d["score"] >= SCORE and 0 <= d["class_id"] < 3 for d in listed)
 
 
+def test_an_int8_onnx_yolo_with_nms_keeps_the_suppression_and_the_joined_output_in_float(yolo, assets, tmp_path):
+    """onnxruntime's quantizer leaves the appended nodes and YOLO's [boxes, scores] join in float
+    (one int8 scale for pixels and probabilities made every score 0: no detections at all)."""
+    path, calib, evaluation, x, _ = yolo
+    report = convert_onnx(path, calib, tmp_path / "o.ewb", assets.key, evaluation,
+                          ConvertOptions(name="yolo", format="onnx", allow_worse=True,
+                                         nms=f"yolo,score={SCORE},max={MAX}"))
+    q = report["quality"]
+    assert q["detections_fp32"] >= 3 * len(x) and q["detection_agreement"] >= 0.6, q
+    assert report["graph"]["ops"]["NonMaxSuppression"] == 1 and report["graph"]["int8_weight_tensors"] >= 10
+    model, order, runs = _serve(tmp_path / "o.ewb", assets, tmp_path, x[:8])
+    assert order == ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]
+    listed = labels([from_numpy(k, v) for k, v in runs[0].items()], [], order)["detections"]
+    assert len(listed) == int(runs[0]["num_detections"][0]) >= 1
+    assert not runs[0]["detection_scores"][0, len(listed):].any()  # padded with zeros past the count
+
+
 def test_nms_specs_are_read_and_refused_with_the_form_to_use():
     assert parse_nms("yolo") == NmsSpec()
     assert parse_nms("yolo, score=0.4, iou=0.5, max=50") == NmsSpec(0.4, 0.5, 50)
@@ -137,9 +159,12 @@ def test_nms_on_a_model_that_is_no_yolo_or_for_onnx_is_one_clear_error(assets, t
     with pytest.raises(ConversionError, match=r"--nms takes a YOLO output \[1, 4 \+ classes, anchors\]"):
         convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
                      ConvertOptions(name="digits", format="tflite", nms="yolo"))
-    with pytest.raises(ConversionError, match="add --format tflite"):
+    with pytest.raises(ConversionError, match=r"--nms takes a YOLO output \[1, 4 \+ classes, anchors\] from images"):
         convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
                      ConvertOptions(name="digits", nms="yolo"))
+    with pytest.raises(ConversionError, match="convert once per format"):
+        convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
+                     ConvertOptions(name="digits", format="both", nms="yolo"))
     assert not (tmp_path / "d.ewb").exists()
 
 
