@@ -16,6 +16,8 @@ import numpy as np
 
 from agent.errors import ConversionError
 
+from .nms import PREFIX as NMS_PREFIX
+
 PRUNABLE = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # op type -> index of its weight input
 
 
@@ -29,6 +31,8 @@ def prune_unstructured(src: str | Path, dst: str | Path, sparsity: float, scope:
     weights: dict[str, np.ndarray] = {}
     for node in model.graph.node:
         idx = PRUNABLE.get(node.op_type)
+        if node.name.startswith(NMS_PREFIX):  # --nms's box arithmetic (converters/nms.py) is no layer
+            continue
         if idx is not None and len(node.input) > idx and node.input[idx] in inits:
             arr = numpy_helper.to_array(inits[node.input[idx]])
             if arr.ndim >= 2 and arr.dtype == np.float32:

@@ -137,6 +137,11 @@ def test_an_int8_onnx_yolo_with_nms_keeps_the_suppression_and_the_joined_output_
     q = report["quality"]
     assert q["detections_fp32"] >= 3 * len(x) and q["detection_agreement"] >= 0.6, q
     assert report["graph"]["ops"]["NonMaxSuppression"] == 1 and report["graph"]["int8_weight_tensors"] >= 10
+    pruned = convert_onnx(path, calib, tmp_path / "p.ewb", assets.key, evaluation,
+                          ConvertOptions(name="yolo", format="onnx", allow_worse=True, prune=0.3,
+                                         nms=f"yolo,score={SCORE},max={MAX}"))
+    assert pruned["pruning"]["layers"] and not any(n.startswith("nms/") for n in pruned["pruning"]["layers"])
+    assert pruned["quality"]["matched_iou_mean"] >= 0.8  # the box arithmetic is not a layer to prune
     model, order, runs = _serve(tmp_path / "o.ewb", assets, tmp_path, x[:8])
     assert order == ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]
     listed = labels([from_numpy(k, v) for k, v in runs[0].items()], [], order)["detections"]
