@@ -490,10 +490,10 @@ class Agent:
                 transfer.download(request.url, self._stop.is_set, cafile=self.cfg.store.download_ca_file,
                                   progress=self._download_progress(transfer))
             except EdgewardError as exc:
-                self._deploy_failed(exc, ref.sha256, target)
-                if isinstance(exc, IntegrityError):
+                if isinstance(exc, IntegrityError):  # (before the answer, as below)
                     self._transfers.pop(ref.sha256, None)
                     transfer.discard()
+                self._deploy_failed(exc, ref.sha256, target)
                 return
         if transfer.complete:
             self._finish_deploy(transfer, target)
@@ -596,15 +596,16 @@ class Agent:
     def _finish_deploy(self, transfer: Transfer, target: ReplyTarget | None) -> None:
         self._transfers.pop(transfer.sha256, None)
         try:
-            path = transfer.finish()
-            self.emit("deploy_received", f"bundle {transfer.sha256[:12]}… received and its sha256 verified",
-                      data={"sha256": transfer.sha256})
-            result = self.updater.install(path)
+            try:
+                path = transfer.finish()
+                self.emit("deploy_received", f"bundle {transfer.sha256[:12]}… received and its sha256 verified",
+                          data={"sha256": transfer.sha256})
+                result = self.updater.install(path)
+            finally:  # before any answer: a sender told "refused" finds nothing of it left on the board
+                transfer.discard()
         except Exception as exc:
             self._deploy_failed(exc, transfer.sha256, target)
             return
-        finally:
-            transfer.discard()
         self._record_update(result=result, sha256=transfer.sha256)
         self._reply(target, Reply(status="ok", data=result))
 
