@@ -14,6 +14,7 @@ CASES = {  # bundle stem -> (source model, precision)
     "digits-qdq": ("digits", "int8"),
     "mobilenet-qdq": ("mobilenet", "int8"),
     "mlp-dynamic": ("mlp", "int8-dynamic"),
+    "yolo-nms-qdq": ("yolo", "int8"),  # --nms: NonMaxSuppression, Gather, Pad after a float join
 }
 
 
@@ -33,8 +34,10 @@ def build(folder: str | Path) -> Path:
     onnx.save(newest, str(folder / "digits.onnx"))
     zoo.build_mobilenet_like(folder / "mobilenet.onnx", size=32)
     zoo.build_wide_mlp(folder / "mlp.onnx", hidden=128)
+    from tflitekit import _decoded_yolo
+
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
-            "mlp": zoo.write_digits_npz(folder, flat=True)}
+            "mlp": zoo.write_digits_npz(folder, flat=True), "yolo": _decoded_yolo(folder)}
     for name, ir, domain in (("ir-too-new", 99, None), ("opset-too-new", 8, "ai.onnx.ml")):
         future = onnx.load(str(folder / "digits.onnx"))  # what no onnxruntime of today reads
         future.ir_version = ir
@@ -44,7 +47,8 @@ def build(folder: str | Path) -> Path:
     for stem, (model, precision) in CASES.items():
         calib, evaluation = data[model]
         convert_onnx(folder / f"{model}.onnx", calib, folder / f"{stem}.ewb", key, evaluation,
-                     ConvertOptions(name=stem, precision=precision, allow_worse=True))
+                     ConvertOptions(name=stem, precision=precision, allow_worse=True,
+                                    nms="yolo,score=0.5,max=20" if "nms" in stem else None))
     return folder
 
 

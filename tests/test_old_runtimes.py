@@ -49,9 +49,10 @@ def test_converted_onnx_bundles_pass_their_self_test_on_this_onnxruntime(convert
         assert worker["versions"]["onnxruntime"] == EXPECT_ORT
     engine.activate(model)
     spec = model.manifest.inputs[0]
-    x = np.random.default_rng(0).random([4] + spec.shape[1:], dtype=np.float32)
+    rows = spec.shape[0] if spec.shape[0] > 0 else 4  # a detector with --nms takes one image a call
+    x = np.random.default_rng(0).random([rows] + spec.shape[1:], dtype=np.float32)
     out = next(iter(engine.infer_arrays(stem, {spec.name: x})[1].values()))
-    assert out.shape[0] == 4 and np.isfinite(out).all()
+    assert out.shape[0] == rows and np.isfinite(out).all()
     engine.close()
 
 
