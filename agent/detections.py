@@ -67,7 +67,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     w = min(a[3], b[3]) - max(a[1], b[1])
     inter = max(h, 0.0) * max(w, 0.0)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    if union <= 0:  # a box of no area (a confused model's): the same detection only where it is the same box
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return inter / union
 
 
 def match(want: list[Detection], have: list[Detection]) -> list[tuple[int, int]]:

@@ -30,17 +30,23 @@ from .tflite_graph import CUSTOM, Graph, Op
 
 PREFIX = "nms/"  # the names of the tensors and ops appended
 OUTPUTS = ["detection_boxes", "detection_classes", "detection_scores", "num_detections"]  # as SSD exports name them
-HOW = "yolo, optionally with score=0.25, iou=0.7 and max=100 (e.g. --nms yolo,score=0.4)"
+HOW = ("yolo or mediapipe, optionally with score=, iou=, max= (and for mediapipe strides=8:16:16:16), "
+       "e.g. --nms yolo,score=0.4")
+DEFAULTS = {"yolo": {"score": 0.25, "iou": 0.7},  # ultralytics' conf and iou
+            "mediapipe": {"score": 0.5, "iou": 0.3}}  # MediaPipe's face and palm graphs' own
 
 
 @dataclass(frozen=True)
 class NmsSpec:
     """What the appended suppression keeps: detections scoring at least `score`, none
-    overlapping a better one of its class by more than `iou`, at most `max` of them
-    (ultralytics' own defaults for conf and iou)."""
+    overlapping a better one of its class by more than `iou`, at most `max` of them. `kind`
+    is the detector's layout; `strides`, a MediaPipe SSD's anchor strides, one per layer (its
+    SsdAnchorsCalculator's: 8:16:16:16 for the face and palm detectors, 8:16:32:32:32 for pose)."""
     score: float = 0.25
     iou: float = 0.7
     max: int = 100
+    kind: str = "yolo"
+    strides: tuple[int, ...] = (8, 16, 16, 16)
 
     def options(self, classes: int, height: int, width: int) -> dict:
         """The op's options, as TensorFlow's converter writes them (a flexbuffer map)."""
@@ -51,15 +57,19 @@ class NmsSpec:
 
 
 def parse_nms(text: str) -> NmsSpec:
-    """`--nms yolo[,score=S][,iou=I][,max=N]`."""
+    """`--nms yolo[,score=S][,iou=I][,max=N]`, `--nms mediapipe[,...][,strides=8:16:16:16]`."""
     kind, *pairs = [p.strip() for p in text.split(",")]
-    if kind != "yolo":
+    if kind not in DEFAULTS:
         raise ConversionError(f"--nms {text}: {kind!r} is not a detector layout edgeward knows", f"use {HOW}")
-    values: dict = {}
+    values: dict = {**DEFAULTS[kind], "kind": kind}
     for pair in pairs:
         key, _, value = pair.partition("=")
         try:
-            if key in ("score", "iou"):
+            if key == "strides" and kind == "mediapipe":
+                values[key] = tuple(int(v) for v in value.split(":"))
+                if not values[key] or min(values[key]) < 1:
+                    raise ValueError
+            elif key in ("score", "iou"):
                 values[key] = float(value)
                 if not 0 <= values[key] <= 1:
                     raise ValueError
@@ -70,44 +80,27 @@ def parse_nms(text: str) -> NmsSpec:
             else:
                 raise ConversionError(f"--nms {text}: unknown setting {key!r}", f"use {HOW}")
         except ValueError:
-            raise ConversionError(f"--nms {text}: {pair!r} is out of range (score and iou 0..1, max 1..1000)",
-                                  f"use {HOW}") from None
+            raise ConversionError(f"--nms {text}: {pair!r} is out of range (score and iou 0..1, max 1..1000, "
+                                  "strides whole numbers)", f"use {HOW}") from None
     return NmsSpec(**values)
 
 
 def append_nms(graph: Graph, spec: NmsSpec) -> None:
-    """Make `graph` (a YOLO detector: one output [1, 4 + classes, anchors] joined from boxes and
-    scores) end in TFLite_Detection_PostProcess, for batches of one image."""
-    if len(graph.outputs) != 1 or len(graph.inputs) != 1:
-        raise ConversionError("--nms takes a YOLO detector: one image in, one [1, 4 + classes, anchors] out",
-                              "export the model with its Detect head (yolo export format=onnx), or drop --nms")
-    out = graph.outputs[0]
-    shape = graph.shapes.get(out, [])
-    join = next((op for op in graph.ops if out in op.outputs), None)
-    parts = join.inputs if join is not None and join.kind == "CONCATENATION" else []
-    part_shapes = [graph.shapes.get(p, []) for p in parts]
-    if len(shape) != 3 or len(parts) != 2 or join.options.get("axis") not in (1, -2) \
-            or [s[1] if len(s) == 3 else 0 for s in part_shapes] != [4, shape[1] - 4] or shape[1] < 5:
-        raise ConversionError(f"--nms takes a YOLO output [1, 4 + classes, anchors] joined from boxes and scores; "
-                              f"this model's output {out!r} is {shape} made by {join.kind if join else 'nothing'}",
-                              "export the model with its Detect head (yolo export format=onnx), or drop --nms")
-    if shape[0] not in (1, -1):
-        raise ConversionError(f"--nms takes one image a call (the post-processing's batch); this model's output "
-                              f"is {shape}", "export the detector for a batch of 1, or with a dynamic batch")
-    if any(out in o.inputs for o in graph.ops):
-        raise ConversionError(f"--nms needs the model to end at its output {out!r}, and the model reads it further",
-                              "drop --nms")
+    """Make `graph` end in TFLite_Detection_PostProcess, for batches of one image: a YOLO
+    detector (one output [1, 4 + classes, anchors] joined from boxes and scores) or, with
+    `--nms mediapipe`, an SSD as MediaPipe ships its face, palm and pose detectors (box
+    regressors [1, anchors, 4 + keypoints] and class logits [1, anchors, classes], decoded
+    against anchors its graph computes)."""
+    if len(graph.inputs) != 1:
+        raise ConversionError("--nms takes a detector of one image input", "drop --nms")
     image = graph.shapes[graph.inputs[0]]
     if len(image) != 4:
         raise ConversionError(f"--nms takes a model of images; its input is {image}")
     channels_first = image[1] in (1, 3) and image[3] not in (1, 3)  # an ONNX model's NCHW, a .tflite's NHWC
     height, width = (image[2], image[3]) if channels_first else (image[1], image[2])
-    anchors, classes = shape[2], shape[1] - 4
     for name in graph.shapes:  # the op takes one image a call: the batch is fixed at 1
         if graph.shapes[name] and graph.shapes[name][0] == -1:
             graph.shapes[name] = [1, *graph.shapes[name][1:]]
-    boxes, scores = parts
-    graph.ops.remove(join)  # nothing else reads the joined output
     new: list[Op] = []
 
     def const(name: str, value) -> str:
@@ -119,32 +112,101 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
         new.append(Op(kind, inputs, [PREFIX + name], options, name=PREFIX + name))
         return PREFIX + name
 
-    perm = const("perm", np.array([0, 2, 1], np.int32))
-    box_rows = op("TRANSPOSE", [boxes, perm], "boxes", [1, anchors, 4])
-    score_rows = op("TRANSPOSE", [scores, perm], "scores", [1, anchors, classes])
-    size = const("one_column", np.array([1, anchors, 1], np.int32))
+    if spec.kind == "mediapipe":
+        boxes, scores, anchors, classes = _mediapipe_parts(graph, spec, height, width)
+        box_rows = op("SLICE", [boxes, const("box_from", np.array([0, 0, 0], np.int32)),
+                                const("box_size", np.array([1, len(anchors), 4], np.int32))],
+                      "boxes", [1, len(anchors), 4])  # x, y offsets from the anchor, width, height
+        score_rows = op("LOGISTIC", [scores], "scores", [1, len(anchors), classes])
+    else:
+        boxes, scores, anchors, classes = _yolo_parts(graph)
+        perm = const("perm", np.array([0, 2, 1], np.int32))
+        box_rows = op("TRANSPOSE", [boxes, perm], "boxes", [1, len(anchors), 4])  # centre x, y, width, height
+        score_rows = op("TRANSPOSE", [scores, perm], "scores", [1, len(anchors), classes])
+    count = len(anchors)
+    size = const("one_column", np.array([1, count, 1], np.int32))
     cx, cy, w, h = (op("SLICE", [box_rows, const(f"from_{i}", np.array([0, 0, i], np.int32)), size], col,
-                       [1, anchors, 1]) for i, col in enumerate(("cx", "cy", "w", "h")))
-    hw = op("CONCATENATION", [h, w], "hw", [1, anchors, 2], axis=2, activation="NONE")
+                       [1, count, 1]) for i, col in enumerate(("cx", "cy", "w", "h")))
+    hw = op("CONCATENATION", [h, w], "hw", [1, count, 2], axis=2, activation="NONE")
     relative = op("MUL", [hw, const("per_image", np.array([1 / height, 1 / width], np.float32))], "hw_relative",
-                  [1, anchors, 2], activation="NONE")
-    log_hw = op("LOG", [relative], "log_hw", [1, anchors, 2])
-    encodings = op("CONCATENATION", [cy, cx, log_hw], "encodings", [1, anchors, 4], axis=2, activation="NONE")
+                  [1, count, 2], activation="RELU")  # a negative size (a confused model's) is none: no NaN box
+    positive = op("ADD", [relative, const("least", np.array([1e-6], np.float32))], "hw_positive", [1, count, 2],
+                  activation="NONE")
+    log_hw = op("LOG", [positive], "log_hw", [1, count, 2])
+    encodings = op("CONCATENATION", [cy, cx, log_hw], "encodings", [1, count, 4], axis=2, activation="NONE")
     from flatbuffers import flexbuffers
 
     options = spec.options(classes, height, width)
     outs = list(OUTPUTS)
-    new.append(Op("DETECTION_POSTPROCESS",
-                  [encodings, score_rows, const("anchors", np.tile(np.array([[0, 0, 1, 1]], np.float32),
-                                                                   (anchors, 1)))],
+    new.append(Op("DETECTION_POSTPROCESS", [encodings, score_rows, const("anchors", anchors)],
                   outs, {"custom": flexbuffers.Dumps(options), "score_threshold": spec.score},
                   name=CUSTOM["DETECTION_POSTPROCESS"]))
     for name, dims in zip(outs, ([1, spec.max, 4], [1, spec.max], [1, spec.max], [1])):
         graph.shapes[name] = dims
     graph.ops.extend(new)
     graph.outputs = outs
-    graph.float_layers |= {o.name for o in new if o.kind in ("CONCATENATION", "MUL", "LOG")}
+    graph.float_layers |= {o.name for o in new if o.kind in ("CONCATENATION", "MUL", "ADD", "LOG")}
     graph.nms_from = [boxes, scores]
+
+
+def _yolo_parts(graph: Graph) -> tuple[str, str, np.ndarray, int]:
+    """(boxes [1, 4, A], scores [1, C, A], anchors, C) of a YOLO output, its join removed: the
+    anchors (0, 0, 1, 1) let the op's decoding pass YOLO's own boxes through."""
+    out = graph.outputs[0] if len(graph.outputs) == 1 else ""
+    shape = graph.shapes.get(out, [])
+    join = next((op for op in graph.ops if out in op.outputs), None)
+    parts = join.inputs if join is not None and join.kind == "CONCATENATION" else []
+    part_shapes = [graph.shapes.get(p, []) for p in parts]
+    if len(graph.outputs) != 1 or len(shape) != 3 or len(parts) != 2 or join.options.get("axis") not in (1, -2) \
+            or [s[1] if len(s) == 3 else 0 for s in part_shapes] != [4, shape[1] - 4] or shape[1] < 5:
+        raise ConversionError(f"--nms yolo takes a YOLO output [1, 4 + classes, anchors] joined from boxes and "
+                              f"scores; this model's outputs are {[graph.shapes.get(o) for o in graph.outputs]}",
+                              "export the model with its Detect head (yolo export format=onnx), or drop --nms")
+    if shape[0] not in (1, -1):
+        raise ConversionError(f"--nms takes one image a call (the post-processing's batch); this model's output "
+                              f"is {shape}", "export the detector for a batch of 1, or with a dynamic batch")
+    if any(out in o.inputs for o in graph.ops):
+        raise ConversionError(f"--nms needs the model to end at its output {out!r}, and the model reads it further",
+                              "drop --nms")
+    graph.ops.remove(join)  # nothing else reads the joined output
+    return parts[0], parts[1], np.tile(np.array([[0, 0, 1, 1]], np.float32), (shape[2], 1)), shape[1] - 4
+
+
+def _mediapipe_parts(graph: Graph, spec: NmsSpec, height: int, width: int) -> tuple[str, str, np.ndarray, int]:
+    """(regressors, class logits, anchors, classes) of a MediaPipe SSD. The anchors are its
+    SsdAnchorsCalculator's with a fixed anchor size: one centre per cell of each stride's grid,
+    repeated for each layer of that stride and each anchor a layer puts there (1 or 2, read
+    off the number of boxes), and (1, 1) sizes, so that a box's offsets and size, divided by
+    the input size, are the box (MediaPipe's own decoding with x_scale ... = the input size)."""
+    shapes = {o: graph.shapes.get(o, []) for o in graph.outputs}
+    if len(shapes) != 2 or any(len(s) != 3 or s[0] not in (1, -1) for s in shapes.values()):
+        raise ConversionError(f"--nms mediapipe takes box regressors [1, anchors, 4 + keypoints] and class scores "
+                              f"[1, anchors, classes]; this model's outputs are {list(shapes.values())}",
+                              "drop --nms, or use --nms yolo for a YOLO")
+    boxes, scores = sorted(shapes, key=lambda o: -shapes[o][2])
+    count, classes = shapes[boxes][1], shapes[scores][2]
+    if shapes[scores][1] != count or shapes[boxes][2] < 4 or shapes[boxes][2] == classes:
+        raise ConversionError(f"--nms mediapipe cannot tell the box regressors from the class scores in "
+                              f"{list(shapes.values())}", "drop --nms")
+    groups: list[tuple[int, int]] = []  # (stride, layers of that stride), in order
+    for stride in spec.strides:
+        if groups and groups[-1][0] == stride:
+            groups[-1] = (stride, groups[-1][1] + 1)
+        else:
+            groups.append((stride, 1))
+    cells = [(-(-height // s)) * (-(-width // s)) * layers for s, layers in groups]
+    per_cell = count // sum(cells) if sum(cells) and count % sum(cells) == 0 else 0
+    if per_cell not in (1, 2):
+        raise ConversionError(f"--nms mediapipe: {count} boxes do not fit anchors of strides "
+                              f"{':'.join(map(str, spec.strides))} on a {height}x{width} input",
+                              "give the strides of the model's SsdAnchorsCalculator, e.g. strides=8:16:32:32:32")
+    anchors = []
+    for stride, layers in groups:
+        rows, cols = -(-height // stride), -(-width // stride)
+        for y in range(rows):
+            for x in range(cols):
+                anchors += [[(y + 0.5) / rows, (x + 0.5) / cols, 1.0, 1.0]] * (layers * per_cell)
+    return boxes, scores, np.array(anchors, np.float32), classes
 
 
 def check_feed(source_output: np.ndarray, written, graph: Graph, inputs: dict[str, np.ndarray],
@@ -194,6 +256,8 @@ def append_to_onnx(model, spec: NmsSpec):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if spec.kind != "yolo":
+        raise ConversionError(f"--nms {spec.kind} is for the .tflite files MediaPipe ships", "add --format tflite")
     g = model.graph
     if len(g.output) != 1 or len(g.input) - len({i.name for i in g.initializer} & {i.name for i in g.input}) != 1:
         raise ConversionError("--nms takes a YOLO detector: one image in, one [1, 4 + classes, anchors] out",

@@ -775,3 +775,45 @@ def build_ssd_tflite(path: str | Path, size: int = 32, classes: int = 3, width: 
     path = Path(path)
     path.write_bytes(converter.convert())
     return path
+
+
+def build_mediapipe_ssd_tflite(path: str | Path, size: int = 64, seed: int = 0) -> Path:
+    """A float .tflite laid out as MediaPipe's face and palm detectors are: [1, size, size, 3]
+    images in, box regressors [1, A, 16] (x and y offsets from the anchor, width, height, in
+    input pixels, then 6 keypoints) and class logits [1, A, 1] out, for the anchors of strides
+    8:16:16:16 with 2 per layer and cell (A = 2 (size/8)^2 + 6 (size/16)^2, 224 at 64x64).
+    Random weights; widths and heights kept positive (4 px and up), as a trained model's are;
+    logits read each cell's brightness, so bright blocks are "found". Needs TensorFlow."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+
+    def he(*shape, fan_in):
+        return tf.constant(rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32))
+
+    stem, down, down2 = he(3, 3, 3, 16, fan_in=27), he(3, 3, 16, 16, fan_in=144), he(3, 3, 16, 16, fan_in=144)
+    reg8, reg16 = he(1, 1, 16, 2 * 16, fan_in=16), he(1, 1, 16, 6 * 16, fan_in=16)
+    cls8, cls16 = he(1, 1, 3, 2, fan_in=3), he(1, 1, 3, 6, fan_in=3)
+
+    def regress(x, w, per_cell):
+        r = tf.reshape(tf.nn.conv2d(x, w, 1, "SAME"), [1, -1, 16])
+        return tf.concat([r[..., :2] * 4.0, tf.nn.relu(r[..., 2:4]) * 12.0 + 4.0, r[..., 4:]], -1)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="input")])
+    def detect(image):
+        x = tf.nn.relu(tf.nn.conv2d(image, stem, 2, "SAME"))
+        x8 = tf.nn.relu(tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, down, 2, "SAME")), down, 2, "SAME"))
+        x16 = tf.nn.relu(tf.nn.conv2d(x8, down2, 2, "SAME"))
+        regressors = tf.concat([regress(x8, reg8, 2), regress(x16, reg16, 6)], 1)
+        bright8 = tf.nn.avg_pool2d(image, 8, 8, "VALID")
+        bright16 = tf.nn.avg_pool2d(image, 16, 16, "VALID")
+        logits = tf.concat([tf.reshape(tf.nn.conv2d(bright8, cls8, 1, "SAME"), [1, -1, 1]),
+                            tf.reshape(tf.nn.conv2d(bright16, cls16, 1, "SAME"), [1, -1, 1])], 1)
+        return {"regressors": regressors, "classificators": logits * 3.0}
+
+    path = Path(path)
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()]).convert())
+    return path

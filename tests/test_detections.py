@@ -125,3 +125,10 @@ def test_a_batch_of_images_is_not_listed_as_one_images_detections():
     from agent.tensors import from_numpy, labels
 
     assert labels([from_numpy(k, v) for k, v in _outputs([[A], [B]]).items()], [], NAMES) == {}
+
+
+def test_a_box_of_no_area_matches_only_the_same_box():
+    point = np.array([0.3, 0.3, 0.3, 0.3])
+    assert detections.iou(point, point.copy()) == 1.0  # two runs that agree, agree
+    assert detections.iou(point, point + 0.1) == 0.0
+    assert detections.iou(np.array([0.1, 0.1, 0.5, 0.5]), np.array([0.1, 0.1, 0.5, 0.5])) == pytest.approx(1.0)

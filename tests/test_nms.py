@@ -71,14 +71,14 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _serve(bundle, assets, tmp_path, x):
+def _serve(bundle, assets, tmp_path, x, feed: str = "input"):
     """(model, the detections it answers for each image of x, one request each, as four arrays)."""
     engine = Engine(Budget(4096, reserve_mb=0))
     model = engine.load(Store(tmp_path / "store").install(open_bundle(bundle, [load_public_key(assets.pub)])))
     model.self_test()
     engine.activate(model)
     order = model.detections
-    runs = [engine.infer_arrays(model.name, {"input": row[None]})[1] for row in x]
+    runs = [engine.infer_arrays(model.name, {feed: row[None]})[1] for row in x]
     engine.close()
     return model, order, runs
 
@@ -161,7 +161,7 @@ def test_nms_specs_are_read_and_refused_with_the_form_to_use():
 
 
 def test_nms_on_a_model_that_is_no_yolo_or_for_onnx_is_one_clear_error(assets, tmp_path):
-    with pytest.raises(ConversionError, match=r"--nms takes a YOLO output \[1, 4 \+ classes, anchors\]"):
+    with pytest.raises(ConversionError, match=r"--nms yolo takes a YOLO output \[1, 4 \+ classes, anchors\]"):
         convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "d.ewb", None, None,
                      ConvertOptions(name="digits", format="tflite", nms="yolo"))
     with pytest.raises(ConversionError, match=r"--nms takes a YOLO output \[1, 4 \+ classes, anchors\] from images"):
@@ -191,3 +191,81 @@ def test_a_float_tflite_yolo_takes_nms_too(yolo, assets, tmp_path):
     q = agreement(dict(zip(order, _suppressed(raw).values())),
                   {k: np.concatenate([r[k] for r in runs]) for k in order}, order)
     assert q["detection_agreement"] >= 0.99 and q["matched_iou_mean"] >= 0.999, q
+
+
+def _mediapipe_suppressed(reg: np.ndarray, logits: np.ndarray, size: int, score: float, iou: float,
+                          most: int) -> dict[str, np.ndarray]:
+    """MediaPipe's own decoding, written out: anchors of strides 8:16:16:16 (2 per layer and
+    cell, fixed size), centre = offset / size + the anchor's, size = width / size; sigmoid
+    scores; then the op's hard suppression, best first."""
+    anchors = []
+    for stride, layers in ((8, 1), (16, 3)):
+        n = size // stride
+        anchors += [((y + 0.5) / n, (x + 0.5) / n) for y in range(n) for x in range(n) for _ in range(2 * layers)]
+    anchors = np.array(anchors)
+    out = {k: [] for k in ("boxes", "classes", "scores", "count")}
+    for r, s in zip(reg, logits):
+        cy, cx = r[:, 1] / size + anchors[:, 0], r[:, 0] / size + anchors[:, 1]
+        h, w = r[:, 3] / size, r[:, 2] / size
+        corners = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1)
+        p = 1 / (1 + np.exp(-s[:, 0]))
+        kept: list[int] = []
+        for a in np.argsort(-p, kind="stable"):
+            if p[a] < score or len(kept) == most:
+                break
+            if all(_iou(corners[a], corners[k]) <= iou for k in kept):
+                kept.append(a)
+        rows = np.zeros((most, 4))
+        rows[:len(kept)] = corners[kept]
+        out["boxes"].append(rows)
+        out["classes"].append(np.zeros(most))
+        out["scores"].append(np.r_[p[kept], np.zeros(most - len(kept))])
+        out["count"].append(len(kept))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_a_mediapipe_ssd_answers_with_detections_decoded_as_mediapipe_decodes_them(assets, tmp_path):
+    """--nms mediapipe: the face and palm detectors' layout (regressors and class logits, anchors
+    computed by the graph around them) gets the same post-processing op, fed so that it decodes
+    boxes as MediaPipe's TensorsToDetectionsCalculator does."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from converters.from_tflite import convert_tflite
+    from converters.zoo import build_mediapipe_ssd_tflite
+
+    source = build_mediapipe_ssd_tflite(tmp_path / "blaze.tflite", size=64)
+    rng = np.random.default_rng(4)
+    low = rng.random((48, 8, 8, 3)).astype(np.float32)
+    x = np.repeat(np.repeat(low, 8, 1), 8, 2)  # blocks of one anchor cell each
+    np.savez(tmp_path / "calib.npz", input=x[:32])
+    np.savez(tmp_path / "eval.npz", input=x[32:])
+    spec = "mediapipe,score=0.5,iou=0.3,max=10"
+    report = convert_tflite(source, tmp_path / "calib.npz", tmp_path / "f.ewb", assets.key, tmp_path / "eval.npz",
+                            ConvertOptions(name="blaze", precision="fp32", nms=spec))
+    assert report["graph"]["ops"]["TFLite_Detection_PostProcess"] == 1
+    it = Interpreter(model_path=str(source))  # the source file's own outputs, told apart by their width
+    it.allocate_tensors()
+    reg_out, cls_out = sorted(it.get_output_details(), key=lambda d: -d["shape"][-1])
+    raw = []
+    for row in x[32:]:
+        it.set_tensor(it.get_input_details()[0]["index"], row[None])
+        it.invoke()
+        raw.append((it.get_tensor(reg_out["index"]).copy(), it.get_tensor(cls_out["index"]).copy()))
+    want = _mediapipe_suppressed(np.concatenate([r for r, _ in raw]), np.concatenate([c for _, c in raw]),
+                                 64, 0.5, 0.3, 10)
+    _, order, runs = _serve(tmp_path / "f.ewb", assets, tmp_path, x[32:], feed="input")
+    q = agreement(dict(zip(order, want.values())), {k: np.concatenate([r[k] for r in runs]) for k in order}, order)
+    assert q["detections_fp32"] >= 2 * 16 and q["detection_agreement"] >= 0.99, q
+    assert q["matched_iou_mean"] >= 0.999 and q["matched_score_max_err"] <= 1e-4, q
+
+    report = convert_tflite(source, tmp_path / "calib.npz", tmp_path / "q.ewb", assets.key, tmp_path / "eval.npz",
+                            ConvertOptions(name="blaze", nms=spec, allow_worse=True))
+    assert report["quality"]["detection_agreement"] >= 0.6, report["quality"]
+    _serve(tmp_path / "q.ewb", assets, tmp_path / "q", x[32:34], feed="input")  # self-tests and serves
+    with pytest.raises(ConversionError, match=r"224 boxes do not fit anchors of strides 8:16:32:32:32"):
+        convert_tflite(source, tmp_path / "calib.npz", tmp_path / "s.ewb", None, None,
+                       ConvertOptions(name="blaze", nms="mediapipe,strides=8:16:32:32:32"))
+    with pytest.raises(ConversionError, match="for the .tflite files MediaPipe ships"):
+        convert_onnx(assets.fp32_v1, assets.calib, tmp_path / "m.ewb", None, None,
+                     ConvertOptions(name="digits", nms="mediapipe"))
+    assert not (tmp_path / "s.ewb").exists() and not (tmp_path / "m.ewb").exists()
