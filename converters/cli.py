@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. labelmap.txt); answers on the board then name the class. An image folder's "
                         "sub-folders name them otherwise")
     p.add_argument("--nms", metavar="SPEC",
-                   help="append non-maximum suppression to a YOLO detector (YOLOv8/v5u/v11 as ultralytics exports "
-                        "it), so the board answers with boxes, classes and scores: yolo, or yolo,score=0.25,iou=0.7,"
-                        "max=100")
+                   help="append non-maximum suppression to a detector, so the board answers with boxes, classes and "
+                        "scores: yolo (YOLOv8/v5u/v11 as ultralytics exports them; score=0.25,iou=0.7,max=100) or "
+                        "mediapipe (MediaPipe's face, palm and pose detectors, .tflite; strides=8:16:16:16, "
+                        "score=0.5,iou=0.3)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle to write (.ewb)")
     p.add_argument("--key", metavar="FILE", help="ed25519 private key to sign with (from `edgeward keys gen`)")
     p.add_argument("--name", help="model name on the device (default: the file name)")
