@@ -53,16 +53,22 @@ def _suppressed(raw: np.ndarray) -> dict[str, np.ndarray]:
         cx, cy, w, h = rows[:4]
         corners = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1) / SIZE
         best, cls = rows[4:].max(0), rows[4:].argmax(0)
-        kept: list[int] = []
-        for a in np.argsort(-best, kind="stable"):
-            if best[a] < SCORE or len(kept) == MAX:
-                break
-            if all(_iou(corners[a], corners[k]) <= IOU for k in kept):
-                kept.append(a)
+        kept = _greedy(corners, best, SCORE, IOU, MAX)
         count[i] = len(kept)
         for j, a in enumerate(kept):
             boxes[i, j], classes[i, j], scores[i, j] = corners[a], cls[a], best[a]
     return {"boxes": boxes, "classes": classes, "scores": scores, "count": count}
+
+
+def _greedy(corners: np.ndarray, scores: np.ndarray, score: float, iou: float, most: int) -> list[int]:
+    """The boxes kept, best first: from `score` up, none overlapping a kept one by more than `iou`."""
+    kept: list[int] = []
+    for a in np.argsort(-scores, kind="stable"):
+        if scores[a] < score or len(kept) == most:
+            break
+        if all(_iou(corners[a], corners[k]) <= iou for k in kept):
+            kept.append(a)
+    return kept
 
 
 def _iou(a, b) -> float:
@@ -209,12 +215,7 @@ def _mediapipe_suppressed(reg: np.ndarray, logits: np.ndarray, size: int, score:
         h, w = r[:, 3] / size, r[:, 2] / size
         corners = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1)
         p = 1 / (1 + np.exp(-s[:, 0]))
-        kept: list[int] = []
-        for a in np.argsort(-p, kind="stable"):
-            if p[a] < score or len(kept) == most:
-                break
-            if all(_iou(corners[a], corners[k]) <= iou for k in kept):
-                kept.append(a)
+        kept = _greedy(corners, p, score, iou, most)
         rows = np.zeros((most, 4))
         rows[:len(kept)] = corners[kept]
         out["boxes"].append(rows)
