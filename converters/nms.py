@@ -1,4 +1,4 @@
-"""Non-maximum suppression appended to a YOLO detector (`--nms`), so the board answers with
+"""Non-maximum suppression appended to a detector (`--nms`), so the board answers with
 detections instead of thousands of candidate boxes.
 
 A YOLOv8 (or v5u, v11) as ultralytics exports it ends in [1, 4 + classes, anchors]: each
@@ -16,6 +16,11 @@ scores as they are (no background column). From then on the model is a detector 
 measured as matched detections, self-tested as sets, answered as lists (agent/detections.py).
 The boxes and scores come from the two parts of YOLO's last concat, each at its own int8 scale;
 the few ops between them and the post-processing run in float.
+
+`--nms mediapipe` feeds the same op from MediaPipe's SSD heads (box offsets from anchors its
+graph computes, and class logits through a sigmoid), with those anchors as constants: the
+same decoding, their centres instead of (0, 0). An ONNX YOLO (--format onnx) gets ONNX's own
+NonMaxSuppression instead, its picks padded to the same four outputs (append_to_onnx).
 """
 
 from __future__ import annotations
