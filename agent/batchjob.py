@@ -73,6 +73,15 @@ def _image_batches(files: list[Path], name: str, spec, batch: int, box_maps: dic
         yield [(str(p), 0) for p in chunk], {name: np.stack([x for x, _ in photos])}
 
 
+def _draw(source: str, found: list[dict], root: Path, folder: Path) -> None:
+    """The photo again under `folder`, at its place under the job's input folder, boxes drawn."""
+    from . import images
+
+    out = folder / (Path(source).relative_to(root) if root.is_dir() else Path(source).name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images.draw_detections(source, found, out)
+
+
 def _samples(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
     """The arrays of one file, named by the model's inputs, each with a leading sample axis."""
     try:
@@ -162,8 +171,9 @@ class _FileStreams:
 
 
 def run_job(socket_path: str, model: str, input_path: str, output: str, batch: int = 32,
-            progress=sys.stderr, preprocess: str | None = None) -> dict:
-    """Run the job; returns a summary (samples, seconds, version)."""
+            progress=sys.stderr, preprocess: str | None = None, draw: str | None = None) -> dict:
+    """Run the job; returns a summary (samples, seconds, version). `draw`: a folder where each
+    photo a detector ran on is written again with its detections drawn (images.draw_detections)."""
     files = _files(Path(input_path))
     out_path = Path(output)
     with LocalClient(socket_path) as client:
@@ -177,6 +187,11 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                 progress.write(f"  {model} takes batches of {fixed} sample(s): --batch {batch} becomes {fixed}\n")
             batch = fixed
         detections = info.get("detections") or []  # a detector's four outputs: each record lists its detections
+        if draw and not (detections and is_image(files[0])):
+            raise EdgewardError(f"--draw shows a detector's boxes on photos, and {model} is "
+                                f"{'a detector' if detections else 'no detector'} run on "
+                                f"{'photos' if is_image(files[0]) else 'arrays'}",
+                                "drop --draw, or run a detector over a folder of photos")
         box_maps: dict = {}
         if is_image(files[0]):
             spec = _image_spec(info, preprocess)
@@ -212,6 +227,8 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                         if len(detections) == 4 and all(n in outputs for n in detections):
                             record["detections"] = detection_list(*(outputs[n][row].tolist() for n in detections),
                                                                   classes)
+                            if draw:
+                                _draw(source, record["detections"], Path(input_path), Path(draw))
                         elif first.ndim == 2 and first.shape[1] > 1:
                             record["top1"] = top1 = int(first[row].argmax())
                             if top1 < len(classes) and classes[top1]:

@@ -356,10 +356,12 @@ def cmd_infer(args) -> int:
         if not args.output:
             raise EdgewardError("say where the results go", "pass --output results.jsonl")
         summary = run_job(args.socket, args.model, args.input, args.output, batch=args.batch,
-                          preprocess=args.preprocess)
+                          preprocess=args.preprocess, draw=args.draw)
         print(f"{summary['samples']} samples through {summary['model']} v{summary['version']} in "
               f"{summary['seconds']} s -> {args.output}")
         return 0
+    if args.draw:
+        raise EdgewardError("--draw is for a batch job on this board", "drop --device, or drop --draw")
     from . import protocol
     from .fleet import Fleet
     from .images import is_image
@@ -562,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="  edgeward infer --device pi-01 --model digits --input x.npy\n"
                               "  edgeward infer --device pi-01 --model cam --input door.jpg           # prints the class\n"
                               "  edgeward infer --model digits --input samples/ --batch 32 --output results.jsonl\n"
-                              "  edgeward infer --model cam --input photos/ --output results.jsonl   # .jpg/.png files")
+                              "  edgeward infer --model cam --input photos/ --output results.jsonl   # .jpg/.png files\n"
+                              "  edgeward infer --model yard --input photos/ --output found.jsonl --draw boxes/  # a detector")
     n.add_argument("--device", help="the device to ask over MQTT (leave out for a local batch job)")
     n.add_argument("--model", required=True)
     n.add_argument("--input", required=True,
@@ -576,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --device, a stateful model's stream: its state carries on from the stream's last call")
     n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")
     n.add_argument("--batch", type=int, default=32, help="samples per request in a batch job (default %(default)s)")
+    n.add_argument("--draw", metavar="DIR",
+                   help="a batch job of a detector over photos: write each photo to DIR with its detections drawn")
     n.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),
                    help="the agent's local API socket (default %(default)s)")
     n.add_argument("--json", action="store_true")

@@ -32,6 +32,7 @@ batch jobs (`pip install pillow`, or the `images` extra).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -430,6 +431,41 @@ def describe_classes(classes: list) -> str:
     named = [c for c in classes if c]
     shown = ", ".join(named[:4]) + (f", ... {named[-1]}" if len(named) > 4 else "")
     return f"{len(named)} classes ({shown})"
+
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60)]  # one per class id, repeating: distinct on photos
+
+
+def draw_detections(path: str | Path, found: list[dict], out: str | Path) -> None:
+    """The photo at `path`, upright, with each detection's box (as fractions of the photo, as
+    answers give them) drawn in its class's colour and labelled with its class and score,
+    written to `out` (its format by its suffix) through a temporary file."""
+    Image, ImageOps = _pillow()
+    from PIL import ImageDraw
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc}", "remove or replace that file") from None
+    draw = ImageDraw.Draw(im)
+    w, h = im.size
+    line = max(1, round(min(w, h) / 160))
+    for d in found:
+        ymin, xmin, ymax, xmax = d["box"]
+        colour = COLOURS[d["class_id"] % len(COLOURS)] if d["class_id"] >= 0 else (255, 255, 255)
+        draw.rectangle([xmin * w, ymin * h, xmax * w, ymax * h], outline=colour, width=line)
+        draw.text((xmin * w + line + 1, ymin * h + line), f"{d.get('class', d['class_id'])} {d['score']:.2f}",
+                  fill=colour)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        im.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _short(values: list[float]) -> str:

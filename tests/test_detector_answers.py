@@ -19,7 +19,7 @@ from PIL import Image
 from agent import images
 from agent.bundle import open_bundle
 from agent.client import LocalClient
-from agent.errors import ConversionError
+from agent.errors import ConversionError, EdgewardError
 from converters.convert import ConvertOptions
 from converters.data import read_labels
 
@@ -217,10 +217,42 @@ def _wide_photos_are_answered_on_the_photo(sock, order, tmp_path):
                 assert (d["class"], d["score"]) == (e["class"], e["score"])
             answers[path.name] = got["detections"]
         assert sum(len(a) for a in answers.values()) >= 4
-    run_job(sock, "ssd", str(wide), str(tmp_path / "wide.jsonl"), preprocess=letterbox, progress=None)
+    run_job(sock, "ssd", str(wide), str(tmp_path / "wide.jsonl"), preprocess=letterbox, progress=None,
+            draw=str(tmp_path / "drawn"))
     for line in (tmp_path / "wide.jsonl").read_text().splitlines():
         r = json.loads(line)
-        assert r["detections"] == answers[r["source"].rsplit("/", 1)[-1]]
+        name = r["source"].rsplit("/", 1)[-1]
+        assert r["detections"] == answers[name]
+        _boxes_are_drawn_where_they_are(wide / name, tmp_path / "drawn" / name, r["detections"])
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(answers)  # no temporary files left
+    np.save(tmp_path / "arrays.npy", np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(EdgewardError, match=r"--draw shows a detector's boxes on photos, and ssd is a detector run "
+                                            r"on arrays"):
+        run_job(sock, "ssd", str(tmp_path / "arrays.npy"), str(tmp_path / "a.jsonl"), progress=None,
+                draw=str(tmp_path / "no"))
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "no").exists()
+    r = _cli("infer", "--device", "pi-x", "--model", "ssd", "--input", wide / "0.png", "--draw", tmp_path / "d")
+    assert r.returncode != 0 and "--draw is for a batch job on this board" in r.stderr and "Traceback" not in r.stderr
+
+
+def _boxes_are_drawn_where_they_are(photo, drawn, found):
+    """--draw: the photo as it was, each box's outline in its class's colour where the box is."""
+    before = np.asarray(Image.open(photo).convert("RGB")).astype(int)
+    after = np.asarray(Image.open(drawn).convert("RGB")).astype(int)
+    assert after.shape == before.shape
+    h, w = before.shape[:2]
+    changed = np.abs(after - before).sum(-1) > 0
+    for d in found:
+        ymin, xmin, ymax, xmax = d["box"]
+        top, left = min(int(ymin * h), h - 1), min(int(xmin * w), w - 1)
+        assert changed[top, left:int(xmax * w)].any() or changed[top:int(ymax * h), left].any(), d
+    drawn_on = np.zeros_like(changed)
+    for d in found:  # nothing changed but the boxes and their labels ("red 0.93": a line of text at the top left)
+        ymin, xmin, ymax, xmax = d["box"]
+        top, left = int(ymin * h), int(xmin * w)
+        drawn_on[max(top - 2, 0):int(ymax * h) + 3, max(left - 2, 0):int(xmax * w) + 3] = True
+        drawn_on[max(top - 2, 0):top + 14, max(left - 2, 0):left + 8 * 12] = True
+    assert not (changed & ~drawn_on).any()
 
 
 @pytest.mark.parametrize("text, names", [
