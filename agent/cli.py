@@ -360,8 +360,6 @@ def cmd_infer(args) -> int:
         print(f"{summary['samples']} samples through {summary['model']} v{summary['version']} in "
               f"{summary['seconds']} s -> {args.output}")
         return 0
-    if args.draw:
-        raise EdgewardError("--draw is for a batch job on this board", "drop --device, or drop --draw")
     from . import protocol
     from .fleet import Fleet
     from .images import is_image
@@ -371,6 +369,9 @@ def cmd_infer(args) -> int:
         raise EdgewardError("over MQTT, --input is one file (.npy, .npz or an image); folders are for batch jobs "
                             "on the board", "run `edgeward infer --model NAME --input DIR` on the board")
     tensors, image = None, None
+    if args.draw and not is_image(path):
+        raise EdgewardError("--draw shows a detector's boxes on a photo, and the input is an array file",
+                            "pass a photo (.jpg, .png, ...), or drop --draw")
     if is_image(path):  # sent as it is: the board prepares it as the model's bundle says
         try:
             image = path.read_bytes()
@@ -393,6 +394,13 @@ def cmd_infer(args) -> int:
     outputs = result["outputs"]
     if args.output:
         np.savez(args.output, **outputs)
+    if args.draw:
+        if "detections" not in result:
+            raise EdgewardError(f"--draw shows a detector's boxes, and {args.model} on {args.device} answered "
+                                "with no detections list (not a detector)", "drop --draw")
+        from .images import draw_detections
+
+        draw_detections(path, result["detections"], args.draw)
     if args.json:
         print(json.dumps({"model": result["model"], "version": result["version"], "round_trip_ms": round(rtt, 2),
                           **{k: result[k] for k in protocol.ANSWER_LABELS if k in result},
@@ -579,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --device, a stateful model's stream: its state carries on from the stream's last call")
     n.add_argument("--output", help="save the outputs: .npz with --device, .jsonl for a batch job")
     n.add_argument("--batch", type=int, default=32, help="samples per request in a batch job (default %(default)s)")
-    n.add_argument("--draw", metavar="DIR",
-                   help="a batch job of a detector over photos: write each photo to DIR with its detections drawn")
+    n.add_argument("--draw", metavar="PATH",
+                   help="a detector run on photos: write them again with their boxes drawn (a folder for a batch "
+                        "job, a file such as boxes.png with --device)")
     n.add_argument("--socket", default=os.environ.get("EDGEWARD_SOCKET", "/run/edgeward/agent.sock"),
                    help="the agent's local API socket (default %(default)s)")
     n.add_argument("--json", action="store_true")

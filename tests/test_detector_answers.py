@@ -150,8 +150,9 @@ def test_a_camera_pipeline_and_a_device_request_answer_with_the_detections(broke
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["detections"] == want
         r = _cli("infer", "--device", "pi-yard", "--model", "ssd", "--input", photo, "--broker", broker.url,
-                 timeout=60)
+                 "--draw", tmp_path / "seen.png", timeout=60)
         assert r.returncode == 0 and "box (ymin xmin ymax xmax)" in r.stdout, r.stdout
+        _boxes_are_drawn_where_they_are(photo, tmp_path / "seen.png", want)  # the device's answer, on the photo
         rows = re.findall(r"^  (red|green|blue) +([0-9.]+) ", r.stdout, re.M)  # one row per detection, best first
         assert rows == [(d["class"], f"{d['score']:.3f}") for d in want] and "top-1 per row" not in r.stdout
     finally:
@@ -231,8 +232,10 @@ def _wide_photos_are_answered_on_the_photo(sock, order, tmp_path):
         run_job(sock, "ssd", str(tmp_path / "arrays.npy"), str(tmp_path / "a.jsonl"), progress=None,
                 draw=str(tmp_path / "no"))
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "no").exists()
-    r = _cli("infer", "--device", "pi-x", "--model", "ssd", "--input", wide / "0.png", "--draw", tmp_path / "d")
-    assert r.returncode != 0 and "--draw is for a batch job on this board" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("infer", "--device", "pi-x", "--model", "ssd", "--input", tmp_path / "arrays.npy", "--draw",
+             tmp_path / "d.png")
+    assert r.returncode != 0 and "--draw shows a detector's boxes on a photo, and the input is an array file" in \
+        r.stderr and "Traceback" not in r.stderr
 
 
 def _boxes_are_drawn_where_they_are(photo, drawn, found):

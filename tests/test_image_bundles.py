@@ -329,6 +329,10 @@ def test_a_photo_sent_to_a_device_over_mqtt_is_prepared_there_and_named(broker, 
         r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", photo, "--broker", broker.url,
                  timeout=60)
         assert r.returncode == 0 and f"class: {got['class']}" in r.stdout
+        r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", photo, "--broker", broker.url,
+                 "--draw", tmp_path / "boxes.png", timeout=60)  # a classifier has no boxes to draw
+        assert r.returncode != 0 and "answered with no detections list (not a detector)" in r.stderr
+        assert not (tmp_path / "boxes.png").exists()
         fake = tmp_path / "broken.png"
         fake.write_bytes(b"not really a png")
         r = _cli("infer", "--device", "pi-door", "--model", "digits", "--input", fake, "--broker", broker.url,
