@@ -73,6 +73,18 @@ def _image_batches(files: list[Path], name: str, spec, batch: int, box_maps: dic
         yield [(str(p), 0) for p in chunk], {name: np.stack([x for x, _ in photos])}
 
 
+def _on_photos(outputs: dict, detections: list[str], sources: list, box_maps: dict) -> np.ndarray:
+    """A batch's boxes on the photos they were found in (detections.in_photo), not on the
+    letterboxed or cropped inputs."""
+    from .detections import in_photo
+
+    boxes = np.array(outputs[detections[0]])  # (the client's arrays are read-only)
+    for row, (source, _) in enumerate(sources):
+        if box_maps.get(source):
+            boxes[row:row + 1] = in_photo(boxes[row:row + 1], outputs[detections[3]][row:row + 1], box_maps[source])
+    return boxes
+
+
 def _draw(source: str, found: list[dict], root: Path, folder: Path) -> None:
     """The photo again under `folder`, at its place under the job's input folder, boxes drawn."""
     from . import images
@@ -213,14 +225,9 @@ def run_job(socket_path: str, model: str, input_path: str, output: str, batch: i
                 for sources, feeds in batches:
                     stream = streams.of(sources[0][0]) if streams is not None else None
                     outputs = client.infer(model, feeds, stream=stream)
+                    if any(box_maps.get(source) for source, _ in sources):  # boxes on the photos, not the inputs
+                        outputs[detections[0]] = _on_photos(outputs, detections, sources, box_maps)
                     for row, (source, index) in enumerate(sources):
-                        if box_maps.get(source):  # boxes on the photo, not on its letterboxed or cropped input
-                            from .detections import in_photo
-
-                            boxes = np.array(outputs[detections[0]])  # (the client's arrays are read-only)
-                            boxes[row:row + 1] = in_photo(boxes[row:row + 1], outputs[detections[3]][row:row + 1],
-                                                          box_maps[source])
-                            outputs[detections[0]] = boxes
                         record = {"source": source, "index": index,
                                   "outputs": {k: v[row].tolist() for k, v in outputs.items()}}
                         first = next(iter(outputs.values()))

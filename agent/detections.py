@@ -27,23 +27,26 @@ MATCH_IOU = 0.5  # the overlap at which two boxes of one class are the same dete
 Detection = tuple[np.ndarray, int, float]  # (box, class, score)
 
 
+def counts(count: np.ndarray, slots: int) -> np.ndarray:
+    """Each image's number of detections as the count output says it, read as a row count: NaN
+    or out of range from a model (the op's, or a confused one's) held to 0..slots."""
+    count = np.asarray(count)
+    return np.clip(np.nan_to_num(count.reshape(len(count), -1)[:, 0]), 0, slots).astype(int)
+
+
 def per_image(outputs: dict[str, np.ndarray], names: list[str]) -> list[list[Detection]]:
     """Each image's detections, the first `count` rows of its outputs."""
     boxes, classes, scores, count = (np.asarray(outputs[n]) for n in names)
-    found = []
-    for i in range(len(count)):
-        n = int(np.clip(np.nan_to_num(count.reshape(len(count), -1)[i, 0]), 0, scores.shape[-1]))
-        found.append([(boxes[i, k].astype(np.float64), int(classes[i, k]), float(scores[i, k])) for k in range(n)])
-    return found
+    return [[(boxes[i, k].astype(np.float64), int(classes[i, k]), float(scores[i, k])) for k in range(n)]
+            for i, n in enumerate(counts(count, scores.shape[-1]))]
 
 
 def cleaned(outputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
     """The outputs with every row past each image's count zeroed (the op leaves them unwritten)."""
     out = dict(outputs)
-    count = np.asarray(outputs[names[3]]).reshape(len(outputs[names[3]]), -1)[:, 0]
     for name in names[:3]:
         v = np.array(outputs[name], copy=True)
-        for i, n in enumerate(np.clip(np.nan_to_num(count), 0, v.shape[1]).astype(int)):
+        for i, n in enumerate(counts(outputs[names[3]], v.shape[1])):
             v[i, n:] = 0
         out[name] = v
     return out
@@ -54,8 +57,7 @@ def in_photo(boxes: np.ndarray, count: np.ndarray, box_map: tuple[float, float, 
     (images.photo_box's (ky, oy, kx, ox)), clipped to it; rows past each count stay as they are."""
     ky, oy, kx, ox = box_map
     out = np.array(boxes, dtype=np.float32, copy=True)
-    counts = np.asarray(count).reshape(len(out), -1)[:, 0]
-    for i, n in enumerate(np.clip(np.nan_to_num(counts), 0, out.shape[1]).astype(int)):
+    for i, n in enumerate(counts(count, out.shape[1])):
         out[i, :n, 0::2] = np.clip(out[i, :n, 0::2] * ky + oy, 0.0, 1.0)
         out[i, :n, 1::2] = np.clip(out[i, :n, 1::2] * kx + ox, 0.0, 1.0)
     return out

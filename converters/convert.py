@@ -128,6 +128,7 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
     say = progress or (lambda stage, done, total: None)
     model_path, out_path = Path(model_path), Path(out_path)
     _check_options(opts, out_path)
+    nms = parse_nms(opts.nms) if opts.nms else None
     key = load_private_key(key_path) if key_path else None
     name = _model_name(opts.name, model_path)
     paths = _bundle_paths(out_path, opts.format)
@@ -136,8 +137,8 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
         work = Path(tmp)
         if opts.fixed_inputs or opts.cut_at:  # part of the FP32 model that everything is measured against
             model_path = _edited(model_path, opts, work / "edited.onnx")
-        if opts.nms and opts.format == "onnx":  # the FP32 model with the same suppression is the reference
-            model_path = _with_nms(model_path, parse_nms(opts.nms), work / "nms.onnx")
+        if nms and opts.format == "onnx":  # the FP32 model with the same suppression is the reference
+            model_path = _with_nms(model_path, nms, work / "nms.onnx")
         model = load_onnx(model_path)
         inputs, outputs = describe(model)
         if opts.state:
@@ -170,14 +171,12 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                 if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
                     calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
                 target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib_feeds, say,
-                                    reduce_range=not opts.full_range_weights,
-                                    nms=parse_nms(opts.nms) if opts.nms else None)
+                                    reduce_range=not opts.full_range_weights, nms=nms)
             else:
                 target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
-                                      original=model_path if pruning or channels else None,
-                                      nms=parse_nms(opts.nms) if opts.nms else None)
+                                      original=model_path if pruning or channels else None, nms=nms)
             target_ref = ref_out
-            if fmt == "tflite" and opts.nms:  # measured against the float model with the same suppression
+            if fmt == "tflite" and nms:  # measured against the float model with the same suppression
                 check_feed(next(iter(ref_out.values())), target.fp32_path, target.graph, evalset.inputs)
                 target_ref = measure.run_all(target.fp32_session(opts.threads), evalset.inputs,
                                              what="the float model with --nms")

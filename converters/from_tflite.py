@@ -40,6 +40,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         raise ConversionError("--prune-channels works on ONNX and PyTorch sources",
                               "remove channels before exporting to TFLite, or use --prune (unstructured)")
     _check_options(opts, out_path)
+    nms = parse_nms(opts.nms) if opts.nms else None
     key = load_private_key(key_path) if key_path else None
     graph, names = read_tflite(model_path, opts.cut_at)
     source_names = names  # the file's tensor indices -> graph names (names is None once a copy is calibrated)
@@ -65,7 +66,7 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
         # the float model as edgeward writes it (I/O named by the signature) is the FP32 reference
         target = TfliteTarget(Path(tmp), model_path, data, say, int8_io=opts.tflite_int8_io,
                               graph=graph, ranges_fn=ranges, baseline=original, methods=CALIBRATION_METHODS,
-                              nms=parse_nms(opts.nms) if opts.nms else None)
+                              nms=nms)
         inputs, _ = target.fp32_session().specs()
         calib, evalset = load_data(calibration, evaluation, inputs, opts, say)
         data.update(calib.inputs)

@@ -53,6 +53,10 @@ class NmsSpec:
     kind: str = "yolo"
     strides: tuple[int, ...] = (8, 16, 16, 16)
 
+    def output_shapes(self) -> list[list[int]]:
+        """The shapes of OUTPUTS: boxes, classes, scores for `max` detections, and their count."""
+        return [[1, self.max, 4], [1, self.max], [1, self.max], [1]]
+
     def options(self, classes: int, height: int, width: int) -> dict:
         """The op's options, as TensorFlow's converter writes them (a flexbuffer map)."""
         return {"max_detections": self.max, "max_classes_per_detection": 1, "detections_per_class": self.max,
@@ -146,8 +150,7 @@ def append_nms(graph: Graph, spec: NmsSpec) -> None:
     new.append(Op("DETECTION_POSTPROCESS", [encodings, score_rows, const("anchors", anchors)],
                   outs, {"custom": flexbuffers.Dumps(options), "score_threshold": spec.score},
                   name=CUSTOM["DETECTION_POSTPROCESS"]))
-    for name, dims in zip(outs, ([1, spec.max, 4], [1, spec.max], [1, spec.max], [1])):
-        graph.shapes[name] = dims
+    graph.shapes.update(zip(outs, spec.output_shapes()))
     graph.ops.extend(new)
     graph.outputs = outs
     graph.float_layers |= {o.name for o in new if o.kind in ("CONCATENATION", "MUL", "ADD", "LOG")}
@@ -286,15 +289,16 @@ def append_to_onnx(model, spec: NmsSpec):
         consts.append(numpy_helper.from_array(value, PREFIX + name))
         return PREFIX + name
 
-    def node(kind: str, inputs: list[str], name: str, **attrs) -> str:
-        nodes.append(helper.make_node(kind, inputs, [PREFIX + name], name=PREFIX + name, **attrs))
-        return PREFIX + name
+    def node(kind: str, inputs: list[str], name: str, output: str | None = None, **attrs) -> str:
+        """A node named nms/NAME, its output nms/NAME (or `output`, for a model output)."""
+        nodes.append(helper.make_node(kind, inputs, [output or PREFIX + name], name=PREFIX + name, **attrs))
+        return output or PREFIX + name
 
-    y = out.name
-    boxes = node("Slice", [y, const("b0", np.array([0], np.int64)), const("b1", np.array([4], np.int64)),
-                           const("axis1", np.array([1], np.int64))], "boxes")
+    y, axis1 = out.name, const("axis1", np.array([1], np.int64))
+    boxes = node("Slice", [y, const("b0", np.array([0], np.int64)), const("b1", np.array([4], np.int64)), axis1],
+                 "boxes")
     scores = node("Slice", [y, const("s0", np.array([4], np.int64)), const("s1", np.array([4 + classes], np.int64)),
-                            const("axis1b", np.array([1], np.int64))], "scores")
+                            axis1], "scores")
     rows = node("Transpose", [boxes], "box_rows", perm=[0, 2, 1])  # [1, A, 4]: cx, cy, w, h
     corners = np.array([[0, 1, 0, 1], [1, 0, 1, 0], [0, -0.5, 0, 0.5], [-0.5, 0, 0.5, 0]], np.float32)
     corners = corners * np.array([1 / height, 1 / width, 1 / height, 1 / width], np.float32)
@@ -319,23 +323,23 @@ def append_to_onnx(model, spec: NmsSpec):
     z1 = const("z1", np.array([0], np.int64))
     pads2 = node("Concat", [z1, z1, missing, z1], "pads2", axis=0)  # [K, 4] -> [max, 4]
     pads1 = node("Concat", [z1, missing], "pads1", axis=0)  # [K] -> [max]
-    unsqueeze = (lambda x, name: node("Unsqueeze", [x, const(f"{name}_axes", np.array([0], np.int64))], name)) \
-        if opset >= 13 else (lambda x, name: node("Unsqueeze", [x], name, axes=[0]))
-    finals = [unsqueeze(node("Pad", [kept_boxes, pads2], "boxes_padded"), "detection_boxes"),
-              unsqueeze(node("Pad", [kept_class, pads1], "classes_padded"), "detection_classes"),
-              unsqueeze(node("Pad", [kept_scores, pads1], "scores_padded"), "detection_scores"),
-              node("Cast", [count], "num_detections", to=TensorProto.FLOAT)]
-    for name, final in zip(OUTPUTS, finals):  # the outputs by the names the TFLite form gives them
-        for n in nodes:
-            if final in n.output:
-                n.output[:] = [name if o == final else o for o in n.output]
+    axis0 = const("axis0", np.array([0], np.int64))
+
+    def batch_of_one(x: str, output: str) -> str:  # [max, ...] -> [1, max, ...], a model output
+        if opset >= 13:
+            return node("Unsqueeze", [x, axis0], output, output)
+        return node("Unsqueeze", [x], output, output, axes=[0])
+
+    # the outputs by the names (OUTPUTS) and in the order the TFLite form gives them
+    batch_of_one(node("Pad", [kept_boxes, pads2], "boxes_padded"), OUTPUTS[0])
+    batch_of_one(node("Pad", [kept_class, pads1], "classes_padded"), OUTPUTS[1])
+    batch_of_one(node("Pad", [kept_scores, pads1], "scores_padded"), OUTPUTS[2])
+    node("Cast", [count], OUTPUTS[3], OUTPUTS[3], to=TensorProto.FLOAT)
     g.node.extend(nodes)
     g.initializer.extend(consts)
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info("detection_boxes", TensorProto.FLOAT, [1, spec.max, 4]),
-                     helper.make_tensor_value_info("detection_classes", TensorProto.FLOAT, [1, spec.max]),
-                     helper.make_tensor_value_info("detection_scores", TensorProto.FLOAT, [1, spec.max]),
-                     helper.make_tensor_value_info("num_detections", TensorProto.FLOAT, [1])])
+    g.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+                    for name, dims in zip(OUTPUTS, spec.output_shapes()))
     del g.value_info[:]  # shapes inferred for a free batch no longer hold
     onnx.checker.check_model(model)
     return model

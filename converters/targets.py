@@ -55,8 +55,8 @@ class OnnxTarget:
         # a YOLO's detections with --nms; other ONNX detectors end in their own NMS (or are cut before it)
         self.detections: list[str] = list(NMS_OUTPUTS) if nms else []
         self.detection_threshold: float | None = nms.score if nms else None
-        if nms:
-            self.producers = {k: f"{v}, with non-maximum suppression appended" for k, v in self.producers.items()}
+        self.producers = _with_suppression(self.producers) if nms else self.producers
+        self.float_nodes = _float_nodes(source) if nms else []  # appended by --nms: kept in float
 
     def layers(self) -> list[str]:
         from .onnx_int8 import load_onnx, quantizable_layers
@@ -70,26 +70,13 @@ class OnnxTarget:
         if precision == "fp32":  # the user's file as it is, unless it was pruned
             _self_contained_copy(self.source if self.pruned else self.original, self.path)
         elif precision == "int8-dynamic":
-            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude + self._float_nodes(),
+            quantize_dynamic(self.source, self.path, exclude_nodes=s.exclude + self.float_nodes,
                              reduce_range=self.reduce_range)
         else:
             quantize_static(self.source, self.path, self.calib, per_channel=s.per_channel, method=s.method,
-                            exclude_nodes=s.exclude + self._float_nodes(), reduce_range=self.reduce_range,
+                            exclude_nodes=s.exclude + self.float_nodes, reduce_range=self.reduce_range,
                             progress=lambda d, t: self.say("calibrating", d, t))
         stamp_file_for_old_runtimes(self.path)  # boards run older onnxruntimes than the workstation
-
-    def _float_nodes(self) -> list[str]:
-        """Nodes never quantized: the suppression --nms appended (boxes, scores and indices), and
-        the node joining YOLO's boxes (in pixels) and scores (0..1), which one int8 scale would
-        make all 0 (as the TFLite writer joins it in float)."""
-        if not self.detections:
-            return []
-        from .onnx_int8 import load_onnx
-
-        nodes = load_onnx(self.source).graph.node
-        appended = [n for n in nodes if n.name.startswith(NMS_PREFIX)]
-        joined = {n.input[0] for n in appended if n.name == f"{NMS_PREFIX}boxes"}
-        return [n.name for n in appended] + [n.name for n in nodes if set(n.output) & joined]
 
     def session(self, path: Path | None = None, threads: int = 1):
         return measure.session(path or self.path, threads)
@@ -164,7 +151,7 @@ class TfliteTarget:
             self.producers = {**self.producers, "int8": f"edgeward TFLite writer, INT8 with its "
                               f"{len(norms)} LayerNorm layer(s) in float"}
         if nms is not None:
-            self.producers = {k: f"{v}, with non-maximum suppression appended" for k, v in self.producers.items()}
+            self.producers = _with_suppression(self.producers)
         write_tflite(baseline or graph, self.fp32_path, description="edgeward fp32")
         self.pruned_fp32 = self.fp32_path  # the float model of what is quantized: pruned, if it was
         if baseline is not None and baseline is not graph:
@@ -222,6 +209,23 @@ class TfliteTarget:
         """INT8 kernels on x86 without VNNI (XNNPACK's AVX2 path) are often slower than FP32,
         while the ARM boards this targets run them faster: only an ARM host's timing decides."""
         return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def _with_suppression(producers: dict) -> dict:
+    """What made each precision's model, saying that --nms appended its suppression."""
+    return {k: f"{v}, with non-maximum suppression appended" for k, v in producers.items()}
+
+
+def _float_nodes(source: Path) -> list[str]:
+    """An ONNX model's nodes never quantized: the suppression --nms appended (boxes, scores and
+    indices), and the node joining YOLO's boxes (in pixels) and scores (0..1), which one int8
+    scale would make all 0 (as the TFLite writer joins it in float)."""
+    from .onnx_int8 import load_onnx
+
+    nodes = load_onnx(source).graph.node
+    appended = [n for n in nodes if n.name.startswith(NMS_PREFIX)]
+    joined = {n.input[0] for n in appended if n.name == f"{NMS_PREFIX}boxes"}
+    return [n.name for n in appended] + [n.name for n in nodes if set(n.output) & joined]
 
 
 def fix_dims(model, calib: dict):
