@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", action="append", default=[], metavar="IN=OUT",
                    help="recurrent state (voice activity detection, keyword spotting): on the board each stream "
                         "feeds input IN what output OUT returned on its last call, zeros at first; the data's "
-                        "samples are then one stream, in order (repeatable; ONNX only)")
+                        "samples are then one stream, in order (repeatable; with --format tflite the recurrent "
+                        "layers are unrolled, one frame a call)")
     p.add_argument("--context", action="append", default=[], metavar="NAME=K",
                    help="audio windows that overlap: on the board each stream puts the last K samples of its "
                         "last window in front of the next one, along input NAME's last axis, so callers send "

@@ -166,14 +166,14 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
                 continue
             sub = work / fmt
             sub.mkdir()
+            calib_feeds = calib.inputs
+            if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
+                calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
             if fmt == "onnx":
-                calib_feeds = calib.inputs
-                if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
-                    calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
                 target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib_feeds, say,
                                     reduce_range=not opts.full_range_weights, nms=nms)
             else:
-                target = TfliteTarget(sub, source, calib.inputs, say, int8_io=opts.tflite_int8_io,
+                target = TfliteTarget(sub, source, calib_feeds, say, int8_io=opts.tflite_int8_io,
                                       original=model_path if pruning or channels else None, nms=nms)
             target_ref = ref_out
             if fmt == "tflite" and nms:  # measured against the float model with the same suppression
@@ -251,9 +251,6 @@ def _check_options(opts: ConvertOptions, out_path: Path) -> None:
     for flag, value in (("--prune", opts.prune), ("--prune-channels", opts.prune_channels)):
         if value is not None and not 0 < value < 1:
             raise ConversionError(f"{flag} {value}: give a fraction between 0 and 1, e.g. 0.5")
-    if opts.state and opts.format != "onnx":
-        raise ConversionError("a stateful model (--state) converts to ONNX only: the TFLite writer has no recurrent "
-                              "layers", "use --format onnx")
     if opts.state and opts.prune_channels:
         raise ConversionError("--prune-channels does not reach through recurrent state", "leave it out with --state")
     if opts.max_images is not None and opts.max_images < 1:

@@ -34,12 +34,13 @@ def _tf():
     return tf
 
 
-def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = False) -> Path:
+def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = False) -> tuple[Path, int]:
     """Write the Keras or SavedModel model as a float .tflite with TensorFlow's converter; with
     `batch_of_one`, for batches of one row, which lets the converter fold the shape arithmetic
-    its layers do for a batch of any size."""
+    its layers do for a batch of any size, and a Keras model's recurrent layers unrolled. Returns
+    (the file, how many recurrent layers were unrolled)."""
     tf = _tf()
-    path = Path(path)
+    path, unrolled = Path(path), 0
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
     try:  # Keras prints its export steps to stdout, which belongs to the report (--json)
@@ -51,7 +52,7 @@ def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = Fals
             else:
                 model = tf.keras.models.load_model(str(path), compile=False)
                 if batch_of_one:
-                    model = _for_batches_of_one(tf, model)
+                    model, unrolled = _for_batches_of_one(tf, model)
                 converter = tf.lite.TFLiteConverter.from_keras_model(model)
             flat = converter.convert()
     except ConversionError:
@@ -62,13 +63,47 @@ def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = Fals
                               "check that it loads with tf.keras.models.load_model / tf.saved_model.load") from exc
     out = Path(out)
     out.write_bytes(flat)
-    return out
+    return out, unrolled
 
 
 def _for_batches_of_one(tf, model):
-    """The Keras model called on inputs of batch size 1 (same names, same weights)."""
+    """(the Keras model called on inputs of batch size 1, same names, same weights, its recurrent
+    layers unrolled; how many were)."""
+    model, unrolled = _unrolled(tf, model)
     inputs = [tf.keras.Input(batch_shape=(1, *i.shape[1:]), dtype=i.dtype, name=i.name) for i in model.inputs]
-    return tf.keras.Model(inputs, model(inputs if len(inputs) > 1 else inputs[0]), name=model.name)
+    return tf.keras.Model(inputs, model(inputs if len(inputs) > 1 else inputs[0]), name=model.name), unrolled
+
+
+def _unrolled(tf, model):
+    """The model with its LSTM, GRU and SimpleRNN layers (Bidirectional ones too) unrolled over
+    their steps, same weights: TensorFlow writes a rolled one as a WHILE loop, which edgeward does
+    not read, and an unrolled one as plain ops (FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD, SPLIT,
+    UNPACK, PACK) that it quantizes step by step. A layer with a free number of steps cannot be
+    unrolled: such a model is left as it is (and its loop refused when it is read)."""
+    keras = tf.keras
+
+    def unrolled_config(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.Bidirectional):
+            for key in ("layer", "backward_layer"):
+                if key in config:
+                    config[key]["config"]["unroll"] = True
+        elif isinstance(layer, keras.layers.RNN) and not config.get("unroll"):
+            config["unroll"] = True
+        else:
+            return None
+        return config
+
+    count = sum(1 for layer in model.layers if unrolled_config(layer))
+    if not count:
+        return model, 0
+    try:
+        clone = keras.models.clone_model(model, clone_function=lambda layer: layer.__class__.from_config(
+            unrolled_config(layer) or layer.get_config()))
+        clone.set_weights(model.get_weights())
+    except Exception:  # a subclassed model, or steps of unknown number: the model as it is
+        return model, 0
+    return clone, count
 
 
 def _saved_model_for_batches_of_one(tf, path: Path):
@@ -88,22 +123,34 @@ def _saved_model_for_batches_of_one(tf, path: Path):
 
 def _float_tflite_edgeward_reads(path: Path, out: Path, say) -> tuple[Path, str | None]:
     """(TensorFlow's float .tflite of the model, None) for a batch of any size where edgeward can
-    read that one, else (the one for batches of one, why): a Keras Dense on a sequence ([N, T, D],
-    a transformer's) computes its reshapes from the batch size at run time, a Conv1D expands its
-    input's dims, a dilated one moves space to the batch; for a batch of one TensorFlow folds
-    them into constants and plain convs."""
+    read that one, else (the one for batches of one, the note that says why): a Keras Dense on a
+    sequence ([N, T, D], a transformer's) computes its reshapes from the batch size at run time, a
+    Conv1D expands its input's dims, a dilated one moves space to the batch; for a batch of one
+    TensorFlow folds them into constants and plain convs. A recurrent layer (a WHILE loop) is
+    unrolled then."""
     from .tflite_reader import read_tflite
 
-    flat = to_float_tflite(path, out)
     try:
-        read_tflite(flat)
-        return flat, None
-    except ConversionError as exc:
-        why = exc.message
-    flat = to_float_tflite(path, out, batch_of_one=True)
+        flat, _ = to_float_tflite(path, out)
+    except ConversionError:  # an LSTM of Keras 3, for one: its tensor lists need their batch known
+        if path.is_dir():
+            raise
+        why = "TensorFlow converts it for a batch of one only"
+    else:
+        try:
+            read_tflite(flat)
+            return flat, None
+        except ConversionError as exc:
+            why = exc.message
+    flat, unrolled = to_float_tflite(path, out, batch_of_one=True)
     read_tflite(flat)  # what still fails says why, in the reader's words
     say("TensorFlow float conversion, for batches of one row", 1, 1)
-    return flat, why
+    note = (f"written for batches of one row, where TensorFlow folds what edgeward cannot read for a batch of any "
+            f"size ({why}); the agent runs it a row at a time")
+    if unrolled:
+        note += (f"; its {unrolled} recurrent layer(s) unrolled over their steps (TensorFlow writes a rolled one as "
+                 "a WHILE loop)")
+    return flat, note
 
 
 def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, evaluation=None, options=None,
@@ -118,12 +165,10 @@ def convert_tensorflow(path: str | Path, calibration, out_path, key_path=None, e
     with tempfile.TemporaryDirectory(prefix="edgeward-tf-") as tmp:
         if progress:
             progress("TensorFlow float conversion", 0, 1)
-        flat, why = _float_tflite_edgeward_reads(path, Path(tmp) / f"{opts.name}.tflite", progress or (lambda *a: None))
+        flat, note = _float_tflite_edgeward_reads(path, Path(tmp) / f"{opts.name}.tflite", progress or (lambda *a: None))
         if progress:
             progress("TensorFlow float conversion", 1, 1)
         report = convert_tflite(flat, calibration, out_path, key_path, evaluation, opts, progress, source_label=label)
-    if why:
-        report.setdefault("notes", []).append(
-            f"written for batches of one row, where TensorFlow folds what edgeward cannot read for a batch of any "
-            f"size ({why}); the agent runs it a row at a time")
+    if note:
+        report.setdefault("notes", []).append(note)
     return report

@@ -30,6 +30,7 @@ from agent.errors import ConversionError, runtime_message
 
 from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
 from .conv1d import LIFTED, lift_conv1d
+from .recurrent import GATES, NeedsFixedSteps, lower_recurrent
 from .subpixel import subpixel_weights
 from .tflite_graph import SAME_SCALE, Graph, Op
 from .tflite_simplify import simplify
@@ -180,6 +181,8 @@ class _Lowering:
                 self._binary(node, _BINARY[op])
             elif op in ("Identity", "Dropout"):
                 self.alias[node.output[0]] = self.src(node.input[0])
+            elif op in GATES:
+                self._recurrent(node)
             elif hasattr(self, f"lower_{op}"):
                 getattr(self, f"lower_{op}")(node)
             else:
@@ -192,6 +195,14 @@ class _Lowering:
                 self.g.outputs[i] = name
                 self._rename(inner, name)
         return self.g
+
+    def _recurrent(self, node) -> None:
+        """RNN, GRU, LSTM: unrolled over their steps (converters/recurrent.py), which needs their
+        number of steps and batch fixed."""
+        try:
+            lower_recurrent(self, node, _unsupported)
+        except NeedsFixedSteps:
+            raise _NeedsFixedBatch() from None
 
     def _fold(self, node) -> None:
         """A node of constants only is a constant: Paddle2ONNX writes each conv bias as
@@ -852,7 +863,7 @@ class _Lowering:
         perm = list(node_attrs(node).get("perm", list(range(rank))[::-1]))
         if perm[0] != 0 and x not in self.nhwc and self._unbind_after_transpose(node, x, perm):
             return
-        if perm[0] != 0:
+        if perm[0] != 0 and not self.along_first_axis(x):
             raise _unsupported(node, f" with perm {perm}, which moves the batch axis")
         if x in self.nhwc:  # ONNX's axis i of x is the graph's axis TO_NHWC.index(i)
             perm = [TO_NHWC.index(p) for p in perm]
@@ -1018,6 +1029,8 @@ class _Lowering:
         if -1 in shape[1:]:
             known = int(np.prod([d for d in shape[1:] if d != -1]))
             shape[shape.index(-1, 1)] = int(np.prod(self.g.shapes[x][1:])) // known
+        if shape[0] == -1 and self.fixed_first_axis(x) and all(d > 0 for d in shape[1:]):
+            shape[0] = int(np.prod(self.g.shapes[x])) // int(np.prod(shape[1:]))  # [T, B, H] -> [T*B, H]
         shape[0] = self.g.shapes[x][0] if shape[0] in (0, -1) else shape[0]
         self._reshape(node, x, shape)
 
@@ -1035,7 +1048,7 @@ class _Lowering:
         shape = self.g.shapes[x]
         axes = self.axes_of(node)
         axes = [i for i, d in enumerate(shape) if d == 1 and i] if axes is None else sorted(a % len(shape) for a in axes)
-        if 0 in axes or any(shape[i] != 1 for i in axes):
+        if (0 in axes and not self.along_first_axis(x)) or any(shape[i] != 1 for i in axes):
             raise _unsupported(node, f" of axes {axes} of a tensor shaped {shape}")
         self._reshape(node, x, [d for i, d in enumerate(shape) if i not in axes])
 
@@ -1045,7 +1058,7 @@ class _Lowering:
         shape = list(self.g.shapes[x])
         axes = self.axes_of(node) or []
         axes = sorted(a % (len(shape) + len(axes)) for a in axes)
-        if not axes or 0 in axes:
+        if not axes or (0 in axes and not self.along_first_axis(x)):
             raise _unsupported(node, f" of axes {axes}")
         for a in axes:
             shape.insert(a, 1)
@@ -1076,6 +1089,27 @@ class _Lowering:
             if out:  # an output nobody reads has no name
                 self._window(node, x, {axis: (start, size)}, out)
             start += size
+
+    def lower_Gather(self, node):
+        """One index of an axis taken (a recurrent classifier's last step, y[:, -1]): a SLICE, then a
+        RESHAPE without that axis where the index is a scalar. A constant index only."""
+        x = self.in_onnx_layout(self.src(node.input[0]))
+        index = self.const(node.input[1], node)
+        if index.size != 1 or index.ndim > 1:
+            raise _unsupported(node, f" of indices shaped {list(index.shape)}")
+        axis = self._graph_axis(node, x, node_attrs(node).get("axis", 0))
+        shape = list(self.g.shapes[x])
+        i = int(index.reshape(-1)[0])
+        i = i + shape[axis] if i < 0 else i
+        if shape[axis] <= 0 or not 0 <= i < shape[axis]:
+            raise _unsupported(node, f" of index {int(index.reshape(-1)[0])} along an axis of {shape[axis]}")
+        begin, size = [0] * len(shape), [1 if k == axis else d for k, d in enumerate(shape)]
+        begin[axis] = i
+        if index.ndim == 1:
+            return self.slice(node, x, begin, size, self.out_name(node.output[0], False), node.output[0])
+        part = f"{node.output[0]}/taken"
+        self.slice(node, x, begin, size, part, part)
+        self._reshape(node, part, [d for k, d in enumerate(shape) if k != axis])
 
     def lower_Slice(self, node):
         """A window of a tensor along non-batch axes with step 1 (a crop; a head's box and class
@@ -1109,11 +1143,30 @@ class _Lowering:
         NHWC's last axis). The batch axis stays whole: the batch is the caller's."""
         rank = len(self.g.shapes[x])
         axis = axis + rank if axis < 0 else axis
+        if axis == 0 and self.along_first_axis(x):
+            return 0
         if not 0 < axis < rank:
             raise _unsupported(node, " along the batch axis" if axis == 0 else f" along axis {axis}")
         if x in self.flat_perm:
             raise _unsupported(node, " of a flattened feature map")
         return TO_NHWC.index(axis) if x in self.nhwc else axis
+
+    def fixed_first_axis(self, x: str) -> bool:
+        """Whether an op may work along x's first axis: one of known size in ONNX's layout (a
+        recurrent model's time steps or layers, or a batch the model fixes). A free batch is the
+        caller's, which the agent may fill with several requests' rows."""
+        return x not in self.nhwc and x not in self.flat_perm and all(d > 0 for d in self.g.shapes[x])
+
+    def along_first_axis(self, x: str) -> bool:
+        """Whether an op may work along x's first axis (fixed_first_axis). Where that axis is the
+        free batch, the model is lowered again for batches of one (_NeedsFixedBatch), as it is for a
+        recurrent layer: a PyTorch GRU with batch_first=True transposes its input to time-major."""
+        if self.fixed_first_axis(x):
+            return True
+        if x not in self.nhwc and x not in self.flat_perm and self.g.shapes[x][:1] == [-1] \
+                and all(d > 0 for d in self.g.shapes[x][1:]):
+            raise _NeedsFixedBatch()
+        return False
 
     def _window(self, node, x: str, window: dict[int, tuple[int, int]], onnx_out: str) -> None:
         """`onnx_out` as a SLICE of x: {graph axis: (start, size)}, the other axes whole."""
@@ -1127,7 +1180,8 @@ class _Lowering:
         """y, of `shape`, as the window of x from `begin`: one SLICE (which keeps x's int8 scale),
         the batch and unknown sizes written as -1 ("to the end")."""
         self.new(y, shape, nhwc=x in self.nhwc)
-        size = [-1 if i == 0 or d < 0 else d for i, d in enumerate(shape)]
+        whole_first = begin[0] == 0 and shape[0] == self.g.shapes[x][0]
+        size = [-1 if (i == 0 and whole_first) or d < 0 else d for i, d in enumerate(shape)]
         self.op("SLICE", [x, self.add_const(f"{tag}/begin", np.array(begin, np.int32)),
                           self.add_const(f"{tag}/size", np.array(size, np.int32))], y, name=node.name)
 
@@ -1146,7 +1200,7 @@ class _Lowering:
             if axis != 1:
                 raise _unsupported(node, " of feature maps along an axis other than channels")
             axis = 3
-        elif axis == 0:
+        elif axis == 0 and not all(self.along_first_axis(x) for x in xs):
             raise _unsupported(node, " along the batch axis")
         shape = list(shape0)
         shape[axis] = sum(self.g.shapes[x][axis] for x in xs)
@@ -1297,11 +1351,17 @@ def lower(model) -> Graph:
     try:
         return simplify(_Lowering(model).run())
     except _NeedsFixedBatch:
-        for vi in model.graph.input:  # the model is then written for batches of one (agents run those)
-            dims = vi.type.tensor_type.shape.dim
-            if dims and not dims[0].HasField("dim_value"):
-                dims[0].dim_value = 1
+        pass
+    for vi in model.graph.input:  # the model is then written for batches of one (agents run those)
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    try:
         return simplify(_Lowering(model).run())
+    except _NeedsFixedBatch:
+        raise ConversionError("a layer of this model needs an axis of free size fixed (a recurrent layer's number "
+                              "of steps: TFLite runs it unrolled)", "export the model with a fixed number of steps, "
+                                                                   "or convert with --format onnx") from None
 
 
 def onnx_tensor(name: str) -> str:
@@ -1311,15 +1371,17 @@ def onnx_tensor(name: str) -> str:
     return name[: -len(LIFTED)] if name.endswith(LIFTED) else name
 
 
-def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.ndarray], method: str = "minmax",
+def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                       method: str = "minmax",
                        progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
     """Activation ranges for every graph tensor, computed by onnxruntime's own calibrators
-    (MinMax, Entropy or Percentile) on the FP32 ONNX model."""
+    (MinMax, Entropy or Percentile) on the FP32 ONNX model. `data`: arrays by input name, or a
+    stateful model's steps, each a whole feed with its state (converters/stateful.py)."""
     import tempfile
 
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from .onnx_int8 import _Reader, fixed_batch_of, ort_calibration_method, quiet_quantizer
+    from .onnx_int8 import _Reader, _Steps, fixed_batch_of, ort_calibration_method, quiet_quantizer
 
     cm = ort_calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp, quiet_quantizer():
@@ -1329,8 +1391,8 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
                                        calibrate_method=cm, extra_options=extra)
         # non-MinMax calibrators feed one sample at a time into histograms
         try:
-            calibrator.collect_data(_Reader(data, 16 if method == "minmax" else 1, progress,
-                                            fixed_batch_of(model_path)))
+            calibrator.collect_data(_Steps(data, progress) if isinstance(data, list) else
+                                    _Reader(data, 16 if method == "minmax" else 1, progress, fixed_batch_of(model_path)))
             computed = calibrator.compute_data()
         except ConversionError:
             raise
@@ -1345,10 +1407,31 @@ def calibration_ranges(model_path: str | Path, graph: Graph, data: dict[str, np.
         if src in found:
             ranges[name] = found[src]
     for name in graph.inputs:  # graph inputs: the data itself (calibrators may leave them out)
-        if name not in ranges and name in data:
-            ranges[name] = (float(data[name].min()), float(data[name].max()))
+        values = [f[name] for f in data if name in f] if isinstance(data, list) else [data[name]] if name in data else []
+        if name not in ranges and values:
+            ranges[name] = (min(float(v.min()) for v in values), max(float(v.max()) for v in values))
     graph.derive_ranges(ranges)
     for op in graph.ops:  # tensors a layout op made (a reshape of a float LayerNorm's output): their input's
         if op.kind in SAME_SCALE and op.outputs[0] not in ranges and op.inputs[0] in ranges:
             ranges[op.outputs[0]] = ranges[op.inputs[0]]
+    missing = [name for name in graph.activations() if name not in ranges]
+    if missing:  # an unrolled recurrent layer's steps (converters/recurrent.py), which ONNX does not hold
+        ranges.update(_ranges_in_float_graph(graph, data, method, missing))
     return ranges
+
+
+def _ranges_in_float_graph(graph: Graph, data: dict[str, np.ndarray] | list[dict[str, np.ndarray]], method: str,
+                           names: list[str]) -> dict[str, tuple[float, float]]:
+    """Ranges for graph tensors the ONNX model has no counterpart of, from running the graph
+    written in float in LiteRT over the same data (entropy, which LiteRT's run cannot feed
+    histograms to, falls back to minmax there)."""
+    import tempfile
+
+    from .tflite_graph import write_tflite
+    from .tflite_reader import CALIBRATION_METHODS
+    from .tflite_reader import calibration_ranges as tflite_ranges
+
+    with tempfile.TemporaryDirectory(prefix="edgeward-calib-") as tmp:
+        path = write_tflite(graph, Path(tmp) / "float.tflite")
+        found = tflite_ranges(path, graph, None, data, method if method in CALIBRATION_METHODS else "minmax")
+    return {name: found[name] for name in names if name in found}

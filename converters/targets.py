@@ -136,8 +136,9 @@ class TfliteTarget:
             from .onnx_int8 import load_onnx
             from .onnx_to_tflite import calibration_ranges, lower
 
-            graph = lower(fix_dims(load_onnx(source), calib))
-            baseline = lower(fix_dims(load_onnx(original), calib)) if original else None
+            shapes = calib[0] if isinstance(calib, list) else calib  # a stateful model's steps: shaped as one
+            graph = lower(fix_dims(load_onnx(source), shapes))
+            baseline = lower(fix_dims(load_onnx(original), shapes)) if original else None
             ranges_fn = ranges_fn or (lambda method: calibration_ranges(
                 source, graph, calib, method, progress=lambda d, t: say("calibrating", d, t)))
         if nms is not None:

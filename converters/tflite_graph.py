@@ -412,6 +412,19 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         ops_out.append(o)
 
     derived: dict[tuple[str, str], str] = {}
+    written: dict[tuple, str] = {}  # (constant, its int8 form's scales) -> the tensor written for it
+
+    def quantized_const(name: str, data: np.ndarray, ttype, scales: np.ndarray, axis: int) -> str:
+        """A weight or bias in its int8 / int32 form, written once however many ops read it with the
+        same scales (an unrolled recurrent layer's steps share theirs): each further set of scales
+        (a bias on another step's input scale) is a tensor of its own."""
+        key = (name, scales.tobytes())
+        if key not in written:
+            new = f"{name}/q" + (str(len(written)) if f"{name}/q" in em.index else "")
+            em.tensor(new, list(data.shape), ttype, data=data, scale=scales,
+                      zero=np.zeros(len(scales), np.int64), axis=axis)
+            written[key] = new
+        return written[key]
 
     def convert_once(name, tag, int8, params, kind) -> str:
         """`name` turned by one QUANTIZE/DEQUANTIZE into a new tensor, made once per tag."""
@@ -568,9 +581,15 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             activation(name, True)
         else:
             activation(name, False)
-    for name, arr in graph.consts.items():  # non-weight constants (shapes, perms, paddings) as they are
+    same: dict[tuple, int] = {}  # non-weight constants (shapes, perms, paddings) as they are, each value
+    for name, arr in graph.consts.items():  # once: an unrolled recurrent layer's steps repeat theirs
         if arr.dtype == np.int32:
-            em.tensor(name, list(arr.shape), i32, data=arr)
+            key = (arr.shape, arr.tobytes())
+            if key in same:
+                em.index[name] = same[key]
+            else:
+                em.tensor(name, list(arr.shape), i32, data=arr)
+                same[key] = em.index[name]
 
     for op in graph.ops:
         if op.kind not in SUPPORTED:
@@ -590,22 +609,19 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         if op.kind in WEIGHTED:
             w_name, b_name = op.inputs[1], op.inputs[2] if len(op.inputs) > 2 else ""
             w = graph.consts[w_name].astype(np.float32)
-            wq_name = f"{w_name}/q" if int8 else w_name
+            wq_name = w_name
             if int8:
                 axis = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}.get(op.kind) if per_channel else None
                 in_scale = qp[ins[src]][0]
                 scales = _weight_scales(w, axis)
                 if b_name:
                     scales = _bias_fitting(scales, graph.consts[b_name], in_scale)
-                em.tensor(wq_name, list(w.shape), i8, data=_quantize_weights(w, scales, axis),
-                          scale=scales, zero=np.zeros(len(scales), np.int64), axis=axis or 0)
+                wq_name = quantized_const(w_name, _quantize_weights(w, scales, axis), i8, scales, axis or 0)
                 if b_name:
                     b_scales = in_scale * scales
                     b = graph.consts[b_name].astype(np.float64)
                     bq = np.clip(np.round(b / b_scales), -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32)
-                    em.tensor(f"{b_name}/q", list(b.shape), i32, data=bq, scale=b_scales,
-                              zero=np.zeros(len(b_scales), np.int64), axis=0)
-                    b_name = f"{b_name}/q"
+                    b_name = quantized_const(b_name, bq, i32, b_scales, 0)
             else:
                 if w_name not in em.index:
                     em.tensor(w_name, list(w.shape), f32, data=w)
@@ -634,7 +650,7 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
                 if n in graph.consts and graph.consts[n].dtype != np.int32:  # an operand such as x + 3
                     c = graph.consts[n].astype(np.float32)
                     if int8:
-                        n = const_int8(f"{n}/q", c)
+                        n = const_int8(f"{n}/operand", c)
                     elif n not in em.index:
                         em.tensor(n, list(c.shape), f32, data=c)
                 inputs.append(ins.get(n, n))

@@ -174,6 +174,12 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
         if kind == "STRIDED_SLICE":  # with steps of 1 it is a SLICE (MediaPipe crops channels so)
             graph.ops.append(_strided_as_slice(graph, op, names, k))
             continue
+        if kind in ("SPLIT", "SPLIT_V", "UNPACK"):  # a recurrent layer's gates and steps, as SLICEs
+            graph.ops.extend(_split_as_slices(graph, kind, op, names, k))
+            continue
+        if kind == "PACK":  # a recurrent layer's steps stacked: CONCATENATION, then RESHAPE
+            graph.ops.extend(_pack_as_concatenation(graph, op, names, k))
+            continue
         if kind == "CUSTOM":  # named by its code: MediaPipe's Convolution2DTransposeBias, for one
             custom = model.operatorCodes[op.opcodeIndex].customCode
             custom = custom.decode() if isinstance(custom, bytes) else custom
@@ -476,6 +482,65 @@ def _strided_as_slice(graph: Graph, op, names: dict[int, str], k: int) -> Op:
     return Op("SLICE", [x, f"op{k}/begin", f"op{k}/size"], [y], {}, name=f"strided_slice_{k}")
 
 
+def _split_as_slices(graph: Graph, kind: str, op, names: dict[int, str], k: int) -> list[Op]:
+    """SPLIT (axis, x), SPLIT_V (x, sizes, axis) and UNPACK (x; options: axis) as one SLICE per
+    part, which keeps the input's int8 scale; an UNPACK's parts then lose their axis (RESHAPE).
+    TensorFlow writes an unrolled Keras LSTM or GRU with them: the steps taken apart, each step's
+    gates cut from one projection."""
+    ins = [names[i] if i >= 0 else "" for i in op.inputs]
+    o = op.builtinOptions
+    if kind == "SPLIT":
+        axis_name, x = ins[0], ins[1]
+    elif kind == "SPLIT_V":
+        x, axis_name = ins[0], ins[2]
+    else:
+        x, axis_name = ins[0], None
+    if axis_name is not None and axis_name not in graph.consts:
+        raise ConversionError(f"TFLite op {kind} (op {k}) splits along a computed axis", UNREAD_FIX)
+    shape = graph.shapes[x]
+    axis = int(graph.consts[axis_name].reshape(-1)[0]) if axis_name is not None else int(getattr(o, "axis", 0))
+    axis = axis + len(shape) if axis < 0 else axis
+    outs = [names[i] for i in op.outputs]
+    if kind == "SPLIT_V":
+        sizes = [int(v) for v in graph.consts[ins[1]].reshape(-1)] if ins[1] in graph.consts else None
+    else:
+        sizes = [shape[axis] // len(outs)] * len(outs) if shape[axis] > 0 else None
+    if sizes is None or -1 in sizes or sum(sizes) != shape[axis] or (axis == 0 and shape[0] < 0):
+        raise ConversionError(f"TFLite op {kind} (op {k}) splits an axis of unknown size or the free batch",
+                              UNREAD_FIX)
+    ops, start = [], 0
+    for n, (y, size) in enumerate(zip(outs, sizes)):
+        begin = [start if a == axis else 0 for a in range(len(shape))]
+        cut = [size if a == axis else (-1 if d < 0 else d) for a, d in enumerate(shape)]
+        part = f"{y}/part" if kind == "UNPACK" else y
+        graph.consts[f"op{k}/begin{n}"], graph.consts[f"op{k}/size{n}"] = np.array(begin, np.int32), np.array(cut, np.int32)
+        if kind == "UNPACK":  # (the part holds the values of the file's output: calibrated as it)
+            graph.shapes[part] = [size if a == axis else d for a, d in enumerate(shape)]
+            graph.derived[part] = (y, 1.0, 0.0, -np.inf, np.inf)
+        ops.append(Op("SLICE", [x, f"op{k}/begin{n}", f"op{k}/size{n}"], [part], {}, name=f"{kind.lower()}_{k}"))
+        if kind == "UNPACK":
+            ops.append(_as_reshape(graph, part, y, f"{kind}_part{n}", k))
+        start += size
+    return ops
+
+
+def _pack_as_concatenation(graph: Graph, op, names: dict[int, str], k: int) -> list[Op]:
+    """PACK (tensors of one shape stacked along a new axis) as CONCATENATION along that axis, then
+    RESHAPE: part i lands in block i of the joined axis, which the reshape splits into [n, size]."""
+    xs, y = [names[i] for i in op.inputs], names[op.outputs[0]]
+    shape = graph.shapes[xs[0]]
+    axis = int(getattr(op.builtinOptions, "axis", 0))
+    axis = axis + len(shape) + 1 if axis < 0 else axis
+    if axis >= len(shape) or (axis == 0 and shape[0] < 0) or any(x in graph.consts for x in xs):
+        raise ConversionError(f"TFLite op PACK (op {k}) stacks along its last or the free batch axis, or stacks "
+                              "constants", UNREAD_FIX)
+    joined = f"{y}/joined"  # (the values of the file's output: calibrated as it)
+    graph.shapes[joined] = [d * len(xs) if a == axis and d > 0 else d for a, d in enumerate(shape)]
+    graph.derived[joined] = (y, 1.0, 0.0, -np.inf, np.inf)
+    return [Op("CONCATENATION", xs, [joined], {"axis": axis, "activation": "NONE"}, name=f"pack_{k}"),
+            _as_reshape(graph, joined, y, "PACK", k)]
+
+
 def _densify(values: np.ndarray, shape: list[int], sparsity, name: str) -> np.ndarray:
     """A constant TFLite stores sparse (its non-zero values, and per dimension in traversal order
     either a dense size or CSR segments and indices) as the dense array it stands for. Blocked
@@ -563,26 +628,33 @@ def _interpreter_keeping_tensors(path: str | Path):
                    experimental_op_resolver_type=resolver)
 
 
-def run_keeping_tensors(path: str | Path, names: dict[int, str] | None, data: dict[str, np.ndarray],
+def run_keeping_tensors(path: str | Path, names: dict[int, str] | None,
+                        data: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
                         wanted: Callable[[dict[int, str]], dict[int, str]], batch: int = 16, limit: int | None = None):
     """Run a float .tflite file in LiteRT over `data` (graph input name -> array), `batch` rows at a
     time (or the file's own fixed batch), every intermediate tensor kept and no delegate to hide
     them, and yield (first row, rows a run takes, rows in all, {graph name: array}) for each run,
     with the tensors `wanted` picks from the file's tensor index -> graph name map. `names` is that
     map (None: a file edgeward wrote, whose tensors carry the graph's names); `limit` stops after
-    that many rows. Calibration and the read-back check of a TFLite source both run files so."""
+    that many rows. `data` may instead be a list of whole feeds, one run each (a stateful model's
+    steps, each with its state: converters/stateful.py). Calibration and the read-back check of a
+    TFLite source both run files so."""
     it = _interpreter_keeping_tensors(path)
     inputs = it.get_input_details()
     if names is None:
         names = {d["index"]: d["name"] for d in it.get_tensor_details()}
     picked = wanted(names)
-    n = len(next(iter(data.values())))
+    steps = data if isinstance(data, list) else None
+    n = len(steps) if steps is not None else len(next(iter(data.values())))
     n = min(n, limit) if limit else n
     fixed = int(inputs[0]["shape"][0]) if inputs[0]["shape_signature"][0] != -1 else None
-    step = fixed or batch
+    step = 1 if steps is not None else fixed or batch
     shape_of = None
     for start in range(0, n - (n % step if fixed else 0), step):
-        feeds = {d["index"]: data[names[d["index"]]][start:start + step].astype(d["dtype"]) for d in inputs}
+        if steps is not None:
+            feeds = {d["index"]: steps[start][names[d["index"]]].astype(d["dtype"]) for d in inputs}
+        else:
+            feeds = {d["index"]: data[names[d["index"]]][start:start + step].astype(d["dtype"]) for d in inputs}
         shapes = tuple(v.shape for v in feeds.values())
         if shapes != shape_of:
             for index, v in feeds.items():
@@ -599,7 +671,8 @@ CALIBRATION_METHODS = ("minmax", "percentile")
 """What a TFLite source can be calibrated with (entropy needs onnxruntime's histogram collector)."""
 
 
-def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None, data: dict[str, np.ndarray],
+def calibration_ranges(path: str | Path, graph: Graph, names: dict[int, str] | None,
+                       data: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
                        method: str = "minmax", batch: int = 16,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[float, float]]:
     """Activation ranges for every tensor, seen by running the float model in LiteRT with every

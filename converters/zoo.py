@@ -699,6 +699,50 @@ def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, 
     return accuracy
 
 
+def build_digits_rnn(path: str | Path, kind: str = "GRU", epochs: int = 15, seed: int = 0, hidden: int = 32,
+                     layers: int = 1, bidirectional: bool = False) -> float:
+    """Train and write a recurrent classifier on the digits; return its FP32 test accuracy.
+
+    The 8 image rows are 8 steps of 8 pixels through a PyTorch GRU or LSTM (batch_first, as
+    sequence models are usually written), and the last step's output is classified: the shape of
+    a keyword spotter or a sensor model, exported by torch.onnx.export as users export theirs
+    (Transpose, the ONNX GRU/LSTM, Gather of the last step). It takes the digits CNN's
+    [N, 1, 8, 8] input. Needs torch (edgeward[torch])."""
+    import torch
+    from torch import nn
+
+    from .from_torch import to_onnx
+
+    torch.manual_seed(seed)
+
+    class DigitsRnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(nn, kind)(8, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+            self.head = nn.Linear(hidden * (2 if bidirectional else 1), 10)
+
+        def forward(self, image):
+            y, _ = self.rnn(image.reshape(image.shape[0], 8, 8))
+            return self.head(y[:, -1])
+
+    x_tr, y_tr, x_te, y_te = digits_dataset()
+    model = DigitsRnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=g).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
+    to_onnx(model, {INPUT_NAME: x_tr[:4]}, path)
+    return accuracy
+
+
 SSD_OPTIONS = {"max_detections": 10, "max_classes_per_detection": 1, "detections_per_class": 100,
                "use_regular_nms": False, "nms_score_threshold": 0.3, "nms_iou_threshold": 0.6,
                "y_scale": 10.0, "x_scale": 10.0, "h_scale": 5.0, "w_scale": 5.0}

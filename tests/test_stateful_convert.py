@@ -230,7 +230,6 @@ def test_a_step_that_fails_is_named_by_its_place_in_the_stream_and_its_own_shape
     (["--state", "h=h_next"], "the model has no output 'h_next'"),
     (["--state", "h=h_out", "--state", "frames=h_out"], "names one output for two inputs"),
     (["--state", "h"], "expected NAME=VALUE"),
-    (["--state", "h=h_out", "--format", "tflite"], "converts to ONNX only"),
     (["--context", "frames=2"], "declare the model's recurrent state with --state IN=OUT as well"),
     (["--state", "h=h_out", "--context", "h=2"], "'h' is not an input callers send"),
     (["--state", "h=h_out", "--context", "frames=two"], "give a number of samples"),

@@ -180,7 +180,7 @@ def converted(tmp_path_factory):
     """Bundles converted by edgeward (digits CNN with float and int8 I/O, a depthwise CNN, a Keras CNN,
     SqueezeNet- and MobileNetV3-style CNNs, a DBNet-style text detector, a TRANSPOSE_CONV, a CNN of
     YOLOv8's parts, a YOLOv8 head with its box decoding, a small transformer from ONNX and one from
-    Keras)."""
+    Keras, an unrolled GRU)."""
     if FIXTURE:
         return Path(FIXTURE) / "converted"
     import sys
@@ -193,7 +193,7 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("stem", ["digits-int8", "digits-int8io", "mobilenet-int8", "keras-int8", "fire-int8", "mv3-int8",
                                   "det-int8", "strip-int8", "c2f-int8", "yolo-int8", "transformer-int8",
-                                  "keras-transformer-int8", "ssd-int8", "yolo-nms-int8"])
+                                  "keras-transformer-int8", "ssd-int8", "yolo-nms-int8", "gru-int8"])
 def test_converted_int8_bundles_pass_their_self_test_and_match_litert(converted, stem, tmp_path):
     """The converter's INT8 .tflite files run in this runtime (tflite-runtime 2.14 or ai-edge-litert):
     self-test passes, and outputs equal what ai-edge-litert gave to a few quantization steps (the

@@ -26,6 +26,7 @@ CASES = {  # bundle stem -> (source model, input name, int8 I/O)
     "keras-transformer-int8": ("ktransformer", "input", False),  # TensorFlow's LayerNorm: NEG, SQUARED_DIFFERENCE
     "ssd-int8": ("ssd", "image", False),          # a float .tflite SSD: TFLite_Detection_PostProcess kept in float
     "yolo-nms-int8": ("yolo", "input", False),    # --nms: the decoding, LOG, then TFLite_Detection_PostProcess
+    "gru-int8": ("gru", "input", False),          # a PyTorch GRU unrolled: steps of FULLY_CONNECTED, LOGISTIC, TANH
 }
 DETECTORS = {"ssd-int8", "yolo-nms-int8"}  # answers compared as detections (agent/detections.py), one image a request
 
@@ -124,13 +125,15 @@ def build(folder: str | Path) -> Path:
     zoo.build_c2f_cnn(folder / "c2f.onnx", size=32)
     zoo.build_digits_transformer(folder / "transformer.onnx", epochs=8)
     zoo.build_keras_digits_transformer(folder / "ktransformer.keras", epochs=8)
+    zoo.build_digits_rnn(folder / "gru.onnx", "GRU", epochs=6)
     data = {"digits": zoo.write_digits_npz(folder), "mobilenet": zoo.write_image_npz(folder, size=32),
             "keras": _keras_model(folder), "fire": zoo.write_image_npz(folder / "fire", size=32),
             "mv3": zoo.write_image_npz(folder / "mv3", size=32), "det": zoo.write_image_npz(folder / "det", size=32),
             "strip": zoo.write_image_npz(folder / "strip", size=32),
             "c2f": zoo.write_image_npz(folder / "c2f", size=32), "yolo": _decoded_yolo(folder),
             "transformer": zoo.write_digits_npz(folder / "transformer"),
-            "ktransformer": zoo.write_digits_npz(folder / "ktransformer"), "ssd": _ssd(folder)}
+            "ktransformer": zoo.write_digits_npz(folder / "ktransformer"), "ssd": _ssd(folder),
+            "gru": zoo.write_digits_npz(folder / "gru")}
     expected = {}
     for stem, (model, name, int8_io) in CASES.items():
         calib, evaluation = data[model]
