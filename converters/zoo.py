@@ -650,8 +650,6 @@ def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, 
     import torch
     from torch import nn
 
-    from .from_torch import to_onnx
-
     torch.manual_seed(seed)
     head_dim = width // heads
 
@@ -681,22 +679,7 @@ def build_digits_transformer(path: str | Path, epochs: int = 40, seed: int = 0, 
             x = self.embed(image.reshape(image.shape[0], 8, 8)) + self.position
             return self.head(self.norm(self.block(x)).mean(dim=1))
 
-    x_tr, y_tr, x_te, y_te = digits_dataset()
-    model = DigitsTransformer()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
-    to_onnx(model, {INPUT_NAME: x_tr[:4]}, path)
-    return accuracy
+    return _train_on_digits(DigitsTransformer(), path, epochs, 3e-3, seed)
 
 
 def build_digits_rnn(path: str | Path, kind: str = "GRU", epochs: int = 15, seed: int = 0, hidden: int = 32,
@@ -711,8 +694,6 @@ def build_digits_rnn(path: str | Path, kind: str = "GRU", epochs: int = 15, seed
     import torch
     from torch import nn
 
-    from .from_torch import to_onnx
-
     torch.manual_seed(seed)
 
     class DigitsRnn(nn.Module):
@@ -725,9 +706,19 @@ def build_digits_rnn(path: str | Path, kind: str = "GRU", epochs: int = 15, seed
             y, _ = self.rnn(image.reshape(image.shape[0], 8, 8))
             return self.head(y[:, -1])
 
+    return _train_on_digits(DigitsRnn(), path, epochs, 1e-2, seed)
+
+
+def _train_on_digits(model, path: str | Path, epochs: int, lr: float, seed: int) -> float:
+    """Train a torch module on the digits (Adam, batches of 64), export it to ONNX as users do;
+    return its FP32 test accuracy."""
+    import torch
+    from torch import nn
+
+    from .from_torch import to_onnx
+
     x_tr, y_tr, x_te, y_te = digits_dataset()
-    model = DigitsRnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

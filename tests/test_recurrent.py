@@ -148,57 +148,6 @@ def _fully_connected_weights(path) -> int:
                 if model.operatorCodes[op.opcodeIndex].builtinCode == fc})
 
 
-def test_a_stateful_gru_streams_frame_by_frame_as_int8_tflite(tmp_path, assets):
-    """A keyword spotter whose hidden state is declared with --state converts to INT8 TFLite (one
-    frame a call) and streams on the board: a stream's answers do not depend on how its frames are
-    chunked, and stay within a few int8 steps of the PyTorch module's on the whole sequence."""
-    import torch
-
-    from agent.budget import Budget
-    from agent.bundle import open_bundle
-    from agent.engine import Engine
-    from agent.signing import load_public_key
-    from agent.store import Store
-    from converters.from_torch import convert_torch
-
-    class KeywordSpotter(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru = torch.nn.GRU(10, 24, num_layers=2)
-            self.head = torch.nn.Linear(24, 4)
-
-        def forward(self, frames, h):
-            y, h_next = self.gru(frames, h)
-            return self.head(y), h_next
-
-    torch.manual_seed(0)
-    module = KeywordSpotter().eval()
-    frames = np.random.default_rng(3).standard_normal((120, 1, 10)).astype(np.float32)
-    np.savez(tmp_path / "frames.npz", frames=frames)
-    out = tmp_path / "kws.ewb"
-    report = convert_torch(module, {"frames": frames[:5], "h": np.zeros((2, 1, 24), np.float32)},
-                           tmp_path / "frames.npz", out, key_path=assets.key,
-                           options=ConvertOptions(name="kws", format="tflite", state={"h": "output1"}))
-    assert report["quality"]["top1_agreement"] >= 0.95, report["quality"]
-    manifest = open_bundle(out, [load_public_key(assets.pub)]).manifest
-    assert {s.name: s.shape for s in manifest.inputs} == {"frames": [1, 1, 10], "h": [2, 1, 24]}
-
-    engine = Engine(Budget(4096, reserve_mb=0))
-    model = engine.load(Store(tmp_path / "store").install(open_bundle(out, [load_public_key(assets.pub)])))
-    assert model.self_test()["max_abs_err"] <= manifest.selftest.atol
-    engine.activate(model)
-    whole = engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["output0"]
-    pieces = [engine.infer_arrays("kws", {"frames": frames[lo:lo + 7]}, stream="b")[1]["output0"]
-              for lo in range(0, len(frames), 7)]
-    engine.close()
-    np.testing.assert_array_equal(np.concatenate(pieces), whole)
-    with torch.no_grad():
-        want = module(torch.from_numpy(frames), torch.zeros(2, 1, 24))[0].numpy()
-    span = float(want.max() - want.min())
-    assert np.abs(whole - want).max() <= 0.05 * span
-    assert (whole.argmax(-1) == want.argmax(-1)).mean() >= 0.95
-
-
 def test_a_keras_lstm_is_unrolled_and_converts_to_int8_tflite(tmp_path):
     """Keras 3 writes an LSTM as a WHILE loop, which edgeward does not read: the converter unrolls it
     over its (fixed) steps, reads TensorFlow's SPLIT, UNPACK and PACK as slices and joins, and the

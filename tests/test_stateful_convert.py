@@ -394,15 +394,10 @@ def test_two_microphones_publish_raw_audio_over_mqtt_and_get_silero_s_answers(br
         ra.stop()
 
 
-def test_a_pytorch_gru_keyword_spotter_converts_with_its_state_and_streams(tmp_path, assets):
-    """Through the Python API, as a PyTorch user brings a keyword spotter: a 2-layer GRU whose
-    hidden state is [layers, batch, hidden]. Its axes stay as traced (the first is the layers,
-    not a batch), the time axis stays free, and the board's stream answers what the module
-    gives on the whole sequence, however it is chunked."""
+def _keyword_spotter():
+    """A PyTorch keyword spotter: a 2-layer GRU over frames [T, 1, 10] whose hidden state [2, 1, 24]
+    (layers, batch, hidden) comes in and goes out, and a classifier on each frame."""
     import torch
-
-    from converters.convert import ConvertOptions
-    from converters.from_torch import convert_torch
 
     class KeywordSpotter(torch.nn.Module):
         def __init__(self):
@@ -415,27 +410,74 @@ def test_a_pytorch_gru_keyword_spotter_converts_with_its_state_and_streams(tmp_p
             return self.head(y), h_next
 
     torch.manual_seed(0)
-    module = KeywordSpotter().eval()
-    frames = np.random.default_rng(3).standard_normal((60, 1, 10)).astype(np.float32)
+    return KeywordSpotter().eval()
+
+
+def _spot(module, frames: np.ndarray) -> np.ndarray:
+    """The module's per-frame scores on the whole sequence, from a zero state."""
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(frames), torch.zeros(2, 1, 24))[0].numpy()
+
+
+def _convert_spotter(tmp_path, assets, module, frames: np.ndarray, **options) -> tuple:
+    from converters.convert import ConvertOptions
+    from converters.from_torch import convert_torch
+
     np.savez(tmp_path / "frames.npz", frames=frames)
     out = tmp_path / "kws.ewb"
     report = convert_torch(module, {"frames": frames[:5], "h": np.zeros((2, 1, 24), np.float32)},
                            tmp_path / "frames.npz", out, key_path=assets.key,
-                           options=ConvertOptions(precision="fp32", name="kws", state={"h": "output1"}))
+                           options=ConvertOptions(name="kws", state={"h": "output1"}, **options))
+    return out, report
+
+
+def test_a_pytorch_gru_keyword_spotter_converts_with_its_state_and_streams(tmp_path, assets):
+    """Through the Python API, as a PyTorch user brings a keyword spotter: a 2-layer GRU whose
+    hidden state is [layers, batch, hidden]. Its axes stay as traced (the first is the layers,
+    not a batch), the time axis stays free, and the board's stream answers what the module
+    gives on the whole sequence, however it is chunked."""
+    module = _keyword_spotter()
+    frames = np.random.default_rng(3).standard_normal((60, 1, 10)).astype(np.float32)
+    out, report = _convert_spotter(tmp_path, assets, module, frames, precision="fp32")
     assert report["state"] == {"h": "output1"} and not report.get("notes")  # no fixed-batch re-export
     m = open_bundle(out, [load_public_key(assets.pub)]).manifest
     specs = {s.name: s.shape for s in m.inputs}
     assert specs == {"frames": [-1, 1, 10], "h": [2, 1, 24]}
 
     engine, model, _ = _engine(tmp_path, out, assets.pub)
-    with torch.no_grad():
-        want = module(torch.from_numpy(frames), torch.zeros(2, 1, 24))[0].numpy()
+    want = _spot(module, frames)
     whole = engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["output0"]
     np.testing.assert_allclose(whole, want, rtol=0, atol=1e-5)
     pieces = [engine.infer_arrays("kws", {"frames": frames[lo:lo + 7]}, stream="b")[1]["output0"]
               for lo in range(0, len(frames), 7)]
     np.testing.assert_allclose(np.concatenate(pieces), want, rtol=0, atol=1e-5)
     engine.close()
+
+
+def test_the_keyword_spotter_streams_frame_by_frame_as_int8_tflite(tmp_path, assets):
+    """The same spotter converted to INT8 TFLite: its GRU unrolled (converters/recurrent.py) and the
+    model written for one frame a call, which the board's worker runs frame by frame on the
+    stream's state. A stream's answers do not depend on how its frames are chunked, and stay
+    within a few int8 steps of the module's on the whole sequence."""
+    module = _keyword_spotter()
+    frames = np.random.default_rng(3).standard_normal((120, 1, 10)).astype(np.float32)
+    out, report = _convert_spotter(tmp_path, assets, module, frames, format="tflite")
+    assert report["quality"]["top1_agreement"] >= 0.95, report["quality"]
+    manifest = open_bundle(out, [load_public_key(assets.pub)]).manifest
+    assert {s.name: s.shape for s in manifest.inputs} == {"frames": [1, 1, 10], "h": [2, 1, 24]}
+
+    engine, model, selftest = _engine(tmp_path, out, assets.pub)
+    assert selftest["max_abs_err"] <= manifest.selftest.atol
+    whole = engine.infer_arrays("kws", {"frames": frames}, stream="a")[1]["output0"]
+    pieces = [engine.infer_arrays("kws", {"frames": frames[lo:lo + 7]}, stream="b")[1]["output0"]
+              for lo in range(0, len(frames), 7)]
+    engine.close()
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    want = _spot(module, frames)
+    assert np.abs(whole - want).max() <= 0.05 * float(want.max() - want.min())
+    assert (whole.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
 def test_static_int8_of_silero_is_the_quantizers_failure_named_and_leaves_no_file(tmp_path):
