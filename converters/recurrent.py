@@ -41,6 +41,23 @@ def lower_recurrent(low, node, unsupported) -> None:
         raise unsupported(node, str(exc)) from None
 
 
+def _check_form(low, node, a: dict, inputs: list[str], dirs: int) -> None:
+    """Refuse what the unrolled form does not compute: other activations, a cell clip, coupled
+    input and forget gates, sequences of several lengths, peepholes."""
+    kind = node.op_type
+    acts = [x.decode() if isinstance(x, bytes) else x for x in a.get("activations", [])]
+    if acts and acts != _DEFAULT_ACTIVATIONS[kind] * dirs:
+        raise _Refused(f" with activations {acts}")
+    if "clip" in a:
+        raise _Refused(" with a cell clip")
+    if a.get("input_forget", 0):
+        raise _Refused(" with input_forget=1")
+    if inputs[4]:
+        raise _Refused(" with sequence_lens (sequences of several lengths in one batch)")
+    if kind == "LSTM" and inputs[7] and np.any(low.const(inputs[7], node)):
+        raise _Refused(" with peephole connections")
+
+
 def _unroll(low, node) -> None:
     kind = node.op_type
     a = node_attrs(node)
@@ -50,18 +67,8 @@ def _unroll(low, node) -> None:
     direction = direction.decode() if isinstance(direction, bytes) else direction
     dirs = 2 if direction == "bidirectional" else 1
     layout = int(a.get("layout", 0))
-    acts = [x.decode() if isinstance(x, bytes) else x for x in a.get("activations", [])]
-    if acts and acts != _DEFAULT_ACTIVATIONS[kind] * dirs:
-        raise _Refused(f" with activations {acts}")
-    if "clip" in a:
-        raise _Refused(" with a cell clip")
-    if a.get("input_forget", 0):
-        raise _Refused(" with input_forget=1")
     inputs = list(node.input) + [""] * (8 - len(node.input))
-    if inputs[4]:
-        raise _Refused(" with sequence_lens (sequences of several lengths in one batch)")
-    if kind == "LSTM" and inputs[7] and np.any(low.const(inputs[7], node)):
-        raise _Refused(" with peephole connections")
+    _check_form(low, node, a, inputs, dirs)
 
     x = low.in_onnx_layout(low.src(inputs[0]))
     shape = low.g.shapes[x]
