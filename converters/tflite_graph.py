@@ -207,6 +207,11 @@ MIXED_OUTPUT_SPANS = 8.0
 float: one int8 scale for all of YOLOv8's [boxes in pixels (0..700), class scores (0..1)]
 made every score 0 or 2.9. Each part keeps its own int8 scale up to the DEQUANTIZE before it."""
 
+CONCAT_FAN_IN = 5
+"""The most inputs a CONCATENATION is written with: XNNPACK takes up to five, and a larger one (an
+unrolled recurrent layer's steps joined) ran outside it, splitting the model in two. A larger
+join is written as joins of joins, each at the output's scale."""
+
 REQUANTIZE_MAX = 128.0
 """The largest input x weight / output scale ratio written for a weighted layer. XNNPACK refuses
 a model whose ratio reaches 256 ("failed to prepare")."""
@@ -467,6 +472,29 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
         emit("MUL", [x, const_int8("relu/one", np.array([1.0], np.float32))], [y],
              Op("MUL", [], [], {"activation": kind}), int8=True)
 
+    def joined_in_groups(op: Op, inputs: list[str], out: str, int8: bool) -> list[str]:
+        """A CONCATENATION's inputs joined CONCAT_FAN_IN at a time until that many are left (joins
+        along one axis nest), each join at the output's dtype and scale."""
+        level = 0
+        while len(inputs) > CONCAT_FAN_IN:
+            grouped = []
+            for i in range(0, len(inputs), CONCAT_FAN_IN):
+                group = inputs[i:i + CONCAT_FAN_IN]
+                if len(group) == 1:
+                    grouped.append(group[0])
+                    continue
+                name = f"{out}/joined{level}_{i // CONCAT_FAN_IN}"
+                shape = list(shapes[group[0]])
+                axis = op.options["axis"] % len(shape)
+                sizes = [shapes[n][axis] for n in group]
+                shape[axis] = -1 if min(sizes) < 0 else sum(sizes)
+                shapes[name] = shape
+                activation(name, int8, qp[out] if int8 else None)
+                emit("CONCATENATION", group, [name], op, int8=int8)
+                grouped.append(name)
+            inputs, level = grouped, level + 1
+        return inputs
+
     def slice_to_the_end(op: Op) -> tuple:
         """(kind, inputs, outputs, options) of a SLICE whose size runs to the end of an axis (-1:
         the batch, whatever its size) as the STRIDED_SLICE it is, with that axis's end masked:
@@ -672,6 +700,8 @@ def write_tflite(graph: Graph, path: str | Path, ranges: dict[str, tuple[float, 
             activation(out, True, _output_qparams(rng(out), in_scale * float(scales.max())))
         else:
             activation(out, int8)
+        if op.kind == "CONCATENATION" and len(inputs) > CONCAT_FAN_IN:
+            inputs = joined_in_groups(op, inputs, out, int8)
         if op.kind == "SLICE" and op.inputs[2] in graph.consts and np.any(graph.consts[op.inputs[2]] < 0):
             emit(*slice_to_the_end(op), int8=int8)
             continue

@@ -117,9 +117,9 @@ def _batchwise(tmp_path, kind: str, states: int, attrs: dict, feeds: dict) -> di
 
 def test_a_trained_pytorch_gru_keeps_its_accuracy_in_int8_tflite(tmp_path):
     """The digits rows as 8 steps through a GRU trained here (batch_first, last step classified):
-    full-integer INT8 TFLite loses at most one point of top-1 on held-out digits, and every layer of
-    it runs in int8, the steps' weights stored once."""
-    from tflitekit import op_dtypes
+    full-integer INT8 TFLite loses at most one point of top-1 on held-out digits, every layer of it
+    runs in int8, the steps' weights are stored once, and XNNPACK takes the whole model."""
+    from tflitekit import op_dtypes, xnnpack_partitions
 
     accuracy = zoo.build_digits_rnn(tmp_path / "gru.onnx", "GRU", epochs=8)
     assert accuracy > 0.9
@@ -135,6 +135,7 @@ def test_a_trained_pytorch_gru_keeps_its_accuracy_in_int8_tflite(tmp_path):
     for kind in ("FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL", "ADD", "SUB"):
         assert kinds[kind] == {"int8"}, (kind, kinds)
     assert _fully_connected_weights(tmp_path / "m.tflite") == 3  # the GRU's W and R, the classifier's
+    assert xnnpack_partitions(tmp_path / "m.tflite") == 1  # the 8 steps' join too (CONCAT_FAN_IN)
     assert report["int8_bytes"] < report["fp32_bytes"]
 
 
