@@ -26,10 +26,11 @@ from agent.tables import format_table  # noqa: E402
 from converters import zoo  # noqa: E402
 from converters.convert import ConvertOptions, convert_onnx  # noqa: E402
 
-FAMILIES = [  # title, kind, layers, bidirectional
-    ("GRU 32", "GRU", 1, False),
-    ("LSTM 32 ×2 layers", "LSTM", 2, False),
-    ("bidirectional LSTM 32", "LSTM", 1, True),
+FAMILIES = [  # title, kind, hidden, layers, bidirectional
+    ("GRU 32", "GRU", 32, 1, False),
+    ("GRU 128", "GRU", 128, 1, False),
+    ("LSTM 32 ×2 layers", "LSTM", 32, 2, False),
+    ("bidirectional LSTM 32", "LSTM", 32, 1, True),
 ]
 
 
@@ -68,9 +69,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-rnn-") as tmp:
         work = Path(tmp)
         calib, evaluation = zoo.write_digits_npz(work)
-        for title, kind, layers, bidirectional in FAMILIES:
-            model = work / f"{kind}{layers}{int(bidirectional)}.onnx"
-            zoo.build_digits_rnn(model, kind, layers=layers, bidirectional=bidirectional)
+        for title, kind, hidden, layers, bidirectional in FAMILIES:
+            model = work / f"{kind}{hidden}x{layers}{'bi' if bidirectional else ''}.onnx"
+            zoo.build_digits_rnn(model, kind, hidden=hidden, layers=layers, bidirectional=bidirectional)
             print(f"converting {title} ...", file=sys.stderr)
             tflite = convert_onnx(model, calib, work / f"{model.stem}-tflite.ewb", None, evaluation,
                                   ConvertOptions(name=model.stem, format="tflite", allow_worse=True))
