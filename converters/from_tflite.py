@@ -39,6 +39,9 @@ def convert_tflite(model_path: str | Path, calibration: str | Path, out_path: st
     if opts.prune_channels:
         raise ConversionError("--prune-channels works on ONNX and PyTorch sources",
                               "remove channels before exporting to TFLite, or use --prune (unstructured)")
+    if opts.state:
+        raise ConversionError("--state works on ONNX and PyTorch sources (their recurrent layers become TFLite ops "
+                              "with the state as inputs)", "export the model to ONNX and convert that with --state")
     _check_options(opts, out_path)
     nms = parse_nms(opts.nms) if opts.nms else None
     key = load_private_key(key_path) if key_path else None

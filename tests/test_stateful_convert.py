@@ -249,6 +249,23 @@ def test_bad_state_and_fixed_inputs_give_one_line_and_leave_no_file(tmp_path, fl
     assert not out.exists()
 
 
+def test_state_on_a_tflite_source_is_refused_with_the_fix(tmp_path):
+    """--state reaches a recurrent layer through the ONNX lowering; a float .tflite has none to reach
+    (the command line refuses it before; this is the Python API)."""
+    from agent.errors import ConversionError
+    from converters.convert import ConvertOptions
+    from converters.from_tflite import convert_tflite
+
+    model, _ = zoo.build_tflite_mlp(tmp_path / "mlp.tflite")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((20, 64), np.float32))
+    out = tmp_path / "out.ewb"
+    with pytest.raises(ConversionError) as err:
+        convert_tflite(model, tmp_path / "calib.npz", out, options=ConvertOptions(state={"x": "y"}))
+    assert str(err.value) == ("--state works on ONNX and PyTorch sources (their recurrent layers become TFLite ops "
+                              "with the state as inputs): export the model to ONNX and convert that with --state")
+    assert not out.exists()
+
+
 def test_a_fixed_input_takes_the_inputs_dtype_and_refuses_what_does_not_fit(tmp_path):
     import onnx
 
