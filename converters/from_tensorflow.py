@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,10 +25,32 @@ def is_tensorflow_source(path: str | Path) -> bool:
     return p.suffix.lower() in KERAS_SUFFIXES or (p.is_dir() and (p / "saved_model.pb").exists())
 
 
+@contextlib.contextmanager
+def _native_stderr_held():
+    """TensorFlow's C++ side writes to file descriptor 2 itself, past Python's sys.stderr and
+    TF_CPP_MIN_LOG_LEVEL: oneDNN notices at import, and the MLIR diagnostics of a conversion that
+    fails for a batch of any size before the batch-of-one one succeeds. Those would read as
+    errors above a report that says the model converted; they are kept from the terminal here
+    (what failed is in the ConversionError, from TensorFlow's Python exception)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import tensorflow as tf
+        with _native_stderr_held():
+            import tensorflow as tf
     except ImportError as exc:
         raise ConversionError("Keras and SavedModel inputs need TensorFlow, which is not installed",
                               "pip install 'edgeward[tensorflow]' (about 1.4 GB)") from exc
@@ -44,7 +67,7 @@ def to_float_tflite(path: str | Path, out: str | Path, batch_of_one: bool = Fals
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
     try:  # Keras prints its export steps to stdout, which belongs to the report (--json)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _native_stderr_held():
             if path.is_dir() and batch_of_one:
                 converter = _saved_model_for_batches_of_one(tf, path)
             elif path.is_dir():
