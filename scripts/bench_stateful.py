@@ -11,7 +11,7 @@ What it measures, side by side in one run (issue 4's latency target applies to e
 
 The agent runs as its own process (`edgeward agent`) with a private Mosquitto, as on a board.
 
-    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64] [--model silero]
+    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64] [--model silero|rnn-tflite]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Case:
     model_file: Path
     bare_inputs: Path
     request: dict
+    runtime: str = "onnxruntime"
 
 
 def rnn_case(work: Path, hidden: int) -> Case:
@@ -79,6 +80,31 @@ def rnn_case(work: Path, hidden: int) -> Case:
     np.savez(work / "frame.npz", frames=frames[:1], h=h)
     return Case(f"Stateful RNN (hidden {hidden}), FP32 ONNX; one frame per call", "kws", bundle, pub, path,
                 work / "frame.npz", {"frames": frames[:1]})
+
+
+def rnn_tflite_case(work: Path, hidden: int) -> Case:
+    """The same RNN converted by edgeward as a user converts it, to full-integer INT8 TFLite with
+    its state declared: the RNN unrolled, one frame a call (converters/recurrent.py). The bare
+    script runs the bundle's own .tflite on one frame and a state."""
+    import tarfile
+
+    from converters.convert import ConvertOptions, convert_onnx
+
+    key, pub, _ = generate_keypair(work / "signing")
+    path = zoo.build_stateful_rnn(work / "kws.onnx", features=FEATURES, hidden=hidden, classes=CLASSES)
+    frames = np.random.default_rng(1).random((200, 1, FEATURES), dtype=np.float32)
+    np.savez(work / "frames.npz", frames=frames)
+    bundle = work / "kws-tflite.ewb"
+    # allow_worse: this times the model. The zoo's RNN has random recurrent weights whose gain is
+    # above 1 from a hidden size of about 24 on: a stream's rounding differences grow along it (in
+    # FP32 TFLite against onnxruntime too), and the converter rightly refuses its INT8 as broken
+    convert_onnx(path, work / "frames.npz", bundle, key,
+                 options=ConvertOptions(name="kws", format="tflite", state={"h": "h_out"}, allow_worse=True))
+    with tarfile.open(bundle) as tar:
+        (work / "kws.tflite").write_bytes(tar.extractfile("model.tflite").read())
+    np.savez(work / "frame.npz", frames=frames[:1], h=np.zeros((1, 1, hidden), np.float32))
+    return Case(f"Stateful RNN (hidden {hidden}), INT8 TFLite, unrolled; one frame per call", "kws", bundle, pub,
+                work / "kws.tflite", work / "frame.npz", {"frames": frames[:1]}, runtime="tflite")
 
 
 def silero_case(work: Path) -> Case:
@@ -136,16 +162,18 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8,
                     help="streams at once for the throughput row, an even number (default %(default)s)")
     ap.add_argument("--hidden", type=int, default=64, help="the RNN's state size (default %(default)s)")
-    ap.add_argument("--model", choices=["rnn", "silero"], default="rnn",
-                    help="rnn: the zoo's keyword-spotting-shaped RNN; silero: Silero VAD from its PyPI package "
-                         "(edgeward[test-models]) (default %(default)s)")
+    ap.add_argument("--model", choices=["rnn", "rnn-tflite", "silero"], default="rnn",
+                    help="rnn: the zoo's keyword-spotting-shaped RNN; rnn-tflite: the same in INT8 TFLite; silero: "
+                         "Silero VAD from its PyPI package (edgeward[test-models]) (default %(default)s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-stateful-"))
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        case = silero_case(work) if args.model == "silero" else rnn_case(work, args.hidden)
+        cases = {"silero": silero_case, "rnn-tflite": lambda w: rnn_tflite_case(w, args.hidden),
+                 "rnn": lambda w: rnn_case(w, args.hidden)}
+        case = cases[args.model](work)
         say("bare runtime ...")
-        bare = run_bare("onnxruntime", str(case.model_file), 1, args.seconds, [1], inputs=str(case.bare_inputs))
+        bare = run_bare(case.runtime, str(case.model_file), 1, args.seconds, [1], inputs=str(case.bare_inputs))
         broker = LocalBroker(workdir=work / "broker").start()
         try:
             say("agent ...")
@@ -162,7 +190,7 @@ def main() -> int:
             say(f"  client error: {e}")
         limit = bare["p50_ms"] * 1.10 + 0.2
         bare_rate = bare["batches"]["1"]["rows_per_s"]
-        print(f"{case.title}; onnxruntime ({bare['package']}), 1 thread.\n")
+        print(f"{case.title}; {case.runtime} ({bare['package']}), 1 thread.\n")
         print(format_table(
             ["bare p50 ms", "agent p50 ms", "ratio", "limit 1.10x+0.2", "met", f"{args.streams} streams calls/s",
              "bare b=1 calls/s", "agent/bare", "bare RSS", "agent+worker RSS", "ratio"],
