@@ -167,7 +167,9 @@ def convert_onnx(model_path: str | Path, calibration: str | Path, out_path: str 
             sub = work / fmt
             sub.mkdir()
             calib_feeds = calib.inputs
-            if opts.state and opts.precision == "int8":  # each sample with the state the FP32 model reached
+            # each sample with the state the FP32 model reached (and, for TFLite, each window as the model
+            # takes it, with its context: the shapes its free axes are fixed to)
+            if opts.state and (opts.precision == "int8" or fmt == "tflite"):
                 calib_feeds = stateful.steps(as_stream(measure.session(model_path), opts, inputs), calib.inputs)
             if fmt == "onnx":
                 target = OnnxTarget(sub, source, model_path, bool(pruning or channels), calib_feeds, say,

@@ -325,3 +325,96 @@ def stamp_file_for_old_runtimes(path) -> None:
     model = onnx.load(str(path))
     if stamp_for_old_runtimes(model):
         onnx.save(model, str(path))
+
+
+def constants_folded(model):
+    """A copy of the model with every node of constants only computed into an initializer: torch
+    writes F.pad's pads and a chomp's bounds as small graphs of Constant nodes (the lowering
+    folds them alike, later)."""
+    import copy
+
+    import numpy as np
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    kept = []
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        if node.op_type != "Constant" and not (ins and all(i in values for i in ins)):
+            kept.append(node)
+            continue
+        try:
+            outs = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+        except Exception:  # noqa: BLE001 - an operator the evaluator does not know stays a node
+            kept.append(node)
+            continue
+        for name, v in zip(node.output, outs):
+            if name:
+                values[name] = np.asarray(v)
+                g.initializer.append(numpy_helper.from_array(values[name], name))
+    del g.node[:]
+    g.node.extend(kept)
+    return model
+
+
+def inline_constant_ifs(model):
+    """The model with each If whose condition is a constant replaced by the branch it takes, or the
+    model itself where there is none: the TFLite writer has no control flow, and Silero VAD's
+    sample-rate switch is such an If once `--fix-input sr=16000` has made sr a constant. An If
+    whose branch would bring a weight under a name the graph already uses otherwise stays. The
+    Shapes of tensors whose shape is static are constants here (an If on a map's size: Silero's
+    decoder), so a model with a free batch is inlined only once it is written for batches of one."""
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "If" for n in model.graph.node):
+        return model
+    model = constants_folded(_static_shapes_folded(constants_folded(model)))  # (shapes are inferred from constants)
+    g = model.graph
+    values = {i.name: i for i in g.initializer}
+    kept, inlined = [], False
+    for node in g.node:
+        if node.op_type != "If" or node.input[0] not in values:
+            kept.append(node)
+            continue
+        taken = bool(numpy_helper.to_array(values[node.input[0]]).reshape(-1)[0])
+        branch = node_attrs(node)["then_branch" if taken else "else_branch"]
+        if any(i.name in values for i in branch.initializer):
+            kept.append(node)
+            continue
+        for init in branch.initializer:
+            g.initializer.append(init)
+            values[init.name] = init
+        kept.extend(branch.node)
+        kept.extend(helper.make_node("Identity", [inner.name], [outer], name=f"{node.name}/{outer}")
+                    for inner, outer in zip(branch.output, node.output) if outer)
+        inlined = True
+    del g.node[:]
+    g.node.extend(kept)
+    return inline_constant_ifs(model) if inlined else model
+
+
+def _static_shapes_folded(model):
+    """A copy of the model whose Shape nodes of tensors with a static shape are constants."""
+    import copy
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    shapes = value_shapes(model)
+    model = copy.deepcopy(model)
+    g = model.graph
+    kept = []
+    for node in g.node:
+        shape = shapes.get(node.input[0]) if node.op_type == "Shape" else None
+        if not shape or min(shape) <= 0:
+            kept.append(node)
+            continue
+        a = node_attrs(node)
+        dims = np.array(shape, np.int64)[a.get("start", 0):a.get("end", len(shape))]
+        g.initializer.append(numpy_helper.from_array(dims, node.output[0]))
+    del g.node[:]
+    g.node.extend(kept)
+    return model

@@ -28,7 +28,7 @@ import numpy as np
 
 from agent.errors import ConversionError, runtime_message
 
-from .onnx_graph import consumers, name_nodes, node_attrs, value_shapes
+from .onnx_graph import consumers, inline_constant_ifs, name_nodes, node_attrs, value_shapes
 from .conv1d import LIFTED, lift_conv1d
 from .recurrent import GATES, NeedsFixedSteps, lower_recurrent
 from .subpixel import subpixel_weights
@@ -76,6 +76,7 @@ class _Lowering:
         # constants computed from a Shape that depend on the free batch (written as 0 in them) -> the
         # same computed with the batch as BATCH_PROBE (None where that could not be computed)
         self.from_shape: dict[str, np.ndarray | None] = {}
+        self.fixed_batch = False  # lowered again for batches of one (lower)
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -167,6 +168,8 @@ class _Lowering:
             if id(node) in self.done or node.op_type == "Constant":
                 continue
             op = node.op_type
+            if op == "If" and not self.fixed_batch:  # its condition may be the batch's size: fixed, then
+                raise _NeedsFixedBatch()             # inline_constant_ifs takes its branch
             if any(node.input) and all(i in self.consts for i in node.input if i):
                 self._fold(node)
             elif op in _ELEMENTWISE:
@@ -509,14 +512,46 @@ class _Lowering:
             raise _unsupported(node, " with axes")
         x = self.src(node.input[0])
         rank = len(self.g.shapes[x])
-        if mode != "constant" or value != 0.0 or pads is None or len(pads) != 2 * rank or min(pads) < 0 \
-                or pads[0] or pads[rank]:
-            raise _unsupported(node, f" of mode {mode}, value {value}, pads {pads} (zeros around non-batch axes only)")
+        if mode not in ("constant", "reflect") or (mode == "constant" and value != 0.0) or pads is None \
+                or len(pads) != 2 * rank or min(pads) < 0 or pads[0] or pads[rank]:
+            raise _unsupported(node, f" of mode {mode}, value {value}, pads {pads} (zeros, or a reflection, around "
+                                     "non-batch axes only)")
         onnx_pairs = list(zip(pads[:rank], pads[rank:]))
         pairs = [onnx_pairs[TO_NHWC[i]] for i in range(rank)] if x in self.nhwc else onnx_pairs  # graph axis i: ONNX's TO_NHWC[i]
         shape = [d if d < 0 else d + b + e for d, (b, e) in zip(self.g.shapes[x], pairs)]
         y = self.new(self.out_name(node.output[0], x in self.nhwc), shape, nhwc=x in self.nhwc)
-        self.op("PAD", [x, self.add_const(f"{node.name}/paddings", np.array(pairs, np.int32))], y, name=node.name)
+        paddings = self.add_const(f"{node.name}/paddings", np.array(pairs, np.int32))
+        if mode == "reflect":  # the samples mirrored about the edge, the edge once (an STFT's centring)
+            self.op("MIRROR_PAD", [x, paddings], y, name=node.name, mode="REFLECT")
+        else:
+            self.op("PAD", [x, paddings], y, name=node.name)
+
+    def lower_Pow(self, node):
+        """x² (a spectrogram's power, re² + im²) as MUL of x by itself; x^0.5 as SQRT, kept in float
+        (a magnitude's values span decades). Other exponents are refused."""
+        exponent = self.scalar(node.input[1]) if node.input[1] in self.consts else None
+        x = self.src(node.input[0])
+        y = self.new(self.out_name(node.output[0], x in self.nhwc), list(self.g.shapes[x]), nhwc=x in self.nhwc)
+        if exponent == 2.0:
+            self.op("MUL", [x, x], y, name=node.name, activation="NONE")
+            self.nonneg.add(y)
+        elif exponent == 0.5:
+            self.op("SQRT", [x], y, name=node.name)
+        else:
+            raise _unsupported(node, f" with exponent {exponent} (2 and 0.5 are mapped)")
+
+    def lower_Sqrt(self, node):
+        """SQRT, kept in float: its input is dequantized and its output quantized for the next layer."""
+        x = self.src(node.input[0])
+        y = self.new(self.out_name(node.output[0], x in self.nhwc), list(self.g.shapes[x]), nhwc=x in self.nhwc)
+        self.op("SQRT", [x], y, name=node.name)
+
+    def lower_Cast(self, node):
+        """A Cast to float32 of a float32 tensor (exporters write them around shape arithmetic) is
+        no op; other casts of computed tensors are refused."""
+        if node_attrs(node).get("to") != 1:
+            raise _unsupported(node, f" to type {node_attrs(node).get('to')}")
+        self.alias[node.output[0]] = self.src(node.input[0])
 
     def lower_BatchNormalization(self, node):
         """A batch norm no conv before it could take (after a ReLU, say) on a feature map: its scale
@@ -1128,6 +1163,8 @@ class _Lowering:
             raise _unsupported(node, f" with steps {steps}")  # TFLite's STRIDED_SLICE: not mapped yet
         window = {}
         for start, end, onnx_axis in zip(starts, ends, axes):
+            if start == 0 and end >= 2**31 - 1:  # the whole axis (x[:, :129, :] names every axis): nothing to cut
+                continue
             axis = self._graph_axis(node, x, onnx_axis)
             dim = self.g.shapes[x][axis]
             if dim <= 0:
@@ -1347,21 +1384,28 @@ def lower(model) -> Graph:
         if vi.type.tensor_type.elem_type != 1 and vi.name not in {i.name for i in model.graph.initializer}:
             raise ConversionError(f"input {vi.name!r} is not float32", "TFLite conversion takes float models")
     name_nodes(model)  # as the converter's named copy names them
-    model = lift_conv1d(model)  # Conv1d stacks as the 2-D ones they equal
     try:
-        return simplify(_Lowering(model).run())
+        return _lowered(model, fixed_batch=False)
     except _NeedsFixedBatch:
         pass
-    for vi in model.graph.input:  # the model is then written for batches of one (agents run those)
-        dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
+    for vi in model.graph.input:  # the model is then written for batches of one (agents run those); a
+        for d in vi.type.tensor_type.shape.dim:  # state's batch axis too (Silero's [2, batch, 128])
+            if not d.HasField("dim_value"):
+                d.dim_value = 1
     try:
-        return simplify(_Lowering(model).run())
+        return _lowered(model, fixed_batch=True)
     except _NeedsFixedBatch:
         raise ConversionError("a layer of this model needs an axis of free size fixed (a recurrent layer's number "
                               "of steps: TFLite runs it unrolled)", "export the model with a fixed number of steps, "
                                                                    "or convert with --format onnx") from None
+
+
+def _lowered(model, fixed_batch: bool) -> Graph:
+    model = inline_constant_ifs(model)  # an If on a constant (a sample rate fixed with --fix-input): its branch
+    model = lift_conv1d(model)  # Conv1d stacks as the 2-D ones they equal
+    lowering = _Lowering(model)
+    lowering.fixed_batch = fixed_batch
+    return simplify(lowering.run())
 
 
 def onnx_tensor(name: str) -> str:

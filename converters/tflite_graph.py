@@ -32,7 +32,7 @@ WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 REQUANTIZING = WEIGHTED + ("ADD", "RELU", "RELU6", "MEAN", "MUL", "SUB", "HARD_SWISH", "LEAKY_RELU", "PRELU",
                            "GELU", "BATCH_MATMUL")
 # ... ops whose int8 output must reuse the input's scale and zero point ...
-SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "RESIZE_NEAREST_NEIGHBOR",
+SAME_SCALE = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "TRANSPOSE", "PAD", "MIRROR_PAD", "RESIZE_NEAREST_NEIGHBOR",
               "RESIZE_BILINEAR", "SLICE", "DEPTH_TO_SPACE")
 # ... and ops whose int8 output scale is fixed by the kernel.
 FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
@@ -40,6 +40,7 @@ FIXED_SCALE = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": 
 # with an int8 -> int8 QUANTIZE where they differ), the form every runtime and XNNPACK take.
 # ... and ops written in float only, with their inputs dequantized (an INT8 model's LayerNorm).
 FLOAT_ONLY = ("RSQRT", "NEG", "SQUARED_DIFFERENCE",  # these two: LayerNorm as TensorFlow writes it
+              "SQRT",  # a spectrogram's magnitude, √(re² + im²), whose values span decades
               "LOG")  # --nms: a YOLO box's log size, as the post-processing's decoding takes it (converters/nms.py)
 # ... and custom ops that stock LiteRT and tflite-runtime register, written in float with their
 # options as read: an SSD's box decoding and non-max suppression, whose outputs (boxes, classes,
@@ -51,7 +52,7 @@ SUPPORTED = REQUANTIZING + SAME_SCALE + tuple(FIXED_SCALE) + FLOAT_ONLY + ("CONC
 _VERSIONS = {"CONV_2D": (1, 3), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 4), "ADD": (1, 2),
              "RELU": (1, 2), "RELU6": (1, 2), "MEAN": (1, 2), "MUL": (1, 2), "SUB": (1, 2),
              "MAX_POOL_2D": (1, 2), "AVERAGE_POOL_2D": (1, 2), "RESHAPE": (1, 1), "TRANSPOSE": (1, 2),
-             "PAD": (1, 2), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
+             "PAD": (1, 2), "MIRROR_PAD": (1, 2), "SQRT": (1, 1), "SOFTMAX": (1, 2), "LOGISTIC": (1, 2), "TANH": (1, 2), "QUANTIZE": (2, 2),
              "CONCATENATION": (1, 2), "HARD_SWISH": (1, 1),
              "DEQUANTIZE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (1, 2), "RESIZE_BILINEAR": (1, 2),
              "TRANSPOSE_CONV": (1, 2), "SLICE": (1, 2),
@@ -347,6 +348,10 @@ def _options(s, op: Op):
         return s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()
     if k == "PAD":
         return s.BuiltinOptions.PadOptions, s.PadOptionsT()
+    if k == "MIRROR_PAD":
+        x = s.MirrorPadOptionsT()
+        x.mode = getattr(s.MirrorPadMode, o.get("mode", "REFLECT"))
+        return s.BuiltinOptions.MirrorPadOptions, x
     if k == "SLICE":
         return s.BuiltinOptions.SliceOptions, s.SliceOptionsT()
     if k == "STRIDED_SLICE":

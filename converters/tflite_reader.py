@@ -226,6 +226,8 @@ def _read(path: str | Path, cut_at: list[str]) -> tuple[Graph, dict[int, str]]:
                 options["align_corners"], options["half_pixel_centers"] = bool(o.alignCorners), bool(o.halfPixelCenters)
             if kind == "DEPTH_TO_SPACE":
                 options["block_size"] = int(o.blockSize)
+            if kind == "MIRROR_PAD":
+                options["mode"] = _names(_schema().MirrorPadMode)[o.mode]
             if kind == "LEAKY_RELU":
                 options["alpha"] = float(o.alpha)
             if kind == "BATCH_MATMUL":  # Q Kᵀ may be written with K's transpose as an option

@@ -11,7 +11,8 @@ What it measures, side by side in one run (issue 4's latency target applies to e
 
 The agent runs as its own process (`edgeward agent`) with a private Mosquitto, as on a board.
 
-    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64] [--model silero|rnn-tflite]
+    .venv/bin/python scripts/bench_stateful.py [--seconds 3] [--streams 8] [--hidden 64]
+                                               [--model rnn|rnn-tflite|silero|silero-tflite]
 """
 
 from __future__ import annotations
@@ -107,11 +108,13 @@ def rnn_tflite_case(work: Path, hidden: int) -> Case:
                 work / "kws.tflite", work / "frame.npz", {"frames": frames[:1]}, runtime="tflite")
 
 
-def silero_case(work: Path) -> Case:
+def silero_case(work: Path, fmt: str = "onnx") -> Case:
     """Silero VAD as its PyPI package ships it (pip install silero-vad), converted by edgeward
     as a user converts it: FP32, the sample rate fixed, the LSTM state and the 64 samples of
     context declared. A caller sends 512 new samples; the bare script runs the same file on one
-    576-sample window and a state, as Silero's own wrapper calls it."""
+    576-sample window and a state, as Silero's own wrapper calls it. `fmt` tflite: the FP32
+    TFLite edgeward writes of it (its If taken, the LSTM unrolled), which the bare script runs
+    in LiteRT."""
     import importlib.resources
 
     import onnx
@@ -126,15 +129,23 @@ def silero_case(work: Path) -> Case:
     bundle = work / "vad.ewb"
     convert_onnx(source, work / "chunks.npz", bundle, key, options=ConvertOptions(
         name="vad", precision="fp32", fixed_inputs={"sr": "16000"}, state={"state": "stateN"},
-        context={"input": 64}))
-    model = onnx.load(source)
-    fix_inputs(model, {"sr": "16000"})
-    path = work / "vad.onnx"
-    onnx.save(model, str(path))
+        context={"input": 64}, format=fmt))
+    if fmt == "tflite":
+        import tarfile
+
+        path = work / "vad.tflite"
+        with tarfile.open(bundle) as tar:
+            path.write_bytes(tar.extractfile("model.tflite").read())
+    else:
+        model = onnx.load(source)
+        fix_inputs(model, {"sr": "16000"})
+        path = work / "vad.onnx"
+        onnx.save(model, str(path))
     np.savez(work / "window.npz", input=np.concatenate([np.zeros((1, 64), np.float32), chunks[:1]], axis=1),
              state=np.zeros((2, 1, 128), np.float32))
-    return Case("Silero VAD (silero_vad.onnx from its package, sr fixed), FP32 ONNX; 512 new samples per call",
-                "vad", bundle, pub, path, work / "window.npz", {"input": chunks[:1]})
+    return Case(f"Silero VAD (silero_vad.onnx from its package, sr fixed), FP32 {fmt.upper() if fmt == 'onnx' else 'TFLite'}; "
+                "512 new samples per call", "vad", bundle, pub, path, work / "window.npz", {"input": chunks[:1]},
+                runtime="onnxruntime" if fmt == "onnx" else "tflite")
 
 
 def p50_on_a_stream(socket: str, case: Case, seconds: float) -> float:
@@ -162,14 +173,16 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8,
                     help="streams at once for the throughput row, an even number (default %(default)s)")
     ap.add_argument("--hidden", type=int, default=64, help="the RNN's state size (default %(default)s)")
-    ap.add_argument("--model", choices=["rnn", "rnn-tflite", "silero"], default="rnn",
+    ap.add_argument("--model", choices=["rnn", "rnn-tflite", "silero", "silero-tflite"], default="rnn",
                     help="rnn: the zoo's keyword-spotting-shaped RNN; rnn-tflite: the same in INT8 TFLite; silero: "
-                         "Silero VAD from its PyPI package (edgeward[test-models]) (default %(default)s)")
+                         "Silero VAD from its PyPI package (edgeward[test-models]); silero-tflite: the same in FP32 "
+                         "TFLite (default %(default)s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeward-bench-stateful-"))
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        cases = {"silero": silero_case, "rnn-tflite": lambda w: rnn_tflite_case(w, args.hidden),
+        cases = {"silero": silero_case, "silero-tflite": lambda w: silero_case(w, "tflite"),
+                 "rnn-tflite": lambda w: rnn_tflite_case(w, args.hidden),
                  "rnn": lambda w: rnn_case(w, args.hidden)}
         case = cases[args.model](work)
         say("bare runtime ...")

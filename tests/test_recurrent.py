@@ -195,11 +195,13 @@ def test_a_recurrent_form_tflite_cannot_run_is_named_and_leaves_no_file(tmp_path
     assert not out.exists() and not list(tmp_path.glob("m.ewb*"))
 
 
-def test_free_steps_that_fixing_the_batch_does_not_fix_are_refused_with_the_fix(tmp_path):
-    """layout=1 puts the steps on the second axis: a free one cannot be unrolled."""
-    src = _recurrent_model(tmp_path / "m.onnx", "GRU", 0, layout=1)
+def test_a_free_number_of_steps_becomes_one_step_a_call(tmp_path):
+    """layout=1 puts the steps on the second axis: a free one is fixed to one step a call when the
+    model is written for batches of one, as a time-major model's free first axis is (a model whose
+    state is declared with --state then streams frame by frame)."""
+    src = _recurrent_model(tmp_path / "m.onnx", "GRU", 1, layout=1, linear_before_reset=1)
     model = onnx.load(str(src))
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "steps"
-    with pytest.raises(ConversionError) as err:
-        lower(model)
-    assert "number of steps" in err.value.message and "fixed number of steps" in str(err.value)
+    graph = lower(model)
+    assert graph.shapes["x"] == [1, 1, FEATURES] and graph.shapes["Y"] == [1, 1, 1, HIDDEN]
+    assert [op.kind for op in graph.ops].count("TANH") == 1  # one step

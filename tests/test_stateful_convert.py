@@ -10,6 +10,7 @@ into requests.
 """
 
 import importlib.resources
+import json
 import subprocess
 import sys
 
@@ -89,11 +90,14 @@ SILERO_STATE = {"state": "stateN"}
     # windows on the first axis and two LSTM states [1, 1, 128]: a whole request in one call
     ("silero_vad_16k_sequence.onnx", [], {"h": "hn", "c": "cn"}, True),
 ])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, assets, source, flags, state,
-                                                                     context):
+                                                                     context, fmt):
     """With `--context input=64` a microphone sends 512 new samples per window, as Silero's
     wrapper takes them, and the worker puts the last window's 64 in front; without it the
-    client sends the 576-sample windows."""
+    client sends the 576-sample windows. In TFLite (FP32) too: its If on the sample rate taken
+    at conversion, the STFT's reflection padding a MIRROR_PAD, its 1-D convs lifted around the
+    LSTM (unrolled, one window a call), the magnitude's Pow and Sqrt."""
     audio, other = _voice_like(4.0, 0), _voice_like(4.0, 1)
     rows = (lambda a: _windows(a)[:, CONTEXT:]) if context else _windows  # what the microphone sends
     np.savez(tmp_path / "data.npz", input=rows(audio))
@@ -101,7 +105,7 @@ def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, as
     declared = [f for i, o in state.items() for f in ("--state", f"{i}={o}")]
     r = _convert(_silero(source), "--calibration", tmp_path / "data.npz", "--precision", "fp32",
                  *declared, *flags, *(["--context", "input=64"] if context else []),
-                 "--name", "vad", "--key", assets.key, "-o", out)
+                 "--format", fmt, "--name", "vad", "--key", assets.key, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "state: " + ", ".join(f"{i} <- {o}" for i, o in state.items()) in r.stdout
     m = open_bundle(out, [load_public_key(assets.pub)]).manifest
@@ -135,6 +139,32 @@ def test_silero_vad_streams_on_the_board_as_its_own_wrapper_runs_it(tmp_path, as
     assert model.reset_stream("mic-0")
     np.testing.assert_allclose(run("mic-0", windows[:10]).reshape(-1), want[:10], rtol=0, atol=1e-5)
     engine.close()
+
+
+def test_silero_vad_in_int8_tflite_is_measured_refused_and_shipped_only_when_asked(tmp_path, assets):
+    """Silero VAD's package model in full-integer INT8 TFLite is a quarter of the FP32 file but not
+    faithful: a spectrogram's magnitudes span decades, which one int8 scale per tensor rounds. The
+    converter measures it on the stream and refuses it as broken (the FP32 TFLite above is exact);
+    shipped anyway with --allow-worse, the board's speech decisions (probability > 0.5) still agree
+    with Silero's own wrapper on at least 95 % of another stream's windows."""
+    calib, other = _windows(_voice_like(8.0, 0))[:, CONTEXT:], _voice_like(8.0, 1)
+    np.savez(tmp_path / "data.npz", input=calib)
+    out = tmp_path / "vad.ewb"
+    flags = ["--calibration", tmp_path / "data.npz", "--fix-input", "sr=16000", "--state", "state=stateN",
+             "--context", "input=64", "--format", "tflite", "--name", "vad", "--key", assets.key, "-o", out]
+    refused = _convert(_silero("silero_vad.onnx"), *flags)
+    assert refused.returncode == 2 and "the int8 tflite model is broken" in refused.stderr and not out.exists()
+    r = _convert(_silero("silero_vad.onnx"), *flags, "--allow-worse", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["precision"] == "int8" and report["int8_bytes"] < 0.3 * report["fp32_bytes"]
+    engine, model, selftest = _engine(tmp_path, out, assets.pub)
+    assert selftest["max_abs_err"] <= selftest["atol"]
+    got = engine.infer_arrays("vad", {"input": _windows(other)[:, CONTEXT:]}, stream="mic")[1]["output"].reshape(-1)
+    engine.close()
+    want = _wrapper_probabilities(other)
+    assert want.max() > 0.5 and want.min() < 0.05
+    assert ((got > 0.5) == (want > 0.5)).mean() >= 0.95
 
 
 def _stream(path, frames: np.ndarray, hidden: int) -> np.ndarray:

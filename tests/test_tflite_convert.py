@@ -1458,9 +1458,19 @@ def test_a_wake_word_embeddings_pad_batch_norm_and_clamp_lower_to_int8_ops(tmp_p
     _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
 
 
-@pytest.mark.parametrize("case,why", [("reflect", "of mode reflect"), ("max-of-two", "other than of a tensor and one")])
+def test_a_reflection_pad_is_a_mirror_pad_in_both_precisions(tmp_path):
+    """Pad in reflect mode (an STFT's centring, a vocoder's convs) is TFLite's MIRROR_PAD, at its
+    input's int8 scale: the float and INT8 models answer as onnxruntime does."""
+    source = _wake_word_style(tmp_path, pad_mode="reflect")
+    lowered = lower(onnx.load(str(source)))
+    assert [op.kind for op in lowered.ops].count("MIRROR_PAD") == 1
+    x = np.random.default_rng(21).standard_normal((16, 3, 10, 12)).astype(np.float32)
+    _float_and_int8_answer_as_onnx(source, lowered, x, tmp_path)
+
+
+@pytest.mark.parametrize("case,why", [("edge", "of mode edge"), ("max-of-two", "other than of a tensor and one")])
 def test_pads_and_maxima_it_cannot_map_are_refused_by_name(tmp_path, case, why):
-    source = _wake_word_style(tmp_path, pad_mode="reflect" if case == "reflect" else "constant",
+    source = _wake_word_style(tmp_path, pad_mode="edge" if case == "edge" else "constant",
                               max_of_two=case == "max-of-two")
     with pytest.raises(ConversionError, match=f"ONNX operator (Pad|Max) .*{why}"):
         lower(onnx.load(str(source)))
@@ -1541,15 +1551,21 @@ def test_a_pytorch_conv1d_model_lowers_as_the_2d_model_it_equals(assets, tmp_pat
     assert manifest.inputs[0].shape == [-1, 3, 64]
 
 
-def test_a_conv1d_model_with_layers_the_lift_does_not_take_is_refused_as_before(tmp_path):
-    """A Conv1d model that transposes its maps to [N, T, C] in the middle is left as it is: the
-    lowering refuses its first Conv1d with the usual one-line error, nothing lifted halfway."""
+def test_a_conv1d_model_with_a_layer_the_lift_does_not_take_is_lifted_around_it(tmp_path):
+    """A Conv1d model that transposes its maps to [N, T, C] in the middle: the lift stops at the
+    transpose (the map squeezed back to [N, C, T] for it) and starts again after it (an Unsqueeze),
+    and the float TFLite answers as onnxruntime does."""
     from converters.from_torch import to_onnx
 
     x = np.random.default_rng(31).standard_normal((4, 3, 64)).astype(np.float32)
     source, _ = to_onnx(_conv1d_net(transpose_in_the_middle=True), {"x": x[:2]}, tmp_path / "t.onnx")
-    with pytest.raises(ConversionError, match=r"ONNX operator Conv \(node .*\) on a non-4D input"):
-        lower(onnx.load(str(source)))
+    lowered = lower(onnx.load(str(source)))
+    assert [op.kind for op in lowered.ops].count("CONV_2D") + [op.kind for op in lowered.ops].count(
+        "DEPTHWISE_CONV_2D") == 3
+    write_tflite(lowered, tmp_path / "float.tflite")
+    want = _onnx_out(source, "x", x)
+    np.testing.assert_allclose(_tflite_out(tmp_path / "float.tflite", "x", x), want, rtol=0,
+                               atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
 def test_the_zoo_keyword_spotter_lowers_with_its_residual_1d_blocks(tmp_path):
