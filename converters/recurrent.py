@@ -82,7 +82,7 @@ def _unroll(low, node) -> None:
     b = (low.const(inputs[3], node).astype(np.float32) if inputs[3]
          else np.zeros((dirs, 2 * gates * hidden), np.float32))
     before_reset = kind == "GRU" and bool(a.get("linear_before_reset", 0))
-    cell = _Cell(low, node, kind, hidden, batch)
+    cell = _Cell(low, node, hidden, batch)
     rows = cell.reshape(x, [steps * batch, shape[2]], "rows")  # time-major: layout 1 has a batch of one
     ys, last_h, last_c = [], [], []
     for d in range(dirs):
@@ -128,8 +128,8 @@ def _unroll(low, node) -> None:
 class _Cell:
     """Writes one recurrent layer's ops; names each tensor by the layer, direction and step."""
 
-    def __init__(self, low, node, kind: str, hidden: int, batch: int):
-        self.low, self.node, self.kind, self.hidden, self.batch = low, node, kind, hidden, batch
+    def __init__(self, low, node, hidden: int, batch: int):
+        self.low, self.node, self.hidden, self.batch = low, node, hidden, batch
         self.direction, self.step = 0, None
 
     def name(self, what: str) -> str:
