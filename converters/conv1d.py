@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_graph import constants_folded
+from .onnx_graph import constants_folded, consumers
 
 # ops on [N, C, T] maps lifted here: no attribute to change ...
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "PRelu", "Pow"}  # (a constant operand takes the new axis)
@@ -56,7 +56,8 @@ def lift_conv1d(model):
         if vi.type.tensor_type.HasField("shape"):
             rank.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
     weights = {i.name: i for i in g.initializer}
-    maps, members = _region(g, {n for n, r in rank.items() if r == 3 and n not in inits}, inits, rank, weights)
+    nodes = list(g.node)  # held: a node's id names it below only while its wrapper lives
+    maps, members = _region(nodes, {n for n, r in rank.items() if r == 3 and n not in inits}, inits, rank, weights)
     if not maps:
         return original
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -78,36 +79,33 @@ def lift_conv1d(model):
         inputs = [src] if opset < 13 else [src, const(f"{dst}/lift_axes", np.array([2], np.int64))]
         return helper.make_node(kind, inputs, [dst], name=f"{dst}/{kind.lower()}", **({"axes": [2]} if opset < 13 else {}))
 
-    nodes = list(g.node)
-    for i in members:
-        _lift_node(nodes[i], weights, const, attr)
+    for node in nodes:
+        if id(node) in members:
+            _lift_node(node, weights, const, attr)
 
     # the region's edges: a map made outside it is lifted as it enters (an Unsqueeze); a map the
     # region makes that is read outside it (or is a model output) is brought back to [N, C, T]
-    produced = {o: i for i, node in enumerate(nodes) for o in node.output}
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            readers.setdefault(name, []).append(i)
+    produced = {o: node for node in nodes for o in node.output}
+    readers = consumers(g)
     outputs = {o.name for o in g.output}
-    after: dict[int, list] = {}  # node index (-1: the start) -> the edge nodes that follow it
+    after: dict[int | None, list] = {}  # id of a node (None: the start) -> the edge nodes that follow it
     for t in sorted(maps):
-        source = produced.get(t, -1)
-        outside = [i for i in readers.get(t, []) if i not in members]
-        if source in members and not outside and t not in outputs:
+        source = produced.get(t)
+        inside = source is not None and id(source) in members
+        if inside and all(id(n) in members for n in readers.get(t, [])) and t not in outputs:
             continue  # made and read inside: [N, C, 1, T] under its own name
         lifted = f"{t}{LIFTED}"
-        for i in readers.get(t, []):
-            if i in members:
-                nodes[i].input[:] = [lifted if n == t else n for n in nodes[i].input]
-        if source in members:
-            nodes[source].output[:] = [lifted if n == t else n for n in nodes[source].output]
-            after.setdefault(source, []).append(reshaping("Squeeze", lifted, t))
+        for node in readers.get(t, []):
+            if id(node) in members:
+                node.input[:] = [lifted if n == t else n for n in node.input]
+        if inside:
+            source.output[:] = [lifted if n == t else n for n in source.output]
+            after.setdefault(id(source), []).append(reshaping("Squeeze", lifted, t))
         else:
-            after.setdefault(source, []).append(reshaping("Unsqueeze", t, lifted))
-    ordered = list(after.get(-1, []))
-    for i, node in enumerate(nodes):
-        ordered += [node] + after.get(i, [])
+            after.setdefault(id(source) if source is not None else None, []).append(reshaping("Unsqueeze", t, lifted))
+    ordered = list(after.get(None, []))
+    for node in nodes:
+        ordered += [node] + after.get(id(node), [])
     del g.node[:]
     g.node.extend(ordered)
     del g.value_info[:]  # the inferred shapes were of the 1-D model
@@ -184,23 +182,22 @@ def _reduce_axes(node, weights: dict) -> list[int] | None:
     return None
 
 
-def _region(g, three: set[str], inits: set[str], rank: dict[str, int], weights: dict) -> tuple[set[str], set[int]]:
-    """(the 1-D maps to lift, the indices of the nodes that work on them): grown from each Conv of
+def _region(nodes: list, three: set[str], inits: set[str], rank: dict[str, int], weights: dict) -> tuple[set[str], set[int]]:
+    """(the 1-D maps to lift, the ids of the nodes that work on them): grown from each Conv of
     a [N, C, T] tensor through the ops this module lifts exactly. An op on a map that is not one of
     them (a GRU, a Transpose to [N, T, C], an Unsqueeze that makes one) stays outside, at the edge."""
-    nodes = list(g.node)
-    ok = [_lifts(node, three, inits, rank, weights) for node in nodes]
+    candidates = [node for node in nodes if _lifts(node, three, inits, rank, weights)]
     maps: set[str] = set()
     members: set[int] = set()
     grown = True
     while grown:
         grown = False
-        for i, node in enumerate(nodes):
-            if i in members or not ok[i]:
+        for node in candidates:
+            if id(node) in members:
                 continue
             touched = {n for n in list(node.input) + list(node.output) if n in three}
             if (node.op_type == "Conv" and node.input[0] in three) or touched & maps:
-                members.add(i)
+                members.add(id(node))
                 maps |= touched
                 grown = True
     return maps, members

@@ -37,7 +37,8 @@ from .tflite_simplify import simplify
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 BATCH_PROBE = 7  # a free batch's stand-in when a constant made from a Shape is computed again (see _fold)
-_ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}      # one input, same shape out
+_ELEMENTWISE = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH",      # one input, same shape out
+                "Sqrt": "SQRT"}  # (SQRT stays float inside an INT8 model: a magnitude's values span decades)
 _POOLS = {"MaxPool": "MAX_POOL_2D", "AveragePool": "AVERAGE_POOL_2D"}
 _BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV"}  # DIV: by a constant, as a MUL
 
@@ -54,7 +55,7 @@ def _unsupported(node, why: str = "") -> ConversionError:
 
 
 class _Lowering:
-    def __init__(self, model):
+    def __init__(self, model, fixed_batch: bool = False):
         from onnx import numpy_helper
 
         self.model = model
@@ -76,7 +77,7 @@ class _Lowering:
         # constants computed from a Shape that depend on the free batch (written as 0 in them) -> the
         # same computed with the batch as BATCH_PROBE (None where that could not be computed)
         self.from_shape: dict[str, np.ndarray | None] = {}
-        self.fixed_batch = False  # lowered again for batches of one (lower)
+        self.fixed_batch = fixed_batch  # lowered again for batches of one (lower)
 
     # -- helpers -----------------------------------------------------------------------------------
     def shape(self, name: str) -> list[int]:
@@ -527,24 +528,17 @@ class _Lowering:
             self.op("PAD", [x, paddings], y, name=node.name)
 
     def lower_Pow(self, node):
-        """x² (a spectrogram's power, re² + im²) as MUL of x by itself; x^0.5 as SQRT, kept in float
-        (a magnitude's values span decades). Other exponents are refused."""
+        """x² (a spectrogram's power, re² + im²) as MUL of x by itself; x^0.5 as Sqrt is. Other
+        exponents are refused."""
         exponent = self.scalar(node.input[1]) if node.input[1] in self.consts else None
-        x = self.src(node.input[0])
-        y = self.new(self.out_name(node.output[0], x in self.nhwc), list(self.g.shapes[x]), nhwc=x in self.nhwc)
-        if exponent == 2.0:
-            self.op("MUL", [x, x], y, name=node.name, activation="NONE")
-            self.nonneg.add(y)
-        elif exponent == 0.5:
-            self.op("SQRT", [x], y, name=node.name)
-        else:
+        if exponent == 0.5:
+            return self._unary(node, "SQRT")
+        if exponent != 2.0:
             raise _unsupported(node, f" with exponent {exponent} (2 and 0.5 are mapped)")
-
-    def lower_Sqrt(self, node):
-        """SQRT, kept in float: its input is dequantized and its output quantized for the next layer."""
         x = self.src(node.input[0])
         y = self.new(self.out_name(node.output[0], x in self.nhwc), list(self.g.shapes[x]), nhwc=x in self.nhwc)
-        self.op("SQRT", [x], y, name=node.name)
+        self.op("MUL", [x, x], y, name=node.name, activation="NONE")
+        self.nonneg.add(y)
 
     def lower_Cast(self, node):
         """A Cast to float32 of a float32 tensor (exporters write them around shape arithmetic) is
@@ -1403,9 +1397,7 @@ def lower(model) -> Graph:
 def _lowered(model, fixed_batch: bool) -> Graph:
     model = inline_constant_ifs(model)  # an If on a constant (a sample rate fixed with --fix-input): its branch
     model = lift_conv1d(model)  # Conv1d stacks as the 2-D ones they equal
-    lowering = _Lowering(model)
-    lowering.fixed_batch = fixed_batch
-    return simplify(lowering.run())
+    return simplify(_Lowering(model, fixed_batch).run())
 
 
 def onnx_tensor(name: str) -> str:
